@@ -1,0 +1,147 @@
+//! Activations, GLU, permute / combine, residual and shared-expert mixing on the cpu.
+
+use crate::{f32s, i32s, tf32, CpuBackend, T};
+use moe_engine::backend::{Activation, Plan};
+use moe_engine::{Error, Result};
+use rayon::prelude::*;
+
+const PAR_CHUNK: usize = 1 << 14;
+
+/// One activation value, in f32 as PyTorch computes it.
+#[inline]
+pub(crate) fn act(x: f32, a: Activation) -> f32 {
+    match a {
+        Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+            0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+        }
+        Activation::Relu => x.max(0.0),
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Identity => x,
+    }
+}
+
+pub(crate) fn activation(x: &T, a: Activation) -> Result<T> {
+    let v = f32s(x, "activation input")?;
+    let mut out = v.to_vec();
+    out.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|y| *y = act(*y, a)));
+    Ok(tf32(x.shape(), out))
+}
+
+pub(crate) fn glu(x: &T, a: Activation) -> Result<T> {
+    let (r, two_i) = x.dims2("glu input")?;
+    if two_i % 2 != 0 {
+        return Err(Error::shape("glu input", "[rows, 2·ffn] (gate columns, then up)", x.shape()));
+    }
+    let i = two_i / 2;
+    let v = f32s(x, "glu input")?;
+    let mut out = vec![0f32; r * i];
+    out.par_chunks_mut(i.max(1)).enumerate().for_each(|(row, o)| {
+        let src = &v[row * two_i..(row + 1) * two_i];
+        for c in 0..i {
+            o[c] = act(src[c], a) * src[i + c];
+        }
+    });
+    Ok(tf32(&[r, i], out))
+}
+
+pub(crate) fn mul(a: &T, b: &T) -> Result<T> {
+    if a.shape() != b.shape() {
+        return Err(Error::shape("mul rhs", format!("{:?}", a.shape()), b.shape()));
+    }
+    let (x, y) = (f32s(a, "mul lhs")?, f32s(b, "mul rhs")?);
+    Ok(tf32(a.shape(), x.iter().zip(y).map(|(p, q)| p * q).collect()))
+}
+
+pub(crate) fn add_gated(a: &T, b: &T, gate: Option<&T>) -> Result<T> {
+    let (r, m) = a.dims2("add_gated lhs")?;
+    if b.shape() != a.shape() {
+        return Err(Error::shape("shared expert output", format!("[{r}, {m}]"), b.shape()));
+    }
+    let (x, y) = (f32s(a, "add_gated lhs")?, f32s(b, "shared expert output")?);
+    let g = match gate {
+        Some(g) => {
+            if g.shape() != [r, 1] {
+                return Err(Error::shape("shared_expert_gate logits", format!("[{r}, 1]"), g.shape()));
+            }
+            Some(f32s(g, "shared_expert_gate logits")?)
+        }
+        None => None,
+    };
+    let mut out = x.to_vec();
+    for row in 0..r {
+        let s = g.map_or(1.0, |g| 1.0 / (1.0 + (-g[row]).exp()));
+        for c in 0..m {
+            out[row * m + c] += s * y[row * m + c];
+        }
+    }
+    Ok(tf32(a.shape(), out))
+}
+
+pub(crate) fn residual_mix(moe: &T, mlp: &T, coef: &T) -> Result<T> {
+    let (r, m) = moe.dims2("moe output")?;
+    if mlp.shape() != moe.shape() {
+        return Err(Error::shape("residual mlp output", format!("[{r}, {m}]"), mlp.shape()));
+    }
+    if coef.shape() != [r, 2] {
+        return Err(Error::shape("coefficient logits", format!("[{r}, 2]"), coef.shape()));
+    }
+    let (a, b, c) = (f32s(moe, "moe output")?, f32s(mlp, "residual mlp output")?, f32s(coef, "coefficient logits")?);
+    let mut out = vec![0f32; r * m];
+    for row in 0..r {
+        let (l0, l1) = (c[row * 2], c[row * 2 + 1]);
+        let mx = l0.max(l1);
+        let (e0, e1) = ((l0 - mx).exp(), (l1 - mx).exp());
+        let (c0, c1) = (e0 / (e0 + e1), e1 / (e0 + e1));
+        for col in 0..m {
+            out[row * m + col] = a[row * m + col] * c0 + b[row * m + col] * c1;
+        }
+    }
+    Ok(tf32(&[r, m], out))
+}
+
+pub(crate) fn permute(x: &T, plan: &Plan<CpuBackend>) -> Result<T> {
+    let (s, m) = x.dims2("x")?;
+    let (ps, k) = plan.rows.dims2("plan.rows")?;
+    if ps != s {
+        return Err(Error::shape("plan.rows", format!("[{s}, k]"), plan.rows.shape()));
+    }
+    let rows = i32s(&plan.rows, "plan.rows")?;
+    let v = f32s(x, "x")?;
+    // Inverse map: compact row → token.
+    let mut src = vec![usize::MAX; s * k];
+    for (r, &row) in rows.iter().enumerate() {
+        if row >= 0 {
+            src[row as usize] = r / k;
+        }
+    }
+    let mut out = vec![0f32; s * k * m];
+    out.par_chunks_mut(m.max(1)).zip(src.par_iter()).for_each(|(o, &t)| {
+        if t != usize::MAX {
+            o.copy_from_slice(&v[t * m..(t + 1) * m]);
+        }
+    });
+    Ok(tf32(&[s * k, m], out))
+}
+
+pub(crate) fn combine(yp: &T, plan: &Plan<CpuBackend>) -> Result<T> {
+    let (_, m) = yp.dims2("expert output")?;
+    let (s, k) = plan.rows.dims2("plan.rows")?;
+    let rows = i32s(&plan.rows, "plan.rows")?;
+    let w = f32s(&plan.weights, "plan.weights")?;
+    let v = f32s(yp, "expert output")?;
+    let mut out = vec![0f32; s * m];
+    out.par_chunks_mut(m.max(1)).enumerate().for_each(|(t, o)| {
+        for j in 0..k {
+            let r = rows[t * k + j];
+            if r >= 0 {
+                let (wj, src) = (w[t * k + j], &v[r as usize * m..(r as usize + 1) * m]);
+                for c in 0..m {
+                    o[c] += wj * src[c];
+                }
+            }
+        }
+    });
+    Ok(tf32(&[s, m], out))
+}

@@ -1,0 +1,184 @@
+//! The dispatch plan on the cpu: counts, capacity, slots in token order (or by priority),
+//! compact expert-major rows and the final combine weights. Never builds an [S, E, C] mask.
+
+use crate::{f32s, i32s, ti32, tf32, CpuBackend};
+use moe_engine::backend::{CapacityRule, KeepPolicy, Plan, PlanSpec, Routes};
+use moe_engine::{Error, Result};
+
+/// DeepSpeed `_capacity`: ceil(S / E · factor · k') in f32 (as torch computes it), at
+/// least `min_capacity`.
+pub(crate) fn deepspeed_capacity(tokens: usize, experts: usize, factor: f32, k_prime: usize, min_capacity: usize) -> usize {
+    let c = ((tokens as f64 / experts as f64) as f32 * (factor * k_prime as f32)).ceil();
+    (c.max(0.0) as usize).max(min_capacity)
+}
+
+/// The plan op: see [`moe_engine::backend::Backend::plan`].
+pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>) -> Result<Plan<CpuBackend>> {
+    let (s, k) = routes.experts.dims2("routes.experts")?;
+    let e = spec.num_experts;
+    let ex = i32s(&routes.experts, "routes.experts")?;
+    let rw = f32s(&routes.weights, "routes.weights")?;
+    if let Some(bad) = ex.iter().position(|&x| x < 0 || x as usize >= e) {
+        return Err(Error::Invalid(format!("route {} of token {} names expert {} (E = {e})", bad % k, bad / k, ex[bad])));
+    }
+    let used = match spec.used_token {
+        Some(u) => {
+            if u.shape() != [s] {
+                return Err(Error::shape("used_token", format!("[{s}]"), u.shape()));
+            }
+            Some(f32s(u, "used_token")?)
+        }
+        None => None,
+    };
+    let valid = |t: usize| used.is_none_or(|u| u[t] != 0.0);
+    let group = spec.group_size.unwrap_or(s).max(1);
+    if s % group != 0 {
+        return Err(Error::shape("x", format!("tokens divisible into groups of {group}"), &[s]));
+    }
+    let n_groups = s / group;
+
+    let mut counts = vec![0i32; e];
+    let mut first_counts = vec![0i32; e];
+    let mut masked = 0i32;
+    for t in 0..s {
+        for j in 0..k {
+            if valid(t) {
+                counts[ex[t * k + j] as usize] += 1;
+                if j == 0 {
+                    first_counts[ex[t * k] as usize] += 1;
+                }
+            } else {
+                masked += 1;
+            }
+        }
+    }
+    let max_count = *counts.iter().max().unwrap_or(&0) as usize;
+    let capacity: Option<usize> = match spec.capacity {
+        CapacityRule::Unlimited => None,
+        CapacityRule::Fixed(c) => Some(c),
+        CapacityRule::DeepSpeed { factor, k_prime, min_capacity } => Some(deepspeed_capacity(s, e, factor, k_prime, min_capacity)),
+        CapacityRule::Dropless { clamp_to_tokens } => Some(if clamp_to_tokens { max_count.min(s) } else { max_count }),
+    };
+    let priority = match &spec.keep {
+        KeepPolicy::Priority(p) => {
+            if p.shape() != [s, e] {
+                return Err(Error::shape("priority (rts_uniform / probs)", format!("[{s}, {e}]"), p.shape()));
+            }
+            Some(f32s(p, "priority")?)
+        }
+        _ => None,
+    };
+
+    let mut slots = vec![-1i32; s * k];
+    // Per group and expert, the routes in slot order (route index t·k + j).
+    let mut kept_in_order: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); e]; n_groups];
+    let mut cand: Vec<Vec<usize>> = vec![Vec::new(); e];
+    for (g, kept_g) in kept_in_order.iter_mut().enumerate() {
+        for c in cand.iter_mut() {
+            c.clear();
+        }
+        let tokens = g * group..(g + 1) * group;
+        // Candidates of each expert in slot order.
+        match spec.keep {
+            KeepPolicy::RankMajor => {
+                for j in 0..k {
+                    for t in tokens.clone() {
+                        if valid(t) {
+                            cand[ex[t * k + j] as usize].push(t * k + j);
+                        }
+                    }
+                }
+            }
+            _ => {
+                for t in tokens.clone() {
+                    for j in 0..k {
+                        if valid(t) {
+                            cand[ex[t * k + j] as usize].push(t * k + j);
+                        }
+                    }
+                }
+            }
+        }
+        for (x, c) in cand.iter().enumerate() {
+            let keep: Vec<usize> = match (capacity, priority) {
+                (Some(cap), Some(p)) if c.len() > cap => {
+                    // Highest priority first (ties to the earlier token); kept routes then
+                    // take slots in token order.
+                    let mut by_p = c.clone();
+                    by_p.sort_by(|&a, &b| {
+                        let (pa, pb) = (p[(a / k) * e + x], p[(b / k) * e + x]);
+                        pb.partial_cmp(&pa).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+                    });
+                    by_p.truncate(cap);
+                    by_p.sort_unstable();
+                    by_p
+                }
+                (Some(cap), _) => c.iter().copied().take(cap).collect(),
+                (None, _) => c.clone(),
+            };
+            for (slot, &r) in keep.iter().enumerate() {
+                slots[r] = slot as i32;
+            }
+            kept_g[x] = keep;
+        }
+    }
+
+    let mut kept_counts = vec![0i32; e];
+    for kept_g in &kept_in_order {
+        for (x, v) in kept_g.iter().enumerate() {
+            kept_counts[x] += v.len() as i32;
+        }
+    }
+    let mut offsets = vec![0i32; e + 1];
+    for x in 0..e {
+        offsets[x + 1] = offsets[x] + kept_counts[x];
+    }
+    let mut rows = vec![-1i32; s * k];
+    let mut next = offsets[..e].to_vec();
+    for kept_g in &kept_in_order {
+        for (x, v) in kept_g.iter().enumerate() {
+            for &r in v {
+                rows[r] = next[x];
+                next[x] += 1;
+            }
+        }
+    }
+
+    let mut weights = vec![0f32; s * k];
+    let mut dropped_routes = 0i32;
+    let mut dropped_tokens = 0i32;
+    for t in 0..s {
+        let w = &mut weights[t * k..(t + 1) * k];
+        let mut any = false;
+        for j in 0..k {
+            if rows[t * k + j] >= 0 {
+                w[j] = rw[t * k + j];
+                any = true;
+            } else if valid(t) {
+                dropped_routes += 1;
+            }
+        }
+        if valid(t) && !any {
+            dropped_tokens += 1;
+        }
+        if spec.renormalize_kept {
+            // DeepSpeed: divide by the kept sum clamped at f32 eps, so a lone survivor gets
+            // 1.0 and a token whose routes were all dropped keeps 0.
+            let denom = w.iter().sum::<f32>().max(f32::EPSILON);
+            for v in w.iter_mut() {
+                *v /= denom;
+            }
+        }
+    }
+    let cap_report = capacity.unwrap_or(max_count) as i32;
+    Ok(Plan {
+        counts: ti32(&[e], counts),
+        first_counts: ti32(&[e], first_counts),
+        kept_counts: ti32(&[e], kept_counts),
+        offsets: ti32(&[e + 1], offsets),
+        slots: ti32(&[s, k], slots),
+        rows: ti32(&[s, k], rows),
+        weights: tf32(&[s, k], weights),
+        stats: ti32(&[4], vec![cap_report, dropped_routes, masked, dropped_tokens]),
+    })
+}

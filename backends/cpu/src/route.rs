@@ -1,0 +1,198 @@
+//! Routing on the cpu: scores, choice (top-k, DeepSpeed top-2, group-limited) and weights.
+//! This is the reference the GPU route kernels are checked against.
+
+use crate::{f32s, ti32, tf32, T};
+use moe_engine::backend::{Choice, GroupScore, Normalize, RouteSpec, Routes, ScoreFn};
+use moe_engine::{Error, Result};
+use rayon::prelude::*;
+
+/// Index of the largest value, ties to the lower index; `skip` is excluded.
+fn argmax(v: impl Iterator<Item = f32>, skip: Option<usize>) -> usize {
+    let mut best = usize::MAX;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, x) in v.enumerate() {
+        if Some(i) == skip {
+            continue;
+        }
+        // Strictly greater keeps the lower index on ties; the first candidate always wins
+        // over the sentinel even when it is −inf.
+        if best == usize::MAX || x > best_v {
+            best = i;
+            best_v = x;
+        }
+    }
+    best
+}
+
+/// The k largest of `key`, in descending order, ties to the lower index. Entries equal to
+/// −inf (masked) are only taken when nothing else is left.
+pub(crate) fn top_k(key: &[f32], k: usize, out: &mut Vec<usize>) {
+    out.clear();
+    let mut idx: Vec<usize> = (0..key.len()).collect();
+    // Stable sort by descending key keeps lower indices first among equals.
+    idx.sort_by(|&a, &b| key[b].partial_cmp(&key[a]).unwrap_or(std::cmp::Ordering::Equal));
+    out.extend_from_slice(&idx[..k]);
+}
+
+fn scores_row(row: &[f32], score: ScoreFn, out: &mut [f32]) {
+    match score {
+        ScoreFn::Softmax => {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = (x - max).exp();
+                sum += *o;
+            }
+            for o in out.iter_mut() {
+                *o /= sum;
+            }
+        }
+        ScoreFn::Sigmoid => {
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = 1.0 / (1.0 + (-x).exp());
+            }
+        }
+    }
+}
+
+/// The route op: see [`moe_engine::backend::Backend::route`].
+pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Result<Routes<crate::CpuBackend>> {
+    let (s, e) = logits.dims2("logits")?;
+    let l = f32s(logits, "logits")?;
+    let k = spec.k;
+    if k == 0 || k > e {
+        return Err(Error::config("k", format!("{k} routes per token with {e} experts")));
+    }
+    if let Some(pos) = l.iter().position(|x| !x.is_finite()) {
+        return Err(Error::NonFiniteLogits { token: pos / e, expert: pos % e, value: l[pos] });
+    }
+    let bias = match spec.bias {
+        Some(b) => {
+            if b.shape() != [e] {
+                return Err(Error::shape("e_score_correction_bias", format!("[{e}]"), b.shape()));
+            }
+            Some(f32s(b, "e_score_correction_bias")?)
+        }
+        None => None,
+    };
+    let noise = match spec.choice_noise {
+        Some(n) => {
+            if n.shape() != [s, e] {
+                return Err(Error::shape("choice noise (gumbel)", format!("[{s}, {e}]"), n.shape()));
+            }
+            Some(f32s(n, "gumbel")?)
+        }
+        None => None,
+    };
+    if let Choice::GroupLimited { n_group, topk_group, .. } = spec.choice {
+        if n_group == 0 || e % n_group != 0 || topk_group == 0 || topk_group > n_group || k > topk_group * (e / n_group) {
+            return Err(Error::config("n_group", format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts")));
+        }
+    }
+
+    let mut scores = vec![0f32; s * e];
+    let mut experts = vec![0i32; s * k];
+    let mut weights = vec![0f32; s * k];
+    scores
+        .par_chunks_mut(e)
+        .zip(experts.par_chunks_mut(k))
+        .zip(weights.par_chunks_mut(k))
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; e], Vec::with_capacity(e)),
+            |(key, chosen), (t, ((sc, ex), w))| {
+                let row = &l[t * e..(t + 1) * e];
+                scores_row(row, spec.score, sc);
+                // The quantity the choice is made on.
+                for i in 0..e {
+                    key[i] = sc[i] + bias.map_or(0.0, |b| b[i]);
+                }
+                match spec.choice {
+                    Choice::TopK => {
+                        if let Some(nz) = noise {
+                            for i in 0..e {
+                                key[i] = row[i] + nz[t * e + i];
+                            }
+                        }
+                        top_k(key, k, chosen);
+                    }
+                    Choice::DeepSpeedTop2 => {
+                        chosen.clear();
+                        let first = argmax(sc.iter().copied(), None);
+                        chosen.push(first);
+                        if k > 1 {
+                            let second = match noise {
+                                Some(nz) => argmax((0..e).map(|i| row[i] + nz[t * e + i]), Some(first)),
+                                None => argmax(row.iter().copied(), Some(first)),
+                            };
+                            chosen.push(second);
+                        }
+                    }
+                    Choice::GroupLimited { n_group, topk_group, group_score } => {
+                        let per = e / n_group;
+                        let mut gs = vec![0f32; n_group];
+                        for (g, gsv) in gs.iter_mut().enumerate() {
+                            let grp = &key[g * per..(g + 1) * per];
+                            *gsv = match group_score {
+                                GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                                GroupScore::SumTop2 => {
+                                    let a = argmax(grp.iter().copied(), None);
+                                    let b = argmax(grp.iter().copied(), Some(a));
+                                    grp[a] + grp[b]
+                                }
+                            };
+                        }
+                        let mut kept = Vec::with_capacity(topk_group);
+                        top_k(&gs, topk_group, &mut kept);
+                        let mut masked = vec![f32::NEG_INFINITY; e];
+                        for g in kept {
+                            masked[g * per..(g + 1) * per].copy_from_slice(&key[g * per..(g + 1) * per]);
+                        }
+                        top_k(&masked, k, chosen);
+                    }
+                }
+                for (j, &c) in chosen.iter().enumerate() {
+                    ex[j] = c as i32;
+                    w[j] = sc[c];
+                }
+                let sum: f32 = w.iter().sum();
+                let denom = match spec.normalize {
+                    Normalize::None => 1.0,
+                    Normalize::Sum => sum,
+                    Normalize::SumPlus(eps) => sum + eps,
+                };
+                for wj in w.iter_mut() {
+                    if !matches!(spec.normalize, Normalize::None) {
+                        *wj /= denom;
+                    }
+                    *wj *= spec.scale;
+                }
+            },
+        );
+    Ok(Routes { experts: ti32(&[s, k], experts), weights: tf32(&[s, k], weights), scores: tf32(&[s, e], scores) })
+}
+
+/// Mean score per expert over tokens, then the mean of logsumexp(logits)².
+pub(crate) fn router_stats(logits: &T, scores: &T) -> Result<T> {
+    let (s, e) = logits.dims2("logits")?;
+    if scores.shape() != [s, e] {
+        return Err(Error::shape("scores", format!("[{s}, {e}]"), scores.shape()));
+    }
+    let l = f32s(logits, "logits")?;
+    let sc = f32s(scores, "scores")?;
+    let mut mean = vec![0f64; e];
+    let mut z = 0f64;
+    for t in 0..s {
+        let row = &l[t * e..(t + 1) * e];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        z += lse * lse;
+        for i in 0..e {
+            mean[i] += sc[t * e + i] as f64;
+        }
+    }
+    let n = s.max(1) as f64;
+    let mut out: Vec<f32> = mean.iter().map(|m| (m / n) as f32).collect();
+    out.push((z / n) as f32);
+    Ok(tf32(&[e + 1], out))
+}

@@ -1,0 +1,75 @@
+//! `moe`: run golden cases, benchmark a layer, list backends and devices, and run the
+//! built-in PR-MoE demo stack.
+
+mod bench;
+mod check;
+mod demo;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Mixture-of-Experts engine.
+#[derive(Parser)]
+#[command(name = "moe", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run golden cases (case folders, or folders of them) and compare with the references.
+    Check(check::Args),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: bench::What,
+    },
+    /// The backends compiled in and the devices each one sees.
+    Info,
+    /// Run the built-in PR-MoE demo stack and print throughput, expert load and drops.
+    Run(demo::Args),
+}
+
+/// Backends compiled into this binary.
+pub const BACKENDS: &[&str] = &["cpu"];
+
+/// Errors unless `name` is a compiled-in backend.
+pub fn check_backend(name: &str) -> Result<(), String> {
+    if BACKENDS.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!("backend `{name}` is not available in this build (available: {})", BACKENDS.join(", ")))
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Check(a) => check::run(a),
+        Cmd::Bench { what } => bench::run(what),
+        Cmd::Info => info(),
+        Cmd::Run(a) => demo::run(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn info() -> Result<ExitCode, String> {
+    use moe_engine::Backend;
+    println!("backends compiled in: {}", BACKENDS.join(", "));
+    let cpu = moe_cpu::CpuBackend::new(None).map_err(|e| e.to_string())?;
+    let c = cpu.capabilities();
+    let dtypes: Vec<String> = c.storage_dtypes.iter().map(|d| d.to_string()).collect();
+    println!("cpu  [0] {} ({} threads; dtypes {})", c.device, c.threads, dtypes.join(", "));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,293 @@
+//! Layer configuration: which gating policy, which experts, residual or shared experts.
+//! Importers (`crate::import`) build these from DeepSpeed keyword arguments and HF
+//! `config.json` files; `validate` checks every field before any weight is touched.
+
+use crate::backend::Activation;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Training or evaluation: selects the capacity factor and whether noise applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Evaluation: `eval_capacity_factor`, no noise.
+    #[default]
+    Eval,
+    /// Training: `capacity_factor`, noise policies apply.
+    Train,
+}
+
+/// DeepSpeed `noisy_gate_policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoisyGatePolicy {
+    /// Multiply the gate input by U(0.99, 1.01) in training.
+    Jitter,
+    /// Add Gumbel noise to the logits for the top-1 choice in training.
+    RSample,
+}
+
+/// DeepSpeed `drop_policy` for k ≥ 3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DropPolicy {
+    /// Keep the C routes with the highest probability.
+    #[default]
+    Probs,
+    /// Keep the first C routes in token order.
+    Position,
+}
+
+/// DeepSpeed `TopKGate` settings (the keyword arguments of `deepspeed.moe.layer.MoE`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeepSpeedGate {
+    /// Routes per token.
+    pub k: usize,
+    /// Capacity factor in training.
+    pub capacity_factor: f32,
+    /// Capacity factor in evaluation.
+    pub eval_capacity_factor: f32,
+    /// Lower bound of the capacity.
+    pub min_capacity: usize,
+    /// Noise policy (training only).
+    pub noisy_gate_policy: Option<NoisyGatePolicy>,
+    /// Drop routes beyond capacity; false = dropless.
+    pub drop_tokens: bool,
+    /// Random token selection (top-1).
+    pub use_rts: bool,
+    /// Gumbel-sampled second expert (top-2).
+    pub top2_2nd_expert_sampling: bool,
+    /// Drop policy for k ≥ 3.
+    pub drop_policy: DropPolicy,
+}
+
+impl Default for DeepSpeedGate {
+    /// DeepSpeed's own defaults for `deepspeed.moe.layer.MoE`.
+    fn default() -> Self {
+        DeepSpeedGate {
+            k: 1,
+            capacity_factor: 1.0,
+            eval_capacity_factor: 1.0,
+            min_capacity: 4,
+            noisy_gate_policy: None,
+            drop_tokens: true,
+            use_rts: true,
+            top2_2nd_expert_sampling: true,
+            drop_policy: DropPolicy::Probs,
+        }
+    }
+}
+
+/// DeepSeek-V2 `topk_method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeepSeekV2Method {
+    /// Plain top-k of the softmax scores.
+    Greedy,
+    /// Group score = max; keep `topk_group` groups; top-k inside.
+    GroupLimitedGreedy,
+}
+
+/// The gating policy of a layer, each matching its reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GateSpec {
+    /// DeepSpeed `TopKGate`: `top1gating`, `top2gating`, `topkgating`.
+    DeepSpeed(DeepSpeedGate),
+    /// Softmax top-k (Mixtral: `normalize` always; Qwen2/3-MoE, OLMoE: `norm_topk_prob`).
+    SoftmaxTopK {
+        /// Routes per token.
+        k: usize,
+        /// Renormalise the k weights to sum to 1.
+        normalize: bool,
+    },
+    /// DeepSeek-V2: softmax scores, greedy or group-limited greedy, × `routed_scaling_factor`.
+    DeepSeekV2 {
+        /// Routes per token.
+        k: usize,
+        /// Expert groups.
+        n_group: usize,
+        /// Groups kept per token.
+        topk_group: usize,
+        /// Selection method.
+        method: DeepSeekV2Method,
+        /// Whether the k weights are renormalised (HF `norm_topk_prob`).
+        normalize: bool,
+        /// Route scale.
+        routed_scaling_factor: f32,
+    },
+    /// DeepSeek-V3: sigmoid scores, correction bias for the choice, sum-of-top-2 group score.
+    DeepSeekV3 {
+        /// Routes per token.
+        k: usize,
+        /// Expert groups.
+        n_group: usize,
+        /// Groups kept per token.
+        topk_group: usize,
+        /// Renormalise the k weights (with +1e-20).
+        normalize: bool,
+        /// Route scale.
+        routed_scaling_factor: f32,
+    },
+    /// Switch Transformers top-1 with a fixed per-sequence `expert_capacity`.
+    Switch {
+        /// Slots per expert per sequence.
+        expert_capacity: usize,
+    },
+}
+
+impl GateSpec {
+    /// Routes per token.
+    pub fn k(&self) -> usize {
+        match self {
+            GateSpec::DeepSpeed(g) => g.k,
+            GateSpec::SoftmaxTopK { k, .. } | GateSpec::DeepSeekV2 { k, .. } | GateSpec::DeepSeekV3 { k, .. } => *k,
+            GateSpec::Switch { .. } => 1,
+        }
+    }
+}
+
+/// The form of one expert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExpertKind {
+    /// One linear layer `hidden → hidden` (DeepSpeed's CIFAR-10 example).
+    Linear,
+    /// Linear → activation → Linear.
+    Mlp {
+        /// The activation.
+        activation: Activation,
+    },
+    /// Gated: `down(act(gate(x)) · up(x))` (SwiGLU with silu, GeGLU with gelu).
+    Glu {
+        /// The activation applied to the gate projection.
+        activation: Activation,
+    },
+}
+
+/// Shape of every expert of a layer (experts are identical in form).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpertSpec {
+    /// The form.
+    pub kind: ExpertKind,
+    /// Intermediate size (ignored for linear experts).
+    pub ffn: usize,
+    /// Whether the linear layers have biases.
+    pub bias: bool,
+}
+
+/// Shared experts added to the routed output (DeepSeek, Qwen2-MoE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedSpec {
+    /// The shared MLP (one expert-shaped block; n shared experts are one block of n·ffn).
+    pub expert: ExpertSpec,
+    /// Qwen2-MoE: scale by sigmoid(`shared_expert_gate`(x)).
+    pub gated: bool,
+}
+
+/// A complete MoE layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    /// Model (hidden) size M.
+    pub hidden: usize,
+    /// Number of routed experts E.
+    pub num_experts: usize,
+    /// Gating policy.
+    pub gate: GateSpec,
+    /// Routed expert shape.
+    pub expert: ExpertSpec,
+    /// DeepSpeed residual MoE: a dense MLP of the expert's shape mixed by a learned
+    /// coefficient (`use_residual`).
+    pub residual: bool,
+    /// Shared experts.
+    pub shared: Option<SharedSpec>,
+}
+
+impl LayerSpec {
+    /// Checks every field; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden == 0 {
+            return Err(Error::config("hidden_size", "must be > 0"));
+        }
+        let e = self.num_experts;
+        if e == 0 {
+            return Err(Error::config("num_experts", "must be > 0"));
+        }
+        let k = self.gate.k();
+        if k == 0 {
+            return Err(Error::config("k", "must be >= 1"));
+        }
+        if k > e {
+            return Err(Error::config("k", format!("{k} routes per token but only {e} experts")));
+        }
+        validate_expert("expert", &self.expert)?;
+        if let Some(s) = &self.shared {
+            validate_expert("shared_expert", &s.expert)?;
+            if self.residual {
+                return Err(Error::config("use_residual", "residual MoE and shared experts are exclusive"));
+            }
+        }
+        match &self.gate {
+            GateSpec::DeepSpeed(g) => {
+                for (name, v) in [("capacity_factor", g.capacity_factor), ("eval_capacity_factor", g.eval_capacity_factor)] {
+                    if !(v.is_finite() && v > 0.0) {
+                        return Err(Error::config(name, format!("must be a positive number, got {v}")));
+                    }
+                }
+                if g.noisy_gate_policy == Some(NoisyGatePolicy::RSample) && g.k != 1 {
+                    return Err(Error::config("noisy_gate_policy", "RSample applies to top-1 gating only (k = 1)"));
+                }
+            }
+            GateSpec::DeepSeekV2 { n_group, topk_group, method, routed_scaling_factor, .. } => {
+                if *method == DeepSeekV2Method::GroupLimitedGreedy {
+                    check_groups(e, k, *n_group, *topk_group)?;
+                }
+                check_scale(*routed_scaling_factor)?;
+            }
+            GateSpec::DeepSeekV3 { n_group, topk_group, routed_scaling_factor, .. } => {
+                check_groups(e, k, *n_group, *topk_group)?;
+                if e / n_group < 2 {
+                    return Err(Error::config("n_group", "DeepSeek-V3 group scores need at least 2 experts per group"));
+                }
+                check_scale(*routed_scaling_factor)?;
+            }
+            GateSpec::Switch { expert_capacity } => {
+                if *expert_capacity == 0 {
+                    return Err(Error::config("expert_capacity", "must be > 0"));
+                }
+            }
+            GateSpec::SoftmaxTopK { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+fn validate_expert(field: &str, s: &ExpertSpec) -> Result<()> {
+    if !matches!(s.kind, ExpertKind::Linear) && s.ffn == 0 {
+        return Err(Error::config(format!("{field}.ffn_hidden"), "must be > 0"));
+    }
+    Ok(())
+}
+
+fn check_groups(e: usize, k: usize, n_group: usize, topk_group: usize) -> Result<()> {
+    if n_group == 0 || e % n_group != 0 {
+        return Err(Error::config("n_group", format!("{n_group} groups must divide {e} experts")));
+    }
+    if topk_group == 0 || topk_group > n_group {
+        return Err(Error::config("topk_group", format!("must be in 1..={n_group}, got {topk_group}")));
+    }
+    let reachable = topk_group * (e / n_group);
+    if k > reachable {
+        return Err(Error::config(
+            "num_experts_per_tok",
+            format!("{k} routes but the {topk_group} kept groups hold only {reachable} experts"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_scale(s: f32) -> Result<()> {
+    if !s.is_finite() {
+        return Err(Error::config("routed_scaling_factor", format!("must be finite, got {s}")));
+    }
+    Ok(())
+}

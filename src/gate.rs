@@ -1,0 +1,268 @@
+//! The gate: router weights plus a [`GateSpec`], turned into the route and plan ops of the
+//! backend. Like DeepSpeed's `TopKGate`, it runs on its own (gate-only golden cases) or
+//! inside [`crate::layer::MoeLayer`].
+
+use crate::backend::{Backend, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn, Tensor};
+use crate::config::{DeepSeekV2Method, DropPolicy, GateSpec, Mode, NoisyGatePolicy};
+use crate::error::{Error, Result};
+use crate::layer::ForwardOptions;
+use crate::losses::{self, Losses};
+use crate::philox::{streams, NoiseKind};
+use crate::tensor::HostTensor;
+
+/// Router weights on the device and the policy that uses them.
+pub struct Gate<B: Backend> {
+    spec: GateSpec,
+    num_experts: usize,
+    hidden: usize,
+    weight: Tensor<B>,
+    bias: Option<Tensor<B>>,
+}
+
+/// What the gate produced for a batch. Tensors stay on the device.
+pub struct GateOutput<B: Backend> {
+    /// Router logits `[S, E]` (f32).
+    pub logits: Tensor<B>,
+    /// Chosen experts, weights and scores.
+    pub routes: Routes<B>,
+    /// The dispatch plan.
+    pub plan: Plan<B>,
+    /// `[E + 1]` router reductions (mean scores, z-loss).
+    pub router_stats: Tensor<B>,
+    gate: GateSpec,
+    tokens: usize,
+}
+
+/// Small host-side summary of a forward: loads, drops and losses.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    /// Routes per expert before capacity (DeepSpeed `exp_counts`).
+    pub exp_counts: Vec<i64>,
+    /// Routes per expert after capacity.
+    pub kept_counts: Vec<i64>,
+    /// Capacity in force (largest count when unlimited).
+    pub capacity: i64,
+    /// Routes dropped by capacity.
+    pub dropped_routes: i64,
+    /// Tokens whose every route was dropped (their routed output is 0).
+    pub dropped_tokens: i64,
+    /// Routes not taken because the token was masked by `used_token`.
+    pub masked_routes: i64,
+    /// Tokens in the batch.
+    pub tokens: usize,
+    /// Losses.
+    pub losses: Losses,
+}
+
+impl<B: Backend> GateOutput<B> {
+    /// Downloads the per-expert counts and router reductions and computes the losses.
+    pub fn report(&self, b: &B) -> Result<Report> {
+        let counts = to_i64(b.download(&self.plan.counts)?, "counts")?;
+        let first = to_i64(b.download(&self.plan.first_counts)?, "first_counts")?;
+        let kept = to_i64(b.download(&self.plan.kept_counts)?, "kept_counts")?;
+        let stats = b.download(&self.plan.stats)?;
+        let stats = stats.as_i32("plan.stats")?;
+        let rs = b.download(&self.router_stats)?;
+        let rs = rs.as_f32("router_stats")?;
+        let e = counts.len();
+        let losses = losses::compute(&self.gate, &counts, &first, &rs[..e], rs[e], self.tokens);
+        Ok(Report {
+            exp_counts: counts,
+            kept_counts: kept,
+            capacity: stats[0] as i64,
+            dropped_routes: stats[1] as i64,
+            dropped_tokens: stats[3] as i64,
+            masked_routes: stats[2] as i64,
+            tokens: self.tokens,
+            losses,
+        })
+    }
+
+    /// DeepSpeed's sparse route form, `[k, S]` each: expert index (−1 where dropped or
+    /// masked), slot (0 where dropped), combine weight (0 where dropped).
+    pub fn sparse_routes(&self, b: &B) -> Result<(HostTensor, HostTensor, HostTensor)> {
+        let ex = b.download(&self.routes.experts)?;
+        let (s, k) = (ex.shape[0], ex.shape[1]);
+        let ex = ex.as_i32("routes.experts")?;
+        let slots = b.download(&self.plan.slots)?;
+        let slots = slots.as_i32("plan.slots")?;
+        let w = b.download(&self.plan.weights)?;
+        let w = w.as_f32("plan.weights")?;
+        let mut idx = vec![0i32; k * s];
+        let mut loc = vec![0i32; k * s];
+        let mut gates = vec![0f32; k * s];
+        for t in 0..s {
+            for j in 0..k {
+                let kept = slots[t * k + j] >= 0;
+                idx[j * s + t] = if kept { ex[t * k + j] } else { -1 };
+                loc[j * s + t] = if kept { slots[t * k + j] } else { 0 };
+                gates[j * s + t] = w[t * k + j];
+            }
+        }
+        Ok((HostTensor::i32(&[k, s], idx)?, HostTensor::i32(&[k, s], loc)?, HostTensor::f32(&[k, s], gates)?))
+    }
+}
+
+fn to_i64(t: HostTensor, name: &str) -> Result<Vec<i64>> {
+    Ok(t.as_i32(name)?.iter().map(|&v| v as i64).collect())
+}
+
+impl<B: Backend> Gate<B> {
+    /// Uploads the router weight `[E, M]` (and the DeepSeek-V3 correction bias `[E]`).
+    pub fn new(b: &B, spec: GateSpec, weight: &HostTensor, bias: Option<&HostTensor>) -> Result<Self> {
+        let (num_experts, hidden) = match weight.shape[..] {
+            [e, m] => (e, m),
+            _ => return Err(Error::shape("gate.weight", "[experts, hidden]", &weight.shape)),
+        };
+        if let Some(bias) = bias {
+            bias.expect_shape("gate.e_score_correction_bias", &[num_experts])?;
+        }
+        Ok(Gate { spec, num_experts, hidden, weight: b.upload(weight)?, bias: bias.map(|t| b.upload(t)).transpose()? })
+    }
+
+    /// The policy.
+    pub fn spec(&self) -> &GateSpec {
+        &self.spec
+    }
+
+    /// Routes `x [S, M]`; `seq` is the sequence length (Switch capacity groups).
+    pub fn forward(&self, b: &B, x: &Tensor<B>, seq: usize, opts: &ForwardOptions) -> Result<GateOutput<B>> {
+        let (s, m) = x.dims2("x")?;
+        if m != self.hidden {
+            return Err(Error::shape("x", format!("[tokens, {}]", self.hidden), x.shape()));
+        }
+        let e = self.num_experts;
+        let train = opts.mode == Mode::Train;
+        let noise = |kind: NoiseKind, stream: u32, given: &Option<HostTensor>, name: &str, cols: usize| -> Result<Tensor<B>> {
+            match given {
+                Some(t) => {
+                    t.expect_shape(name, &[s, cols])?;
+                    b.upload(t)
+                }
+                None => b.noise(kind, opts.seed, stream, &[s, cols]),
+            }
+        };
+        let ds = match &self.spec {
+            GateSpec::DeepSpeed(g) => Some(g),
+            _ => None,
+        };
+
+        // Logits in f32; DeepSpeed Jitter multiplies the gate input (training only).
+        let logits = if ds.is_some_and(|g| train && g.noisy_gate_policy == Some(NoisyGatePolicy::Jitter)) {
+            let j = noise(NoiseKind::Jitter(0.01), streams::JITTER, &opts.noise.jitter, "noise.jitter", m)?;
+            b.linear(&b.mul(x, &j)?, &self.weight, None)?
+        } else {
+            b.linear(x, &self.weight, None)?
+        };
+
+        // Gumbel: top-1 RSample in training; top-2 second-expert sampling in both modes,
+        // as DeepSpeed applies it.
+        let gumbel = match ds {
+            Some(g) if (g.k == 1 && train && g.noisy_gate_policy == Some(NoisyGatePolicy::RSample)) || (g.k == 2 && g.top2_2nd_expert_sampling) => {
+                Some(noise(NoiseKind::Gumbel, streams::GUMBEL, &opts.noise.gumbel, "noise.gumbel", e)?)
+            }
+            _ => None,
+        };
+        let routes = b.route(&logits, &self.route_spec(gumbel.as_ref()))?;
+
+        let used = match (&opts.used_token, ds) {
+            (None, _) => None,
+            (Some(u), Some(g)) if g.k == 1 => {
+                u.expect_shape("used_token", &[s])?;
+                Some(b.upload(u)?)
+            }
+            (Some(_), _) => {
+                return Err(Error::config("used_token", "only DeepSpeed top-1 gating takes a used_token mask (DeepSpeed ignores it for k >= 2)"))
+            }
+        };
+        let rts = match ds {
+            Some(g) if g.k == 1 && g.use_rts => Some(noise(NoiseKind::Uniform, streams::RTS, &opts.noise.rts, "noise.rts_uniform", e)?),
+            _ => None,
+        };
+        let plan = b.plan(&routes, &self.plan_spec(s, seq, opts.mode, rts.as_ref(), &routes, used.as_ref())?)?;
+        let router_stats = b.router_stats(&logits, &routes.scores)?;
+        Ok(GateOutput { logits, routes, plan, router_stats, gate: self.spec.clone(), tokens: s })
+    }
+
+    fn route_spec<'a>(&'a self, gumbel: Option<&'a Tensor<B>>) -> RouteSpec<'a, B> {
+        let base = RouteSpec {
+            k: self.spec.k(),
+            score: ScoreFn::Softmax,
+            choice: Choice::TopK,
+            bias: None,
+            choice_noise: gumbel,
+            normalize: Normalize::None,
+            scale: 1.0,
+        };
+        let norm = |n: bool| if n { Normalize::SumPlus(1e-20) } else { Normalize::None };
+        match &self.spec {
+            GateSpec::DeepSpeed(g) if g.k == 2 => RouteSpec { choice: Choice::DeepSpeedTop2, ..base },
+            GateSpec::DeepSpeed(_) | GateSpec::Switch { .. } => base,
+            GateSpec::SoftmaxTopK { normalize, .. } => RouteSpec { normalize: if *normalize { Normalize::Sum } else { Normalize::None }, ..base },
+            GateSpec::DeepSeekV2 { n_group, topk_group, method, normalize, routed_scaling_factor, .. } => RouteSpec {
+                choice: match method {
+                    DeepSeekV2Method::Greedy => Choice::TopK,
+                    DeepSeekV2Method::GroupLimitedGreedy => {
+                        Choice::GroupLimited { n_group: *n_group, topk_group: *topk_group, group_score: GroupScore::Max }
+                    }
+                },
+                normalize: norm(*normalize),
+                scale: *routed_scaling_factor,
+                ..base
+            },
+            GateSpec::DeepSeekV3 { n_group, topk_group, normalize, routed_scaling_factor, .. } => RouteSpec {
+                score: ScoreFn::Sigmoid,
+                choice: Choice::GroupLimited { n_group: *n_group, topk_group: *topk_group, group_score: GroupScore::SumTop2 },
+                bias: self.bias.as_ref(),
+                normalize: norm(*normalize),
+                scale: *routed_scaling_factor,
+                ..base
+            },
+        }
+    }
+
+    fn plan_spec<'a>(
+        &self,
+        s: usize,
+        seq: usize,
+        mode: Mode,
+        rts: Option<&'a Tensor<B>>,
+        routes: &'a Routes<B>,
+        used: Option<&'a Tensor<B>>,
+    ) -> Result<PlanSpec<'a, B>> {
+        let base = PlanSpec {
+            num_experts: self.num_experts,
+            capacity: CapacityRule::Unlimited,
+            keep: KeepPolicy::TokenOrder,
+            used_token: used,
+            group_size: None,
+            renormalize_kept: false,
+        };
+        Ok(match &self.spec {
+            GateSpec::DeepSpeed(g) => {
+                let factor = if mode == Mode::Train { g.capacity_factor } else { g.eval_capacity_factor };
+                if g.k == 1 && s < g.min_capacity {
+                    // DeepSpeed asserts this in top1gating.
+                    return Err(Error::Invalid(format!(
+                        "{s} tokens is fewer than min_capacity = {}: DeepSpeed top-1 gating needs tokens >= min_capacity (set min_capacity to 0 or use a larger batch)",
+                        g.min_capacity
+                    )));
+                }
+                let capacity = if g.drop_tokens {
+                    CapacityRule::DeepSpeed { factor, k_prime: g.k, min_capacity: g.min_capacity }
+                } else {
+                    CapacityRule::Dropless { clamp_to_tokens: g.k == 1 }
+                };
+                let keep = match g.k {
+                    1 => rts.map_or(KeepPolicy::TokenOrder, KeepPolicy::Priority),
+                    2 => KeepPolicy::RankMajor,
+                    _ if g.drop_tokens && g.drop_policy == DropPolicy::Probs => KeepPolicy::Priority(&routes.scores),
+                    _ => KeepPolicy::TokenOrder,
+                };
+                PlanSpec { capacity, keep, renormalize_kept: g.k >= 2, ..base }
+            }
+            GateSpec::Switch { expert_capacity } => PlanSpec { capacity: CapacityRule::Fixed(*expert_capacity), group_size: Some(seq), ..base },
+            _ => base,
+        })
+    }
+}

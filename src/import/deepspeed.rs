@@ -1,0 +1,163 @@
+//! DeepSpeed: `deepspeed.moe.layer.MoE(...)` keyword arguments (plus an `expert`
+//! description, since DeepSpeed takes an arbitrary module) and its state dict names:
+//! `deepspeed_moe.gate.wg.weight`, `deepspeed_moe.experts.deepspeed_experts.{e}.*`,
+//! `mlp.*`, `coefficient.*`.
+//!
+//! Expert modules recognised (`expert.type`): `linear` (`nn.Linear(M, M)`: `{e}.weight`),
+//! `mlp_<act>` (`nn.Sequential(Linear, Act, Linear)`: `{e}.0.*`, `{e}.2.*`) with act one of
+//! gelu, gelu_tanh, relu, silu, and `glu_<act>` (a module with `gate_proj`, `up_proj`,
+//! `down_proj` children).
+
+use super::checkpoint::{concat_rows, stack, Checkpoint};
+use super::{field, field_or};
+use crate::backend::Activation;
+use crate::config::{DeepSpeedGate, DropPolicy, ExpertKind, ExpertSpec, GateSpec, LayerSpec, NoisyGatePolicy};
+use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
+use crate::weights::{HostLayerWeights, HostMlp};
+use serde_json::Value;
+
+/// Parses the `expert` description `{type, ffn_hidden, bias}`.
+pub fn expert_spec(v: &Value) -> Result<ExpertSpec> {
+    let ty: String = field(v, "type").map_err(|_| Error::config("expert.type", "missing (linear, mlp_gelu, mlp_relu, glu_silu, ...)"))?;
+    let bias: bool = field_or(v, "bias", true)?;
+    let ffn: usize = field_or(v, "ffn_hidden", 0)?;
+    let act = |s: &str| s.parse::<Activation>().map_err(|_| Error::config("expert.type", format!("unknown activation in `{ty}`")));
+    let kind = if ty == "linear" {
+        ExpertKind::Linear
+    } else if let Some(a) = ty.strip_prefix("mlp_") {
+        ExpertKind::Mlp { activation: act(a)? }
+    } else if let Some(a) = ty.strip_prefix("glu_") {
+        ExpertKind::Glu { activation: act(a)? }
+    } else {
+        return Err(Error::config("expert.type", format!("unknown expert type `{ty}` (linear, mlp_<act>, glu_<act>)")));
+    };
+    if !matches!(kind, ExpertKind::Linear) && ffn == 0 {
+        return Err(Error::config("expert.ffn_hidden", format!("required for `{ty}` experts")));
+    }
+    Ok(ExpertSpec { kind, ffn, bias })
+}
+
+/// Parses `TopKGate` settings from MoE / TopKGate keyword arguments (DeepSpeed defaults for
+/// absent ones).
+pub fn gate_spec(cfg: &Value) -> Result<DeepSpeedGate> {
+    let d = DeepSpeedGate::default();
+    let noisy: Option<String> = field_or(cfg, "noisy_gate_policy", None)?;
+    let noisy_gate_policy = match noisy.as_deref() {
+        None | Some("None") | Some("none") => None,
+        Some("Jitter") => Some(NoisyGatePolicy::Jitter),
+        Some("RSample") => Some(NoisyGatePolicy::RSample),
+        Some(other) => return Err(Error::config("noisy_gate_policy", format!("`{other}` is not one of None, Jitter, RSample"))),
+    };
+    let policy: String = field_or(cfg, "drop_policy", "probs".to_string())?;
+    let drop_policy = match policy.as_str() {
+        "probs" => DropPolicy::Probs,
+        "position" => DropPolicy::Position,
+        other => return Err(Error::config("drop_policy", format!("`{other}` is not one of probs, position"))),
+    };
+    let min_capacity: i64 = field_or(cfg, "min_capacity", d.min_capacity as i64)?;
+    if min_capacity < 0 {
+        return Err(Error::config("min_capacity", "must be >= 0"));
+    }
+    Ok(DeepSpeedGate {
+        k: field_or(cfg, "k", d.k)?,
+        capacity_factor: field_or(cfg, "capacity_factor", d.capacity_factor)?,
+        eval_capacity_factor: field_or(cfg, "eval_capacity_factor", d.eval_capacity_factor)?,
+        min_capacity: min_capacity as usize,
+        noisy_gate_policy,
+        drop_tokens: field_or(cfg, "drop_tokens", d.drop_tokens)?,
+        use_rts: field_or(cfg, "use_rts", d.use_rts)?,
+        top2_2nd_expert_sampling: field_or(cfg, "top2_2nd_expert_sampling", d.top2_2nd_expert_sampling)?,
+        drop_policy,
+    })
+}
+
+/// Builds a layer spec from `MoE(...)` keyword arguments with an `expert` description.
+pub fn layer_spec(cfg: &Value) -> Result<LayerSpec> {
+    let ep_size: usize = field_or(cfg, "ep_size", 1)?;
+    let num_experts: usize = field(cfg, "num_experts")?;
+    if ep_size == 0 || num_experts % ep_size != 0 {
+        return Err(Error::config("ep_size", format!("{ep_size} must divide num_experts = {num_experts}")));
+    }
+    let expert = expert_spec(cfg.get("expert").ok_or_else(|| Error::config("expert", "missing: describe the expert module {type, ffn_hidden, bias}"))?)?;
+    let spec = LayerSpec {
+        hidden: field(cfg, "hidden_size")?,
+        num_experts,
+        gate: GateSpec::DeepSpeed(gate_spec(cfg)?),
+        expert,
+        residual: field_or(cfg, "use_residual", false)?,
+        shared: None,
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Names of one MLP block's parameters under `prefix` for DeepSpeed module layouts.
+fn block_names(kind: ExpertKind, prefix: &str) -> Vec<(&'static str, String)> {
+    match kind {
+        ExpertKind::Linear => vec![("in", format!("{prefix}weight")), ("in_b", format!("{prefix}bias"))],
+        ExpertKind::Mlp { .. } => vec![
+            ("in", format!("{prefix}0.weight")),
+            ("in_b", format!("{prefix}0.bias")),
+            ("out", format!("{prefix}2.weight")),
+            ("out_b", format!("{prefix}2.bias")),
+        ],
+        ExpertKind::Glu { .. } => vec![
+            ("gate", format!("{prefix}gate_proj.weight")),
+            ("up", format!("{prefix}up_proj.weight")),
+            ("out", format!("{prefix}down_proj.weight")),
+        ],
+    }
+}
+
+/// Reads E blocks (`prefixes[e]`) into one stacked [`HostMlp`].
+pub(crate) fn read_blocks(ck: &mut Checkpoint, spec: &ExpertSpec, prefixes: &[String], hidden: usize) -> Result<HostMlp> {
+    let mut parts: std::collections::BTreeMap<&str, Vec<HostTensor>> = Default::default();
+    for p in prefixes {
+        for (role, name) in block_names(spec.kind, p) {
+            let bias_role = role.ends_with("_b");
+            if bias_role && !spec.bias {
+                continue;
+            }
+            let expect: Vec<usize> = match (role, spec.kind) {
+                ("in", ExpertKind::Linear) => vec![hidden, hidden],
+                ("in_b", ExpertKind::Linear) | ("out_b", _) => vec![hidden],
+                ("in", _) | ("gate", _) | ("up", _) => vec![spec.ffn, hidden],
+                ("in_b", _) => vec![spec.ffn],
+                ("out", _) => vec![hidden, spec.ffn],
+                _ => unreachable!("roles are fixed above"),
+            };
+            parts.entry(role).or_default().push(ck.take_shaped(&name, &expect)?);
+        }
+    }
+    let mut take = |r: &str| parts.remove(r).map(|v| stack(v, r)).transpose();
+    let w_in = match spec.kind {
+        ExpertKind::Glu { .. } => {
+            let (g, u) = (take("gate")?.expect("gate read"), take("up")?.expect("up read"));
+            concat_rows(&g, &u, "up_proj")?
+        }
+        _ => take("in")?.expect("in read"),
+    };
+    Ok(HostMlp { w_in, b_in: take("in_b")?, w_out: take("out")?, b_out: take("out_b")? })
+}
+
+/// Reads a DeepSpeed `MoE` state dict (keys under `prefix`, e.g. `""` or
+/// `"layers.3.mlp."`). Unused keys under the prefix are an error.
+pub fn layer_weights(ck: &mut Checkpoint, spec: &LayerSpec, prefix: &str) -> Result<HostLayerWeights> {
+    let (e, m) = (spec.num_experts, spec.hidden);
+    let gate = ck.take_shaped(&format!("{prefix}deepspeed_moe.gate.wg.weight"), &[e, m])?;
+    let prefixes: Vec<String> = (0..e).map(|i| format!("{prefix}deepspeed_moe.experts.deepspeed_experts.{i}.")).collect();
+    let experts = read_blocks(ck, &spec.expert, &prefixes, m)?;
+    let residual = if spec.residual {
+        let mlp = read_blocks(ck, &spec.expert, &[format!("{prefix}mlp.")], m)?;
+        let cw = ck.take_shaped(&format!("{prefix}coefficient.weight"), &[2, m])?;
+        let cb = ck.take_shaped(&format!("{prefix}coefficient.bias"), &[2])?;
+        Some((mlp, cw, cb))
+    } else {
+        None
+    };
+    ck.finish(prefix)?;
+    let w = HostLayerWeights { gate, gate_bias: None, experts, residual, shared: None };
+    w.validate(spec)?;
+    Ok(w)
+}

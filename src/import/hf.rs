@@ -1,0 +1,227 @@
+//! HF transformers MoE blocks: `config.json` for mixtral, qwen2_moe, qwen3_moe, olmoe,
+//! deepseek_v2, deepseek_v3 and switch_transformers, and weights from safetensors in the
+//! per-expert hub layout (`experts.N.w1/w2/w3`, `experts.N.gate_proj/up_proj/down_proj`,
+//! `experts.expert_N.wi/wo`) or transformers-5's fused layout (`experts.gate_up_proj`
+//! `[E, 2I, H]` gate rows first, `experts.down_proj` `[E, H, I]`).
+
+use super::checkpoint::{concat_rows, stack, Checkpoint};
+use super::{field, field_any, field_or};
+use crate::backend::Activation;
+use crate::config::{DeepSeekV2Method, ExpertKind, ExpertSpec, GateSpec, LayerSpec, SharedSpec};
+use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
+use crate::weights::{HostLayerWeights, HostMlp};
+use serde_json::Value;
+
+/// The model families whose MoE block the engine reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Mixtral (`experts.N.w1/w3/w2`).
+    Mixtral,
+    /// Qwen2-MoE (sigmoid-gated shared expert).
+    Qwen2Moe,
+    /// Qwen3-MoE.
+    Qwen3Moe,
+    /// OLMoE.
+    Olmoe,
+    /// DeepSeek-V2.
+    DeepseekV2,
+    /// DeepSeek-V3.
+    DeepseekV3,
+    /// Switch Transformers.
+    Switch,
+}
+
+impl Family {
+    /// From a `model_type`.
+    pub fn from_model_type(t: &str) -> Result<Self> {
+        Ok(match t {
+            "mixtral" => Family::Mixtral,
+            "qwen2_moe" => Family::Qwen2Moe,
+            "qwen3_moe" => Family::Qwen3Moe,
+            "olmoe" => Family::Olmoe,
+            "deepseek_v2" => Family::DeepseekV2,
+            "deepseek_v3" => Family::DeepseekV3,
+            "switch_transformers" => Family::Switch,
+            other => {
+                return Err(Error::config(
+                    "model_type",
+                    format!("`{other}` is not supported (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, switch_transformers)"),
+                ))
+            }
+        })
+    }
+
+    /// Per-expert hub names of the gate, up and down projections.
+    fn proj_names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Family::Mixtral => ("w1", "w3", "w2"),
+            _ => ("gate_proj", "up_proj", "down_proj"),
+        }
+    }
+}
+
+fn activation(cfg: &Value, key: &str, default: &str) -> Result<Activation> {
+    let a: String = field_or(cfg, key, default.to_string())?;
+    a.parse().map_err(|_| Error::config(key, format!("unsupported activation `{a}`")))
+}
+
+/// Builds the MoE block's layer spec from a model `config.json`.
+pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
+    let mt: String = field(cfg, "model_type")?;
+    let fam = Family::from_model_type(&mt)?;
+    let glu = |ffn: usize, act: Activation| ExpertSpec { kind: ExpertKind::Glu { activation: act }, ffn, bias: false };
+    let spec = match fam {
+        Family::Mixtral => LayerSpec {
+            hidden: field(cfg, "hidden_size")?,
+            num_experts: field_any(cfg, &["num_local_experts", "num_experts"])?,
+            gate: GateSpec::SoftmaxTopK { k: field(cfg, "num_experts_per_tok")?, normalize: true },
+            expert: glu(field(cfg, "intermediate_size")?, activation(cfg, "hidden_act", "silu")?),
+            residual: false,
+            shared: None,
+        },
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
+            let act = activation(cfg, "hidden_act", "silu")?;
+            let ffn_key = if fam == Family::Olmoe { "intermediate_size" } else { "moe_intermediate_size" };
+            let shared = if fam == Family::Qwen2Moe {
+                let n: usize = field_or(cfg, "shared_expert_intermediate_size", 0)?;
+                (n > 0).then(|| SharedSpec { expert: glu(n, act), gated: true })
+            } else {
+                None
+            };
+            LayerSpec {
+                hidden: field(cfg, "hidden_size")?,
+                num_experts: field_any(cfg, &["num_experts", "num_local_experts"])?,
+                gate: GateSpec::SoftmaxTopK { k: field(cfg, "num_experts_per_tok")?, normalize: field_or(cfg, "norm_topk_prob", false)? },
+                expert: glu(field(cfg, ffn_key)?, act),
+                residual: false,
+                shared,
+            }
+        }
+        Family::DeepseekV2 | Family::DeepseekV3 => {
+            let act = activation(cfg, "hidden_act", "silu")?;
+            let ffn: usize = field(cfg, "moe_intermediate_size")?;
+            let n_shared: usize = field_or(cfg, "n_shared_experts", 0)?;
+            let k: usize = field(cfg, "num_experts_per_tok")?;
+            let n_group: usize = field_or(cfg, "n_group", 1)?;
+            let topk_group: usize = field_or(cfg, "topk_group", 1)?;
+            let scale: f32 = field_or(cfg, "routed_scaling_factor", 1.0)?;
+            let normalize: bool = field_or(cfg, "norm_topk_prob", false)?;
+            let gate = if fam == Family::DeepseekV3 {
+                GateSpec::DeepSeekV3 { k, n_group, topk_group, normalize, routed_scaling_factor: scale }
+            } else {
+                let method: String = field_or(cfg, "topk_method", "greedy".to_string())?;
+                let method = match method.as_str() {
+                    "greedy" => DeepSeekV2Method::Greedy,
+                    "group_limited_greedy" => DeepSeekV2Method::GroupLimitedGreedy,
+                    other => return Err(Error::config("topk_method", format!("`{other}` is not one of greedy, group_limited_greedy"))),
+                };
+                GateSpec::DeepSeekV2 { k, n_group, topk_group, method, normalize, routed_scaling_factor: scale }
+            };
+            LayerSpec {
+                hidden: field(cfg, "hidden_size")?,
+                num_experts: field(cfg, "n_routed_experts")?,
+                gate,
+                expert: glu(ffn, act),
+                residual: false,
+                shared: (n_shared > 0).then(|| SharedSpec { expert: glu(ffn * n_shared, act), gated: false }),
+            }
+        }
+        Family::Switch => LayerSpec {
+            hidden: field(cfg, "d_model")?,
+            num_experts: field(cfg, "num_experts")?,
+            gate: GateSpec::Switch { expert_capacity: field(cfg, "expert_capacity")? },
+            expert: ExpertSpec { kind: ExpertKind::Mlp { activation: activation(cfg, "dense_act_fn", "relu")? }, ffn: field(cfg, "d_ff")?, bias: false },
+            residual: false,
+            shared: None,
+        },
+    };
+    if fam == Family::Switch && field_or(cfg, "router_bias", false)? {
+        return Err(Error::config("router_bias", "a biased Switch router is not supported"));
+    }
+    spec.validate()?;
+    Ok((fam, spec))
+}
+
+/// Reads a GLU block in hub layout under `prefix` (`{prefix}{gate}.weight`, ...).
+fn hub_glu(ck: &mut Checkpoint, fam: Family, prefixes: &[String], ffn: usize, hidden: usize) -> Result<HostMlp> {
+    let (g, u, d) = fam.proj_names();
+    let mut gs = Vec::new();
+    let mut us = Vec::new();
+    let mut ds = Vec::new();
+    for p in prefixes {
+        gs.push(ck.take_shaped(&format!("{p}{g}.weight"), &[ffn, hidden])?);
+        us.push(ck.take_shaped(&format!("{p}{u}.weight"), &[ffn, hidden])?);
+        ds.push(ck.take_shaped(&format!("{p}{d}.weight"), &[hidden, ffn])?);
+    }
+    let w_in = concat_rows(&stack(gs, g)?, &stack(us, u)?, u)?;
+    Ok(HostMlp { w_in, b_in: None, w_out: Some(stack(ds, d)?), b_out: None })
+}
+
+/// Reads the MoE block's weights, keys under `prefix` (e.g. `""`, or
+/// `"model.layers.3.mlp."`); either expert layout is accepted. Unused keys under the prefix
+/// are an error.
+pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix: &str) -> Result<HostLayerWeights> {
+    let (e, m, f) = (spec.num_experts, spec.hidden, spec.expert.ffn);
+    let (gate_name, experts) = if fam == Family::Switch {
+        let prefixes: Vec<String> = (0..e).map(|i| format!("{prefix}experts.expert_{i}.")).collect();
+        let mut wi = Vec::new();
+        let mut wo = Vec::new();
+        for p in &prefixes {
+            wi.push(ck.take_shaped(&format!("{p}wi.weight"), &[f, m])?);
+            wo.push(ck.take_shaped(&format!("{p}wo.weight"), &[m, f])?);
+        }
+        let mlp = HostMlp { w_in: stack(wi, "wi")?, b_in: None, w_out: Some(stack(wo, "wo")?), b_out: None };
+        ("router.classifier.weight", mlp)
+    } else {
+        let fused = format!("{prefix}experts.gate_up_proj");
+        let mlp = if ck.contains(&fused) {
+            let w_in = ck.take_shaped(&fused, &[e, 2 * f, m])?;
+            let w_out = ck.take_shaped(&format!("{prefix}experts.down_proj"), &[e, m, f])?;
+            HostMlp { w_in, b_in: None, w_out: Some(w_out), b_out: None }
+        } else {
+            let prefixes: Vec<String> = (0..e).map(|i| format!("{prefix}experts.{i}.")).collect();
+            hub_glu(ck, fam, &prefixes, f, m)?
+        };
+        ("gate.weight", mlp)
+    };
+    let gate = ck.take_shaped(&format!("{prefix}{gate_name}"), &[e, m])?;
+    let gate_bias = if fam == Family::DeepseekV3 {
+        Some(ck.take_shaped(&format!("{prefix}gate.e_score_correction_bias"), &[e])?)
+    } else {
+        None
+    };
+    let shared = match &spec.shared {
+        Some(s) => {
+            let (block, gate_w) = if fam == Family::Qwen2Moe {
+                (format!("{prefix}shared_expert."), Some(ck.take_shaped(&format!("{prefix}shared_expert_gate.weight"), &[1, m])?))
+            } else {
+                (format!("{prefix}shared_experts."), None)
+            };
+            let mlp = hub_glu(ck, fam, &[block], s.expert.ffn, m)?;
+            Some((mlp, gate_w))
+        }
+        None => None,
+    };
+    ck.finish(prefix)?;
+    let w = HostLayerWeights { gate, gate_bias, experts, residual: None, shared };
+    w.validate(spec)?;
+    Ok(w)
+}
+
+/// Splits a fused `[E, 2I, H]` gate_up tensor back into per-expert `(gate, up)` matrices
+/// (for writers and tests of the hub layout).
+pub fn split_gate_up(t: &HostTensor) -> Result<Vec<(HostTensor, HostTensor)>> {
+    let (e, two_i, h) = match t.shape[..] {
+        [a, b, c] if b % 2 == 0 => (a, b, c),
+        _ => return Err(Error::shape("experts.gate_up_proj", "[E, 2I, H]", &t.shape)),
+    };
+    let i = two_i / 2;
+    let d = t.as_f32("experts.gate_up_proj")?;
+    (0..e)
+        .map(|x| {
+            let base = x * two_i * h;
+            Ok((HostTensor::f32(&[i, h], d[base..base + i * h].to_vec())?, HostTensor::f32(&[i, h], d[base + i * h..base + two_i * h].to_vec())?))
+        })
+        .collect()
+}

@@ -1,0 +1,37 @@
+//! Importers: DeepSpeed `MoE(...)` keyword arguments and state dicts, HF `config.json`
+//! files and safetensors checkpoints (per-expert hub layout and transformers-5 fused
+//! layout). Every missing, unexpected or mis-shaped tensor is an error that names it.
+
+pub mod checkpoint;
+pub mod deepspeed;
+pub mod hf;
+
+pub use checkpoint::Checkpoint;
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+/// Reads a field of a JSON object as `T`, naming the field when it is absent or mistyped.
+pub(crate) fn field<T: serde::de::DeserializeOwned>(cfg: &Value, name: &str) -> Result<T> {
+    let v = cfg.get(name).ok_or_else(|| Error::config(name, "missing"))?;
+    serde_json::from_value(v.clone()).map_err(|e| Error::config(name, format!("{e} (got {v})")))
+}
+
+/// Like [`field`], with a default where the field is absent or null.
+pub(crate) fn field_or<T: serde::de::DeserializeOwned>(cfg: &Value, name: &str, default: T) -> Result<T> {
+    match cfg.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::config(name, format!("{e} (got {v})"))),
+    }
+}
+
+/// Reads the first present field of `names` (aliases across transformers versions, e.g.
+/// `num_experts` / `num_local_experts`), naming all of them when none is present.
+pub(crate) fn field_any<T: serde::de::DeserializeOwned>(cfg: &Value, names: &[&str]) -> Result<T> {
+    for n in names {
+        if cfg.get(*n).is_some_and(|v| !v.is_null()) {
+            return field(cfg, n);
+        }
+    }
+    Err(Error::config(names.join(" / "), "missing"))
+}

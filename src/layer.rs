@@ -1,0 +1,194 @@
+//! The MoE layer forward, written once over the [`Backend`] trait:
+//!
+//! ```text
+//! x → gate (logits f32 → route → plan) → permute → experts (grouped) → combine
+//!   → + residual MLP (DeepSpeed coefficient) or shared experts → y
+//! ```
+//!
+//! Nothing is read back to the host inside the forward; [`LayerOutput::report`] downloads
+//! the small per-expert tensors afterwards and computes the losses.
+
+use crate::backend::{Backend, Tensor};
+use crate::config::{ExpertKind, ExpertSpec, LayerSpec, Mode};
+use crate::error::{Error, Result};
+pub use crate::gate::Report;
+use crate::gate::{Gate, GateOutput};
+use crate::tensor::{DType, HostTensor};
+use crate::weights::{HostLayerWeights, HostMlp};
+
+/// An MLP block on the device: an expert stack (`[E, N, M]`) or a dense MLP (`[N, M]`).
+pub struct DeviceMlp<B: Backend> {
+    kind: ExpertKind,
+    w_in: Tensor<B>,
+    b_in: Option<Tensor<B>>,
+    w_out: Option<Tensor<B>>,
+    b_out: Option<Tensor<B>>,
+}
+
+/// Intermediate tensors of the expert computation, kept for a backward pass.
+pub struct ExpertActivations<B: Backend> {
+    /// Permuted input rows, compact expert-major `[S·k, M]`.
+    pub xp: Tensor<B>,
+    /// Pre-activation of the first projection `[S·k, N]` (absent for linear experts).
+    pub pre_activation: Option<Tensor<B>>,
+    /// Expert outputs before combining `[S·k, M]`.
+    pub yp: Tensor<B>,
+}
+
+impl<B: Backend> DeviceMlp<B> {
+    /// Uploads an expert stack (`dense = false`) or a dense block (the E = 1 stack).
+    pub fn upload(backend: &B, host: &HostMlp, spec: &ExpertSpec, dense: bool, dtype: DType) -> Result<Self> {
+        let up = |t: &HostTensor| -> Result<Tensor<B>> {
+            if dense {
+                backend.upload_as(&t.clone().reshape(&t.shape[1..])?, dtype)
+            } else {
+                backend.upload_as(t, dtype)
+            }
+        };
+        let opt = |t: &Option<HostTensor>| t.as_ref().map(up).transpose();
+        Ok(DeviceMlp { kind: spec.kind, w_in: up(&host.w_in)?, b_in: opt(&host.b_in)?, w_out: opt(&host.w_out)?, b_out: opt(&host.b_out)? })
+    }
+
+    fn w_out(&self) -> Result<&Tensor<B>> {
+        self.w_out.as_ref().ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))
+    }
+
+    /// Runs a dense block on token rows.
+    pub fn dense(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+        let h = b.linear(x, &self.w_in, self.b_in.as_ref())?;
+        let h = match self.kind {
+            ExpertKind::Linear => return Ok(h),
+            ExpertKind::Mlp { activation } => b.activation(&h, activation)?,
+            ExpertKind::Glu { activation } => b.glu(&h, activation)?,
+        };
+        b.linear(&h, self.w_out()?, self.b_out.as_ref())
+    }
+
+    /// Runs the expert stack on compact expert-major rows.
+    pub fn grouped(&self, b: &B, xp: Tensor<B>, offsets: &Tensor<B>) -> Result<ExpertActivations<B>> {
+        let h = b.grouped_linear(&xp, offsets, &self.w_in, self.b_in.as_ref())?;
+        let (pre, h) = match self.kind {
+            ExpertKind::Linear => return Ok(ExpertActivations { xp, pre_activation: None, yp: h }),
+            ExpertKind::Mlp { activation } => {
+                let a = b.activation(&h, activation)?;
+                (h, a)
+            }
+            ExpertKind::Glu { activation } => {
+                let a = b.glu(&h, activation)?;
+                (h, a)
+            }
+        };
+        let yp = b.grouped_linear(&h, offsets, self.w_out()?, self.b_out.as_ref())?;
+        Ok(ExpertActivations { xp, pre_activation: Some(pre), yp })
+    }
+}
+
+/// Noise the caller supplies instead of drawing it (how golden cases replay the
+/// references' draws). Shapes: jitter `[S, M]`, gumbel `[S, E]`, rts `[S, E]`.
+#[derive(Clone, Debug, Default)]
+pub struct NoiseOverrides {
+    /// Multiplicative gate-input jitter.
+    pub jitter: Option<HostTensor>,
+    /// Gumbel noise on the logits.
+    pub gumbel: Option<HostTensor>,
+    /// Random-token-selection priorities.
+    pub rts: Option<HostTensor>,
+}
+
+/// Per-call options of a forward.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardOptions {
+    /// Training or evaluation.
+    pub mode: Mode,
+    /// Seed of the Philox draws (jitter, Gumbel, RTS).
+    pub seed: u64,
+    /// Explicit noise, replacing the Philox draws where given.
+    pub noise: NoiseOverrides,
+    /// DeepSpeed `used_token` mask `[S]` (top-1 only, as in DeepSpeed).
+    pub used_token: Option<HostTensor>,
+}
+
+/// Everything a forward produced. Tensors stay on the device.
+pub struct LayerOutput<B: Backend> {
+    /// Output, same shape as the input.
+    pub y: Tensor<B>,
+    /// Logits, routes, plan and router reductions.
+    pub gate: GateOutput<B>,
+    /// Expert intermediates (for backward).
+    pub experts: ExpertActivations<B>,
+}
+
+impl<B: Backend> LayerOutput<B> {
+    /// Loads, drops and losses (downloads only per-expert tensors).
+    pub fn report(&self, b: &B) -> Result<Report> {
+        self.gate.report(b)
+    }
+}
+
+/// One MoE layer with its weights on a backend.
+pub struct MoeLayer<B: Backend> {
+    spec: LayerSpec,
+    gate: Gate<B>,
+    experts: DeviceMlp<B>,
+    residual: Option<(DeviceMlp<B>, Tensor<B>, Tensor<B>)>,
+    shared: Option<(DeviceMlp<B>, Option<Tensor<B>>)>,
+}
+
+impl<B: Backend> MoeLayer<B> {
+    /// Validates spec and weights and uploads the weights (router in f32, the rest in
+    /// `dtype`).
+    pub fn new(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
+        spec.validate()?;
+        weights.validate(&spec)?;
+        if !backend.capabilities().storage_dtypes.contains(&dtype) {
+            return Err(Error::Unsupported { backend: backend.name().into(), what: format!("{dtype} weights") });
+        }
+        let experts = DeviceMlp::upload(backend, &weights.experts, &spec.expert, false, dtype)?;
+        let residual = match &weights.residual {
+            Some((mlp, cw, cb)) => Some((DeviceMlp::upload(backend, mlp, &spec.expert, true, dtype)?, backend.upload(cw)?, backend.upload(cb)?)),
+            None => None,
+        };
+        let shared = match (&weights.shared, &spec.shared) {
+            (Some((mlp, g)), Some(s)) => {
+                Some((DeviceMlp::upload(backend, mlp, &s.expert, true, dtype)?, g.as_ref().map(|g| backend.upload(g)).transpose()?))
+            }
+            _ => None,
+        };
+        let gate = Gate::new(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref())?;
+        Ok(MoeLayer { spec, gate, experts, residual, shared })
+    }
+
+    /// The layer's configuration.
+    pub fn spec(&self) -> &LayerSpec {
+        &self.spec
+    }
+
+    /// Forward of `x` shaped `[S, M]` or `[B, T, M]` (Switch counts capacity per row of B).
+    pub fn forward(&self, b: &B, x: &Tensor<B>, opts: &ForwardOptions) -> Result<LayerOutput<B>> {
+        let m = self.spec.hidden;
+        let shape = x.shape().to_vec();
+        if shape.len() < 2 || shape.len() > 3 || shape[shape.len() - 1] != m {
+            return Err(Error::shape("x", format!("[tokens, {m}] or [batch, seq, {m}]"), &shape));
+        }
+        let s: usize = shape[..shape.len() - 1].iter().product();
+        let seq = shape[shape.len() - 2];
+        let x2 = x.reshape(&[s, m])?;
+
+        let gate = self.gate.forward(b, &x2, seq, opts)?;
+        let xp = b.permute(&x2, &gate.plan)?;
+        let acts = self.experts.grouped(b, xp, &gate.plan.offsets)?;
+        let mut y = b.combine(&acts.yp, &gate.plan)?;
+
+        if let Some((mlp, cw, cb)) = &self.residual {
+            let dense = mlp.dense(b, &x2)?;
+            let coef = b.linear(&x2, cw, Some(cb))?;
+            y = b.residual_mix(&y, &dense, &coef)?;
+        }
+        if let Some((mlp, gate_w)) = &self.shared {
+            let dense = mlp.dense(b, &x2)?;
+            let g = gate_w.as_ref().map(|g| b.linear(&x2, g, None)).transpose()?;
+            y = b.add_gated(&y, &dense, g.as_ref())?;
+        }
+        Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts: acts })
+    }
+}

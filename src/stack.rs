@@ -1,0 +1,79 @@
+//! The built-in demo model: a small PR-MoE-shaped stack (DeepSpeed-MoE, Rajbhandari et al.
+//! 2022: residual MoE, with more experts in the deeper layers), random weights from the
+//! Philox generator, used by the README's first command.
+
+use crate::backend::Activation;
+use crate::config::{DeepSpeedGate, ExpertKind, ExpertSpec, GateSpec, LayerSpec};
+use crate::error::Result;
+use crate::philox;
+use crate::tensor::HostTensor;
+use crate::weights::{HostLayerWeights, HostMlp};
+
+/// The shape of the demo stack.
+#[derive(Clone, Debug)]
+pub struct PrMoeShape {
+    /// Hidden size.
+    pub hidden: usize,
+    /// Expert intermediate size.
+    pub ffn: usize,
+    /// Experts per layer, shallow to deep (PR-MoE's pyramid).
+    pub experts: Vec<usize>,
+    /// Routes per token.
+    pub k: usize,
+}
+
+impl Default for PrMoeShape {
+    fn default() -> Self {
+        PrMoeShape { hidden: 256, ffn: 512, experts: vec![4, 4, 8, 8, 16, 16], k: 1 }
+    }
+}
+
+/// Layer specs of the stack: residual MoE (PR-MoE's fixed MLP plus a routed expert),
+/// DeepSpeed top-k gating with capacity factor 1.0 so dropped tokens show up.
+pub fn specs(shape: &PrMoeShape) -> Vec<LayerSpec> {
+    shape
+        .experts
+        .iter()
+        .map(|&e| LayerSpec {
+            hidden: shape.hidden,
+            num_experts: e,
+            gate: GateSpec::DeepSpeed(DeepSpeedGate { k: shape.k, min_capacity: 4, use_rts: false, ..DeepSpeedGate::default() }),
+            expert: ExpertSpec { kind: ExpertKind::Mlp { activation: Activation::Gelu }, ffn: shape.ffn, bias: true },
+            residual: true,
+            shared: None,
+        })
+        .collect()
+}
+
+fn rand(shape: &[usize], seed: u64, stream: u32, scale: f32) -> Result<HostTensor> {
+    let n: usize = shape.iter().product();
+    let v = philox::noise(philox::NoiseKind::Uniform, seed, stream, n).into_iter().map(|u| (2.0 * u - 1.0) * scale).collect();
+    HostTensor::f32(shape, v)
+}
+
+/// Random weights for one layer spec (uniform ±1/√fan_in, like PyTorch's default init).
+pub fn random_weights(spec: &LayerSpec, seed: u64) -> Result<HostLayerWeights> {
+    let (m, f, e) = (spec.hidden, spec.expert.ffn, spec.num_experts);
+    let mut stream = 0u32;
+    let mut next = |shape: &[usize], fan_in: usize| {
+        stream += 1;
+        rand(shape, seed, stream, 1.0 / (fan_in as f32).sqrt())
+    };
+    let n_in = match spec.expert.kind {
+        ExpertKind::Linear => m,
+        ExpertKind::Mlp { .. } => f,
+        ExpertKind::Glu { .. } => 2 * f,
+    };
+    let mut mlp = |n: usize| -> Result<HostMlp> {
+        let linear = matches!(spec.expert.kind, ExpertKind::Linear);
+        Ok(HostMlp {
+            w_in: next(&[n, n_in, m], m)?,
+            b_in: if spec.expert.bias { Some(next(&[n, n_in], m)?) } else { None },
+            w_out: if linear { None } else { Some(next(&[n, m, f], f)?) },
+            b_out: if spec.expert.bias && !linear { Some(next(&[n, m], f)?) } else { None },
+        })
+    };
+    let experts = mlp(e)?;
+    let residual = if spec.residual { Some((mlp(1)?, next(&[2, m], m)?, next(&[2], m)?)) } else { None };
+    Ok(HostLayerWeights { gate: next(&[e, m], m)?, gate_bias: None, experts, residual, shared: None })
+}

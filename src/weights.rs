@@ -1,0 +1,113 @@
+//! Host-side weights of a layer in the engine's layout (stacked per expert, `[out, in]`
+//! matrices), produced by the importers and uploaded once by [`crate::layer::MoeLayer::new`].
+
+use crate::config::{ExpertKind, ExpertSpec, LayerSpec};
+use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
+
+/// One MLP block (an expert stack with E matrices, or a dense MLP with E = 1).
+///
+/// `w_in` is `[E, N, M]` where N is `ffn` (MLP), `2·ffn` with the gate rows first (GLU) or
+/// M (linear experts); `w_out` is `[E, M, ffn]` (absent for linear experts).
+#[derive(Clone, Debug)]
+pub struct HostMlp {
+    /// Input projection(s), `[E, N, M]`.
+    pub w_in: HostTensor,
+    /// Input bias, `[E, N]`.
+    pub b_in: Option<HostTensor>,
+    /// Output projection, `[E, M, ffn]`.
+    pub w_out: Option<HostTensor>,
+    /// Output bias, `[E, M]`.
+    pub b_out: Option<HostTensor>,
+}
+
+impl HostMlp {
+    /// Checks the shapes against the expert spec; `what` prefixes tensor names in errors.
+    pub fn validate(&self, what: &str, spec: &ExpertSpec, experts: usize, hidden: usize) -> Result<()> {
+        let n_in = match spec.kind {
+            ExpertKind::Linear => hidden,
+            ExpertKind::Mlp { .. } => spec.ffn,
+            ExpertKind::Glu { .. } => 2 * spec.ffn,
+        };
+        self.w_in.expect_shape(&format!("{what}.w_in"), &[experts, n_in, hidden])?;
+        check_opt(&self.b_in, spec.bias, &format!("{what}.b_in"), &[experts, n_in])?;
+        match spec.kind {
+            ExpertKind::Linear => {
+                if self.w_out.is_some() || self.b_out.is_some() {
+                    return Err(Error::UnexpectedTensors(vec![format!("{what}.w_out (linear experts have one layer)")]));
+                }
+            }
+            _ => {
+                let w_out = self.w_out.as_ref().ok_or_else(|| Error::MissingTensor(format!("{what}.w_out")))?;
+                w_out.expect_shape(&format!("{what}.w_out"), &[experts, hidden, spec.ffn])?;
+                check_opt(&self.b_out, spec.bias, &format!("{what}.b_out"), &[experts, hidden])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_opt(t: &Option<HostTensor>, want: bool, name: &str, shape: &[usize]) -> Result<()> {
+    match (t, want) {
+        (Some(t), true) => t.expect_shape(name, shape),
+        (None, false) => Ok(()),
+        (None, true) => Err(Error::MissingTensor(name.into())),
+        (Some(_), false) => Err(Error::UnexpectedTensors(vec![format!("{name} (the config says bias = false)")])),
+    }
+}
+
+/// All weights of one MoE layer.
+#[derive(Clone, Debug)]
+pub struct HostLayerWeights {
+    /// Router weight `[E, M]`.
+    pub gate: HostTensor,
+    /// DeepSeek-V3 `e_score_correction_bias` `[E]`.
+    pub gate_bias: Option<HostTensor>,
+    /// Routed experts.
+    pub experts: HostMlp,
+    /// Residual MoE: the dense MLP, then the coefficient weight `[2, M]` and bias `[2]`.
+    pub residual: Option<(HostMlp, HostTensor, HostTensor)>,
+    /// Shared experts: the dense MLP and the optional `shared_expert_gate` weight `[1, M]`.
+    pub shared: Option<(HostMlp, Option<HostTensor>)>,
+}
+
+impl HostLayerWeights {
+    /// Checks every tensor's presence and shape against the spec.
+    pub fn validate(&self, spec: &LayerSpec) -> Result<()> {
+        let (e, m) = (spec.num_experts, spec.hidden);
+        self.gate.expect_shape("gate.weight", &[e, m])?;
+        self.experts.validate("experts", &spec.expert, e, m)?;
+        let needs_bias = matches!(spec.gate, crate::config::GateSpec::DeepSeekV3 { .. });
+        match (&self.gate_bias, needs_bias) {
+            (Some(b), true) => b.expect_shape("gate.e_score_correction_bias", &[e])?,
+            (None, true) => return Err(Error::MissingTensor("gate.e_score_correction_bias".into())),
+            (Some(_), false) => return Err(Error::UnexpectedTensors(vec!["gate.e_score_correction_bias".into()])),
+            (None, false) => {}
+        }
+        match (&self.residual, spec.residual) {
+            (Some((mlp, cw, cb)), true) => {
+                mlp.validate("mlp", &spec.expert, 1, m)?;
+                cw.expect_shape("coefficient.weight", &[2, m])?;
+                cb.expect_shape("coefficient.bias", &[2])?;
+            }
+            (None, true) => return Err(Error::MissingTensor("mlp / coefficient (use_residual = true)".into())),
+            (Some(_), false) => return Err(Error::UnexpectedTensors(vec!["mlp.*, coefficient.*".into()])),
+            (None, false) => {}
+        }
+        match (&self.shared, &spec.shared) {
+            (Some((mlp, g)), Some(s)) => {
+                mlp.validate("shared_experts", &s.expert, 1, m)?;
+                match (g, s.gated) {
+                    (Some(g), true) => g.expect_shape("shared_expert_gate.weight", &[1, m])?,
+                    (None, true) => return Err(Error::MissingTensor("shared_expert_gate.weight".into())),
+                    (Some(_), false) => return Err(Error::UnexpectedTensors(vec!["shared_expert_gate.weight".into()])),
+                    (None, false) => {}
+                }
+            }
+            (None, Some(_)) => return Err(Error::MissingTensor("shared_experts.*".into())),
+            (Some(_), None) => return Err(Error::UnexpectedTensors(vec!["shared_experts.*".into()])),
+            (None, None) => {}
+        }
+        Ok(())
+    }
+}
