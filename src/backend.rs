@@ -303,6 +303,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Waits until every enqueued op has finished.
     fn synchronize(&self) -> Result<()>;
 
+    /// Uploads a weight matrix `[out, in]` or stack `[G, out, in]` (the right operand of
+    /// [`Backend::linear`] / [`Backend::grouped_linear`]) in whatever layout this backend's
+    /// matrix products run fastest on. The logical shape is unchanged and
+    /// [`Backend::download`] returns the original layout.
+    fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<Tensor<Self>> {
+        self.upload_as(t, dtype)
+    }
+
     /// Copies a host tensor to the device in its own dtype.
     fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>> {
         let dt = t.dtype();

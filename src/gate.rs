@@ -117,7 +117,7 @@ impl<B: Backend> Gate<B> {
         if let Some(bias) = bias {
             bias.expect_shape("gate.e_score_correction_bias", &[num_experts])?;
         }
-        Ok(Gate { spec, num_experts, hidden, weight: b.upload(weight)?, bias: bias.map(|t| b.upload(t)).transpose()? })
+        Ok(Gate { spec, num_experts, hidden, weight: b.upload_weight(weight, crate::tensor::DType::F32)?, bias: bias.map(|t| b.upload(t)).transpose()? })
     }
 
     /// The policy.

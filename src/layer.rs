@@ -38,15 +38,17 @@ pub struct ExpertActivations<B: Backend> {
 impl<B: Backend> DeviceMlp<B> {
     /// Uploads an expert stack (`dense = false`) or a dense block (the E = 1 stack).
     pub fn upload(backend: &B, host: &HostMlp, spec: &ExpertSpec, dense: bool, dtype: DType) -> Result<Self> {
-        let up = |t: &HostTensor| -> Result<Tensor<B>> {
-            if dense {
-                backend.upload_as(&t.clone().reshape(&t.shape[1..])?, dtype)
-            } else {
-                backend.upload_as(t, dtype)
-            }
-        };
-        let opt = |t: &Option<HostTensor>| t.as_ref().map(up).transpose();
-        Ok(DeviceMlp { kind: spec.kind, w_in: up(&host.w_in)?, b_in: opt(&host.b_in)?, w_out: opt(&host.w_out)?, b_out: opt(&host.b_out)? })
+        // A dense block is the E = 1 stack without its leading dimension.
+        let squeeze = |t: &HostTensor| if dense { t.clone().reshape(&t.shape[1..]) } else { Ok(t.clone()) };
+        let weight = |t: &HostTensor| backend.upload_weight(&squeeze(t)?, dtype);
+        let bias = |t: &Option<HostTensor>| t.as_ref().map(|t| backend.upload_as(&squeeze(t)?, dtype)).transpose();
+        Ok(DeviceMlp {
+            kind: spec.kind,
+            w_in: weight(&host.w_in)?,
+            b_in: bias(&host.b_in)?,
+            w_out: host.w_out.as_ref().map(weight).transpose()?,
+            b_out: bias(&host.b_out)?,
+        })
     }
 
     fn w_out(&self) -> Result<&Tensor<B>> {
@@ -145,12 +147,12 @@ impl<B: Backend> MoeLayer<B> {
         }
         let experts = DeviceMlp::upload(backend, &weights.experts, &spec.expert, false, dtype)?;
         let residual = match &weights.residual {
-            Some((mlp, cw, cb)) => Some((DeviceMlp::upload(backend, mlp, &spec.expert, true, dtype)?, backend.upload(cw)?, backend.upload(cb)?)),
+            Some((mlp, cw, cb)) => Some((DeviceMlp::upload(backend, mlp, &spec.expert, true, dtype)?, backend.upload_weight(cw, DType::F32)?, backend.upload(cb)?)),
             None => None,
         };
         let shared = match (&weights.shared, &spec.shared) {
             (Some((mlp, g)), Some(s)) => {
-                Some((DeviceMlp::upload(backend, mlp, &s.expert, true, dtype)?, g.as_ref().map(|g| backend.upload(g)).transpose()?))
+                Some((DeviceMlp::upload(backend, mlp, &s.expert, true, dtype)?, g.as_ref().map(|g| backend.upload_weight(g, DType::F32)).transpose()?))
             }
             _ => None,
         };

@@ -51,13 +51,23 @@ pub(crate) fn f32s<'a>(t: &'a T, name: &str) -> Result<&'a [f32]> {
     match t.buffer() {
         CpuBuffer::F32(v) => Ok(v),
         CpuBuffer::I32(_) => Err(Error::DType { tensor: name.into(), expected: "f32".into(), got: "i32".into() }),
+        CpuBuffer::WeightT(_) => Err(Error::Invalid(format!("tensor `{name}` is an uploaded weight; only matrix products read it"))),
+    }
+}
+
+/// The data of a matrix-product weight and whether it is stored transposed (`[K, N]`).
+pub(crate) fn weight_data<'a>(t: &'a T, name: &str) -> Result<(&'a [f32], bool)> {
+    match t.buffer() {
+        CpuBuffer::F32(v) => Ok((v, false)),
+        CpuBuffer::WeightT(v) => Ok((v, true)),
+        CpuBuffer::I32(_) => Err(Error::DType { tensor: name.into(), expected: "f32".into(), got: "i32".into() }),
     }
 }
 
 pub(crate) fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a [i32]> {
     match t.buffer() {
         CpuBuffer::I32(v) => Ok(v),
-        CpuBuffer::F32(_) => Err(Error::DType { tensor: name.into(), expected: "i32".into(), got: "f32".into() }),
+        CpuBuffer::F32(_) | CpuBuffer::WeightT(_) => Err(Error::DType { tensor: name.into(), expected: "i32".into(), got: "f32".into() }),
     }
 }
 
@@ -95,10 +105,28 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<T> {
+        let (n, k) = match t.shape[..] {
+            [.., n, k] if t.shape.len() >= 2 => (n, k),
+            _ => return Err(Error::shape("weight", "[out, in] or [groups, out, in]", &t.shape)),
+        };
+        if dtype != DType::F32 {
+            return Err(Error::Unsupported { backend: "cpu".into(), what: format!("{dtype} weights") });
+        }
+        let v = t.as_f32("weight")?;
+        Ok(Tensor::from_parts(CpuBuffer::WeightT(buffer::transpose_stack(v, n, k)), t.shape.clone(), DType::F32))
+    }
+
     fn download(&self, t: &T) -> Result<HostTensor> {
         match t.buffer() {
             CpuBuffer::F32(v) => HostTensor::f32(t.shape(), v.clone()),
             CpuBuffer::I32(v) => HostTensor::i32(t.shape(), v.clone()),
+            CpuBuffer::WeightT(v) => {
+                let s = t.shape();
+                let (n, k) = (s[s.len() - 2], s[s.len() - 1]);
+                // Transposing the stored [k, n] matrices gives back [n, k].
+                HostTensor::f32(s, buffer::transpose_stack(v, k, n))
+            }
         }
     }
 

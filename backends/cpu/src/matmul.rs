@@ -1,7 +1,7 @@
 //! Matrix products on the cpu through the `gemm` crate: plain and grouped by expert
 //! offsets over compact rows (no padding to capacity).
 
-use crate::{f32s, i32s, tf32, T};
+use crate::{f32s, i32s, tf32, weight_data, T};
 use gemm::Parallelism;
 use moe_engine::{Error, Result};
 use rayon::prelude::*;
@@ -10,12 +10,13 @@ use rayon::prelude::*;
 /// products costs more in synchronisation than it saves.
 const SERIAL_WORK: usize = 1 << 20;
 
-/// `dst [m, n] (+)= lhs [m, kk] · w [n, kk]ᵀ` with row-major operands.
+/// `dst [m, n] (+)= lhs [m, kk] · w [n, kk]ᵀ` with row-major operands; `w_t` says `w` is
+/// stored transposed, `[kk, n]`.
 ///
-/// # Safety contract (upheld here)
-/// The slices are exactly `m·n`, `m·kk` and `n·kk` long, so every strided access the
-/// gemm kernel makes is in bounds.
-fn gemm_xwt(dst: &mut [f32], lhs: &[f32], w: &[f32], m: usize, n: usize, kk: usize, accumulate: bool, par: Parallelism) {
+/// The slices are exactly `m·n`, `m·kk` and `n·kk` long, so every strided access the gemm
+/// kernel makes is in bounds.
+#[allow(clippy::too_many_arguments)]
+fn gemm_xwt(dst: &mut [f32], lhs: &[f32], (w, w_t): (&[f32], bool), m: usize, n: usize, kk: usize, accumulate: bool, par: Parallelism) {
     debug_assert!(dst.len() == m * n && lhs.len() == m * kk && w.len() == n * kk);
     if m == 0 || n == 0 {
         return;
@@ -26,9 +27,11 @@ fn gemm_xwt(dst: &mut [f32], lhs: &[f32], w: &[f32], m: usize, n: usize, kk: usi
         }
         return;
     }
+    // rhs is the [kk, n] matrix wᵀ: column stride / row stride of its storage.
+    let (rhs_cs, rhs_rs) = if w_t { (1, n as isize) } else { (kk as isize, 1) };
     // SAFETY: the lengths match the shapes (checked above in debug, and by the callers'
-    // shape checks), strides describe row-major [m, n], [m, kk] and the transpose of
-    // row-major [n, kk]; dst does not alias the inputs.
+    // shape checks), strides describe row-major [m, n], [m, kk] and wᵀ as stored; dst does
+    // not alias the inputs.
     unsafe {
         gemm::gemm(
             m,
@@ -42,8 +45,8 @@ fn gemm_xwt(dst: &mut [f32], lhs: &[f32], w: &[f32], m: usize, n: usize, kk: usi
             1,
             kk as isize,
             w.as_ptr(),
-            kk as isize,
-            1,
+            rhs_cs,
+            rhs_rs,
             1.0,
             1.0,
             false,
@@ -87,7 +90,7 @@ pub(crate) fn linear(x: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T
     };
     let mut out = vec![0f32; r * n];
     fill_bias(&mut out, b, n);
-    gemm_xwt(&mut out, f32s(x, "linear input")?, f32s(w, "linear weight")?, r, n, kk, b.is_some(), par_for(r * n * kk, threads));
+    gemm_xwt(&mut out, f32s(x, "linear input")?, weight_data(w, "linear weight")?, r, n, kk, b.is_some(), par_for(r * n * kk, threads));
     Ok(tf32(&[r, n], out))
 }
 
@@ -114,7 +117,7 @@ pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, thread
         None => None,
     };
     let xs = f32s(x, "grouped input")?;
-    let ws = f32s(w, "expert weights")?;
+    let (ws, w_t) = weight_data(w, "expert weights")?;
     let mut out = vec![0f32; r * n];
     // Split the output into each group's rows.
     let mut parts: Vec<(usize, &mut [f32])> = Vec::with_capacity(g);
@@ -132,7 +135,7 @@ pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, thread
         let start = off[e] as usize;
         let be = b.map(|b| &b[e * n..(e + 1) * n]);
         fill_bias(dst, be, n);
-        gemm_xwt(dst, &xs[start * kk..(start + rows) * kk], &ws[e * n * kk..(e + 1) * n * kk], rows, n, kk, be.is_some(), par);
+        gemm_xwt(dst, &xs[start * kk..(start + rows) * kk], (&ws[e * n * kk..(e + 1) * n * kk], w_t), rows, n, kk, be.is_some(), par);
     };
     // Many small groups (fine-grained experts, decode): one group per thread. Few large
     // groups: each product uses every thread.
