@@ -18,13 +18,13 @@ use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
 
 /// A tensor living on a backend's device: a buffer handle plus shape and dtype.
-pub struct Tensor<B: Backend + ?Sized> {
+pub struct Tensor<B: Backend> {
     buf: std::sync::Arc<B::Buffer>,
     shape: Vec<usize>,
     dtype: DType,
 }
 
-impl<B: Backend + ?Sized> Tensor<B> {
+impl<B: Backend> Tensor<B> {
     /// Wraps a backend buffer. Backends call this; users get tensors from ops and uploads.
     pub fn from_parts(buf: B::Buffer, shape: Vec<usize>, dtype: DType) -> Self {
         Tensor { buf: std::sync::Arc::new(buf), shape, dtype }
@@ -76,7 +76,7 @@ impl<B: Backend + ?Sized> Tensor<B> {
     }
 }
 
-impl<B: Backend + ?Sized> std::fmt::Debug for Tensor<B> {
+impl<B: Backend> std::fmt::Debug for Tensor<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor({:?}, {})", self.shape, self.dtype)
     }
@@ -180,7 +180,7 @@ pub enum Normalize {
 }
 
 /// Everything the route op needs. Tensors are on the same backend.
-pub struct RouteSpec<'a, B: Backend + ?Sized> {
+pub struct RouteSpec<'a, B: Backend> {
     /// Routes per token.
     pub k: usize,
     /// Score function.
@@ -200,7 +200,7 @@ pub struct RouteSpec<'a, B: Backend + ?Sized> {
 }
 
 /// Output of the route op.
-pub struct Routes<B: Backend + ?Sized> {
+pub struct Routes<B: Backend> {
     /// Chosen expert per route, `[S, k]` i32, in choice order.
     pub experts: Tensor<B>,
     /// Weight per route, `[S, k]` f32 (before capacity).
@@ -233,7 +233,7 @@ pub enum CapacityRule {
 }
 
 /// Which routes an over-full expert keeps, and the order of slots.
-pub enum KeepPolicy<'a, B: Backend + ?Sized> {
+pub enum KeepPolicy<'a, B: Backend> {
     /// Slots in token order; keep the first C.
     TokenOrder,
     /// Slots ordered by route rank, then token (DeepSpeed top-2: every first choice before
@@ -245,7 +245,7 @@ pub enum KeepPolicy<'a, B: Backend + ?Sized> {
 }
 
 /// Everything the plan op needs.
-pub struct PlanSpec<'a, B: Backend + ?Sized> {
+pub struct PlanSpec<'a, B: Backend> {
     /// Number of experts E.
     pub num_experts: usize,
     /// Capacity rule.
@@ -263,7 +263,7 @@ pub struct PlanSpec<'a, B: Backend + ?Sized> {
 
 /// The dispatch plan: counts, capacity and the slot and compact row of every route. No
 /// dense `[S, E, C]` tensor exists anywhere.
-pub struct Plan<B: Backend + ?Sized> {
+pub struct Plan<B: Backend> {
     /// Routes per expert before dropping (after `used_token`), `[E]` i32.
     pub counts: Tensor<B>,
     /// First-choice routes per expert before dropping, `[E]` i32 (DeepSpeed top-2 l_aux).

@@ -228,7 +228,9 @@ impl LayerSpec {
         }
         match &self.gate {
             GateSpec::DeepSpeed(g) => {
-                for (name, v) in [("capacity_factor", g.capacity_factor), ("eval_capacity_factor", g.eval_capacity_factor)] {
+                for (name, v) in
+                    [("capacity_factor", g.capacity_factor), ("eval_capacity_factor", g.eval_capacity_factor)]
+                {
                     if !(v.is_finite() && v > 0.0) {
                         return Err(Error::config(name, format!("must be a positive number, got {v}")));
                     }

@@ -2,7 +2,10 @@
 //! backend. Like DeepSpeed's `TopKGate`, it runs on its own (gate-only golden cases) or
 //! inside [`crate::layer::MoeLayer`].
 
-use crate::backend::{Backend, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn, Tensor};
+use crate::backend::{
+    Backend, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn,
+    Tensor,
+};
 use crate::config::{DeepSeekV2Method, DropPolicy, GateSpec, Mode, NoisyGatePolicy};
 use crate::error::{Error, Result};
 use crate::layer::ForwardOptions;
@@ -117,7 +120,13 @@ impl<B: Backend> Gate<B> {
         if let Some(bias) = bias {
             bias.expect_shape("gate.e_score_correction_bias", &[num_experts])?;
         }
-        Ok(Gate { spec, num_experts, hidden, weight: b.upload_weight(weight, crate::tensor::DType::F32)?, bias: bias.map(|t| b.upload(t)).transpose()? })
+        Ok(Gate {
+            spec,
+            num_experts,
+            hidden,
+            weight: b.upload_weight(weight, crate::tensor::DType::F32)?,
+            bias: bias.map(|t| b.upload(t)).transpose()?,
+        })
     }
 
     /// The policy.
@@ -133,15 +142,16 @@ impl<B: Backend> Gate<B> {
         }
         let e = self.num_experts;
         let train = opts.mode == Mode::Train;
-        let noise = |kind: NoiseKind, stream: u32, given: &Option<HostTensor>, name: &str, cols: usize| -> Result<Tensor<B>> {
-            match given {
-                Some(t) => {
-                    t.expect_shape(name, &[s, cols])?;
-                    b.upload(t)
+        let noise =
+            |kind: NoiseKind, stream: u32, given: &Option<HostTensor>, name: &str, cols: usize| -> Result<Tensor<B>> {
+                match given {
+                    Some(t) => {
+                        t.expect_shape(name, &[s, cols])?;
+                        b.upload(t)
+                    }
+                    None => b.noise(kind, opts.seed, stream, &[s, cols]),
                 }
-                None => b.noise(kind, opts.seed, stream, &[s, cols]),
-            }
-        };
+            };
         let ds = match &self.spec {
             GateSpec::DeepSpeed(g) => Some(g),
             _ => None,
@@ -158,7 +168,10 @@ impl<B: Backend> Gate<B> {
         // Gumbel: top-1 RSample in training; top-2 second-expert sampling in both modes,
         // as DeepSpeed applies it.
         let gumbel = match ds {
-            Some(g) if (g.k == 1 && train && g.noisy_gate_policy == Some(NoisyGatePolicy::RSample)) || (g.k == 2 && g.top2_2nd_expert_sampling) => {
+            Some(g)
+                if (g.k == 1 && train && g.noisy_gate_policy == Some(NoisyGatePolicy::RSample))
+                    || (g.k == 2 && g.top2_2nd_expert_sampling) =>
+            {
                 Some(noise(NoiseKind::Gumbel, streams::GUMBEL, &opts.noise.gumbel, "noise.gumbel", e)?)
             }
             _ => None,
@@ -172,11 +185,16 @@ impl<B: Backend> Gate<B> {
                 Some(b.upload(u)?)
             }
             (Some(_), _) => {
-                return Err(Error::config("used_token", "only DeepSpeed top-1 gating takes a used_token mask (DeepSpeed ignores it for k >= 2)"))
+                return Err(Error::config(
+                    "used_token",
+                    "only DeepSpeed top-1 gating takes a used_token mask (DeepSpeed ignores it for k >= 2)",
+                ))
             }
         };
         let rts = match ds {
-            Some(g) if g.k == 1 && g.use_rts => Some(noise(NoiseKind::Uniform, streams::RTS, &opts.noise.rts, "noise.rts_uniform", e)?),
+            Some(g) if g.k == 1 && g.use_rts => {
+                Some(noise(NoiseKind::Uniform, streams::RTS, &opts.noise.rts, "noise.rts_uniform", e)?)
+            }
             _ => None,
         };
         let plan = b.plan(&routes, &self.plan_spec(s, seq, opts.mode, rts.as_ref(), &routes, used.as_ref())?)?;
@@ -198,13 +216,17 @@ impl<B: Backend> Gate<B> {
         match &self.spec {
             GateSpec::DeepSpeed(g) if g.k == 2 => RouteSpec { choice: Choice::DeepSpeedTop2, ..base },
             GateSpec::DeepSpeed(_) | GateSpec::Switch { .. } => base,
-            GateSpec::SoftmaxTopK { normalize, .. } => RouteSpec { normalize: if *normalize { Normalize::Sum } else { Normalize::None }, ..base },
+            GateSpec::SoftmaxTopK { normalize, .. } => {
+                RouteSpec { normalize: if *normalize { Normalize::Sum } else { Normalize::None }, ..base }
+            }
             GateSpec::DeepSeekV2 { n_group, topk_group, method, normalize, routed_scaling_factor, .. } => RouteSpec {
                 choice: match method {
                     DeepSeekV2Method::Greedy => Choice::TopK,
-                    DeepSeekV2Method::GroupLimitedGreedy => {
-                        Choice::GroupLimited { n_group: *n_group, topk_group: *topk_group, group_score: GroupScore::Max }
-                    }
+                    DeepSeekV2Method::GroupLimitedGreedy => Choice::GroupLimited {
+                        n_group: *n_group,
+                        topk_group: *topk_group,
+                        group_score: GroupScore::Max,
+                    },
                 },
                 normalize: norm(*normalize),
                 scale: *routed_scaling_factor,
@@ -212,7 +234,11 @@ impl<B: Backend> Gate<B> {
             },
             GateSpec::DeepSeekV3 { n_group, topk_group, normalize, routed_scaling_factor, .. } => RouteSpec {
                 score: ScoreFn::Sigmoid,
-                choice: Choice::GroupLimited { n_group: *n_group, topk_group: *topk_group, group_score: GroupScore::SumTop2 },
+                choice: Choice::GroupLimited {
+                    n_group: *n_group,
+                    topk_group: *topk_group,
+                    group_score: GroupScore::SumTop2,
+                },
                 bias: self.bias.as_ref(),
                 normalize: norm(*normalize),
                 scale: *routed_scaling_factor,
@@ -261,7 +287,9 @@ impl<B: Backend> Gate<B> {
                 };
                 PlanSpec { capacity, keep, renormalize_kept: g.k >= 2, ..base }
             }
-            GateSpec::Switch { expert_capacity } => PlanSpec { capacity: CapacityRule::Fixed(*expert_capacity), group_size: Some(seq), ..base },
+            GateSpec::Switch { expert_capacity } => {
+                PlanSpec { capacity: CapacityRule::Fixed(*expert_capacity), group_size: Some(seq), ..base }
+            }
             _ => base,
         })
     }

@@ -47,7 +47,8 @@ pub fn discover(path: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![path.to_path_buf()]);
     }
     let rd = std::fs::read_dir(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-    let mut out: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("case.json").is_file()).collect();
+    let mut out: Vec<PathBuf> =
+        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("case.json").is_file()).collect();
     out.sort();
     if out.is_empty() {
         return Err(Error::Invalid(format!("{}: no golden cases (folders with case.json) found", path.display())));
@@ -79,11 +80,21 @@ struct Case {
 impl Case {
     fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("case.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-        let meta: Value = serde_json::from_str(&text).map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+        let meta: Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
         let tensors = Checkpoint::load(&dir.join("tensors.safetensors"))?;
-        let name = meta.get("name").and_then(Value::as_str).unwrap_or_else(|| dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")).to_string();
-        let kind = meta.get("kind").and_then(Value::as_str).ok_or_else(|| Error::config("kind", "missing in case.json"))?.to_string();
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"))
+            .to_string();
+        let kind = meta
+            .get("kind")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config("kind", "missing in case.json"))?
+            .to_string();
         Ok(Case { name, kind, meta, tensors })
     }
 
@@ -103,7 +114,9 @@ impl Case {
         let map: BTreeMap<String, HostTensor> = self
             .tensors
             .names()
-            .filter_map(|n| n.strip_prefix("param/").map(|p| (p.to_string(), self.tensors.get(n).expect("listed").clone())))
+            .filter_map(|n| {
+                n.strip_prefix("param/").map(|p| (p.to_string(), self.tensors.get(n).expect("listed").clone()))
+            })
             .collect();
         Checkpoint::from_map(map, &format!("{} params", self.name))
     }
@@ -194,13 +207,25 @@ pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
 
 fn compare(case: &Case, got: &BTreeMap<String, HostTensor>) -> Result<CaseResult> {
     let tol = case.meta.get("tolerance").ok_or_else(|| Error::config("tolerance", "missing in case.json"))?;
-    let rel_tol = tol.get("rel_l2").and_then(Value::as_f64).ok_or_else(|| Error::config("tolerance.rel_l2", "missing"))?;
-    let exact: Vec<&str> = tol.get("exact").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-    let expected = case.meta.get("expected").and_then(Value::as_object).ok_or_else(|| Error::config("expected", "missing in case.json"))?;
+    let rel_tol =
+        tol.get("rel_l2").and_then(Value::as_f64).ok_or_else(|| Error::config("tolerance.rel_l2", "missing"))?;
+    let exact: Vec<&str> = tol
+        .get("exact")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let expected = case
+        .meta
+        .get("expected")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::config("expected", "missing in case.json"))?;
     let is_gate = case.kind == "deepspeed.gate";
     // Gate cases: locations and gates are compared where the route was kept.
     let kept_mask: Option<Vec<bool>> = if is_gate {
-        let k = expected.get("indices").and_then(Value::as_str).ok_or_else(|| Error::config("expected.indices", "missing"))?;
+        let k = expected
+            .get("indices")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config("expected.indices", "missing"))?;
         Some(case.tensors.get(k)?.to_f64().iter().map(|&i| i >= 0.0).collect())
     } else {
         None
@@ -209,7 +234,9 @@ fn compare(case: &Case, got: &BTreeMap<String, HostTensor>) -> Result<CaseResult
     for (name, key) in expected {
         let key = key.as_str().ok_or_else(|| Error::config(format!("expected.{name}"), "not a tensor key"))?;
         let want = case.tensors.get(key)?;
-        let have = got.get(name).ok_or_else(|| Error::Invalid(format!("case {}: the engine produces no output `{name}`", case.name)))?;
+        let have = got
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("case {}: the engine produces no output `{name}`", case.name)))?;
         let (mut w, mut h) = (want.to_f64(), have.to_f64());
         if w.len() != h.len() {
             return Err(Error::shape(format!("output `{name}`"), format!("{:?}", want.shape), &have.shape));

@@ -147,13 +147,18 @@ impl<B: Backend> MoeLayer<B> {
         }
         let experts = DeviceMlp::upload(backend, &weights.experts, &spec.expert, false, dtype)?;
         let residual = match &weights.residual {
-            Some((mlp, cw, cb)) => Some((DeviceMlp::upload(backend, mlp, &spec.expert, true, dtype)?, backend.upload_weight(cw, DType::F32)?, backend.upload(cb)?)),
+            Some((mlp, cw, cb)) => Some((
+                DeviceMlp::upload(backend, mlp, &spec.expert, true, dtype)?,
+                backend.upload_weight(cw, DType::F32)?,
+                backend.upload(cb)?,
+            )),
             None => None,
         };
         let shared = match (&weights.shared, &spec.shared) {
-            (Some((mlp, g)), Some(s)) => {
-                Some((DeviceMlp::upload(backend, mlp, &s.expert, true, dtype)?, g.as_ref().map(|g| backend.upload_weight(g, DType::F32)).transpose()?))
-            }
+            (Some((mlp, g)), Some(s)) => Some((
+                DeviceMlp::upload(backend, mlp, &s.expert, true, dtype)?,
+                g.as_ref().map(|g| backend.upload_weight(g, DType::F32)).transpose()?,
+            )),
             _ => None,
         };
         let gate = Gate::new(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref())?;

@@ -20,7 +20,14 @@ pub struct Losses {
 }
 
 /// Computes the losses from counts (all routes, and first choices) and mean scores.
-pub fn compute(gate: &GateSpec, counts: &[i64], first_counts: &[i64], mean_scores: &[f32], z_loss: f32, tokens: usize) -> Losses {
+pub fn compute(
+    gate: &GateSpec,
+    counts: &[i64],
+    first_counts: &[i64],
+    mean_scores: &[f32],
+    z_loss: f32,
+    tokens: usize,
+) -> Losses {
     let e = counts.len() as f64;
     let s = tokens.max(1) as f64;
     let k = gate.k() as f64;

@@ -37,7 +37,12 @@ pub fn specs(shape: &PrMoeShape) -> Vec<LayerSpec> {
         .map(|&e| LayerSpec {
             hidden: shape.hidden,
             num_experts: e,
-            gate: GateSpec::DeepSpeed(DeepSpeedGate { k: shape.k, min_capacity: 4, use_rts: false, ..DeepSpeedGate::default() }),
+            gate: GateSpec::DeepSpeed(DeepSpeedGate {
+                k: shape.k,
+                min_capacity: 4,
+                use_rts: false,
+                ..DeepSpeedGate::default()
+            }),
             expert: ExpertSpec { kind: ExpertKind::Mlp { activation: Activation::Gelu }, ffn: shape.ffn, bias: true },
             residual: true,
             shared: None,
@@ -47,7 +52,10 @@ pub fn specs(shape: &PrMoeShape) -> Vec<LayerSpec> {
 
 fn rand(shape: &[usize], seed: u64, stream: u32, scale: f32) -> Result<HostTensor> {
     let n: usize = shape.iter().product();
-    let v = philox::noise(philox::NoiseKind::Uniform, seed, stream, n).into_iter().map(|u| (2.0 * u - 1.0) * scale).collect();
+    let v = philox::noise(philox::NoiseKind::Uniform, seed, stream, n)
+        .into_iter()
+        .map(|u| (2.0 * u - 1.0) * scale)
+        .collect();
     HostTensor::f32(shape, v)
 }
 

@@ -34,7 +34,9 @@ impl HostMlp {
         match spec.kind {
             ExpertKind::Linear => {
                 if self.w_out.is_some() || self.b_out.is_some() {
-                    return Err(Error::UnexpectedTensors(vec![format!("{what}.w_out (linear experts have one layer)")]));
+                    return Err(Error::UnexpectedTensors(vec![format!(
+                        "{what}.w_out (linear experts have one layer)"
+                    )]));
                 }
             }
             _ => {

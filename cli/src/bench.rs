@@ -70,7 +70,10 @@ fn layer(a: LayerArgs) -> Result<ExitCode, String> {
     let err = |e: moe_engine::Error| e.to_string();
     let weights = stack::random_weights(&spec, 1).map_err(err)?;
     let layer = MoeLayer::new(&b, spec, &weights, dtype).map_err(err)?;
-    let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 2, 0, a.tokens * a.hidden).into_iter().map(|u| 2.0 * u - 1.0).collect();
+    let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 2, 0, a.tokens * a.hidden)
+        .into_iter()
+        .map(|u| 2.0 * u - 1.0)
+        .collect();
     let x = b.upload(&HostTensor::f32(&[a.tokens, a.hidden], x).map_err(err)?).map_err(err)?;
     let opts = ForwardOptions::default();
     let mut times = Vec::with_capacity(a.iters);

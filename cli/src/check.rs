@@ -30,7 +30,12 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     for dir in &cases {
         match golden::run_case(&backend, dir) {
             Ok(r) => {
-                let exact_bad: Vec<String> = r.outputs.iter().filter(|o| o.exact && !o.pass).map(|o| format!("{} ({} differ)", o.name, o.error)).collect();
+                let exact_bad: Vec<String> = r
+                    .outputs
+                    .iter()
+                    .filter(|o| o.exact && !o.pass)
+                    .map(|o| format!("{} ({} differ)", o.name, o.error))
+                    .collect();
                 let status = if r.pass { "PASS" } else { "FAIL" };
                 let mut line = format!("{status} {:<40} {:<22} worst rel_l2 {:.2e}", r.name, r.kind, r.worst_rel_l2);
                 if !exact_bad.is_empty() {
@@ -39,7 +44,8 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
                 println!("{line}");
                 if a.verbose || !r.pass {
                     for o in &r.outputs {
-                        let what = if o.exact { format!("{} mismatches", o.error) } else { format!("rel_l2 {:.3e}", o.error) };
+                        let what =
+                            if o.exact { format!("{} mismatches", o.error) } else { format!("rel_l2 {:.3e}", o.error) };
                         println!("    {:<14} {:<22} {}", o.name, what, if o.pass { "ok" } else { "FAIL" });
                     }
                 }

@@ -30,19 +30,34 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     let layers: Vec<MoeLayer<_>> = specs
         .iter()
         .enumerate()
-        .map(|(i, s)| MoeLayer::new(&b, s.clone(), &stack::random_weights(s, 100 + i as u64).map_err(err)?, DType::F32).map_err(err))
+        .map(|(i, s)| {
+            MoeLayer::new(&b, s.clone(), &stack::random_weights(s, 100 + i as u64).map_err(err)?, DType::F32)
+                .map_err(err)
+        })
         .collect::<Result<_, _>>()?;
     let caps = b.capabilities();
     println!(
         "PR-MoE demo stack on {} ({}): {} residual-MoE layers, experts per layer {:?}, hidden {}, ffn {}, top-{}",
-        name, caps.device, layers.len(), shape.experts, shape.hidden, shape.ffn, shape.k
+        name,
+        caps.device,
+        layers.len(),
+        shape.experts,
+        shape.hidden,
+        shape.ffn,
+        shape.k
     );
     let bar = indicatif::ProgressBar::new(a.steps as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} forward passes").expect("static template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} forward passes").expect("static template"),
+    );
     let mut reports = Vec::new();
     let t0 = Instant::now();
     for step in 0..a.steps {
-        let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 7, step as u32, a.tokens * shape.hidden).into_iter().map(|u| 2.0 * u - 1.0).collect();
+        let x: Vec<f32> =
+            moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 7, step as u32, a.tokens * shape.hidden)
+                .into_iter()
+                .map(|u| 2.0 * u - 1.0)
+                .collect();
         let mut h = b.upload(&HostTensor::f32(&[a.tokens, shape.hidden], x).map_err(err)?).map_err(err)?;
         let last = step + 1 == a.steps;
         for layer in &layers {
@@ -50,14 +65,21 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             if last {
                 reports.push(out.report(&b).map_err(err)?);
             }
-            h = out.y;
+            // A transformer block adds the MoE output to its residual stream.
+            h = b.add_gated(&h, &out.y, None).map_err(err)?;
         }
         b.download(&h).map_err(err)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    println!("throughput: {:.0} tokens/s through the stack ({} passes of {} tokens in {:.2} s)", (a.steps * a.tokens) as f64 / secs, a.steps, a.tokens, secs);
+    println!(
+        "throughput: {:.0} tokens/s through the stack ({} passes of {} tokens in {:.2} s)",
+        (a.steps * a.tokens) as f64 / secs,
+        a.steps,
+        a.tokens,
+        secs
+    );
     println!("per-layer expert load (last pass; routes per expert before capacity), capacity, dropped:");
     let mut total_dropped = 0;
     for (i, r) in reports.iter().enumerate() {

@@ -30,7 +30,10 @@ impl Checkpoint {
     /// Reads every `*.safetensors` file of a folder (sharded hub checkpoints).
     pub fn load_dir(dir: &Path) -> Result<Self> {
         let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
-        let mut files: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
+        let mut files: Vec<_> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
         files.sort();
         if files.is_empty() {
             return Err(Error::Checkpoint { path: dir.display().to_string(), msg: "no .safetensors files".into() });
@@ -40,7 +43,10 @@ impl Checkpoint {
             let part = Self::load(&f)?;
             for (k, v) in part.tensors {
                 if out.tensors.insert(k.clone(), v).is_some() {
-                    return Err(Error::Checkpoint { path: f.display().to_string(), msg: format!("tensor `{k}` appears in two files") });
+                    return Err(Error::Checkpoint {
+                        path: f.display().to_string(),
+                        msg: format!("tensor `{k}` appears in two files"),
+                    });
                 }
             }
         }
@@ -49,18 +55,36 @@ impl Checkpoint {
 
     /// Parses safetensors bytes; `source` names the data in errors.
     pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint { path: source.into(), msg: format!("not a valid safetensors file: {e}") })?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
+            path: source.into(),
+            msg: format!("not a valid safetensors file: {e}"),
+        })?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
             let data = view.data();
             let bad = |what: &str| Error::Checkpoint { path: source.into(), msg: format!("tensor `{name}`: {what}") };
             let t = match view.dtype() {
-                Dtype::F32 => HostTensor::f32(&shape, data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())?,
-                Dtype::F16 => HostTensor::f32(&shape, data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())?,
-                Dtype::BF16 => HostTensor::f32(&shape, data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())?,
-                Dtype::F64 => HostTensor::f32(&shape, data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect())?,
-                Dtype::I32 => HostTensor::i32(&shape, data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())?,
+                Dtype::F32 => HostTensor::f32(
+                    &shape,
+                    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                )?,
+                Dtype::F16 => HostTensor::f32(
+                    &shape,
+                    data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                )?,
+                Dtype::BF16 => HostTensor::f32(
+                    &shape,
+                    data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                )?,
+                Dtype::F64 => HostTensor::f32(
+                    &shape,
+                    data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+                )?,
+                Dtype::I32 => HostTensor::i32(
+                    &shape,
+                    data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                )?,
                 Dtype::I64 => {
                     let mut v = Vec::with_capacity(data.len() / 8);
                     for c in data.chunks_exact(8) {
@@ -121,7 +145,8 @@ impl Checkpoint {
 
     /// Errors listing every tensor under `prefix` that no importer took.
     pub fn finish(&self, prefix: &str) -> Result<()> {
-        let extra: Vec<String> = self.tensors.keys().filter(|k| k.starts_with(prefix) && !self.taken.contains(*k)).cloned().collect();
+        let extra: Vec<String> =
+            self.tensors.keys().filter(|k| k.starts_with(prefix) && !self.taken.contains(*k)).cloned().collect();
         if extra.is_empty() {
             Ok(())
         } else {

@@ -19,10 +19,13 @@ use serde_json::Value;
 
 /// Parses the `expert` description `{type, ffn_hidden, bias}`.
 pub fn expert_spec(v: &Value) -> Result<ExpertSpec> {
-    let ty: String = field(v, "type").map_err(|_| Error::config("expert.type", "missing (linear, mlp_gelu, mlp_relu, glu_silu, ...)"))?;
+    let ty: String = field(v, "type")
+        .map_err(|_| Error::config("expert.type", "missing (linear, mlp_gelu, mlp_relu, glu_silu, ...)"))?;
     let bias: bool = field_or(v, "bias", true)?;
     let ffn: usize = field_or(v, "ffn_hidden", 0)?;
-    let act = |s: &str| s.parse::<Activation>().map_err(|_| Error::config("expert.type", format!("unknown activation in `{ty}`")));
+    let act = |s: &str| {
+        s.parse::<Activation>().map_err(|_| Error::config("expert.type", format!("unknown activation in `{ty}`")))
+    };
     let kind = if ty == "linear" {
         ExpertKind::Linear
     } else if let Some(a) = ty.strip_prefix("mlp_") {
@@ -47,7 +50,9 @@ pub fn gate_spec(cfg: &Value) -> Result<DeepSpeedGate> {
         None | Some("None") | Some("none") => None,
         Some("Jitter") => Some(NoisyGatePolicy::Jitter),
         Some("RSample") => Some(NoisyGatePolicy::RSample),
-        Some(other) => return Err(Error::config("noisy_gate_policy", format!("`{other}` is not one of None, Jitter, RSample"))),
+        Some(other) => {
+            return Err(Error::config("noisy_gate_policy", format!("`{other}` is not one of None, Jitter, RSample")))
+        }
     };
     let policy: String = field_or(cfg, "drop_policy", "probs".to_string())?;
     let drop_policy = match policy.as_str() {
@@ -79,7 +84,10 @@ pub fn layer_spec(cfg: &Value) -> Result<LayerSpec> {
     if ep_size == 0 || num_experts % ep_size != 0 {
         return Err(Error::config("ep_size", format!("{ep_size} must divide num_experts = {num_experts}")));
     }
-    let expert = expert_spec(cfg.get("expert").ok_or_else(|| Error::config("expert", "missing: describe the expert module {type, ffn_hidden, bias}"))?)?;
+    let expert = expert_spec(
+        cfg.get("expert")
+            .ok_or_else(|| Error::config("expert", "missing: describe the expert module {type, ffn_hidden, bias}"))?,
+    )?;
     let spec = LayerSpec {
         hidden: field(cfg, "hidden_size")?,
         num_experts,
@@ -111,7 +119,12 @@ fn block_names(kind: ExpertKind, prefix: &str) -> Vec<(&'static str, String)> {
 }
 
 /// Reads E blocks (`prefixes[e]`) into one stacked [`HostMlp`].
-pub(crate) fn read_blocks(ck: &mut Checkpoint, spec: &ExpertSpec, prefixes: &[String], hidden: usize) -> Result<HostMlp> {
+pub(crate) fn read_blocks(
+    ck: &mut Checkpoint,
+    spec: &ExpertSpec,
+    prefixes: &[String],
+    hidden: usize,
+) -> Result<HostMlp> {
     let mut parts: std::collections::BTreeMap<&str, Vec<HostTensor>> = Default::default();
     for p in prefixes {
         for (role, name) in block_names(spec.kind, p) {
@@ -146,7 +159,8 @@ pub(crate) fn read_blocks(ck: &mut Checkpoint, spec: &ExpertSpec, prefixes: &[St
 pub fn layer_weights(ck: &mut Checkpoint, spec: &LayerSpec, prefix: &str) -> Result<HostLayerWeights> {
     let (e, m) = (spec.num_experts, spec.hidden);
     let gate = ck.take_shaped(&format!("{prefix}deepspeed_moe.gate.wg.weight"), &[e, m])?;
-    let prefixes: Vec<String> = (0..e).map(|i| format!("{prefix}deepspeed_moe.experts.deepspeed_experts.{i}.")).collect();
+    let prefixes: Vec<String> =
+        (0..e).map(|i| format!("{prefix}deepspeed_moe.experts.deepspeed_experts.{i}.")).collect();
     let experts = read_blocks(ck, &spec.expert, &prefixes, m)?;
     let residual = if spec.residual {
         let mlp = read_blocks(ck, &spec.expert, &[format!("{prefix}mlp.")], m)?;

@@ -92,7 +92,10 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
             LayerSpec {
                 hidden: field(cfg, "hidden_size")?,
                 num_experts: field_any(cfg, &["num_experts", "num_local_experts"])?,
-                gate: GateSpec::SoftmaxTopK { k: field(cfg, "num_experts_per_tok")?, normalize: field_or(cfg, "norm_topk_prob", false)? },
+                gate: GateSpec::SoftmaxTopK {
+                    k: field(cfg, "num_experts_per_tok")?,
+                    normalize: field_or(cfg, "norm_topk_prob", false)?,
+                },
                 expert: glu(field(cfg, ffn_key)?, act),
                 residual: false,
                 shared,
@@ -114,7 +117,12 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
                 let method = match method.as_str() {
                     "greedy" => DeepSeekV2Method::Greedy,
                     "group_limited_greedy" => DeepSeekV2Method::GroupLimitedGreedy,
-                    other => return Err(Error::config("topk_method", format!("`{other}` is not one of greedy, group_limited_greedy"))),
+                    other => {
+                        return Err(Error::config(
+                            "topk_method",
+                            format!("`{other}` is not one of greedy, group_limited_greedy"),
+                        ))
+                    }
                 };
                 GateSpec::DeepSeekV2 { k, n_group, topk_group, method, normalize, routed_scaling_factor: scale }
             };
@@ -131,7 +139,11 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
             hidden: field(cfg, "d_model")?,
             num_experts: field(cfg, "num_experts")?,
             gate: GateSpec::Switch { expert_capacity: field(cfg, "expert_capacity")? },
-            expert: ExpertSpec { kind: ExpertKind::Mlp { activation: activation(cfg, "dense_act_fn", "relu")? }, ffn: field(cfg, "d_ff")?, bias: false },
+            expert: ExpertSpec {
+                kind: ExpertKind::Mlp { activation: activation(cfg, "dense_act_fn", "relu")? },
+                ffn: field(cfg, "d_ff")?,
+                bias: false,
+            },
             residual: false,
             shared: None,
         },
@@ -194,7 +206,10 @@ pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix:
     let shared = match &spec.shared {
         Some(s) => {
             let (block, gate_w) = if fam == Family::Qwen2Moe {
-                (format!("{prefix}shared_expert."), Some(ck.take_shaped(&format!("{prefix}shared_expert_gate.weight"), &[1, m])?))
+                (
+                    format!("{prefix}shared_expert."),
+                    Some(ck.take_shaped(&format!("{prefix}shared_expert_gate.weight"), &[1, m])?),
+                )
             } else {
                 (format!("{prefix}shared_experts."), None)
             };
@@ -221,7 +236,10 @@ pub fn split_gate_up(t: &HostTensor) -> Result<Vec<(HostTensor, HostTensor)>> {
     (0..e)
         .map(|x| {
             let base = x * two_i * h;
-            Ok((HostTensor::f32(&[i, h], d[base..base + i * h].to_vec())?, HostTensor::f32(&[i, h], d[base + i * h..base + two_i * h].to_vec())?))
+            Ok((
+                HostTensor::f32(&[i, h], d[base..base + i * h].to_vec())?,
+                HostTensor::f32(&[i, h], d[base + i * h..base + two_i * h].to_vec())?,
+            ))
         })
         .collect()
 }

@@ -51,7 +51,9 @@ pub(crate) fn f32s<'a>(t: &'a T, name: &str) -> Result<&'a [f32]> {
     match t.buffer() {
         CpuBuffer::F32(v) => Ok(v),
         CpuBuffer::I32(_) => Err(Error::DType { tensor: name.into(), expected: "f32".into(), got: "i32".into() }),
-        CpuBuffer::WeightT(_) => Err(Error::Invalid(format!("tensor `{name}` is an uploaded weight; only matrix products read it"))),
+        CpuBuffer::WeightT(_) => {
+            Err(Error::Invalid(format!("tensor `{name}` is an uploaded weight; only matrix products read it")))
+        }
     }
 }
 
@@ -67,7 +69,9 @@ pub(crate) fn weight_data<'a>(t: &'a T, name: &str) -> Result<(&'a [f32], bool)>
 pub(crate) fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a [i32]> {
     match t.buffer() {
         CpuBuffer::I32(v) => Ok(v),
-        CpuBuffer::F32(_) | CpuBuffer::WeightT(_) => Err(Error::DType { tensor: name.into(), expected: "i32".into(), got: "f32".into() }),
+        CpuBuffer::F32(_) | CpuBuffer::WeightT(_) => {
+            Err(Error::DType { tensor: name.into(), expected: "i32".into(), got: "f32".into() })
+        }
     }
 }
 
@@ -101,7 +105,10 @@ impl Backend for CpuBackend {
         match (&t.data, dtype) {
             (moe_engine::tensor::HostData::F32(v), DType::F32) => Ok(tf32(&t.shape, v.clone())),
             (moe_engine::tensor::HostData::I32(v), DType::I32) => Ok(ti32(&t.shape, v.clone())),
-            _ => Err(Error::Unsupported { backend: "cpu".into(), what: format!("storing {} data as {dtype}", t.dtype()) }),
+            _ => Err(Error::Unsupported {
+                backend: "cpu".into(),
+                what: format!("storing {} data as {dtype}", t.dtype()),
+            }),
         }
     }
 
@@ -187,6 +194,11 @@ impl Backend for CpuBackend {
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }

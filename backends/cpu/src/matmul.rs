@@ -16,7 +16,16 @@ const SERIAL_WORK: usize = 1 << 20;
 /// The slices are exactly `m·n`, `m·kk` and `n·kk` long, so every strided access the gemm
 /// kernel makes is in bounds.
 #[allow(clippy::too_many_arguments)]
-fn gemm_xwt(dst: &mut [f32], lhs: &[f32], (w, w_t): (&[f32], bool), m: usize, n: usize, kk: usize, accumulate: bool, par: Parallelism) {
+fn gemm_xwt(
+    dst: &mut [f32],
+    lhs: &[f32],
+    (w, w_t): (&[f32], bool),
+    m: usize,
+    n: usize,
+    kk: usize,
+    accumulate: bool,
+    par: Parallelism,
+) {
     debug_assert!(dst.len() == m * n && lhs.len() == m * kk && w.len() == n * kk);
     if m == 0 || n == 0 {
         return;
@@ -90,7 +99,16 @@ pub(crate) fn linear(x: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T
     };
     let mut out = vec![0f32; r * n];
     fill_bias(&mut out, b, n);
-    gemm_xwt(&mut out, f32s(x, "linear input")?, weight_data(w, "linear weight")?, r, n, kk, b.is_some(), par_for(r * n * kk, threads));
+    gemm_xwt(
+        &mut out,
+        f32s(x, "linear input")?,
+        weight_data(w, "linear weight")?,
+        r,
+        n,
+        kk,
+        b.is_some(),
+        par_for(r * n * kk, threads),
+    );
     Ok(tf32(&[r, n], out))
 }
 
@@ -135,7 +153,16 @@ pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, thread
         let start = off[e] as usize;
         let be = b.map(|b| &b[e * n..(e + 1) * n]);
         fill_bias(dst, be, n);
-        gemm_xwt(dst, &xs[start * kk..(start + rows) * kk], (&ws[e * n * kk..(e + 1) * n * kk], w_t), rows, n, kk, be.is_some(), par);
+        gemm_xwt(
+            dst,
+            &xs[start * kk..(start + rows) * kk],
+            (&ws[e * n * kk..(e + 1) * n * kk], w_t),
+            rows,
+            n,
+            kk,
+            be.is_some(),
+            par,
+        );
     };
     // Many small groups (fine-grained experts, decode): one group per thread. Few large
     // groups: each product uses every thread.

@@ -1,13 +1,19 @@
 //! The dispatch plan on the cpu: counts, capacity, slots in token order (or by priority),
 //! compact expert-major rows and the final combine weights. Never builds an [S, E, C] mask.
 
-use crate::{f32s, i32s, ti32, tf32, CpuBackend};
+use crate::{f32s, i32s, tf32, ti32, CpuBackend};
 use moe_engine::backend::{CapacityRule, KeepPolicy, Plan, PlanSpec, Routes};
 use moe_engine::{Error, Result};
 
 /// DeepSpeed `_capacity`: ceil(S / E · factor · k') in f32 (as torch computes it), at
 /// least `min_capacity`.
-pub(crate) fn deepspeed_capacity(tokens: usize, experts: usize, factor: f32, k_prime: usize, min_capacity: usize) -> usize {
+pub(crate) fn deepspeed_capacity(
+    tokens: usize,
+    experts: usize,
+    factor: f32,
+    k_prime: usize,
+    min_capacity: usize,
+) -> usize {
     let c = ((tokens as f64 / experts as f64) as f32 * (factor * k_prime as f32)).ceil();
     (c.max(0.0) as usize).max(min_capacity)
 }
@@ -19,7 +25,12 @@ pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>)
     let ex = i32s(&routes.experts, "routes.experts")?;
     let rw = f32s(&routes.weights, "routes.weights")?;
     if let Some(bad) = ex.iter().position(|&x| x < 0 || x as usize >= e) {
-        return Err(Error::Invalid(format!("route {} of token {} names expert {} (E = {e})", bad % k, bad / k, ex[bad])));
+        return Err(Error::Invalid(format!(
+            "route {} of token {} names expert {} (E = {e})",
+            bad % k,
+            bad / k,
+            ex[bad]
+        )));
     }
     let used = match spec.used_token {
         Some(u) => {
@@ -56,7 +67,9 @@ pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>)
     let capacity: Option<usize> = match spec.capacity {
         CapacityRule::Unlimited => None,
         CapacityRule::Fixed(c) => Some(c),
-        CapacityRule::DeepSpeed { factor, k_prime, min_capacity } => Some(deepspeed_capacity(s, e, factor, k_prime, min_capacity)),
+        CapacityRule::DeepSpeed { factor, k_prime, min_capacity } => {
+            Some(deepspeed_capacity(s, e, factor, k_prime, min_capacity))
+        }
         CapacityRule::Dropless { clamp_to_tokens } => Some(if clamp_to_tokens { max_count.min(s) } else { max_count }),
     };
     let priority = match &spec.keep {

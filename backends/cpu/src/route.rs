@@ -1,7 +1,7 @@
 //! Routing on the cpu: scores, choice (top-k, DeepSpeed top-2, group-limited) and weights.
 //! This is the reference the GPU route kernels are checked against.
 
-use crate::{f32s, ti32, tf32, T};
+use crate::{f32s, tf32, ti32, T};
 use moe_engine::backend::{Choice, GroupScore, Normalize, RouteSpec, Routes, ScoreFn};
 use moe_engine::{Error, Result};
 use rayon::prelude::*;
@@ -85,90 +85,89 @@ pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Resu
         None => None,
     };
     if let Choice::GroupLimited { n_group, topk_group, .. } = spec.choice {
-        if n_group == 0 || e % n_group != 0 || topk_group == 0 || topk_group > n_group || k > topk_group * (e / n_group) {
-            return Err(Error::config("n_group", format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts")));
+        if n_group == 0 || e % n_group != 0 || topk_group == 0 || topk_group > n_group || k > topk_group * (e / n_group)
+        {
+            return Err(Error::config(
+                "n_group",
+                format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts"),
+            ));
         }
     }
 
     let mut scores = vec![0f32; s * e];
     let mut experts = vec![0i32; s * k];
     let mut weights = vec![0f32; s * k];
-    scores
-        .par_chunks_mut(e)
-        .zip(experts.par_chunks_mut(k))
-        .zip(weights.par_chunks_mut(k))
-        .enumerate()
-        .for_each_init(
-            || (vec![0f32; e], Vec::with_capacity(e)),
-            |(key, chosen), (t, ((sc, ex), w))| {
-                let row = &l[t * e..(t + 1) * e];
-                scores_row(row, spec.score, sc);
-                // The quantity the choice is made on.
-                for i in 0..e {
-                    key[i] = sc[i] + bias.map_or(0.0, |b| b[i]);
+    scores.par_chunks_mut(e).zip(experts.par_chunks_mut(k)).zip(weights.par_chunks_mut(k)).enumerate().for_each_init(
+        || (vec![0f32; e], Vec::with_capacity(e)),
+        |(key, chosen), (t, ((sc, ex), w))| {
+            let row = &l[t * e..(t + 1) * e];
+            scores_row(row, spec.score, sc);
+            // The quantity the choice is made on.
+            for i in 0..e {
+                key[i] = sc[i] + bias.map_or(0.0, |b| b[i]);
+            }
+            match spec.choice {
+                Choice::TopK => {
+                    if let Some(nz) = noise {
+                        for i in 0..e {
+                            key[i] = row[i] + nz[t * e + i];
+                        }
+                    }
+                    top_k(key, k, chosen);
                 }
-                match spec.choice {
-                    Choice::TopK => {
-                        if let Some(nz) = noise {
-                            for i in 0..e {
-                                key[i] = row[i] + nz[t * e + i];
+                Choice::DeepSpeedTop2 => {
+                    chosen.clear();
+                    let first = argmax(sc.iter().copied(), None);
+                    chosen.push(first);
+                    if k > 1 {
+                        let second = match noise {
+                            Some(nz) => argmax((0..e).map(|i| row[i] + nz[t * e + i]), Some(first)),
+                            None => argmax(row.iter().copied(), Some(first)),
+                        };
+                        chosen.push(second);
+                    }
+                }
+                Choice::GroupLimited { n_group, topk_group, group_score } => {
+                    let per = e / n_group;
+                    let mut gs = vec![0f32; n_group];
+                    for (g, gsv) in gs.iter_mut().enumerate() {
+                        let grp = &key[g * per..(g + 1) * per];
+                        *gsv = match group_score {
+                            GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                            GroupScore::SumTop2 => {
+                                let a = argmax(grp.iter().copied(), None);
+                                let b = argmax(grp.iter().copied(), Some(a));
+                                grp[a] + grp[b]
                             }
-                        }
-                        top_k(key, k, chosen);
+                        };
                     }
-                    Choice::DeepSpeedTop2 => {
-                        chosen.clear();
-                        let first = argmax(sc.iter().copied(), None);
-                        chosen.push(first);
-                        if k > 1 {
-                            let second = match noise {
-                                Some(nz) => argmax((0..e).map(|i| row[i] + nz[t * e + i]), Some(first)),
-                                None => argmax(row.iter().copied(), Some(first)),
-                            };
-                            chosen.push(second);
-                        }
+                    let mut kept = Vec::with_capacity(topk_group);
+                    top_k(&gs, topk_group, &mut kept);
+                    let mut masked = vec![f32::NEG_INFINITY; e];
+                    for g in kept {
+                        masked[g * per..(g + 1) * per].copy_from_slice(&key[g * per..(g + 1) * per]);
                     }
-                    Choice::GroupLimited { n_group, topk_group, group_score } => {
-                        let per = e / n_group;
-                        let mut gs = vec![0f32; n_group];
-                        for (g, gsv) in gs.iter_mut().enumerate() {
-                            let grp = &key[g * per..(g + 1) * per];
-                            *gsv = match group_score {
-                                GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                                GroupScore::SumTop2 => {
-                                    let a = argmax(grp.iter().copied(), None);
-                                    let b = argmax(grp.iter().copied(), Some(a));
-                                    grp[a] + grp[b]
-                                }
-                            };
-                        }
-                        let mut kept = Vec::with_capacity(topk_group);
-                        top_k(&gs, topk_group, &mut kept);
-                        let mut masked = vec![f32::NEG_INFINITY; e];
-                        for g in kept {
-                            masked[g * per..(g + 1) * per].copy_from_slice(&key[g * per..(g + 1) * per]);
-                        }
-                        top_k(&masked, k, chosen);
-                    }
+                    top_k(&masked, k, chosen);
                 }
-                for (j, &c) in chosen.iter().enumerate() {
-                    ex[j] = c as i32;
-                    w[j] = sc[c];
+            }
+            for (j, &c) in chosen.iter().enumerate() {
+                ex[j] = c as i32;
+                w[j] = sc[c];
+            }
+            let sum: f32 = w.iter().sum();
+            let denom = match spec.normalize {
+                Normalize::None => 1.0,
+                Normalize::Sum => sum,
+                Normalize::SumPlus(eps) => sum + eps,
+            };
+            for wj in w.iter_mut() {
+                if !matches!(spec.normalize, Normalize::None) {
+                    *wj /= denom;
                 }
-                let sum: f32 = w.iter().sum();
-                let denom = match spec.normalize {
-                    Normalize::None => 1.0,
-                    Normalize::Sum => sum,
-                    Normalize::SumPlus(eps) => sum + eps,
-                };
-                for wj in w.iter_mut() {
-                    if !matches!(spec.normalize, Normalize::None) {
-                        *wj /= denom;
-                    }
-                    *wj *= spec.scale;
-                }
-            },
-        );
+                *wj *= spec.scale;
+            }
+        },
+    );
     Ok(Routes { experts: ti32(&[s, k], experts), weights: tf32(&[s, k], weights), scores: tf32(&[s, e], scores) })
 }
 
