@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Side-by-side cpu benchmark: `moe bench layer` against PyTorch, interleaved in one run.
+
+The machine this project is developed on is a noisy 2-core VM, so absolute times move by
+10% between runs; the runs here alternate (ours, transformers, torch grouped) for several
+rounds and report the median of the per-round medians and the ratio, plus the physical
+floor of the case (FLOPs over the peak, weight bytes over memory bandwidth).
+
+usage: bench/compare_cpu.py [--rounds 5] [--threads 2] [--peak-gflops P] [--mem-gbps B]
+                            [--shape H,F,E,K,T ...]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def peak_gflops_guess():
+    """cores x GHz x 32 FLOP/cycle/FMA-unit-pair (AVX-512: 16 lanes x 2 FMA units x 2)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+        mhz = max(float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz"))
+        cores = os.cpu_count() or 1
+        lanes = 16 if "avx512f" in info else 8
+        return cores * mhz / 1e3 * lanes * 2 * 2
+    except Exception:
+        return float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--peak-gflops", type=float, default=None)
+    ap.add_argument("--mem-gbps", type=float, default=None, help="memory bandwidth for the weight-streaming floor")
+    ap.add_argument("--shape", action="append", help="H,F,E,K,T (repeatable); default Mixtral-like 1024,2816,8,2,512")
+    ap.add_argument("--moe", default=os.path.join(ROOT, "target", "release", "moe"))
+    a = ap.parse_args()
+    shapes = a.shape or ["1024,2816,8,2,512"]
+    peak = a.peak_gflops or peak_gflops_guess()
+    print(f"# threads {a.threads}, rounds {a.rounds}, iters {a.iters}, peak {peak:.0f} GFLOP/s (f32)"
+          + (f", memory {a.mem_gbps:.1f} GB/s" if a.mem_gbps else ""))
+    print("| H | F | E | k | T | moe cpu ms | transformers ms | torch grouped ms | ratio vs transformers | ratio vs grouped | floor ms | moe / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for sh in shapes:
+        h, f, e, k, t = (int(v) for v in sh.split(","))
+        common = ["--hidden", str(h), "--ffn", str(f), "--experts", str(e), "--top-k", str(k), "--tokens", str(t),
+                  "--iters", str(a.iters), "--json"]
+        ours, hf, grouped = [], [], []
+        for _ in range(a.rounds):
+            ours.append(run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads)] + common)["median_ms"])
+            hf.append(run_json([sys.executable, os.path.join(HERE, "torch_mixtral_cpu.py"), "--threads", str(a.threads)] + common)["median_ms"])
+            grouped.append(run_json([sys.executable, os.path.join(HERE, "torch_mixtral_cpu.py"), "--grouped", "--threads", str(a.threads)] + common)["median_ms"])
+        mo, mh, mg = statistics.median(ours), statistics.median(hf), statistics.median(grouped)
+        flops = 2.0 * t * k * 3 * h * f
+        floor = flops / (peak * 1e9) * 1e3
+        if a.mem_gbps:
+            touched = min(e, t * k)  # experts that can receive a token
+            floor = max(floor, touched * 3 * h * f * 4 / (a.mem_gbps * 1e9) * 1e3)
+        print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mg:.1f} | {mh / mo:.2f} | {mg / mo:.2f} | {floor:.1f} | {mo / floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
