@@ -219,7 +219,7 @@ pub enum CapacityRule {
     /// DeepSpeed with `drop_tokens`: C = max(ceil(S / E · factor · k'), min_capacity).
     DeepSpeed {
         /// The capacity factor in force (training or eval).
-        factor: f32,
+        factor: f64,
         /// k' of the formula (1 for top-1, 2 for top-2, k for top-k).
         k_prime: usize,
         /// Lower bound.

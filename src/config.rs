@@ -42,10 +42,10 @@ pub enum DropPolicy {
 pub struct DeepSpeedGate {
     /// Routes per token.
     pub k: usize,
-    /// Capacity factor in training.
-    pub capacity_factor: f32,
+    /// Capacity factor in training (f64: DeepSpeed multiplies it by k in Python floats).
+    pub capacity_factor: f64,
     /// Capacity factor in evaluation.
-    pub eval_capacity_factor: f32,
+    pub eval_capacity_factor: f64,
     /// Lower bound of the capacity.
     pub min_capacity: usize,
     /// Noise policy (training only).

@@ -46,3 +46,53 @@ pub fn compute(
     let expert_balance = (0..counts.len()).map(|i| e / (k * s) * counts[i] as f64 * me(i)).sum();
     Losses { l_aux, load_balancing, z_loss: z_loss as f64, expert_balance }
 }
+
+/// DeepSeek-V3 auxiliary-loss-free balancing: after a step, each expert's
+/// `e_score_correction_bias` moves by `gamma` towards balance,
+/// `bᵢ ← bᵢ + γ · sign(mean load − loadᵢ)` (an expert at the mean load is left alone).
+pub fn v3_bias_update(bias: &mut [f32], counts: &[i64], gamma: f32) {
+    let mean = counts.iter().sum::<i64>() as f64 / counts.len().max(1) as f64;
+    for (b, &c) in bias.iter_mut().zip(counts) {
+        let d = mean - c as f64;
+        if d > 0.0 {
+            *b += gamma;
+        } else if d < 0.0 {
+            *b -= gamma;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DeepSpeedGate, GateSpec};
+
+    #[test]
+    fn bias_moves_towards_balance() {
+        let mut b = vec![0.0f32; 4];
+        v3_bias_update(&mut b, &[10, 2, 4, 4], 0.1);
+        // mean load 5: the overloaded expert goes down, the others up.
+        assert_eq!(b, vec![-0.1, 0.1, 0.1, 0.1]);
+        let mut b = vec![0.5f32; 2];
+        v3_bias_update(&mut b, &[3, 3], 0.1);
+        assert_eq!(b, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn uniform_routing_gives_textbook_values() {
+        // 4 experts, 8 tokens, every expert gets 2 first choices and mean score 1/4.
+        let counts = [2i64; 4];
+        let means = [0.25f32; 4];
+        let top1 = GateSpec::DeepSpeed(DeepSpeedGate { k: 1, ..Default::default() });
+        let l = compute(&top1, &counts, &counts, &means, 0.0, 8);
+        // E · Σ me·ce = 4 · 4 · (1/4 · 1/4) = 1.
+        assert!((l.l_aux - 1.0).abs() < 1e-12);
+        assert!((l.load_balancing - 1.0).abs() < 1e-12);
+        // k = 2 routes per token: the HF loss of uniform routing is k.
+        let soft2 = GateSpec::SoftmaxTopK { k: 2, normalize: true };
+        let l = compute(&soft2, &[4i64; 4], &counts, &means, 0.0, 8);
+        assert!((l.load_balancing - 2.0).abs() < 1e-12);
+        // DeepSeek balance: E/(kS) · count · P summed = 4/(2·8) · 4 · 1/4 · 4 = 1.
+        assert!((l.expert_balance - 1.0).abs() < 1e-12);
+    }
+}

@@ -185,3 +185,26 @@ pub fn concat_rows(a: &HostTensor, b: &HostTensor, name: &str) -> Result<HostTen
     }
     HostTensor::f32(&[e, ra + rb, c], out)
 }
+
+/// Writes host tensors to a safetensors file (f32 and i32), e.g. to convert a checkpoint
+/// between layouts.
+pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
+    use crate::tensor::HostData;
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, t)| match &t.data {
+            HostData::F32(v) => (k.clone(), Dtype::F32, t.shape.clone(), bytemuck::cast_slice(v).to_vec()),
+            HostData::I32(v) => (k.clone(), Dtype::I32, t.shape.clone(), bytemuck::cast_slice(v).to_vec()),
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, dt, shape, b)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
+                .map(|v| (k.as_str(), v))
+                .map_err(|e| Error::Checkpoint { path: path.display().to_string(), msg: format!("tensor `{k}`: {e}") })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| Error::Checkpoint { path: path.display().to_string(), msg: e.to_string() })
+}

@@ -144,12 +144,14 @@ pub(crate) fn read_blocks(
         }
     }
     let mut take = |r: &str| parts.remove(r).map(|v| stack(v, r)).transpose();
+    let mut need =
+        |r: &str| take(r)?.ok_or_else(|| Error::MissingTensor(format!("{r} projection (no expert blocks given)")));
     let w_in = match spec.kind {
         ExpertKind::Glu { .. } => {
-            let (g, u) = (take("gate")?.expect("gate read"), take("up")?.expect("up read"));
+            let (g, u) = (need("gate")?, need("up")?);
             concat_rows(&g, &u, "up_proj")?
         }
-        _ => take("in")?.expect("in read"),
+        _ => need("in")?,
     };
     Ok(HostMlp { w_in, b_in: take("in_b")?, w_out: take("out")?, b_out: take("out_b")? })
 }

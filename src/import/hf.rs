@@ -243,3 +243,32 @@ pub fn split_gate_up(t: &HostTensor) -> Result<Vec<(HostTensor, HostTensor)>> {
         })
         .collect()
 }
+
+/// Where a family keeps the MoE block of decoder layer `layer` in a full model checkpoint
+/// (Switch: the encoder's feed-forward of block `layer`).
+pub fn block_prefix(fam: Family, layer: usize) -> String {
+    match fam {
+        Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe."),
+        Family::Switch => format!("encoder.block.{layer}.layer.1.mlp."),
+        _ => format!("model.layers.{layer}.mlp."),
+    }
+}
+
+/// Loads the MoE block of layer `layer` from a model folder holding `config.json` and one
+/// or more `*.safetensors` files (tensors of other layers are left alone).
+pub fn load_block(dir: &std::path::Path, layer: usize) -> Result<(Family, LayerSpec, HostLayerWeights)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| Error::Io { path: cfg_path.display().to_string(), source: e })?;
+    let cfg: Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(cfg_path.display().to_string(), e.to_string()))?;
+    let (fam, spec) = layer_spec(&cfg)?;
+    let mut ck = Checkpoint::load_dir(dir)?;
+    let prefix = block_prefix(fam, layer);
+    if !ck.names().any(|n| n.starts_with(&prefix)) {
+        return Err(Error::MissingTensor(format!("{prefix}* (layer {layer} has no MoE block in {})", dir.display())));
+    }
+    let w = layer_weights(&mut ck, fam, &spec, &prefix)?;
+    tracing::debug!(family = ?fam, layer, experts = spec.num_experts, "loaded HF MoE block");
+    Ok((fam, spec, w))
+}

@@ -6,7 +6,7 @@ pub mod checkpoint;
 pub mod deepspeed;
 pub mod hf;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{save_safetensors, Checkpoint};
 
 use crate::error::{Error, Result};
 use serde_json::Value;

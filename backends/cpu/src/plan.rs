@@ -5,16 +5,18 @@ use crate::{f32s, i32s, tf32, ti32, CpuBackend};
 use moe_engine::backend::{CapacityRule, KeepPolicy, Plan, PlanSpec, Routes};
 use moe_engine::{Error, Result};
 
-/// DeepSpeed `_capacity`: ceil(S / E · factor · k') in f32 (as torch computes it), at
-/// least `min_capacity`.
+/// DeepSpeed `_capacity`: `ceil((S / E) * torch.tensor(factor * k'))`, at least
+/// `min_capacity`. `factor * k'` is a Python float turned into an f32 tensor, and S / E a
+/// Python float that torch rounds to f32 for the product, so the arithmetic is f32 on
+/// those two roundings.
 pub(crate) fn deepspeed_capacity(
     tokens: usize,
     experts: usize,
-    factor: f32,
+    factor: f64,
     k_prime: usize,
     min_capacity: usize,
 ) -> usize {
-    let c = ((tokens as f64 / experts as f64) as f32 * (factor * k_prime as f32)).ceil();
+    let c = ((tokens as f64 / experts as f64) as f32 * (factor * k_prime as f64) as f32).ceil();
     (c.max(0.0) as usize).max(min_capacity)
 }
 
