@@ -141,7 +141,9 @@ pub enum ScoreFn {
 /// How a group of experts is scored for group-limited routing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupScore {
-    /// The group's largest score (DeepSeek-V2 `group_limited_greedy`).
+    /// The group's largest score (DeepSeek-V2 `group_limited_greedy`). As in HF, the other
+    /// groups' scores are set to 0 (not −inf): when k exceeds the kept groups' experts, the
+    /// extra routes fall on masked experts with weight 0.
     Max,
     /// The sum of the group's two largest (biased) scores (DeepSeek-V3).
     SumTop2,
@@ -157,7 +159,7 @@ pub enum Choice {
     /// first masked out.
     DeepSpeedTop2,
     /// Experts split into `n_group` equal groups; keep the `topk_group` best groups; the k
-    /// largest `scores + bias` inside them (others are −inf).
+    /// largest `scores + bias` inside them (others are −inf, or 0 for [`GroupScore::Max`]).
     GroupLimited {
         /// Number of expert groups.
         n_group: usize,

@@ -48,7 +48,8 @@ pub struct DeepSpeedGate {
     pub eval_capacity_factor: f64,
     /// Lower bound of the capacity.
     pub min_capacity: usize,
-    /// Noise policy (training only).
+    /// Noise policy (training only). DeepSpeed applies RSample to top-1 only and accepts
+    /// it without effect for k ≥ 2; so does the engine.
     pub noisy_gate_policy: Option<NoisyGatePolicy>,
     /// Drop routes beyond capacity; false = dropless.
     pub drop_tokens: bool,
@@ -235,13 +236,12 @@ impl LayerSpec {
                         return Err(Error::config(name, format!("must be a positive number, got {v}")));
                     }
                 }
-                if g.noisy_gate_policy == Some(NoisyGatePolicy::RSample) && g.k != 1 {
-                    return Err(Error::config("noisy_gate_policy", "RSample applies to top-1 gating only (k = 1)"));
-                }
             }
             GateSpec::DeepSeekV2 { n_group, topk_group, method, routed_scaling_factor, .. } => {
                 if *method == DeepSeekV2Method::GroupLimitedGreedy {
-                    check_groups(e, k, *n_group, *topk_group)?;
+                    // V2 masks other groups with 0, so k may exceed the kept groups' experts:
+                    // the extra routes land on masked experts with weight 0, as in HF.
+                    check_groups(e, 0, *n_group, *topk_group)?;
                 }
                 check_scale(*routed_scaling_factor)?;
             }

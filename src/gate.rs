@@ -120,6 +120,14 @@ impl<B: Backend> Gate<B> {
         if let Some(bias) = bias {
             bias.expect_shape("gate.e_score_correction_bias", &[num_experts])?;
         }
+        if let GateSpec::DeepSpeed(g) = &spec {
+            if g.k >= 2 && g.noisy_gate_policy == Some(crate::config::NoisyGatePolicy::RSample) {
+                tracing::warn!(
+                    k = g.k,
+                    "noisy_gate_policy RSample has no effect for k >= 2 (DeepSpeed applies it to top-1 only)"
+                );
+            }
+        }
         Ok(Gate {
             spec,
             num_experts,
@@ -184,11 +192,13 @@ impl<B: Backend> Gate<B> {
                 u.expect_shape("used_token", &[s])?;
                 Some(b.upload(u)?)
             }
-            (Some(_), _) => {
-                return Err(Error::config(
-                    "used_token",
-                    "only DeepSpeed top-1 gating takes a used_token mask (DeepSpeed ignores it for k >= 2)",
-                ))
+            (Some(_), Some(_)) => {
+                // DeepSpeed's TopKGate passes used_token to top-1 only; match it, visibly.
+                tracing::warn!("used_token is ignored for k >= 2, as DeepSpeed's TopKGate ignores it");
+                None
+            }
+            (Some(_), None) => {
+                return Err(Error::config("used_token", "only DeepSpeed gating takes a used_token mask"));
             }
         };
         let rts = match ds {

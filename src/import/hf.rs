@@ -104,13 +104,20 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
         Family::DeepseekV2 | Family::DeepseekV3 => {
             let act = activation(cfg, "hidden_act", "silu")?;
             let ffn: usize = field(cfg, "moe_intermediate_size")?;
-            let n_shared: usize = field_or(cfg, "n_shared_experts", 0)?;
-            let k: usize = field(cfg, "num_experts_per_tok")?;
-            let n_group: usize = field_or(cfg, "n_group", 1)?;
-            let topk_group: usize = field_or(cfg, "topk_group", 1)?;
-            let scale: f32 = field_or(cfg, "routed_scaling_factor", 1.0)?;
-            let normalize: bool = field_or(cfg, "norm_topk_prob", false)?;
-            let gate = if fam == Family::DeepseekV3 {
+            // Absent keys take the defaults of transformers' config classes.
+            let v3 = fam == Family::DeepseekV3;
+            let n_shared: usize = field_or(cfg, "n_shared_experts", if v3 { 1 } else { 2 })?;
+            let k: usize = field_or(cfg, "num_experts_per_tok", if v3 { 8 } else { 0 })?;
+            if k == 0 {
+                return Err(Error::config("num_experts_per_tok", "missing"));
+            }
+            let n_group: usize = field_or(cfg, "n_group", if v3 { 8 } else { 1 })?;
+            let topk_group: usize = field_or(cfg, "topk_group", if v3 { 4 } else { 1 })?;
+            let scale: f32 = field_or(cfg, "routed_scaling_factor", if v3 { 2.5 } else { 1.0 })?;
+            // Shared experts take `mlp_bias` (V2); routed experts never have biases.
+            let shared_bias: bool = field_or(cfg, "mlp_bias", false)?;
+            let gate = if v3 {
+                let normalize: bool = field_or(cfg, "norm_topk_prob", true)?;
                 GateSpec::DeepSeekV3 { k, n_group, topk_group, normalize, routed_scaling_factor: scale }
             } else {
                 let method: String = field_or(cfg, "topk_method", "greedy".to_string())?;
@@ -124,7 +131,9 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
                         ))
                     }
                 };
-                GateSpec::DeepSeekV2 { k, n_group, topk_group, method, normalize, routed_scaling_factor: scale }
+                // transformers 5.23's DeepseekV2 router never reads `norm_topk_prob`: the
+                // weights are the top-k softmax scores times the route scale.
+                GateSpec::DeepSeekV2 { k, n_group, topk_group, method, normalize: false, routed_scaling_factor: scale }
             };
             LayerSpec {
                 hidden: field(cfg, "hidden_size")?,
@@ -132,7 +141,10 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
                 gate,
                 expert: glu(ffn, act),
                 residual: false,
-                shared: (n_shared > 0).then(|| SharedSpec { expert: glu(ffn * n_shared, act), gated: false }),
+                shared: (n_shared > 0).then(|| SharedSpec {
+                    expert: ExpertSpec { bias: shared_bias, ..glu(ffn * n_shared, act) },
+                    gated: false,
+                }),
             }
         }
         Family::Switch => LayerSpec {
@@ -148,26 +160,52 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
             shared: None,
         },
     };
-    if fam == Family::Switch && field_or(cfg, "router_bias", false)? {
-        return Err(Error::config("router_bias", "a biased Switch router is not supported"));
+    if fam == Family::Switch {
+        if field_or(cfg, "router_bias", false)? {
+            return Err(Error::config("router_bias", "a biased Switch router is not supported"));
+        }
+        let dt: String = field_or(cfg, "router_dtype", "float32".to_string())?;
+        if dt != "float32" {
+            return Err(Error::config("router_dtype", format!("`{dt}`: the engine routes in float32 only")));
+        }
     }
     spec.validate()?;
     Ok((fam, spec))
 }
 
-/// Reads a GLU block in hub layout under `prefix` (`{prefix}{gate}.weight`, ...).
-fn hub_glu(ck: &mut Checkpoint, fam: Family, prefixes: &[String], ffn: usize, hidden: usize) -> Result<HostMlp> {
+/// Reads a GLU block in hub layout under each prefix (`{prefix}{gate}.weight`, ...), with
+/// `.bias` tensors when `bias`.
+fn hub_glu(
+    ck: &mut Checkpoint,
+    fam: Family,
+    prefixes: &[String],
+    ffn: usize,
+    hidden: usize,
+    bias: bool,
+) -> Result<HostMlp> {
     let (g, u, d) = fam.proj_names();
-    let mut gs = Vec::new();
-    let mut us = Vec::new();
-    let mut ds = Vec::new();
+    let (mut gs, mut us, mut ds) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gb, mut ub, mut db) = (Vec::new(), Vec::new(), Vec::new());
     for p in prefixes {
         gs.push(ck.take_shaped(&format!("{p}{g}.weight"), &[ffn, hidden])?);
         us.push(ck.take_shaped(&format!("{p}{u}.weight"), &[ffn, hidden])?);
         ds.push(ck.take_shaped(&format!("{p}{d}.weight"), &[hidden, ffn])?);
+        if bias {
+            gb.push(ck.take_shaped(&format!("{p}{g}.bias"), &[ffn])?);
+            ub.push(ck.take_shaped(&format!("{p}{u}.bias"), &[ffn])?);
+            db.push(ck.take_shaped(&format!("{p}{d}.bias"), &[hidden])?);
+        }
     }
     let w_in = concat_rows(&stack(gs, g)?, &stack(us, u)?, u)?;
-    Ok(HostMlp { w_in, b_in: None, w_out: Some(stack(ds, d)?), b_out: None })
+    let (b_in, b_out) = if bias {
+        // [E, ffn] gate biases then up biases, as the fused input projection's rows.
+        let n = gb.len();
+        let (g2, u2) = (stack(gb, g)?.reshape(&[n, ffn, 1])?, stack(ub, u)?.reshape(&[n, ffn, 1])?);
+        (Some(concat_rows(&g2, &u2, u)?.reshape(&[n, 2 * ffn])?), Some(stack(db, d)?))
+    } else {
+        (None, None)
+    };
+    Ok(HostMlp { w_in, b_in, w_out: Some(stack(ds, d)?), b_out })
 }
 
 /// Reads the MoE block's weights, keys under `prefix` (e.g. `""`, or
@@ -193,7 +231,7 @@ pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix:
             HostMlp { w_in, b_in: None, w_out: Some(w_out), b_out: None }
         } else {
             let prefixes: Vec<String> = (0..e).map(|i| format!("{prefix}experts.{i}.")).collect();
-            hub_glu(ck, fam, &prefixes, f, m)?
+            hub_glu(ck, fam, &prefixes, f, m, false)?
         };
         ("gate.weight", mlp)
     };
@@ -213,10 +251,25 @@ pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix:
             } else {
                 (format!("{prefix}shared_experts."), None)
             };
-            let mlp = hub_glu(ck, fam, &[block], s.expert.ffn, m)?;
+            let mlp = hub_glu(ck, fam, &[block], s.expert.ffn, m, s.expert.bias)?;
             Some((mlp, gate_w))
         }
-        None => None,
+        None => {
+            // With zero shared experts HF still writes zero-size shared MLP tensors (and
+            // Qwen2-MoE its shared_expert_gate); they contribute nothing.
+            let empty: Vec<String> = ck
+                .names()
+                .filter(|n| n.starts_with(&format!("{prefix}shared_expert")) && ck.get(n).is_ok_and(|t| t.numel() == 0))
+                .map(String::from)
+                .collect();
+            if !empty.is_empty() {
+                for n in &empty {
+                    ck.take(n)?;
+                }
+                ck.take_opt(&format!("{prefix}shared_expert_gate.weight"));
+            }
+            None
+        }
     };
     ck.finish(prefix)?;
     let w = HostLayerWeights { gate, gate_bias, experts, residual: None, shared };

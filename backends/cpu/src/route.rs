@@ -84,9 +84,10 @@ pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Resu
         }
         None => None,
     };
-    if let Choice::GroupLimited { n_group, topk_group, .. } = spec.choice {
-        if n_group == 0 || e % n_group != 0 || topk_group == 0 || topk_group > n_group || k > topk_group * (e / n_group)
-        {
+    if let Choice::GroupLimited { n_group, topk_group, group_score } = spec.choice {
+        // V2 (Max) may route past the kept groups onto zero-masked experts; V3 may not.
+        let reachable_ok = group_score == GroupScore::Max || (n_group > 0 && k <= topk_group * (e / n_group));
+        if n_group == 0 || e % n_group != 0 || topk_group == 0 || topk_group > n_group || !reachable_ok {
             return Err(Error::config(
                 "n_group",
                 format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts"),
@@ -98,8 +99,9 @@ pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Resu
     let mut experts = vec![0i32; s * k];
     let mut weights = vec![0f32; s * k];
     scores.par_chunks_mut(e).zip(experts.par_chunks_mut(k)).zip(weights.par_chunks_mut(k)).enumerate().for_each_init(
-        || (vec![0f32; e], Vec::with_capacity(e)),
-        |(key, chosen), (t, ((sc, ex), w))| {
+        || (vec![0f32; e], Vec::with_capacity(e), vec![false; e]),
+        |(key, chosen, masked_out), (t, ((sc, ex), w))| {
+            masked_out.fill(false);
             let row = &l[t * e..(t + 1) * e];
             scores_row(row, spec.score, sc);
             // The quantity the choice is made on.
@@ -143,16 +145,22 @@ pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Resu
                     }
                     let mut kept = Vec::with_capacity(topk_group);
                     top_k(&gs, topk_group, &mut kept);
-                    let mut masked = vec![f32::NEG_INFINITY; e];
+                    // V2 (Max) fills the other groups with 0 like HF's masked_fill(0.0); V3 with -inf.
+                    let fill = if group_score == GroupScore::Max { 0.0 } else { f32::NEG_INFINITY };
+                    let mut masked = vec![fill; e];
+                    masked_out.fill(true);
                     for g in kept {
                         masked[g * per..(g + 1) * per].copy_from_slice(&key[g * per..(g + 1) * per]);
+                        masked_out[g * per..(g + 1) * per].fill(false);
                     }
                     top_k(&masked, k, chosen);
                 }
             }
             for (j, &c) in chosen.iter().enumerate() {
                 ex[j] = c as i32;
-                w[j] = sc[c];
+                // A route that fell on a masked expert (V2 with k beyond the kept groups)
+                // carries the masked score, 0.
+                w[j] = if masked_out[c] { 0.0 } else { sc[c] };
             }
             let sum: f32 = w.iter().sum();
             let denom = match spec.normalize {
