@@ -162,7 +162,7 @@ pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
 
     match case.kind.as_str() {
         "deepspeed.gate" => {
-            let g = deepspeed::gate_spec(cfg)?;
+            let g = deepspeed::topk_gate_spec(cfg)?;
             let mut params = case.params();
             let w = params.take("wg.weight")?;
             params.finish("")?;

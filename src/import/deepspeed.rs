@@ -41,10 +41,19 @@ pub fn expert_spec(v: &Value) -> Result<ExpertSpec> {
     Ok(ExpertSpec { kind, ffn, bias })
 }
 
-/// Parses `TopKGate` settings from MoE / TopKGate keyword arguments (DeepSpeed defaults for
-/// absent ones).
+/// Parses gate settings from `MoE(...)` keyword arguments (`MoE`'s defaults for absent
+/// ones: min_capacity 4).
 pub fn gate_spec(cfg: &Value) -> Result<DeepSpeedGate> {
-    let d = DeepSpeedGate::default();
+    gate_spec_with(cfg, DeepSpeedGate::default())
+}
+
+/// Parses `TopKGate(...)` keyword arguments (`TopKGate`'s own defaults for absent ones:
+/// min_capacity 8).
+pub fn topk_gate_spec(cfg: &Value) -> Result<DeepSpeedGate> {
+    gate_spec_with(cfg, DeepSpeedGate { min_capacity: 8, ..DeepSpeedGate::default() })
+}
+
+fn gate_spec_with(cfg: &Value, d: DeepSpeedGate) -> Result<DeepSpeedGate> {
     let noisy: Option<String> = field_or(cfg, "noisy_gate_policy", None)?;
     let noisy_gate_policy = match noisy.as_deref() {
         None | Some("None") | Some("none") => None,
