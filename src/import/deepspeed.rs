@@ -121,8 +121,11 @@ fn block_names(kind: ExpertKind, prefix: &str) -> Vec<(&'static str, String)> {
         ],
         ExpertKind::Glu { .. } => vec![
             ("gate", format!("{prefix}gate_proj.weight")),
+            ("gate_b", format!("{prefix}gate_proj.bias")),
             ("up", format!("{prefix}up_proj.weight")),
+            ("up_b", format!("{prefix}up_proj.bias")),
             ("out", format!("{prefix}down_proj.weight")),
+            ("out_b", format!("{prefix}down_proj.bias")),
         ],
     }
 }
@@ -145,9 +148,9 @@ pub(crate) fn read_blocks(
                 ("in", ExpertKind::Linear) => vec![hidden, hidden],
                 ("in_b", ExpertKind::Linear) | ("out_b", _) => vec![hidden],
                 ("in", _) | ("gate", _) | ("up", _) => vec![spec.ffn, hidden],
-                ("in_b", _) => vec![spec.ffn],
+                ("in_b", _) | ("gate_b", _) | ("up_b", _) => vec![spec.ffn],
                 ("out", _) => vec![hidden, spec.ffn],
-                _ => unreachable!("roles are fixed above"),
+                (other, _) => return Err(Error::Invalid(format!("internal: unknown expert parameter role `{other}`"))),
             };
             parts.entry(role).or_default().push(ck.take_shaped(&name, &expect)?);
         }
@@ -155,14 +158,24 @@ pub(crate) fn read_blocks(
     let mut take = |r: &str| parts.remove(r).map(|v| stack(v, r)).transpose();
     let mut need =
         |r: &str| take(r)?.ok_or_else(|| Error::MissingTensor(format!("{r} projection (no expert blocks given)")));
-    let w_in = match spec.kind {
+    let (w_in, b_in) = match spec.kind {
         ExpertKind::Glu { .. } => {
             let (g, u) = (need("gate")?, need("up")?);
-            concat_rows(&g, &u, "up_proj")?
+            let w = concat_rows(&g, &u, "up_proj")?;
+            // Biases [E, ffn] each: gate rows first, as in the fused input projection.
+            let b = match (take("gate_b")?, take("up_b")?) {
+                (Some(gb), Some(ub)) => {
+                    let (n, f) = (gb.shape[0], gb.shape[1]);
+                    let both = concat_rows(&gb.reshape(&[n, f, 1])?, &ub.reshape(&[n, f, 1])?, "up_proj.bias")?;
+                    Some(both.reshape(&[n, 2 * f])?)
+                }
+                _ => None,
+            };
+            (w, b)
         }
-        _ => need("in")?,
+        _ => (need("in")?, take("in_b")?),
     };
-    Ok(HostMlp { w_in, b_in: take("in_b")?, w_out: take("out")?, b_out: take("out_b")? })
+    Ok(HostMlp { w_in, b_in, w_out: take("out")?, b_out: take("out_b")? })
 }
 
 /// Reads a DeepSpeed `MoE` state dict (keys under `prefix`, e.g. `""` or
