@@ -13,6 +13,7 @@
 //!   order varies; slots follow token order).
 //! - Index tensors are i32. A dropped route has row and slot −1.
 
+use crate::config::ExpertKind;
 use crate::error::{Error, Result};
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
@@ -286,6 +287,51 @@ pub struct Plan<B: Backend> {
     pub stats: Tensor<B>,
 }
 
+/// An expert stack's weights as [`Backend::grouped_mlp`] takes them: `w_in [G, N, K]`
+/// (for GLU experts `N = 2I`, gate rows first, then up), `w_out [G, K', I]`.
+pub struct MlpWeights<'a, B: Backend> {
+    /// Linear, MLP or GLU, with its activation.
+    pub kind: ExpertKind,
+    /// First projection.
+    pub w_in: &'a Tensor<B>,
+    /// Bias of the first projection, `[G, N]`.
+    pub b_in: Option<&'a Tensor<B>>,
+    /// Second projection (absent for linear experts).
+    pub w_out: Option<&'a Tensor<B>>,
+    /// Bias of the second projection, `[G, K']`.
+    pub b_out: Option<&'a Tensor<B>>,
+}
+
+/// Output of [`Backend::grouped_mlp`].
+pub struct MlpOutput<B: Backend> {
+    /// Output of the first projection before the activation (`[R, N]`), when asked for:
+    /// what a backward pass of the activation needs. Never present for linear experts.
+    pub pre: Option<Tensor<B>>,
+    /// The expert outputs `[R, K']`.
+    pub y: Tensor<B>,
+}
+
+/// [`Backend::grouped_mlp`] composed from the primitives: first product, activation or
+/// GLU, second product. The trait's default, and the fallback of backends that fuse only
+/// some expert kinds.
+pub fn grouped_mlp_unfused<B: Backend>(
+    b: &B,
+    xp: &Tensor<B>,
+    offsets: &Tensor<B>,
+    w: &MlpWeights<'_, B>,
+    keep_pre: bool,
+) -> Result<MlpOutput<B>> {
+    let h = b.grouped_linear(xp, offsets, w.w_in, w.b_in)?;
+    let a = match w.kind {
+        ExpertKind::Linear => return Ok(MlpOutput { pre: None, y: h }),
+        ExpertKind::Mlp { activation } => b.activation(&h, activation)?,
+        ExpertKind::Glu { activation } => b.glu(&h, activation)?,
+    };
+    let w_out = w.w_out.ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))?;
+    let y = b.grouped_linear(&a, offsets, w_out, w.b_out)?;
+    Ok(MlpOutput { pre: keep_pre.then_some(h), y })
+}
+
 /// A compute backend. See the module docs for the conventions.
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A device buffer handle.
@@ -332,6 +378,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
         w: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>>;
+
+    /// The whole expert MLP over compact expert-major rows grouped by `offsets`:
+    /// `w_out · act(w_in · x)` (GLU: `w_out · (act(gate) · up)`), with biases. The default
+    /// composes the primitives ([`grouped_mlp_unfused`]); backends override it to keep
+    /// each tile of the first product in cache through the activation, which saves a
+    /// round trip of the `[R, N]` intermediate through memory. `keep_pre` asks for that
+    /// intermediate in the output (for a backward pass).
+    fn grouped_mlp(
+        &self,
+        xp: &Tensor<Self>,
+        offsets: &Tensor<Self>,
+        w: &MlpWeights<'_, Self>,
+        keep_pre: bool,
+    ) -> Result<MlpOutput<Self>> {
+        grouped_mlp_unfused(self, xp, offsets, w, keep_pre)
+    }
 
     // ---------------------------------------------------------------- elementwise
     /// Applies an activation elementwise.

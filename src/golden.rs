@@ -146,6 +146,7 @@ impl Case {
                 let n = t.numel();
                 t.reshape(&[n]).expect("same count")
             }),
+            keep_activations: false,
         })
     }
 }

@@ -8,7 +8,7 @@
 //! Nothing is read back to the host inside the forward; [`LayerOutput::report`] downloads
 //! the small per-expert tensors afterwards and computes the losses.
 
-use crate::backend::{Backend, Tensor};
+use crate::backend::{Backend, MlpWeights, Tensor};
 use crate::config::{ExpertKind, ExpertSpec, LayerSpec, Mode};
 use crate::error::{Error, Result};
 pub use crate::gate::Report;
@@ -29,7 +29,8 @@ pub struct DeviceMlp<B: Backend> {
 pub struct ExpertActivations<B: Backend> {
     /// Permuted input rows, compact expert-major `[S·k, M]`.
     pub xp: Tensor<B>,
-    /// Pre-activation of the first projection `[S·k, N]` (absent for linear experts).
+    /// Pre-activation of the first projection `[S·k, N]`, kept when
+    /// [`ForwardOptions::keep_activations`] asks for it (never for linear experts).
     pub pre_activation: Option<Tensor<B>>,
     /// Expert outputs before combining `[S·k, M]`.
     pub yp: Tensor<B>,
@@ -66,22 +67,18 @@ impl<B: Backend> DeviceMlp<B> {
         b.linear(&h, self.w_out()?, self.b_out.as_ref())
     }
 
-    /// Runs the expert stack on compact expert-major rows.
-    pub fn grouped(&self, b: &B, xp: Tensor<B>, offsets: &Tensor<B>) -> Result<ExpertActivations<B>> {
-        let h = b.grouped_linear(&xp, offsets, &self.w_in, self.b_in.as_ref())?;
-        let (pre, h) = match self.kind {
-            ExpertKind::Linear => return Ok(ExpertActivations { xp, pre_activation: None, yp: h }),
-            ExpertKind::Mlp { activation } => {
-                let a = b.activation(&h, activation)?;
-                (h, a)
-            }
-            ExpertKind::Glu { activation } => {
-                let a = b.glu(&h, activation)?;
-                (h, a)
-            }
+    /// Runs the expert stack on compact expert-major rows; `keep_pre` keeps the
+    /// pre-activation for a backward pass.
+    pub fn grouped(&self, b: &B, xp: Tensor<B>, offsets: &Tensor<B>, keep_pre: bool) -> Result<ExpertActivations<B>> {
+        let w = MlpWeights {
+            kind: self.kind,
+            w_in: &self.w_in,
+            b_in: self.b_in.as_ref(),
+            w_out: self.w_out.as_ref(),
+            b_out: self.b_out.as_ref(),
         };
-        let yp = b.grouped_linear(&h, offsets, self.w_out()?, self.b_out.as_ref())?;
-        Ok(ExpertActivations { xp, pre_activation: Some(pre), yp })
+        let out = b.grouped_mlp(&xp, offsets, &w, keep_pre)?;
+        Ok(ExpertActivations { xp, pre_activation: out.pre, yp: out.y })
     }
 }
 
@@ -108,6 +105,10 @@ pub struct ForwardOptions {
     pub noise: NoiseOverrides,
     /// DeepSpeed `used_token` mask `[S]` (top-1 only, as in DeepSpeed).
     pub used_token: Option<HostTensor>,
+    /// Keep the expert pre-activations in [`LayerOutput::experts`] for a backward pass.
+    /// Off for inference: the fused expert path then never writes the `[S·k, N]`
+    /// intermediate to memory.
+    pub keep_activations: bool,
 }
 
 /// Everything a forward produced. Tensors stay on the device.
@@ -183,7 +184,7 @@ impl<B: Backend> MoeLayer<B> {
 
         let gate = self.gate.forward(b, &x2, seq, opts)?;
         let xp = b.permute(&x2, &gate.plan)?;
-        let acts = self.experts.grouped(b, xp, &gate.plan.offsets)?;
+        let acts = self.experts.grouped(b, xp, &gate.plan.offsets, opts.keep_activations)?;
         let mut y = b.combine(&acts.yp, &gate.plan)?;
 
         if let Some((mlp, cw, cb)) = &self.residual {
