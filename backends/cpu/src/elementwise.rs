@@ -35,11 +35,36 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     er * s1 * s2
 }
 
-/// `o = silu(gate) · up` in one branch-free loop the compiler vectorises.
+/// `o = silu(gate) · up` in one branch-free loop the compiler vectorises, compiled for
+/// the widest vector unit the cpu has (the crate itself targets baseline x86-64, whose
+/// 4-lane SSE2 made this loop 5% of a Mixtral-shaped forward).
 fn swiglu_row(o: &mut [f32], gate: &[f32], up: &[f32]) {
-    for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp_fast(-g)) * u;
+    #[inline(always)]
+    fn body(o: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp_fast(-g)) * u;
+        }
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(o: &mut [f32], gate: &[f32], up: &[f32]) {
+            body(o, gate, up)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(o: &mut [f32], gate: &[f32], up: &[f32]) {
+            body(o, gate, up)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the cpu has AVX-512F (checked just above).
+            return unsafe { avx512(o, gate, up) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the cpu has AVX2 and FMA (checked just above).
+            return unsafe { avx2(o, gate, up) };
+        }
+    }
+    body(o, gate, up)
 }
 
 /// One activation value, in f32 as PyTorch computes it.
@@ -74,17 +99,22 @@ pub(crate) fn glu(x: &T, a: Activation) -> Result<T> {
     let mut out = vec![0f32; r * i];
     out.par_chunks_mut(i.max(1)).enumerate().for_each(|(row, o)| {
         let (gate, up) = v[row * two_i..(row + 1) * two_i].split_at(i);
-        // One loop per activation, so the common SwiGLU loop has no branch and vectorises.
-        match a {
-            Activation::Silu => swiglu_row(o, gate, up),
-            _ => {
-                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = act(g, a) * u;
-                }
-            }
-        }
+        glu_row(o, gate, up, a);
     });
     Ok(tf32(&[r, i], out))
+}
+
+/// `o = act(gate) · up` for one row.
+pub(crate) fn glu_row(o: &mut [f32], gate: &[f32], up: &[f32], a: Activation) {
+    // One loop per activation, so the common SwiGLU loop has no branch and vectorises.
+    match a {
+        Activation::Silu => swiglu_row(o, gate, up),
+        _ => {
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = act(g, a) * u;
+            }
+        }
+    }
 }
 
 pub(crate) fn mul(a: &T, b: &T) -> Result<T> {

@@ -8,13 +8,17 @@
 
 mod buffer;
 mod elementwise;
+mod experts;
 mod matmul;
 mod plan;
 mod route;
 
 pub use buffer::CpuBuffer;
 
-use moe_engine::backend::{Activation, Backend, Capabilities, Plan, PlanSpec, RouteSpec, Routes};
+use moe_engine::backend::{
+    grouped_mlp_unfused, Activation, Backend, Capabilities, MlpOutput, MlpWeights, Plan, PlanSpec, RouteSpec, Routes,
+};
+use moe_engine::config::ExpertKind;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
 
 /// The cpu backend: a rayon thread pool and host memory.
@@ -147,6 +151,18 @@ impl Backend for CpuBackend {
 
     fn grouped_linear(&self, x: &T, offsets: &T, w: &T, bias: Option<&T>) -> Result<T> {
         self.pool.install(|| matmul::grouped_linear(x, offsets, w, bias, self.threads))
+    }
+
+    fn grouped_mlp(&self, xp: &T, offsets: &T, w: &MlpWeights<'_, Self>, keep_pre: bool) -> Result<MlpOutput<Self>> {
+        let ExpertKind::Glu { activation } = w.kind else {
+            return grouped_mlp_unfused(self, xp, offsets, w, keep_pre);
+        };
+        let (h, pre) = self
+            .pool
+            .install(|| experts::grouped_glu(xp, offsets, w.w_in, w.b_in, activation, keep_pre, self.threads))?;
+        let w_out = w.w_out.ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))?;
+        let y = self.grouped_linear(&h, offsets, w_out, w.b_out)?;
+        Ok(MlpOutput { pre, y })
     }
 
     fn activation(&self, x: &T, act: Activation) -> Result<T> {

@@ -8,84 +8,7 @@ use rayon::prelude::*;
 
 /// Work (multiply-adds) below which one product runs on one thread: splitting smaller
 /// products costs more in synchronisation than it saves.
-const SERIAL_WORK: usize = 1 << 20;
-
-/// Below this much work per expert (multiply-adds), many experts run one per thread
-/// rather than each product splitting over all threads: measured on the fine-grained
-/// bench shape (64 experts of ~48 rows, 1024 x 1024): 100 ms against 125 ms split.
-const GROUP_PARALLEL_WORK: usize = 1 << 27;
-
-/// `dst [m, n] (+)= lhs [m, kk] · w [n, kk]ᵀ` with row-major operands; `w_t` says `w` is
-/// stored transposed, `[kk, n]`.
-///
-/// The slices are exactly `m·n`, `m·kk` and `n·kk` long, so every strided access the gemm
-/// kernel makes is in bounds.
-#[allow(clippy::too_many_arguments)]
-fn gemm_xwt(
-    dst: &mut [f32],
-    lhs: &[f32],
-    (w, w_t): (&[f32], bool),
-    m: usize,
-    n: usize,
-    kk: usize,
-    accumulate: bool,
-    par: Parallelism,
-) {
-    debug_assert!(dst.len() == m * n && lhs.len() == m * kk && w.len() == n * kk);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if kk == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return;
-    }
-    // rhs is the [kk, n] matrix wᵀ: column stride / row stride of its storage.
-    let (rhs_cs, rhs_rs) = if w_t { (1, n as isize) } else { (kk as isize, 1) };
-    // SAFETY: the lengths match the shapes (checked above in debug, and by the callers'
-    // shape checks), strides describe row-major [m, n], [m, kk] and wᵀ as stored; dst does
-    // not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            kk,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            kk as isize,
-            w.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-fn par_for(work: usize, threads: usize) -> Parallelism {
-    if threads > 1 && work >= SERIAL_WORK {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
-}
-
-fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, n: usize) {
-    if let Some(b) = bias {
-        for row in out.chunks_mut(n) {
-            row.copy_from_slice(b);
-        }
-    }
-}
+pub(crate) const SERIAL_WORK: usize = 1 << 20;
 
 pub(crate) fn linear(x: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T> {
     let (r, kk) = x.dims2("linear input")?;
@@ -102,22 +25,31 @@ pub(crate) fn linear(x: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T
         }
         None => None,
     };
-    let mut out = vec![0f32; r * n];
-    fill_bias(&mut out, b, n);
-    gemm_xwt(
-        &mut out,
+    let out = tiled_product(
         f32s(x, "linear input")?,
+        &[0, r as i32],
         weight_data(w, "linear weight")?,
-        r,
-        n,
-        kk,
-        b.is_some(),
-        par_for(r * n * kk, threads),
+        b,
+        (r, n, kk),
+        threads,
     );
     Ok(tf32(&[r, n], out))
 }
 
-pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T> {
+/// A grouped product's operands, checked: rows `r`, inner size `kk`, groups `g`, output
+/// columns `n`, the offsets and the bias.
+pub(crate) struct Grouped<'a> {
+    pub(crate) r: usize,
+    pub(crate) kk: usize,
+    pub(crate) g: usize,
+    pub(crate) n: usize,
+    pub(crate) off: &'a [i32],
+    pub(crate) bias: Option<&'a [f32]>,
+}
+
+/// Checks the shapes of `x [R, K]`, `offsets [G + 1]`, `w [G, N, K]` and `bias [G, N]`,
+/// and that the offsets are a non-decreasing prefix sum within the rows.
+pub(crate) fn check_grouped<'a>(x: &T, offsets: &'a T, w: &T, bias: Option<&'a T>) -> Result<Grouped<'a>> {
     let (r, kk) = x.dims2("grouped input")?;
     let (g, n, wk) = w.dims3("expert weights")?;
     if wk != kk {
@@ -130,7 +62,7 @@ pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, thread
     if off[0] != 0 || off.windows(2).any(|p| p[1] < p[0]) || off[g] as usize > r {
         return Err(Error::Invalid(format!("offsets {off:?} are not a non-decreasing prefix sum within {r} rows")));
     }
-    let b = match bias {
+    let bias = match bias {
         Some(b) => {
             if b.shape() != [g, n] {
                 return Err(Error::shape("expert biases", format!("[{g}, {n}]"), b.shape()));
@@ -139,46 +71,189 @@ pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, thread
         }
         None => None,
     };
-    let xs = f32s(x, "grouped input")?;
-    let (ws, w_t) = weight_data(w, "expert weights")?;
-    let mut out = vec![0f32; r * n];
-    // Split the output into each group's rows.
-    let mut parts: Vec<(usize, &mut [f32])> = Vec::with_capacity(g);
-    let mut rest = &mut out[..off[g] as usize * n];
-    for e in 0..g {
-        let rows = (off[e + 1] - off[e]) as usize;
-        let (head, tail) = rest.split_at_mut(rows * n);
-        if rows > 0 {
-            parts.push((e, head));
-        }
-        rest = tail;
-    }
-    let run = |(e, dst): (usize, &mut [f32]), par: Parallelism| {
-        let rows = dst.len() / n.max(1);
-        let start = off[e] as usize;
-        let be = b.map(|b| &b[e * n..(e + 1) * n]);
-        fill_bias(dst, be, n);
-        gemm_xwt(
-            dst,
-            &xs[start * kk..(start + rows) * kk],
-            (&ws[e * n * kk..(e + 1) * n * kk], w_t),
-            rows,
-            n,
-            kk,
-            be.is_some(),
-            par,
-        );
-    };
-    // Many small groups (fine-grained experts, decode): one group per thread. Few large
-    // groups: each product uses every thread.
-    let work_per_group = off[g] as usize * n * kk / parts.len().max(1);
-    if parts.len() >= 2 * threads && work_per_group < GROUP_PARALLEL_WORK {
-        parts.into_par_iter().for_each(|p| run(p, Parallelism::None));
+    Ok(Grouped { r, kk, g, n, off, bias })
+}
+
+/// The `[kk, cols]` block of `wᵀ` for output columns `c0..` of group `e`, as gemm's rhs:
+/// pointer, column stride, row stride. `w_t`: the weights are stored K-major `[G, K, N]`.
+pub(crate) fn rhs_block(
+    ws: &[f32],
+    w_t: bool,
+    (e, c0): (usize, usize),
+    n: usize,
+    kk: usize,
+) -> (*const f32, isize, isize) {
+    let base = e * n * kk;
+    if w_t {
+        (ws[base + c0..].as_ptr(), 1, n as isize)
     } else {
-        for p in parts {
-            let work = p.1.len() * kk;
-            run(p, par_for(work, threads));
+        (ws[base + c0 * kk..].as_ptr(), kk as isize, 1)
+    }
+}
+
+/// Fills the rows of a tile (`rows` rows of `cols`, row stride `rs`) with a bias row.
+///
+/// # Safety
+/// The tile must be inside its allocation and owned by the caller.
+pub(crate) unsafe fn fill_tile(d: *mut f32, rs: usize, rows: usize, b: &[f32]) {
+    for i in 0..rows {
+        std::ptr::copy_nonoverlapping(b.as_ptr(), d.add(i * rs), b.len());
+    }
+}
+
+pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T> {
+    let Grouped { r, kk, n, off, bias: b, .. } = check_grouped(x, offsets, w, bias)?;
+    let out = tiled_product(f32s(x, "grouped input")?, off, weight_data(w, "expert weights")?, b, (r, n, kk), threads);
+    Ok(tf32(&[r, n], out))
+}
+
+/// The grouped product on checked operands: `xs [R, K]`, group offsets `off`, weights
+/// `[G, N, K]` (or K-major), bias `[G, N]`. Output `[R, N]`, zero past the last group.
+/// Tiles are spread over the pool's threads, one single-threaded gemm each.
+fn tiled_product(
+    xs: &[f32],
+    off: &[i32],
+    (ws, w_t): (&[f32], bool),
+    b: Option<&[f32]>,
+    (r, n, kk): (usize, usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    let g = off.len() - 1;
+    let mut out = vec![0f32; r * n];
+    let dst = SharedOut(out.as_mut_ptr());
+    let tiles = tiles(off, n, COL_BLOCK);
+    let run = |t: &Tile| {
+        let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
+        let be = b.map(|b| &b[t.e * n + t.c0..t.e * n + t.c1]);
+        // SAFETY: tiles are disjoint and inside `out` ([r, n]); the operand pointers and
+        // strides stay inside `xs` (rows r0..r1) and expert e's weights (columns c0..c1).
+        unsafe {
+            let d = dst.get().add(t.r0 * n + t.c0);
+            if let Some(be) = be {
+                fill_tile(d, n, rows, be);
+            }
+            gemm_raw(
+                (d, n as isize),
+                (xs[t.r0 * kk..].as_ptr(), kk as isize),
+                rhs_block(ws, w_t, (t.e, t.c0), n, kk),
+                (rows, cols, kk),
+                be.is_some(),
+            );
+        }
+    };
+    let work = off[g] as usize * n * kk;
+    if threads > 1 && work >= SERIAL_WORK && tiles.len() > 1 {
+        tiles.par_iter().with_max_len(1).for_each(run);
+    } else {
+        tiles.iter().for_each(run);
+    }
+    out
+}
+
+/// Output columns per tile. Tiles are how the threads share a grouped product: each tile
+/// is one single-threaded gemm, with no synchronisation inside it, and expert groups of a
+/// few dozen rows give gemm too little to split well by itself. Cutting a product into
+/// 256-column tiles costs nothing single-threaded (examples/gemm_shapes.rs: within
+/// noise of one product for 48-128 rows), and 256 columns of K = 1024 weights (1 MiB)
+/// stay in a core's L2 while the tile's rows pass.
+pub(crate) const COL_BLOCK: usize = 256;
+
+/// Rows per tile: bounds a tile's share of the input and of any scratch beside it.
+pub(crate) const ROW_BLOCK: usize = 256;
+
+/// Output pointer shared by tasks that write disjoint tiles of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: only used to write disjoint tiles from different threads.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer. A method rather than field access so closures capture the whole
+    /// `Sync` wrapper, not the bare pointer.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One output tile of a grouped product: rows `r0..r1` (all in group `e`) by columns
+/// `c0..c1`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tile {
+    pub(crate) e: usize,
+    pub(crate) r0: usize,
+    pub(crate) r1: usize,
+    pub(crate) c0: usize,
+    pub(crate) c1: usize,
+}
+
+/// Cuts every non-empty group into tiles of at most [`ROW_BLOCK`] rows by `col_block`
+/// columns of an `n`-column output. Each tile is one single-threaded gemm: the threads
+/// share the tiles rather than splitting every small product, which for the small row
+/// counts of expert groups costs more in synchronisation and repacking than it saves.
+pub(crate) fn tiles(off: &[i32], n: usize, col_block: usize) -> Vec<Tile> {
+    let mut v = Vec::new();
+    for e in 0..off.len().saturating_sub(1) {
+        let (s, end) = (off[e] as usize, off[e + 1] as usize);
+        let mut r0 = s;
+        while r0 < end {
+            let r1 = (r0 + ROW_BLOCK).min(end);
+            let mut c0 = 0;
+            while c0 < n {
+                let c1 = (c0 + col_block).min(n);
+                v.push(Tile { e, r0, r1, c0, c1 });
+                c0 = c1;
+            }
+            r0 = r1;
         }
     }
-    Ok(tf32(&[r, n], out))
+    v
+}
+
+/// Single-threaded `dst [m, n] (+)= lhs [m, k] · rhs [k, n]` on raw strided operands:
+/// `dst` and `lhs` are row-major with the given row strides; `rhs` has the given column
+/// and row strides.
+///
+/// # Safety
+/// Every element the shapes and strides address must be inside its allocation, and `dst`
+/// must not overlap the inputs or another thread's tile.
+pub(crate) unsafe fn gemm_raw(
+    (dst, dst_rs): (*mut f32, isize),
+    (lhs, lhs_rs): (*const f32, isize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.offset(i as isize * dst_rs), 0, n);
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
 }

@@ -1,0 +1,84 @@
+//! The fused GLU expert product: each tile of the first projection (the gate columns and
+//! the matching up columns) goes through the activation while it is still in cache, so
+//! the `[R, 2I]` intermediate never makes a round trip through memory unless the caller
+//! keeps it for a backward pass.
+
+use crate::elementwise::glu_row;
+use crate::matmul::{check_grouped, fill_tile, gemm_raw, rhs_block, tiles, Grouped, SharedOut, Tile, SERIAL_WORK};
+use crate::{tf32, weight_data, T};
+use moe_engine::backend::Activation;
+use moe_engine::{Error, Result};
+use rayon::prelude::*;
+
+/// GLU columns per tile: the tile's product covers twice as many weight columns (gate
+/// and up), so this matches the plain products' 256-column tiles.
+const GLU_BLOCK: usize = 128;
+
+/// `act(x · w_gateᵀ + b_gate) · (x · w_upᵀ + b_up)` over expert groups: `w [G, 2I, K]`
+/// holds the gate rows first, then the up rows. Returns `h [R, I]` and, with `keep_pre`,
+/// the pre-activation `[R, 2I]` as the unfused first product would have produced it.
+pub(crate) fn grouped_glu(
+    x: &T,
+    offsets: &T,
+    w: &T,
+    bias: Option<&T>,
+    a: Activation,
+    keep_pre: bool,
+    threads: usize,
+) -> Result<(T, Option<T>)> {
+    let Grouped { r, kk, g, n, off, bias: b } = check_grouped(x, offsets, w, bias)?;
+    if n % 2 != 0 {
+        return Err(Error::shape("GLU expert weights", "[experts, 2·ffn, hidden] (gate rows, then up)", w.shape()));
+    }
+    let i = n / 2;
+    let xs = crate::f32s(x, "grouped input")?;
+    let (ws, w_t) = weight_data(w, "expert weights")?;
+    let mut h = vec![0f32; r * i];
+    let mut pre = if keep_pre { vec![0f32; r * n] } else { Vec::new() };
+    let (hp, pp) = (SharedOut(h.as_mut_ptr()), SharedOut(pre.as_mut_ptr()));
+    let tiles = tiles(off, i, GLU_BLOCK);
+    let run = |scratch: &mut Vec<f32>, t: &Tile| {
+        let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
+        // Where the gate and up tiles go: into `pre` when it is kept, else a scratch
+        // tile [rows, 2·cols] that stays in this thread's cache.
+        let (gate, up, rs) = if keep_pre {
+            // SAFETY: rows r0..r1 and columns c0..c1 (gate) and i + c0..i + c1 (up) of
+            // `pre` [r, 2i] belong to this tile alone.
+            unsafe {
+                let row = pp.get().add(t.r0 * n);
+                (row.add(t.c0), row.add(i + t.c0), n)
+            }
+        } else {
+            scratch.resize(rows * 2 * cols, 0.0);
+            let p = scratch.as_mut_ptr();
+            // SAFETY: both halves of each scratch row are inside the scratch buffer.
+            (p, unsafe { p.add(cols) }, 2 * cols)
+        };
+        let lhs = (xs[t.r0 * kk..].as_ptr(), kk as isize);
+        // SAFETY: the gate and up tiles are disjoint, owned by this task and inside their
+        // buffers; the operands stay inside `xs` (rows r0..r1) and expert e's weights.
+        unsafe {
+            for (dst, c0) in [(gate, t.c0), (up, i + t.c0)] {
+                let be = b.map(|b| &b[t.e * n + c0..t.e * n + c0 + cols]);
+                if let Some(be) = be {
+                    fill_tile(dst, rs, rows, be);
+                }
+                gemm_raw((dst, rs as isize), lhs, rhs_block(ws, w_t, (t.e, c0), n, kk), (rows, cols, kk), be.is_some());
+            }
+            for row in 0..rows {
+                let gr = std::slice::from_raw_parts(gate.add(row * rs), cols);
+                let ur = std::slice::from_raw_parts(up.add(row * rs), cols);
+                let o = std::slice::from_raw_parts_mut(hp.get().add((t.r0 + row) * i + t.c0), cols);
+                glu_row(o, gr, ur, a);
+            }
+        }
+    };
+    let work = off[g] as usize * n * kk;
+    if threads > 1 && work >= SERIAL_WORK && tiles.len() > 1 {
+        tiles.par_iter().with_max_len(1).for_each_init(Vec::new, run);
+    } else {
+        let mut scratch = Vec::new();
+        tiles.iter().for_each(|t| run(&mut scratch, t));
+    }
+    Ok((tf32(&[r, i], h), keep_pre.then(|| tf32(&[r, n], pre))))
+}
