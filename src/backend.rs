@@ -235,6 +235,30 @@ pub enum CapacityRule {
     },
 }
 
+impl CapacityRule {
+    /// The capacity when it follows from the shapes alone (`Fixed`, `DeepSpeed`); `None`
+    /// when it depends on the counts (`Unlimited`, `Dropless`). Every backend uses this,
+    /// so the f32 rounding of DeepSpeed's formula is written once.
+    pub fn static_capacity(&self, tokens: usize, experts: usize) -> Option<usize> {
+        match *self {
+            CapacityRule::Fixed(c) => Some(c),
+            CapacityRule::DeepSpeed { factor, k_prime, min_capacity } => {
+                Some(deepspeed_capacity(tokens, experts, factor, k_prime, min_capacity))
+            }
+            CapacityRule::Unlimited | CapacityRule::Dropless { .. } => None,
+        }
+    }
+}
+
+/// DeepSpeed `_capacity`: `ceil((S / E) * torch.tensor(factor * k'))`, at least
+/// `min_capacity`. `factor * k'` is a Python float turned into an f32 tensor, and S / E a
+/// Python float that torch rounds to f32 for the product, so the arithmetic is f32 on
+/// those two roundings.
+pub fn deepspeed_capacity(tokens: usize, experts: usize, factor: f64, k_prime: usize, min_capacity: usize) -> usize {
+    let c = ((tokens as f64 / experts as f64) as f32 * (factor * k_prime as f64) as f32).ceil();
+    (c.max(0.0) as usize).max(min_capacity)
+}
+
 /// Which routes an over-full expert keeps, and the order of slots.
 pub enum KeepPolicy<'a, B: Backend> {
     /// Slots in token order; keep the first C.

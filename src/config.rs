@@ -271,7 +271,7 @@ fn validate_expert(field: &str, s: &ExpertSpec) -> Result<()> {
 }
 
 fn check_groups(e: usize, k: usize, n_group: usize, topk_group: usize) -> Result<()> {
-    if n_group == 0 || e % n_group != 0 {
+    if n_group == 0 || !e.is_multiple_of(n_group) {
         return Err(Error::config("n_group", format!("{n_group} groups must divide {e} experts")));
     }
     if topk_group == 0 || topk_group > n_group {

@@ -40,6 +40,9 @@ pub struct LayerArgs {
     /// Timed iterations (after 2 warm-up runs).
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// Device of the backend: an adapter index or name fragment (see `moe info`).
+    #[arg(long)]
+    device: Option<String>,
     /// cpu worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -57,8 +60,14 @@ pub fn run(w: What) -> Result<ExitCode, String> {
 
 fn layer(a: LayerArgs) -> Result<ExitCode, String> {
     crate::check_backend(&a.backend)?;
+    match a.backend.as_str() {
+        "wgpu" => layer_on(&moe_wgpu::WgpuBackend::new(a.device.as_deref()).map_err(|e| e.to_string())?, &a),
+        _ => layer_on(&moe_cpu::CpuBackend::new(a.threads).map_err(|e| e.to_string())?, &a),
+    }
+}
+
+fn layer_on<B: Backend>(b: &B, a: &LayerArgs) -> Result<ExitCode, String> {
     let dtype: DType = a.dtype.parse().map_err(|e: moe_engine::Error| e.to_string())?;
-    let b = moe_cpu::CpuBackend::new(a.threads).map_err(|e| e.to_string())?;
     let spec = LayerSpec {
         hidden: a.hidden,
         num_experts: a.experts,
@@ -69,7 +78,7 @@ fn layer(a: LayerArgs) -> Result<ExitCode, String> {
     };
     let err = |e: moe_engine::Error| e.to_string();
     let weights = stack::random_weights(&spec, 1).map_err(err)?;
-    let layer = MoeLayer::new(&b, spec, &weights, dtype).map_err(err)?;
+    let layer = MoeLayer::new(b, spec, &weights, dtype).map_err(err)?;
     let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 2, 0, a.tokens * a.hidden)
         .into_iter()
         .map(|u| 2.0 * u - 1.0)
@@ -79,7 +88,7 @@ fn layer(a: LayerArgs) -> Result<ExitCode, String> {
     let mut times = Vec::with_capacity(a.iters);
     for i in 0..a.iters + 2 {
         let t0 = Instant::now();
-        let out = layer.forward(&b, &x, &opts).map_err(err)?;
+        let out = layer.forward(b, &x, &opts).map_err(err)?;
         b.download(&out.y).map_err(err)?;
         if i >= 2 {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -101,9 +110,10 @@ fn layer(a: LayerArgs) -> Result<ExitCode, String> {
         });
         println!("{v}");
     } else {
+        let threads = if caps.threads > 0 { format!(" ({} threads)", caps.threads) } else { String::new() };
         println!(
-            "{} on {} ({} threads), H {} F {} E {} k {} T {} {}",
-            a.backend, caps.device, caps.threads, a.hidden, a.ffn, a.experts, a.top_k, a.tokens, a.dtype
+            "{} on {}{threads}, H {} F {} E {} k {} T {} {}",
+            a.backend, caps.device, a.hidden, a.ffn, a.experts, a.top_k, a.tokens, a.dtype
         );
         println!("median {median:.2} ms  min {min:.2} ms  {tps:.0} tokens/s  {gflops:.1} GFLOP/s");
     }

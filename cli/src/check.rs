@@ -1,15 +1,18 @@
 //! `moe check`: golden cases on a backend.
 
-use moe_engine::golden;
+use moe_engine::{golden, Backend};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Arguments of `moe check`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Backend to run on.
+    /// Backend to run on (cpu, wgpu).
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Device of the backend: an adapter index or name fragment (see `moe info`).
+    #[arg(long)]
+    device: Option<String>,
     /// Print every compared output, not just the worst error.
     #[arg(long, short)]
     verbose: bool,
@@ -21,14 +24,24 @@ pub struct Args {
 /// Runs the cases; exit status 0 only when none failed.
 pub fn run(a: Args) -> Result<ExitCode, String> {
     crate::check_backend(&a.backend)?;
-    let backend = moe_cpu::CpuBackend::new(None).map_err(|e| e.to_string())?;
+    match a.backend.as_str() {
+        "wgpu" => {
+            let b = moe_wgpu::WgpuBackend::new(a.device.as_deref()).map_err(|e| e.to_string())?;
+            eprintln!("wgpu on {}", b.capabilities().device);
+            check_on(&b, &a)
+        }
+        _ => check_on(&moe_cpu::CpuBackend::new(None).map_err(|e| e.to_string())?, &a),
+    }
+}
+
+fn check_on<B: Backend>(backend: &B, a: &Args) -> Result<ExitCode, String> {
     let mut cases = Vec::new();
     for p in &a.paths {
         cases.extend(golden::discover(p).map_err(|e| e.to_string())?);
     }
     let (mut passed, mut failed) = (0usize, 0usize);
     for dir in &cases {
-        match golden::run_case(&backend, dir) {
+        match golden::run_case(backend, dir) {
             Ok(r) => {
                 let exact_bad: Vec<String> = r
                     .outputs

@@ -21,9 +21,22 @@ pub struct Args {
 
 /// Runs the stack and prints throughput, per-layer expert load and dropped tokens.
 pub fn run(a: Args) -> Result<ExitCode, String> {
-    let name = if a.backend == "auto" { crate::BACKENDS[0].to_string() } else { a.backend.clone() };
+    // `auto`: a real GPU through wgpu when there is one; a software adapter (lavapipe) is
+    // slower than the cpu backend, so it is never the automatic choice.
+    let name = if a.backend == "auto" {
+        let gpu = moe_wgpu::list_adapters().iter().any(|x| x.kind != "Cpu");
+        if gpu { "wgpu" } else { "cpu" }.to_string()
+    } else {
+        a.backend.clone()
+    };
     crate::check_backend(&name)?;
-    let b = moe_cpu::CpuBackend::new(None).map_err(|e| e.to_string())?;
+    match name.as_str() {
+        "wgpu" => run_on(&moe_wgpu::WgpuBackend::new(None).map_err(|e| e.to_string())?, &name, &a),
+        _ => run_on(&moe_cpu::CpuBackend::new(None).map_err(|e| e.to_string())?, &name, &a),
+    }
+}
+
+fn run_on<B: Backend>(b: &B, name: &str, a: &Args) -> Result<ExitCode, String> {
     let err = |e: moe_engine::Error| e.to_string();
     let shape = PrMoeShape::default();
     let specs = stack::specs(&shape);
@@ -31,7 +44,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            MoeLayer::new(&b, s.clone(), &stack::random_weights(s, 100 + i as u64).map_err(err)?, DType::F32)
+            MoeLayer::new(b, s.clone(), &stack::random_weights(s, 100 + i as u64).map_err(err)?, DType::F32)
                 .map_err(err)
         })
         .collect::<Result<_, _>>()?;
@@ -61,9 +74,9 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         let mut h = b.upload(&HostTensor::f32(&[a.tokens, shape.hidden], x).map_err(err)?).map_err(err)?;
         let last = step + 1 == a.steps;
         for layer in &layers {
-            let out = layer.forward(&b, &h, &ForwardOptions::default()).map_err(err)?;
+            let out = layer.forward(b, &h, &ForwardOptions::default()).map_err(err)?;
             if last {
-                reports.push(out.report(&b).map_err(err)?);
+                reports.push(out.report(b).map_err(err)?);
             }
             // A transformer block adds the MoE output to its residual stream.
             h = b.add_gated(&h, &out.y, None).map_err(err)?;

@@ -32,7 +32,7 @@ enum Cmd {
 }
 
 /// Backends compiled into this binary.
-pub const BACKENDS: &[&str] = &["cpu"];
+pub const BACKENDS: &[&str] = &["cpu", "wgpu"];
 
 /// Errors unless `name` is a compiled-in backend.
 pub fn check_backend(name: &str) -> Result<(), String> {
@@ -71,5 +71,21 @@ fn info() -> Result<ExitCode, String> {
     let c = cpu.capabilities();
     let dtypes: Vec<String> = c.storage_dtypes.iter().map(|d| d.to_string()).collect();
     println!("cpu  [0] {} ({} threads; dtypes {})", c.device, c.threads, dtypes.join(", "));
+    let adapters = moe_wgpu::list_adapters();
+    if adapters.is_empty() {
+        println!("wgpu: no adapter (no Vulkan/Metal/DX12/GL driver; on Linux: apt install mesa-vulkan-drivers)");
+    }
+    for a in adapters {
+        println!(
+            "wgpu [{}] {} ({}, {}; driver {}; f16 {}; largest storage binding {} MiB)",
+            a.index,
+            a.name,
+            a.api,
+            a.kind,
+            if a.driver.is_empty() { "?" } else { &a.driver },
+            if a.f16 { "yes" } else { "no" },
+            a.max_storage_binding >> 20
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

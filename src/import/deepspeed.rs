@@ -90,7 +90,7 @@ fn gate_spec_with(cfg: &Value, d: DeepSpeedGate) -> Result<DeepSpeedGate> {
 pub fn layer_spec(cfg: &Value) -> Result<LayerSpec> {
     let ep_size: usize = field_or(cfg, "ep_size", 1)?;
     let num_experts: usize = field(cfg, "num_experts")?;
-    if ep_size == 0 || num_experts % ep_size != 0 {
+    if ep_size == 0 || !num_experts.is_multiple_of(ep_size) {
         return Err(Error::config("ep_size", format!("{ep_size} must divide num_experts = {num_experts}")));
     }
     let expert = expert_spec(

@@ -5,21 +5,6 @@ use crate::{f32s, i32s, tf32, ti32, CpuBackend};
 use moe_engine::backend::{CapacityRule, KeepPolicy, Plan, PlanSpec, Routes};
 use moe_engine::{Error, Result};
 
-/// DeepSpeed `_capacity`: `ceil((S / E) * torch.tensor(factor * k'))`, at least
-/// `min_capacity`. `factor * k'` is a Python float turned into an f32 tensor, and S / E a
-/// Python float that torch rounds to f32 for the product, so the arithmetic is f32 on
-/// those two roundings.
-pub(crate) fn deepspeed_capacity(
-    tokens: usize,
-    experts: usize,
-    factor: f64,
-    k_prime: usize,
-    min_capacity: usize,
-) -> usize {
-    let c = ((tokens as f64 / experts as f64) as f32 * (factor * k_prime as f64) as f32).ceil();
-    (c.max(0.0) as usize).max(min_capacity)
-}
-
 /// The plan op: see [`moe_engine::backend::Backend::plan`].
 pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>) -> Result<Plan<CpuBackend>> {
     let (s, k) = routes.experts.dims2("routes.experts")?;
@@ -68,10 +53,7 @@ pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>)
     let max_count = *counts.iter().max().unwrap_or(&0) as usize;
     let capacity: Option<usize> = match spec.capacity {
         CapacityRule::Unlimited => None,
-        CapacityRule::Fixed(c) => Some(c),
-        CapacityRule::DeepSpeed { factor, k_prime, min_capacity } => {
-            Some(deepspeed_capacity(s, e, factor, k_prime, min_capacity))
-        }
+        CapacityRule::Fixed(_) | CapacityRule::DeepSpeed { .. } => spec.capacity.static_capacity(s, e),
         CapacityRule::Dropless { clamp_to_tokens } => Some(if clamp_to_tokens { max_count.min(s) } else { max_count }),
     };
     let priority = match &spec.keep {

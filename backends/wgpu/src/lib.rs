@@ -1,0 +1,421 @@
+//! # moe-wgpu
+//!
+//! The portable GPU backend: every op of the [`Backend`] trait as a WGSL compute shader
+//! (`shaders/*.wgsl`, one file per op family) on wgpu, so it runs on Vulkan, Metal, DX12
+//! and GL, and on Mesa's software Vulkan (lavapipe) in CI.
+//!
+//! Ops are recorded into one command encoder and submitted when the host needs a result
+//! (`download`, `synchronize`): a layer forward is one submission with no host read inside
+//! it. Routing and the dispatch plan stay on the device from logits to combine; checks
+//! that need device data (non-finite router logits) are reported by the next `download` or
+//! `synchronize`, naming the token as the cpu backend does.
+//!
+//! Numbers: f32 storage and f32 accumulation in a fixed order, so the same inputs give
+//! bitwise the same outputs on one device; no float atomics anywhere.
+
+mod device;
+mod elementwise;
+mod kernels;
+mod linear;
+mod routing;
+
+pub use device::{list_adapters, AdapterSummary};
+pub use kernels::FAMILIES;
+
+use kernels::Family;
+use moe_engine::backend::{Activation, Backend, Capabilities, Plan, PlanSpec, RouteSpec, Routes};
+use moe_engine::{DType, Error, HostTensor, Result, Tensor};
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+/// A device buffer with its logical size in bytes (allocations are at least 4 bytes, as
+/// wgpu does not bind empty buffers).
+#[derive(Debug)]
+pub struct WgpuBuffer {
+    buf: wgpu::Buffer,
+    bytes: u64,
+}
+
+type T = Tensor<WgpuBackend>;
+
+/// Where a `map_async` callback leaves its outcome.
+type MapSlot = Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>;
+
+/// A check that needs device data, settled at the next download.
+struct PendingCheck {
+    logits: wgpu::Buffer,
+    experts: usize,
+}
+
+/// The wgpu backend: one adapter, its device and queue, the pipeline cache and the
+/// command encoder being recorded.
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    adapter: AdapterSummary,
+    limits: wgpu::Limits,
+    cache: kernels::Cache,
+    encoder: Mutex<Option<wgpu::CommandEncoder>>,
+    /// First validation or out-of-memory error wgpu reported, surfaced as an `Err` by the
+    /// next download or synchronize.
+    error: Arc<Mutex<Option<String>>>,
+    /// `[first non-finite logit (t·E + e) or u32::MAX, 0, 0, 0]`, written by the route op.
+    status: wgpu::Buffer,
+    pending: Mutex<Option<PendingCheck>>,
+    /// Bound in place of absent read-only inputs (biases, noise, masks).
+    dummy: wgpu::Buffer,
+    /// Bound in place of an unused read-write binding.
+    dummy_rw: wgpu::Buffer,
+}
+
+fn backend_err(msg: impl Into<String>) -> Error {
+    Error::Backend { backend: "wgpu".into(), msg: msg.into() }
+}
+
+impl WgpuBackend {
+    /// Opens an adapter: `selector` is an index or a name fragment (see `moe info`);
+    /// `None` honours `WGPU_ADAPTER_NAME`, else picks the best kind available. A machine
+    /// with no driver gets an `Err` saying what to install.
+    pub fn new(selector: Option<&str>) -> Result<Self> {
+        let (adapter, index) = device::select(selector)?;
+        let summary = device::summary(index, &adapter);
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("moe-wgpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| backend_err(format!("request_device on {}: {e}", summary.name)))?;
+        let error = Arc::new(Mutex::new(None::<String>));
+        let sink = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let status = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("status"),
+            contents: bytemuck::cast_slice(&[u32::MAX, 0, 0, 0]),
+            usage: storage,
+        });
+        let small = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: storage,
+                mapped_at_creation: false,
+            })
+        };
+        let (dummy, dummy_rw) = (small("dummy"), small("dummy_rw"));
+        Ok(WgpuBackend {
+            device,
+            queue,
+            adapter: summary,
+            limits,
+            cache: kernels::Cache::default(),
+            encoder: Mutex::new(None),
+            error,
+            status,
+            pending: Mutex::new(None),
+            dummy,
+            dummy_rw,
+        })
+    }
+
+    /// Compiles every shader entry point on this device: `(family, entry, result)`.
+    pub fn compile_all(&self) -> Vec<(&'static str, &'static str, Result<()>)> {
+        self.cache.compile_all(&self.device)
+    }
+
+    /// The adapter this backend runs on.
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.adapter
+    }
+
+    fn check_size(&self, bytes: u64, what: &str) -> Result<()> {
+        let max = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        if bytes > max {
+            return Err(Error::Unsupported {
+                backend: "wgpu".into(),
+                what: format!("{what} of {bytes} bytes exceeds this adapter's largest storage binding ({max} bytes)"),
+            });
+        }
+        Ok(())
+    }
+
+    /// A zeroed device buffer of `bytes` (wgpu zero-initialises new buffers).
+    fn alloc(&self, bytes: u64, what: &str) -> Result<WgpuBuffer> {
+        self.check_size(bytes, what)?;
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(WgpuBuffer { buf, bytes })
+    }
+
+    fn tensor(&self, shape: &[usize], dtype: DType, what: &str) -> Result<T> {
+        let n: usize = shape.iter().product();
+        Ok(Tensor::from_parts(self.alloc((n * dtype.size()) as u64, what)?, shape.to_vec(), dtype))
+    }
+
+    /// Records one compute dispatch of `entry` into the pending command encoder.
+    fn dispatch(
+        &self,
+        f: &'static Family,
+        entry: &'static str,
+        params: &[u32],
+        bufs: &[&wgpu::Buffer],
+        grid: [u32; 3],
+    ) -> Result<()> {
+        if bufs.len() as u32 != f.reads + f.writes {
+            return Err(Error::Invalid(format!(
+                "{}::{entry} takes {} buffers, got {}",
+                f.name,
+                f.reads + f.writes,
+                bufs.len()
+            )));
+        }
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if grid.iter().any(|&g| g > max) {
+            return Err(Error::Unsupported {
+                backend: "wgpu".into(),
+                what: format!("{}::{entry} needs a {grid:?} workgroup grid (limit {max} per dimension)", f.name),
+            });
+        }
+        let (pipeline, layout) = self.cache.pipeline(&self.device, f, entry)?;
+        // Uniform blocks are a multiple of 16 bytes.
+        let mut p = params.to_vec();
+        p.resize(params.len().next_multiple_of(4).max(4), 0);
+        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(entry),
+            contents: bytemuck::cast_slice(&p),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (i, b) in bufs.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: 1 + i as u32, resource: b.as_entire_binding() });
+        }
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &layout,
+            entries: &entries,
+        });
+        let mut enc = self.encoder.lock().unwrap_or_else(|e| e.into_inner());
+        let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        let mut pass =
+            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        Ok(())
+    }
+
+    /// Records a buffer-to-buffer copy (byte offsets and size are multiples of 4).
+    fn copy(&self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut enc = self.encoder.lock().unwrap_or_else(|e| e.into_inner());
+        let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        enc.copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
+    }
+
+    /// Submits what has been recorded.
+    fn flush(&self) {
+        let enc = self.encoder.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(enc) = enc {
+            self.queue.submit([enc.finish()]);
+        }
+    }
+
+    fn take_error(&self) -> Result<()> {
+        match self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(msg) => Err(backend_err(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies `bytes` at `offset` of each source to the host, in one submission with
+    /// whatever is recorded.
+    fn read_back(&self, parts: &[(&wgpu::Buffer, u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        let mut stages = Vec::with_capacity(parts.len());
+        for &(src, offset, bytes) in parts {
+            let size = bytes.max(4).next_multiple_of(4);
+            let stage = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("read back"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.copy(src, offset, &stage, 0, size);
+            stages.push((stage, bytes));
+        }
+        self.flush();
+        let results: Vec<MapSlot> = stages.iter().map(|_| Arc::new(Mutex::new(None))).collect();
+        for ((stage, _), slot) in stages.iter().zip(&results) {
+            let slot = slot.clone();
+            stage.map_async(wgpu::MapMode::Read, .., move |r| {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
+        }
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| backend_err(format!("poll: {e}")))?;
+        self.take_error()?;
+        let mut out = Vec::with_capacity(stages.len());
+        for ((stage, bytes), slot) in stages.iter().zip(&results) {
+            match slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(backend_err(format!("mapping a read-back buffer: {e}"))),
+                None => return Err(backend_err("read-back buffer was not mapped after the device went idle")),
+            }
+            let view = stage.get_mapped_range(..).map_err(|e| backend_err(format!("mapped range: {e}")))?;
+            out.push(view[..*bytes as usize].to_vec());
+            drop(view);
+            stage.unmap();
+        }
+        Ok(out)
+    }
+
+    /// Settles the pending non-finite-logits check: `Err` naming the first bad token.
+    fn settle_checks(&self) -> Result<()> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(check) = pending else {
+            return Ok(());
+        };
+        let status = self.read_back(&[(&self.status, 0, 4)])?;
+        let first = u32::from_le_bytes([status[0][0], status[0][1], status[0][2], status[0][3]]);
+        if first == u32::MAX {
+            return Ok(());
+        }
+        self.queue.write_buffer(&self.status, 0, bytemuck::cast_slice(&[u32::MAX]));
+        let v = self.read_back(&[(&check.logits, first as u64 * 4, 4)])?;
+        let value = f32::from_le_bytes([v[0][0], v[0][1], v[0][2], v[0][3]]);
+        let e = check.experts.max(1);
+        Err(Error::NonFiniteLogits { token: first as usize / e, expert: first as usize % e, value })
+    }
+
+    fn buf<'a>(t: &'a T, name: &str, dtype: DType) -> Result<&'a wgpu::Buffer> {
+        t.expect_dtype(name, dtype)?;
+        Ok(&t.buffer().buf)
+    }
+}
+
+impl Backend for WgpuBackend {
+    type Buffer = WgpuBuffer;
+
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            backend: "wgpu".into(),
+            device: format!("{} ({}, {})", self.adapter.name, self.adapter.api, self.adapter.kind),
+            storage_dtypes: vec![DType::F32],
+            max_buffer_bytes: self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size),
+            subgroups: false,
+            threads: 0,
+        }
+    }
+
+    fn upload_as(&self, t: &HostTensor, dtype: DType) -> Result<T> {
+        let bytes: Vec<u8> = match (&t.data, dtype) {
+            (moe_engine::tensor::HostData::F32(v), DType::F32) => bytemuck::cast_slice(v).to_vec(),
+            (moe_engine::tensor::HostData::I32(v), DType::I32) => bytemuck::cast_slice(v).to_vec(),
+            _ => {
+                return Err(Error::Unsupported {
+                    backend: "wgpu".into(),
+                    what: format!("storing {} data as {dtype}", t.dtype()),
+                })
+            }
+        };
+        self.check_size(bytes.len() as u64, "tensor")?;
+        let mut contents = bytes;
+        let n = contents.len() as u64;
+        contents.resize(contents.len().max(4).next_multiple_of(4), 0);
+        let buf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        });
+        Ok(Tensor::from_parts(WgpuBuffer { buf, bytes: n }, t.shape.clone(), dtype))
+    }
+
+    fn download(&self, t: &T) -> Result<HostTensor> {
+        self.settle_checks()?;
+        let b = t.buffer();
+        let bytes = (t.numel() * t.dtype().size()) as u64;
+        if bytes > b.bytes {
+            return Err(Error::Invalid(format!(
+                "tensor {:?} is larger than its buffer ({} bytes)",
+                t.shape(),
+                b.bytes
+            )));
+        }
+        let data = self.read_back(&[(&b.buf, 0, bytes)])?.remove(0);
+        match t.dtype() {
+            DType::F32 => HostTensor::f32(t.shape(), bytemuck::pod_collect_to_vec(&data)),
+            DType::I32 => HostTensor::i32(t.shape(), bytemuck::pod_collect_to_vec(&data)),
+            d => Err(Error::Unsupported { backend: "wgpu".into(), what: format!("downloading {d} tensors") }),
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.flush();
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| backend_err(format!("poll: {e}")))?;
+        self.take_error()?;
+        self.settle_checks()
+    }
+
+    fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
+        linear::linear(self, x, w, bias)
+    }
+
+    fn grouped_linear(&self, x: &T, offsets: &T, w: &T, bias: Option<&T>) -> Result<T> {
+        linear::grouped(self, x, offsets, w, bias)
+    }
+
+    fn activation(&self, x: &T, act: Activation) -> Result<T> {
+        elementwise::activation(self, x, act)
+    }
+
+    fn glu(&self, x: &T, act: Activation) -> Result<T> {
+        elementwise::glu(self, x, act)
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        elementwise::mul(self, a, b)
+    }
+
+    fn add_gated(&self, a: &T, b: &T, gate: Option<&T>) -> Result<T> {
+        elementwise::add_gated(self, a, b, gate)
+    }
+
+    fn residual_mix(&self, moe: &T, mlp: &T, coef: &T) -> Result<T> {
+        elementwise::residual_mix(self, moe, mlp, coef)
+    }
+
+    fn route(&self, logits: &T, spec: &RouteSpec<'_, Self>) -> Result<Routes<Self>> {
+        routing::route(self, logits, spec)
+    }
+
+    fn plan(&self, routes: &Routes<Self>, spec: &PlanSpec<'_, Self>) -> Result<Plan<Self>> {
+        routing::plan(self, routes, spec)
+    }
+
+    fn permute(&self, x: &T, plan: &Plan<Self>) -> Result<T> {
+        elementwise::permute(self, x, plan)
+    }
+
+    fn combine(&self, yp: &T, plan: &Plan<Self>) -> Result<T> {
+        elementwise::combine(self, yp, plan)
+    }
+
+    fn router_stats(&self, logits: &T, scores: &T) -> Result<T> {
+        routing::router_stats(self, logits, scores)
+    }
+}

@@ -1,0 +1,100 @@
+// Elementwise ops: activations, GLU, products and the residual / shared-expert mixes.
+// Bindings (shared by every entry point of this family): 0 params, 1-3 inputs, 4 output.
+// One invocation per output element; dispatches are 2-D when one dimension would exceed
+// the 65535-workgroup limit.
+
+struct Params {
+    n: u32,       // output elements
+    cols: u32,    // row length of the output
+    act: u32,     // 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity
+    gated: u32,   // add_gated: 1 when a gate column is bound
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read> c: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+const WG: u32 = 256u;
+
+fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+// erfc with fractional error below 1.2e-7 everywhere (Numerical Recipes' Chebyshev fit);
+// WGSL has no erf builtin.
+fn erfc_approx(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
+        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
+        t * (-0.82215223 + t * 0.17087277)))))))));
+    return select(2.0 - r, r, x >= 0.0);
+}
+
+fn act(x: f32, kind: u32) -> f32 {
+    switch kind {
+        case 0u: { return 0.5 * x * (2.0 - erfc_approx(x * 0.70710678118654752)); }
+        case 1u: {
+            // tanh saturates to ±1 in f32 beyond |u| = 9; clamping keeps drivers that build
+            // tanh from exp from overflowing to inf / inf.
+            let u = clamp(0.7978845608 * (x + 0.044715 * x * x * x), -10.0, 10.0);
+            return 0.5 * x * (1.0 + tanh(u));
+        }
+        case 2u: { return max(x, 0.0); }
+        case 3u: { return x / (1.0 + exp(-x)); }
+        default: { return x; }
+    }
+}
+
+@compute @workgroup_size(256)
+fn activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if i >= p.n { return; }
+    out[i] = act(a[i], p.act);
+}
+
+// a [rows, 2·cols] (gate columns, then up) → out [rows, cols] = act(gate) · up.
+@compute @workgroup_size(256)
+fn glu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if i >= p.n { return; }
+    let row = i / p.cols;
+    let col = i % p.cols;
+    let base = row * 2u * p.cols;
+    out[i] = act(a[base + col], p.act) * a[base + p.cols + col];
+}
+
+@compute @workgroup_size(256)
+fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if i >= p.n { return; }
+    out[i] = a[i] * b[i];
+}
+
+// out = a + s · b, s = sigmoid(c[row]) when gated (Qwen2-MoE shared expert), else 1.
+@compute @workgroup_size(256)
+fn add_gated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if i >= p.n { return; }
+    var s = 1.0;
+    if p.gated == 1u {
+        s = 1.0 / (1.0 + exp(-c[i / p.cols]));
+    }
+    out[i] = a[i] + s * b[i];
+}
+
+// DeepSpeed residual MoE: out = a · c0 + b · c1 with (c0, c1) = softmax(c[row, 0..2]).
+@compute @workgroup_size(256)
+fn residual_mix(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if i >= p.n { return; }
+    let row = i / p.cols;
+    let l0 = c[2u * row];
+    let l1 = c[2u * row + 1u];
+    let mx = max(l0, l1);
+    let e0 = exp(l0 - mx);
+    let e1 = exp(l1 - mx);
+    out[i] = a[i] * (e0 / (e0 + e1)) + b[i] * (e1 / (e0 + e1));
+}

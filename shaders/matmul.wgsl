@@ -1,0 +1,138 @@
+// Matrix products out [R, N] = x [R, K] · w[g] [N, K]ᵀ (+ bias[g]), tiled 64 × 64 with
+// 16-deep K steps through workgroup memory; each of the 16 × 16 invocations owns a 4 × 4
+// block of outputs and accumulates in f32 in K order.
+//
+// Grouped products read the group offsets on the device: `tile_map` cuts every group's
+// rows into 64-row tiles (a tile never spans two groups, so the compact expert-major
+// layout needs no padding), and `grouped` runs one workgroup per (tile, column block).
+// The dispatch is sized for the most tiles possible, ceil(R / 64) + G; spare workgroups
+// exit at once.
+//
+// Bindings: 0 params, 1 x, 2 w, 3 bias, 4 offsets [G + 1] i32, 5 tiles (1 + 3·max) i32,
+// 6 out.
+
+struct Params {
+    rows: u32,       // R
+    n: u32,          // N
+    k: u32,          // K
+    groups: u32,     // G
+    has_bias: u32,
+    max_tiles: u32,
+    y_stride: u32,   // workgroups per row of the dispatch grid in y (65535 limit)
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read> offsets: array<i32>;
+@group(0) @binding(5) var<storage, read_write> tiles: array<i32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
+
+var<workgroup> xs: array<array<f32, 64>, 16>;   // [BK][BM]
+var<workgroup> ws: array<array<f32, 64>, 16>;   // [BK][BN]
+var<workgroup> tile_info: vec4<u32>;            // (group, first row, end row, valid)
+
+// One invocation: the tile list for `grouped`.
+@compute @workgroup_size(1)
+fn tile_map() {
+    var count = 0u;
+    for (var g = 0u; g < p.groups; g++) {
+        let end = u32(offsets[g + 1u]);
+        for (var r0 = u32(offsets[g]); r0 < end; r0 += BM) {
+            tiles[1u + 3u * count] = i32(g);
+            tiles[2u + 3u * count] = i32(r0);
+            tiles[3u + 3u * count] = i32(min(r0 + BM, end));
+            count++;
+        }
+    }
+    tiles[0] = i32(count);
+}
+
+fn product_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
+    let tid = lid.y * 16u + lid.x;
+    var acc: array<array<f32, 4>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            acc[i][j] = 0.0;
+        }
+    }
+    let wbase = g * p.n;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        for (var l = 0u; l < 4u; l++) {
+            let idx = tid + l * 256u;
+            let rr = idx / BK;
+            let kk = idx % BK;
+            let row = r0 + rr;
+            let kx = k0 + kk;
+            var xv = 0.0;
+            if row < r1 && kx < p.k {
+                xv = x[row * p.k + kx];
+            }
+            xs[kk][rr] = xv;
+            let col = c0 + rr;
+            var wv = 0.0;
+            if col < p.n && kx < p.k {
+                wv = w[(wbase + col) * p.k + kx];
+            }
+            ws[kk][rr] = wv;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var av: array<f32, 4>;
+            var bv: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                av[i] = xs[kk][lid.y * 4u + i];
+                bv[i] = ws[kk][lid.x * 4u + i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc[i][j] += av[i] * bv[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let row = r0 + lid.y * 4u + i;
+        if row >= r1 { continue; }
+        for (var j = 0u; j < 4u; j++) {
+            let col = c0 + lid.x * 4u + j;
+            if col >= p.n { continue; }
+            var v = acc[i][j];
+            if p.has_bias == 1u {
+                v += bias[wbase + col];
+            }
+            out[row * p.n + col] = v;
+        }
+    }
+}
+
+// Plain product: one 64-row block per workgroup row of the grid.
+@compute @workgroup_size(16, 16)
+fn linear(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r0 = (wg.y + wg.z * p.y_stride) * BM;
+    if r0 >= p.rows { return; }
+    product_tile(0u, r0, min(r0 + BM, p.rows), wg.x * BN, lid);
+}
+
+@compute @workgroup_size(16, 16)
+fn grouped(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = wg.y + wg.z * p.y_stride;
+    if lid.x == 0u && lid.y == 0u {
+        var info = vec4<u32>(0u, 0u, 0u, 0u);
+        if t < u32(tiles[0]) {
+            info = vec4<u32>(u32(tiles[1u + 3u * t]), u32(tiles[2u + 3u * t]), u32(tiles[3u + 3u * t]), 1u);
+        }
+        tile_info = info;
+    }
+    // Loaded through workgroupUniformLoad so the early exit is uniform for the barriers.
+    let info = workgroupUniformLoad(&tile_info);
+    if info.w == 0u { return; }
+    product_tile(info.x, info.y, info.z, wg.x * BN, lid);
+}

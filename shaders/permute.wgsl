@@ -1,0 +1,50 @@
+// Row movement between token order and the compact expert-major layout.
+// Bindings: 0 params, 1 source rows, 2 plan.rows [S, k] i32, 3 plan.weights [S, k],
+// 4 output. Every output element is written by exactly one invocation, in a fixed order:
+// no atomics, so results are bitwise reproducible.
+
+struct Params {
+    n: u32,     // output elements
+    cols: u32,  // M, the row length
+    k: u32,     // routes per token
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> rows: array<i32>;
+@group(0) @binding(3) var<storage, read> weights: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+const WG: u32 = 256u;
+
+// One invocation per (route, column): out[rows[route]] = x[token]. Dropped routes write
+// nothing; rows past the kept total stay zero.
+@compute @workgroup_size(256)
+fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if i >= p.n { return; }
+    let route = i / p.cols;
+    let col = i % p.cols;
+    let row = rows[route];
+    if row < 0 { return; }
+    out[u32(row) * p.cols + col] = src[(route / p.k) * p.cols + col];
+}
+
+// One invocation per (token, column): y = Σ_j w[t, j] · yp[rows[t, j]], in route order,
+// accumulated in f32.
+@compute @workgroup_size(256)
+fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if i >= p.n { return; }
+    let t = i / p.cols;
+    let col = i % p.cols;
+    var acc = 0.0;
+    for (var j = 0u; j < p.k; j++) {
+        let row = rows[t * p.k + j];
+        if row >= 0 {
+            acc += weights[t * p.k + j] * src[u32(row) * p.cols + col];
+        }
+    }
+    out[i] = acc;
+}

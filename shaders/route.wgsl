@@ -1,0 +1,215 @@
+// Routing, one invocation per token: scores (softmax or sigmoid of the f32 logits), the
+// choice (top-k, DeepSpeed top-2, group-limited top-k), and the route weights
+// (renormalised or not, then scaled). Ties go to the lower expert index everywhere: a
+// candidate replaces the best only when strictly greater.
+//
+// Bindings: 0 params, 1 logits [S, E], 2 bias [E], 3 choice noise [S, E], 4 scores
+// [S, E], 5 experts [S, k] i32, 6 weights [S, k], 7 status (atomic u32; [0] = first
+// non-finite logit as t·E + e, u32 max when none).
+
+struct Params {
+    s: u32,
+    e: u32,
+    k: u32,
+    score_fn: u32,     // 0 softmax, 1 sigmoid
+    choice: u32,       // 0 top-k, 1 DeepSpeed top-2, 2 group-limited
+    has_bias: u32,
+    has_noise: u32,
+    normalize: u32,    // 0 none, 1 sum, 2 sum + eps
+    eps: f32,
+    scale: f32,
+    n_group: u32,
+    topk_group: u32,
+    group_score: u32,  // 0 max (masked groups read 0), 1 sum of top 2 (masked read -inf)
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read> noise: array<f32>;
+@group(0) @binding(4) var<storage, read_write> scores: array<f32>;
+@group(0) @binding(5) var<storage, read_write> experts: array<i32>;
+@group(0) @binding(6) var<storage, read_write> weights: array<f32>;
+@group(0) @binding(7) var<storage, read_write> status: array<atomic<u32>>;
+
+const WG: u32 = 64u;
+// Up to 1024 experts (bit sets of 32 words) and 64 groups.
+const MAX_WORDS: u32 = 32u;
+// -inf, built at run time: WGSL constant expressions may not be infinite.
+fn neg_inf() -> f32 {
+    var bits = 0xff800000u;
+    return bitcast<f32>(bits);
+}
+
+fn is_finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+fn has(bits: ptr<function, array<u32, 32>>, i: u32) -> bool {
+    return ((*bits)[i / 32u] & (1u << (i % 32u))) != 0u;
+}
+
+fn put(bits: ptr<function, array<u32, 32>>, i: u32) {
+    (*bits)[i / 32u] |= 1u << (i % 32u);
+}
+
+// The quantity top-k chooses on: scores + bias, or logits + noise when noise is given.
+fn key(t: u32, i: u32) -> f32 {
+    let at = t * p.e + i;
+    if p.choice == 0u && p.has_noise == 1u {
+        return logits[at] + noise[at];
+    }
+    var v = scores[at];
+    if p.has_bias == 1u {
+        v += bias[i];
+    }
+    return v;
+}
+
+@compute @workgroup_size(64)
+fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * WG;
+    if t >= p.s { return; }
+    let row = t * p.e;
+    let NEG_INF = neg_inf();
+
+    // Scores, after checking the logits.
+    var mx = NEG_INF;
+    for (var i = 0u; i < p.e; i++) {
+        let v = logits[row + i];
+        if !is_finite(v) {
+            atomicMin(&status[0], row + i);
+        }
+        mx = max(mx, v);
+    }
+    if p.score_fn == 0u {
+        var sum = 0.0;
+        for (var i = 0u; i < p.e; i++) {
+            let v = exp(logits[row + i] - mx);
+            scores[row + i] = v;
+            sum += v;
+        }
+        for (var i = 0u; i < p.e; i++) {
+            scores[row + i] = scores[row + i] / sum;
+        }
+    } else {
+        for (var i = 0u; i < p.e; i++) {
+            scores[row + i] = 1.0 / (1.0 + exp(-logits[row + i]));
+        }
+    }
+
+    // Experts outside the kept groups (group-limited routing only).
+    var masked: array<u32, 32>;
+    var chosen: array<u32, 32>;
+    for (var w = 0u; w < MAX_WORDS; w++) {
+        masked[w] = 0u;
+        chosen[w] = 0u;
+    }
+    var fill = 0.0;
+    if p.choice == 2u {
+        let per = p.e / p.n_group;
+        var gs: array<f32, 64>;
+        for (var g = 0u; g < p.n_group; g++) {
+            let base = g * per;
+            if p.group_score == 0u {
+                var m = NEG_INF;
+                for (var i = 0u; i < per; i++) {
+                    m = max(m, key(t, base + i));
+                }
+                gs[g] = m;
+            } else {
+                var a = 0u;
+                for (var i = 1u; i < per; i++) {
+                    if key(t, base + i) > key(t, base + a) { a = i; }
+                }
+                var b = select(0u, 1u, a == 0u);
+                for (var i = 0u; i < per; i++) {
+                    if i != a && key(t, base + i) > key(t, base + b) { b = i; }
+                }
+                gs[g] = key(t, base + a) + key(t, base + b);
+            }
+        }
+        var kept_groups = array<u32, 2>(0u, 0u);
+        for (var j = 0u; j < p.topk_group; j++) {
+            var best = 0xffffffffu;
+            var bv = NEG_INF;
+            for (var g = 0u; g < p.n_group; g++) {
+                if (kept_groups[g / 32u] & (1u << (g % 32u))) != 0u { continue; }
+                if best == 0xffffffffu || gs[g] > bv {
+                    best = g;
+                    bv = gs[g];
+                }
+            }
+            kept_groups[best / 32u] |= 1u << (best % 32u);
+        }
+        for (var i = 0u; i < p.e; i++) {
+            let g = i / per;
+            if (kept_groups[g / 32u] & (1u << (g % 32u))) == 0u {
+                put(&masked, i);
+            }
+        }
+        fill = select(NEG_INF, 0.0, p.group_score == 0u);
+    }
+
+    // The choice.
+    let out = t * p.k;
+    if p.choice == 1u {
+        // DeepSpeed top-2: first = argmax(scores); second = argmax(logits [+ noise]) over
+        // the others.
+        var first = 0u;
+        for (var i = 1u; i < p.e; i++) {
+            if scores[row + i] > scores[row + first] { first = i; }
+        }
+        var second = 0xffffffffu;
+        var sv = NEG_INF;
+        for (var i = 0u; i < p.e; i++) {
+            if i == first { continue; }
+            var v = logits[row + i];
+            if p.has_noise == 1u { v += noise[row + i]; }
+            if second == 0xffffffffu || v > sv {
+                second = i;
+                sv = v;
+            }
+        }
+        experts[out] = i32(first);
+        if p.k > 1u { experts[out + 1u] = i32(second); }
+        put(&chosen, first);
+    } else {
+        for (var j = 0u; j < p.k; j++) {
+            var best = 0xffffffffu;
+            var bv = NEG_INF;
+            for (var i = 0u; i < p.e; i++) {
+                if has(&chosen, i) { continue; }
+                var v = key(t, i);
+                if has(&masked, i) { v = fill; }
+                if best == 0xffffffffu || v > bv {
+                    best = i;
+                    bv = v;
+                }
+            }
+            put(&chosen, best);
+            experts[out + j] = i32(best);
+        }
+    }
+
+    // Weights: the chosen scores (0 on a masked expert), normalised, scaled.
+    var sum = 0.0;
+    for (var j = 0u; j < p.k; j++) {
+        let c = u32(experts[out + j]);
+        var v = scores[row + c];
+        if has(&masked, c) { v = 0.0; }
+        weights[out + j] = v;
+        sum += v;
+    }
+    var denom = 1.0;
+    if p.normalize == 1u { denom = sum; }
+    if p.normalize == 2u { denom = sum + p.eps; }
+    for (var j = 0u; j < p.k; j++) {
+        var v = weights[out + j];
+        if p.normalize != 0u { v = v / denom; }
+        weights[out + j] = v * p.scale;
+    }
+}
