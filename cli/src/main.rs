@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod demo;
+mod parity;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Cmd {
     },
     /// The backends compiled in and the devices each one sees.
     Info,
+    /// Op-level parity: every trait op on the cpu and on another backend, as a support matrix.
+    Parity(parity::Args),
     /// Run the built-in PR-MoE demo stack and print throughput, expert load and drops.
     Run(demo::Args),
 }
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Cmd::Check(a) => check::run(a),
         Cmd::Bench { what } => bench::run(what),
         Cmd::Info => info(),
+        Cmd::Parity(a) => parity::run(a),
         Cmd::Run(a) => demo::run(a),
     };
     match res {

@@ -1,0 +1,47 @@
+//! The op-level parity harness, cpu (reference) against wgpu: every case must pass.
+//! Skips visibly without an adapter; with `CI=true` a missing adapter fails.
+
+use moe_engine::parity::{self, Outcome};
+use moe_engine::DType;
+use std::io::Write;
+
+#[test]
+fn wgpu_matches_cpu_on_every_op() {
+    let wgpu = match moe_wgpu::WgpuBackend::new(None) {
+        Ok(b) => b,
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true and no wgpu adapter: {e}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIP wgpu_matches_cpu_on_every_op: no wgpu adapter ({e})");
+            return;
+        }
+    };
+    let cpu = moe_cpu::CpuBackend::new(Some(2)).expect("cpu backend");
+    let results = parity::run(&cpu, &wgpu);
+    assert!(results.len() >= 40, "the harness ran {} cases", results.len());
+    let table = parity::markdown(&[("wgpu".to_string(), DType::F32, results.clone())]);
+    let bad: Vec<_> = results.iter().filter(|r| !matches!(r.outcome, Outcome::Pass(_))).collect();
+    assert!(bad.is_empty(), "parity failures:\n{table}");
+}
+
+#[test]
+fn the_reference_against_itself_is_exact() {
+    let cpu = moe_cpu::CpuBackend::new(Some(1)).expect("cpu backend");
+    let results = parity::run(&cpu, &cpu);
+    assert!(results.iter().all(|r| matches!(r.outcome, Outcome::Pass(e) if e == 0.0)));
+}
+
+#[test]
+fn comparison_rejects_nan_wrong_integers_and_shapes() {
+    use moe_engine::HostTensor;
+    let f = |v: Vec<f32>| HostTensor::f32(&[v.len()], v).unwrap();
+    let i = |v: Vec<i32>| HostTensor::i32(&[v.len()], v).unwrap();
+    assert_eq!(parity::compare("y", &f(vec![1.0, 2.0]), &f(vec![1.0, 2.0]), 1e-6), Ok(0.0));
+    assert!(parity::compare("y", &f(vec![1.0, 2.0]), &f(vec![f32::NAN, 2.0]), 1e-6).is_err());
+    assert!(parity::compare("y", &f(vec![1.0, 2.0]), &f(vec![1.0, f32::INFINITY]), 1e-6).is_err());
+    assert!(parity::compare("y", &f(vec![1.0, 2.0]), &f(vec![1.0, 2.001]), 1e-6).is_err());
+    assert!(parity::compare("slots", &i(vec![0, 1]), &i(vec![0, 2]), 1e-6).is_err());
+    assert!(parity::compare("y", &f(vec![1.0, 2.0]), &f(vec![1.0]), 1e-6).is_err());
+    assert!(parity::compare("y", &f(vec![1.0]), &i(vec![1]), 1e-6).is_err());
+}
