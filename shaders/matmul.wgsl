@@ -8,8 +8,14 @@
 // The dispatch is sized for the most tiles possible, ceil(R / 64) + G; spare workgroups
 // exit at once.
 //
-// Bindings: 0 params, 1 x, 2 w, 3 bias, 4 offsets [G + 1] i32, 5 tiles (1 + 3·max) i32,
-// 6 out.
+// Weights may be stored as f32, f16 or bf16 (two halves per u32 word, the even element in
+// the low half), and a weight stack larger than the adapter's largest storage binding is
+// split into parts: whole experts [g0, g1), or for one expert a range of output columns
+// [c0, c1). One dispatch per part; a workgroup whose tile or columns lie outside its part
+// exits at once. Accumulation is f32 throughout.
+//
+// Bindings: 0 params, 1 x, 2 w (this part, as u32 words), 3 bias, 4 offsets [G + 1] i32,
+// 5 tiles (1 + 3·max) i32, 6 out.
 
 struct Params {
     rows: u32,       // R
@@ -19,12 +25,16 @@ struct Params {
     has_bias: u32,
     max_tiles: u32,
     y_stride: u32,   // workgroups per row of the dispatch grid in y (65535 limit)
-    _pad: u32,
+    wdtype: u32,     // weight storage: 0 f32, 1 f16, 2 bf16
+    g0: u32,         // this weight part: experts [g0, g1), output columns [c0, c1)
+    g1: u32,
+    c0: u32,
+    c1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read> offsets: array<i32>;
 @group(0) @binding(5) var<storage, read_write> tiles: array<i32>;
@@ -54,6 +64,20 @@ fn tile_map() {
     tiles[0] = i32(count);
 }
 
+// Weight row `col` (an output column), element `kx`, of expert `g`, from this part.
+fn wload(g: u32, col: u32, kx: u32) -> f32 {
+    let i = ((g - p.g0) * (p.c1 - p.c0) + (col - p.c0)) * p.k + kx;
+    if p.wdtype == 0u {
+        return bitcast<f32>(w[i]);
+    }
+    let word = w[i / 2u];
+    if p.wdtype == 1u {
+        return unpack2x16float(word)[i % 2u];
+    }
+    // bf16 is the upper half of an f32.
+    return bitcast<f32>(select(word << 16u, word & 0xffff0000u, i % 2u == 1u));
+}
+
 fn product_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
     let tid = lid.y * 16u + lid.x;
     var acc: array<array<f32, 4>, 4>;
@@ -63,6 +87,7 @@ fn product_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
         }
     }
     let wbase = g * p.n;
+    let cend = min(p.c1, p.n);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         for (var l = 0u; l < 4u; l++) {
             let idx = tid + l * 256u;
@@ -77,8 +102,8 @@ fn product_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
             xs[kk][rr] = xv;
             let col = c0 + rr;
             var wv = 0.0;
-            if col < p.n && kx < p.k {
-                wv = w[(wbase + col) * p.k + kx];
+            if col < cend && kx < p.k {
+                wv = wload(g, col, kx);
             }
             ws[kk][rr] = wv;
         }
@@ -103,7 +128,7 @@ fn product_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
         if row >= r1 { continue; }
         for (var j = 0u; j < 4u; j++) {
             let col = c0 + lid.x * 4u + j;
-            if col >= p.n { continue; }
+            if col >= cend { continue; }
             var v = acc[i][j];
             if p.has_bias == 1u {
                 v += bias[wbase + col];
@@ -118,7 +143,7 @@ fn product_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
 fn linear(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let r0 = (wg.y + wg.z * p.y_stride) * BM;
     if r0 >= p.rows { return; }
-    product_tile(0u, r0, min(r0 + BM, p.rows), wg.x * BN, lid);
+    product_tile(0u, r0, min(r0 + BM, p.rows), p.c0 + wg.x * BN, lid);
 }
 
 @compute @workgroup_size(16, 16)
@@ -133,6 +158,6 @@ fn grouped(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
     }
     // Loaded through workgroupUniformLoad so the early exit is uniform for the barriers.
     let info = workgroupUniformLoad(&tile_info);
-    if info.w == 0u { return; }
-    product_tile(info.x, info.y, info.z, wg.x * BN, lid);
+    if info.w == 0u || info.x < p.g0 || info.x >= p.g1 { return; }
+    product_tile(info.x, info.y, info.z, p.c0 + wg.x * BN, lid);
 }

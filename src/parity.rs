@@ -100,8 +100,20 @@ struct Runner<'a, R: Backend, C: Backend> {
 }
 
 impl<R: Backend, C: Backend> Runner<'_, R, C> {
-    fn case(&mut self, op: &'static str, case: impl Into<String>, on_r: &Build<'_, R>, on_c: &Build<'_, C>) {
+    fn case(
+        &mut self,
+        op: &'static str,
+        case: impl Into<String>,
+        dtype: DType,
+        on_r: &Build<'_, R>,
+        on_c: &Build<'_, C>,
+    ) {
         let case = case.into();
+        if !self.candidate.capabilities().storage_dtypes.contains(&dtype) {
+            let what = format!("{dtype} storage");
+            self.results.push(CaseResult { op, case, dtype, outcome: Outcome::Unsupported(what) });
+            return;
+        }
         let outcome = match (self.outputs(self.reference, on_r), self.outputs(self.candidate, on_c)) {
             (Err(e), _) => Outcome::Fail(format!("reference failed: {e}")),
             (_, Err(crate::Error::Unsupported { what, .. })) => Outcome::Unsupported(what),
@@ -125,7 +137,7 @@ impl<R: Backend, C: Backend> Runner<'_, R, C> {
                 }
             }
         };
-        self.results.push(CaseResult { op, case, dtype: DType::F32, outcome });
+        self.results.push(CaseResult { op, case, dtype, outcome });
     }
 
     fn outputs<B: Backend>(&self, b: &B, build: &Build<'_, B>) -> Result<Vec<(&'static str, HostTensor)>> {
@@ -137,10 +149,31 @@ impl<R: Backend, C: Backend> Runner<'_, R, C> {
 /// Expands to the same case body for the reference and the candidate backend types.
 macro_rules! case {
     ($runner:expr, $op:expr, $name:expr, |$b:ident| $body:expr) => {{
+        case!($runner, $op, $name, DType::F32, |$b| $body)
+    }};
+    ($runner:expr, $op:expr, $name:expr, $dtype:expr, |$b:ident| $body:expr) => {{
         let on_r = |$b: &R| -> Result<Vec<(&'static str, Tensor<R>)>> { $body };
         let on_c = |$b: &C| -> Result<Vec<(&'static str, Tensor<C>)>> { $body };
-        $runner.case($op, $name, &on_r, &on_c);
+        $runner.case($op, $name, $dtype, &on_r, &on_c);
     }};
+}
+
+/// A weight in `dtype` storage where the backend has it; otherwise (the f32 reference)
+/// the same values rounded to `dtype` and stored in f32, so both sides multiply the same
+/// numbers and the comparison isolates the backend's half-precision path.
+fn weight<B: Backend>(b: &B, w: &HostTensor, dtype: DType) -> Result<Tensor<B>> {
+    if dtype == DType::F32 || b.capabilities().storage_dtypes.contains(&dtype) {
+        return b.upload_weight(w, dtype);
+    }
+    let v = w.as_f32("weight")?;
+    let r = v
+        .iter()
+        .map(|&x| match dtype {
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            _ => half::bf16::from_f32(x).to_f32(),
+        })
+        .collect();
+    b.upload_weight(&HostTensor::f32(&w.shape, r)?, DType::F32)
 }
 
 fn offsets_of(counts: &[usize]) -> Vec<i32> {
@@ -172,12 +205,14 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
     let mut t = Runner { reference, candidate, results: Vec::new() };
 
     // ---- matrix products
-    for (r, k, n, bias) in [(37usize, 19usize, 70usize, true), (1, 64, 5, false), (130, 200, 129, true)] {
-        let (x, w, bb) = (rand(&[r, k], 1, 1.0), rand(&[n, k], 2, 0.3), rand(&[n], 3, 1.0));
-        case!(t, "linear", format!("{r}x{k} · {n}x{k}ᵀ{}", if bias { " + bias" } else { "" }), |b| {
-            let bt = if bias { Some(b.upload(&bb)?) } else { None };
-            Ok(vec![("y", b.linear(&b.upload(&x)?, &b.upload_weight(&w, DType::F32)?, bt.as_ref())?)])
-        });
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (r, k, n, bias) in [(37usize, 19usize, 70usize, true), (1, 64, 5, false), (130, 200, 129, true)] {
+            let (x, w, bb) = (rand(&[r, k], 1, 1.0), rand(&[n, k], 2, 0.3), rand(&[n], 3, 1.0));
+            case!(t, "linear", format!("{r}x{k} · {n}x{k}ᵀ{}", if bias { " + bias" } else { "" }), dtype, |b| {
+                let bt = if bias { Some(b.upload(&bb)?) } else { None };
+                Ok(vec![("y", b.linear(&b.upload(&x)?, &weight(b, &w, dtype)?, bt.as_ref())?)])
+            });
+        }
     }
     let grouped: [(&str, Vec<usize>); 4] = [
         ("odd groups, two empty", vec![0, 37, 1, 0, 70]),
@@ -185,20 +220,18 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
         ("rows past the last group", vec![5, 9]),
         ("no rows", vec![0, 0, 0]),
     ];
-    for (what, counts) in grouped {
+    for (dtype, (what, counts)) in
+        grouped.into_iter().flat_map(|c| [DType::F32, DType::F16, DType::BF16].map(move |d| (d, c.clone())))
+    {
         let g = counts.len();
         let rows = counts.iter().sum::<usize>() + if what.starts_with("rows past") { 6 } else { 0 };
         let (k, n) = (23, 67);
         let (x, w, bb) = (rand(&[rows.max(1), k], 4, 1.0), rand(&[g, n, k], 5, 0.3), rand(&[g, n], 6, 1.0));
         let off = ints(&[g + 1], offsets_of(&counts));
         let x = if rows == 0 { HostTensor::f32(&[0, k], vec![]).expect("empty") } else { x };
-        case!(t, "grouped_linear", format!("{what} (+ bias)"), |b| {
-            let y = b.grouped_linear(
-                &b.upload(&x)?,
-                &b.upload(&off)?,
-                &b.upload_weight(&w, DType::F32)?,
-                Some(&b.upload(&bb)?),
-            )?;
+        case!(t, "grouped_linear", format!("{what} (+ bias)"), dtype, |b| {
+            let y =
+                b.grouped_linear(&b.upload(&x)?, &b.upload(&off)?, &weight(b, &w, dtype)?, Some(&b.upload(&bb)?))?;
             Ok(vec![("y", y)])
         });
     }
@@ -208,9 +241,14 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
         let rows: usize = counts.iter().sum();
         let (x, w_in, w_out) = (rand(&[rows, h], 7, 1.0), rand(&[g, 2 * f, h], 8, 0.3), rand(&[g, h, f], 9, 0.3));
         let off = ints(&[g + 1], offsets_of(&counts));
-        for (act, name) in [(Activation::Silu, "swiglu"), (Activation::Gelu, "geglu")] {
-            case!(t, "grouped_mlp", format!("{name} experts, fused where the backend fuses"), |b| {
-                let (wi, wo) = (b.upload_weight(&w_in, DType::F32)?, b.upload_weight(&w_out, DType::F32)?);
+        for (dtype, act, name) in [
+            (DType::F32, Activation::Silu, "swiglu"),
+            (DType::F32, Activation::Gelu, "geglu"),
+            (DType::F16, Activation::Silu, "swiglu"),
+            (DType::BF16, Activation::Silu, "swiglu"),
+        ] {
+            case!(t, "grouped_mlp", format!("{name} experts, fused where the backend fuses"), dtype, |b| {
+                let (wi, wo) = (weight(b, &w_in, dtype)?, weight(b, &w_out, dtype)?);
                 let w = MlpWeights {
                     kind: ExpertKind::Glu { activation: act },
                     w_in: &wi,
@@ -470,10 +508,18 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
 }
 
 /// The support matrix: one row per op, one column per (backend, dtype), each cell
-/// "pass (n)", "FAIL (n of m)" or "unsupported", followed by the failing cases.
-pub fn markdown(columns: &[(String, DType, Vec<CaseResult>)]) -> String {
+/// "pass (cases; worst error)", "FAIL (n of m)", "unsupported" or "—" (no case), followed
+/// by a list of the failing and unsupported cases.
+pub fn markdown(backends: &[(String, Vec<CaseResult>)]) -> String {
     let mut ops: Vec<&'static str> = Vec::new();
-    for (_, _, rs) in columns {
+    let mut columns: Vec<(&str, DType, Vec<&CaseResult>)> = Vec::new();
+    for (b, rs) in backends {
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            let cases: Vec<&CaseResult> = rs.iter().filter(|r| r.dtype == d).collect();
+            if !cases.is_empty() {
+                columns.push((b, d, cases));
+            }
+        }
         for r in rs {
             if !ops.contains(&r.op) {
                 ops.push(r.op);
@@ -481,7 +527,7 @@ pub fn markdown(columns: &[(String, DType, Vec<CaseResult>)]) -> String {
         }
     }
     let mut s = String::from("| op |");
-    for (b, d, _) in columns {
+    for (b, d, _) in &columns {
         s.push_str(&format!(" {b} {d} |"));
     }
     s.push_str("\n| --- |");
@@ -490,8 +536,8 @@ pub fn markdown(columns: &[(String, DType, Vec<CaseResult>)]) -> String {
     let mut failures = Vec::new();
     for op in &ops {
         s.push_str(&format!("| `{op}` |"));
-        for (b, d, rs) in columns {
-            let cases: Vec<&CaseResult> = rs.iter().filter(|r| r.op == *op).collect();
+        for (b, d, rs) in &columns {
+            let cases: Vec<&&CaseResult> = rs.iter().filter(|r| r.op == *op).collect();
             let pass = cases.iter().filter(|r| matches!(r.outcome, Outcome::Pass(_))).count();
             let unsupported = cases.iter().filter(|r| matches!(r.outcome, Outcome::Unsupported(_))).count();
             let worst = cases

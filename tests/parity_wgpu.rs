@@ -2,7 +2,6 @@
 //! Skips visibly without an adapter; with `CI=true` a missing adapter fails.
 
 use moe_engine::parity::{self, Outcome};
-use moe_engine::DType;
 use std::io::Write;
 
 #[test]
@@ -20,7 +19,7 @@ fn wgpu_matches_cpu_on_every_op() {
     let cpu = moe_cpu::CpuBackend::new(Some(2)).expect("cpu backend");
     let results = parity::run(&cpu, &wgpu);
     assert!(results.len() >= 40, "the harness ran {} cases", results.len());
-    let table = parity::markdown(&[("wgpu".to_string(), DType::F32, results.clone())]);
+    let table = parity::markdown(&[("wgpu".to_string(), results.clone())]);
     let bad: Vec<_> = results.iter().filter(|r| !matches!(r.outcome, Outcome::Pass(_))).collect();
     assert!(bad.is_empty(), "parity failures:\n{table}");
 }
@@ -29,7 +28,14 @@ fn wgpu_matches_cpu_on_every_op() {
 fn the_reference_against_itself_is_exact() {
     let cpu = moe_cpu::CpuBackend::new(Some(1)).expect("cpu backend");
     let results = parity::run(&cpu, &cpu);
-    assert!(results.iter().all(|r| matches!(r.outcome, Outcome::Pass(e) if e == 0.0)));
+    for r in &results {
+        match (r.dtype, &r.outcome) {
+            (moe_engine::DType::F32, Outcome::Pass(e)) => assert_eq!(*e, 0.0, "{} {}", r.op, r.case),
+            // The cpu stores f32 only: its half-precision cases are reported, not faked.
+            (_, Outcome::Unsupported(_)) if r.dtype != moe_engine::DType::F32 => {}
+            other => panic!("{} {}: {other:?}", r.op, r.case),
+        }
+    }
 }
 
 #[test]

@@ -106,3 +106,39 @@ fn forward_is_bitwise_reproducible() {
     let errs = |r: &golden::CaseResult| r.outputs.iter().map(|o| o.error.to_bits()).collect::<Vec<_>>();
     assert_eq!(errs(&first), errs(&second), "two runs of the same case differ");
 }
+
+/// A backend that splits any weight stack above 16 KiB into parts, as it must on
+/// adapters whose largest storage binding is smaller than an expert stack.
+fn splitting_backend(test: &str) -> Option<WgpuBackend> {
+    backend(test)?;
+    Some(WgpuBackend::with_max_binding(None, Some(32 << 10)).expect("adapter"))
+}
+
+#[test]
+fn split_weight_stacks_round_trip_and_pass_golden_and_parity() {
+    let Some(b) = splitting_backend("split_weight_stacks_round_trip_and_pass_golden_and_parity") else { return };
+    // Whole experts per part, and column ranges of one expert per part.
+    for (shape, dtype) in [
+        ([8, 100, 30], moe_engine::DType::F32),
+        ([3, 300, 80], moe_engine::DType::BF16),
+        ([2, 300, 120], moe_engine::DType::F16),
+    ] {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 8.0).collect();
+        let w = b.upload_weight(&HostTensor::f32(&shape, v.clone()).unwrap(), dtype).unwrap();
+        assert!(b.buffer_count(&w) > 1, "{shape:?} {dtype} was not split");
+        assert_eq!(b.download(&w).unwrap().as_f32("w").unwrap(), &v[..], "{shape:?} {dtype} round trip");
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    for dir in golden::discover(&root).unwrap() {
+        let r = golden::run_case(&b, &dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert!(r.pass, "{} fails with split weights", r.name);
+    }
+    let cpu = moe_cpu::CpuBackend::new(Some(2)).unwrap();
+    let bad: Vec<_> = moe_engine::parity::run(&cpu, &b)
+        .into_iter()
+        .filter(|r| !matches!(r.outcome, moe_engine::parity::Outcome::Pass(_)))
+        .map(|r| format!("{} {}: {:?}", r.op, r.case, r.outcome))
+        .collect();
+    assert!(bad.is_empty(), "parity with split weights:\n{}", bad.join("\n"));
+}

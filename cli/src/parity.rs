@@ -2,7 +2,7 @@
 //! printed as the support matrix; `--write` puts it into docs/ops.md between its markers.
 
 use moe_engine::parity::{self, Outcome};
-use moe_engine::DType;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,7 +36,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         _ => (moe_engine::Backend::capabilities(&cpu).device, parity::run(&cpu, &cpu)),
     };
     let failed = results.iter().filter(|r| matches!(r.outcome, Outcome::Fail(_))).count();
-    let table = parity::markdown(&[(a.backend.clone(), DType::F32, results.clone())]);
+    let table = parity::markdown(&[(a.backend.clone(), results.clone())]);
     let body = format!(
         "{BEGIN}\n\n{} cases, {} against the cpu reference on {device}: {} passed, {failed} failed.\n\n{table}\n{END}",
         results.len(),

@@ -15,6 +15,7 @@
 
 mod device;
 mod elementwise;
+mod halves;
 mod kernels;
 mod linear;
 mod routing;
@@ -29,11 +30,26 @@ use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
 /// A device buffer with its logical size in bytes (allocations are at least 4 bytes, as
-/// wgpu does not bind empty buffers).
+/// wgpu does not bind empty buffers). A weight stack larger than the adapter's largest
+/// storage binding lives in several parts instead (see [`WeightPart`]); only the matrix
+/// products take such a tensor.
 #[derive(Debug)]
 pub struct WgpuBuffer {
     buf: wgpu::Buffer,
     bytes: u64,
+    parts: Vec<WeightPart>,
+}
+
+/// One buffer of a split weight stack `[G, N, K]`: experts `g0..g1`, output rows
+/// (columns of the product) `c0..c1`. Parts are consecutive ranges of the flattened
+/// tensor, in order; f16 / bf16 parts are packed two halves per u32 from their own start.
+#[derive(Debug, Clone)]
+pub(crate) struct WeightPart {
+    pub(crate) buf: wgpu::Buffer,
+    pub(crate) g0: usize,
+    pub(crate) g1: usize,
+    pub(crate) c0: usize,
+    pub(crate) c1: usize,
 }
 
 type T = Tensor<WgpuBackend>;
@@ -66,6 +82,8 @@ pub struct WgpuBackend {
     dummy: wgpu::Buffer,
     /// Bound in place of an unused read-write binding.
     dummy_rw: wgpu::Buffer,
+    /// A smaller largest binding than the adapter's, so tests can force split weights.
+    max_binding_override: Option<u64>,
 }
 
 fn backend_err(msg: impl Into<String>) -> Error {
@@ -77,6 +95,13 @@ impl WgpuBackend {
     /// `None` honours `WGPU_ADAPTER_NAME`, else picks the best kind available. A machine
     /// with no driver gets an `Err` saying what to install.
     pub fn new(selector: Option<&str>) -> Result<Self> {
+        Self::with_max_binding(selector, None)
+    }
+
+    /// As [`WgpuBackend::new`], treating `max_binding` bytes (when smaller than the
+    /// adapter's limit) as the largest storage binding: weight stacks above it are split.
+    /// For tests of the split path on adapters with generous limits.
+    pub fn with_max_binding(selector: Option<&str>, max_binding: Option<u64>) -> Result<Self> {
         let (adapter, index) = device::select(selector)?;
         let summary = device::summary(index, &adapter);
         let limits = adapter.limits();
@@ -122,6 +147,7 @@ impl WgpuBackend {
             pending: Mutex::new(None),
             dummy,
             dummy_rw,
+            max_binding_override: max_binding,
         })
     }
 
@@ -155,7 +181,7 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        Ok(WgpuBuffer { buf, bytes })
+        Ok(WgpuBuffer { buf, bytes, parts: Vec::new() })
     }
 
     fn tensor(&self, shape: &[usize], dtype: DType, what: &str) -> Result<T> {
@@ -300,7 +326,44 @@ impl WgpuBackend {
 
     fn buf<'a>(t: &'a T, name: &str, dtype: DType) -> Result<&'a wgpu::Buffer> {
         t.expect_dtype(name, dtype)?;
+        if t.buffer().parts.len() > 1 {
+            return Err(Error::Unsupported {
+                backend: "wgpu".into(),
+                what: format!(
+                    "{name} is split over {} buffers; only matrix products take split weights",
+                    t.buffer().parts.len()
+                ),
+            });
+        }
         Ok(&t.buffer().buf)
+    }
+
+    /// The parts of a weight tensor (one covering everything when it is not split) and
+    /// its storage code for the shaders (0 f32, 1 f16, 2 bf16).
+    fn weight_parts(&self, t: &T) -> Result<Vec<WeightPart>> {
+        let b = t.buffer();
+        if !b.parts.is_empty() {
+            return Ok(b.parts.clone());
+        }
+        let s = t.shape();
+        let (g, n) = match s.len() {
+            2 => (1, s[0]),
+            3 => (s[0], s[1]),
+            _ => return Err(Error::shape("weight", "[out, in] or [groups, out, in]", s)),
+        };
+        Ok(vec![WeightPart { buf: b.buf.clone(), g0: 0, g1: g, c0: 0, c1: n }])
+    }
+
+    /// How many buffers hold a tensor (more than one for a split weight stack).
+    pub fn buffer_count(&self, t: &T) -> usize {
+        t.buffer().parts.len().max(1)
+    }
+
+    /// Largest storage binding a weight part may take (the adapter's, or the smaller test
+    /// override).
+    fn max_binding(&self) -> u64 {
+        let adapter = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        self.max_binding_override.map_or(adapter, |o| o.min(adapter))
     }
 }
 
@@ -315,16 +378,24 @@ impl Backend for WgpuBackend {
         Capabilities {
             backend: "wgpu".into(),
             device: format!("{} ({}, {})", self.adapter.name, self.adapter.api, self.adapter.kind),
-            storage_dtypes: vec![DType::F32],
-            max_buffer_bytes: self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size),
+            storage_dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            max_buffer_bytes: self.max_binding(),
             subgroups: false,
             threads: 0,
         }
     }
 
+    /// f32 and i32 data as given. f16 / bf16 apply to weight matrices
+    /// ([`Backend::upload_weight`]); any other f32 tensor asked for in f16 / bf16 (a bias,
+    /// say) is rounded to that type and kept in f32, so it carries the same values a
+    /// half-precision model has while every non-weight shader reads f32.
     fn upload_as(&self, t: &HostTensor, dtype: DType) -> Result<T> {
         let bytes: Vec<u8> = match (&t.data, dtype) {
             (moe_engine::tensor::HostData::F32(v), DType::F32) => bytemuck::cast_slice(v).to_vec(),
+            (moe_engine::tensor::HostData::F32(v), DType::F16 | DType::BF16) => {
+                let r: Vec<f32> = v.iter().map(|&x| halves::round(x, dtype)).collect();
+                return self.upload_as(&HostTensor::f32(&t.shape, r)?, DType::F32);
+            }
             (moe_engine::tensor::HostData::I32(v), DType::I32) => bytemuck::cast_slice(v).to_vec(),
             _ => {
                 return Err(Error::Unsupported {
@@ -342,12 +413,63 @@ impl Backend for WgpuBackend {
             contents: &contents,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         });
-        Ok(Tensor::from_parts(WgpuBuffer { buf, bytes: n }, t.shape.clone(), dtype))
+        Ok(Tensor::from_parts(WgpuBuffer { buf, bytes: n, parts: Vec::new() }, t.shape.clone(), dtype))
+    }
+
+    /// Weight matrices `[N, K]` or stacks `[G, N, K]` in f32, f16 or bf16 (halves packed
+    /// two per u32), split into parts when larger than the largest storage binding.
+    fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<T> {
+        let (g, n, k) = match t.shape[..] {
+            [n, k] => (1, n, k),
+            [g, n, k] => (g, n, k),
+            _ => return Err(Error::shape("weight", "[out, in] or [groups, out, in]", &t.shape)),
+        };
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Unsupported { backend: "wgpu".into(), what: format!("{dtype} weights") });
+        }
+        let v = t.as_f32("weight")?;
+        let ranges = halves::split(g, n, k, dtype.size() as u64, self.max_binding())?;
+        let mut parts = Vec::with_capacity(ranges.len());
+        let mut total = 0u64;
+        for (g0, g1, c0, c1) in ranges {
+            // Parts are consecutive ranges of the flattened stack.
+            let start = (g0 * n + c0) * k;
+            let len = if g1 - g0 > 1 || c1 - c0 == n { (g1 - g0) * n * k } else { (c1 - c0) * k };
+            let bytes = halves::encode(&v[start..start + len], dtype);
+            total += bytes.len() as u64;
+            let buf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("weight"),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            });
+            parts.push(WeightPart { buf, g0, g1, c0, c1 });
+        }
+        let first = parts[0].buf.clone();
+        let parts = if parts.len() == 1 { Vec::new() } else { parts };
+        Ok(Tensor::from_parts(WgpuBuffer { buf: first, bytes: total, parts }, t.shape.clone(), dtype))
     }
 
     fn download(&self, t: &T) -> Result<HostTensor> {
         self.settle_checks()?;
         let b = t.buffer();
+        if matches!(t.dtype(), DType::F16 | DType::BF16) || !b.parts.is_empty() {
+            // A weight: read every part, decode, concatenate (parts are in order).
+            let parts = self.weight_parts(t)?;
+            let k = *t.shape().last().unwrap_or(&1);
+            let n = t.shape()[t.shape().len().saturating_sub(2)];
+            let sizes: Vec<usize> = parts
+                .iter()
+                .map(|p| if p.g1 - p.g0 > 1 || p.c1 - p.c0 == n { (p.g1 - p.g0) * n * k } else { (p.c1 - p.c0) * k })
+                .collect();
+            let reads: Vec<(&wgpu::Buffer, u64, u64)> =
+                parts.iter().zip(&sizes).map(|(p, &len)| (&p.buf, 0, (len * t.dtype().size()) as u64)).collect();
+            let data = self.read_back(&reads)?;
+            let mut out = Vec::with_capacity(t.numel());
+            for (bytes, &len) in data.iter().zip(&sizes) {
+                out.extend(halves::decode(bytes, len, t.dtype()));
+            }
+            return HostTensor::f32(t.shape(), out);
+        }
         let bytes = (t.numel() * t.dtype().size()) as u64;
         if bytes > b.bytes {
             return Err(Error::Invalid(format!(

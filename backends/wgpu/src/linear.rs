@@ -14,6 +14,16 @@ fn grid(cols: usize, rows: usize) -> ([u32; 3], u32) {
     ([cols.max(1) as u32, y as u32, rows.div_ceil(y).max(1) as u32], y as u32)
 }
 
+/// Storage code of a weight tensor for the shader (0 f32, 1 f16, 2 bf16).
+fn wdtype(w: &T) -> Result<u32> {
+    match w.dtype() {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        d => Err(Error::Invalid(format!("weights stored as {d}"))),
+    }
+}
+
 fn bias_of<'a>(
     b: &'a WgpuBackend,
     bias: Option<&'a T>,
@@ -39,21 +49,19 @@ pub(crate) fn linear(b: &WgpuBackend, x: &T, w: &T, bias: Option<&T>) -> Result<
     }
     let (bb, has_bias) = bias_of(b, bias, &[n], "linear bias")?;
     let out = b.tensor(&[r, n], DType::F32, "linear output")?;
-    let (g, y_stride) = grid(n.div_ceil(TILE), r.div_ceil(TILE));
-    b.dispatch(
-        &MATMUL,
-        "linear",
-        &[r as u32, n as u32, k as u32, 1, has_bias, 0, y_stride],
-        &[
-            WgpuBackend::buf(x, "linear input", DType::F32)?,
-            WgpuBackend::buf(w, "linear weight", DType::F32)?,
-            bb,
-            &b.dummy,
-            &b.dummy_rw,
-            &out.buffer().buf,
-        ],
-        g,
-    )?;
+    let xb = WgpuBackend::buf(x, "linear input", DType::F32)?;
+    let wd = wdtype(w)?;
+    for part in b.weight_parts(w)? {
+        let (g, y_stride) = grid((part.c1 - part.c0).div_ceil(TILE), r.div_ceil(TILE));
+        let params = [r, n, k, 1, has_bias as usize, 0, y_stride as usize, wd as usize, 0, 1, part.c0, part.c1];
+        b.dispatch(
+            &MATMUL,
+            "linear",
+            &params.map(|v| v as u32),
+            &[xb, &part.buf, bb, &b.dummy, &b.dummy_rw, &out.buffer().buf],
+            g,
+        )?;
+    }
     Ok(out)
 }
 
@@ -71,17 +79,32 @@ pub(crate) fn grouped(b: &WgpuBackend, x: &T, offsets: &T, w: &T, bias: Option<&
     // A tile never spans two groups, so each group adds at most one partial tile.
     let max_tiles = r.div_ceil(TILE) + groups;
     let tiles = b.alloc(4 * (1 + 3 * max_tiles) as u64, "tile map")?;
-    let (g, y_stride) = grid(n.div_ceil(TILE), max_tiles);
-    let params = [r as u32, n as u32, k as u32, groups as u32, has_bias, max_tiles as u32, y_stride];
-    let bufs = [
-        WgpuBackend::buf(x, "grouped input", DType::F32)?,
-        WgpuBackend::buf(w, "expert weights", DType::F32)?,
-        bb,
-        WgpuBackend::buf(offsets, "offsets", DType::I32)?,
-        &tiles.buf,
-        &out.buffer().buf,
-    ];
-    b.dispatch(&MATMUL, "tile_map", &params, &bufs, [1, 1, 1])?;
-    b.dispatch(&MATMUL, "grouped", &params, &bufs, g)?;
+    let xb = WgpuBackend::buf(x, "grouped input", DType::F32)?;
+    let ob = WgpuBackend::buf(offsets, "offsets", DType::I32)?;
+    let wd = wdtype(w)?;
+    let parts = b.weight_parts(w)?;
+    for (i, part) in parts.iter().enumerate() {
+        let (g, y_stride) = grid((part.c1 - part.c0).div_ceil(TILE), max_tiles);
+        let params = [
+            r,
+            n,
+            k,
+            groups,
+            has_bias as usize,
+            max_tiles,
+            y_stride as usize,
+            wd as usize,
+            part.g0,
+            part.g1,
+            part.c0,
+            part.c1,
+        ]
+        .map(|v| v as u32);
+        let bufs = [xb, &part.buf, bb, ob, &tiles.buf, &out.buffer().buf];
+        if i == 0 {
+            b.dispatch(&MATMUL, "tile_map", &params, &bufs, [1, 1, 1])?;
+        }
+        b.dispatch(&MATMUL, "grouped", &params, &bufs, g)?;
+    }
     Ok(out)
 }
