@@ -284,6 +284,18 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
         Ok(vec![("y", b.residual_mix(&b.upload(&ya)?, &b.upload(&yb)?, &b.upload(&coef)?)?)])
     });
 
+    // ---- noise (uniform draws must match bit for bit; the transforms to the last ulp)
+    for (kind, name) in [
+        (philox::NoiseKind::Uniform, "uniform"),
+        (philox::NoiseKind::Jitter(0.01), "jitter"),
+        (philox::NoiseKind::Gumbel, "gumbel"),
+    ] {
+        case!(t, "noise", format!("{name}, 1001 values"), |b| Ok(vec![(
+            "noise",
+            b.noise(kind, 0x1234_5678_9abc, 3, &[7, 143])?
+        )]));
+    }
+
     // ---- routing
     let topk = |k, normalize| (k, ScoreFn::Softmax, Choice::TopK, normalize);
     let route_cases: Vec<RouteRow> = vec![

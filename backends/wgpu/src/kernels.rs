@@ -28,6 +28,8 @@ pub(crate) const ROUTE: Family =
     Family { name: "route", source: include_str!("../../../shaders/route.wgsl"), reads: 3, writes: 4 };
 pub(crate) const PLAN: Family =
     Family { name: "plan", source: include_str!("../../../shaders/plan.wgsl"), reads: 4, writes: 4 };
+pub(crate) const PHILOX: Family =
+    Family { name: "philox", source: include_str!("../../../shaders/philox.wgsl"), reads: 0, writes: 1 };
 pub(crate) const STATS: Family =
     Family { name: "stats", source: include_str!("../../../shaders/stats.wgsl"), reads: 2, writes: 1 };
 
@@ -39,10 +41,11 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("route", &["route"]),
     ("plan", &["count", "capacity", "rank", "slots", "offsets", "finish", "stats"]),
     ("stats", &["router_stats"]),
+    ("philox", &["noise"]),
 ];
 
 pub(crate) fn family(name: &str) -> Option<&'static Family> {
-    [&ELEMENTWISE, &PERMUTE, &MATMUL, &ROUTE, &PLAN, &STATS].into_iter().find(|f| f.name == name)
+    [&ELEMENTWISE, &PERMUTE, &MATMUL, &ROUTE, &PLAN, &STATS, &PHILOX].into_iter().find(|f| f.name == name)
 }
 
 struct Compiled {

@@ -25,6 +25,7 @@ pub use kernels::FAMILIES;
 
 use kernels::Family;
 use moe_engine::backend::{Activation, Backend, Capabilities, Plan, PlanSpec, RouteSpec, Routes};
+use moe_engine::philox::NoiseKind;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
@@ -539,5 +540,24 @@ impl Backend for WgpuBackend {
 
     fn router_stats(&self, logits: &T, scores: &T) -> Result<T> {
         routing::router_stats(self, logits, scores)
+    }
+
+    /// Drawn on the device by `shaders/philox.wgsl`, with the cpu's counter layout.
+    fn noise(&self, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<T> {
+        let out = self.tensor(shape, DType::F32, "noise")?;
+        let n = out.numel();
+        if n as u64 >= 1 << 32 {
+            return Err(Error::Unsupported { backend: "wgpu".into(), what: format!("{n} noise values in one draw") });
+        }
+        if n > 0 {
+            let (code, eps) = match kind {
+                NoiseKind::Uniform => (0, 0.0f32),
+                NoiseKind::Jitter(eps) => (1, eps),
+                NoiseKind::Gumbel => (2, 0.0),
+            };
+            let params = [n as u32, seed as u32, (seed >> 32) as u32, stream, code, eps.to_bits()];
+            self.dispatch(&kernels::PHILOX, "noise", &params, &[&out.buffer().buf], kernels::grid_1d(n, 256))?;
+        }
+        Ok(out)
     }
 }
