@@ -14,8 +14,14 @@
 // [c0, c1). One dispatch per part; a workgroup whose tile or columns lie outside its part
 // exits at once. Accumulation is f32 throughout.
 //
+// `grouped_glu` is the first product of GLU experts with the activation fused in: each
+// workgroup accumulates a gate tile and the matching up tile (weight rows c and F + c of
+// w_in [G, 2F, K]) and writes h = act(gate + b) · (up + b) [R, F], plus the
+// pre-activation [R, 2F] when asked, so the intermediate never makes a round trip
+// through memory. It needs each part to hold whole experts (gate and up rows together).
+//
 // Bindings: 0 params, 1 x, 2 w (this part, as u32 words), 3 bias, 4 offsets [G + 1] i32,
-// 5 tiles (1 + 3·max) i32, 6 out.
+// 5 tiles (1 + 3·max) i32, 6 out, 7 pre-activation (grouped_glu with keep_pre).
 
 struct Params {
     rows: u32,       // R
@@ -30,6 +36,10 @@ struct Params {
     g1: u32,
     c0: u32,
     c1: u32,
+    act: u32,        // grouped_glu: 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity
+    keep_pre: u32,   // grouped_glu: write the pre-activation too
+    _p0: u32,
+    _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,6 +49,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> offsets: array<i32>;
 @group(0) @binding(5) var<storage, read_write> tiles: array<i32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<storage, read_write> pre: array<f32>;
 
 const BM: u32 = 64u;
 const BN: u32 = 64u;
@@ -46,6 +57,7 @@ const BK: u32 = 16u;
 
 var<workgroup> xs: array<array<f32, 64>, 16>;   // [BK][BM]
 var<workgroup> ws: array<array<f32, 64>, 16>;   // [BK][BN]
+var<workgroup> us: array<array<f32, 64>, 16>;   // [BK][BN], up rows (grouped_glu)
 var<workgroup> tile_info: vec4<u32>;            // (group, first row, end row, valid)
 
 // One invocation: the tile list for `grouped`.
@@ -160,4 +172,93 @@ fn grouped(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
     let info = workgroupUniformLoad(&tile_info);
     if info.w == 0u || info.x < p.g0 || info.x >= p.g1 { return; }
     product_tile(info.x, info.y, info.z, p.c0 + wg.x * BN, lid);
+}
+
+// GLU tile: columns c0.. of h [R, F] for rows r0..r1 of expert g (F = n / 2).
+fn glu_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
+    let tid = lid.y * 16u + lid.x;
+    let f = p.n / 2u;
+    var acc_g: array<array<f32, 4>, 4>;
+    var acc_u: array<array<f32, 4>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            acc_g[i][j] = 0.0;
+            acc_u[i][j] = 0.0;
+        }
+    }
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        for (var l = 0u; l < 4u; l++) {
+            let idx = tid + l * 256u;
+            let rr = idx / BK;
+            let kk = idx % BK;
+            let row = r0 + rr;
+            let kx = k0 + kk;
+            var xv = 0.0;
+            if row < r1 && kx < p.k {
+                xv = x[row * p.k + kx];
+            }
+            xs[kk][rr] = xv;
+            let col = c0 + rr;
+            var gv = 0.0;
+            var uv = 0.0;
+            if col < f && kx < p.k {
+                gv = wload(g, col, kx);
+                uv = wload(g, f + col, kx);
+            }
+            ws[kk][rr] = gv;
+            us[kk][rr] = uv;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var av: array<f32, 4>;
+            var gv: array<f32, 4>;
+            var uv: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                av[i] = xs[kk][lid.y * 4u + i];
+                gv[i] = ws[kk][lid.x * 4u + i];
+                uv[i] = us[kk][lid.x * 4u + i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc_g[i][j] += av[i] * gv[j];
+                    acc_u[i][j] += av[i] * uv[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let row = r0 + lid.y * 4u + i;
+        if row >= r1 { continue; }
+        for (var j = 0u; j < 4u; j++) {
+            let col = c0 + lid.x * 4u + j;
+            if col >= f { continue; }
+            var gv = acc_g[i][j];
+            var uv = acc_u[i][j];
+            if p.has_bias == 1u {
+                gv += bias[g * p.n + col];
+                uv += bias[g * p.n + f + col];
+            }
+            if p.keep_pre == 1u {
+                pre[row * p.n + col] = gv;
+                pre[row * p.n + f + col] = uv;
+            }
+            out[row * f + col] = act(gv, p.act) * uv;
+        }
+    }
+}
+
+@compute @workgroup_size(16, 16)
+fn grouped_glu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = wg.y + wg.z * p.y_stride;
+    if lid.x == 0u && lid.y == 0u {
+        var info = vec4<u32>(0u, 0u, 0u, 0u);
+        if t < u32(tiles[0]) {
+            info = vec4<u32>(u32(tiles[1u + 3u * t]), u32(tiles[2u + 3u * t]), u32(tiles[3u + 3u * t]), 1u);
+        }
+        tile_info = info;
+    }
+    let info = workgroupUniformLoad(&tile_info);
+    if info.w == 0u || info.x < p.g0 || info.x >= p.g1 { return; }
+    glu_tile(info.x, info.y, info.z, wg.x * BN, lid);
 }

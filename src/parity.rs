@@ -241,6 +241,20 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
         let rows: usize = counts.iter().sum();
         let (x, w_in, w_out) = (rand(&[rows, h], 7, 1.0), rand(&[g, 2 * f, h], 8, 0.3), rand(&[g, h, f], 9, 0.3));
         let off = ints(&[g + 1], offsets_of(&counts));
+        let (b_in, b_out) = (rand(&[g, 2 * f], 16, 0.5), rand(&[g, h], 17, 0.5));
+        case!(t, "grouped_mlp", "gelu_tanh GLU experts with biases", |b| {
+            let (wi, wo, bi, bo) =
+                (weight(b, &w_in, DType::F32)?, weight(b, &w_out, DType::F32)?, b.upload(&b_in)?, b.upload(&b_out)?);
+            let w = MlpWeights {
+                kind: ExpertKind::Glu { activation: Activation::GeluTanh },
+                w_in: &wi,
+                b_in: Some(&bi),
+                w_out: Some(&wo),
+                b_out: Some(&bo),
+            };
+            let out = b.grouped_mlp(&b.upload(&x)?, &b.upload(&off)?, &w, true)?;
+            Ok(vec![("y", out.y), ("pre", out.pre.ok_or(crate::Error::Invalid("pre-activation not kept".into()))?)])
+        });
         for (dtype, act, name) in [
             (DType::F32, Activation::Silu, "swiglu"),
             (DType::F32, Activation::Gelu, "geglu"),

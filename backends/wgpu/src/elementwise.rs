@@ -5,7 +5,8 @@ use crate::{WgpuBackend, T};
 use moe_engine::backend::{Activation, Plan};
 use moe_engine::{DType, Error, Result};
 
-fn act_code(a: Activation) -> u32 {
+/// The shaders' activation code (see shaders/activation.wgsl).
+pub(crate) fn act_code(a: Activation) -> u32 {
     match a {
         Activation::Gelu => 0,
         Activation::GeluTanh => 1,

@@ -18,12 +18,23 @@ pub(crate) struct Family {
     pub(crate) writes: u32,
 }
 
-pub(crate) const ELEMENTWISE: Family =
-    Family { name: "elementwise", source: include_str!("../../../shaders/elementwise.wgsl"), reads: 3, writes: 1 };
+pub(crate) const ELEMENTWISE: Family = Family {
+    name: "elementwise",
+    source: concat!(
+        include_str!("../../../shaders/activation.wgsl"),
+        include_str!("../../../shaders/elementwise.wgsl")
+    ),
+    reads: 3,
+    writes: 1,
+};
 pub(crate) const PERMUTE: Family =
     Family { name: "permute", source: include_str!("../../../shaders/permute.wgsl"), reads: 3, writes: 1 };
-pub(crate) const MATMUL: Family =
-    Family { name: "matmul", source: include_str!("../../../shaders/matmul.wgsl"), reads: 4, writes: 2 };
+pub(crate) const MATMUL: Family = Family {
+    name: "matmul",
+    source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/matmul.wgsl")),
+    reads: 4,
+    writes: 3,
+};
 pub(crate) const ROUTE: Family =
     Family { name: "route", source: include_str!("../../../shaders/route.wgsl"), reads: 3, writes: 4 };
 pub(crate) const PLAN: Family =
@@ -37,7 +48,7 @@ pub(crate) const STATS: Family =
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("elementwise", &["activation", "glu", "mul", "add_gated", "residual_mix"]),
     ("permute", &["permute", "combine"]),
-    ("matmul", &["tile_map", "linear", "grouped"]),
+    ("matmul", &["tile_map", "linear", "grouped", "grouped_glu"]),
     ("route", &["route"]),
     ("plan", &["count", "capacity", "rank", "slots", "offsets", "finish", "stats"]),
     ("stats", &["router_stats"]),

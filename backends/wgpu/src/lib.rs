@@ -24,7 +24,10 @@ pub use device::{list_adapters, AdapterSummary};
 pub use kernels::FAMILIES;
 
 use kernels::Family;
-use moe_engine::backend::{Activation, Backend, Capabilities, Plan, PlanSpec, RouteSpec, Routes};
+use moe_engine::backend::{
+    grouped_mlp_unfused, Activation, Backend, Capabilities, MlpOutput, MlpWeights, Plan, PlanSpec, RouteSpec, Routes,
+};
+use moe_engine::config::ExpertKind;
 use moe_engine::philox::NoiseKind;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
 use std::sync::{Arc, Mutex};
@@ -83,6 +86,8 @@ pub struct WgpuBackend {
     dummy: wgpu::Buffer,
     /// Bound in place of an unused read-write binding.
     dummy_rw: wgpu::Buffer,
+    /// A second one, for entry points with two unused read-write bindings.
+    dummy_rw2: wgpu::Buffer,
     /// A smaller largest binding than the adapter's, so tests can force split weights.
     max_binding_override: Option<u64>,
 }
@@ -135,7 +140,7 @@ impl WgpuBackend {
                 mapped_at_creation: false,
             })
         };
-        let (dummy, dummy_rw) = (small("dummy"), small("dummy_rw"));
+        let (dummy, dummy_rw, dummy_rw2) = (small("dummy"), small("dummy_rw"), small("dummy_rw2"));
         Ok(WgpuBackend {
             device,
             queue,
@@ -148,6 +153,7 @@ impl WgpuBackend {
             pending: Mutex::new(None),
             dummy,
             dummy_rw,
+            dummy_rw2,
             max_binding_override: max_binding,
         })
     }
@@ -500,6 +506,20 @@ impl Backend for WgpuBackend {
 
     fn grouped_linear(&self, x: &T, offsets: &T, w: &T, bias: Option<&T>) -> Result<T> {
         linear::grouped(self, x, offsets, w, bias)
+    }
+
+    /// GLU experts run their first product with the activation fused in (unless the
+    /// weights are split by columns); other kinds compose the primitives.
+    fn grouped_mlp(&self, xp: &T, offsets: &T, w: &MlpWeights<'_, Self>, keep_pre: bool) -> Result<MlpOutput<Self>> {
+        if let ExpertKind::Glu { activation } = w.kind {
+            let act = elementwise::act_code(activation);
+            if let Some((h, pre)) = linear::grouped_glu(self, xp, offsets, w.w_in, w.b_in, act, keep_pre)? {
+                let w_out = w.w_out.ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))?;
+                let y = self.grouped_linear(&h, offsets, w_out, w.b_out)?;
+                return Ok(MlpOutput { pre, y });
+            }
+        }
+        grouped_mlp_unfused(self, xp, offsets, w, keep_pre)
     }
 
     fn activation(&self, x: &T, act: Activation) -> Result<T> {
