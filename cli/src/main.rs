@@ -27,7 +27,12 @@ enum Cmd {
         what: bench::What,
     },
     /// The backends compiled in and the devices each one sees.
-    Info,
+    Info {
+        /// Compile every CUDA kernel with NVRTC for sm_80 and sm_90 (no GPU needed; needs
+        /// libnvrtc) and report registers and spills; exit status 0 only when all compile.
+        #[arg(long)]
+        compile_kernels: bool,
+    },
     /// Op-level parity: every trait op on the cpu and on another backend, as a support matrix.
     Parity(parity::Args),
     /// Run the built-in PR-MoE demo stack and print throughput, expert load and drops.
@@ -55,7 +60,13 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Check(a) => check::run(a),
         Cmd::Bench { what } => bench::run(what),
-        Cmd::Info => info(),
+        Cmd::Info { compile_kernels } => {
+            if compile_kernels {
+                compile_kernels_check()
+            } else {
+                info()
+            }
+        }
         Cmd::Parity(a) => parity::run(a),
         Cmd::Run(a) => demo::run(a),
     };
@@ -91,5 +102,37 @@ fn info() -> Result<ExitCode, String> {
             a.max_storage_binding >> 20
         );
     }
+    match moe_cuda::driver_status() {
+        Ok(()) => println!("cuda: driver present (the CUDA backend itself is not built yet; see docs/ops.md)"),
+        Err(e) => println!("cuda: {e}"),
+    }
+    match moe_cuda::nvrtc_status() {
+        Ok(()) => println!("cuda: NVRTC present (`moe info --compile-kernels` compiles every kernel)"),
+        Err(e) => println!("cuda: {e}"),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `moe info --compile-kernels`: one line per kernel and architecture (a family that does
+/// not compile is one failing line per architecture, with the compiler's log), then
+/// `N passed, M failed`.
+fn compile_kernels_check() -> Result<ExitCode, String> {
+    let reports = moe_cuda::compile_all().map_err(|e| e.to_string())?;
+    let (mut passed, mut failed) = (0, 0);
+    for r in &reports {
+        match &r.result {
+            Ok(kernels) => {
+                for k in kernels {
+                    passed += 1;
+                    println!("PASS {} {} {k}", r.arch, r.family);
+                }
+            }
+            Err(log) => {
+                failed += 1;
+                println!("FAIL {} {}\n{log}", r.arch, r.family);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

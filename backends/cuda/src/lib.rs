@@ -1,0 +1,29 @@
+//! # moe-cuda
+//!
+//! The CUDA fast path of moe-engine for A100/H100 clusters: kernels in `kernels/*.cu`
+//! (one file per op family) compiled at run time by NVRTC for the device's architecture,
+//! cuBLAS for the dense products, NCCL for the expert-parallel exchange, all through
+//! `cudarc` with dynamic loading, so this crate builds on machines with no CUDA at all.
+//!
+//! ## Which CUDA API the bindings target, and why
+//!
+//! cudarc is built with `cuda-12020`: the CUDA 12.2 API. Production clusters run CUDA 12.x
+//! drivers, and 12.2 (driver branch 535, a long-term support branch) is the oldest one
+//! still widely deployed; binding to its API means every entry point cudarc may resolve
+//! exists on every 12.x driver, so a binary built here loads on all of them. Newer-API
+//! features are not reachable through these bindings: cuBLAS's grouped GEMM
+//! (`cublasGemmGroupedBatchedEx`, cuBLAS 12.5) among them, so grouped expert products use
+//! the kernel in `kernels/matmul.cu`. NVRTC from any 12.x toolkit (the
+//! `nvidia-cuda-nvrtc-cu12` wheel included) compiles the kernels.
+//!
+//! ## Missing libraries are errors, not panics
+//!
+//! cudarc panics when it resolves a symbol from a library that is absent, so every entry
+//! point here first probes for the library ([`probe`]) and returns an `Err` saying what is
+//! missing.
+
+pub mod compile;
+pub mod probe;
+
+pub use compile::{compile_all, KernelReport, ARCHS, FAMILIES};
+pub use probe::{driver_status, nvrtc_status};

@@ -1,0 +1,47 @@
+// Shared by every kernel family; the backend prepends it to each .cu file before NVRTC
+// compiles it (no CUDA headers are needed: NVRTC's wheel ships none).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ bool is_finite_f(float v) {
+    return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+// Weight storage codes: 0 f32, 1 f16, 2 bf16 (halves packed two per u32, even element low).
+__device__ __forceinline__ float load_weight(const void* w, u64 i, u32 dtype) {
+    if (dtype == 0) return ((const float*)w)[i];
+    u16 h = ((const u16*)w)[i];
+    if (dtype == 2) return __uint_as_float(((u32)h) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// erfc with fractional error below 1.2e-7 (Numerical Recipes), as shaders/activation.wgsl.
+__device__ __forceinline__ float erfc_approx(float x) {
+    float z = fabsf(x);
+    float t = 1.0f / (1.0f + 0.5f * z);
+    float r = t * expf(-z * z - 1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f +
+        t * (-0.18628806f + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f +
+        t * (-0.82215223f + t * 0.17087277f)))))))));
+    return x >= 0.0f ? r : 2.0f - r;
+}
+
+// Activation codes: 0 gelu (erf), 1 gelu_tanh, 2 relu, 3 silu, 4 identity.
+__device__ __forceinline__ float act(float x, u32 kind) {
+    switch (kind) {
+        case 0: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+        case 1: return 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
+        case 2: return fmaxf(x, 0.0f);
+        case 3: return x / (1.0f + expf(-x));
+        default: return x;
+    }
+}
+
+__device__ __forceinline__ u64 global_id() {
+    return (u64)blockIdx.x * blockDim.x + threadIdx.x + (u64)blockIdx.y * gridDim.x * blockDim.x;
+}
