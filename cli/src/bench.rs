@@ -62,6 +62,10 @@ fn layer(a: LayerArgs) -> Result<ExitCode, String> {
     crate::check_backend(&a.backend)?;
     match a.backend.as_str() {
         "wgpu" => layer_on(&moe_wgpu::WgpuBackend::new(a.device.as_deref()).map_err(|e| e.to_string())?, &a),
+        "cuda" => layer_on(
+            &moe_cuda::CudaBackend::new(crate::cuda_device(a.device.as_deref())?).map_err(|e| e.to_string())?,
+            &a,
+        ),
         _ => layer_on(&moe_cpu::CpuBackend::new(a.threads).map_err(|e| e.to_string())?, &a),
     }
 }

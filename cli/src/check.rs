@@ -30,6 +30,11 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             eprintln!("wgpu on {}", b.capabilities().device);
             check_on(&b, &a)
         }
+        "cuda" => {
+            let b = moe_cuda::CudaBackend::new(crate::cuda_device(a.device.as_deref())?).map_err(|e| e.to_string())?;
+            eprintln!("cuda on {}", b.capabilities().device);
+            check_on(&b, &a)
+        }
         _ => check_on(&moe_cpu::CpuBackend::new(None).map_err(|e| e.to_string())?, &a),
     }
 }

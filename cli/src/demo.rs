@@ -21,17 +21,25 @@ pub struct Args {
 
 /// Runs the stack and prints throughput, per-layer expert load and dropped tokens.
 pub fn run(a: Args) -> Result<ExitCode, String> {
-    // `auto`: a real GPU through wgpu when there is one; a software adapter (lavapipe) is
+    // `auto`: CUDA when a device answers, else a real GPU through wgpu; a software adapter (lavapipe) is
     // slower than the cpu backend, so it is never the automatic choice.
     let name = if a.backend == "auto" {
         let gpu = moe_wgpu::list_adapters().iter().any(|x| x.kind != "Cpu");
-        if gpu { "wgpu" } else { "cpu" }.to_string()
+        if moe_cuda::CudaBackend::new(0).is_ok() {
+            "cuda"
+        } else if gpu {
+            "wgpu"
+        } else {
+            "cpu"
+        }
+        .to_string()
     } else {
         a.backend.clone()
     };
     crate::check_backend(&name)?;
     match name.as_str() {
         "wgpu" => run_on(&moe_wgpu::WgpuBackend::new(None).map_err(|e| e.to_string())?, &name, &a),
+        "cuda" => run_on(&moe_cuda::CudaBackend::new(0).map_err(|e| e.to_string())?, &name, &a),
         _ => run_on(&moe_cpu::CpuBackend::new(None).map_err(|e| e.to_string())?, &name, &a),
     }
 }

@@ -40,7 +40,7 @@ enum Cmd {
 }
 
 /// Backends compiled into this binary.
-pub const BACKENDS: &[&str] = &["cpu", "wgpu"];
+pub const BACKENDS: &[&str] = &["cpu", "wgpu", "cuda"];
 
 /// Errors unless `name` is a compiled-in backend.
 pub fn check_backend(name: &str) -> Result<(), String> {
@@ -103,7 +103,10 @@ fn info() -> Result<ExitCode, String> {
         );
     }
     match moe_cuda::driver_status() {
-        Ok(()) => println!("cuda: driver present (the CUDA backend itself is not built yet; see docs/ops.md)"),
+        Ok(()) => match moe_cuda::CudaBackend::new(0) {
+            Ok(b) => println!("cuda [0] {}", moe_engine::Backend::capabilities(&b).device),
+            Err(e) => println!("cuda: driver present, but: {e}"),
+        },
         Err(e) => println!("cuda: {e}"),
     }
     match moe_cuda::nvrtc_status() {
@@ -111,6 +114,11 @@ fn info() -> Result<ExitCode, String> {
         Err(e) => println!("cuda: {e}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The CUDA device index from `--device` (default 0).
+pub fn cuda_device(device: Option<&str>) -> Result<usize, String> {
+    device.map_or(Ok(0), |d| d.parse().map_err(|_| format!("--device for cuda takes an index, got `{d}`")))
 }
 
 /// `moe info --compile-kernels`: one line per kernel and architecture (a family that does

@@ -33,6 +33,11 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             let device = moe_engine::Backend::capabilities(&b).device;
             (device, parity::run(&cpu, &b))
         }
+        "cuda" => {
+            let b = moe_cuda::CudaBackend::new(crate::cuda_device(a.device.as_deref())?).map_err(|e| e.to_string())?;
+            let device = moe_engine::Backend::capabilities(&b).device;
+            (device, parity::run(&cpu, &b))
+        }
         _ => (moe_engine::Backend::capabilities(&cpu).device, parity::run(&cpu, &cpu)),
     };
     let failed = results.iter().filter(|r| matches!(r.outcome, Outcome::Fail(_))).count();

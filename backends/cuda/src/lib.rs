@@ -22,8 +22,11 @@
 //! point here first probes for the library ([`probe`]) and returns an `Err` saying what is
 //! missing.
 
+mod backend;
 pub mod compile;
 pub mod probe;
+
+pub use backend::{CudaBackend, CudaBuffer};
 
 pub use compile::{compile_all, KernelReport, ARCHS, FAMILIES};
 pub use probe::{driver_status, nvrtc_status};

@@ -1,0 +1,888 @@
+//! The CUDA [`Backend`]: device memory through cudarc, one stream, the kernels of
+//! `kernels/*.cu` compiled by NVRTC for the device's architecture on first use.
+//!
+//! Everything is enqueued on one stream; `download` and `synchronize` wait. Like the wgpu
+//! backend, the route kernel flags non-finite logits on the device and the next download
+//! reports them, so a layer forward has no host synchronisation inside it.
+//!
+//! Not yet verified on a GPU (none was lent while this was written): the golden and
+//! parity tests run it whenever a driver is present and skip with a message otherwise.
+
+use crate::probe::{driver_status, nvrtc_status};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use moe_engine::backend::{
+    Activation, Backend, Capabilities, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec,
+    RouteSpec, Routes, ScoreFn,
+};
+use moe_engine::philox::NoiseKind;
+use moe_engine::tensor::HostData;
+use moe_engine::{DType, Error, HostTensor, Result, Tensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Device memory of one tensor.
+#[derive(Debug)]
+pub enum CudaBuffer {
+    /// f32 values.
+    F32(CudaSlice<f32>),
+    /// i32 values.
+    I32(CudaSlice<i32>),
+    /// f16 or bf16 weights, as their 16-bit patterns.
+    Half(CudaSlice<u16>),
+}
+
+type T = Tensor<CudaBackend>;
+
+fn derr(e: impl std::fmt::Debug) -> Error {
+    Error::Backend { backend: "cuda".into(), msg: format!("{e:?}") }
+}
+
+/// Parameters of `route` (kernels/route.cu `RouteParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RouteParams {
+    s: u32,
+    e: u32,
+    k: u32,
+    score_fn: u32,
+    choice: u32,
+    has_bias: u32,
+    has_noise: u32,
+    normalize: u32,
+    eps: f32,
+    scale: f32,
+    n_group: u32,
+    topk_group: u32,
+    group_score: u32,
+}
+// SAFETY: plain-old-data with the C layout the kernel declares.
+unsafe impl DeviceRepr for RouteParams {}
+
+/// Parameters of the plan kernels (kernels/plan.cu `PlanParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PlanParams {
+    s: u32,
+    k: u32,
+    e: u32,
+    group: u32,
+    n_groups: u32,
+    cap_rule: u32,
+    cap_value: u32,
+    clamp: u32,
+    keep: u32,
+    has_used: u32,
+    renorm: u32,
+}
+// SAFETY: plain-old-data with the C layout the kernel declares.
+unsafe impl DeviceRepr for PlanParams {}
+
+/// The CUDA backend on one device.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: &'static str,
+    name: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// `[first non-finite logit as t·E + e, or u32::MAX]`.
+    status: CudaSlice<u32>,
+    pending: Mutex<Option<(CudaSlice<f32>, usize)>>,
+    /// Stand-in for absent optional f32 inputs.
+    dummy: CudaSlice<f32>,
+}
+
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (9, _) => "sm_90",
+        (8, 9) => "sm_89",
+        (8, 6) => "sm_86",
+        (8, _) => "sm_80",
+        (7, 5) => "sm_75",
+        _ => "sm_70",
+    }
+}
+
+fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n.div_ceil(block as usize)).max(1) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`. No driver, no NVRTC or no such device is an `Err`.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        driver_status()?;
+        nvrtc_status()?;
+        let count = CudaContext::device_count().map_err(derr)?;
+        if ordinal as i32 >= count {
+            return Err(Error::Backend {
+                backend: "cuda".into(),
+                msg: format!("device {ordinal} requested, {count} present"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(derr)?;
+        let stream = ctx.default_stream();
+        let (major, minor) = ctx.compute_capability().map_err(derr)?;
+        let name = ctx.name().map_err(derr)?;
+        let status = stream.clone_htod(&[u32::MAX]).map_err(derr)?;
+        let dummy = stream.alloc_zeros::<f32>(4).map_err(derr)?;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            arch: arch_name(major, minor),
+            name,
+            modules: Mutex::new(HashMap::new()),
+            status,
+            pending: Mutex::new(None),
+            dummy,
+        })
+    }
+
+    fn function(&self, family: &'static str, name: &str) -> Result<CudaFunction> {
+        let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let module = match mods.get(family) {
+            Some(m) => m.clone(),
+            None => {
+                let src = crate::compile::FAMILIES
+                    .iter()
+                    .find(|(f, _)| *f == family)
+                    .map(|(_, s)| crate::compile::source(s))
+                    .ok_or_else(|| Error::Invalid(format!("no kernel family {family}")))?;
+                let (cubin, _) = crate::compile::compile(family, &src, self.arch)?;
+                let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(derr)?;
+                mods.insert(family, m.clone());
+                m
+            }
+        };
+        module.load_function(name).map_err(derr)
+    }
+
+    fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(derr)
+    }
+
+    fn zeros_i32(&self, n: usize) -> Result<CudaSlice<i32>> {
+        self.stream.alloc_zeros::<i32>(n.max(1)).map_err(derr)
+    }
+
+    fn f32s<'a>(t: &'a T, name: &str) -> Result<&'a CudaSlice<f32>> {
+        match t.buffer() {
+            CudaBuffer::F32(s) => Ok(s),
+            _ => Err(Error::Invalid(format!("{name}: expected f32 data, got {}", t.dtype()))),
+        }
+    }
+
+    fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a CudaSlice<i32>> {
+        match t.buffer() {
+            CudaBuffer::I32(s) => Ok(s),
+            _ => Err(Error::Invalid(format!("{name}: expected i32 data, got {}", t.dtype()))),
+        }
+    }
+
+    fn out(shape: &[usize], s: CudaSlice<f32>) -> T {
+        Tensor::from_parts(CudaBuffer::F32(s), shape.to_vec(), DType::F32)
+    }
+
+    fn out_i32(shape: &[usize], s: CudaSlice<i32>) -> T {
+        Tensor::from_parts(CudaBuffer::I32(s), shape.to_vec(), DType::I32)
+    }
+
+    fn settle_checks(&self) -> Result<()> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some((logits, e)) = pending else { return Ok(()) };
+        let first = self.stream.clone_dtoh(&self.status).map_err(derr)?[0];
+        if first == u32::MAX {
+            return Ok(());
+        }
+        let mut status = self.status.clone();
+        self.stream.memcpy_htod(&[u32::MAX], &mut status).map_err(derr)?;
+        let value = self.stream.clone_dtoh(&logits.slice(first as usize..first as usize + 1)).map_err(derr)?[0];
+        let e = e.max(1);
+        Err(Error::NonFiniteLogits { token: first as usize / e, expert: first as usize % e, value })
+    }
+
+    /// The function, a zeroed output and the element count of an elementwise kernel.
+    fn ew_prep(&self, name: &str, shape: &[usize]) -> Result<(CudaFunction, CudaSlice<f32>, usize)> {
+        let n: usize = shape.iter().product();
+        Ok((self.function("elementwise.cu", name)?, self.zeros_f32(n)?, n))
+    }
+
+    fn grouped_impl(
+        &self,
+        x: &T,
+        offsets: &CudaSlice<i32>,
+        groups: usize,
+        w: &T,
+        bias: Option<&T>,
+        glu: Option<(u32, bool)>,
+    ) -> Result<(T, Option<T>)> {
+        let (r, k) = x.dims2("grouped input")?;
+        let n = w.shape()[w.shape().len() - 2];
+        let f = if glu.is_some() { n / 2 } else { n };
+        let max_tiles = r.div_ceil(64) + groups;
+        let mut tiles = self.zeros_i32(1 + 3 * max_tiles)?;
+        let tm = self.function("matmul.cu", "tile_map")?;
+        let g = groups as u32;
+        // SAFETY: matches kernels/matmul.cu tile_map(offsets, tiles, groups).
+        unsafe { self.stream.launch_builder(&tm).arg(offsets).arg(&mut tiles).arg(&g).launch(grid_1d(1, 1)) }
+            .map_err(derr)?;
+        let mut out = self.zeros_f32(r * f)?;
+        let keep_pre = glu.is_some_and(|(_, k)| k);
+        let mut pre = if keep_pre { Some(self.zeros_f32(r * n)?) } else { None };
+        let (wdtype, act) = (
+            match w.dtype() {
+                DType::F32 => 0u32,
+                DType::F16 => 1,
+                _ => 2,
+            },
+            glu.map_or(0, |(a, _)| a),
+        );
+        let is_glu = glu.is_some() as u32;
+        let (nn, kk) = (n as u32, k as u32);
+        let y = max_tiles.min(65535);
+        let cfg = LaunchConfig {
+            grid_dim: (f.div_ceil(64).max(1) as u32, y as u32, max_tiles.div_ceil(y).max(1) as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = self.function("matmul.cu", "grouped")?;
+        let xs = Self::f32s(x, "grouped input")?;
+        let null = 0u64;
+        let mut args = self.stream.launch_builder(&func);
+        args.arg(xs);
+        match w.buffer() {
+            CudaBuffer::F32(s) => args.arg(s),
+            CudaBuffer::Half(s) => args.arg(s),
+            CudaBuffer::I32(_) => return Err(Error::Invalid("expert weights stored as i32".into())),
+        };
+        match bias {
+            Some(b) => args.arg(Self::f32s(b, "expert biases")?),
+            None => args.arg(&null),
+        };
+        args.arg(&tiles).arg(&mut out);
+        match pre.as_mut() {
+            Some(p) => args.arg(p),
+            None => args.arg(&null),
+        };
+        args.arg(&nn).arg(&kk).arg(&wdtype).arg(&is_glu).arg(&act);
+        // SAFETY: matches kernels/matmul.cu grouped(x, w, bias, tiles, out, pre, n, k,
+        // wdtype, glu, act_kind); buffers are sized for [r, k], [G, n, k], [r, f], [r, n].
+        unsafe { args.launch(cfg) }.map_err(derr)?;
+        Ok((Self::out(&[r, f], out), pre.map(|p| Self::out(&[r, n], p))))
+    }
+}
+
+fn act_code(a: Activation) -> u32 {
+    match a {
+        Activation::Gelu => 0,
+        Activation::GeluTanh => 1,
+        Activation::Relu => 2,
+        Activation::Silu => 3,
+        Activation::Identity => 4,
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buffer = CudaBuffer;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            backend: "cuda".into(),
+            device: format!("{} ({})", self.name, self.arch),
+            storage_dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            max_buffer_bytes: self.ctx.total_mem().unwrap_or(0) as u64,
+            subgroups: true,
+            threads: 0,
+        }
+    }
+
+    fn upload_as(&self, t: &HostTensor, dtype: DType) -> Result<T> {
+        let buf = match (&t.data, dtype) {
+            (HostData::F32(v), DType::F32) => CudaBuffer::F32(self.stream.clone_htod(v).map_err(derr)?),
+            (HostData::F32(v), DType::F16 | DType::BF16) => {
+                // Non-weight tensors are rounded to the dtype and kept in f32 (as on wgpu).
+                let r: Vec<f32> = v
+                    .iter()
+                    .map(|&x| {
+                        if dtype == DType::F16 {
+                            half::f16::from_f32(x).to_f32()
+                        } else {
+                            half::bf16::from_f32(x).to_f32()
+                        }
+                    })
+                    .collect();
+                return Ok(Self::out(&t.shape, self.stream.clone_htod(&r).map_err(derr)?));
+            }
+            (HostData::I32(v), DType::I32) => CudaBuffer::I32(self.stream.clone_htod(v).map_err(derr)?),
+            _ => {
+                return Err(Error::Unsupported {
+                    backend: "cuda".into(),
+                    what: format!("storing {} data as {dtype}", t.dtype()),
+                })
+            }
+        };
+        Ok(Tensor::from_parts(buf, t.shape.clone(), dtype))
+    }
+
+    fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<T> {
+        let v = t.as_f32("weight")?;
+        let bits: Vec<u16> = match dtype {
+            DType::F32 => return self.upload_as(t, DType::F32),
+            DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect(),
+            DType::BF16 => v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+            d => return Err(Error::Unsupported { backend: "cuda".into(), what: format!("{d} weights") }),
+        };
+        let s = self.stream.clone_htod(&bits).map_err(derr)?;
+        Ok(Tensor::from_parts(CudaBuffer::Half(s), t.shape.clone(), dtype))
+    }
+
+    fn download(&self, t: &T) -> Result<HostTensor> {
+        self.settle_checks()?;
+        let n = t.numel();
+        match t.buffer() {
+            CudaBuffer::F32(s) => HostTensor::f32(t.shape(), self.stream.clone_dtoh(&s.slice(..n)).map_err(derr)?),
+            CudaBuffer::I32(s) => HostTensor::i32(t.shape(), self.stream.clone_dtoh(&s.slice(..n)).map_err(derr)?),
+            CudaBuffer::Half(s) => {
+                let bits = self.stream.clone_dtoh(&s.slice(..n)).map_err(derr)?;
+                let v = bits
+                    .iter()
+                    .map(|&b| {
+                        if t.dtype() == DType::F16 {
+                            half::f16::from_bits(b).to_f32()
+                        } else {
+                            half::bf16::from_bits(b).to_f32()
+                        }
+                    })
+                    .collect();
+                HostTensor::f32(t.shape(), v)
+            }
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(derr)?;
+        self.settle_checks()
+    }
+
+    fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
+        let (r, k) = x.dims2("linear input")?;
+        let (n, wk) = w.dims2("linear weight")?;
+        if wk != k {
+            return Err(Error::shape("linear weight", format!("[out, {k}]"), w.shape()));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [n] {
+                return Err(Error::shape("linear bias", format!("[{n}]"), b.shape()));
+            }
+        }
+        let offsets = self.stream.clone_htod(&[0i32, r as i32]).map_err(derr)?;
+        Ok(self.grouped_impl(x, &offsets, 1, w, bias, None)?.0)
+    }
+
+    fn grouped_linear(&self, x: &T, offsets: &T, w: &T, bias: Option<&T>) -> Result<T> {
+        let (_, k) = x.dims2("grouped input")?;
+        let (g, n, wk) = w.dims3("expert weights")?;
+        if wk != k {
+            return Err(Error::shape("expert weights", format!("[experts, out, {k}]"), w.shape()));
+        }
+        if offsets.shape() != [g + 1] {
+            return Err(Error::shape("offsets", format!("[{}]", g + 1), offsets.shape()));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [g, n] {
+                return Err(Error::shape("expert biases", format!("[{g}, {n}]"), b.shape()));
+            }
+        }
+        Ok(self.grouped_impl(x, Self::i32s(offsets, "offsets")?, g, w, bias, None)?.0)
+    }
+
+    fn grouped_mlp(
+        &self,
+        xp: &T,
+        offsets: &T,
+        w: &moe_engine::backend::MlpWeights<'_, Self>,
+        keep_pre: bool,
+    ) -> Result<moe_engine::backend::MlpOutput<Self>> {
+        let moe_engine::config::ExpertKind::Glu { activation } = w.kind else {
+            return moe_engine::backend::grouped_mlp_unfused(self, xp, offsets, w, keep_pre);
+        };
+        let (g, n, _) = w.w_in.dims3("expert weights")?;
+        if n % 2 != 0 || offsets.shape() != [g + 1] {
+            return moe_engine::backend::grouped_mlp_unfused(self, xp, offsets, w, keep_pre);
+        }
+        let (h, pre) = self.grouped_impl(
+            xp,
+            Self::i32s(offsets, "offsets")?,
+            g,
+            w.w_in,
+            w.b_in,
+            Some((act_code(activation), keep_pre)),
+        )?;
+        let w_out = w.w_out.ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))?;
+        let y = self.grouped_linear(&h, offsets, w_out, w.b_out)?;
+        Ok(moe_engine::backend::MlpOutput { pre, y })
+    }
+
+    fn activation(&self, x: &T, act: Activation) -> Result<T> {
+        let xs = Self::f32s(x, "activation input")?;
+        let a = act_code(act);
+        let (f, mut out, n) = self.ew_prep("activation", x.shape())?;
+        let nn = n as u64;
+        if n > 0 {
+            // SAFETY: the argument list matches kernels/elementwise.cu activation.
+            unsafe { self.stream.launch_builder(&f).arg(xs).arg(&mut out).arg(&nn).arg(&a).launch(grid_1d(n, 256)) }
+                .map_err(derr)?;
+        }
+        Ok(Self::out(x.shape(), out))
+    }
+
+    fn glu(&self, x: &T, act: Activation) -> Result<T> {
+        let (r, two_i) = x.dims2("glu input")?;
+        if two_i % 2 != 0 {
+            return Err(Error::shape("glu input", "[rows, 2·ffn] (gate columns, then up)", x.shape()));
+        }
+        let xs = Self::f32s(x, "glu input")?;
+        let (cols, a) = ((two_i / 2) as u32, act_code(act));
+        let (f, mut out, n) = self.ew_prep("glu", &[r, two_i / 2])?;
+        let nn = n as u64;
+        if n > 0 {
+            // SAFETY: the argument list matches kernels/elementwise.cu glu.
+            unsafe {
+                self.stream.launch_builder(&f).arg(xs).arg(&mut out).arg(&nn).arg(&cols).arg(&a).launch(grid_1d(n, 256))
+            }
+            .map_err(derr)?;
+        }
+        Ok(Self::out(&[r, two_i / 2], out))
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        if a.shape() != b.shape() {
+            return Err(Error::shape("mul rhs", format!("{:?}", a.shape()), b.shape()));
+        }
+        let (x, y) = (Self::f32s(a, "mul lhs")?, Self::f32s(b, "mul rhs")?);
+        let (f, mut out, n) = self.ew_prep("mul", a.shape())?;
+        let nn = n as u64;
+        if n > 0 {
+            // SAFETY: the argument list matches kernels/elementwise.cu mul.
+            unsafe { self.stream.launch_builder(&f).arg(x).arg(y).arg(&mut out).arg(&nn).launch(grid_1d(n, 256)) }
+                .map_err(derr)?;
+        }
+        Ok(Self::out(a.shape(), out))
+    }
+
+    fn add_gated(&self, a: &T, b: &T, gate: Option<&T>) -> Result<T> {
+        let (r, m) = a.dims2("add_gated lhs")?;
+        if b.shape() != a.shape() {
+            return Err(Error::shape("shared expert output", format!("[{r}, {m}]"), b.shape()));
+        }
+        let g = match gate {
+            Some(g) if g.shape() != [r, 1] => {
+                return Err(Error::shape("shared_expert_gate logits", format!("[{r}, 1]"), g.shape()))
+            }
+            Some(g) => Some(Self::f32s(g, "shared_expert_gate logits")?),
+            None => None,
+        };
+        let (x, y, gb) =
+            (Self::f32s(a, "add_gated lhs")?, Self::f32s(b, "shared expert output")?, g.unwrap_or(&self.dummy));
+        let (cols, gated) = (m as u32, g.is_some() as u32);
+        let (f, mut out, n) = self.ew_prep("add_gated", &[r, m])?;
+        let nn = n as u64;
+        if n > 0 {
+            // SAFETY: the argument list matches kernels/elementwise.cu add_gated.
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(x)
+                    .arg(y)
+                    .arg(gb)
+                    .arg(&mut out)
+                    .arg(&nn)
+                    .arg(&cols)
+                    .arg(&gated)
+                    .launch(grid_1d(n, 256))
+            }
+            .map_err(derr)?;
+        }
+        Ok(Self::out(&[r, m], out))
+    }
+
+    fn residual_mix(&self, moe: &T, mlp: &T, coef: &T) -> Result<T> {
+        let (r, m) = moe.dims2("moe output")?;
+        if mlp.shape() != moe.shape() {
+            return Err(Error::shape("residual mlp output", format!("[{r}, {m}]"), mlp.shape()));
+        }
+        if coef.shape() != [r, 2] {
+            return Err(Error::shape("coefficient logits", format!("[{r}, 2]"), coef.shape()));
+        }
+        let (a, b, c) = (
+            Self::f32s(moe, "moe output")?,
+            Self::f32s(mlp, "residual mlp output")?,
+            Self::f32s(coef, "coefficient logits")?,
+        );
+        let cols = m as u32;
+        let (f, mut out, n) = self.ew_prep("residual_mix", &[r, m])?;
+        let nn = n as u64;
+        if n > 0 {
+            // SAFETY: the argument list matches kernels/elementwise.cu residual_mix.
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(a)
+                    .arg(b)
+                    .arg(c)
+                    .arg(&mut out)
+                    .arg(&nn)
+                    .arg(&cols)
+                    .launch(grid_1d(n, 256))
+            }
+            .map_err(derr)?;
+        }
+        Ok(Self::out(&[r, m], out))
+    }
+
+    fn route(&self, logits: &T, spec: &RouteSpec<'_, Self>) -> Result<Routes<Self>> {
+        let (s, e) = logits.dims2("logits")?;
+        let k = spec.k;
+        if k == 0 || k > e {
+            return Err(Error::config("k", format!("{k} routes per token with {e} experts")));
+        }
+        if e > 1024 {
+            return Err(Error::Unsupported {
+                backend: "cuda".into(),
+                what: format!("{e} experts (the route kernel takes up to 1024)"),
+            });
+        }
+        if spec.choice == Choice::DeepSpeedTop2 && k != 2 {
+            return Err(Error::config("k", format!("DeepSpeed top-2 routing takes k = 2, got {k}")));
+        }
+        let (choice, n_group, topk_group, group_score) = match spec.choice {
+            Choice::TopK => (0, 0, 0, 0),
+            Choice::DeepSpeedTop2 => (1, 0, 0, 0),
+            Choice::GroupLimited { n_group, topk_group, group_score } => {
+                let reachable_ok = group_score == GroupScore::Max || (n_group > 0 && k <= topk_group * (e / n_group));
+                let size_ok = group_score == GroupScore::Max || (n_group > 0 && e / n_group >= 2);
+                if n_group == 0
+                    || e % n_group != 0
+                    || topk_group == 0
+                    || topk_group > n_group
+                    || !reachable_ok
+                    || !size_ok
+                    || n_group > 64
+                {
+                    return Err(Error::config(
+                        "n_group",
+                        format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts"),
+                    ));
+                }
+                (2, n_group as u32, topk_group as u32, if group_score == GroupScore::Max { 0 } else { 1 })
+            }
+        };
+        let bias = match spec.bias {
+            Some(b) if b.shape() != [e] => {
+                return Err(Error::shape("e_score_correction_bias", format!("[{e}]"), b.shape()))
+            }
+            Some(b) => Some(Self::f32s(b, "e_score_correction_bias")?),
+            None => None,
+        };
+        let noise = match spec.choice_noise {
+            Some(n) if n.shape() != [s, e] => {
+                return Err(Error::shape("choice noise (gumbel)", format!("[{s}, {e}]"), n.shape()))
+            }
+            Some(n) => Some(Self::f32s(n, "gumbel")?),
+            None => None,
+        };
+        let (normalize, eps) = match spec.normalize {
+            Normalize::None => (0, 0.0),
+            Normalize::Sum => (1, 0.0),
+            Normalize::SumPlus(eps) => (2, eps),
+        };
+        let p = RouteParams {
+            s: s as u32,
+            e: e as u32,
+            k: k as u32,
+            score_fn: if spec.score == ScoreFn::Softmax { 0 } else { 1 },
+            choice,
+            has_bias: bias.is_some() as u32,
+            has_noise: noise.is_some() as u32,
+            normalize,
+            eps,
+            scale: spec.scale,
+            n_group,
+            topk_group,
+            group_score,
+        };
+        let l = Self::f32s(logits, "logits")?;
+        let mut scores = self.zeros_f32(s * e)?;
+        let mut experts = self.zeros_i32(s * k)?;
+        let mut weights = self.zeros_f32(s * k)?;
+        if s > 0 {
+            let f = self.function("route.cu", "route")?;
+            let mut status = self.status.clone();
+            let cfg =
+                LaunchConfig { grid_dim: (s.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: matches kernels/route.cu route(logits, bias, noise, scores, experts,
+            // weights, status, params); one warp per token.
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(l)
+                    .arg(bias.unwrap_or(&self.dummy))
+                    .arg(noise.unwrap_or(&self.dummy))
+                    .arg(&mut scores)
+                    .arg(&mut experts)
+                    .arg(&mut weights)
+                    .arg(&mut status)
+                    .arg(&p)
+                    .launch(cfg)
+            }
+            .map_err(derr)?;
+            *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((l.clone(), e));
+        }
+        Ok(Routes {
+            experts: Self::out_i32(&[s, k], experts),
+            weights: Self::out(&[s, k], weights),
+            scores: Self::out(&[s, e], scores),
+        })
+    }
+
+    fn plan(&self, routes: &Routes<Self>, spec: &PlanSpec<'_, Self>) -> Result<Plan<Self>> {
+        let (s, k) = routes.experts.dims2("routes.experts")?;
+        let e = spec.num_experts;
+        let used = match spec.used_token {
+            Some(u) if u.shape() != [s] => return Err(Error::shape("used_token", format!("[{s}]"), u.shape())),
+            Some(u) => Some(Self::f32s(u, "used_token")?),
+            None => None,
+        };
+        let group = spec.group_size.unwrap_or(s).max(1);
+        if s % group != 0 {
+            return Err(Error::shape("x", format!("tokens divisible into groups of {group}"), &[s]));
+        }
+        let n_groups = s / group;
+        let (cap_rule, cap_value, clamp) = match spec.capacity {
+            CapacityRule::Unlimited => (0, 0, 0),
+            CapacityRule::Fixed(_) | CapacityRule::DeepSpeed { .. } => {
+                (1, spec.capacity.static_capacity(s, e).unwrap_or(0).min(i32::MAX as usize) as u32, 0)
+            }
+            CapacityRule::Dropless { clamp_to_tokens } => (2, 0, clamp_to_tokens as u32),
+        };
+        let (keep, priority) = match &spec.keep {
+            KeepPolicy::TokenOrder => (0, None),
+            KeepPolicy::RankMajor => (1, None),
+            KeepPolicy::Priority(p) if p.shape() != [s, e] => {
+                return Err(Error::shape("priority (rts_uniform / probs)", format!("[{s}, {e}]"), p.shape()))
+            }
+            KeepPolicy::Priority(p) => (2, Some(Self::f32s(p, "priority")?)),
+        };
+        let p = PlanParams {
+            s: s as u32,
+            k: k as u32,
+            e: e as u32,
+            group: group as u32,
+            n_groups: n_groups as u32,
+            cap_rule,
+            cap_value,
+            clamp,
+            keep,
+            has_used: used.is_some() as u32,
+            renorm: spec.renormalize_kept as u32,
+        };
+        let (sk, ge) = (s * k, n_groups * e);
+        let ex = Self::i32s(&routes.experts, "routes.experts")?;
+        let rw = Self::f32s(&routes.weights, "routes.weights")?;
+        let used = used.unwrap_or(&self.dummy);
+        let priority = priority.unwrap_or(&self.dummy);
+        let mut scratch = self.zeros_i32(4 * ge + sk + 2 * s)?;
+        let mut info = self.zeros_i32(4 * e + 6)?;
+        let mut sr = self.zeros_i32(2 * sk)?;
+        let mut pw = self.zeros_f32(sk)?;
+        let f = |name: &str| self.function("plan.cu", name);
+        let one = grid_1d(1, 1);
+        // SAFETY (all launches below): argument lists match kernels/plan.cu; buffers are
+        // sized by the layout documented there.
+        unsafe {
+            let st = &self.stream;
+            st.launch_builder(&f("plan_count")?)
+                .arg(ex)
+                .arg(used)
+                .arg(&mut scratch)
+                .arg(&p)
+                .launch(grid_1d(ge, 64))
+                .map_err(derr)?;
+            st.launch_builder(&f("plan_capacity")?)
+                .arg(used)
+                .arg(&mut scratch)
+                .arg(&mut info)
+                .arg(&p)
+                .launch(one)
+                .map_err(derr)?;
+            if keep == 2 {
+                st.launch_builder(&f("plan_rank")?)
+                    .arg(ex)
+                    .arg(used)
+                    .arg(priority)
+                    .arg(&mut scratch)
+                    .arg(&info)
+                    .arg(&p)
+                    .launch(grid_1d(sk, 64))
+                    .map_err(derr)?;
+            }
+            st.launch_builder(&f("plan_slots")?)
+                .arg(ex)
+                .arg(used)
+                .arg(&mut scratch)
+                .arg(&info)
+                .arg(&mut sr)
+                .arg(&p)
+                .launch(grid_1d(ge, 64))
+                .map_err(derr)?;
+            st.launch_builder(&f("plan_offsets")?)
+                .arg(&mut scratch)
+                .arg(&mut info)
+                .arg(&p)
+                .launch(one)
+                .map_err(derr)?;
+            st.launch_builder(&f("plan_finish")?)
+                .arg(ex)
+                .arg(rw)
+                .arg(used)
+                .arg(&mut scratch)
+                .arg(&mut sr)
+                .arg(&mut pw)
+                .arg(&p)
+                .launch(grid_1d(s, 64))
+                .map_err(derr)?;
+            st.launch_builder(&f("plan_stats")?).arg(&scratch).arg(&mut info).arg(&p).launch(one).map_err(derr)?;
+        }
+        let part = |src: &CudaSlice<i32>, at: usize, len: usize| -> Result<CudaSlice<i32>> {
+            let mut dst = self.zeros_i32(len)?;
+            if len > 0 {
+                self.stream.memcpy_dtod(&src.slice(at..at + len), &mut dst).map_err(derr)?;
+            }
+            Ok(dst)
+        };
+        Ok(Plan {
+            counts: Self::out_i32(&[e], part(&info, 0, e)?),
+            first_counts: Self::out_i32(&[e], part(&info, e, e)?),
+            kept_counts: Self::out_i32(&[e], part(&info, 2 * e, e)?),
+            offsets: Self::out_i32(&[e + 1], part(&info, 3 * e, e + 1)?),
+            stats: Self::out_i32(&[4], part(&info, 4 * e + 1, 4)?),
+            slots: Self::out_i32(&[s, k], part(&sr, 0, sk)?),
+            rows: Self::out_i32(&[s, k], part(&sr, sk, sk)?),
+            weights: Self::out(&[s, k], pw),
+        })
+    }
+
+    fn permute(&self, x: &T, plan: &Plan<Self>) -> Result<T> {
+        let (s, m) = x.dims2("x")?;
+        let (ps, k) = plan.rows.dims2("plan.rows")?;
+        if ps != s {
+            return Err(Error::shape("plan.rows", format!("[{s}, k]"), plan.rows.shape()));
+        }
+        let n = s * k * m;
+        let mut out = self.zeros_f32(n)?;
+        if n > 0 {
+            let f = self.function("permute.cu", "permute")?;
+            let (nn, cols, kk) = (n as u64, m as u32, k as u32);
+            // SAFETY: matches kernels/permute.cu permute(x, rows, out, n, cols, k).
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(Self::f32s(x, "x")?)
+                    .arg(Self::i32s(&plan.rows, "plan.rows")?)
+                    .arg(&mut out)
+                    .arg(&nn)
+                    .arg(&cols)
+                    .arg(&kk)
+                    .launch(grid_1d(n, 256))
+            }
+            .map_err(derr)?;
+        }
+        Ok(Self::out(&[s * k, m], out))
+    }
+
+    fn combine(&self, yp: &T, plan: &Plan<Self>) -> Result<T> {
+        let (_, m) = yp.dims2("expert output")?;
+        let (s, k) = plan.rows.dims2("plan.rows")?;
+        let n = s * m;
+        let mut out = self.zeros_f32(n)?;
+        if n > 0 {
+            let f = self.function("permute.cu", "combine")?;
+            let (nn, cols, kk) = (n as u64, m as u32, k as u32);
+            // SAFETY: matches kernels/permute.cu combine(yp, rows, w, out, n, cols, k).
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(Self::f32s(yp, "expert output")?)
+                    .arg(Self::i32s(&plan.rows, "plan.rows")?)
+                    .arg(Self::f32s(&plan.weights, "plan.weights")?)
+                    .arg(&mut out)
+                    .arg(&nn)
+                    .arg(&cols)
+                    .arg(&kk)
+                    .launch(grid_1d(n, 256))
+            }
+            .map_err(derr)?;
+        }
+        Ok(Self::out(&[s, m], out))
+    }
+
+    fn router_stats(&self, logits: &T, scores: &T) -> Result<T> {
+        let (s, e) = logits.dims2("logits")?;
+        if scores.shape() != [s, e] {
+            return Err(Error::shape("scores", format!("[{s}, {e}]"), scores.shape()));
+        }
+        let mut out = self.zeros_f32(e + 1)?;
+        let f = self.function("stats.cu", "router_stats")?;
+        let (ss, ee) = (s as u32, e as u32);
+        // SAFETY: matches kernels/stats.cu router_stats(logits, scores, out, s, e).
+        unsafe {
+            self.stream
+                .launch_builder(&f)
+                .arg(Self::f32s(logits, "logits")?)
+                .arg(Self::f32s(scores, "scores")?)
+                .arg(&mut out)
+                .arg(&ss)
+                .arg(&ee)
+                .launch(grid_1d(e + 1, 64))
+        }
+        .map_err(derr)?;
+        Ok(Self::out(&[e + 1], out))
+    }
+
+    fn noise(&self, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<T> {
+        let n: usize = shape.iter().product();
+        let mut out = self.zeros_f32(n)?;
+        if n > 0 {
+            let (code, eps) = match kind {
+                NoiseKind::Uniform => (0u32, 0.0f32),
+                NoiseKind::Jitter(eps) => (1, eps),
+                NoiseKind::Gumbel => (2, 0.0),
+            };
+            let f = self.function("philox.cu", "noise")?;
+            let (nn, lo, hi) = (n as u64, seed as u32, (seed >> 32) as u32);
+            // SAFETY: matches kernels/philox.cu noise(out, n, seed_lo, seed_hi, stream, kind, eps).
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(&mut out)
+                    .arg(&nn)
+                    .arg(&lo)
+                    .arg(&hi)
+                    .arg(&stream)
+                    .arg(&code)
+                    .arg(&eps)
+                    .launch(grid_1d(n, 256))
+            }
+            .map_err(derr)?;
+        }
+        Ok(Self::out(shape, out))
+    }
+}
