@@ -152,7 +152,8 @@ impl CudaBackend {
                     .find(|(f, _)| *f == family)
                     .map(|(_, s)| crate::compile::source(s))
                     .ok_or_else(|| Error::Invalid(format!("no kernel family {family}")))?;
-                let (cubin, _) = crate::compile::compile(family, &src, self.arch)?;
+                let dir = crate::compile::cache_dir();
+                let cubin = crate::compile::cached_cubin(family, &src, self.arch, dir.as_deref())?;
                 let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(derr)?;
                 mods.insert(family, m.clone());
                 m

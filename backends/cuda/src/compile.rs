@@ -114,6 +114,53 @@ fn summarise(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where compiled kernels are kept between runs: `MOE_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/moe-engine/kernels`, else `~/.cache/moe-engine/kernels`.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    if let Some(d) = std::env::var_os("MOE_KERNEL_CACHE") {
+        return Some(d.into());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
+    Some(base.join("moe-engine").join("kernels"))
+}
+
+/// The cubin of `src` for `arch`, from the disk cache when an earlier run compiled the
+/// same source for the same architecture with the same NVRTC (the file name is the
+/// SHA-256 of all three), else compiled now and stored. A cache that cannot be written
+/// only costs the next run a compile.
+pub fn cached_cubin(name: &str, src: &str, arch: &str, dir: Option<&std::path::Path>) -> Result<Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    let mut major = 0;
+    let mut minor = 0;
+    nvrtc_status()?;
+    // SAFETY: NVRTC is present (probed above); the call writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let key = Sha256::new()
+        .chain_update(src.as_bytes())
+        .chain_update(arch.as_bytes())
+        .chain_update(format!("nvrtc {major}.{minor}").as_bytes())
+        .finalize();
+    let file = dir.map(|d| d.join(format!("{}-{arch}-{:x}.cubin", name.trim_end_matches(".cu"), key)));
+    if let Some(bytes) = file.as_ref().and_then(|f| std::fs::read(f).ok()).filter(|b| !b.is_empty()) {
+        return Ok(bytes);
+    }
+    let (cubin, _) = compile(name, src, arch)?;
+    if let (Some(f), Some(d)) = (&file, dir) {
+        let stored = std::fs::create_dir_all(d).and_then(|_| {
+            // Write then rename, so a concurrent reader never sees half a file.
+            let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, &cubin)?;
+            std::fs::rename(&tmp, f)
+        });
+        if let Err(e) = stored {
+            tracing::warn!("kernel cache {}: {e}", d.display());
+        }
+    }
+    Ok(cubin)
+}
+
 /// Compiles every family for every architecture in [`ARCHS`].
 pub fn compile_all() -> Result<Vec<KernelReport>> {
     nvrtc_status()?;

@@ -45,3 +45,29 @@ fn missing_driver_is_an_error_not_a_panic() {
         Err(e) => assert!(e.to_string().contains("libcuda"), "{e}"),
     }
 }
+
+#[test]
+fn compiled_kernels_are_cached_on_disk_by_source_and_arch() {
+    if moe_cuda::nvrtc_status().is_err() {
+        let _ = writeln!(std::io::stderr(), "SKIP compiled_kernels_are_cached_on_disk_by_source_and_arch: no NVRTC");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("moe-kernel-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = moe_cuda::compile::source(moe_cuda::FAMILIES[0].1);
+    let first = moe_cuda::compile::cached_cubin("route.cu", &src, "sm_80", Some(&dir)).unwrap();
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(files.len(), 1, "one cubin stored");
+    let second = moe_cuda::compile::cached_cubin("route.cu", &src, "sm_80", Some(&dir)).unwrap();
+    assert_eq!(first, second);
+    // Another architecture or another source is another entry.
+    moe_cuda::compile::cached_cubin("route.cu", &src, "sm_90", Some(&dir)).unwrap();
+    moe_cuda::compile::cached_cubin("route.cu", &format!("{src}\n// changed"), "sm_80", Some(&dir)).unwrap();
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
+    // A corrupt (empty) entry is recompiled, not trusted.
+    for f in std::fs::read_dir(&dir).unwrap() {
+        std::fs::write(f.unwrap().path(), b"").unwrap();
+    }
+    assert_eq!(moe_cuda::compile::cached_cubin("route.cu", &src, "sm_80", Some(&dir)).unwrap(), first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
