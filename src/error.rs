@@ -62,6 +62,15 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
     /// A backend could not be created or an operation failed on it.
+    #[error("rank {rank}: {msg}")]
+    /// A collective failed: a peer errored, stopped or did not answer in time.
+    Communication {
+        /// The rank reporting the failure.
+        rank: usize,
+        /// What happened, naming the peer where one is known.
+        msg: String,
+    },
+
     #[error("backend {backend}: {msg}")]
     Backend {
         /// Backend name.

@@ -153,6 +153,41 @@ impl Case {
 
 /// Runs one case folder on backend `b` and compares every expected output.
 pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
+    run_case_on(b, dir, None)
+}
+
+/// Runs one case on `n` in-process ranks that all hold the case's whole batch, the
+/// experts spread over them (the tensor-parallel arrangement: each rank sends its share
+/// of the tokens to the experts' owners and the outputs are gathered after). `make(rank)`
+/// builds each rank's backend. Returns every rank's result; `n` must divide the experts.
+pub fn run_case_ep<B, F>(make: F, dir: &Path, n: usize, timeout: std::time::Duration) -> Result<Vec<CaseResult>>
+where
+    B: Backend,
+    F: Fn(usize) -> Result<B> + Sync,
+{
+    let comms = crate::parallel::in_process(n, timeout);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let make = &make;
+                scope.spawn(move || -> Result<CaseResult> {
+                    let b = make(crate::parallel::Communicator::rank(&comm))?;
+                    run_case_on(&b, dir, Some(&comm))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join().unwrap_or_else(|_| Err(Error::Communication { rank: r, msg: "rank panicked".into() }))
+            })
+            .collect()
+    })
+}
+
+fn run_case_on<B: Backend>(b: &B, dir: &Path, ep: Option<&dyn crate::parallel::Communicator>) -> Result<CaseResult> {
     let case = Case::load(dir)?;
     let x = case.tensor("inputs", "x")?.ok_or_else(|| Error::config("inputs.x", "missing in case.json"))?;
     let opts = case.options()?;
@@ -194,8 +229,14 @@ pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
             } else {
                 return Err(Error::config("kind", format!("unknown case kind `{kind}`")));
             };
-            let layer = MoeLayer::new(b, spec, &weights, DType::F32)?;
-            let out = layer.forward(b, &b.upload(&x)?, &opts)?;
+            let out = match ep {
+                None => MoeLayer::new(b, spec, &weights, DType::F32)?.forward(b, &b.upload(&x)?, &opts)?,
+                Some(comm) => {
+                    let layout = crate::parallel::EpLayout::new(spec.num_experts, comm.rank(), comm.size())?;
+                    let layer = MoeLayer::new_ep(b, spec, &weights, DType::F32, layout)?;
+                    layer.forward_ep(b, &b.upload(&x)?, &opts, comm, crate::parallel::TokenLayout::Replicated)?
+                }
+            };
             let rep = out.report(b)?;
             got.insert("y".into(), b.download(&out.y)?);
             got.insert("router_logits".into(), b.download(&out.gate.logits)?);

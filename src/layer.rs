@@ -128,25 +128,70 @@ impl<B: Backend> LayerOutput<B> {
     }
 }
 
+/// An input flattened to `[S, M]`, with what is needed to shape the output back.
+pub(crate) struct Flat<B: Backend> {
+    pub(crate) x: Tensor<B>,
+    pub(crate) s: usize,
+    pub(crate) m: usize,
+    pub(crate) seq: usize,
+    pub(crate) shape: Vec<usize>,
+}
+
 /// One MoE layer with its weights on a backend.
 pub struct MoeLayer<B: Backend> {
     spec: LayerSpec,
-    gate: Gate<B>,
-    experts: DeviceMlp<B>,
+    pub(crate) gate: Gate<B>,
+    /// The routed experts this instance holds: all of them, or with `ep` the rank's share.
+    pub(crate) experts: DeviceMlp<B>,
     residual: Option<(DeviceMlp<B>, Tensor<B>, Tensor<B>)>,
     shared: Option<(DeviceMlp<B>, Option<Tensor<B>>)>,
+    /// Expert-parallel placement when built by [`MoeLayer::new_ep`].
+    pub(crate) ep: Option<crate::parallel::EpLayout>,
 }
 
 impl<B: Backend> MoeLayer<B> {
     /// Validates spec and weights and uploads the weights (router in f32, the rest in
     /// `dtype`).
     pub fn new(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
+        Self::build(backend, spec, weights, dtype, None)
+    }
+
+    /// As [`MoeLayer::new`] for one rank of an expert-parallel group: the router and the
+    /// dense parts are uploaded whole, the routed experts only for the rank's share
+    /// (`layout.local()`). Run it with [`MoeLayer::forward_ep`].
+    pub fn new_ep(
+        backend: &B,
+        spec: LayerSpec,
+        weights: &HostLayerWeights,
+        dtype: DType,
+        layout: crate::parallel::EpLayout,
+    ) -> Result<Self> {
+        if layout.num_experts != spec.num_experts {
+            return Err(Error::config(
+                "num_experts",
+                format!("layout for {} experts, layer has {}", layout.num_experts, spec.num_experts),
+            ));
+        }
+        Self::build(backend, spec, weights, dtype, Some(layout))
+    }
+
+    fn build(
+        backend: &B,
+        spec: LayerSpec,
+        weights: &HostLayerWeights,
+        dtype: DType,
+        ep: Option<crate::parallel::EpLayout>,
+    ) -> Result<Self> {
         spec.validate()?;
         weights.validate(&spec)?;
         if !backend.capabilities().storage_dtypes.contains(&dtype) {
             return Err(Error::Unsupported { backend: backend.name().into(), what: format!("{dtype} weights") });
         }
-        let experts = DeviceMlp::upload(backend, &weights.experts, &spec.expert, false, dtype)?;
+        let local = match ep {
+            Some(l) => weights.experts.slice_experts(l.local())?,
+            None => weights.experts.clone(),
+        };
+        let experts = DeviceMlp::upload(backend, &local, &spec.expert, false, dtype)?;
         let residual = match &weights.residual {
             Some((mlp, cw, cb)) => Some((
                 DeviceMlp::upload(backend, mlp, &spec.expert, true, dtype)?,
@@ -163,7 +208,7 @@ impl<B: Backend> MoeLayer<B> {
             _ => None,
         };
         let gate = Gate::new(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref())?;
-        Ok(MoeLayer { spec, gate, experts, residual, shared })
+        Ok(MoeLayer { spec, gate, experts, residual, shared, ep })
     }
 
     /// The layer's configuration.
@@ -171,8 +216,8 @@ impl<B: Backend> MoeLayer<B> {
         &self.spec
     }
 
-    /// Forward of `x` shaped `[S, M]` or `[B, T, M]` (Switch counts capacity per row of B).
-    pub fn forward(&self, b: &B, x: &Tensor<B>, opts: &ForwardOptions) -> Result<LayerOutput<B>> {
+    /// `x` as `[S, M]`, with S, M, the sequence length and the original shape.
+    pub(crate) fn flatten_input(&self, x: &Tensor<B>) -> Result<Flat<B>> {
         let m = self.spec.hidden;
         let shape = x.shape().to_vec();
         if shape.len() < 2 || shape.len() > 3 || shape[shape.len() - 1] != m {
@@ -180,23 +225,36 @@ impl<B: Backend> MoeLayer<B> {
         }
         let s: usize = shape[..shape.len() - 1].iter().product();
         let seq = shape[shape.len() - 2];
-        let x2 = x.reshape(&[s, m])?;
+        Ok(Flat { x: x.reshape(&[s, m])?, s, m, seq, shape })
+    }
 
-        let gate = self.gate.forward(b, &x2, seq, opts)?;
-        let xp = b.permute(&x2, &gate.plan)?;
-        let acts = self.experts.grouped(b, xp, &gate.plan.offsets, opts.keep_activations)?;
-        let mut y = b.combine(&acts.yp, &gate.plan)?;
-
+    /// Adds the residual MLP (DeepSpeed coefficient mix) or the shared experts to the
+    /// routed output `y`.
+    pub(crate) fn add_dense_parts(&self, b: &B, x2: &Tensor<B>, mut y: Tensor<B>) -> Result<Tensor<B>> {
         if let Some((mlp, cw, cb)) = &self.residual {
-            let dense = mlp.dense(b, &x2)?;
-            let coef = b.linear(&x2, cw, Some(cb))?;
+            let dense = mlp.dense(b, x2)?;
+            let coef = b.linear(x2, cw, Some(cb))?;
             y = b.residual_mix(&y, &dense, &coef)?;
         }
         if let Some((mlp, gate_w)) = &self.shared {
-            let dense = mlp.dense(b, &x2)?;
-            let g = gate_w.as_ref().map(|g| b.linear(&x2, g, None)).transpose()?;
+            let dense = mlp.dense(b, x2)?;
+            let g = gate_w.as_ref().map(|g| b.linear(x2, g, None)).transpose()?;
             y = b.add_gated(&y, &dense, g.as_ref())?;
         }
+        Ok(y)
+    }
+
+    /// Forward of `x` shaped `[S, M]` or `[B, T, M]` (Switch counts capacity per row of B).
+    pub fn forward(&self, b: &B, x: &Tensor<B>, opts: &ForwardOptions) -> Result<LayerOutput<B>> {
+        if self.ep.is_some_and(|l| l.size > 1) {
+            return Err(Error::Invalid("this layer holds one rank's experts: run it with forward_ep".into()));
+        }
+        let Flat { x: x2, seq, shape, .. } = self.flatten_input(x)?;
+        let gate = self.gate.forward(b, &x2, seq, opts)?;
+        let xp = b.permute(&x2, &gate.plan)?;
+        let acts = self.experts.grouped(b, xp, &gate.plan.offsets, opts.keep_activations)?;
+        let y = b.combine(&acts.yp, &gate.plan)?;
+        let y = self.add_dense_parts(b, &x2, y)?;
         Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts: acts })
     }
 }

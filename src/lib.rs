@@ -15,6 +15,7 @@ pub mod golden;
 pub mod import;
 pub mod layer;
 pub mod losses;
+pub mod parallel;
 pub mod parity;
 pub mod philox;
 pub mod stack;

@@ -116,6 +116,13 @@ impl HostTensor {
             HostData::I32(_) => Err(Error::DType { tensor: name.into(), expected: "f32".into(), got: "i32".into() }),
         }
     }
+    /// Consumes the tensor, returning its i32 data.
+    pub fn into_i32(self, name: &str) -> Result<Vec<i32>> {
+        match self.data {
+            HostData::I32(v) => Ok(v),
+            HostData::F32(_) => Err(Error::DType { tensor: name.into(), expected: "i32".into(), got: "f32".into() }),
+        }
+    }
     /// Values as f64 whatever the dtype (for comparisons and reports).
     pub fn to_f64(&self) -> Vec<f64> {
         match &self.data {

@@ -22,6 +22,27 @@ pub struct HostMlp {
 }
 
 impl HostMlp {
+    /// Experts `range` of the stack (every tensor sliced on its first dimension).
+    pub fn slice_experts(&self, range: std::ops::Range<usize>) -> Result<HostMlp> {
+        let cut = |t: &HostTensor| -> Result<HostTensor> {
+            let e = *t.shape.first().unwrap_or(&0);
+            if range.end > e {
+                return Err(Error::shape("expert stack", format!("at least {} experts", range.end), &t.shape));
+            }
+            let per: usize = t.shape[1..].iter().product();
+            let v = t.as_f32("expert stack")?;
+            let mut shape = t.shape.clone();
+            shape[0] = range.len();
+            HostTensor::f32(&shape, v[range.start * per..range.end * per].to_vec())
+        };
+        Ok(HostMlp {
+            w_in: cut(&self.w_in)?,
+            b_in: self.b_in.as_ref().map(cut).transpose()?,
+            w_out: self.w_out.as_ref().map(cut).transpose()?,
+            b_out: self.b_out.as_ref().map(cut).transpose()?,
+        })
+    }
+
     /// Checks the shapes against the expert spec; `what` prefixes tensor names in errors.
     pub fn validate(&self, what: &str, spec: &ExpertSpec, experts: usize, hidden: usize) -> Result<()> {
         let n_in = match spec.kind {

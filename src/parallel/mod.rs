@@ -1,0 +1,12 @@
+//! Expert parallelism: the [`Communicator`] trait the layer exchanges rows through, an
+//! in-process implementation that runs N ranks as threads (the laptop way to run expert
+//! parallelism, and how the tests prove it), and the expert-parallel layer forward.
+//!
+//! Layout as DeepSpeed: `ep_size` ranks form an expert-parallel group of contiguous ranks;
+//! global expert `e` lives on rank `e / (E / ep_size)`.
+
+mod comm;
+mod ep;
+
+pub use comm::{in_process, Communicator, InProcessComm};
+pub use ep::{EpLayout, TokenLayout};

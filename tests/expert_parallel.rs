@@ -1,0 +1,149 @@
+//! Expert parallelism on in-process ranks: the communicator's collectives, the layer
+//! forward with experts spread over ranks (tensor-parallel and data-parallel token
+//! layouts) against the single-rank forward, DeepSpeed's divisibility rule, and faults
+//! (a rank that stops or errors makes its peers fail within the timeout, never hang).
+
+use moe_cpu::CpuBackend;
+use moe_engine::backend::Activation;
+use moe_engine::config::{DeepSpeedGate, ExpertKind, ExpertSpec, GateSpec, LayerSpec, Mode};
+use moe_engine::parallel::{in_process, Communicator, EpLayout, TokenLayout};
+use moe_engine::{golden, stack, Backend, DType, Error, ForwardOptions, HostTensor, MoeLayer};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[test]
+fn collectives_move_variable_sized_data_between_ranks() {
+    let comms = in_process(3, Duration::from_secs(10));
+    std::thread::scope(|s| {
+        for c in comms {
+            s.spawn(move || {
+                let r = c.rank();
+                // Rank r sends r + d bytes of value (r, d) to rank d.
+                let send: Vec<Vec<u8>> = (0..3).map(|d| vec![(10 * r + d) as u8; r + d]).collect();
+                let got = c.all_to_all_v(send).unwrap();
+                for (src, bytes) in got.iter().enumerate() {
+                    assert_eq!(bytes, &vec![(10 * src + r) as u8; src + r], "rank {r} from {src}");
+                }
+                let all = c.all_gather(vec![r as u8; r]).unwrap();
+                assert_eq!(all, vec![vec![], vec![1], vec![2, 2]]);
+                assert_eq!(c.all_reduce_max(r as u64 * 7).unwrap(), 14);
+                assert_eq!(c.all_reduce_sum(&[r as f32, 1.0]).unwrap(), vec![3.0, 3.0]);
+                c.barrier().unwrap();
+            });
+        }
+    });
+}
+
+#[test]
+fn golden_cases_pass_on_two_and_four_ranks() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    for n in [2, 4] {
+        for dir in golden::discover(&root).unwrap() {
+            let rs = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &dir, n, Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            assert_eq!(rs.len(), n);
+            for (rank, r) in rs.iter().enumerate() {
+                assert!(r.pass, "{} on rank {rank} of {n}: {:?}", r.name, r.outputs);
+            }
+        }
+    }
+}
+
+fn spec(e: usize, gate: GateSpec) -> LayerSpec {
+    LayerSpec {
+        hidden: 24,
+        num_experts: e,
+        gate,
+        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: 40, bias: false },
+        residual: false,
+        shared: None,
+    }
+}
+
+fn tokens(s: usize, m: usize, seed: u32) -> HostTensor {
+    let v = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 5, seed, s * m)
+        .into_iter()
+        .map(|u| 2.0 * u - 1.0)
+        .collect();
+    HostTensor::f32(&[s, m], v).unwrap()
+}
+
+#[test]
+fn data_parallel_shards_match_single_rank_runs_on_each_shard() {
+    // DeepSpeed top-2 with capacity: each rank gates and drops on its own tokens.
+    let g = GateSpec::DeepSpeed(DeepSpeedGate { k: 2, use_rts: false, min_capacity: 2, ..Default::default() });
+    let spec = spec(6, g);
+    let weights = stack::random_weights(&spec, 3).unwrap();
+    let opts = ForwardOptions { mode: Mode::Eval, ..Default::default() };
+    let shards: Vec<HostTensor> = (0..3).map(|r| tokens(10 + r, 24, r as u32)).collect();
+    let comms = in_process(3, Duration::from_secs(30));
+    std::thread::scope(|s| {
+        for c in comms {
+            let (spec, weights, opts, shard) = (spec.clone(), &weights, &opts, shards[c.rank()].clone());
+            s.spawn(move || {
+                let b = CpuBackend::new(Some(1)).unwrap();
+                let layout = EpLayout::new(6, c.rank(), 3).unwrap();
+                let layer = MoeLayer::new_ep(&b, spec.clone(), weights, DType::F32, layout).unwrap();
+                let x = b.upload(&shard).unwrap();
+                let y = layer.forward_ep(&b, &x, opts, &c, TokenLayout::Sharded).unwrap().y;
+                let single = MoeLayer::new(&b, spec, weights, DType::F32).unwrap().forward(&b, &x, opts).unwrap().y;
+                let (a, w) = (b.download(&y).unwrap().to_f64(), b.download(&single).unwrap().to_f64());
+                let err = golden::rel_l2(&a, &w);
+                assert!(err < 1e-6, "rank {}: rel L2 {err} against the single-rank run on its shard", c.rank());
+            });
+        }
+    });
+}
+
+#[test]
+fn expert_count_not_divisible_by_ranks_is_a_config_error() {
+    let err = EpLayout::new(8, 0, 3).unwrap_err();
+    assert!(matches!(err, Error::Config { ref field, .. } if field == "ep_size"), "{err}");
+    assert!(err.to_string().contains("divide"), "{err}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/22_hf_mixtral");
+    let err = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &root, 3, Duration::from_secs(5)).unwrap_err();
+    assert!(err.to_string().contains("ep_size"), "{err}");
+}
+
+#[test]
+fn a_rank_that_stops_or_errors_makes_the_others_fail_within_the_timeout() {
+    let spec = spec(4, GateSpec::SoftmaxTopK { k: 2, normalize: true });
+    let weights = stack::random_weights(&spec, 9).unwrap();
+    let timeout = Duration::from_millis(500);
+    for failing in ["stops", "errors"] {
+        let comms = in_process(4, timeout);
+        let start = Instant::now();
+        let results: Vec<Result<(), Error>> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    let (spec, weights) = (spec.clone(), &weights);
+                    s.spawn(move || -> Result<(), Error> {
+                        let b = CpuBackend::new(Some(1))?;
+                        let layer = MoeLayer::new_ep(&b, spec, weights, DType::F32, EpLayout::new(4, c.rank(), 4)?)?;
+                        let rows = if c.rank() == 3 && failing == "errors" { 7 } else { 8 };
+                        if c.rank() == 3 && failing == "stops" {
+                            drop(c);
+                            return Ok(());
+                        }
+                        // Rank 3 "errors": a wrong input shape fails before any collective.
+                        let x = b.upload(&tokens(8, if rows == 7 { 23 } else { 24 }, 1))?;
+                        layer.forward_ep(&b, &x, &ForwardOptions::default(), &c, TokenLayout::Replicated).map(|_| ())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("no panic")).collect()
+        });
+        let waited = start.elapsed();
+        assert!(waited < timeout * 6, "{failing}: peers took {waited:?} to give up");
+        for (rank, r) in results.iter().enumerate().take(3) {
+            match r {
+                Err(Error::Communication { rank: who, msg }) => {
+                    assert_eq!(*who, rank);
+                    assert!(msg.contains('3') || msg.contains("stopped"), "{failing}, rank {rank}: {msg}");
+                }
+                other => panic!("{failing}: rank {rank} should fail with a communication error, got {other:?}"),
+            }
+        }
+    }
+}
