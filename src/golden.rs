@@ -159,8 +159,16 @@ pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
 /// Runs one case on `n` in-process ranks that all hold the case's whole batch, the
 /// experts spread over them (the tensor-parallel arrangement: each rank sends its share
 /// of the tokens to the experts' owners and the outputs are gathered after). `make(rank)`
-/// builds each rank's backend. Returns every rank's result; `n` must divide the experts.
-pub fn run_case_ep<B, F>(make: F, dir: &Path, n: usize, timeout: std::time::Duration) -> Result<Vec<CaseResult>>
+/// builds each rank's backend. With `per_node` > 0 the ranks form nodes of that many and
+/// exchange hierarchically (within nodes, then across). Returns every rank's result; `n`
+/// must divide the experts.
+pub fn run_case_ep<B, F>(
+    make: F,
+    dir: &Path,
+    n: usize,
+    per_node: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<CaseResult>>
 where
     B: Backend,
     F: Fn(usize) -> Result<B> + Sync,
@@ -173,7 +181,12 @@ where
                 let make = &make;
                 scope.spawn(move || -> Result<CaseResult> {
                     let b = make(crate::parallel::Communicator::rank(&comm))?;
-                    run_case_on(&b, dir, Some(&comm))
+                    if per_node > 0 {
+                        let h = crate::parallel::Hierarchical::new(&comm, per_node)?;
+                        run_case_on(&b, dir, Some(&h))
+                    } else {
+                        run_case_on(&b, dir, Some(&comm))
+                    }
                 })
             })
             .collect();

@@ -39,7 +39,7 @@ fn golden_cases_pass_on_two_and_four_ranks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     for n in [2, 4] {
         for dir in golden::discover(&root).unwrap() {
-            let rs = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &dir, n, Duration::from_secs(60))
+            let rs = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &dir, n, 0, Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
             assert_eq!(rs.len(), n);
             for (rank, r) in rs.iter().enumerate() {
@@ -101,7 +101,7 @@ fn expert_count_not_divisible_by_ranks_is_a_config_error() {
     assert!(matches!(err, Error::Config { ref field, .. } if field == "ep_size"), "{err}");
     assert!(err.to_string().contains("divide"), "{err}");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/22_hf_mixtral");
-    let err = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &root, 3, Duration::from_secs(5)).unwrap_err();
+    let err = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &root, 3, 0, Duration::from_secs(5)).unwrap_err();
     assert!(err.to_string().contains("ep_size"), "{err}");
 }
 
@@ -145,5 +145,36 @@ fn a_rank_that_stops_or_errors_makes_the_others_fail_within_the_timeout() {
                 other => panic!("{failing}: rank {rank} should fail with a communication error, got {other:?}"),
             }
         }
+    }
+}
+
+#[test]
+fn hierarchical_exchange_on_two_nodes_of_four_equals_the_flat_one() {
+    use moe_engine::parallel::Hierarchical;
+    let comms = in_process(8, Duration::from_secs(10));
+    std::thread::scope(|s| {
+        for c in comms {
+            s.spawn(move || {
+                let r = c.rank();
+                let send = |tag: u8| -> Vec<Vec<u8>> {
+                    (0..8).map(|d| vec![tag ^ (16 * r + d) as u8; (r * 3 + d) % 5]).collect()
+                };
+                let flat = c.all_to_all_v(send(0)).unwrap();
+                let h = Hierarchical::new(&c, 4).unwrap();
+                let two_d = h.all_to_all_v(send(0)).unwrap();
+                assert_eq!(flat, two_d, "rank {r}");
+                assert!(Hierarchical::new(&c, 3).is_err());
+            });
+        }
+    });
+}
+
+#[test]
+fn golden_cases_pass_with_hierarchical_exchange_on_two_nodes_of_two() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    for dir in golden::discover(&root).unwrap() {
+        let rs = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &dir, 4, 2, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert!(rs.iter().all(|r| r.pass), "{}", dir.display());
     }
 }

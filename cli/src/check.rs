@@ -17,6 +17,10 @@ pub struct Args {
     /// them (N must divide each case's expert count); every rank must match.
     #[arg(long, default_value_t = 1)]
     ep: usize,
+    /// With --ep: ranks per simulated node; the exchange then runs hierarchically (within
+    /// nodes, then across). 0: one flat exchange.
+    #[arg(long, default_value_t = 0)]
+    ep_per_node: usize,
     /// Seconds a rank waits for its peers before the collective fails (with --ep).
     #[arg(long, default_value_t = 60)]
     ep_timeout: u64,
@@ -59,9 +63,15 @@ fn run_ep(a: &Args) -> Result<ExitCode, String> {
     let (mut passed, mut failed) = (0usize, 0usize);
     for dir in &cases {
         let results = match a.backend.as_str() {
-            "wgpu" => golden::run_case_ep(|_| moe_wgpu::WgpuBackend::new(a.device.as_deref()), dir, a.ep, timeout),
-            "cuda" => golden::run_case_ep(|_| moe_cuda::CudaBackend::new(0), dir, a.ep, timeout),
-            _ => golden::run_case_ep(|_| moe_cpu::CpuBackend::new(Some(1)), dir, a.ep, timeout),
+            "wgpu" => golden::run_case_ep(
+                |_| moe_wgpu::WgpuBackend::new(a.device.as_deref()),
+                dir,
+                a.ep,
+                a.ep_per_node,
+                timeout,
+            ),
+            "cuda" => golden::run_case_ep(|_| moe_cuda::CudaBackend::new(0), dir, a.ep, a.ep_per_node, timeout),
+            _ => golden::run_case_ep(|_| moe_cpu::CpuBackend::new(Some(1)), dir, a.ep, a.ep_per_node, timeout),
         };
         match results {
             Ok(rs) => {

@@ -7,6 +7,10 @@
 
 mod comm;
 mod ep;
+mod eplb;
+mod hierarchical;
 
 pub use comm::{in_process, Communicator, InProcessComm};
 pub use ep::{EpLayout, TokenLayout};
+pub use eplb::{rebalance_experts, EplbPlan};
+pub use hierarchical::Hierarchical;
