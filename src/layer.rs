@@ -147,13 +147,15 @@ pub struct MoeLayer<B: Backend> {
     shared: Option<(DeviceMlp<B>, Option<Tensor<B>>)>,
     /// Expert-parallel placement when built by [`MoeLayer::new_ep`].
     pub(crate) ep: Option<crate::parallel::EpLayout>,
+    /// Replicated placement (EPLB) when built by [`MoeLayer::new_ep_placed`].
+    pub(crate) placement: Option<crate::parallel::Placement>,
 }
 
 impl<B: Backend> MoeLayer<B> {
     /// Validates spec and weights and uploads the weights (router in f32, the rest in
     /// `dtype`).
     pub fn new(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
-        Self::build(backend, spec, weights, dtype, None)
+        Self::build(backend, spec, weights, dtype, None, None)
     }
 
     /// As [`MoeLayer::new`] for one rank of an expert-parallel group: the router and the
@@ -172,7 +174,33 @@ impl<B: Backend> MoeLayer<B> {
                 format!("layout for {} experts, layer has {}", layout.num_experts, spec.num_experts),
             ));
         }
-        Self::build(backend, spec, weights, dtype, Some(layout))
+        Self::build(backend, spec, weights, dtype, Some(layout), None)
+    }
+
+    /// As [`MoeLayer::new_ep`] with the experts placed by an EPLB plan
+    /// ([`crate::parallel::Placement`]): this rank holds the experts of its slots,
+    /// replicas included, and [`MoeLayer::forward_ep`] spreads the routes to a replicated
+    /// expert over its replicas.
+    pub fn new_ep_placed(
+        backend: &B,
+        spec: LayerSpec,
+        weights: &HostLayerWeights,
+        dtype: DType,
+        rank: usize,
+        placement: crate::parallel::Placement,
+    ) -> Result<Self> {
+        let ranks = placement.phy2log.len() / placement.slots_per_rank.max(1);
+        if placement.replicas.len() != spec.num_experts {
+            return Err(Error::config(
+                "placement",
+                format!("plan for {} experts, layer has {}", placement.replicas.len(), spec.num_experts),
+            ));
+        }
+        let layout = crate::parallel::EpLayout { rank, size: ranks, num_experts: spec.num_experts };
+        if rank >= ranks {
+            return Err(Error::config("rank", format!("rank {rank} in a group of {ranks}")));
+        }
+        Self::build(backend, spec, weights, dtype, Some(layout), Some(placement))
     }
 
     fn build(
@@ -181,15 +209,17 @@ impl<B: Backend> MoeLayer<B> {
         weights: &HostLayerWeights,
         dtype: DType,
         ep: Option<crate::parallel::EpLayout>,
+        placement: Option<crate::parallel::Placement>,
     ) -> Result<Self> {
         spec.validate()?;
         weights.validate(&spec)?;
         if !backend.capabilities().storage_dtypes.contains(&dtype) {
             return Err(Error::Unsupported { backend: backend.name().into(), what: format!("{dtype} weights") });
         }
-        let local = match ep {
-            Some(l) => weights.experts.slice_experts(l.local())?,
-            None => weights.experts.clone(),
+        let local = match (&placement, ep) {
+            (Some(p), Some(l)) => weights.experts.gather_experts(p.local(l.rank))?,
+            (None, Some(l)) => weights.experts.slice_experts(l.local())?,
+            _ => weights.experts.clone(),
         };
         let experts = DeviceMlp::upload(backend, &local, &spec.expert, false, dtype)?;
         let residual = match &weights.residual {
@@ -208,7 +238,7 @@ impl<B: Backend> MoeLayer<B> {
             _ => None,
         };
         let gate = Gate::new(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref())?;
-        Ok(MoeLayer { spec, gate, experts, residual, shared, ep })
+        Ok(MoeLayer { spec, gate, experts, residual, shared, ep, placement })
     }
 
     /// The layer's configuration.

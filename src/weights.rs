@@ -24,16 +24,25 @@ pub struct HostMlp {
 impl HostMlp {
     /// Experts `range` of the stack (every tensor sliced on its first dimension).
     pub fn slice_experts(&self, range: std::ops::Range<usize>) -> Result<HostMlp> {
+        self.gather_experts(&range.collect::<Vec<_>>())
+    }
+
+    /// The stack of experts `ids`, in that order (an expert may repeat: replicas).
+    pub fn gather_experts(&self, ids: &[usize]) -> Result<HostMlp> {
         let cut = |t: &HostTensor| -> Result<HostTensor> {
             let e = *t.shape.first().unwrap_or(&0);
-            if range.end > e {
-                return Err(Error::shape("expert stack", format!("at least {} experts", range.end), &t.shape));
+            if let Some(&bad) = ids.iter().find(|&&i| i >= e) {
+                return Err(Error::shape(
+                    "expert stack",
+                    format!("expert {bad} of at least {} experts", bad + 1),
+                    &t.shape,
+                ));
             }
             let per: usize = t.shape[1..].iter().product();
             let v = t.as_f32("expert stack")?;
             let mut shape = t.shape.clone();
-            shape[0] = range.len();
-            HostTensor::f32(&shape, v[range.start * per..range.end * per].to_vec())
+            shape[0] = ids.len();
+            HostTensor::f32(&shape, ids.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect())
         };
         Ok(HostMlp {
             w_in: cut(&self.w_in)?,

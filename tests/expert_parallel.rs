@@ -178,3 +178,36 @@ fn golden_cases_pass_with_hierarchical_exchange_on_two_nodes_of_two() {
         assert!(rs.iter().all(|r| r.pass), "{}", dir.display());
     }
 }
+
+#[test]
+fn a_layer_placed_by_eplb_with_replicas_matches_the_single_rank_forward() {
+    use moe_engine::parallel::{rebalance_experts, Placement};
+    let spec = spec(8, GateSpec::SoftmaxTopK { k: 2, normalize: true });
+    let weights = stack::random_weights(&spec, 21).unwrap();
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let x = tokens(40, 24, 7);
+    let single = MoeLayer::new(&b, spec.clone(), &weights, DType::F32).unwrap();
+    let out = single.forward(&b, &b.upload(&x).unwrap(), &ForwardOptions::default()).unwrap();
+    let want = b.download(&out.y).unwrap().to_f64();
+    // Observed loads → 12 slots over 4 ranks (4 replicas of the hottest experts), 2 nodes.
+    let loads: Vec<f64> = out.report(&b).unwrap().exp_counts.iter().map(|&c| c as f64).collect();
+    let plan = rebalance_experts(&[loads], 12, 4, 2, 4).unwrap();
+    assert!(plan.logcnt[0].iter().any(|&c| c > 1), "the plan replicates some expert");
+    let comms = in_process(4, Duration::from_secs(30));
+    std::thread::scope(|s| {
+        for c in comms {
+            let (spec, weights, x, want, plan) = (spec.clone(), &weights, x.clone(), &want, &plan);
+            s.spawn(move || {
+                let b = CpuBackend::new(Some(1)).unwrap();
+                let placement = Placement::from_plan(plan, 0, 4).unwrap();
+                let layer = MoeLayer::new_ep_placed(&b, spec, weights, DType::F32, c.rank(), placement).unwrap();
+                let y = layer
+                    .forward_ep(&b, &b.upload(&x).unwrap(), &ForwardOptions::default(), &c, TokenLayout::Replicated)
+                    .unwrap()
+                    .y;
+                let err = golden::rel_l2(&b.download(&y).unwrap().to_f64(), want);
+                assert!(err < 1e-6, "rank {}: rel L2 {err}", c.rank());
+            });
+        }
+    });
+}

@@ -51,6 +51,46 @@ impl EpLayout {
     }
 }
 
+/// Expert slots spread over the ranks from an EPLB plan: hot experts have several
+/// replicas, and a route to a replicated expert goes to replica `token % replicas`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Logical expert of each physical slot; slot `p` is on rank `p / slots_per_rank`.
+    pub phy2log: Vec<usize>,
+    /// The slots of each logical expert.
+    pub replicas: Vec<Vec<usize>>,
+    /// Slots per rank.
+    pub slots_per_rank: usize,
+}
+
+impl Placement {
+    /// Layer `layer` of an EPLB plan over `ranks` ranks (one rank per GPU of the plan).
+    pub fn from_plan(plan: &super::EplbPlan, layer: usize, ranks: usize) -> Result<Self> {
+        let phy2log = plan
+            .phy2log
+            .get(layer)
+            .ok_or_else(|| Error::config("layer", format!("the plan has no layer {layer}")))?
+            .clone();
+        if ranks == 0 || !phy2log.len().is_multiple_of(ranks) {
+            return Err(Error::config("ep_size", format!("{} slots do not split over {ranks} ranks", phy2log.len())));
+        }
+        let e = plan.logcnt[layer].len();
+        let mut replicas = vec![Vec::new(); e];
+        for (p, &l) in phy2log.iter().enumerate() {
+            replicas[l].push(p);
+        }
+        if let Some(missing) = replicas.iter().position(Vec::is_empty) {
+            return Err(Error::config("placement", format!("expert {missing} has no slot")));
+        }
+        Ok(Placement { slots_per_rank: phy2log.len() / ranks, phy2log, replicas })
+    }
+
+    /// The logical experts of `rank`'s slots, in slot order.
+    pub fn local(&self, rank: usize) -> &[usize] {
+        &self.phy2log[rank * self.slots_per_rank..(rank + 1) * self.slots_per_rank]
+    }
+}
+
 /// How the batch is spread over the ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenLayout {
@@ -101,7 +141,19 @@ impl<B: Backend> MoeLayer<B> {
         let weights = b.download(&gate.plan.weights)?.into_f32("plan.weights")?;
         let experts = b.download(&gate.routes.experts)?.into_i32("routes.experts")?;
         let xh = b.download(&x2)?.into_f32("x")?;
-        let per = ep.per_rank();
+        let placement = self.placement.as_ref();
+        let per = placement.map_or(ep.per_rank(), |p| p.slots_per_rank);
+        // (owner rank, local slot) of a route of token t to expert e.
+        let target = |t: usize, e: usize| -> (usize, usize) {
+            match placement {
+                Some(p) => {
+                    let reps = &p.replicas[e];
+                    let slot = reps[t % reps.len()];
+                    (slot / p.slots_per_rank, slot % p.slots_per_rank)
+                }
+                None => (ep.owner(e), e % per),
+            }
+        };
         let mine = match tokens {
             TokenLayout::Replicated => share(s, ep.rank, ep.size),
             TokenLayout::Sharded => 0..s,
@@ -120,8 +172,8 @@ impl<B: Backend> MoeLayer<B> {
         let mut sent: Vec<Vec<usize>> = vec![Vec::new(); ep.size];
         for &(_, r) in &kept {
             let (t, e) = (r / k, experts[r] as usize);
-            let dst = ep.owner(e);
-            send_e[dst].push((e % per) as i32);
+            let (dst, slot) = target(t, e);
+            send_e[dst].push(slot as i32);
             send_x[dst].extend_from_slice(&xh[t * m..(t + 1) * m]);
             sent[dst].push(r);
         }

@@ -11,6 +11,6 @@ mod eplb;
 mod hierarchical;
 
 pub use comm::{in_process, Communicator, InProcessComm};
-pub use ep::{EpLayout, TokenLayout};
+pub use ep::{EpLayout, Placement, TokenLayout};
 pub use eplb::{rebalance_experts, EplbPlan};
 pub use hierarchical::Hierarchical;
