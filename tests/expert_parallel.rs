@@ -211,3 +211,30 @@ fn a_layer_placed_by_eplb_with_replicas_matches_the_single_rank_forward() {
         }
     });
 }
+
+#[test]
+fn deepspeed_expert_and_expert_data_parallel_groups_by_split() {
+    use moe_engine::parallel::ExpertGroups;
+    let g = ExpertGroups::new(8, 4).unwrap();
+    assert_eq!(g.ep, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+    assert_eq!(g.edp, vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]);
+    assert!(ExpertGroups::new(8, 3).is_err());
+    let comms = in_process(8, Duration::from_secs(10));
+    std::thread::scope(|s| {
+        for c in comms {
+            s.spawn(move || {
+                let r = c.rank();
+                let (ep, edp) = ExpertGroups::split(&c, 4).unwrap();
+                assert_eq!((ep.rank(), ep.size()), (r % 4, 4));
+                assert_eq!((edp.rank(), edp.size()), (r / 4, 2));
+                // Sums stay within each group.
+                assert_eq!(ep.all_reduce_sum(&[r as f32]).unwrap(), vec![if r < 4 { 6.0 } else { 22.0 }]);
+                assert_eq!(edp.all_reduce_sum(&[r as f32]).unwrap(), vec![(2 * (r % 4) + 4) as f32]);
+                // A sub-group runs the expert-parallel exchange on its own.
+                let got = ep.all_to_all_v((0..4).map(|d| vec![(r * 10 + d) as u8]).collect()).unwrap();
+                let block = r / 4 * 4;
+                assert_eq!(got, (0..4).map(|src| vec![((block + src) * 10 + r % 4) as u8]).collect::<Vec<_>>());
+            });
+        }
+    });
+}

@@ -21,6 +21,12 @@ pub trait Communicator: Send + Sync {
     /// Every rank's `data`, indexed by rank.
     fn all_gather(&self, data: Vec<u8>) -> Result<Vec<Vec<u8>>>;
 
+    /// Splits the group (collectively: every rank calls it): ranks passing the same
+    /// `color` form a new group, ordered by `key` then by rank. DeepSpeed's
+    /// expert-parallel and expert-data-parallel groups are such splits
+    /// ([`ExpertGroups`]).
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+
     /// Returns when every rank has reached it.
     fn barrier(&self) -> Result<()> {
         self.all_gather(Vec::new()).map(|_| ())
@@ -47,6 +53,41 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// DeepSpeed's expert-parallel layout of a world of `world` ranks with `ep_size` ranks
+/// per expert-parallel group: expert-parallel groups are contiguous blocks of `ep_size`
+/// ranks; expert-data-parallel groups take the ranks at the same position in every block
+/// (they hold the same experts and all-reduce their gradients).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertGroups {
+    /// Ranks of each expert-parallel group.
+    pub ep: Vec<Vec<usize>>,
+    /// Ranks of each expert-data-parallel group.
+    pub edp: Vec<Vec<usize>>,
+}
+
+impl ExpertGroups {
+    /// `ep_size` must divide `world`.
+    pub fn new(world: usize, ep_size: usize) -> Result<Self> {
+        if ep_size == 0 || !world.is_multiple_of(ep_size) {
+            return Err(Error::config("ep_size", format!("{ep_size} must divide the world size {world}")));
+        }
+        let blocks = world / ep_size;
+        Ok(ExpertGroups {
+            ep: (0..blocks).map(|b| (b * ep_size..(b + 1) * ep_size).collect()).collect(),
+            edp: (0..ep_size).map(|i| (0..blocks).map(|b| b * ep_size + i).collect()).collect(),
+        })
+    }
+
+    /// Splits `world` into this rank's (expert-parallel, expert-data-parallel) groups.
+    pub fn split(world: &dyn Communicator, ep_size: usize) -> Result<(Box<dyn Communicator>, Box<dyn Communicator>)> {
+        Self::new(world.size(), ep_size)?;
+        let r = world.rank();
+        let ep = world.split(r / ep_size, r)?;
+        let edp = world.split(r % ep_size, r)?;
+        Ok((ep, edp))
+    }
+}
+
 /// [`Communicator::all_to_all_v`] on f32 rows.
 pub fn all_to_all_v_f32(c: &dyn Communicator, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
     let bytes = send.into_iter().map(|v| bytemuck::cast_slice(&v).to_vec()).collect();
@@ -68,6 +109,8 @@ struct Msg {
 
 /// One rank of an in-process group: channels to every rank, a deadline per collective.
 pub struct InProcessComm {
+    /// Identifies the group, so concurrent splits of different groups never mix.
+    group: u64,
     rank: usize,
     size: usize,
     peers: Vec<Sender<Msg>>,
@@ -79,11 +122,14 @@ pub struct InProcessComm {
 /// A group of `n` in-process ranks; move one to each thread. A collective that does not
 /// complete within `timeout` (a peer errored, stopped or is stuck) returns an error.
 pub fn in_process(n: usize, timeout: Duration) -> Vec<InProcessComm> {
+    static NEXT_GROUP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let group = NEXT_GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| channel::<Msg>()).unzip();
     receivers
         .into_iter()
         .enumerate()
         .map(|(rank, rx)| InProcessComm {
+            group,
             rank,
             size: n,
             peers: senders.clone(),
@@ -150,9 +196,49 @@ impl InProcessComm {
     }
 }
 
+/// New groups made by [`InProcessComm::split`], waiting for their members to collect them:
+/// (parent group, split number, color) → one communicator per member, by new rank.
+type SplitRegistry = Mutex<std::collections::HashMap<(u64, u64, usize), Vec<Option<InProcessComm>>>>;
+
+fn split_registry() -> &'static SplitRegistry {
+    static REG: std::sync::OnceLock<SplitRegistry> = std::sync::OnceLock::new();
+    REG.get_or_init(Default::default)
+}
+
 impl Communicator for InProcessComm {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        let seq = self.next_seq();
+        let mine = [color as u64, key as u64];
+        let all = self.all_gather(bytemuck::cast_slice(&mine).to_vec())?;
+        let entries: Vec<(u64, u64)> = all
+            .iter()
+            .map(|b| {
+                let v: Vec<u64> = bytemuck::pod_collect_to_vec(b);
+                (v.first().copied().unwrap_or(0), v.get(1).copied().unwrap_or(0))
+            })
+            .collect();
+        let mut members: Vec<usize> = (0..self.size).filter(|&r| entries[r].0 == color as u64).collect();
+        members.sort_by_key(|&r| (entries[r].1, r));
+        let new_rank = members.iter().position(|&r| r == self.rank).unwrap_or(0);
+        let id = (self.group, seq, color);
+        // The first member creates the group's channels; the others collect theirs after
+        // the barrier below.
+        if new_rank == 0 {
+            let comms = in_process(members.len(), self.timeout).into_iter().map(Some).collect();
+            split_registry().lock().unwrap_or_else(|e| e.into_inner()).insert(id, comms);
+        }
+        self.barrier()?;
+        let mut reg = split_registry().lock().unwrap_or_else(|e| e.into_inner());
+        let slot = reg.get_mut(&id).and_then(|v| v.get_mut(new_rank)).and_then(Option::take);
+        if reg.get(&id).is_some_and(|v| v.iter().all(Option::is_none)) {
+            reg.remove(&id);
+        }
+        slot.map(|c| Box::new(c) as Box<dyn Communicator>)
+            .ok_or_else(|| self.fail(format!("split: no communicator for color {color}, rank {new_rank}")))
     }
 
     fn size(&self) -> usize {

@@ -95,4 +95,8 @@ impl Communicator for Hierarchical<'_> {
     fn all_gather(&self, data: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         self.inner.all_gather(data)
     }
+
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        self.inner.split(color, key)
+    }
 }

@@ -10,7 +10,7 @@ mod ep;
 mod eplb;
 mod hierarchical;
 
-pub use comm::{in_process, Communicator, InProcessComm};
+pub use comm::{in_process, Communicator, ExpertGroups, InProcessComm};
 pub use ep::{EpLayout, Placement, TokenLayout};
 pub use eplb::{rebalance_experts, EplbPlan};
 pub use hierarchical::Hierarchical;
