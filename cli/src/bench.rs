@@ -2,6 +2,7 @@
 
 use moe_engine::backend::Activation;
 use moe_engine::config::{ExpertKind, ExpertSpec, GateSpec, LayerSpec};
+use moe_engine::parallel::Communicator;
 use moe_engine::{stack, Backend, DType, ForwardOptions, HostTensor, MoeLayer};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -50,6 +51,10 @@ pub struct LayerArgs {
     /// all hold the batch, each with its share of the cores.
     #[arg(long, default_value_t = 1)]
     ep: usize,
+    /// Expert parallelism over NCCL across processes launched torchrun-style (RANK,
+    /// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), one GPU each; rank 0 reports.
+    #[arg(long)]
+    nccl: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -66,6 +71,17 @@ fn layer(a: LayerArgs) -> Result<ExitCode, String> {
     crate::check_backend(&a.backend)?;
     if a.ep > 1 {
         return layer_ep(&a);
+    }
+    if a.nccl {
+        let comm = moe_cuda::NcclComm::from_env(std::time::Duration::from_secs(300)).map_err(|e| e.to_string())?;
+        let local = moe_engine::parallel::LaunchEnv::from_env().map_err(|e| e.to_string())?.local_rank;
+        let b = moe_cuda::CudaBackend::new(local).map_err(|e| e.to_string())?;
+        let times = time_layer(&b, &a, Some(&comm))?;
+        if comm.rank() != 0 {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let setup = format!(" ({} NCCL ranks, experts spread over ranks)", comm.size());
+        return report(&a, &b.capabilities(), times, &setup);
     }
     match a.backend.as_str() {
         "wgpu" => layer_on(&moe_wgpu::WgpuBackend::new(a.device.as_deref()).map_err(|e| e.to_string())?, &a),

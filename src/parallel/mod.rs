@@ -9,8 +9,10 @@ mod comm;
 mod ep;
 mod eplb;
 mod hierarchical;
+mod rendezvous;
 
 pub use comm::{in_process, Communicator, ExpertGroups, InProcessComm};
 pub use ep::{EpLayout, Placement, TokenLayout};
 pub use eplb::{rebalance_experts, EplbPlan};
 pub use hierarchical::Hierarchical;
+pub use rendezvous::{share_token, LaunchEnv};

@@ -24,9 +24,11 @@
 
 mod backend;
 pub mod compile;
+mod nccl;
 pub mod probe;
 
 pub use backend::{CudaBackend, CudaBuffer};
+pub use nccl::{nccl_status, NcclComm};
 
 pub use compile::{compile_all, KernelReport, ARCHS, FAMILIES};
 pub use probe::{driver_status, nvrtc_status};

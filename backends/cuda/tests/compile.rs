@@ -71,3 +71,18 @@ fn compiled_kernels_are_cached_on_disk_by_source_and_arch() {
     assert_eq!(moe_cuda::compile::cached_cubin("route.cu", &src, "sm_80", Some(&dir)).unwrap(), first);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn nccl_without_a_launch_environment_or_driver_is_an_error() {
+    if std::env::var("RANK").is_ok() {
+        let _ =
+            writeln!(std::io::stderr(), "SKIP nccl_without_a_launch_environment_or_driver_is_an_error: RANK is set");
+        return;
+    }
+    let err = moe_cuda::NcclComm::from_env(std::time::Duration::from_millis(100)).err().expect("no launch env");
+    assert!(err.to_string().contains("RANK"), "{err}");
+    if moe_cuda::driver_status().is_err() {
+        let err = moe_cuda::NcclComm::new(0, 0, 1, [0; 128]).err().expect("no driver");
+        assert!(err.to_string().contains("libcuda"), "{err}");
+    }
+}
