@@ -158,19 +158,28 @@ fn linear(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     product_tile(0u, r0, min(r0 + BM, p.rows), p.c0 + wg.x * BN, lid);
 }
 
-@compute @workgroup_size(16, 16)
-fn grouped(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+// This workgroup's tile (group, first row, end row, 1), or w = 0 when it has none or
+// its group is outside this weight part. Loaded through workgroupUniformLoad, so the
+// early exit that follows is uniform for the barriers.
+fn this_tile(wg: vec3<u32>, lid: vec3<u32>) -> vec4<u32> {
     let t = wg.y + wg.z * p.y_stride;
     if lid.x == 0u && lid.y == 0u {
         var info = vec4<u32>(0u, 0u, 0u, 0u);
         if t < u32(tiles[0]) {
-            info = vec4<u32>(u32(tiles[1u + 3u * t]), u32(tiles[2u + 3u * t]), u32(tiles[3u + 3u * t]), 1u);
+            let g = u32(tiles[1u + 3u * t]);
+            if g >= p.g0 && g < p.g1 {
+                info = vec4<u32>(g, u32(tiles[2u + 3u * t]), u32(tiles[3u + 3u * t]), 1u);
+            }
         }
         tile_info = info;
     }
-    // Loaded through workgroupUniformLoad so the early exit is uniform for the barriers.
-    let info = workgroupUniformLoad(&tile_info);
-    if info.w == 0u || info.x < p.g0 || info.x >= p.g1 { return; }
+    return workgroupUniformLoad(&tile_info);
+}
+
+@compute @workgroup_size(16, 16)
+fn grouped(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let info = this_tile(wg, lid);
+    if info.w == 0u { return; }
     product_tile(info.x, info.y, info.z, p.c0 + wg.x * BN, lid);
 }
 
@@ -250,15 +259,7 @@ fn glu_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
 
 @compute @workgroup_size(16, 16)
 fn grouped_glu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = wg.y + wg.z * p.y_stride;
-    if lid.x == 0u && lid.y == 0u {
-        var info = vec4<u32>(0u, 0u, 0u, 0u);
-        if t < u32(tiles[0]) {
-            info = vec4<u32>(u32(tiles[1u + 3u * t]), u32(tiles[2u + 3u * t]), u32(tiles[3u + 3u * t]), 1u);
-        }
-        tile_info = info;
-    }
-    let info = workgroupUniformLoad(&tile_info);
-    if info.w == 0u || info.x < p.g0 || info.x >= p.g1 { return; }
+    let info = this_tile(wg, lid);
+    if info.w == 0u { return; }
     glu_tile(info.x, info.y, info.z, wg.x * BN, lid);
 }

@@ -130,6 +130,20 @@ impl std::str::FromStr for Activation {
     }
 }
 
+impl Activation {
+    /// The code the GPU kernels switch on (shaders/activation.wgsl, kernels/common.cuh):
+    /// 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity.
+    pub fn kernel_code(self) -> u32 {
+        match self {
+            Activation::Gelu => 0,
+            Activation::GeluTanh => 1,
+            Activation::Relu => 2,
+            Activation::Silu => 3,
+            Activation::Identity => 4,
+        }
+    }
+}
+
 /// How router scores are computed from logits (always in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScoreFn {
@@ -200,6 +214,35 @@ pub struct RouteSpec<'a, B: Backend> {
     pub normalize: Normalize,
     /// Multiplier applied to the weights last (`routed_scaling_factor`).
     pub scale: f32,
+}
+
+impl<B: Backend> RouteSpec<'_, B> {
+    /// Checks the spec against `e` experts, the same way on every backend: k in 1..=E,
+    /// DeepSpeed top-2 takes k = 2, and group-limited routing needs groups that divide E,
+    /// a kept-group count within them, and (sum-of-top-2 scoring) two experts per group
+    /// and k reachable inside the kept groups.
+    pub fn validate(&self, e: usize) -> Result<()> {
+        let k = self.k;
+        if k == 0 || k > e {
+            return Err(Error::config("k", format!("{k} routes per token with {e} experts")));
+        }
+        if self.choice == Choice::DeepSpeedTop2 && k != 2 {
+            return Err(Error::config("k", format!("DeepSpeed top-2 routing takes k = 2, got {k}")));
+        }
+        if let Choice::GroupLimited { n_group, topk_group, group_score } = self.choice {
+            // V2 (Max) may route past the kept groups onto zero-masked experts; V3 may not,
+            // and its sum-of-top-2 group score needs two experts per group.
+            let v3 = group_score == GroupScore::SumTop2;
+            let shape_ok = n_group > 0 && e.is_multiple_of(n_group) && topk_group > 0 && topk_group <= n_group;
+            if !shape_ok || (v3 && (k > topk_group * (e / n_group) || e / n_group < 2)) {
+                return Err(Error::config(
+                    "n_group",
+                    format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Output of the route op.

@@ -60,9 +60,7 @@ pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Resu
     let (s, e) = logits.dims2("logits")?;
     let l = f32s(logits, "logits")?;
     let k = spec.k;
-    if k == 0 || k > e {
-        return Err(Error::config("k", format!("{k} routes per token with {e} experts")));
-    }
+    spec.validate(e)?;
     if let Some(pos) = l.iter().position(|x| !x.is_finite()) {
         return Err(Error::NonFiniteLogits { token: pos / e, expert: pos % e, value: l[pos] });
     }
@@ -84,21 +82,6 @@ pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Resu
         }
         None => None,
     };
-    if spec.choice == Choice::DeepSpeedTop2 && k != 2 {
-        return Err(Error::config("k", format!("DeepSpeed top-2 routing takes k = 2, got {k}")));
-    }
-    if let Choice::GroupLimited { n_group, topk_group, group_score } = spec.choice {
-        // V2 (Max) may route past the kept groups onto zero-masked experts; V3 may not, and
-        // its sum-of-top-2 group score needs two experts per group.
-        let reachable_ok = group_score == GroupScore::Max || (n_group > 0 && k <= topk_group * (e / n_group));
-        let size_ok = group_score == GroupScore::Max || (n_group > 0 && e / n_group >= 2);
-        if n_group == 0 || e % n_group != 0 || topk_group == 0 || topk_group > n_group || !reachable_ok || !size_ok {
-            return Err(Error::config(
-                "n_group",
-                format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts"),
-            ));
-        }
-    }
 
     let mut scores = vec![0f32; s * e];
     let mut experts = vec![0i32; s * k];

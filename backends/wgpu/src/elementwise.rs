@@ -5,17 +5,6 @@ use crate::{WgpuBackend, T};
 use moe_engine::backend::{Activation, Plan};
 use moe_engine::{DType, Error, Result};
 
-/// The shaders' activation code (see shaders/activation.wgsl).
-pub(crate) fn act_code(a: Activation) -> u32 {
-    match a {
-        Activation::Gelu => 0,
-        Activation::GeluTanh => 1,
-        Activation::Relu => 2,
-        Activation::Silu => 3,
-        Activation::Identity => 4,
-    }
-}
-
 fn f32buf<'a>(t: &'a T, name: &str) -> Result<&'a wgpu::Buffer> {
     WgpuBackend::buf(t, name, DType::F32)
 }
@@ -47,7 +36,7 @@ fn run(
 
 pub(crate) fn activation(b: &WgpuBackend, x: &T, a: Activation) -> Result<T> {
     let xb = f32buf(x, "activation input")?;
-    run(b, "activation", x.shape(), act_code(a), 0, [xb, &b.dummy, &b.dummy])
+    run(b, "activation", x.shape(), a.kernel_code(), 0, [xb, &b.dummy, &b.dummy])
 }
 
 pub(crate) fn glu(b: &WgpuBackend, x: &T, a: Activation) -> Result<T> {
@@ -56,7 +45,7 @@ pub(crate) fn glu(b: &WgpuBackend, x: &T, a: Activation) -> Result<T> {
         return Err(Error::shape("glu input", "[rows, 2·ffn] (gate columns, then up)", x.shape()));
     }
     let xb = f32buf(x, "glu input")?;
-    run(b, "glu", &[r, two_i / 2], act_code(a), 0, [xb, &b.dummy, &b.dummy])
+    run(b, "glu", &[r, two_i / 2], a.kernel_code(), 0, [xb, &b.dummy, &b.dummy])
 }
 
 pub(crate) fn mul(b: &WgpuBackend, x: &T, y: &T) -> Result<T> {

@@ -512,7 +512,7 @@ impl Backend for WgpuBackend {
     /// weights are split by columns); other kinds compose the primitives.
     fn grouped_mlp(&self, xp: &T, offsets: &T, w: &MlpWeights<'_, Self>, keep_pre: bool) -> Result<MlpOutput<Self>> {
         if let ExpertKind::Glu { activation } = w.kind {
-            let act = elementwise::act_code(activation);
+            let act = activation.kernel_code();
             if let Some((h, pre)) = linear::grouped_glu(self, xp, offsets, w.w_in, w.b_in, act, keep_pre)? {
                 let w_out = w.w_out.ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))?;
                 let y = self.grouped_linear(&h, offsets, w_out, w.b_out)?;

@@ -17,32 +17,17 @@ const MAX_GROUPS: usize = 64;
 pub(crate) fn route(b: &WgpuBackend, logits: &T, spec: &RouteSpec<'_, WgpuBackend>) -> Result<Routes<WgpuBackend>> {
     let (s, e) = logits.dims2("logits")?;
     let k = spec.k;
-    if k == 0 || k > e {
-        return Err(Error::config("k", format!("{k} routes per token with {e} experts")));
-    }
+    spec.validate(e)?;
     if e > MAX_EXPERTS {
         return Err(Error::Unsupported {
             backend: "wgpu".into(),
             what: format!("{e} experts (the route shader takes up to {MAX_EXPERTS})"),
         });
     }
-    if spec.choice == Choice::DeepSpeedTop2 && k != 2 {
-        return Err(Error::config("k", format!("DeepSpeed top-2 routing takes k = 2, got {k}")));
-    }
     let (choice, n_group, topk_group, group_score) = match spec.choice {
         Choice::TopK => (0, 0, 0, 0),
         Choice::DeepSpeedTop2 => (1, 0, 0, 0),
         Choice::GroupLimited { n_group, topk_group, group_score } => {
-            // The same rules as the cpu reference (see moe-cpu's route).
-            let reachable_ok = group_score == GroupScore::Max || (n_group > 0 && k <= topk_group * (e / n_group));
-            let size_ok = group_score == GroupScore::Max || (n_group > 0 && e / n_group >= 2);
-            if n_group == 0 || e % n_group != 0 || topk_group == 0 || topk_group > n_group || !reachable_ok || !size_ok
-            {
-                return Err(Error::config(
-                    "n_group",
-                    format!("{n_group} groups / {topk_group} kept cannot route {k} of {e} experts"),
-                ));
-            }
             if n_group > MAX_GROUPS {
                 return Err(Error::Unsupported {
                     backend: "wgpu".into(),
