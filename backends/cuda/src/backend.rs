@@ -86,22 +86,33 @@ pub struct CudaBackend {
     arch: &'static str,
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    /// `[first non-finite logit as t·E + e, or u32::MAX]`.
-    status: CudaSlice<u32>,
+    /// `[first non-finite logit as t·E + e, or u32::MAX]`. Behind a lock because cudarc's
+    /// `CudaSlice::clone` copies the buffer: the kernel must get this very allocation.
+    status: Mutex<CudaSlice<u32>>,
     pending: Mutex<Option<(CudaSlice<f32>, usize)>>,
     /// Stand-in for absent optional f32 inputs.
     dummy: CudaSlice<f32>,
 }
 
-fn arch_name(major: i32, minor: i32) -> &'static str {
-    match (major, minor) {
+/// The NVRTC target of a compute capability; unknown ones are an error rather than a
+/// cubin the device cannot load.
+fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
+    Ok(match (major, minor) {
+        (12, _) => "sm_120",
+        (10, _) => "sm_100",
         (9, _) => "sm_90",
         (8, 9) => "sm_89",
         (8, 6) => "sm_86",
         (8, _) => "sm_80",
         (7, 5) => "sm_75",
-        _ => "sm_70",
-    }
+        (7, _) => "sm_70",
+        _ => {
+            return Err(Error::Unsupported {
+                backend: "cuda".into(),
+                what: format!("compute capability {major}.{minor}"),
+            })
+        }
+    })
 }
 
 fn grid_1d(n: usize, block: u32) -> LaunchConfig {
@@ -128,12 +139,12 @@ impl CudaBackend {
         let stream = ctx.default_stream();
         let (major, minor) = ctx.compute_capability().map_err(derr)?;
         let name = ctx.name().map_err(derr)?;
-        let status = stream.clone_htod(&[u32::MAX]).map_err(derr)?;
+        let status = Mutex::new(stream.clone_htod(&[u32::MAX]).map_err(derr)?);
         let dummy = stream.alloc_zeros::<f32>(4).map_err(derr)?;
         Ok(CudaBackend {
             ctx,
             stream,
-            arch: arch_name(major, minor),
+            arch: arch_name(major, minor)?,
             name,
             modules: Mutex::new(HashMap::new()),
             status,
@@ -195,15 +206,25 @@ impl CudaBackend {
     fn settle_checks(&self) -> Result<()> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some((logits, e)) = pending else { return Ok(()) };
-        let first = self.stream.clone_dtoh(&self.status).map_err(derr)?[0];
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let first = self.stream.clone_dtoh(&*status).map_err(derr)?[0];
         if first == u32::MAX {
             return Ok(());
         }
-        let mut status = self.status.clone();
-        self.stream.memcpy_htod(&[u32::MAX], &mut status).map_err(derr)?;
+        self.stream.memcpy_htod(&[u32::MAX], &mut *status).map_err(derr)?;
+        drop(status);
         let value = self.stream.clone_dtoh(&logits.slice(first as usize..first as usize + 1)).map_err(derr)?[0];
         let e = e.max(1);
         Err(Error::NonFiniteLogits { token: first as usize / e, expert: first as usize % e, value })
+    }
+
+    /// A device copy of `v` (at least one element, as zero-byte allocations fail).
+    fn htod<T: DeviceRepr + Copy + cudarc::driver::ValidAsZeroBits>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        let mut d = self.stream.alloc_zeros::<T>(v.len().max(1)).map_err(derr)?;
+        if !v.is_empty() {
+            self.stream.memcpy_htod(v, &mut d).map_err(derr)?;
+        }
+        Ok(d)
     }
 
     /// The function, a zeroed output and the element count of an elementwise kernel.
@@ -244,7 +265,7 @@ impl CudaBackend {
         );
         let is_glu = glu.is_some() as u32;
         let (nn, kk) = (n as u32, k as u32);
-        let y = max_tiles.min(65535);
+        let y = max_tiles.clamp(1, 65535);
         let cfg = LaunchConfig {
             grid_dim: (f.div_ceil(64).max(1) as u32, y as u32, max_tiles.div_ceil(y).max(1) as u32),
             block_dim: (256, 1, 1),
@@ -297,7 +318,7 @@ impl Backend for CudaBackend {
 
     fn upload_as(&self, t: &HostTensor, dtype: DType) -> Result<T> {
         let buf = match (&t.data, dtype) {
-            (HostData::F32(v), DType::F32) => CudaBuffer::F32(self.stream.clone_htod(v).map_err(derr)?),
+            (HostData::F32(v), DType::F32) => CudaBuffer::F32(self.htod(v)?),
             (HostData::F32(v), DType::F16 | DType::BF16) => {
                 // Non-weight tensors are rounded to the dtype and kept in f32 (as on wgpu).
                 let r: Vec<f32> = v
@@ -310,9 +331,9 @@ impl Backend for CudaBackend {
                         }
                     })
                     .collect();
-                return Ok(Self::out(&t.shape, self.stream.clone_htod(&r).map_err(derr)?));
+                return Ok(Self::out(&t.shape, self.htod(&r)?));
             }
-            (HostData::I32(v), DType::I32) => CudaBuffer::I32(self.stream.clone_htod(v).map_err(derr)?),
+            (HostData::I32(v), DType::I32) => CudaBuffer::I32(self.htod(v)?),
             _ => {
                 return Err(Error::Unsupported {
                     backend: "cuda".into(),
@@ -331,7 +352,7 @@ impl Backend for CudaBackend {
             DType::BF16 => v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
             d => return Err(Error::Unsupported { backend: "cuda".into(), what: format!("{d} weights") }),
         };
-        let s = self.stream.clone_htod(&bits).map_err(derr)?;
+        let s = self.htod(&bits)?;
         Ok(Tensor::from_parts(CudaBuffer::Half(s), t.shape.clone(), dtype))
     }
 
@@ -374,7 +395,7 @@ impl Backend for CudaBackend {
                 return Err(Error::shape("linear bias", format!("[{n}]"), b.shape()));
             }
         }
-        let offsets = self.stream.clone_htod(&[0i32, r as i32]).map_err(derr)?;
+        let offsets = self.htod(&[0i32, r as i32])?;
         Ok(self.grouped_impl(x, &offsets, 1, w, bias, None)?.0)
     }
 
@@ -405,7 +426,16 @@ impl Backend for CudaBackend {
         let moe_engine::config::ExpertKind::Glu { activation } = w.kind else {
             return moe_engine::backend::grouped_mlp_unfused(self, xp, offsets, w, keep_pre);
         };
-        let (g, n, _) = w.w_in.dims3("expert weights")?;
+        let (g, n, wk) = w.w_in.dims3("expert weights")?;
+        let (_, k) = xp.dims2("grouped input")?;
+        if wk != k {
+            return Err(Error::shape("expert weights", format!("[experts, out, {k}]"), w.w_in.shape()));
+        }
+        if let Some(b) = w.b_in {
+            if b.shape() != [g, n] {
+                return Err(Error::shape("expert biases", format!("[{g}, {n}]"), b.shape()));
+            }
+        }
         if n % 2 != 0 || offsets.shape() != [g + 1] {
             return moe_engine::backend::grouped_mlp_unfused(self, xp, offsets, w, keep_pre);
         }
@@ -602,7 +632,7 @@ impl Backend for CudaBackend {
         let mut weights = self.zeros_f32(s * k)?;
         if s > 0 {
             let f = self.function("route.cu", "route")?;
-            let mut status = self.status.clone();
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
             let cfg =
                 LaunchConfig { grid_dim: (s.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: matches kernels/route.cu route(logits, bias, noise, scores, experts,
@@ -616,11 +646,14 @@ impl Backend for CudaBackend {
                     .arg(&mut scores)
                     .arg(&mut experts)
                     .arg(&mut weights)
-                    .arg(&mut status)
+                    .arg(&mut *status)
                     .arg(&p)
                     .launch(cfg)
             }
             .map_err(derr)?;
+            drop(status);
+            // The logits stay alive with the check (an Arc'd tensor would avoid this copy;
+            // the copy is only read if a non-finite value was flagged).
             *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((l.clone(), e));
         }
         Ok(Routes {
@@ -633,6 +666,9 @@ impl Backend for CudaBackend {
     fn plan(&self, routes: &Routes<Self>, spec: &PlanSpec<'_, Self>) -> Result<Plan<Self>> {
         let (s, k) = routes.experts.dims2("routes.experts")?;
         let e = spec.num_experts;
+        if routes.weights.shape() != [s, k] {
+            return Err(Error::shape("routes.weights", format!("[{s}, {k}]"), routes.weights.shape()));
+        }
         let used = match spec.used_token {
             Some(u) if u.shape() != [s] => return Err(Error::shape("used_token", format!("[{s}]"), u.shape())),
             Some(u) => Some(Self::f32s(u, "used_token")?),
