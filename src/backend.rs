@@ -331,6 +331,61 @@ pub struct PlanSpec<'a, B: Backend> {
     pub renormalize_kept: bool,
 }
 
+impl<B: Backend> PlanSpec<'_, B> {
+    /// Checks the plan's inputs for `s` tokens with `k` routes each (route weights,
+    /// `used_token`, token groups, priorities) and returns the parameter block the GPU
+    /// plan kernels take (shaders/plan.wgsl and kernels/plan.cu `Params`), in order:
+    /// `[s, k, e, group, n_groups, cap_rule, cap_value, clamp, keep, has_used, renorm]`
+    /// with cap_rule 0 unlimited / 1 static / 2 dropless and keep 0 token order /
+    /// 1 rank-major / 2 priority.
+    pub fn kernel_params(&self, s: usize, k: usize, route_weights: &[usize]) -> Result<[u32; 11]> {
+        let e = self.num_experts;
+        if route_weights != [s, k] {
+            return Err(Error::shape("routes.weights", format!("[{s}, {k}]"), route_weights));
+        }
+        if let Some(u) = self.used_token {
+            if u.shape() != [s] {
+                return Err(Error::shape("used_token", format!("[{s}]"), u.shape()));
+            }
+        }
+        let group = self.group_size.unwrap_or(s).max(1);
+        if !s.is_multiple_of(group) {
+            return Err(Error::shape("x", format!("tokens divisible into groups of {group}"), &[s]));
+        }
+        let (cap_rule, cap_value, clamp) = match self.capacity {
+            CapacityRule::Unlimited => (0, 0, 0),
+            CapacityRule::Fixed(_) | CapacityRule::DeepSpeed { .. } => {
+                (1, self.capacity.static_capacity(s, e).unwrap_or(0).min(i32::MAX as usize) as u32, 0)
+            }
+            CapacityRule::Dropless { clamp_to_tokens } => (2, 0, clamp_to_tokens as u32),
+        };
+        let keep = match &self.keep {
+            KeepPolicy::TokenOrder => 0,
+            KeepPolicy::RankMajor => 1,
+            KeepPolicy::Priority(p) => {
+                if p.shape() != [s, e] {
+                    return Err(Error::shape("priority (rts_uniform / probs)", format!("[{s}, {e}]"), p.shape()));
+                }
+                2
+            }
+        };
+        let w = |v: usize| v.min(u32::MAX as usize) as u32;
+        Ok([
+            w(s),
+            w(k),
+            w(e),
+            w(group),
+            w(s / group),
+            cap_rule,
+            cap_value,
+            clamp,
+            keep,
+            self.used_token.is_some() as u32,
+            self.renormalize_kept as u32,
+        ])
+    }
+}
+
 /// The dispatch plan: counts, capacity and the slot and compact row of every route. No
 /// dense `[S, E, C]` tensor exists anywhere.
 pub struct Plan<B: Backend> {

@@ -13,8 +13,8 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use moe_engine::backend::{
-    Activation, Backend, Capabilities, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec,
-    RouteSpec, Routes, ScoreFn,
+    Activation, Backend, Capabilities, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes,
+    ScoreFn,
 };
 use moe_engine::philox::NoiseKind;
 use moe_engine::tensor::HostData;
@@ -666,46 +666,25 @@ impl Backend for CudaBackend {
     fn plan(&self, routes: &Routes<Self>, spec: &PlanSpec<'_, Self>) -> Result<Plan<Self>> {
         let (s, k) = routes.experts.dims2("routes.experts")?;
         let e = spec.num_experts;
-        if routes.weights.shape() != [s, k] {
-            return Err(Error::shape("routes.weights", format!("[{s}, {k}]"), routes.weights.shape()));
-        }
-        let used = match spec.used_token {
-            Some(u) if u.shape() != [s] => return Err(Error::shape("used_token", format!("[{s}]"), u.shape())),
-            Some(u) => Some(Self::f32s(u, "used_token")?),
-            None => None,
-        };
-        let group = spec.group_size.unwrap_or(s).max(1);
-        if s % group != 0 {
-            return Err(Error::shape("x", format!("tokens divisible into groups of {group}"), &[s]));
-        }
-        let n_groups = s / group;
-        let (cap_rule, cap_value, clamp) = match spec.capacity {
-            CapacityRule::Unlimited => (0, 0, 0),
-            CapacityRule::Fixed(_) | CapacityRule::DeepSpeed { .. } => {
-                (1, spec.capacity.static_capacity(s, e).unwrap_or(0).min(i32::MAX as usize) as u32, 0)
-            }
-            CapacityRule::Dropless { clamp_to_tokens } => (2, 0, clamp_to_tokens as u32),
-        };
-        let (keep, priority) = match &spec.keep {
-            KeepPolicy::TokenOrder => (0, None),
-            KeepPolicy::RankMajor => (1, None),
-            KeepPolicy::Priority(p) if p.shape() != [s, e] => {
-                return Err(Error::shape("priority (rts_uniform / probs)", format!("[{s}, {e}]"), p.shape()))
-            }
-            KeepPolicy::Priority(p) => (2, Some(Self::f32s(p, "priority")?)),
-        };
+        let w = spec.kernel_params(s, k, routes.weights.shape())?;
+        let (n_groups, keep) = (w[4] as usize, w[8]);
         let p = PlanParams {
-            s: s as u32,
-            k: k as u32,
-            e: e as u32,
-            group: group as u32,
-            n_groups: n_groups as u32,
-            cap_rule,
-            cap_value,
-            clamp,
-            keep,
-            has_used: used.is_some() as u32,
-            renorm: spec.renormalize_kept as u32,
+            s: w[0],
+            k: w[1],
+            e: w[2],
+            group: w[3],
+            n_groups: w[4],
+            cap_rule: w[5],
+            cap_value: w[6],
+            clamp: w[7],
+            keep: w[8],
+            has_used: w[9],
+            renorm: w[10],
+        };
+        let used = spec.used_token.map(|u| Self::f32s(u, "used_token")).transpose()?;
+        let priority = match &spec.keep {
+            KeepPolicy::Priority(p) => Some(Self::f32s(p, "priority")?),
+            _ => None,
         };
         let (sk, ge) = (s * k, n_groups * e);
         let ex = Self::i32s(&routes.experts, "routes.experts")?;

@@ -5,9 +5,7 @@
 
 use crate::kernels::{grid_1d, PLAN, ROUTE, STATS};
 use crate::{PendingCheck, WgpuBackend, T};
-use moe_engine::backend::{
-    CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn,
-};
+use moe_engine::backend::{Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn};
 use moe_engine::{DType, Error, Result, Tensor};
 
 /// Experts the route shader's bit sets hold, and groups its group table holds.
@@ -107,40 +105,12 @@ pub(crate) fn plan(
 ) -> Result<Plan<WgpuBackend>> {
     let (s, k) = routes.experts.dims2("routes.experts")?;
     let e = spec.num_experts;
-    if routes.weights.shape() != [s, k] {
-        return Err(Error::shape("routes.weights", format!("[{s}, {k}]"), routes.weights.shape()));
-    }
-    let used = match spec.used_token {
-        Some(u) => {
-            if u.shape() != [s] {
-                return Err(Error::shape("used_token", format!("[{s}]"), u.shape()));
-            }
-            Some(WgpuBackend::buf(u, "used_token", DType::F32)?)
-        }
-        None => None,
-    };
-    let group = spec.group_size.unwrap_or(s).max(1);
-    if s % group != 0 {
-        return Err(Error::shape("x", format!("tokens divisible into groups of {group}"), &[s]));
-    }
-    let n_groups = s / group;
-    let (cap_rule, cap_value, clamp) = match spec.capacity {
-        CapacityRule::Unlimited => (0, 0, 0),
-        CapacityRule::Fixed(_) | CapacityRule::DeepSpeed { .. } => {
-            let c = spec.capacity.static_capacity(s, e).unwrap_or(0);
-            (1, c.min(i32::MAX as usize) as u32, 0)
-        }
-        CapacityRule::Dropless { clamp_to_tokens } => (2, 0, clamp_to_tokens as u32),
-    };
-    let (keep, priority) = match &spec.keep {
-        KeepPolicy::TokenOrder => (0, None),
-        KeepPolicy::RankMajor => (1, None),
-        KeepPolicy::Priority(p) => {
-            if p.shape() != [s, e] {
-                return Err(Error::shape("priority (rts_uniform / probs)", format!("[{s}, {e}]"), p.shape()));
-            }
-            (2, Some(WgpuBackend::buf(p, "priority", DType::F32)?))
-        }
+    let params = spec.kernel_params(s, k, routes.weights.shape())?;
+    let (n_groups, keep) = (params[4] as usize, params[8]);
+    let used = spec.used_token.map(|u| WgpuBackend::buf(u, "used_token", DType::F32)).transpose()?;
+    let priority = match &spec.keep {
+        KeepPolicy::Priority(p) => Some(WgpuBackend::buf(p, "priority", DType::F32)?),
+        _ => None,
     };
     let sk = s * k;
     let ge = n_groups * e;
@@ -148,19 +118,6 @@ pub(crate) fn plan(
     let info = b.alloc(4 * (4 * e + 6) as u64, "plan info")?;
     let sr = b.alloc(4 * (2 * sk) as u64, "plan slots and rows")?;
     let weights = b.tensor(&[s, k], DType::F32, "plan.weights")?;
-    let params = [
-        s as u32,
-        k as u32,
-        e as u32,
-        group as u32,
-        n_groups as u32,
-        cap_rule,
-        cap_value,
-        clamp,
-        keep,
-        used.is_some() as u32,
-        spec.renormalize_kept as u32,
-    ];
     let bufs = [
         WgpuBackend::buf(&routes.experts, "routes.experts", DType::I32)?,
         WgpuBackend::buf(&routes.weights, "routes.weights", DType::F32)?,
