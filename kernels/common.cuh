@@ -1,5 +1,6 @@
 // Shared by every kernel family; the backend prepends it to each .cu file before NVRTC
-// compiles it (no CUDA headers are needed: NVRTC's wheel ships none).
+// compiles it (no CUDA headers are needed: NVRTC's wheel ships none). Inline PTX sits in
+// `#ifndef MOE_EMULATE` helpers that kernels/emulate.h replaces on the host.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -11,14 +12,20 @@ __device__ __forceinline__ bool is_finite_f(float v) {
     return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
 }
 
+#ifndef MOE_EMULATE
+__device__ __forceinline__ float f16_bits_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#endif
+
 // Weight storage codes: 0 f32, 1 f16, 2 bf16 (halves packed two per u32, even element low).
 __device__ __forceinline__ float load_weight(const void* w, u64 i, u32 dtype) {
     if (dtype == 0) return ((const float*)w)[i];
     u16 h = ((const u16*)w)[i];
     if (dtype == 2) return __uint_as_float(((u32)h) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
+    return f16_bits_to_float(h);
 }
 
 // erfc with fractional error below 1.2e-7 (Numerical Recipes), as shaders/activation.wgsl.

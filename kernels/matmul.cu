@@ -41,6 +41,7 @@ extern "C" __global__ void __launch_bounds__(256) grouped(const float* x, const 
     float acc[4][4] = {}, accu[4][4] = {};
     u64 wbase = (u64)g * n;
     for (u32 k0 = 0; k0 < k; k0 += BK) {
+        #pragma unroll
         for (u32 l = 0; l < 4; l++) {
             u32 idx = tid + l * 256, rr = idx / BK, kk = idx % BK;
             u32 row = r0 + rr, kx = k0 + kk, col = c0 + rr;
@@ -53,15 +54,20 @@ extern "C" __global__ void __launch_bounds__(256) grouped(const float* x, const 
         #pragma unroll
         for (u32 kk = 0; kk < BK; kk++) {
             float a[4], b[4], c[4];
+            #pragma unroll
             for (int i = 0; i < 4; i++) { a[i] = xs[kk][ty * 4 + i]; b[i] = gs[kk][tx * 4 + i]; c[i] = glu ? us[kk][tx * 4 + i] : 0.0f; }
+            #pragma unroll
             for (int i = 0; i < 4; i++)
+                #pragma unroll
                 for (int j = 0; j < 4; j++) { acc[i][j] += a[i] * b[j]; if (glu) accu[i][j] += a[i] * c[j]; }
         }
         __syncthreads();
     }
+    #pragma unroll
     for (int i = 0; i < 4; i++) {
         u32 row = r0 + ty * 4 + i;
         if (row >= r1) continue;
+        #pragma unroll
         for (int j = 0; j < 4; j++) {
             u32 col = c0 + tx * 4 + j;
             if (col >= f) continue;

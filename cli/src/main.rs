@@ -113,6 +113,10 @@ fn info() -> Result<ExitCode, String> {
         Ok(()) => println!("cuda: NVRTC present (`moe info --compile-kernels` compiles every kernel)"),
         Err(e) => println!("cuda: {e}"),
     }
+    match moe_cuda::cublas_status() {
+        Ok(()) => println!("cuda: cuBLAS present (dense products)"),
+        Err(e) => println!("cuda: {e}; dense products would use the grouped kernels"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -108,6 +108,7 @@ impl Backend for CpuBackend {
             max_buffer_bytes: isize::MAX as u64,
             subgroups: false,
             threads: self.threads,
+            half_inputs: false,
         }
     }
 

@@ -3,14 +3,24 @@
 //!
 //! Everything is enqueued on one stream; `download` and `synchronize` wait. Like the wgpu
 //! backend, the route kernel flags non-finite logits on the device and the next download
-//! reports them, so a layer forward has no host synchronisation inside it.
+//! reports them, so a layer forward has no host synchronisation inside it: no copy to or
+//! from the host, no stream wait, group sizes stay on the device.
+//!
+//! Products: dense ones (`linear`) go to cuBLAS, SGEMM for f32 weights (the exact path)
+//! and `cublasGemmEx` on tensor cores for f16/bf16 weights (activations cast to the
+//! weights' type, float32 accumulation). Grouped expert products use kernels/matmul_tc.cu
+//! (mma.sync tensor cores) for f16/bf16 weights on sm_80 and later and kernels/matmul.cu
+//! (f32 SIMT) otherwise: cuBLAS's grouped GEMM needs the group sizes on the host, which
+//! would put a synchronisation inside every forward.
 //!
 //! Not yet verified on a GPU (none was lent while this was written): the golden and
 //! parity tests run it whenever a driver is present and skip with a message otherwise.
 
 use crate::probe::{driver_status, nvrtc_status};
+use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use moe_engine::backend::{
     Activation, Backend, Capabilities, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes,
@@ -92,6 +102,11 @@ pub struct CudaBackend {
     pending: Mutex<Option<(CudaSlice<f32>, usize)>>,
     /// Stand-in for absent optional f32 inputs.
     dummy: CudaSlice<f32>,
+    /// cuBLAS on `stream`; `None` where libcublas is absent (dense products then use the
+    /// grouped kernels, with a warning at start).
+    blas: Option<CudaBlas>,
+    /// sm_80 or later: f16/bf16 products on tensor cores (mma.sync m16n8k16 needs sm_80).
+    tensor_cores: bool,
 }
 
 /// The NVRTC target of a compute capability; unknown ones are an error rather than a
@@ -141,6 +156,13 @@ impl CudaBackend {
         let name = ctx.name().map_err(derr)?;
         let status = Mutex::new(stream.clone_htod(&[u32::MAX]).map_err(derr)?);
         let dummy = stream.alloc_zeros::<f32>(4).map_err(derr)?;
+        let blas = match crate::probe::cublas_status() {
+            Ok(()) => Some(CudaBlas::new(stream.clone()).map_err(derr)?),
+            Err(e) => {
+                tracing::warn!("{e}; dense products fall back to the grouped kernels");
+                None
+            }
+        };
         Ok(CudaBackend {
             ctx,
             stream,
@@ -150,6 +172,8 @@ impl CudaBackend {
             status,
             pending: Mutex::new(None),
             dummy,
+            blas,
+            tensor_cores: major >= 8,
         })
     }
 
@@ -271,7 +295,14 @@ impl CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = self.function("matmul.cu", "grouped")?;
+        // f16/bf16 weights on tensor cores where the device has mma.sync m16n8k16.
+        let tc = wdtype != 0 && self.tensor_cores;
+        let func = match (tc, wdtype) {
+            (false, _) => self.function("matmul.cu", "grouped")?,
+            (true, 1) => self.function("matmul_tc.cu", "grouped_tc_f16")?,
+            (true, _) => self.function("matmul_tc.cu", "grouped_tc_bf16")?,
+        };
+        let cfg = if tc { LaunchConfig { block_dim: (128, 1, 1), ..cfg } } else { cfg };
         let xs = Self::f32s(x, "grouped input")?;
         let null = 0u64;
         let mut args = self.stream.launch_builder(&func);
@@ -290,11 +321,122 @@ impl CudaBackend {
             Some(p) => args.arg(p),
             None => args.arg(&null),
         };
-        args.arg(&nn).arg(&kk).arg(&wdtype).arg(&is_glu).arg(&act);
+        args.arg(&nn).arg(&kk);
+        if !tc {
+            args.arg(&wdtype);
+        }
+        args.arg(&is_glu).arg(&act);
         // SAFETY: matches kernels/matmul.cu grouped(x, w, bias, tiles, out, pre, n, k,
-        // wdtype, glu, act_kind); buffers are sized for [r, k], [G, n, k], [r, f], [r, n].
+        // wdtype, glu, act_kind) and kernels/matmul_tc.cu grouped_tc_*(x, w, bias, tiles,
+        // out, pre, n, k, glu, act_kind); buffers are sized for [r, k], [G, n, k], [r, f],
+        // [r, n]; the grid is the same (64 × 64 tiles), the blocks 256 or 128 threads.
         unsafe { args.launch(cfg) }.map_err(derr)?;
         Ok((Self::out(&[r, f], out), pre.map(|p| Self::out(&[r, n], p))))
+    }
+}
+
+impl CudaBackend {
+    /// out [r, n] = x [r, k] · w [n, k]ᵀ (+ bias) through cuBLAS. Row-major out is the
+    /// column-major n × r matrix wᵀ·… : C (n × r) = op(A) · B with A = w read as k × n
+    /// (transposed), B = x read as k × r, so no copies. The bias is written into C first
+    /// and accumulated onto (beta = 1).
+    #[allow(clippy::too_many_arguments)]
+    fn blas_linear(&self, blas: &CudaBlas, x: &T, w: &T, bias: Option<&T>, r: usize, n: usize, k: usize) -> Result<T> {
+        let mut out = self.zeros_f32(r * n)?;
+        if r == 0 || n == 0 {
+            return Ok(Self::out(&[r, n], out));
+        }
+        if let Some(b) = bias {
+            let f = self.function("matmul_tc.cu", "fill_rows")?;
+            let (count, cols) = ((r * n) as u64, n as u32);
+            // SAFETY: matches kernels/matmul_tc.cu fill_rows(bias, out, n, cols).
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(Self::f32s(b, "linear bias")?)
+                    .arg(&mut out)
+                    .arg(&count)
+                    .arg(&cols)
+                    .launch(grid_1d(r * n, 256))
+            }
+            .map_err(derr)?;
+        }
+        let beta = if bias.is_some() { 1.0f32 } else { 0.0 };
+        let dims = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| Error::Invalid(format!("linear: {what} = {v} exceeds cuBLAS's 32-bit sizes")))
+        };
+        let (m32, n32, k32) = (dims(n, "out features")?, dims(r, "rows")?, dims(k, "in features")?);
+        let xs = Self::f32s(x, "linear input")?;
+        match w.buffer() {
+            CudaBuffer::F32(ws) => {
+                let cfg = GemmConfig {
+                    transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    m: m32,
+                    n: n32,
+                    k: k32,
+                    alpha: 1.0f32,
+                    lda: k32,
+                    ldb: k32,
+                    beta,
+                    ldc: m32,
+                };
+                // SAFETY: w holds n·k, x r·k and out r·n f32 values, as the sizes say.
+                unsafe { blas.gemm(cfg, ws, xs, &mut out) }.map_err(derr)?;
+            }
+            CudaBuffer::Half(ws) => {
+                let bf16 = w.dtype() == DType::BF16;
+                let mut xh = self.stream.alloc_zeros::<u16>(r * k).map_err(derr)?;
+                let f = self.function("matmul_tc.cu", "to_half")?;
+                let (count, flag) = ((r * k) as u64, bf16 as u32);
+                // SAFETY: matches kernels/matmul_tc.cu to_half(x, out, n, bf16); both hold r·k.
+                unsafe {
+                    self.stream
+                        .launch_builder(&f)
+                        .arg(xs)
+                        .arg(&mut xh)
+                        .arg(&count)
+                        .arg(&flag)
+                        .launch(grid_1d(r * k, 256))
+                }
+                .map_err(derr)?;
+                let ty =
+                    if bf16 { blas_sys::cudaDataType_t::CUDA_R_16BF } else { blas_sys::cudaDataType_t::CUDA_R_16F };
+                let (alpha, beta) = (1.0f32, beta);
+                let (a, _ra) = ws.device_ptr(&self.stream);
+                let (b, _rb) = xh.device_ptr(&self.stream);
+                let (c, _rc) = out.device_ptr_mut(&self.stream);
+                // SAFETY: as the f32 case, with A and B as 16-bit values of `ty`, C f32 and
+                // f32 scalars for CUBLAS_COMPUTE_32F; the guards keep the buffers' stream
+                // order until the call is enqueued.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *blas.handle(),
+                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                        m32,
+                        n32,
+                        k32,
+                        (&alpha as *const f32).cast(),
+                        a as *const _,
+                        ty,
+                        k32,
+                        b as *const _,
+                        ty,
+                        k32,
+                        (&beta as *const f32).cast(),
+                        c as *mut _,
+                        blas_sys::cudaDataType_t::CUDA_R_32F,
+                        m32,
+                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(derr)?;
+            }
+            CudaBuffer::I32(_) => return Err(Error::Invalid("linear weight stored as i32".into())),
+        }
+        Ok(Self::out(&[r, n], out))
     }
 }
 
@@ -313,6 +455,7 @@ impl Backend for CudaBackend {
             max_buffer_bytes: self.ctx.total_mem().unwrap_or(0) as u64,
             subgroups: true,
             threads: 0,
+            half_inputs: self.tensor_cores,
         }
     }
 
@@ -395,8 +538,13 @@ impl Backend for CudaBackend {
                 return Err(Error::shape("linear bias", format!("[{n}]"), b.shape()));
             }
         }
-        let offsets = self.htod(&[0i32, r as i32])?;
-        Ok(self.grouped_impl(x, &offsets, 1, w, bias, None)?.0)
+        match &self.blas {
+            Some(blas) if w.dtype() == DType::F32 || self.tensor_cores => self.blas_linear(blas, x, w, bias, r, n, k),
+            _ => {
+                let offsets = self.htod(&[0i32, r as i32])?;
+                Ok(self.grouped_impl(x, &offsets, 1, w, bias, None)?.0)
+            }
+        }
     }
 
     fn grouped_linear(&self, x: &T, offsets: &T, w: &T, bias: Option<&T>) -> Result<T> {

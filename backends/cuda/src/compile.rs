@@ -16,6 +16,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("permute.cu", include_str!("../../../kernels/permute.cu")),
     ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
     ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
+    ("matmul_tc.cu", include_str!("../../../kernels/matmul_tc.cu")),
     ("philox.cu", include_str!("../../../kernels/philox.cu")),
     ("stats.cu", include_str!("../../../kernels/stats.cu")),
 ];

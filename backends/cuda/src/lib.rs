@@ -31,4 +31,4 @@ pub use backend::{CudaBackend, CudaBuffer};
 pub use nccl::{nccl_status, NcclComm};
 
 pub use compile::{compile_all, KernelReport, ARCHS, FAMILIES};
-pub use probe::{driver_status, nvrtc_status};
+pub use probe::{cublas_status, driver_status, nvrtc_status};

@@ -32,3 +32,16 @@ pub fn nvrtc_status() -> Result<()> {
         ))
     }
 }
+
+/// `Ok(())` when cuBLAS (libcublas) can be loaded.
+pub fn cublas_status() -> Result<()> {
+    // SAFETY: only tries to open the library with libloading; nothing is called.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(missing(
+            "cuBLAS (libcublas.so.12)",
+            "install a CUDA 12 toolkit or `pip install nvidia-cublas-cu12` and put its lib/ folder on LD_LIBRARY_PATH",
+        ))
+    }
+}

@@ -389,6 +389,7 @@ impl Backend for WgpuBackend {
             max_buffer_bytes: self.max_binding(),
             subgroups: false,
             threads: 0,
+            half_inputs: false,
         }
     }
 
