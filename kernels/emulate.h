@@ -14,6 +14,7 @@
 #define MOE_EMULATE 1
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -78,6 +79,7 @@ struct Fragments {
     unsigned b[32][2];
 };
 inline std::vector<Fragments> warp_fragments;
+inline std::vector<unsigned> shuffle_slots;
 
 inline float half_value(unsigned short bits, bool bf16) {
     return bf16 ? __uint_as_float(((unsigned)bits) << 16) : f16_bits_to_float(bits);
@@ -94,6 +96,7 @@ void launch(dim3 grid, dim3 block, F kernel) {
     for (unsigned w = 0; w < warps; w++)
         warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
     warp_fragments.assign(warps, Fragments{});
+    shuffle_slots.assign(32 * warps, 0);
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
@@ -141,4 +144,44 @@ inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)
         for (unsigned kk = 0; kk < 16; kk++) s += A[row][kk] * B[kk][col];
         d[i] += s;
     }
+}
+
+// Warp shuffles and barriers: every lane of the warp posts its value, the warp meets,
+// each lane reads its partner's, the warp meets again before the slots are reused.
+namespace emu {
+template <class V>
+V shuffle_xor(V v, int off) {
+    static_assert(sizeof(V) == 4, "32-bit shuffles only");
+    unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    std::memcpy(&shuffle_slots[32 * w + lane], &v, 4);
+    warp_barriers[w]->arrive_and_wait();
+    V out;
+    std::memcpy(&out, &shuffle_slots[32 * w + (lane ^ (unsigned)off)], 4);
+    warp_barriers[w]->arrive_and_wait();
+    return out;
+}
+}  // namespace emu
+
+inline float __shfl_xor_sync(unsigned, float v, int off) { return emu::shuffle_xor(v, off); }
+inline int __shfl_xor_sync(unsigned, int v, int off) { return emu::shuffle_xor(v, off); }
+inline void __syncwarp() { emu::warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+
+inline unsigned atomicMin(unsigned* p, unsigned v) {
+    std::atomic_ref<unsigned> a(*p);
+    unsigned old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+inline float __uint2float_rn(unsigned v) { return (float)v; }
+// Separate statements keep the host compiler from contracting these into an fma.
+inline float __fmul_rn(float a, float b) {
+    volatile float r = a * b;
+    return r;
+}
+inline float __fadd_rn(float a, float b) {
+    volatile float r = a + b;
+    return r;
 }

@@ -12,8 +12,11 @@
 //! still widely deployed; binding to its API means every entry point cudarc may resolve
 //! exists on every 12.x driver, so a binary built here loads on all of them. Newer-API
 //! features are not reachable through these bindings: cuBLAS's grouped GEMM
-//! (`cublasGemmGroupedBatchedEx`, cuBLAS 12.5) among them, so grouped expert products use
-//! the kernel in `kernels/matmul.cu`. NVRTC from any 12.x toolkit (the
+//! (`cublasGemmGroupedBatchedEx`, cuBLAS 12.5) among them. It would not serve anyway: it
+//! takes the group sizes on the host, a synchronisation inside every forward. Grouped
+//! expert products use `kernels/matmul_tc.cu` (mma.sync tensor cores, f16/bf16 weights,
+//! sm_80+) and `kernels/matmul.cu` (f32 SIMT, the exact path), both reading the group
+//! offsets on the device; `kernels/emulate.h` runs them on the host for the tests. NVRTC from any 12.x toolkit (the
 //! `nvidia-cuda-nvrtc-cu12` wheel included) compiles the kernels.
 //!
 //! ## Missing libraries are errors, not panics
