@@ -605,3 +605,73 @@ fn noise_and_router_stats_kernels_match_the_cpu_backend_under_emulation() {
     );
     close_f32("router_stats", &want, got.f32s(stats), 2e-6);
 }
+
+#[test]
+fn elementwise_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let (r, c) = (13usize, 20usize);
+    let n = r * c;
+    let (a, b2) = (rand(n, 700), rand(2 * n, 701));
+    let (b, gate, coef) = (rand(n, 702), rand(r, 703), rand(2 * r, 704));
+    let acts = [Activation::Gelu, Activation::GeluTanh, Activation::Relu, Activation::Silu, Activation::Identity];
+    let mut s = Script::default();
+    let (ab, b2b, bb, gb, cb) = (s.f32s(&a), s.f32s(&b2), s.f32s(&b), s.f32s(&gate), s.f32s(&coef));
+    let buf = Arg::Buf;
+    let mut outs = Vec::new();
+    for act in acts {
+        let (o1, o2) = (s.zeros(n), s.zeros(n));
+        let code = u32v(act.kernel_code());
+        s.launch("activation", grid_1d(n, 256), &[buf(ab), buf(o1), u64v(n as u64), code]);
+        let code = u32v(act.kernel_code());
+        s.launch("glu", grid_1d(n, 256), &[buf(b2b), buf(o2), u64v(n as u64), u32v(c as u32), code]);
+        outs.push((act, o1, o2));
+    }
+    let (mul, plain, gated, mix) = (s.zeros(n), s.zeros(n), s.zeros(n), s.zeros(n));
+    s.launch("mul", grid_1d(n, 256), &[buf(ab), buf(bb), buf(mul), u64v(n as u64)]);
+    for (out, g) in [(plain, 0u32), (gated, 1)] {
+        let args = [buf(ab), buf(bb), buf(gb), buf(out), u64v(n as u64), u32v(c as u32), u32v(g)];
+        s.launch("add_gated", grid_1d(n, 256), &args);
+    }
+    s.launch("residual_mix", grid_1d(n, 256), &[buf(ab), buf(bb), buf(cb), buf(mix), u64v(n as u64), u32v(c as u32)]);
+    let got = s.run(exe, "elementwise");
+
+    let (at, b2t, bt) = (up(&cpu, &[r, c], a), up(&cpu, &[r, 2 * c], b2), up(&cpu, &[r, c], b));
+    let (gt, ct) = (up(&cpu, &[r, 1], gate), up(&cpu, &[r, 2], coef));
+    for (act, o1, o2) in outs {
+        close_f32(&format!("{act:?}"), &host(&cpu, &cpu.activation(&at, act).expect("act")), got.f32s(o1), 2e-6);
+        close_f32(&format!("glu {act:?}"), &host(&cpu, &cpu.glu(&b2t, act).expect("glu")), got.f32s(o2), 2e-6);
+    }
+    close_f32("mul", &host(&cpu, &cpu.mul(&at, &bt).expect("mul")), got.f32s(mul), 2e-6);
+    close_f32("add", &host(&cpu, &cpu.add_gated(&at, &bt, None).expect("add")), got.f32s(plain), 2e-6);
+    let want = host(&cpu, &cpu.add_gated(&at, &bt, Some(&gt)).expect("gated"));
+    close_f32("add_gated", &want, got.f32s(gated), 2e-6);
+    let want = host(&cpu, &cpu.residual_mix(&at, &bt, &ct).expect("mix"));
+    close_f32("residual_mix", &want, got.f32s(mix), 2e-6);
+}
+
+#[test]
+fn cublas_feeding_kernels_cast_and_fill_as_specified() {
+    let Some(exe) = emulate::driver() else { return };
+    let (r, c) = (7usize, 9usize);
+    let x: Vec<f32> = rand(r * c, 800).into_iter().map(|v| v * 300.0).collect();
+    let bias = rand(c, 801);
+    let mut s = Script::default();
+    let (xb, bb) = (s.f32s(&x), s.f32s(&bias));
+    // 16-bit outputs: two per 4-byte element, rounded up.
+    let (h16, hbf, fill) = (s.zeros((r * c).div_ceil(2)), s.zeros((r * c).div_ceil(2)), s.zeros(r * c));
+    let n = u64v((r * c) as u64);
+    s.launch("to_half", grid_1d(r * c, 256), &[Arg::Buf(xb), Arg::Buf(h16), u64v((r * c) as u64), u32v(0)]);
+    s.launch("to_half", grid_1d(r * c, 256), &[Arg::Buf(xb), Arg::Buf(hbf), u64v((r * c) as u64), u32v(1)]);
+    s.launch("fill_rows", grid_1d(r * c, 256), &[Arg::Buf(bb), Arg::Buf(fill), n, u32v(c as u32)]);
+    let got = s.run(exe, "cublas_feeds");
+    let halves = |i: usize| -> Vec<u16> {
+        got.i32s(i).iter().flat_map(|w| [(*w as u32 & 0xffff) as u16, (*w as u32 >> 16) as u16]).collect()
+    };
+    let want16: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    let wantbf: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+    assert_eq!(&halves(h16)[..r * c], &want16[..], "f16 rounding (to nearest even)");
+    assert_eq!(&halves(hbf)[..r * c], &wantbf[..], "bf16 rounding (to nearest even)");
+    let want: Vec<f32> = (0..r * c).map(|i| bias[i % c]).collect();
+    assert_eq!(got.f32s(fill), want, "bias rows");
+}
