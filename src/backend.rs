@@ -221,6 +221,20 @@ pub struct RouteSpec<'a, B: Backend> {
 }
 
 impl<B: Backend> RouteSpec<'_, B> {
+    /// Softmax scores, plain top-`k`, no bias or noise, weights unnormalised and unscaled:
+    /// the GShard / Switch / DeepSpeed top-k gate at its simplest.
+    pub fn softmax_top_k(k: usize) -> Self {
+        RouteSpec {
+            k,
+            score: ScoreFn::Softmax,
+            choice: Choice::TopK,
+            bias: None,
+            choice_noise: None,
+            normalize: Normalize::None,
+            scale: 1.0,
+        }
+    }
+
     /// Checks the spec against `e` experts, the same way on every backend: k in 1..=E,
     /// DeepSpeed top-2 takes k = 2, and group-limited routing needs groups that divide E,
     /// a kept-group count within them, and (sum-of-top-2 scoring) two experts per group

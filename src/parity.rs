@@ -401,15 +401,7 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
         let ls = rand(&[17, 6], 23, 3.0);
         case!(t, "router_stats", "mean scores and z-loss", |b| {
             let l = b.upload(&ls)?;
-            let spec = RouteSpec {
-                k: 1,
-                score: ScoreFn::Softmax,
-                choice: Choice::TopK,
-                bias: None,
-                choice_noise: None,
-                normalize: Normalize::None,
-                scale: 1.0,
-            };
+            let spec = RouteSpec::softmax_top_k(1);
             let r = b.route(&l, &spec)?;
             Ok(vec![("stats", b.router_stats(&l, &r.scores)?)])
         });

@@ -3,9 +3,7 @@
 //! expected value is worked out by hand in the comments next to it.
 
 use moe_cpu::CpuBackend;
-use moe_engine::backend::{
-    CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn,
-};
+use moe_engine::backend::{CapacityRule, Choice, GroupScore, KeepPolicy, Plan, PlanSpec, RouteSpec, Routes, ScoreFn};
 use moe_engine::config::{DeepSpeedGate, GateSpec, Mode, NoisyGatePolicy};
 use moe_engine::gate::{Gate, GateOutput};
 use moe_engine::layer::{ForwardOptions, NoiseOverrides};
@@ -62,15 +60,7 @@ fn host_plan(b: &CpuBackend, p: &Plan<CpuBackend>) -> HostPlan {
 
 /// Softmax top-k route spec without bias, noise or normalisation.
 fn topk_spec<'a>(k: usize) -> RouteSpec<'a, CpuBackend> {
-    RouteSpec {
-        k,
-        score: ScoreFn::Softmax,
-        choice: Choice::TopK,
-        bias: None,
-        choice_noise: None,
-        normalize: Normalize::None,
-        scale: 1.0,
-    }
+    RouteSpec::softmax_top_k(k)
 }
 
 fn route(b: &CpuBackend, s: usize, e: usize, logits: Vec<f32>, spec: &RouteSpec<'_, CpuBackend>) -> Routes<CpuBackend> {

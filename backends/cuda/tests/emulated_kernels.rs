@@ -407,7 +407,7 @@ fn route_kernel_flags_the_first_non_finite_logit() {
     assert_eq!(got.i32s(status)[0] as usize, 3 * e + 33, "the lowest flat index of a non-finite logit");
 }
 
-/// A plan spec for [`plan_kernels_match_the_cpu_backend_under_emulation`].
+/// A plan spec for [`plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation`].
 struct PlanCase {
     name: &'static str,
     capacity: CapacityRule,
@@ -460,15 +460,7 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
             .map(|(j, v)| 2.0 * v + if j % e < 2 { 1.5 } else { 0.0 })
             .collect();
         let lt = up(&cpu, &[s_, e], logits);
-        let spec = RouteSpec {
-            k,
-            score: ScoreFn::Softmax,
-            choice: Choice::TopK,
-            bias: None,
-            choice_noise: None,
-            normalize: Normalize::None,
-            scale: 1.0,
-        };
+        let spec = RouteSpec::softmax_top_k(k);
         let routes = cpu.route(&lt, &spec).expect("cpu route");
         let used: Vec<f32> = (0..s_).map(|t| if t % 7 == 3 { 0.0 } else { 1.0 }).collect();
         let priority = rand(s_ * e, st + 1);
@@ -578,15 +570,7 @@ fn noise_and_router_stats_kernels_match_the_cpu_backend_under_emulation() {
     }
     let logits: Vec<f32> = rand(s_ * e, 900).into_iter().map(|v| 2.0 * v).collect();
     let lt = up(&cpu, &[s_, e], logits.clone());
-    let spec = RouteSpec {
-        k: 2,
-        score: ScoreFn::Softmax,
-        choice: Choice::TopK,
-        bias: None,
-        choice_noise: None,
-        normalize: Normalize::None,
-        scale: 1.0,
-    };
+    let spec = RouteSpec::softmax_top_k(2);
     let scores = host(&cpu, &cpu.route(&lt, &spec).expect("route").scores);
     let (lb, sb, stats) = (s.f32s(&logits), s.f32s(scores.as_f32("scores").expect("f32")), s.zeros(e + 1));
     s.launch(
