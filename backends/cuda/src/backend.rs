@@ -335,11 +335,33 @@ impl CudaBackend {
     }
 }
 
+/// The cuBLAS call for out [r, n] = x [r, k] · w [n, k]ᵀ on row-major buffers, with no
+/// copies: cuBLAS is column-major, and a row-major [r, n] buffer is the column-major n × r
+/// matrix outᵀ = w · xᵀ. So C (m = n, n = r, ldc = n) = op(A) · op(B) with A = the weight
+/// buffer read as column-major k × n (lda = k) and transposed, B = the input buffer read as
+/// column-major k × r (ldb = k) as is. Sizes over i32 are an error.
+fn linear_gemm(r: usize, n: usize, k: usize, beta: f32) -> Result<GemmConfig<f32>> {
+    let dim = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Invalid(format!("linear: {what} = {v} exceeds cuBLAS's 32-bit sizes")))
+    };
+    let (m32, n32, k32) = (dim(n, "out features")?, dim(r, "rows")?, dim(k, "in features")?);
+    Ok(GemmConfig {
+        transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+        transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+        m: m32,
+        n: n32,
+        k: k32,
+        alpha: 1.0,
+        lda: k32,
+        ldb: k32,
+        beta,
+        ldc: m32,
+    })
+}
+
 impl CudaBackend {
-    /// out [r, n] = x [r, k] · w [n, k]ᵀ (+ bias) through cuBLAS. Row-major out is the
-    /// column-major n × r matrix wᵀ·… : C (n × r) = op(A) · B with A = w read as k × n
-    /// (transposed), B = x read as k × r, so no copies. The bias is written into C first
-    /// and accumulated onto (beta = 1).
+    /// out [r, n] = x [r, k] · w [n, k]ᵀ (+ bias) through cuBLAS, in the layout of
+    /// [`linear_gemm`]. The bias is written into out first and accumulated onto (beta = 1).
     #[allow(clippy::too_many_arguments)]
     fn blas_linear(&self, blas: &CudaBlas, x: &T, w: &T, bias: Option<&T>, r: usize, n: usize, k: usize) -> Result<T> {
         let mut out = self.zeros_f32(r * n)?;
@@ -362,25 +384,10 @@ impl CudaBackend {
             .map_err(derr)?;
         }
         let beta = if bias.is_some() { 1.0f32 } else { 0.0 };
-        let dims = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| Error::Invalid(format!("linear: {what} = {v} exceeds cuBLAS's 32-bit sizes")))
-        };
-        let (m32, n32, k32) = (dims(n, "out features")?, dims(r, "rows")?, dims(k, "in features")?);
+        let cfg = linear_gemm(r, n, k, beta)?;
         let xs = Self::f32s(x, "linear input")?;
         match w.buffer() {
             CudaBuffer::F32(ws) => {
-                let cfg = GemmConfig {
-                    transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    m: m32,
-                    n: n32,
-                    k: k32,
-                    alpha: 1.0f32,
-                    lda: k32,
-                    ldb: k32,
-                    beta,
-                    ldc: m32,
-                };
                 // SAFETY: w holds n·k, x r·k and out r·n f32 values, as the sizes say.
                 unsafe { blas.gemm(cfg, ws, xs, &mut out) }.map_err(derr)?;
             }
@@ -402,7 +409,6 @@ impl CudaBackend {
                 .map_err(derr)?;
                 let ty =
                     if bf16 { blas_sys::cudaDataType_t::CUDA_R_16BF } else { blas_sys::cudaDataType_t::CUDA_R_16F };
-                let (alpha, beta) = (1.0f32, beta);
                 let (a, _ra) = ws.device_ptr(&self.stream);
                 let (b, _rb) = xh.device_ptr(&self.stream);
                 let (c, _rc) = out.device_ptr_mut(&self.stream);
@@ -412,22 +418,22 @@ impl CudaBackend {
                 unsafe {
                     cudarc::cublas::result::gemm_ex(
                         *blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        m32,
-                        n32,
-                        k32,
-                        (&alpha as *const f32).cast(),
+                        cfg.transa,
+                        cfg.transb,
+                        cfg.m,
+                        cfg.n,
+                        cfg.k,
+                        (&cfg.alpha as *const f32).cast(),
                         a as *const _,
                         ty,
-                        k32,
+                        cfg.lda,
                         b as *const _,
                         ty,
-                        k32,
-                        (&beta as *const f32).cast(),
+                        cfg.ldb,
+                        (&cfg.beta as *const f32).cast(),
                         c as *mut _,
                         blas_sys::cudaDataType_t::CUDA_R_32F,
-                        m32,
+                        cfg.ldc,
                         blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                     )
@@ -1024,5 +1030,51 @@ impl Backend for CudaBackend {
             .map_err(derr)?;
         }
         Ok(Self::out(shape, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GEMM as the BLAS reference defines it (column-major, leading dimensions, op = N or
+    /// T): C = alpha · op(A) · op(B) + beta · C.
+    fn reference_gemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let t = |op| op == blas_sys::cublasOperation_t::CUBLAS_OP_T;
+        let (m, n, k) = (cfg.m as usize, cfg.n as usize, cfg.k as usize);
+        let (lda, ldb, ldc) = (cfg.lda as usize, cfg.ldb as usize, cfg.ldc as usize);
+        for j in 0..n {
+            for i in 0..m {
+                let mut s = 0.0f32;
+                for l in 0..k {
+                    let av = if t(cfg.transa) { a[l + i * lda] } else { a[i + l * lda] };
+                    let bv = if t(cfg.transb) { b[j + l * ldb] } else { b[l + j * ldb] };
+                    s += av * bv;
+                }
+                c[i + j * ldc] = cfg.alpha * s + cfg.beta * c[i + j * ldc];
+            }
+        }
+    }
+
+    #[test]
+    fn the_cublas_call_computes_row_major_x_times_w_transposed() {
+        let (r, n, k) = (5, 3, 4);
+        let x: Vec<f32> = (0..r * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.91).cos()).collect();
+        let bias = [0.5f32, -1.0, 2.0];
+        let mut out: Vec<f32> = (0..r * n).map(|i| bias[i % n]).collect();
+        reference_gemm(&linear_gemm(r, n, k, 1.0).expect("sizes"), &w, &x, &mut out);
+        for row in 0..r {
+            for col in 0..n {
+                let want: f32 = (0..k).map(|l| x[row * k + l] * w[col * k + l]).sum::<f32>() + bias[col];
+                approx::assert_relative_eq!(out[row * n + col], want, max_relative = 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_beyond_cublas_are_an_error_naming_the_dimension() {
+        let err = linear_gemm(1 << 31, 8, 8, 0.0).expect_err("too many rows");
+        assert!(err.to_string().contains("rows"), "{err}");
     }
 }
