@@ -386,15 +386,7 @@ pub fn run<R: Backend, C: Backend>(reference: &R, candidate: &C) -> Vec<CaseResu
         let logits =
             HostTensor::f32(&[3, 4], vec![0.0, 0.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 2.0, 7.0, 7.0, 2.0]).expect("3x4");
         case!(t, "route", "exact ties go to the lower index", |b| {
-            let spec = RouteSpec {
-                k: 2,
-                score: ScoreFn::Softmax,
-                choice: Choice::TopK,
-                bias: None,
-                choice_noise: None,
-                normalize: Normalize::Sum,
-                scale: 1.0,
-            };
+            let spec = RouteSpec { normalize: Normalize::Sum, ..RouteSpec::softmax_top_k(2) };
             let r = b.route(&b.upload(&logits)?, &spec)?;
             Ok(vec![("experts", r.experts), ("weights", r.weights)])
         });

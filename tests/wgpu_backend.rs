@@ -5,7 +5,7 @@
 //! Without an adapter these tests say so on the terminal and return; with `CI=true` a
 //! missing adapter is a failure instead.
 
-use moe_engine::backend::{Choice, Normalize, RouteSpec, ScoreFn};
+use moe_engine::backend::{Normalize, RouteSpec};
 use moe_engine::{golden, Backend, Error, HostTensor};
 use moe_wgpu::WgpuBackend;
 use std::io::Write;
@@ -59,15 +59,7 @@ fn all_golden_cases_pass_on_wgpu() {
 }
 
 fn topk<'a>(k: usize) -> RouteSpec<'a, WgpuBackend> {
-    RouteSpec {
-        k,
-        score: ScoreFn::Softmax,
-        choice: Choice::TopK,
-        bias: None,
-        choice_noise: None,
-        normalize: Normalize::Sum,
-        scale: 1.0,
-    }
+    RouteSpec { normalize: Normalize::Sum, ..RouteSpec::softmax_top_k(k) }
 }
 
 #[test]

@@ -16,8 +16,9 @@
 //! takes the group sizes on the host, a synchronisation inside every forward. Grouped
 //! expert products use `kernels/matmul_tc.cu` (mma.sync tensor cores, f16/bf16 weights,
 //! sm_80+) and `kernels/matmul.cu` (f32 SIMT, the exact path), both reading the group
-//! offsets on the device; `kernels/emulate.h` runs them on the host for the tests. NVRTC from any 12.x toolkit (the
-//! `nvidia-cuda-nvrtc-cu12` wheel included) compiles the kernels.
+//! offsets on the device; `kernels/emulate.h` runs them on the host for the tests. NVRTC
+//! from any 12.x toolkit (the `nvidia-cuda-nvrtc-cu12` wheel included) compiles the
+//! kernels.
 //!
 //! ## Missing libraries are errors, not panics
 //!

@@ -508,7 +508,8 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
         s.launch("plan_offsets", one, &[b(scratch), b(info), words(&w)]);
         s.launch("plan_finish", grid_1d(s_, 64), &[b(exb), b(rwb), b(usedb), b(scratch), b(sr), b(pw), words(&w)]);
         s.launch("plan_stats", one, &[b(scratch), b(info), words(&w)]);
-        // rows = sr[sk..]: permute and combine read them from a copy, as the backend does.
+        // permute and combine run on the reference plan's rows and weights, so that a plan
+        // mismatch is reported as one (below) rather than as a permute or combine error.
         let (xb, ypb) = (s.f32s(&x), s.f32s(&yp));
         let rows: Vec<i32> = host(&cpu, &want.rows).as_i32("rows").expect("i32").to_vec();
         let (rowsb, pwb) = (s.i32s(&rows), s.f32s(host(&cpu, &want.weights).as_f32("w").expect("f32")));
@@ -634,6 +635,10 @@ fn elementwise_kernels_match_the_cpu_backend_under_emulation() {
     close_f32("residual_mix", &want, got.f32s(mix), 2e-6);
 }
 
+/// The kernels in front of cuBLAS: `to_half` writes each element in place under the
+/// f16/bf16 flag, `fill_rows` broadcasts the bias. On the host the rounding itself is
+/// emulate.h's stand-in for `cvt.rn` (round to nearest even), held here to the `half`
+/// crate's, which the tensor-core reference above relies on too.
 #[test]
 fn cublas_feeding_kernels_cast_and_fill_as_specified() {
     let Some(exe) = emulate::driver() else { return };
