@@ -13,7 +13,7 @@
 //! Run with `cargo run --release --example quickstart`.
 
 use moe_engine::import::deepspeed;
-use moe_engine::{stack, Backend, DType, ForwardOptions, HostTensor, MoeLayer};
+use moe_engine::{stack, Backend, DType, HostTensor, LayerOptions, MoeLayer};
 
 fn main() -> moe_engine::Result<()> {
     // 1. The layer, from the same keyword arguments DeepSpeed's MoE(...) takes, plus a
@@ -40,13 +40,13 @@ fn main() -> moe_engine::Result<()> {
     // 4. A batch of 2 sequences of 16 tokens.
     let x: Vec<f32> = (0..2 * 16 * 64).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
     let x = backend.upload(&HostTensor::f32(&[2, 16, 64], x)?)?;
-    let out = layer.forward(&backend, &x, &ForwardOptions::default())?;
+    let out = layer.forward(&backend, &x, &LayerOptions::default())?;
 
     // 5. Outputs: y stays on the device until downloaded; the report carries the
     //    per-expert load, capacity, drops and losses.
     let y = backend.download(&out.y)?;
     let report = out.report(&backend)?;
-    println!("y: shape {:?}, first values {:?}", y.shape, &y.as_f32("y")?[..4]);
+    println!("y: shape {:?}, first values {:?}", y.shape(), &y.as_f32("y")?[..4]);
     println!(
         "exp_counts {:?}  capacity {}  dropped routes {}  dropped tokens {}",
         report.exp_counts, report.capacity, report.dropped_routes, report.dropped_tokens

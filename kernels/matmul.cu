@@ -9,12 +9,16 @@
 #define BN 64
 #define BK 16
 
-extern "C" __global__ void tile_map(const int* offsets, int* tiles, u32 groups) {
+// The tile list. Group bounds are clamped into [previous end, rows], so no tile leaves the
+// input whatever the offsets hold (the host checks them; this is the device's own guard).
+extern "C" __global__ void tile_map(const int* offsets, int* tiles, MatmulParams p) {
     if (global_id() != 0) return;
-    int count = 0;
-    for (u32 g = 0; g < groups; g++) {
-        int end = offsets[g + 1];
-        for (int r0 = offsets[g]; r0 < end; r0 += BM) {
+    int count = 0, prev = 0, rows = (int)p.rows;
+    for (u32 g = 0; g < p.groups; g++) {
+        int start = min(max(offsets[g], prev), rows);
+        int end = min(max(offsets[g + 1], start), rows);
+        prev = end;
+        for (int r0 = start; r0 < end; r0 += BM) {
             tiles[1 + 3 * count] = g;
             tiles[2 + 3 * count] = r0;
             tiles[3 + 3 * count] = min(r0 + BM, end);
@@ -27,12 +31,12 @@ extern "C" __global__ void tile_map(const int* offsets, int* tiles, u32 groups) 
 // glu: 0 plain product; 1 GLU experts (w rows [gate F | up F]), writing act(gate) · up
 // [R, F] and, when `pre` is given, the pre-activation [R, 2F].
 extern "C" __global__ void __launch_bounds__(256) grouped(const float* x, const void* w, const float* bias,
-                                                          const int* tiles, float* out, float* pre, u32 n, u32 k,
-                                                          u32 wdtype, u32 glu, u32 act_kind) {
+                                                          const int* tiles, float* out, float* pre, MatmulParams p) {
     __shared__ float xs[BK][BM];
     __shared__ float gs[BK][BN];
     __shared__ float us[BK][BN];
-    u32 t = blockIdx.y + blockIdx.z * gridDim.y;
+    u32 n = p.n, k = p.k, wdtype = p.wdtype, glu = p.glu, act_kind = p.act;
+    u32 t = blockIdx.y + blockIdx.z * p.y_stride;
     if ((int)t >= tiles[0]) return;
     u32 g = tiles[1 + 3 * t], r0 = tiles[2 + 3 * t], r1 = tiles[3 + 3 * t];
     u32 f = glu ? n / 2 : n;  // output columns
@@ -71,10 +75,10 @@ extern "C" __global__ void __launch_bounds__(256) grouped(const float* x, const 
         for (int j = 0; j < 4; j++) {
             u32 col = c0 + tx * 4 + j;
             if (col >= f) continue;
-            float v = acc[i][j] + (bias ? bias[wbase + col] : 0.0f);
+            float v = acc[i][j] + (p.has_bias ? bias[wbase + col] : 0.0f);
             if (!glu) { out[(u64)row * n + col] = v; continue; }
-            float u = accu[i][j] + (bias ? bias[wbase + f + col] : 0.0f);
-            if (pre) { pre[(u64)row * n + col] = v; pre[(u64)row * n + f + col] = u; }
+            float u = accu[i][j] + (p.has_bias ? bias[wbase + f + col] : 0.0f);
+            if (p.keep_pre) { pre[(u64)row * n + col] = v; pre[(u64)row * n + f + col] = u; }
             out[(u64)row * f + col] = act(v, act_kind) * u;
         }
     }

@@ -65,11 +65,12 @@ __device__ __forceinline__ u32 ld_pair(const u16* p) { return *(const u32*)p; }
 // as matmul.cu `grouped`, with w in f16 (BF16 = false) or bf16.
 template <bool BF16>
 __device__ void grouped_tc_body(const float* x, const u16* w, const float* bias, const int* tiles, float* out,
-                                float* pre, u32 n, u32 k, u32 glu, u32 act_kind) {
+                                float* pre, const MatmulParams& p) {
     __shared__ __align__(16) u16 xs[TC_BM][TC_LD];
     __shared__ __align__(16) u16 gs[TC_BN][TC_LD];
     __shared__ __align__(16) u16 us[TC_BN][TC_LD];
-    u32 t = blockIdx.y + blockIdx.z * gridDim.y;
+    u32 n = p.n, k = p.k, glu = p.glu, act_kind = p.act;
+    u32 t = blockIdx.y + blockIdx.z * p.y_stride;
     if ((int)t >= tiles[0]) return;
     u32 g = tiles[1 + 3 * t], r0 = tiles[2 + 3 * t], r1 = tiles[3 + 3 * t];
     u32 f = glu ? n / 2 : n;
@@ -133,13 +134,13 @@ __device__ void grouped_tc_body(const float* x, const u16* w, const float* bias,
                 for (int e = 0; e < 2; e++) {
                     u32 col = c0 + wn + j * 8 + 2 * ti + e;
                     if (col >= f) continue;
-                    float v = acc[i][j][2 * h + e] + (bias ? bias[wbase + col] : 0.0f);
+                    float v = acc[i][j][2 * h + e] + (p.has_bias ? bias[wbase + col] : 0.0f);
                     if (!glu) {
                         out[(u64)row * n + col] = v;
                         continue;
                     }
-                    float u = accu[i][j][2 * h + e] + (bias ? bias[wbase + f + col] : 0.0f);
-                    if (pre) {
+                    float u = accu[i][j][2 * h + e] + (p.has_bias ? bias[wbase + f + col] : 0.0f);
+                    if (p.keep_pre) {
                         pre[(u64)row * n + col] = v;
                         pre[(u64)row * n + f + col] = u;
                     }
@@ -149,26 +150,26 @@ __device__ void grouped_tc_body(const float* x, const u16* w, const float* bias,
 }
 
 extern "C" __global__ void __launch_bounds__(128) grouped_tc_f16(const float* x, const u16* w, const float* bias,
-                                                                 const int* tiles, float* out, float* pre, u32 n,
-                                                                 u32 k, u32 glu, u32 act_kind) {
-    grouped_tc_body<false>(x, w, bias, tiles, out, pre, n, k, glu, act_kind);
+                                                                 const int* tiles, float* out, float* pre,
+                                                                 MatmulParams p) {
+    grouped_tc_body<false>(x, w, bias, tiles, out, pre, p);
 }
 
 extern "C" __global__ void __launch_bounds__(128) grouped_tc_bf16(const float* x, const u16* w, const float* bias,
-                                                                  const int* tiles, float* out, float* pre, u32 n,
-                                                                  u32 k, u32 glu, u32 act_kind) {
-    grouped_tc_body<true>(x, w, bias, tiles, out, pre, n, k, glu, act_kind);
+                                                                  const int* tiles, float* out, float* pre,
+                                                                  MatmulParams p) {
+    grouped_tc_body<true>(x, w, bias, tiles, out, pre, p);
 }
 
 // The cuBLAS half path: x f32 → f16 (bf16 = 0) or bf16 bits, round to nearest even.
-extern "C" __global__ void to_half(const float* x, u16* out, u64 n, u32 bf16) {
+extern "C" __global__ void to_half(const float* x, u16* out, CastParams p) {
     u64 i = global_id();
-    if (i >= n) return;
-    out[i] = bf16 ? to_half_bits<true>(x[i]) : to_half_bits<false>(x[i]);
+    if (i >= p.n) return;
+    out[i] = p.bf16 ? to_half_bits<true>(x[i]) : to_half_bits<false>(x[i]);
 }
 
 // out [R, N] = bias broadcast over rows: cuBLAS then accumulates onto it (beta = 1).
-extern "C" __global__ void fill_rows(const float* bias, float* out, u64 n, u32 cols) {
+extern "C" __global__ void fill_rows(const float* bias, float* out, CastParams p) {
     u64 i = global_id();
-    if (i < n) out[i] = bias[i % cols];
+    if (i < p.n) out[i] = bias[i % p.cols];
 }

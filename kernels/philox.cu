@@ -2,12 +2,12 @@
 // `stream` under `seed` is word i % 4 of the block with counter [i / 4 lo, i / 4 hi,
 // stream, 0] and key [seed lo, seed hi]. Uniforms equal the cpu's bit for bit.
 
-extern "C" __global__ void noise(float* out, u64 n, u32 seed_lo, u32 seed_hi, u32 stream, u32 kind, float eps) {
+extern "C" __global__ void noise(float* out, NoiseParams p) {
     u64 i = global_id();
-    if (i >= n) return;
+    if (i >= p.n) return;
     u64 block = i / 4;
-    u32 c0 = (u32)block, c1 = (u32)(block >> 32), c2 = stream, c3 = 0;
-    u32 k0 = seed_lo, k1 = seed_hi;
+    u32 c0 = (u32)block, c1 = (u32)(block >> 32), c2 = p.stream, c3 = 0;
+    u32 k0 = p.seed_lo, k1 = p.seed_hi;
     for (int round = 0; round < 10; round++) {
         if (round > 0) {
             k0 += 0x9E3779B9u;
@@ -22,7 +22,7 @@ extern "C" __global__ void noise(float* out, u64 n, u32 seed_lo, u32 seed_hi, u3
     u32 w = words[i % 4];
     float u = (__uint2float_rn(w >> 8) + 0.5f) * (1.0f / 16777216.0f);
     float v = u;
-    if (kind == 1) v = __fadd_rn(1.0f - eps, __fmul_rn(2.0f * eps, u));
-    else if (kind == 2) v = -logf(-logf(u));
+    if (p.kind == 1) v = __fadd_rn(1.0f - p.eps, __fmul_rn(2.0f * p.eps, u));
+    else if (p.kind == 2) v = -logf(-logf(u));
     out[i] = v;
 }

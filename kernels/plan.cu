@@ -1,15 +1,13 @@
 // The dispatch plan (as shaders/plan.wgsl, whose comments give the layout): counts,
 // capacity, priority ranks, slots, offsets, rows and weights, then drop statistics. No
-// atomics: every value has one writer, so the plan is deterministic.
+// atomics: every value has one writer, so the plan is deterministic. Every pass takes the
+// same arguments (kernel_abi::plan::BINDINGS, the shader's bindings), and the passes run in
+// the order and over the thread counts of kernel_abi::plan::PlanSchedule.
 //
 // scratch: cnt [G·E] | first [G·E] | kept [G·E] | base [G·E] | keep [S·k] | drop [S] | dead [S]
 // info:    counts [E] | first_counts [E] | kept_counts [E] | offsets [E + 1] |
 //          stats [4] (capacity, dropped routes, masked routes, dropped tokens) | C
 // sr:      slots [S·k] | rows [S·k]
-
-struct PlanParams {
-    u32 s, k, e, group, n_groups, cap_rule, cap_value, clamp, keep, has_used, renorm;
-};
 
 #define UNLIMITED 0x7fffffff
 #define GE (p.n_groups * p.e)
@@ -23,11 +21,20 @@ struct PlanParams {
 #define STATS (4 * p.e + 1)
 #define CAP (4 * p.e + 5)
 
+// The arguments of every pass.
+#define PLAN_ARGS const int* ex, const float* rw, const float* used, const float* priority, int* scratch, int* info, \
+    int* sr, float* pw, PlanParams p
+
+// A priority as the plan compares it: NaN ranks lowest, as −inf (the cpu's rule too).
+__device__ __forceinline__ float priority_key(float v) {
+    return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u ? NEG_INF : v;
+}
+
 __device__ __forceinline__ bool valid(const float* used, const PlanParams& p, u32 t) {
     return !p.has_used || used[t] != 0.0f;
 }
 
-extern "C" __global__ void plan_count(const int* ex, const float* used, int* scratch, PlanParams p) {
+extern "C" __global__ void plan_count(PLAN_ARGS) {
     u64 i = global_id();
     if (i >= GE) return;
     u32 g = i / p.e;
@@ -42,7 +49,7 @@ extern "C" __global__ void plan_count(const int* ex, const float* used, int* scr
     scratch[FIRST(i)] = f;
 }
 
-extern "C" __global__ void plan_capacity(const float* used, int* scratch, int* info, PlanParams p) {
+extern "C" __global__ void plan_capacity(PLAN_ARGS) {
     if (global_id() != 0) return;
     int max_count = 0;
     for (u32 x = 0; x < p.e; x++) {
@@ -62,19 +69,18 @@ extern "C" __global__ void plan_capacity(const float* used, int* scratch, int* i
     info[CAP] = cap;
 }
 
-extern "C" __global__ void plan_rank(const int* ex, const float* used, const float* priority, int* scratch,
-                                     const int* info, PlanParams p) {
+extern "C" __global__ void plan_rank(PLAN_ARGS) {
     u64 r = global_id();
     if (r >= (u64)p.s * p.k) return;
     u32 t = r / p.k;
     if (!valid(used, p, t)) return;
     int x = ex[r];
-    float pr = priority[(u64)t * p.e + x];
+    float pr = priority_key(priority[(u64)t * p.e + x]);
     u32 g = t / p.group;
     int ahead = 0;
     for (u32 t2 = g * p.group; t2 < (g + 1) * p.group; t2++) {
         if (!valid(used, p, t2)) continue;
-        float p2 = priority[(u64)t2 * p.e + x];
+        float p2 = priority_key(priority[(u64)t2 * p.e + x]);
         for (u32 j = 0; j < p.k; j++) {
             u64 r2 = (u64)t2 * p.k + j;
             if (ex[r2] == x && (p2 > pr || (p2 == pr && r2 < r))) ahead++;
@@ -83,8 +89,7 @@ extern "C" __global__ void plan_rank(const int* ex, const float* used, const flo
     scratch[KEEP(r)] = ahead < info[CAP] ? 1 : 0;
 }
 
-extern "C" __global__ void plan_slots(const int* ex, const float* used, int* scratch, const int* info, int* sr,
-                                      PlanParams p) {
+extern "C" __global__ void plan_slots(PLAN_ARGS) {
     u64 i = global_id();
     if (i >= GE) return;
     u32 g = i / p.e;
@@ -104,7 +109,7 @@ extern "C" __global__ void plan_slots(const int* ex, const float* used, int* scr
     scratch[KEPT(i)] = kept;
 }
 
-extern "C" __global__ void plan_offsets(int* scratch, int* info, PlanParams p) {
+extern "C" __global__ void plan_offsets(PLAN_ARGS) {
     if (global_id() != 0) return;
     int off = 0;
     for (u32 x = 0; x < p.e; x++) {
@@ -120,8 +125,7 @@ extern "C" __global__ void plan_offsets(int* scratch, int* info, PlanParams p) {
     info[4 * p.e] = off;
 }
 
-extern "C" __global__ void plan_finish(const int* ex, const float* rw, const float* used, int* scratch, int* sr,
-                                       float* pw, PlanParams p) {
+extern "C" __global__ void plan_finish(PLAN_ARGS) {
     u64 t = global_id();
     if (t >= p.s) return;
     u32 g = t / p.group;
@@ -152,7 +156,7 @@ extern "C" __global__ void plan_finish(const int* ex, const float* rw, const flo
     scratch[DEAD(t)] = (ok && !any) ? 1 : 0;
 }
 
-extern "C" __global__ void plan_stats(const int* scratch, int* info, PlanParams p) {
+extern "C" __global__ void plan_stats(PLAN_ARGS) {
     if (global_id() != 0) return;
     int dropped = 0, dead = 0;
     for (u32 t = 0; t < p.s; t++) { dropped += scratch[DROP(t)]; dead += scratch[DEAD(t)]; }

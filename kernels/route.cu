@@ -4,12 +4,6 @@
 // that prefers the larger value and, on equal values, the lower index, so ties go to the
 // lower expert index as on every backend. Up to 1024 experts and 64 groups.
 
-struct RouteParams {
-    u32 s, e, k, score_fn, choice, has_bias, has_noise, normalize;
-    float eps, scale;
-    u32 n_group, topk_group, group_score;
-};
-
 // Reduces (value, index) across the warp: larger value wins, then lower index.
 __device__ __forceinline__ void warp_best(float& v, int& idx) {
     for (int off = 16; off > 0; off >>= 1) {
@@ -32,9 +26,13 @@ extern "C" __global__ void route(const float* logits, const float* bias, const f
     float* sc = scores + (u64)t * p.e;
     const float* nz = noise + (u64)t * p.e;
 
-    // Non-finite logits: the lowest flat index, for the error the host raises.
-    for (u32 i = lane; i < p.e; i += 32)
-        if (!is_finite_f(l[i])) atomicMin(status, t * p.e + i);
+    // Non-finite inputs: the lowest flat index of each, for the error the host raises
+    // (status words: logits, bias, noise; see kernel_abi::ROUTE_STATUS_WORDS).
+    for (u32 i = lane; i < p.e; i += 32) {
+        if (!is_finite_f(l[i])) atomicMin(&status[0], t * p.e + i);
+        if (p.has_bias && !is_finite_f(bias[i])) atomicMin(&status[1], i);
+        if (p.has_noise && !is_finite_f(nz[i])) atomicMin(&status[2], t * p.e + i);
+    }
 
     float mx = NEG_INF;
     for (u32 i = lane; i < p.e; i += 32) mx = fmaxf(mx, l[i]);

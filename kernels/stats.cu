@@ -1,7 +1,8 @@
 // Router reductions (as shaders/stats.wgsl): out [E + 1] = mean score per expert, then
 // the mean of logsumexp(logits)²; one thread per output, f64 sums as the cpu reference.
 
-extern "C" __global__ void router_stats(const float* logits, const float* scores, float* out, u32 s, u32 e) {
+extern "C" __global__ void router_stats(const float* logits, const float* scores, float* out, StatsParams p) {
+    u32 s = p.s, e = p.e;
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i > e) return;
     double sum = 0.0;

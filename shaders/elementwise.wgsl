@@ -4,14 +4,17 @@
 // One invocation per output element; dispatches are 2-D when one dimension would exceed
 // the 65535-workgroup limit.
 
-struct Params {
-    n: u32,       // output elements
+struct ElementwiseParams {
+    n: vec2<u32>, // output elements (u64 in the ABI; the high word is 0 on wgpu)
     cols: u32,    // row length of the output
     act: u32,     // 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity
     gated: u32,   // add_gated: 1 when a gate column is bound
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: ElementwiseParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read> c: array<f32>;
@@ -26,7 +29,7 @@ fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 @compute @workgroup_size(256)
 fn activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     out[i] = act(a[i], p.act);
 }
 
@@ -34,7 +37,7 @@ fn activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 @compute @workgroup_size(256)
 fn glu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     let row = i / p.cols;
     let col = i % p.cols;
     let base = row * 2u * p.cols;
@@ -44,7 +47,7 @@ fn glu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(256)
 fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     out[i] = a[i] * b[i];
 }
 
@@ -52,7 +55,7 @@ fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(256)
 fn add_gated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     var s = 1.0;
     if p.gated == 1u {
         s = 1.0 / (1.0 + exp(-c[i / p.cols]));
@@ -64,7 +67,7 @@ fn add_gated(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 @compute @workgroup_size(256)
 fn residual_mix(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     let row = i / p.cols;
     let l0 = c[2u * row];
     let l1 = c[2u * row + 1u];

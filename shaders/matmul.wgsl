@@ -23,7 +23,7 @@
 // Bindings: 0 params, 1 x, 2 w (this part, as u32 words), 3 bias, 4 offsets [G + 1] i32,
 // 5 tiles (1 + 3·max) i32, 6 out, 7 pre-activation (grouped_glu with keep_pre).
 
-struct Params {
+struct MatmulParams {
     rows: u32,       // R
     n: u32,          // N
     k: u32,          // K
@@ -36,13 +36,13 @@ struct Params {
     g1: u32,
     c0: u32,
     c1: u32,
+    glu: u32,        // 1 for grouped_glu (GLU experts); the entry point decides here
     act: u32,        // grouped_glu: 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity
     keep_pre: u32,   // grouped_glu: write the pre-activation too
-    _p0: u32,
-    _p1: u32,
+    _pad0: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -60,13 +60,17 @@ var<workgroup> ws: array<array<f32, 64>, 16>;   // [BK][BN]
 var<workgroup> us: array<array<f32, 64>, 16>;   // [BK][BN], up rows (grouped_glu)
 var<workgroup> tile_info: vec4<u32>;            // (group, first row, end row, valid)
 
-// One invocation: the tile list for `grouped`.
+// One invocation: the tile list for `grouped`. Group bounds are clamped into
+// [previous end, rows], so no tile leaves the input whatever the offsets hold.
 @compute @workgroup_size(1)
 fn tile_map() {
     var count = 0u;
+    var prev = 0u;
     for (var g = 0u; g < p.groups; g++) {
-        let end = u32(offsets[g + 1u]);
-        for (var r0 = u32(offsets[g]); r0 < end; r0 += BM) {
+        let start = clamp(u32(max(offsets[g], 0)), prev, p.rows);
+        let end = clamp(u32(max(offsets[g + 1u], 0)), start, p.rows);
+        prev = end;
+        for (var r0 = start; r0 < end; r0 += BM) {
             tiles[1u + 3u * count] = i32(g);
             tiles[2u + 3u * count] = i32(r0);
             tiles[3u + 3u * count] = i32(min(r0 + BM, end));

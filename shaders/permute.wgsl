@@ -3,14 +3,13 @@
 // 4 output. Every output element is written by exactly one invocation, in a fixed order:
 // no atomics, so results are bitwise reproducible.
 
-struct Params {
-    n: u32,     // output elements
-    cols: u32,  // M, the row length
-    k: u32,     // routes per token
-    _pad: u32,
+struct PermuteParams {
+    n: vec2<u32>, // output elements (u64 in the ABI; the high word is 0 on wgpu)
+    cols: u32,    // M, the row length
+    k: u32,       // routes per token
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: PermuteParams;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read> rows: array<i32>;
 @group(0) @binding(3) var<storage, read> weights: array<f32>;
@@ -23,7 +22,7 @@ const WG: u32 = 256u;
 @compute @workgroup_size(256)
 fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     let route = i / p.cols;
     let col = i % p.cols;
     let row = rows[route];
@@ -36,7 +35,7 @@ fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 @compute @workgroup_size(256)
 fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     let t = i / p.cols;
     let col = i % p.cols;
     var acc = 0.0;

@@ -6,18 +6,17 @@
 //
 // Bindings: 0 params, 1 out.
 
-struct Params {
-    n: u32,
+struct NoiseParams {
+    n: vec2<u32>, // values (u64 in the ABI; below 2^32 by the front door's check)
     seed_lo: u32,
     seed_hi: u32,
     stream: u32,
-    kind: u32,   // 0 uniform, 1 jitter, 2 gumbel
+    kind: u32,    // 0 uniform, 1 jitter, 2 gumbel
     eps: f32,
-    _p0: u32,
-    _p1: u32,
+    _pad0: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: NoiseParams;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 
 const WG: u32 = 256u;
@@ -54,7 +53,7 @@ fn philox(counter: vec4<u32>, key: vec2<u32>) -> vec4<u32> {
 @compute @workgroup_size(256)
 fn noise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
-    if i >= p.n { return; }
+    if i >= p.n.x { return; }
     let block = philox(vec4<u32>(i / 4u, 0u, p.stream, 0u), vec2<u32>(p.seed_lo, p.seed_hi));
     let w = block[i % 4u];
     // 24 bits centred in their cell: the open interval (0, 1).

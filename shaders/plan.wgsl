@@ -1,15 +1,16 @@
 // The dispatch plan: counts, capacity, slots, compact expert-major rows and combine
 // weights, with no [S, E, C] tensor and no atomics (every value has one writer, so the
-// plan is deterministic). Six passes, each a separate dispatch:
+// plan is deterministic). Seven passes, each a separate dispatch, in the order and with
+// the invocation counts of `moe_engine::kernel_abi::plan::PlanSchedule`:
 //
-//   count     one invocation per (token group g, expert x): candidates and first choices
-//   capacity  one invocation: totals over groups, the largest count, capacity C, masked
-//   rank      one invocation per route (priority policies only): keep = rank < C
-//   slots     one invocation per (g, x): walk the candidates in slot order, number the kept
-//   offsets   one invocation: kept totals, exclusive prefix sum, per-group row bases
-//   finish    one invocation per token: rows, weights (renormalised over kept routes),
-//             dropped routes and whether the token lost every route
-//   stats     one invocation: sums of the per-token drop counts
+//   plan_count     one invocation per (token group g, expert x): candidates, first choices
+//   plan_capacity  one invocation: totals over groups, the largest count, capacity C, masked
+//   plan_rank      one invocation per route (priority policies only): keep = rank < C
+//   plan_slots     one invocation per (g, x): walk the candidates in slot order, number the kept
+//   plan_offsets   one invocation: kept totals, exclusive prefix sum, per-group row bases
+//   plan_finish    one invocation per token: rows, weights (renormalised over kept routes),
+//                  dropped routes and whether the token lost every route
+//   plan_stats     one invocation: sums of the per-token drop counts
 //
 // Bindings: 0 params, 1 experts [S, k] i32, 2 route weights [S, k], 3 used_token [S],
 // 4 priority [S, E], 5 scratch i32, 6 info i32, 7 slots and rows i32 [2, S, k],
@@ -19,7 +20,7 @@
 // info:    counts [E] | first_counts [E] | kept_counts [E] | offsets [E + 1] |
 //          stats [4] (capacity, dropped routes, masked routes, dropped tokens) | C
 
-struct Params {
+struct PlanParams {
     s: u32,
     k: u32,
     e: u32,
@@ -31,10 +32,10 @@ struct Params {
     keep: u32,       // 0 token order, 1 rank-major, 2 priority
     has_used: u32,
     renorm: u32,
-    _pad: u32,
+    _pad0: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: PlanParams;
 @group(0) @binding(1) var<storage, read> experts: array<i32>;
 @group(0) @binding(2) var<storage, read> rweights: array<f32>;
 @group(0) @binding(3) var<storage, read> used: array<f32>;
@@ -49,6 +50,15 @@ const UNLIMITED: i32 = 0x7fffffff;
 
 fn gid1(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
+}
+
+// A priority as the plan compares it: NaN ranks lowest, as −inf (the cpu's rule too).
+fn priority_key(v: f32) -> f32 {
+    let bits = bitcast<u32>(v);
+    if (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u {
+        return bitcast<f32>(0xff800000u);
+    }
+    return v;
 }
 
 fn valid(t: u32) -> bool {
@@ -67,7 +77,7 @@ fn stats_at() -> u32 { return 4u * p.e + 1u; }
 fn cap_at() -> u32 { return 4u * p.e + 5u; }
 
 @compute @workgroup_size(64)
-fn count(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn plan_count(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid1(gid, nwg);
     if i >= ge() { return; }
     let g = i / p.e;
@@ -88,7 +98,7 @@ fn count(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 }
 
 @compute @workgroup_size(1)
-fn capacity() {
+fn plan_capacity() {
     var max_count = 0;
     for (var x = 0u; x < p.e; x++) {
         var c = 0;
@@ -121,20 +131,20 @@ fn capacity() {
 }
 
 @compute @workgroup_size(64)
-fn rank(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn plan_rank(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = gid1(gid, nwg);
     if r >= p.s * p.k { return; }
     let t = r / p.k;
     if !valid(t) { return; }
     let x = experts[r];
-    let pr = priority[t * p.e + u32(x)];
+    let pr = priority_key(priority[t * p.e + u32(x)]);
     let g = t / p.group;
     // Routes of the same expert and group ahead of this one: higher priority, or equal
     // priority and earlier.
     var ahead = 0;
     for (var t2 = g * p.group; t2 < (g + 1u) * p.group; t2++) {
         if !valid(t2) { continue; }
-        let p2 = priority[t2 * p.e + u32(x)];
+        let p2 = priority_key(priority[t2 * p.e + u32(x)]);
         for (var j = 0u; j < p.k; j++) {
             let r2 = t2 * p.k + j;
             if experts[r2] == x && (p2 > pr || (p2 == pr && r2 < r)) {
@@ -146,7 +156,7 @@ fn rank(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 @compute @workgroup_size(64)
-fn slots(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn plan_slots(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid1(gid, nwg);
     if i >= ge() { return; }
     let g = i / p.e;
@@ -181,7 +191,7 @@ fn slots(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 }
 
 @compute @workgroup_size(1)
-fn offsets() {
+fn plan_offsets() {
     var off = 0;
     for (var x = 0u; x < p.e; x++) {
         info[3u * p.e + x] = off;
@@ -197,7 +207,7 @@ fn offsets() {
 }
 
 @compute @workgroup_size(64)
-fn finish(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn plan_finish(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid1(gid, nwg);
     if t >= p.s { return; }
     let g = t / p.group;
@@ -237,7 +247,7 @@ fn finish(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 }
 
 @compute @workgroup_size(1)
-fn stats() {
+fn plan_stats() {
     var dropped = 0;
     var dead = 0;
     for (var t = 0u; t < p.s; t++) {

@@ -4,10 +4,11 @@
 // candidate replaces the best only when strictly greater.
 //
 // Bindings: 0 params, 1 logits [S, E], 2 bias [E], 3 choice noise [S, E], 4 scores
-// [S, E], 5 experts [S, k] i32, 6 weights [S, k], 7 status (atomic u32; [0] = first
-// non-finite logit as t·E + e, u32 max when none).
+// [S, E], 5 experts [S, k] i32, 6 weights [S, k], 7 status (atomic u32: the flat index of
+// the first non-finite logit, bias value and noise value, u32 max when none; see
+// kernel_abi::ROUTE_STATUS_WORDS).
 
-struct Params {
+struct RouteParams {
     s: u32,
     e: u32,
     k: u32,
@@ -21,12 +22,12 @@ struct Params {
     n_group: u32,
     topk_group: u32,
     group_score: u32,  // 0 max (masked groups read 0), 1 sum of top 2 (masked read -inf)
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: RouteParams;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read> noise: array<f32>;
@@ -76,12 +77,18 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let row = t * p.e;
     let NEG_INF = neg_inf();
 
-    // Scores, after checking the logits.
+    // Scores, after checking the logits (and the bias and noise the choice reads).
     var mx = NEG_INF;
     for (var i = 0u; i < p.e; i++) {
         let v = logits[row + i];
         if !is_finite(v) {
             atomicMin(&status[0], row + i);
+        }
+        if p.has_bias == 1u && !is_finite(bias[i]) {
+            atomicMin(&status[1], i);
+        }
+        if p.has_noise == 1u && !is_finite(noise[row + i]) {
+            atomicMin(&status[2], row + i);
         }
         mx = max(mx, v);
     }

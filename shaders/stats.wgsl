@@ -5,14 +5,14 @@
 //
 // Bindings: 0 params, 1 logits [S, E], 2 scores [S, E], 3 out [E + 1].
 
-struct Params {
+struct StatsParams {
     s: u32,
     e: u32,
-    _p0: u32,
-    _p1: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: StatsParams;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> scores: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;

@@ -2,8 +2,8 @@
 //! Importers (`crate::import`) build these from DeepSpeed keyword arguments and HF
 //! `config.json` files; `validate` checks every field before any weight is touched.
 
-use crate::backend::Activation;
 use crate::error::{Error, Result};
+use crate::expert::ExpertKind;
 use serde::{Deserialize, Serialize};
 
 /// Training or evaluation: selects the capacity factor and whether noise applies.
@@ -145,24 +145,53 @@ impl GateSpec {
             GateSpec::Switch { .. } => 1,
         }
     }
-}
 
-/// The form of one expert.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ExpertKind {
-    /// One linear layer `hidden → hidden` (DeepSpeed's CIFAR-10 example).
-    Linear,
-    /// Linear → activation → Linear.
-    Mlp {
-        /// The activation.
-        activation: Activation,
-    },
-    /// Gated: `down(act(gate(x)) · up(x))` (SwiGLU with silu, GeGLU with gelu).
-    Glu {
-        /// The activation applied to the gate projection.
-        activation: Activation,
-    },
+    /// Checks the gate's fields against `e` experts; errors name the field.
+    pub fn validate(&self, e: usize) -> Result<()> {
+        if e == 0 {
+            return Err(Error::config("num_experts", "must be > 0"));
+        }
+        let k = self.k();
+        if k == 0 {
+            return Err(Error::config("k", "must be >= 1"));
+        }
+        if k > e {
+            return Err(Error::config("k", format!("{k} routes per token but only {e} experts")));
+        }
+        match self {
+            GateSpec::DeepSpeed(g) => {
+                for (name, v) in
+                    [("capacity_factor", g.capacity_factor), ("eval_capacity_factor", g.eval_capacity_factor)]
+                {
+                    if !(v.is_finite() && v > 0.0) {
+                        return Err(Error::config(name, format!("must be a positive number, got {v}")));
+                    }
+                }
+            }
+            GateSpec::DeepSeekV2 { n_group, topk_group, method, routed_scaling_factor, .. } => {
+                if *method == DeepSeekV2Method::GroupLimitedGreedy {
+                    // V2 masks other groups with 0, so k may exceed the kept groups' experts:
+                    // the extra routes land on masked experts with weight 0, as in HF.
+                    check_groups(e, 0, *n_group, *topk_group)?;
+                }
+                check_scale(*routed_scaling_factor)?;
+            }
+            GateSpec::DeepSeekV3 { n_group, topk_group, routed_scaling_factor, .. } => {
+                check_groups(e, k, *n_group, *topk_group)?;
+                if e / n_group < 2 {
+                    return Err(Error::config("n_group", "DeepSeek-V3 group scores need at least 2 experts per group"));
+                }
+                check_scale(*routed_scaling_factor)?;
+            }
+            GateSpec::Switch { expert_capacity } => {
+                if *expert_capacity == 0 {
+                    return Err(Error::config("expert_capacity", "must be > 0"));
+                }
+            }
+            GateSpec::SoftmaxTopK { .. } => {}
+        }
+        Ok(())
+    }
 }
 
 /// Shape of every expert of a layer (experts are identical in form).
@@ -213,13 +242,7 @@ impl LayerSpec {
         if e == 0 {
             return Err(Error::config("num_experts", "must be > 0"));
         }
-        let k = self.gate.k();
-        if k == 0 {
-            return Err(Error::config("k", "must be >= 1"));
-        }
-        if k > e {
-            return Err(Error::config("k", format!("{k} routes per token but only {e} experts")));
-        }
+        self.gate.validate(e)?;
         validate_expert("expert", &self.expert)?;
         if let Some(s) = &self.shared {
             validate_expert("shared_expert", &s.expert)?;
@@ -227,39 +250,53 @@ impl LayerSpec {
                 return Err(Error::config("use_residual", "residual MoE and shared experts are exclusive"));
             }
         }
-        match &self.gate {
-            GateSpec::DeepSpeed(g) => {
-                for (name, v) in
-                    [("capacity_factor", g.capacity_factor), ("eval_capacity_factor", g.eval_capacity_factor)]
-                {
-                    if !(v.is_finite() && v > 0.0) {
-                        return Err(Error::config(name, format!("must be a positive number, got {v}")));
-                    }
-                }
-            }
-            GateSpec::DeepSeekV2 { n_group, topk_group, method, routed_scaling_factor, .. } => {
-                if *method == DeepSeekV2Method::GroupLimitedGreedy {
-                    // V2 masks other groups with 0, so k may exceed the kept groups' experts:
-                    // the extra routes land on masked experts with weight 0, as in HF.
-                    check_groups(e, 0, *n_group, *topk_group)?;
-                }
-                check_scale(*routed_scaling_factor)?;
-            }
-            GateSpec::DeepSeekV3 { n_group, topk_group, routed_scaling_factor, .. } => {
-                check_groups(e, k, *n_group, *topk_group)?;
-                if e / n_group < 2 {
-                    return Err(Error::config("n_group", "DeepSeek-V3 group scores need at least 2 experts per group"));
-                }
-                check_scale(*routed_scaling_factor)?;
-            }
-            GateSpec::Switch { expert_capacity } => {
-                if *expert_capacity == 0 {
-                    return Err(Error::config("expert_capacity", "must be > 0"));
-                }
-            }
-            GateSpec::SoftmaxTopK { .. } => {}
-        }
+        self.weight_count()?;
         Ok(())
+    }
+
+    /// Weight elements of the layer: router, routed experts, and the residual MLP or
+    /// shared experts with their gates. An error naming the sizes when the count does not
+    /// fit 64 bits (a config with absurd sizes is refused before anything is allocated).
+    pub fn weight_count(&self) -> Result<u64> {
+        let (m, e) = (self.hidden as u64, self.num_experts as u64);
+        let overflow = || {
+            Error::too_large(
+                format!("the weights of a layer with hidden_size {}, {} experts", self.hidden, self.num_experts),
+                "more elements",
+                "a 64-bit count",
+            )
+        };
+        let mlp = |s: &ExpertSpec| -> Option<u64> {
+            let n_in = s.kind.first_rows(s.ffn, self.hidden)? as u64;
+            let mut c = n_in.checked_mul(m)?;
+            if s.bias {
+                c = c.checked_add(n_in)?;
+            }
+            if !matches!(s.kind, ExpertKind::Linear) {
+                c = c.checked_add(m.checked_mul(s.ffn as u64)?)?;
+                if s.bias {
+                    c = c.checked_add(m)?;
+                }
+            }
+            Some(c)
+        };
+        let mut total = e.checked_mul(m).ok_or_else(overflow)?;
+        total = total
+            .checked_add(mlp(&self.expert).and_then(|c| c.checked_mul(e)).ok_or_else(overflow)?)
+            .ok_or_else(overflow)?;
+        if self.residual {
+            total = total
+                .checked_add(mlp(&self.expert).ok_or_else(overflow)?)
+                .and_then(|t| t.checked_add(2 * m + 2))
+                .ok_or_else(overflow)?;
+        }
+        if let Some(s) = &self.shared {
+            total = total
+                .checked_add(mlp(&s.expert).ok_or_else(overflow)?)
+                .and_then(|t| t.checked_add(m))
+                .ok_or_else(overflow)?;
+        }
+        Ok(total)
     }
 }
 

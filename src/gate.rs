@@ -2,16 +2,16 @@
 //! backend. Like DeepSpeed's `TopKGate`, it runs on its own (gate-only golden cases) or
 //! inside [`crate::layer::MoeLayer`].
 
-use crate::backend::{
-    Backend, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn,
-    Tensor,
-};
+use crate::backend::Backend;
 use crate::config::{DeepSeekV2Method, DropPolicy, GateSpec, Mode, NoisyGatePolicy};
+use crate::device_tensor::Tensor;
 use crate::error::{Error, Result};
-use crate::layer::ForwardOptions;
-use crate::losses::{self, Losses};
+use crate::losses;
+use crate::ops::{CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn};
+use crate::options::GateOptions;
 use crate::philox::{streams, NoiseKind};
-use crate::tensor::HostTensor;
+use crate::report::Report;
+use crate::tensor::{DType, HostTensor};
 
 /// Router weights on the device and the policy that uses them.
 pub struct Gate<B: Backend> {
@@ -36,27 +36,6 @@ pub struct GateOutput<B: Backend> {
     tokens: usize,
 }
 
-/// Small host-side summary of a forward: loads, drops and losses.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Report {
-    /// Routes per expert before capacity (DeepSpeed `exp_counts`).
-    pub exp_counts: Vec<i64>,
-    /// Routes per expert after capacity.
-    pub kept_counts: Vec<i64>,
-    /// Capacity in force (largest count when unlimited).
-    pub capacity: i64,
-    /// Routes dropped by capacity.
-    pub dropped_routes: i64,
-    /// Tokens whose every route was dropped (their routed output is 0).
-    pub dropped_tokens: i64,
-    /// Routes not taken because the token was masked by `used_token`.
-    pub masked_routes: i64,
-    /// Tokens in the batch.
-    pub tokens: usize,
-    /// Losses.
-    pub losses: Losses,
-}
-
 impl<B: Backend> GateOutput<B> {
     /// Downloads the per-expert counts and router reductions and computes the losses.
     pub fn report(&self, b: &B) -> Result<Report> {
@@ -69,10 +48,14 @@ impl<B: Backend> GateOutput<B> {
         let rs = rs.as_f32("router_stats")?;
         let e = counts.len();
         let losses = losses::compute(&self.gate, &counts, &first, &rs[..e], rs[e], self.tokens);
+        let capacity = match self.plan.static_capacity() {
+            Some(c) => i64::try_from(c).map_err(|_| Error::Internal(format!("capacity {c} past i64")))?,
+            None => stats[0] as i64,
+        };
         Ok(Report {
             exp_counts: counts,
             kept_counts: kept,
-            capacity: stats[0] as i64,
+            capacity,
             dropped_routes: stats[1] as i64,
             dropped_tokens: stats[3] as i64,
             masked_routes: stats[2] as i64,
@@ -84,8 +67,8 @@ impl<B: Backend> GateOutput<B> {
     /// DeepSpeed's sparse route form, `[k, S]` each: expert index (−1 where dropped or
     /// masked), slot (0 where dropped), combine weight (0 where dropped).
     pub fn sparse_routes(&self, b: &B) -> Result<(HostTensor, HostTensor, HostTensor)> {
+        let (s, k) = (self.routes.tokens(), self.routes.k());
         let ex = b.download(&self.routes.experts)?;
-        let (s, k) = (ex.shape[0], ex.shape[1]);
         let ex = ex.as_i32("routes.experts")?;
         let slots = b.download(&self.plan.slots)?;
         let slots = slots.as_i32("plan.slots")?;
@@ -111,14 +94,19 @@ fn to_i64(t: HostTensor, name: &str) -> Result<Vec<i64>> {
 }
 
 impl<B: Backend> Gate<B> {
-    /// Uploads the router weight `[E, M]` (and the DeepSeek-V3 correction bias `[E]`).
+    /// Uploads the router weight `[E, M]` (and the DeepSeek-V3 correction bias `[E]`);
+    /// both must be finite.
     pub fn new(b: &B, spec: GateSpec, weight: &HostTensor, bias: Option<&HostTensor>) -> Result<Self> {
-        let (num_experts, hidden) = match weight.shape[..] {
+        let (num_experts, hidden) = match weight.shape()[..] {
             [e, m] => (e, m),
-            _ => return Err(Error::shape("gate.weight", "[experts, hidden]", &weight.shape)),
+            _ => return Err(Error::shape("gate.weight", "[experts, hidden]", weight.shape())),
         };
+        weight.as_f32("gate.weight")?;
+        weight.check_finite("gate.weight")?;
         if let Some(bias) = bias {
             bias.expect_shape("gate.e_score_correction_bias", &[num_experts])?;
+            bias.as_f32("gate.e_score_correction_bias")?;
+            bias.check_finite("gate.e_score_correction_bias")?;
         }
         if let GateSpec::DeepSpeed(g) = &spec {
             if g.k >= 2 && g.noisy_gate_policy == Some(crate::config::NoisyGatePolicy::RSample) {
@@ -132,7 +120,7 @@ impl<B: Backend> Gate<B> {
             spec,
             num_experts,
             hidden,
-            weight: b.upload_weight(weight, crate::tensor::DType::F32)?,
+            weight: b.upload_weight(weight, DType::F32)?,
             bias: bias.map(|t| b.upload(t)).transpose()?,
         })
     }
@@ -143,7 +131,7 @@ impl<B: Backend> Gate<B> {
     }
 
     /// Routes `x [S, M]`; `seq` is the sequence length (Switch capacity groups).
-    pub fn forward(&self, b: &B, x: &Tensor<B>, seq: usize, opts: &ForwardOptions) -> Result<GateOutput<B>> {
+    pub fn forward(&self, b: &B, x: &Tensor<B>, seq: usize, opts: &GateOptions) -> Result<GateOutput<B>> {
         let (s, m) = x.dims2("x")?;
         if m != self.hidden {
             return Err(Error::shape("x", format!("[tokens, {}]", self.hidden), x.shape()));
@@ -155,6 +143,8 @@ impl<B: Backend> Gate<B> {
                 match given {
                     Some(t) => {
                         t.expect_shape(name, &[s, cols])?;
+                        t.as_f32(name)?;
+                        t.check_finite(name)?;
                         b.upload(t)
                     }
                     None => b.noise(kind, opts.seed, stream, &[s, cols]),
@@ -190,6 +180,8 @@ impl<B: Backend> Gate<B> {
             (None, _) => None,
             (Some(u), Some(g)) if g.k == 1 => {
                 u.expect_shape("used_token", &[s])?;
+                u.as_f32("used_token")?;
+                u.check_finite("used_token")?;
                 Some(b.upload(u)?)
             }
             (Some(_), Some(_)) => {
@@ -279,7 +271,7 @@ impl<B: Backend> Gate<B> {
                 let factor = if mode == Mode::Train { g.capacity_factor } else { g.eval_capacity_factor };
                 if g.k == 1 && s < g.min_capacity {
                     // DeepSpeed asserts this in top1gating.
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::Precondition(format!(
                         "{s} tokens is fewer than min_capacity = {}: DeepSpeed top-1 gating needs tokens >= min_capacity (set min_capacity to 0 or use a larger batch)",
                         g.min_capacity
                     )));

@@ -8,11 +8,15 @@
 //! Nothing is read back to the host inside the forward; [`LayerOutput::report`] downloads
 //! the small per-expert tensors afterwards and computes the losses.
 
-use crate::backend::{Backend, MlpWeights, Tensor};
-use crate::config::{ExpertKind, ExpertSpec, LayerSpec, Mode};
-use crate::error::{Error, Result};
-pub use crate::gate::Report;
+use crate::backend::Backend;
+use crate::config::{ExpertSpec, LayerSpec};
+use crate::device_tensor::Tensor;
+use crate::error::{human_bytes, Error, Result};
+use crate::expert::ExpertKind;
 use crate::gate::{Gate, GateOutput};
+use crate::ops::{MlpWeights, Offsets};
+use crate::options::LayerOptions;
+use crate::report::Report;
 use crate::tensor::{DType, HostTensor};
 use crate::weights::{HostLayerWeights, HostMlp};
 
@@ -30,7 +34,7 @@ pub struct ExpertActivations<B: Backend> {
     /// Permuted input rows, compact expert-major `[S·k, M]`.
     pub xp: Tensor<B>,
     /// Pre-activation of the first projection `[S·k, N]`, kept when
-    /// [`ForwardOptions::keep_activations`] asks for it (never for linear experts).
+    /// [`LayerOptions::keep_activations`] asks for it (never for linear experts).
     pub pre_activation: Option<Tensor<B>>,
     /// Expert outputs before combining `[S·k, M]`.
     pub yp: Tensor<B>,
@@ -40,7 +44,7 @@ impl<B: Backend> DeviceMlp<B> {
     /// Uploads an expert stack (`dense = false`) or a dense block (the E = 1 stack).
     pub fn upload(backend: &B, host: &HostMlp, spec: &ExpertSpec, dense: bool, dtype: DType) -> Result<Self> {
         // A dense block is the E = 1 stack without its leading dimension.
-        let squeeze = |t: &HostTensor| if dense { t.clone().reshape(&t.shape[1..]) } else { Ok(t.clone()) };
+        let squeeze = |t: &HostTensor| if dense { t.clone().reshape(&t.shape()[1..]) } else { Ok(t.clone()) };
         let weight = |t: &HostTensor| backend.upload_weight(&squeeze(t)?, dtype);
         let bias = |t: &Option<HostTensor>| t.as_ref().map(|t| backend.upload_as(&squeeze(t)?, dtype)).transpose();
         Ok(DeviceMlp {
@@ -53,7 +57,7 @@ impl<B: Backend> DeviceMlp<B> {
     }
 
     fn w_out(&self) -> Result<&Tensor<B>> {
-        self.w_out.as_ref().ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))
+        self.w_out.as_ref().ok_or_else(|| Error::Internal("an MLP block was uploaded without w_out".into()))
     }
 
     /// Runs a dense block on token rows.
@@ -69,7 +73,7 @@ impl<B: Backend> DeviceMlp<B> {
 
     /// Runs the expert stack on compact expert-major rows; `keep_pre` keeps the
     /// pre-activation for a backward pass.
-    pub fn grouped(&self, b: &B, xp: Tensor<B>, offsets: &Tensor<B>, keep_pre: bool) -> Result<ExpertActivations<B>> {
+    pub fn grouped(&self, b: &B, xp: Tensor<B>, offsets: &Offsets<B>, keep_pre: bool) -> Result<ExpertActivations<B>> {
         let w = MlpWeights {
             kind: self.kind,
             w_in: &self.w_in,
@@ -80,35 +84,6 @@ impl<B: Backend> DeviceMlp<B> {
         let out = b.grouped_mlp(&xp, offsets, &w, keep_pre)?;
         Ok(ExpertActivations { xp, pre_activation: out.pre, yp: out.y })
     }
-}
-
-/// Noise the caller supplies instead of drawing it (how golden cases replay the
-/// references' draws). Shapes: jitter `[S, M]`, gumbel `[S, E]`, rts `[S, E]`.
-#[derive(Clone, Debug, Default)]
-pub struct NoiseOverrides {
-    /// Multiplicative gate-input jitter.
-    pub jitter: Option<HostTensor>,
-    /// Gumbel noise on the logits.
-    pub gumbel: Option<HostTensor>,
-    /// Random-token-selection priorities.
-    pub rts: Option<HostTensor>,
-}
-
-/// Per-call options of a forward.
-#[derive(Clone, Debug, Default)]
-pub struct ForwardOptions {
-    /// Training or evaluation.
-    pub mode: Mode,
-    /// Seed of the Philox draws (jitter, Gumbel, RTS).
-    pub seed: u64,
-    /// Explicit noise, replacing the Philox draws where given.
-    pub noise: NoiseOverrides,
-    /// DeepSpeed `used_token` mask `[S]` (top-1 only, as in DeepSpeed).
-    pub used_token: Option<HostTensor>,
-    /// Keep the expert pre-activations in [`LayerOutput::experts`] for a backward pass.
-    /// Off for inference: the fused expert path then never writes the `[S·k, N]`
-    /// intermediate to memory.
-    pub keep_activations: bool,
 }
 
 /// Everything a forward produced. Tensors stay on the device.
@@ -189,11 +164,11 @@ impl<B: Backend> MoeLayer<B> {
         rank: usize,
         placement: crate::parallel::Placement,
     ) -> Result<Self> {
-        let ranks = placement.phy2log.len() / placement.slots_per_rank.max(1);
-        if placement.replicas.len() != spec.num_experts {
+        let ranks = placement.ranks();
+        if placement.replicas().len() != spec.num_experts {
             return Err(Error::config(
                 "placement",
-                format!("plan for {} experts, layer has {}", placement.replicas.len(), spec.num_experts),
+                format!("plan for {} experts, layer has {}", placement.replicas().len(), spec.num_experts),
             ));
         }
         let layout = crate::parallel::EpLayout { rank, size: ranks, num_experts: spec.num_experts };
@@ -214,8 +189,14 @@ impl<B: Backend> MoeLayer<B> {
         spec.validate()?;
         weights.validate(&spec)?;
         if !backend.capabilities().storage_dtypes.contains(&dtype) {
-            return Err(Error::Unsupported { backend: backend.name().into(), what: format!("{dtype} weights") });
+            return Err(Error::unsupported(backend.name(), format!("{dtype} weights")));
         }
+        let local_experts = match (&placement, ep) {
+            (Some(p), Some(l)) => p.local(l.rank).len(),
+            (None, Some(l)) => l.per_rank(),
+            _ => spec.num_experts,
+        };
+        check_memory(backend, &spec, local_experts, dtype)?;
         let local = match (&placement, ep) {
             (Some(p), Some(l)) => weights.experts.gather_experts(p.local(l.rank))?,
             (None, Some(l)) => weights.experts.slice_experts(l.local())?,
@@ -253,6 +234,7 @@ impl<B: Backend> MoeLayer<B> {
         if shape.len() < 2 || shape.len() > 3 || shape[shape.len() - 1] != m {
             return Err(Error::shape("x", format!("[tokens, {m}] or [batch, seq, {m}]"), &shape));
         }
+        x.expect_dtype("x", DType::F32)?;
         let s: usize = shape[..shape.len() - 1].iter().product();
         let seq = shape[shape.len() - 2];
         Ok(Flat { x: x.reshape(&[s, m])?, s, m, seq, shape })
@@ -275,16 +257,35 @@ impl<B: Backend> MoeLayer<B> {
     }
 
     /// Forward of `x` shaped `[S, M]` or `[B, T, M]` (Switch counts capacity per row of B).
-    pub fn forward(&self, b: &B, x: &Tensor<B>, opts: &ForwardOptions) -> Result<LayerOutput<B>> {
+    pub fn forward(&self, b: &B, x: &Tensor<B>, opts: &LayerOptions) -> Result<LayerOutput<B>> {
         if self.ep.is_some_and(|l| l.size > 1) {
-            return Err(Error::Invalid("this layer holds one rank's experts: run it with forward_ep".into()));
+            return Err(Error::Misuse("this layer holds one rank's experts: run it with forward_ep".into()));
         }
         let Flat { x: x2, seq, shape, .. } = self.flatten_input(x)?;
-        let gate = self.gate.forward(b, &x2, seq, opts)?;
+        let gate = self.gate.forward(b, &x2, seq, &opts.gate)?;
         let xp = b.permute(&x2, &gate.plan)?;
         let acts = self.experts.grouped(b, xp, &gate.plan.offsets, opts.keep_activations)?;
         let y = b.combine(&acts.yp, &gate.plan)?;
         let y = self.add_dense_parts(b, &x2, y)?;
         Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts: acts })
     }
+}
+
+/// Refuses a layer whose weights (`local` of its experts, in `dtype`) need more memory
+/// than the backend has free, before anything is uploaded.
+fn check_memory<B: Backend>(b: &B, spec: &LayerSpec, local: usize, dtype: DType) -> Result<()> {
+    let Some(free) = b.available_memory() else { return Ok(()) };
+    let all = spec.weight_count()?;
+    let per_expert = spec.expert.kind.first_rows(spec.expert.ffn, spec.hidden).unwrap_or(0) as u64 * spec.hidden as u64
+        + if matches!(spec.expert.kind, ExpertKind::Linear) { 0 } else { (spec.hidden * spec.expert.ffn) as u64 };
+    let elems = all.saturating_sub(per_expert.saturating_mul(spec.num_experts.saturating_sub(local) as u64));
+    let need = elems.saturating_mul(dtype.size() as u64);
+    if need > free {
+        return Err(Error::too_large(
+            format!("the layer's weights ({local} of {} experts in {dtype})", spec.num_experts),
+            human_bytes(need),
+            format!("the {} free on {} ({})", human_bytes(free), b.name(), b.capabilities().device),
+        ));
+    }
+    Ok(())
 }

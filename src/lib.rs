@@ -5,25 +5,38 @@
 //! importers for DeepSpeed and HF transformers configurations and checkpoints, and a runner
 //! for golden reference cases.
 //!
-//! Backends live in their own crates (`moe-cpu`, ...); this crate depends on none of them.
+//! Backends live in their own crates (`moe-cpu`, `moe-wgpu`, `moe-cuda`); this crate
+//! depends on none of them. Every op enters through one front door on the trait that
+//! checks its operands ([`ops`]) and encodes its kernel parameters ([`kernel_abi`]) once.
 
 pub mod backend;
 pub mod config;
+pub mod device_tensor;
 pub mod error;
+pub mod expert;
 pub mod gate;
 pub mod golden;
 pub mod import;
+pub mod kernel_abi;
 pub mod layer;
 pub mod losses;
+pub mod memory;
+pub mod ops;
+pub mod options;
 pub mod parallel;
 pub mod parity;
 pub mod philox;
+pub mod report;
 pub mod stack;
 pub mod tensor;
 pub mod weights;
 
-pub use backend::{Backend, Capabilities, Tensor};
+pub use backend::{Backend, Capabilities};
 pub use config::{GateSpec, LayerSpec, Mode};
-pub use error::{Error, Result};
-pub use layer::{ForwardOptions, LayerOutput, MoeLayer, Report};
+pub use device_tensor::{DeviceBuffer, Tensor};
+pub use error::{Error, ErrorKind, Result};
+pub use expert::{Activation, ExpertKind};
+pub use layer::{LayerOutput, MoeLayer};
+pub use options::{GateOptions, LayerOptions, NoiseOverrides};
+pub use report::Report;
 pub use tensor::{DType, HostTensor};

@@ -2,9 +2,9 @@
 //! 2022: residual MoE, with more experts in the deeper layers), random weights from the
 //! Philox generator, used by the README's first command.
 
-use crate::backend::Activation;
-use crate::config::{DeepSpeedGate, ExpertKind, ExpertSpec, GateSpec, LayerSpec};
+use crate::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec};
 use crate::error::Result;
+use crate::expert::{Activation, ExpertKind};
 use crate::philox;
 use crate::tensor::HostTensor;
 use crate::weights::{HostLayerWeights, HostMlp};
@@ -51,7 +51,7 @@ pub fn specs(shape: &PrMoeShape) -> Vec<LayerSpec> {
 }
 
 fn rand(shape: &[usize], seed: u64, stream: u32, scale: f32) -> Result<HostTensor> {
-    let n: usize = shape.iter().product();
+    let n = crate::tensor::numel("random weight", shape)?;
     let v = philox::noise(philox::NoiseKind::Uniform, seed, stream, n)
         .into_iter()
         .map(|u| (2.0 * u - 1.0) * scale)
@@ -60,18 +60,18 @@ fn rand(shape: &[usize], seed: u64, stream: u32, scale: f32) -> Result<HostTenso
 }
 
 /// Random weights for one layer spec (uniform ±1/√fan_in, like PyTorch's default init).
+/// The spec is validated first, and the host must have room for the f32 values.
 pub fn random_weights(spec: &LayerSpec, seed: u64) -> Result<HostLayerWeights> {
+    spec.validate()?;
+    let bytes = spec.weight_count()?.saturating_mul(4);
+    crate::memory::check_host("the layer's random f32 weights", bytes)?;
     let (m, f, e) = (spec.hidden, spec.expert.ffn, spec.num_experts);
     let mut stream = 0u32;
     let mut next = |shape: &[usize], fan_in: usize| {
         stream += 1;
         rand(shape, seed, stream, 1.0 / (fan_in as f32).sqrt())
     };
-    let n_in = match spec.expert.kind {
-        ExpertKind::Linear => m,
-        ExpertKind::Mlp { .. } => f,
-        ExpertKind::Glu { .. } => 2 * f,
-    };
+    let n_in = spec.expert.kind.first_rows(f, m).ok_or_else(|| crate::Error::config("ffn", "2 · ffn overflows"))?;
     let mut mlp = |n: usize| -> Result<HostMlp> {
         let linear = matches!(spec.expert.kind, ExpertKind::Linear);
         Ok(HostMlp {

@@ -1,8 +1,9 @@
 //! Host-side weights of a layer in the engine's layout (stacked per expert, `[out, in]`
 //! matrices), produced by the importers and uploaded once by [`crate::layer::MoeLayer::new`].
 
-use crate::config::{ExpertKind, ExpertSpec, LayerSpec};
+use crate::config::{ExpertSpec, LayerSpec};
 use crate::error::{Error, Result};
+use crate::expert::ExpertKind;
 use crate::tensor::HostTensor;
 
 /// One MLP block (an expert stack with E matrices, or a dense MLP with E = 1).
@@ -30,17 +31,17 @@ impl HostMlp {
     /// The stack of experts `ids`, in that order (an expert may repeat: replicas).
     pub fn gather_experts(&self, ids: &[usize]) -> Result<HostMlp> {
         let cut = |t: &HostTensor| -> Result<HostTensor> {
-            let e = *t.shape.first().unwrap_or(&0);
+            let e = *t.shape().first().unwrap_or(&0);
             if let Some(&bad) = ids.iter().find(|&&i| i >= e) {
                 return Err(Error::shape(
                     "expert stack",
                     format!("expert {bad} of at least {} experts", bad + 1),
-                    &t.shape,
+                    t.shape(),
                 ));
             }
-            let per: usize = t.shape[1..].iter().product();
+            let per: usize = t.shape()[1..].iter().product();
             let v = t.as_f32("expert stack")?;
-            let mut shape = t.shape.clone();
+            let mut shape = t.shape().to_vec();
             shape[0] = ids.len();
             HostTensor::f32(&shape, ids.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect())
         };
@@ -52,13 +53,25 @@ impl HostMlp {
         })
     }
 
-    /// Checks the shapes against the expert spec; `what` prefixes tensor names in errors.
+    /// Checks the shapes against the expert spec and that every value is finite; `what`
+    /// prefixes tensor names in errors.
     pub fn validate(&self, what: &str, spec: &ExpertSpec, experts: usize, hidden: usize) -> Result<()> {
-        let n_in = match spec.kind {
-            ExpertKind::Linear => hidden,
-            ExpertKind::Mlp { .. } => spec.ffn,
-            ExpertKind::Glu { .. } => 2 * spec.ffn,
-        };
+        let n_in = spec
+            .kind
+            .first_rows(spec.ffn, hidden)
+            .ok_or_else(|| Error::config(format!("{what}.ffn_hidden"), format!("2 · {} overflows", spec.ffn)))?;
+        for (name, t) in [
+            ("w_in", Some(&self.w_in)),
+            ("b_in", self.b_in.as_ref()),
+            ("w_out", self.w_out.as_ref()),
+            ("b_out", self.b_out.as_ref()),
+        ] {
+            if let Some(t) = t {
+                let name = format!("{what}.{name}");
+                t.as_f32(&name)?;
+                t.check_finite(&name)?;
+            }
+        }
         self.w_in.expect_shape(&format!("{what}.w_in"), &[experts, n_in, hidden])?;
         check_opt(&self.b_in, spec.bias, &format!("{what}.b_in"), &[experts, n_in])?;
         match spec.kind {
@@ -104,10 +117,22 @@ pub struct HostLayerWeights {
 }
 
 impl HostLayerWeights {
-    /// Checks every tensor's presence and shape against the spec.
+    /// Checks every tensor's presence, shape and finiteness against the spec.
     pub fn validate(&self, spec: &LayerSpec) -> Result<()> {
         let (e, m) = (spec.num_experts, spec.hidden);
         self.gate.expect_shape("gate.weight", &[e, m])?;
+        for (name, t) in [
+            ("gate.weight", Some(&self.gate)),
+            ("gate.e_score_correction_bias", self.gate_bias.as_ref()),
+            ("coefficient.weight", self.residual.as_ref().map(|r| &r.1)),
+            ("coefficient.bias", self.residual.as_ref().map(|r| &r.2)),
+            ("shared_expert_gate.weight", self.shared.as_ref().and_then(|s| s.1.as_ref())),
+        ] {
+            if let Some(t) = t {
+                t.as_f32(name)?;
+                t.check_finite(name)?;
+            }
+        }
         self.experts.validate("experts", &spec.expert, e, m)?;
         let needs_bias = matches!(spec.gate, crate::config::GateSpec::DeepSeekV3 { .. });
         match (&self.gate_bias, needs_bias) {

@@ -2,33 +2,17 @@
 //! `Gate`, checked against the DeepSpeed `sharded_moe.py` rules (see SEMANTICS.md). Every
 //! expected value is worked out by hand in the comments next to it.
 
+mod common;
+
+use common::{f32s, i32s, softmax, up_f32};
 use moe_cpu::CpuBackend;
-use moe_engine::backend::{CapacityRule, Choice, GroupScore, KeepPolicy, Plan, PlanSpec, RouteSpec, Routes, ScoreFn};
 use moe_engine::config::{DeepSpeedGate, GateSpec, Mode, NoisyGatePolicy};
 use moe_engine::gate::{Gate, GateOutput};
-use moe_engine::layer::{ForwardOptions, NoiseOverrides};
-use moe_engine::{Backend, Error, HostTensor, Tensor};
-
-type T = Tensor<CpuBackend>;
+use moe_engine::ops::{CapacityRule, Choice, GroupScore, KeepPolicy, Plan, PlanSpec, RouteSpec, Routes, ScoreFn};
+use moe_engine::{Backend, Error, GateOptions, HostTensor, NoiseOverrides};
 
 fn be() -> CpuBackend {
-    CpuBackend::new(Some(1)).expect("cpu backend")
-}
-
-fn up_f32(b: &CpuBackend, shape: &[usize], v: Vec<f32>) -> T {
-    b.upload(&HostTensor::f32(shape, v).expect("host tensor")).expect("upload")
-}
-
-fn up_i32(b: &CpuBackend, shape: &[usize], v: Vec<i32>) -> T {
-    b.upload(&HostTensor::i32(shape, v).expect("host tensor")).expect("upload")
-}
-
-fn f32s(b: &CpuBackend, t: &T) -> Vec<f32> {
-    b.download(t).expect("download").as_f32("t").expect("f32").to_vec()
-}
-
-fn i32s(b: &CpuBackend, t: &T) -> Vec<i32> {
-    b.download(t).expect("download").as_i32("t").expect("i32").to_vec()
+    common::cpu(1)
 }
 
 /// A plan downloaded to the host.
@@ -50,7 +34,7 @@ fn host_plan(b: &CpuBackend, p: &Plan<CpuBackend>) -> HostPlan {
         counts: i32s(b, &p.counts),
         first_counts: i32s(b, &p.first_counts),
         kept_counts: i32s(b, &p.kept_counts),
-        offsets: i32s(b, &p.offsets),
+        offsets: i32s(b, p.offsets.tensor()),
         slots: i32s(b, &p.slots),
         rows: i32s(b, &p.rows),
         weights: f32s(b, &p.weights),
@@ -77,11 +61,9 @@ fn hand_routes(
     experts: Vec<i32>,
     weights: Vec<f32>,
 ) -> Routes<CpuBackend> {
-    Routes {
-        experts: up_i32(b, &[s, k], experts),
-        weights: up_f32(b, &[s, k], weights),
-        scores: up_f32(b, &[s, e], vec![1.0 / e as f32; s * e]),
-    }
+    let t = |shape: &[usize], v| HostTensor::f32(shape, v).expect("host tensor");
+    let ex = HostTensor::i32(&[s, k], experts).expect("host tensor");
+    Routes::from_host(b, &ex, &t(&[s, k], weights), &t(&[s, e], vec![1.0 / e as f32; s * e])).expect("routes")
 }
 
 fn plan_spec<'a>(e: usize, capacity: CapacityRule, keep: KeepPolicy<'a, CpuBackend>) -> PlanSpec<'a, CpuBackend> {
@@ -97,13 +79,6 @@ macro_rules! ds_rule {
     ($factor:expr, $k_prime:expr, $min:expr) => {
         CapacityRule::DeepSpeed { factor: $factor, k_prime: $k_prime, min_capacity: $min }
     };
-}
-
-fn softmax(row: &[f64]) -> Vec<f64> {
-    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let ex: Vec<f64> = row.iter().map(|x| (x - m).exp()).collect();
-    let s: f64 = ex.iter().sum();
-    ex.iter().map(|x| x / s).collect()
 }
 
 fn close(a: f32, b: f64) -> bool {
@@ -129,7 +104,7 @@ fn gate_forward(
     s: usize,
     e: usize,
     x: Vec<f32>,
-    opts: &ForwardOptions,
+    opts: &GateOptions,
 ) -> GateOutput<CpuBackend> {
     let x = up_f32(b, &[s, e], x);
     gate.forward(b, &x, s, opts).expect("gate forward")
@@ -144,9 +119,13 @@ fn capacity_above_token_count_keeps_every_route() {
     let r = route(&b, 4, 2, vec![2.0, 0.0, 1.0, 0.0, 0.0, 3.0, 5.0, 1.0], &topk_spec(1));
     assert_eq!(i32s(&b, &r.experts), vec![0, 0, 1, 0]);
     // C = max(ceil(4 / 2 · 4.0 · 1), 0) = 8 > S = 4. DeepSpeed bounds the top-k selection
-    // by S, so every route is kept and the reported capacity stays 8.
-    let p = plan(&b, &r, &plan_spec(2, ds_rule!(4.0, 1, 0), KeepPolicy::TokenOrder));
-    assert_eq!(p.stats, vec![8, 0, 0, 0]);
+    // by S, so every route is kept and the reported capacity stays 8; the kernels take
+    // min(C, S·k) = 4, which keeps the same routes.
+    let spec = plan_spec(2, ds_rule!(4.0, 1, 0), KeepPolicy::TokenOrder);
+    let device_plan = b.plan(&r, &spec).expect("plan");
+    assert_eq!(device_plan.static_capacity(), Some(8));
+    let p = host_plan(&b, &device_plan);
+    assert_eq!(p.stats, vec![4, 0, 0, 0]);
     assert_eq!(p.counts, vec![3, 1]);
     assert_eq!(p.kept_counts, vec![3, 1]);
     // Slots in token order per expert: e0 gets tokens 0, 1, 3 → 0, 1, 2; e1 gets token 2 → 0.
@@ -156,7 +135,7 @@ fn capacity_above_token_count_keeps_every_route() {
     // The same with a priority policy (the DeepSpeed RTS path) must not drop anything either.
     let prio = up_f32(&b, &[4, 2], vec![0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6]);
     let p = plan(&b, &r, &plan_spec(2, ds_rule!(4.0, 1, 0), KeepPolicy::Priority(&prio)));
-    assert_eq!(p.stats, vec![8, 0, 0, 0]);
+    assert_eq!(p.stats, vec![4, 0, 0, 0]);
     assert_eq!(p.slots, vec![0, 1, 0, 2]);
 }
 
@@ -205,7 +184,7 @@ fn gate_uses_train_or_eval_capacity_factor() {
     let x: Vec<f32> = (0..8).flat_map(|_| [0.0, 0.0, 0.0, 1.0]).collect();
     // Train: C = ceil(8 / 4 · 2.0) = 4. Eval: C = ceil(8 / 4 · 0.5) = 1.
     for (mode, c) in [(Mode::Train, 4), (Mode::Eval, 1)] {
-        let out = gate_forward(&b, &gate, 8, 4, x.clone(), &ForwardOptions { mode, ..Default::default() });
+        let out = gate_forward(&b, &gate, 8, 4, x.clone(), &GateOptions { mode, ..Default::default() });
         let r = out.report(&b).unwrap();
         assert_eq!(r.capacity, c, "{mode:?}");
         assert_eq!(r.exp_counts, vec![0, 0, 0, 8]);
@@ -260,7 +239,7 @@ fn deepspeed_dropless_gates() {
     let g = DeepSpeedGate { k: 1, min_capacity: 0, drop_tokens: false, use_rts: false, ..Default::default() };
     let gate = identity_gate(&b, 3, g);
     let x: Vec<f32> = (0..5).flat_map(|_| [0.0, 0.0, 2.0]).collect();
-    let out = gate_forward(&b, &gate, 5, 3, x, &ForwardOptions::default());
+    let out = gate_forward(&b, &gate, 5, 3, x, &GateOptions::default());
     let r = out.report(&b).unwrap();
     assert_eq!((r.capacity, r.dropped_routes, r.dropped_tokens), (5, 0, 0));
     assert_eq!(r.exp_counts, vec![0, 0, 5]);
@@ -277,7 +256,7 @@ fn deepspeed_dropless_gates() {
     };
     let gate = identity_gate(&b, 3, g);
     let x = vec![3.0, 2.0, 0.0, 2.0, 3.0, 0.0, 3.0, 0.0, 2.0, 0.0, 2.0, 3.0];
-    let out = gate_forward(&b, &gate, 4, 3, x, &ForwardOptions::default());
+    let out = gate_forward(&b, &gate, 4, 3, x, &GateOptions::default());
     let r = out.report(&b).unwrap();
     assert_eq!(r.exp_counts, vec![3, 3, 2]);
     assert_eq!((r.capacity, r.dropped_routes, r.dropped_tokens), (3, 0, 0));
@@ -446,7 +425,7 @@ fn top2_gate_drops_second_choices_first() {
     };
     let gate = identity_gate(&b, 3, g);
     let x = vec![3.0, 2.0, 0.0, 2.0, 3.0, 0.0, 3.0, 0.0, 2.0, 0.0, 2.0, 3.0];
-    let out = gate_forward(&b, &gate, 4, 3, x, &ForwardOptions::default());
+    let out = gate_forward(&b, &gate, 4, 3, x, &GateOptions::default());
     let (idx, loc, gates) = out.sparse_routes(&b).unwrap();
     // [k, S] layout: first choices row, second choices row; dropped → −1, slot 0, gate 0.
     assert_eq!(idx.as_i32("idx").unwrap(), &[0, 1, 0, 2, 1, -1, 2, -1]);
@@ -490,7 +469,7 @@ fn rts_gate_keeps_the_highest_uniforms() {
     let gate = identity_gate(&b, 2, g);
     let x: Vec<f32> = (0..6).flat_map(|_| [0.0, 1.0]).collect();
     let rts = HostTensor::f32(&[6, 2], vec![0.9, 0.2, 0.9, 0.7, 0.9, 0.1, 0.9, 0.9, 0.9, 0.4, 0.9, 0.3]).unwrap();
-    let opts = ForwardOptions { noise: NoiseOverrides { rts: Some(rts), ..Default::default() }, ..Default::default() };
+    let opts = GateOptions { noise: NoiseOverrides { rts: Some(rts), ..Default::default() }, ..Default::default() };
     let out = gate_forward(&b, &gate, 6, 2, x, &opts);
     assert_eq!(i32s(&b, &out.plan.slots), vec![-1, 0, -1, 1, -1, -1]);
     let r = out.report(&b).unwrap();
@@ -524,7 +503,7 @@ fn used_token_masks_routes_without_counting_or_dropping_them() {
     // Through the DeepSpeed top-1 gate: exp_counts leave masked tokens out.
     let g = DeepSpeedGate { k: 1, min_capacity: 0, use_rts: false, ..Default::default() };
     let gate = identity_gate(&b, 2, g);
-    let opts = ForwardOptions {
+    let opts = GateOptions {
         used_token: Some(HostTensor::f32(&[4], vec![1.0, 0.0, 1.0, 0.0]).unwrap()),
         ..Default::default()
     };
@@ -563,7 +542,7 @@ fn switch_capacity_counts_per_group() {
     let gate = identity_gate_spec(&b, 2, GateSpec::Switch { expert_capacity: 1 });
     let x = vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0];
     let xt = up_f32(&b, &[6, 2], x);
-    let out = gate.forward(&b, &xt, 3, &ForwardOptions::default()).unwrap();
+    let out = gate.forward(&b, &xt, 3, &GateOptions::default()).unwrap();
     assert_eq!(i32s(&b, &out.plan.slots), vec![0, -1, 0, 0, 0, -1]);
     // The weight is the max probability: softmax([1, 0])₀ = 1 / (1 + e⁻¹).
     let hi = 1.0 / (1.0 + (-1f64).exp());
@@ -621,28 +600,17 @@ fn non_finite_logits_name_the_first_bad_token() {
     let g = DeepSpeedGate { k: 1, min_capacity: 0, use_rts: false, ..Default::default() };
     let gate = identity_gate(&b, 2, g);
     let x = up_f32(&b, &[3, 2], vec![0.0, 1.0, 1.0, 0.0, f32::NAN, 1.0]);
-    match gate.forward(&b, &x, 3, &ForwardOptions::default()).err() {
+    match gate.forward(&b, &x, 3, &GateOptions::default()).err() {
         Some(Error::NonFiniteLogits { token, .. }) => assert_eq!(token, 2),
         other => panic!("expected NonFiniteLogits, got {:?}", other.map(|e| e.to_string())),
     }
-}
-
-/// A small deterministic generator for larger cases.
-fn lcg(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect()
 }
 
 #[test]
 fn compact_rows_are_an_expert_major_permutation() {
     let b = be();
     let (s, e, k) = (37, 5, 2);
-    let logits = lcg(11, s * e);
+    let logits = common::lcg(11, s * e, 2.0);
     let r = route(&b, s, e, logits, &topk_spec(k));
     let ex = i32s(&b, &r.experts);
     for (name, rule, keep) in [
@@ -684,18 +652,18 @@ fn deepspeed_top1_needs_tokens_at_least_min_capacity() {
     let gate = identity_gate(&b, 2, g);
     // S = 3 < min_capacity = 4: DeepSpeed asserts; the engine errors.
     let x = up_f32(&b, &[3, 2], vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
-    match gate.forward(&b, &x, 3, &ForwardOptions::default()).err() {
-        Some(e @ Error::Invalid(_)) => assert!(e.to_string().contains("min_capacity"), "{e}"),
-        other => panic!("expected Error::Invalid, got {:?}", other.map(|e| e.to_string())),
+    match gate.forward(&b, &x, 3, &GateOptions::default()).err() {
+        Some(e @ Error::Precondition(_)) => assert!(e.to_string().contains("min_capacity"), "{e}"),
+        other => panic!("expected Error::Precondition, got {:?}", other.map(|e| e.to_string())),
     }
     // The check holds for dropless gates too (DeepSpeed asserts before the drop step).
     let g = DeepSpeedGate { k: 1, min_capacity: 4, drop_tokens: false, use_rts: false, ..Default::default() };
     let gate = identity_gate(&b, 2, g);
-    assert!(matches!(gate.forward(&b, &x, 3, &ForwardOptions::default()).err(), Some(Error::Invalid(_))));
+    assert!(matches!(gate.forward(&b, &x, 3, &GateOptions::default()).err(), Some(Error::Precondition(_))));
     // S = min_capacity = 4 is fine: C = max(ceil(4 / 2 · 1), 4) = 4.
     let g = DeepSpeedGate { k: 1, min_capacity: 4, use_rts: false, ..Default::default() };
     let gate = identity_gate(&b, 2, g);
-    let out = gate_forward(&b, &gate, 4, 2, vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], &ForwardOptions::default());
+    let out = gate_forward(&b, &gate, 4, 2, vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], &GateOptions::default());
     assert_eq!(out.report(&b).unwrap().capacity, 4);
 }
 
@@ -706,7 +674,7 @@ fn rsample_has_no_effect_beyond_top1() {
     // RSample routes exactly like one without a policy (same seed, so the same second-expert
     // Gumbel draws).
     let x: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.5).collect();
-    let opts = ForwardOptions { mode: Mode::Train, seed: 17, ..Default::default() };
+    let opts = GateOptions { mode: Mode::Train, seed: 17, ..Default::default() };
     let mut outs = Vec::new();
     for policy in [None, Some(NoisyGatePolicy::RSample)] {
         let g = DeepSpeedGate { k: 2, min_capacity: 0, noisy_gate_policy: policy, ..Default::default() };
@@ -727,7 +695,7 @@ fn rsample_has_no_effect_beyond_top1() {
     };
     let gate = identity_gate(&b, 4, g);
     let gumbel = HostTensor::f32(&[6, 4], (0..24).map(|i| if i % 4 == 2 { 100.0 } else { 0.0 }).collect()).unwrap();
-    let opts = ForwardOptions {
+    let opts = GateOptions {
         mode: Mode::Train,
         noise: NoiseOverrides { gumbel: Some(gumbel), ..Default::default() },
         ..Default::default()

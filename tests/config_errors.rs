@@ -2,12 +2,11 @@
 //! reject bad values with an `Error::Config` whose field (and Display text) names the
 //! offending field.
 
-use moe_engine::backend::Activation;
 use moe_engine::config::{
-    DeepSeekV2Method, DeepSpeedGate, DropPolicy, ExpertKind, ExpertSpec, GateSpec, LayerSpec, NoisyGatePolicy,
-    SharedSpec,
+    DeepSeekV2Method, DeepSpeedGate, DropPolicy, ExpertSpec, GateSpec, LayerSpec, NoisyGatePolicy, SharedSpec,
 };
 use moe_engine::import::{deepspeed, hf};
+use moe_engine::{Activation, ExpertKind};
 use moe_engine::{Error, Result};
 use serde_json::{json, Value};
 

@@ -3,12 +3,12 @@
 //! layouts) against the single-rank forward, DeepSpeed's divisibility rule, and faults
 //! (a rank that stops or errors makes its peers fail within the timeout, never hang).
 
+mod common;
+
 use moe_cpu::CpuBackend;
-use moe_engine::backend::Activation;
-use moe_engine::config::{DeepSpeedGate, ExpertKind, ExpertSpec, GateSpec, LayerSpec, Mode};
-use moe_engine::parallel::{in_process, Communicator, EpLayout, TokenLayout};
-use moe_engine::{golden, stack, Backend, DType, Error, ForwardOptions, HostTensor, MoeLayer};
-use std::path::Path;
+use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec, Mode};
+use moe_engine::parallel::{in_process, Communicator, EpLayout, Placement, TokenLayout};
+use moe_engine::{golden, stack, Activation, Backend, DType, Error, ExpertKind, HostTensor, LayerOptions, MoeLayer};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -36,7 +36,7 @@ fn collectives_move_variable_sized_data_between_ranks() {
 
 #[test]
 fn golden_cases_pass_on_two_and_four_ranks() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let root = common::golden_dir();
     for n in [2, 4] {
         for dir in golden::discover(&root).unwrap() {
             let rs = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &dir, n, 0, Duration::from_secs(60))
@@ -74,7 +74,7 @@ fn data_parallel_shards_match_single_rank_runs_on_each_shard() {
     let g = GateSpec::DeepSpeed(DeepSpeedGate { k: 2, use_rts: false, min_capacity: 2, ..Default::default() });
     let spec = spec(6, g);
     let weights = stack::random_weights(&spec, 3).unwrap();
-    let opts = ForwardOptions { mode: Mode::Eval, ..Default::default() };
+    let opts = LayerOptions::mode(Mode::Eval);
     let shards: Vec<HostTensor> = (0..3).map(|r| tokens(10 + r, 24, r as u32)).collect();
     let comms = in_process(3, Duration::from_secs(30));
     std::thread::scope(|s| {
@@ -100,7 +100,7 @@ fn expert_count_not_divisible_by_ranks_is_a_config_error() {
     let err = EpLayout::new(8, 0, 3).unwrap_err();
     assert!(matches!(err, Error::Config { ref field, .. } if field == "ep_size"), "{err}");
     assert!(err.to_string().contains("divide"), "{err}");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/22_hf_mixtral");
+    let root = common::golden_dir().join("22_hf_mixtral");
     let err = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &root, 3, 0, Duration::from_secs(5)).unwrap_err();
     assert!(err.to_string().contains("ep_size"), "{err}");
 }
@@ -128,7 +128,7 @@ fn a_rank_that_stops_or_errors_makes_the_others_fail_within_the_timeout() {
                         }
                         // Rank 3 "errors": a wrong input shape fails before any collective.
                         let x = b.upload(&tokens(8, if rows == 7 { 23 } else { 24 }, 1))?;
-                        layer.forward_ep(&b, &x, &ForwardOptions::default(), &c, TokenLayout::Replicated).map(|_| ())
+                        layer.forward_ep(&b, &x, &LayerOptions::default(), &c, TokenLayout::Replicated).map(|_| ())
                     })
                 })
                 .collect();
@@ -171,7 +171,7 @@ fn hierarchical_exchange_on_two_nodes_of_four_equals_the_flat_one() {
 
 #[test]
 fn golden_cases_pass_with_hierarchical_exchange_on_two_nodes_of_two() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let root = common::golden_dir();
     for dir in golden::discover(&root).unwrap() {
         let rs = golden::run_case_ep(|_| CpuBackend::new(Some(1)), &dir, 4, 2, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -181,13 +181,13 @@ fn golden_cases_pass_with_hierarchical_exchange_on_two_nodes_of_two() {
 
 #[test]
 fn a_layer_placed_by_eplb_with_replicas_matches_the_single_rank_forward() {
-    use moe_engine::parallel::{rebalance_experts, Placement};
+    use moe_engine::parallel::rebalance_experts;
     let spec = spec(8, GateSpec::SoftmaxTopK { k: 2, normalize: true });
     let weights = stack::random_weights(&spec, 21).unwrap();
     let b = CpuBackend::new(Some(1)).unwrap();
     let x = tokens(40, 24, 7);
     let single = MoeLayer::new(&b, spec.clone(), &weights, DType::F32).unwrap();
-    let out = single.forward(&b, &b.upload(&x).unwrap(), &ForwardOptions::default()).unwrap();
+    let out = single.forward(&b, &b.upload(&x).unwrap(), &LayerOptions::default()).unwrap();
     let want = b.download(&out.y).unwrap().to_f64();
     // Observed loads → 12 slots over 4 ranks (4 replicas of the hottest experts), 2 nodes.
     let loads: Vec<f64> = out.report(&b).unwrap().exp_counts.iter().map(|&c| c as f64).collect();
@@ -202,7 +202,7 @@ fn a_layer_placed_by_eplb_with_replicas_matches_the_single_rank_forward() {
                 let placement = Placement::from_plan(plan, 0, 4).unwrap();
                 let layer = MoeLayer::new_ep_placed(&b, spec, weights, DType::F32, c.rank(), placement).unwrap();
                 let y = layer
-                    .forward_ep(&b, &b.upload(&x).unwrap(), &ForwardOptions::default(), &c, TokenLayout::Replicated)
+                    .forward_ep(&b, &b.upload(&x).unwrap(), &LayerOptions::default(), &c, TokenLayout::Replicated)
                     .unwrap()
                     .y;
                 let err = golden::rel_l2(&b.download(&y).unwrap().to_f64(), want);
@@ -237,4 +237,48 @@ fn deepspeed_expert_and_expert_data_parallel_groups_by_split() {
             });
         }
     });
+}
+
+#[test]
+fn a_panicking_rank_is_an_error_of_that_rank_not_a_panic() {
+    let dir = common::golden_dir().join("22_hf_mixtral");
+    let make = |rank: usize| -> moe_engine::Result<CpuBackend> {
+        if rank == 1 {
+            panic!("backend factory of rank 1 failed");
+        }
+        CpuBackend::new(Some(1))
+    };
+    let start = Instant::now();
+    let err = golden::run_case_ep(make, &dir, 2, 0, Duration::from_millis(500)).unwrap_err();
+    // The cause is named (not the peer's timeout waiting for it), and the peer gave up
+    // within its timeout instead of hanging.
+    assert!(matches!(err, Error::Internal(_)), "{err}");
+    assert!(err.to_string().contains("rank 1") && err.to_string().contains("factory"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+}
+
+#[test]
+fn a_placement_with_an_expert_without_a_slot_is_refused() {
+    // Expert 2 of 3 has no slot: routes to it would divide by zero replicas.
+    let err = Placement::new(vec![0, 1, 0, 1], 2, 3).unwrap_err();
+    assert!(err.to_string().contains("expert 2 has no slot"), "{err}");
+    // A slot naming an expert past the layer's.
+    let err = Placement::new(vec![0, 1, 5, 2], 2, 3).unwrap_err();
+    assert!(err.to_string().contains("expert 5"), "{err}");
+    // Slots that do not split over the ranks.
+    assert!(Placement::new(vec![0, 1, 2], 2, 3).is_err());
+    assert!(Placement::new(vec![0, 1, 2, 0], 0, 3).is_err());
+    let p = Placement::new(vec![0, 1, 2, 0], 2, 3).unwrap();
+    assert_eq!((p.ranks(), p.local(1), p.replicas()[0].clone()), (2, &[2usize, 0][..], vec![0, 3]));
+}
+
+#[test]
+fn non_finite_eplb_loads_are_refused_naming_the_expert() {
+    use moe_engine::parallel::rebalance_experts;
+    for bad in [f64::NAN, f64::INFINITY, -1.0, 1e300] {
+        let mut loads: Vec<f64> = (0..30).map(|i| i as f64).collect();
+        loads[17] = bad;
+        let err = rebalance_experts(&[loads], 32, 1, 1, 4).unwrap_err();
+        assert!(err.to_string().contains("expert 17"), "{bad}: {err}");
+    }
 }

@@ -2,14 +2,13 @@
 //! the model's full tensor names, as downloaded from a hub.
 
 use moe_engine::import::{hf, save_safetensors, Checkpoint};
-use moe_engine::{stack, Backend, DType, ForwardOptions, HostTensor, MoeLayer};
+use moe_engine::{stack, Backend, DType, HostTensor, LayerOptions, MoeLayer};
 use std::collections::BTreeMap;
 
+mod common;
+
 fn tmpdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("moe-engine-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    common::tmp_dir("hf_model_dir", tag)
 }
 
 fn f32t(shape: &[usize], seed: u64) -> HostTensor {
@@ -60,7 +59,7 @@ fn mixtral_block_loads_from_sharded_model_folder() {
     let cpu = moe_cpu::CpuBackend::new(Some(1)).expect("cpu");
     let layer = MoeLayer::new(&cpu, spec, &w, DType::F32).expect("layer");
     let x = cpu.upload(&f32t(&[5, 16], 9)).expect("upload");
-    let out = layer.forward(&cpu, &x, &ForwardOptions::default()).expect("forward");
+    let out = layer.forward(&cpu, &x, &LayerOptions::default()).expect("forward");
     assert_eq!(out.report(&cpu).expect("report").exp_counts.iter().sum::<i64>(), 10);
 
     // A layer without an MoE block is a clear error naming the missing prefix.

@@ -4,60 +4,21 @@
 //! the per-expert hub layout, transformers-5's fused layout and Mixtral's w1/w3/w2 names
 //! give the same layer; a DeepSpeed residual state dict matches a hand-computed forward.
 
+mod common;
+
+use common::{f32_entry, lcg, matvec, rel_l2, softmax, write_st, Entry};
 use moe_cpu::CpuBackend;
 use moe_engine::import::{deepspeed, hf, Checkpoint};
-use moe_engine::layer::ForwardOptions;
-use moe_engine::{Backend, DType, Error, HostTensor, LayerSpec, MoeLayer};
-use safetensors::tensor::TensorView;
+use moe_engine::{Backend, DType, Error, HostTensor, LayerOptions, LayerSpec, MoeLayer};
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 // ------------------------------------------------------------------------------ helpers
 
-/// A fresh directory for one test under cargo's per-target temp dir.
+/// A fresh directory for one test.
 fn tmp_dir(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("import_errors").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// One tensor to write: name, dtype, shape, little-endian bytes.
-struct Entry {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-fn f32_entry(name: &str, shape: &[usize], v: &[f32]) -> Entry {
-    assert_eq!(v.len(), shape.iter().product::<usize>(), "{name}");
-    Entry {
-        name: name.into(),
-        dtype: Dtype::F32,
-        shape: shape.to_vec(),
-        bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
-}
-
-fn write_st(path: &Path, entries: &[Entry]) {
-    let views: Vec<(String, TensorView<'_>)> = entries
-        .iter()
-        .map(|e| (e.name.clone(), TensorView::new(e.dtype, e.shape.clone(), &e.bytes).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
-/// Deterministic values in [-scale, scale).
-fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(12345);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-        })
-        .collect()
+    common::tmp_dir("import_errors", name)
 }
 
 fn be() -> CpuBackend {
@@ -68,40 +29,12 @@ fn forward(b: &CpuBackend, spec: &LayerSpec, w: &moe_engine::weights::HostLayerW
     let layer = MoeLayer::new(b, spec.clone(), w, DType::F32).unwrap();
     let s = x.len() / spec.hidden;
     let xt = b.upload(&HostTensor::f32(&[s, spec.hidden], x.to_vec()).unwrap()).unwrap();
-    let out = layer.forward(b, &xt, &ForwardOptions::default()).unwrap();
+    let out = layer.forward(b, &xt, &LayerOptions::default()).unwrap();
     b.download(&out.y).unwrap().into_f32("y").unwrap()
-}
-
-fn rel_l2(a: &[f32], r: &[f64]) -> f64 {
-    assert_eq!(a.len(), r.len());
-    let num: f64 = a.iter().zip(r).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
-    let den: f64 = r.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
 }
 
 fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
-}
-
-fn softmax(row: &[f64]) -> Vec<f64> {
-    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = row.iter().map(|x| (x - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|x| x / s).collect()
-}
-
-/// `w [out, in] · x (+ b)` in f64.
-fn matvec(w: &[f32], b: Option<&[f32]>, x: &[f64], out: usize) -> Vec<f64> {
-    let inn = x.len();
-    (0..out)
-        .map(|o| {
-            let mut acc = b.map_or(0.0, |b| b[o] as f64);
-            for i in 0..inn {
-                acc += w[o * inn + i] as f64 * x[i];
-            }
-            acc
-        })
-        .collect()
 }
 
 // ------------------------------------------------------------------------------ qwen3 / mixtral
@@ -481,7 +414,7 @@ fn half_precision_tensors_convert_to_f32() {
     );
     let ck = Checkpoint::load(&path).unwrap();
     let h = ck.get("h").unwrap();
-    assert_eq!((h.dtype(), h.shape.as_slice()), (DType::F32, &[2usize, 3][..]));
+    assert_eq!((h.dtype(), h.shape()), (DType::F32, &[2usize, 3][..]));
     assert_eq!(h.as_f32("h").unwrap(), &f16_vals);
     let bt = ck.get("b").unwrap();
     assert_eq!(bt.dtype(), DType::F32);
@@ -518,7 +451,7 @@ fn integer_tensors_convert_to_i32() {
     );
     let ck = Checkpoint::load(&path).unwrap();
     let t = ck.get("outputs.expert_idx").unwrap();
-    assert_eq!((t.dtype(), t.shape.as_slice()), (DType::I32, &[2usize, 3][..]));
+    assert_eq!((t.dtype(), t.shape()), (DType::I32, &[2usize, 3][..]));
     assert_eq!(t.as_i32("idx").unwrap(), &[0, -5, 7, i32::MAX, i32::MIN, 3]);
     assert_eq!(ck.get("i").unwrap().as_i32("i").unwrap(), &i32_vals);
     // An int64 that does not fit int32 is a checkpoint error naming the tensor, not a wrap.

@@ -2,31 +2,18 @@
 //! reference, determinism, Philox noise behaviour, the DeepSpeed residual mix and the
 //! dropped-token count of the report.
 
+mod common;
+
+use common::{ht, i32s, lcg, rel_l2, softmax};
 use moe_cpu::CpuBackend;
-use moe_engine::backend::Activation;
-use moe_engine::config::{DeepSpeedGate, ExpertKind, ExpertSpec, GateSpec, LayerSpec, Mode, NoisyGatePolicy};
-use moe_engine::layer::{ForwardOptions, LayerOutput};
+use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec, Mode, NoisyGatePolicy};
+use moe_engine::layer::LayerOutput;
 use moe_engine::philox::{self, streams, NoiseKind};
 use moe_engine::weights::{HostLayerWeights, HostMlp};
-use moe_engine::{Backend, DType, HostTensor, MoeLayer};
+use moe_engine::{Activation, Backend, DType, ExpertKind, GateOptions, LayerOptions, MoeLayer};
 
 fn be(threads: usize) -> CpuBackend {
-    CpuBackend::new(Some(threads)).expect("cpu backend")
-}
-
-/// Deterministic values in [-scale, scale).
-fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(777);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-fn ht(shape: &[usize], v: Vec<f32>) -> HostTensor {
-    HostTensor::f32(shape, v).expect("host tensor")
+    common::cpu(threads)
 }
 
 fn run(
@@ -35,7 +22,7 @@ fn run(
     s: usize,
     m: usize,
     x: &[f32],
-    opts: &ForwardOptions,
+    opts: &LayerOptions,
 ) -> LayerOutput<CpuBackend> {
     let xt = b.upload(&ht(&[s, m], x.to_vec())).unwrap();
     layer.forward(b, &xt, opts).expect("forward")
@@ -45,28 +32,9 @@ fn y_of(b: &CpuBackend, out: &LayerOutput<CpuBackend>) -> Vec<f32> {
     b.download(&out.y).unwrap().into_f32("y").unwrap()
 }
 
-fn i32s(b: &CpuBackend, t: &moe_engine::Tensor<CpuBackend>) -> Vec<i32> {
-    b.download(t).unwrap().as_i32("t").unwrap().to_vec()
-}
-
-fn softmax(row: &[f64]) -> Vec<f64> {
-    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = row.iter().map(|x| (x - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|x| x / s).collect()
-}
-
 /// `w [out, in] · x` in f64.
 fn matvec(w: &[f32], x: &[f64], out: usize) -> Vec<f64> {
-    let n = x.len();
-    (0..out).map(|o| (0..n).map(|i| w[o * n + i] as f64 * x[i]).sum()).collect()
-}
-
-fn rel_l2(a: &[f32], r: &[f64]) -> f64 {
-    assert_eq!(a.len(), r.len());
-    let num: f64 = a.iter().zip(r).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
-    let den: f64 = r.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
+    common::matvec(w, None, x, out)
 }
 
 // ------------------------------------------------------------------------------ (a) dense reference
@@ -162,7 +130,7 @@ fn dropless_topk_matches_a_naive_dense_reference() {
         let b = be(threads);
         for (k, normalize) in [(3, true), (3, false), (e, true), (e, false), (1, false)] {
             let layer = MoeLayer::new(&b, blk.spec(k, normalize), &blk.weights(), DType::F32).unwrap();
-            let out = run(&b, &layer, s, m, &x, &ForwardOptions::default());
+            let out = run(&b, &layer, s, m, &x, &LayerOptions::default());
             let err = rel_l2(&y_of(&b, &out), &blk.reference(&x, k, normalize));
             assert!(err < 1e-5, "k = {k}, normalize = {normalize}, threads = {threads}: relative error {err}");
             // Dropless: every route kept.
@@ -181,9 +149,9 @@ fn batched_input_matches_flat_input() {
     let b = be(1);
     let layer = MoeLayer::new(&b, blk.spec(2, true), &blk.weights(), DType::F32).unwrap();
     let x = lcg(8, 2 * 5 * m, 1.0);
-    let flat = y_of(&b, &run(&b, &layer, 10, m, &x, &ForwardOptions::default()));
+    let flat = y_of(&b, &run(&b, &layer, 10, m, &x, &LayerOptions::default()));
     let xt = b.upload(&ht(&[2, 5, m], x.clone())).unwrap();
-    let out = layer.forward(&b, &xt, &ForwardOptions::default()).unwrap();
+    let out = layer.forward(&b, &xt, &LayerOptions::default()).unwrap();
     assert_eq!(out.y.shape(), &[2, 5, m]);
     assert_eq!(y_of(&b, &out), flat);
     assert!(rel_l2(&flat, &blk.reference(&x, 2, true)) < 1e-5);
@@ -218,8 +186,8 @@ fn forward_is_bitwise_deterministic() {
     for threads in [1, 4] {
         let b = be(threads);
         let layer = MoeLayer::new(&b, blk.spec(3, true), &blk.weights(), DType::F32).unwrap();
-        let y1 = y_of(&b, &run(&b, &layer, s, m, &x, &ForwardOptions::default()));
-        let y2 = y_of(&b, &run(&b, &layer, s, m, &x, &ForwardOptions::default()));
+        let y1 = y_of(&b, &run(&b, &layer, s, m, &x, &LayerOptions::default()));
+        let y2 = y_of(&b, &run(&b, &layer, s, m, &x, &LayerOptions::default()));
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&y1), bits(&y2), "threads = {threads}");
 
@@ -234,7 +202,10 @@ fn forward_is_bitwise_deterministic() {
         };
         let (spec, w) = linear_layer(e, m, GateSpec::DeepSpeed(g), lcg(13, e * m, 1.0), 14);
         let layer = MoeLayer::new(&b, spec, &w, DType::F32).unwrap();
-        let opts = ForwardOptions { mode: Mode::Train, seed: 1234, ..Default::default() };
+        let opts = LayerOptions {
+            gate: GateOptions { mode: Mode::Train, seed: 1234, ..Default::default() },
+            ..Default::default()
+        };
         let o1 = run(&b, &layer, s, m, &x, &opts);
         let o2 = run(&b, &layer, s, m, &x, &opts);
         assert_eq!(bits(&y_of(&b, &o1)), bits(&y_of(&b, &o2)), "threads = {threads}");
@@ -288,7 +259,10 @@ fn kept_tokens(b: &CpuBackend, out: &LayerOutput<CpuBackend>) -> Vec<usize> {
 fn philox_seed_drives_rts_and_jitter() {
     let b = be(1);
     let (layer, x, router) = rts_layer(&b);
-    let train = |seed| ForwardOptions { mode: Mode::Train, seed, ..Default::default() };
+    let train = |seed| LayerOptions {
+        gate: GateOptions { mode: Mode::Train, seed, ..Default::default() },
+        ..Default::default()
+    };
 
     // Same seed: identical routing, slots, logits and output.
     let o1 = run(&b, &layer, NS, NM, &x, &train(5));
@@ -331,7 +305,10 @@ fn philox_seed_drives_rts_and_jitter() {
 
     // Evaluation: no jitter (logits are x · Wᵀ whatever the seed) but DeepSpeed still
     // applies RTS, so the kept tokens follow the seed.
-    let eval = |seed| ForwardOptions { mode: Mode::Eval, seed, ..Default::default() };
+    let eval = |seed| LayerOptions {
+        gate: GateOptions { mode: Mode::Eval, seed, ..Default::default() },
+        ..Default::default()
+    };
     let e1 = run(&b, &layer, NS, NM, &x, &eval(1));
     let e2 = run(&b, &layer, NS, NM, &x, &eval(2));
     assert_eq!(b.download(&e1.gate.logits).unwrap(), b.download(&e2.gate.logits).unwrap());
@@ -375,7 +352,7 @@ fn residual_moe_mixes_by_the_coefficient_softmax() {
     let b = be(1);
     let layer = MoeLayer::new(&b, spec, &w, DType::F32).unwrap();
     let x = [1.0, 0.0, 0.0, 2.0, 2.0, 0.0];
-    let out = run(&b, &layer, 3, 2, &x, &ForwardOptions::default());
+    let out = run(&b, &layer, 3, 2, &x, &LayerOptions::default());
     let y = y_of(&b, &out);
 
     let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
@@ -419,7 +396,14 @@ fn report_counts_tokens_whose_every_route_dropped() {
     for t in 0..s {
         x[t * m] = 3.0;
     }
-    let out = run(&b, &layer, s, m, &x, &ForwardOptions { seed: 9, ..Default::default() });
+    let out = run(
+        &b,
+        &layer,
+        s,
+        m,
+        &x,
+        &LayerOptions { gate: GateOptions { seed: 9, ..Default::default() }, ..Default::default() },
+    );
     let ex = i32s(&b, &out.gate.routes.experts);
 
     // The DeepSpeed top-2 rule by hand: C = ceil(20 / 4 · 0.5 · 2) = 5; first choices take
@@ -466,7 +450,14 @@ fn report_counts_tokens_whose_every_route_dropped() {
     let layer = MoeLayer::new(&b, spec, &w, DType::F32).unwrap();
     let x: Vec<f32> = (0..8).flat_map(|t| [1.0 + t as f32, 0.0]).collect();
     let used = ht(&[8], vec![0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
-    let out = run(&b, &layer, 8, 2, &x, &ForwardOptions { used_token: Some(used), ..Default::default() });
+    let out = run(
+        &b,
+        &layer,
+        8,
+        2,
+        &x,
+        &LayerOptions { gate: GateOptions { used_token: Some(used), ..Default::default() }, ..Default::default() },
+    );
     let r = out.report(&b).unwrap();
     assert_eq!((r.masked_routes, r.dropped_routes, r.dropped_tokens), (2, 4, 4));
     let y = y_of(&b, &out);

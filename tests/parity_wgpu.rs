@@ -1,22 +1,14 @@
 //! The op-level parity harness, cpu (reference) against wgpu: every case must pass.
 //! Skips visibly without an adapter; with `CI=true` a missing adapter fails.
 
+mod common;
+
 use moe_engine::parity::{self, Outcome};
-use std::io::Write;
 
 #[test]
 fn wgpu_matches_cpu_on_every_op() {
-    let wgpu = match moe_wgpu::WgpuBackend::new(None) {
-        Ok(b) => b,
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true and no wgpu adapter: {e}");
-            }
-            let _ = writeln!(std::io::stderr(), "SKIP wgpu_matches_cpu_on_every_op: no wgpu adapter ({e})");
-            return;
-        }
-    };
-    let cpu = moe_cpu::CpuBackend::new(Some(2)).expect("cpu backend");
+    let Some(wgpu) = common::wgpu("wgpu_matches_cpu_on_every_op") else { return };
+    let cpu = common::cpu(2);
     let results = parity::run(&cpu, &wgpu);
     assert!(results.len() >= 40, "the harness ran {} cases", results.len());
     let table = parity::markdown(&[("wgpu".to_string(), results.clone())]);
@@ -26,7 +18,7 @@ fn wgpu_matches_cpu_on_every_op() {
 
 #[test]
 fn the_reference_against_itself_is_exact() {
-    let cpu = moe_cpu::CpuBackend::new(Some(1)).expect("cpu backend");
+    let cpu = common::cpu(1);
     let results = parity::run(&cpu, &cpu);
     for r in &results {
         match (r.dtype, &r.outcome) {

@@ -5,25 +5,15 @@
 //! Without an adapter these tests say so on the terminal and return; with `CI=true` a
 //! missing adapter is a failure instead.
 
-use moe_engine::backend::{Normalize, RouteSpec};
+mod common;
+
+use moe_engine::ops::{Normalize, RouteSpec};
 use moe_engine::{golden, Backend, Error, HostTensor};
 use moe_wgpu::WgpuBackend;
-use std::io::Write;
 use std::path::Path;
 
-/// The backend, or `None` after printing why the test is skipped (past the test
-/// harness's output capture, so the skip is visible).
 fn backend(test: &str) -> Option<WgpuBackend> {
-    match WgpuBackend::new(None) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true and no wgpu adapter: {e}");
-            }
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: no wgpu adapter on this machine ({e})");
-            None
-        }
-    }
+    common::wgpu(test)
 }
 
 #[test]
@@ -40,22 +30,11 @@ fn every_shader_entry_point_compiles() {
 #[test]
 fn all_golden_cases_pass_on_wgpu() {
     let Some(b) = backend("all_golden_cases_pass_on_wgpu") else { return };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-    let cases = golden::discover(&root).expect("tests/golden holds the cases");
-    assert_eq!(cases.len(), 28);
-    let mut failures = Vec::new();
-    for dir in &cases {
-        match golden::run_case(&b, dir) {
-            Ok(r) if r.pass => {
-                assert!(r.worst_rel_l2 <= 1e-5, "{}: rel L2 {} above the wgpu f32 bound", r.name, r.worst_rel_l2)
-            }
-            Ok(r) => {
-                failures.push(format!("{}: {:?}", r.name, r.outputs.iter().filter(|o| !o.pass).collect::<Vec<_>>()))
-            }
-            Err(e) => failures.push(format!("{}: error {e}", dir.display())),
-        }
-    }
+    let (failures, passed) = common::run_golden(&b);
     assert!(failures.is_empty(), "golden failures on {}:\n{}", b.capabilities().device, failures.join("\n"));
+    for r in passed {
+        assert!(r.worst_rel_l2 <= 1e-5, "{}: rel L2 {} above the wgpu f32 bound", r.name, r.worst_rel_l2);
+    }
 }
 
 fn topk<'a>(k: usize) -> RouteSpec<'a, WgpuBackend> {
@@ -126,7 +105,7 @@ fn split_weight_stacks_round_trip_and_pass_golden_and_parity() {
         let r = golden::run_case(&b, &dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         assert!(r.pass, "{} fails with split weights", r.name);
     }
-    let cpu = moe_cpu::CpuBackend::new(Some(2)).unwrap();
+    let cpu = common::cpu(2);
     let bad: Vec<_> = moe_engine::parity::run(&cpu, &b)
         .into_iter()
         .filter(|r| !matches!(r.outcome, moe_engine::parity::Outcome::Pass(_)))

@@ -1,9 +1,12 @@
 //! `moe bench layer`: times a random-weight Mixtral-style MoE layer forward.
 
-use moe_engine::backend::Activation;
-use moe_engine::config::{ExpertKind, ExpertSpec, GateSpec, LayerSpec};
+use crate::backends::{dispatch, BackendArgs, BackendKind, OnBackend};
+use crate::error::{CliError, CliResult};
+use crate::out;
+use moe_engine::config::{ExpertSpec, GateSpec, LayerSpec};
+use moe_engine::error::human_bytes;
 use moe_engine::parallel::Communicator;
-use moe_engine::{stack, Backend, DType, ForwardOptions, HostTensor, MoeLayer};
+use moe_engine::{stack, Activation, Backend, DType, ExpertKind, HostTensor, LayerOptions, MoeLayer, Result};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -14,45 +17,60 @@ pub enum What {
     Layer(LayerArgs),
 }
 
+/// Storage dtypes of the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDtype {
+    /// f32: every backend.
+    F32,
+    /// f16: wgpu and cuda.
+    F16,
+    /// bf16: wgpu and cuda.
+    Bf16,
+}
+
+impl WeightDtype {
+    fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// Arguments of `moe bench layer`.
 #[derive(clap::Args)]
 pub struct LayerArgs {
-    /// Backend.
-    #[arg(long, default_value = "cpu")]
-    backend: String,
+    #[command(flatten)]
+    backend: BackendArgs,
     /// Hidden size.
-    #[arg(long, default_value_t = 1024)]
-    hidden: usize,
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    hidden: u64,
     /// Expert intermediate size.
-    #[arg(long, default_value_t = 2816)]
-    ffn: usize,
+    #[arg(long, default_value_t = 2816, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    ffn: u64,
     /// Number of experts.
-    #[arg(long, default_value_t = 8)]
-    experts: usize,
-    /// Routes per token.
-    #[arg(long, default_value_t = 2)]
-    top_k: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1 << 16))]
+    experts: u64,
+    /// Routes per token, at most --experts.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1 << 16))]
+    top_k: u64,
     /// Tokens per forward.
-    #[arg(long, default_value_t = 512)]
-    tokens: usize,
-    /// Weight dtype.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    tokens: u64,
+    /// Storage dtype of the expert weights (the router is always f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: WeightDtype,
     /// Timed iterations (after 2 warm-up runs).
-    #[arg(long, default_value_t = 10)]
-    iters: usize,
-    /// Device of the backend: an adapter index or name fragment (see `moe info`).
-    #[arg(long)]
-    device: Option<String>,
-    /// cpu worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    iters: u64,
     /// In-process expert-parallel ranks (cpu): the experts are spread over N threads that
-    /// all hold the batch, each with its share of the cores.
-    #[arg(long, default_value_t = 1)]
-    ep: usize,
+    /// all hold the batch, each with its share of the cores. Must divide --experts.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    ep: u64,
     /// Expert parallelism over NCCL across processes launched torchrun-style (RANK,
     /// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), one GPU each; rank 0 reports.
+    /// Needs --backend cuda.
     #[arg(long)]
     nccl: bool,
     /// Print one JSON object.
@@ -61,158 +79,266 @@ pub struct LayerArgs {
 }
 
 /// Runs a benchmark.
-pub fn run(w: What) -> Result<ExitCode, String> {
+pub fn run(w: What) -> CliResult<ExitCode> {
     match w {
         What::Layer(a) => layer(a),
     }
 }
 
-fn layer(a: LayerArgs) -> Result<ExitCode, String> {
-    crate::check_backend(&a.backend)?;
-    if a.ep > 1 {
-        return layer_ep(&a);
-    }
-    if a.nccl {
-        let comm = moe_cuda::NcclComm::from_env(std::time::Duration::from_secs(300)).map_err(|e| e.to_string())?;
-        let local = moe_engine::parallel::LaunchEnv::from_env().map_err(|e| e.to_string())?.local_rank;
-        let b = moe_cuda::CudaBackend::new(local).map_err(|e| e.to_string())?;
-        let times = time_layer(&b, &a, Some(&comm))?;
-        if comm.rank() != 0 {
-            return Ok(ExitCode::SUCCESS);
+impl LayerArgs {
+    fn spec(&self) -> LayerSpec {
+        LayerSpec {
+            hidden: self.hidden as usize,
+            num_experts: self.experts as usize,
+            gate: GateSpec::SoftmaxTopK { k: self.top_k as usize, normalize: true },
+            expert: ExpertSpec {
+                kind: ExpertKind::Glu { activation: Activation::Silu },
+                ffn: self.ffn as usize,
+                bias: false,
+            },
+            residual: false,
+            shared: None,
         }
-        let setup = format!(" ({} NCCL ranks, experts spread over ranks)", comm.size());
-        return report(&a, &b.capabilities(), times, &setup);
     }
-    match a.backend.as_str() {
-        "wgpu" => layer_on(&moe_wgpu::WgpuBackend::new(a.device.as_deref()).map_err(|e| e.to_string())?, &a),
-        "cuda" => layer_on(
-            &moe_cuda::CudaBackend::new(crate::cuda_device(a.device.as_deref())?).map_err(|e| e.to_string())?,
-            &a,
-        ),
-        _ => layer_on(&moe_cpu::CpuBackend::new(a.threads).map_err(|e| e.to_string())?, &a),
+
+    /// Bytes of the f32 activations of one forward: x, logits and scores, the permuted
+    /// rows, the GLU intermediate and output, the expert outputs and y.
+    fn activation_bytes(&self) -> u64 {
+        let (t, h, e, k, f) = (self.tokens, self.hidden, self.experts, self.top_k, self.ffn);
+        4 * (2 * t * h + 2 * t * e + t * k * (2 * h + 3 * f))
     }
+
+    /// The shape, for messages.
+    fn shape(&self) -> String {
+        format!(
+            "--hidden {} --ffn {} --experts {} --top-k {} --tokens {}",
+            self.hidden, self.ffn, self.experts, self.top_k, self.tokens
+        )
+    }
+}
+
+fn layer(a: LayerArgs) -> CliResult<ExitCode> {
+    if a.top_k > a.experts {
+        return Err(CliError::flag(
+            "--top-k",
+            format!("{} routes per token with only --experts {}", a.top_k, a.experts),
+        ));
+    }
+    let kind = a.backend.backend.unwrap_or(BackendKind::Cpu);
+    if a.ep > 1 {
+        if kind != BackendKind::Cpu {
+            return Err(CliError::flag("--ep", format!("runs in-process cpu ranks; got --backend {}", kind.name())));
+        }
+        if !a.experts.is_multiple_of(a.ep) {
+            return Err(CliError::flag("--ep", format!("{} ranks must divide --experts {}", a.ep, a.experts)));
+        }
+        if a.nccl {
+            return Err(CliError::flag("--nccl", "takes its ranks from the launcher, not --ep"));
+        }
+    }
+    if a.nccl && kind != BackendKind::Cuda {
+        return Err(CliError::flag("--nccl", "needs --backend cuda"));
+    }
+    let spec = a.spec();
+    spec.validate()?;
+    // Before anything is allocated: the f32 weights are generated on the host (and, on the
+    // cpu backend, copied into its own layout), the activations live where the backend runs.
+    let weights = spec.weight_count()?.saturating_mul(4);
+    let on_host = if kind == BackendKind::Cpu { 2 * weights + a.activation_bytes() } else { weights };
+    moe_engine::memory::check_host(
+        &format!("`moe bench layer {}` ({} of f32 weights on the host)", a.shape(), human_bytes(weights)),
+        on_host,
+    )?;
+    if a.nccl {
+        return layer_nccl(&a);
+    }
+    let per_rank = (a.ep > 1).then(|| {
+        let cores = a
+            .backend
+            .threads
+            .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize);
+        (cores / a.ep as usize).max(1)
+    });
+    dispatch(&a.backend, BackendKind::Cpu, per_rank, Bench { a: &a })
 }
 
 /// What a rank of `--ep` returns: rank 0 its times and device, the others nothing.
-type RankResult = Result<Option<(Vec<f64>, moe_engine::Capabilities)>, String>;
+type RankResult = CliResult<Option<(Vec<f64>, moe_engine::Capabilities)>>;
 
-/// `--ep N`: N cpu ranks as threads; rank 0 reports.
-fn layer_ep(a: &LayerArgs) -> Result<ExitCode, String> {
-    if a.backend != "cpu" {
-        return Err(format!("--ep runs in-process cpu ranks; got --backend {}", a.backend));
-    }
-    moe_engine::parallel::EpLayout::new(a.experts, 0, a.ep).map_err(|e| e.to_string())?;
-    let cores = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let per_rank = (cores / a.ep).max(1);
-    let comms = moe_engine::parallel::in_process(a.ep, std::time::Duration::from_secs(600));
-    let results: Vec<RankResult> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                s.spawn(move || {
-                    let b = moe_cpu::CpuBackend::new(Some(per_rank)).map_err(|e| e.to_string())?;
-                    let rank = moe_engine::parallel::Communicator::rank(&c);
-                    let times = time_layer(&b, a, Some(&c))?;
-                    Ok((rank == 0).then(|| (times, b.capabilities())))
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into()))).collect()
-    });
-    let mut report_of = None;
-    for r in results {
-        if let Some(x) = r? {
-            report_of = Some(x);
-        }
-    }
-    let (times, caps) = report_of.ok_or("rank 0 returned nothing")?;
-    report(a, &caps, times, &format!(" ({} ranks x {per_rank} threads, experts spread over ranks)", a.ep))
+struct Bench<'a> {
+    a: &'a LayerArgs,
 }
 
-fn layer_on<B: Backend>(b: &B, a: &LayerArgs) -> Result<ExitCode, String> {
-    let times = time_layer(b, a, None)?;
+impl OnBackend for Bench<'_> {
+    type Out = ExitCode;
+    fn run<B: Backend>(self, kind: BackendKind, open: &(dyn Fn(usize) -> Result<B> + Sync)) -> CliResult<ExitCode> {
+        let a = self.a;
+        if a.ep == 1 {
+            let b = open(0)?;
+            check_device(&b, a)?;
+            let times = time_layer(&b, a, None)?;
+            let caps = b.capabilities();
+            let threads = if caps.threads > 0 { format!(" ({} threads)", caps.threads) } else { String::new() };
+            return report(a, kind, caps, times, &threads);
+        }
+        let comms = moe_engine::parallel::in_process(a.ep as usize, std::time::Duration::from_secs(600));
+        let results: Vec<RankResult> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let rank = c.rank();
+                        let b = open(rank)?;
+                        let times = time_layer(&b, a, Some(&c))?;
+                        Ok((rank == 0).then(|| (times, b.capabilities().clone())))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(moe_engine::Error::Internal("a rank panicked".into()).into())))
+                .collect()
+        });
+        let mut rank0 = None;
+        for r in results {
+            if let Some(x) = r? {
+                rank0 = Some(x);
+            }
+        }
+        let (times, caps) = rank0.ok_or_else(|| moe_engine::Error::Internal("rank 0 returned nothing".into()))?;
+        let setup = format!(" ({} ranks x {} threads, experts spread over ranks)", a.ep, caps.threads);
+        report(a, kind, &caps, times, &setup)
+    }
+}
+
+/// Refuses a dtype the backend does not store, and a forward that does not fit the
+/// device's free memory, naming the flags.
+fn check_device<B: Backend>(b: &B, a: &LayerArgs) -> CliResult<()> {
     let caps = b.capabilities();
-    let threads = if caps.threads > 0 { format!(" ({} threads)", caps.threads) } else { String::new() };
-    report(a, &caps, times, &threads)
+    let dtype = a.dtype.dtype();
+    if !caps.storage_dtypes.contains(&dtype) {
+        let have: Vec<String> = caps.storage_dtypes.iter().map(|d| d.to_string()).collect();
+        return Err(CliError::flag(
+            "--dtype",
+            format!("backend {} stores {} weights, not {dtype}", b.name(), have.join(", ")),
+        ));
+    }
+    if b.name() != "cpu" {
+        if let Some(free) = b.available_memory() {
+            let need = a.spec().weight_count()?.saturating_mul(dtype.size() as u64) + a.activation_bytes();
+            if need > free {
+                return Err(moe_engine::Error::too_large(
+                    format!("`moe bench layer {}` in {dtype} on {}", a.shape(), caps.device),
+                    human_bytes(need),
+                    format!("the {} free on the device", human_bytes(free)),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--nccl`: this process is one rank of a torchrun-style job.
+fn layer_nccl(a: &LayerArgs) -> CliResult<ExitCode> {
+    let comm = moe_cuda::NcclComm::from_env(std::time::Duration::from_secs(300))?;
+    let local = moe_engine::parallel::LaunchEnv::from_env()?.local_rank;
+    let b = moe_cuda::CudaBackend::new(local)?;
+    check_device(&b, a)?;
+    let times = time_layer(&b, a, Some(&comm))?;
+    if comm.rank() != 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let setup = format!(" ({} NCCL ranks, experts spread over ranks)", comm.size());
+    report(a, BackendKind::Cuda, b.capabilities(), times, &setup)
 }
 
 /// Forward times in ms (after two warm-up runs); with `comm`, this rank's part of an
-/// expert-parallel layer.
-fn time_layer<B: Backend>(
-    b: &B,
-    a: &LayerArgs,
-    comm: Option<&dyn moe_engine::parallel::Communicator>,
-) -> Result<Vec<f64>, String> {
-    let dtype: DType = a.dtype.parse().map_err(|e: moe_engine::Error| e.to_string())?;
-    let spec = LayerSpec {
-        hidden: a.hidden,
-        num_experts: a.experts,
-        gate: GateSpec::SoftmaxTopK { k: a.top_k, normalize: true },
-        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: a.ffn, bias: false },
-        residual: false,
-        shared: None,
-    };
-    let err = |e: moe_engine::Error| e.to_string();
-    let weights = stack::random_weights(&spec, 1).map_err(err)?;
+/// expert-parallel layer. A progress bar shows on a terminal (rank 0).
+fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<&dyn Communicator>) -> CliResult<Vec<f64>> {
+    let spec = a.spec();
+    let dtype = a.dtype.dtype();
+    let weights = stack::random_weights(&spec, 1)?;
     let layer = match comm {
         Some(c) => {
-            let layout = moe_engine::parallel::EpLayout::new(a.experts, c.rank(), c.size()).map_err(err)?;
-            MoeLayer::new_ep(b, spec, &weights, dtype, layout).map_err(err)?
+            let layout = moe_engine::parallel::EpLayout::new(spec.num_experts, c.rank(), c.size())?;
+            MoeLayer::new_ep(b, spec, &weights, dtype, layout)?
         }
-        None => MoeLayer::new(b, spec, &weights, dtype).map_err(err)?,
+        None => MoeLayer::new(b, spec, &weights, dtype)?,
     };
-    let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 2, 0, a.tokens * a.hidden)
+    drop(weights);
+    let (t, h) = (a.tokens as usize, a.hidden as usize);
+    let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 2, 0, t * h)
         .into_iter()
         .map(|u| 2.0 * u - 1.0)
         .collect();
-    let x = b.upload(&HostTensor::f32(&[a.tokens, a.hidden], x).map_err(err)?).map_err(err)?;
-    let opts = ForwardOptions::default();
-    let mut times = Vec::with_capacity(a.iters);
-    for i in 0..a.iters + 2 {
+    let x = b.upload(&HostTensor::f32(&[t, h], x)?)?;
+    let opts = LayerOptions::default();
+    let iters = a.iters as usize;
+    let bar = if comm.is_none_or(|c| c.rank() == 0) {
+        indicatif::ProgressBar::new((iters + 2) as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} forwards (2 warm-up)").expect("static template"),
+    );
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 2 {
         if let Some(c) = comm {
-            c.barrier().map_err(err)?;
+            c.barrier()?;
         }
         let t0 = Instant::now();
         let out = match comm {
-            Some(c) => layer.forward_ep(b, &x, &opts, c, moe_engine::parallel::TokenLayout::Replicated),
-            None => layer.forward(b, &x, &opts),
-        }
-        .map_err(err)?;
-        b.download(&out.y).map_err(err)?;
+            Some(c) => layer.forward_ep(b, &x, &opts, c, moe_engine::parallel::TokenLayout::Replicated)?,
+            None => layer.forward(b, &x, &opts)?,
+        };
+        b.download(&out.y)?;
         if i >= 2 {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok(times)
 }
 
 /// Prints median and min ms, tokens/s and GFLOP/s (or one JSON object).
 fn report(
     a: &LayerArgs,
+    kind: BackendKind,
     caps: &moe_engine::Capabilities,
     mut times: Vec<f64>,
     setup: &str,
-) -> Result<ExitCode, String> {
-    times.sort_by(|p, q| p.partial_cmp(q).expect("finite times"));
-    let median = times[times.len() / 2];
-    let min = times[0];
+) -> CliResult<ExitCode> {
+    times.sort_by(f64::total_cmp);
+    let (median, min) = match (times.get(times.len() / 2), times.first()) {
+        (Some(&m), Some(&n)) => (m, n),
+        _ => return Err(moe_engine::Error::Internal("no timed iterations".into()).into()),
+    };
     // FLOPs of the expert products: 2 · tokens · k · (3 · hidden · ffn).
     let flops = 2.0 * a.tokens as f64 * a.top_k as f64 * 3.0 * a.hidden as f64 * a.ffn as f64;
     let tps = a.tokens as f64 / (median / 1e3);
     let gflops = flops / (median / 1e3) / 1e9;
+    let dtype = a.dtype.dtype();
     if a.json {
         let v = serde_json::json!({
-            "backend": a.backend, "device": caps.device, "threads": caps.threads, "ep": a.ep, "dtype": a.dtype,
+            "backend": kind.name(), "device": caps.device, "threads": caps.threads, "ep": a.ep, "dtype": dtype.to_string(),
             "hidden": a.hidden, "ffn": a.ffn, "experts": a.experts, "top_k": a.top_k, "tokens": a.tokens, "iters": a.iters,
             "median_ms": median, "min_ms": min, "tokens_per_s": tps, "gflops": gflops,
         });
-        println!("{v}");
+        out!("{v}")?;
     } else {
-        println!(
-            "{} on {}{setup}, H {} F {} E {} k {} T {} {}",
-            a.backend, caps.device, a.hidden, a.ffn, a.experts, a.top_k, a.tokens, a.dtype
-        );
-        println!("median {median:.2} ms  min {min:.2} ms  {tps:.0} tokens/s  {gflops:.1} GFLOP/s");
+        out!(
+            "{} on {}{setup}, H {} F {} E {} k {} T {} {dtype}",
+            kind.name(),
+            caps.device,
+            a.hidden,
+            a.ffn,
+            a.experts,
+            a.top_k,
+            a.tokens
+        )?;
+        out!("median {median:.2} ms  min {min:.2} ms  {tps:.0} tokens/s  {gflops:.1} GFLOP/s")?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -36,7 +36,11 @@ impl Checkpoint {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(Error::Checkpoint { path: dir.display().to_string(), msg: "no .safetensors files".into() });
+            return Err(Error::Checkpoint {
+                path: dir.display().to_string(),
+                msg: "no .safetensors files".into(),
+                source: None,
+            });
         }
         let mut out = Checkpoint { source: dir.display().to_string(), ..Default::default() };
         for f in files {
@@ -46,6 +50,7 @@ impl Checkpoint {
                     return Err(Error::Checkpoint {
                         path: f.display().to_string(),
                         msg: format!("tensor `{k}` appears in two files"),
+                        source: None,
                     });
                 }
             }
@@ -57,13 +62,18 @@ impl Checkpoint {
     pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
             path: source.into(),
-            msg: format!("not a valid safetensors file: {e}"),
+            msg: "not a valid safetensors file".into(),
+            source: Some(Box::new(e)),
         })?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
             let data = view.data();
-            let bad = |what: &str| Error::Checkpoint { path: source.into(), msg: format!("tensor `{name}`: {what}") };
+            let bad = |what: &str| Error::Checkpoint {
+                path: source.into(),
+                msg: format!("tensor `{name}`: {what}"),
+                source: None,
+            };
             let t = match view.dtype() {
                 Dtype::F32 => HostTensor::f32(
                     &shape,
@@ -115,6 +125,11 @@ impl Checkpoint {
         self.tensors.keys().map(|s| s.as_str())
     }
 
+    /// Every tensor with its name, in name order (without marking any used).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &HostTensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     /// Borrows a tensor without marking it used.
     pub fn get(&self, name: &str) -> Result<&HostTensor> {
         self.tensors.get(name).ok_or_else(|| Error::MissingTensor(name.into()))
@@ -157,11 +172,11 @@ impl Checkpoint {
 
 /// Stacks per-expert `[rows, cols]` tensors into `[E, rows, cols]` (or `[E, n]` vectors).
 pub fn stack(parts: Vec<HostTensor>, name: &str) -> Result<HostTensor> {
-    let first = parts.first().ok_or_else(|| Error::MissingTensor(name.into()))?.shape.clone();
+    let first = parts.first().ok_or_else(|| Error::MissingTensor(name.into()))?.shape().to_vec();
     let mut data = Vec::with_capacity(parts.len() * first.iter().product::<usize>());
     for p in &parts {
-        if p.shape != first {
-            return Err(Error::shape(name, format!("{first:?} for every expert"), &p.shape));
+        if p.shape() != first {
+            return Err(Error::shape(name, format!("{first:?} for every expert"), p.shape()));
         }
         data.extend_from_slice(p.as_f32(name)?);
     }
@@ -172,11 +187,14 @@ pub fn stack(parts: Vec<HostTensor>, name: &str) -> Result<HostTensor> {
 
 /// Concatenates `[E, a, c]` and `[E, b, c]` along the middle axis (gate rows, then up rows).
 pub fn concat_rows(a: &HostTensor, b: &HostTensor, name: &str) -> Result<HostTensor> {
-    let (e, ra, c) = (a.shape[0], a.shape[1], a.shape[2]);
-    if b.shape.len() != 3 || b.shape[0] != e || b.shape[2] != c {
-        return Err(Error::shape(name, format!("[{e}, rows, {c}]"), &b.shape));
-    }
-    let rb = b.shape[1];
+    let (e, ra, c) = match a.shape()[..] {
+        [e, ra, c] => (e, ra, c),
+        _ => return Err(Error::shape(name, "[E, rows, cols]", a.shape())),
+    };
+    let rb = match b.shape()[..] {
+        [be, rb, bc] if be == e && bc == c => rb,
+        _ => return Err(Error::shape(name, format!("[{e}, rows, {c}]"), b.shape())),
+    };
     let (da, db) = (a.as_f32(name)?, b.as_f32(name)?);
     let mut out = Vec::with_capacity(e * (ra + rb) * c);
     for i in 0..e {
@@ -192,19 +210,26 @@ pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> 
     use crate::tensor::HostData;
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(k, t)| match &t.data {
-            HostData::F32(v) => (k.clone(), Dtype::F32, t.shape.clone(), bytemuck::cast_slice(v).to_vec()),
-            HostData::I32(v) => (k.clone(), Dtype::I32, t.shape.clone(), bytemuck::cast_slice(v).to_vec()),
+        .map(|(k, t)| match t.data() {
+            HostData::F32(v) => (k.clone(), Dtype::F32, t.shape().to_vec(), bytemuck::cast_slice(v).to_vec()),
+            HostData::I32(v) => (k.clone(), Dtype::I32, t.shape().to_vec(), bytemuck::cast_slice(v).to_vec()),
         })
         .collect();
     let views = bytes
         .iter()
         .map(|(k, dt, shape, b)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
-                .map(|v| (k.as_str(), v))
-                .map_err(|e| Error::Checkpoint { path: path.display().to_string(), msg: format!("tensor `{k}`: {e}") })
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), b).map(|v| (k.as_str(), v)).map_err(|e| {
+                Error::Checkpoint {
+                    path: path.display().to_string(),
+                    msg: format!("tensor `{k}`"),
+                    source: Some(Box::new(e)),
+                }
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| Error::Checkpoint { path: path.display().to_string(), msg: e.to_string() })
+    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Checkpoint {
+        path: path.display().to_string(),
+        msg: "writing safetensors".into(),
+        source: Some(Box::new(e)),
+    })
 }

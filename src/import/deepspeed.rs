@@ -10,9 +10,9 @@
 
 use super::checkpoint::{concat_rows, stack, Checkpoint};
 use super::{field, field_or};
-use crate::backend::Activation;
-use crate::config::{DeepSpeedGate, DropPolicy, ExpertKind, ExpertSpec, GateSpec, LayerSpec, NoisyGatePolicy};
+use crate::config::{DeepSpeedGate, DropPolicy, ExpertSpec, GateSpec, LayerSpec, NoisyGatePolicy};
 use crate::error::{Error, Result};
+use crate::expert::{Activation, ExpertKind};
 use crate::tensor::HostTensor;
 use crate::weights::{HostLayerWeights, HostMlp};
 use serde_json::Value;
@@ -109,23 +109,63 @@ pub fn layer_spec(cfg: &Value) -> Result<LayerSpec> {
     Ok(spec)
 }
 
+/// The parameters of one MLP block, by what they are in the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    /// The input projection of linear and MLP experts.
+    In,
+    /// Its bias.
+    InBias,
+    /// The gate projection of GLU experts.
+    Gate,
+    /// Its bias.
+    GateBias,
+    /// The up projection of GLU experts.
+    Up,
+    /// Its bias.
+    UpBias,
+    /// The output projection.
+    Out,
+    /// Its bias.
+    OutBias,
+}
+
+impl Role {
+    fn is_bias(self) -> bool {
+        matches!(self, Role::InBias | Role::GateBias | Role::UpBias | Role::OutBias)
+    }
+
+    /// The shape of this parameter for one expert of `spec` in a model of width `hidden`.
+    fn shape(self, spec: &ExpertSpec, hidden: usize) -> Vec<usize> {
+        let linear = matches!(spec.kind, ExpertKind::Linear);
+        match self {
+            Role::In if linear => vec![hidden, hidden],
+            Role::InBias if linear => vec![hidden],
+            Role::In | Role::Gate | Role::Up => vec![spec.ffn, hidden],
+            Role::InBias | Role::GateBias | Role::UpBias => vec![spec.ffn],
+            Role::Out => vec![hidden, spec.ffn],
+            Role::OutBias => vec![hidden],
+        }
+    }
+}
+
 /// Names of one MLP block's parameters under `prefix` for DeepSpeed module layouts.
-fn block_names(kind: ExpertKind, prefix: &str) -> Vec<(&'static str, String)> {
+fn block_names(kind: ExpertKind, prefix: &str) -> Vec<(Role, String)> {
     match kind {
-        ExpertKind::Linear => vec![("in", format!("{prefix}weight")), ("in_b", format!("{prefix}bias"))],
+        ExpertKind::Linear => vec![(Role::In, format!("{prefix}weight")), (Role::InBias, format!("{prefix}bias"))],
         ExpertKind::Mlp { .. } => vec![
-            ("in", format!("{prefix}0.weight")),
-            ("in_b", format!("{prefix}0.bias")),
-            ("out", format!("{prefix}2.weight")),
-            ("out_b", format!("{prefix}2.bias")),
+            (Role::In, format!("{prefix}0.weight")),
+            (Role::InBias, format!("{prefix}0.bias")),
+            (Role::Out, format!("{prefix}2.weight")),
+            (Role::OutBias, format!("{prefix}2.bias")),
         ],
         ExpertKind::Glu { .. } => vec![
-            ("gate", format!("{prefix}gate_proj.weight")),
-            ("gate_b", format!("{prefix}gate_proj.bias")),
-            ("up", format!("{prefix}up_proj.weight")),
-            ("up_b", format!("{prefix}up_proj.bias")),
-            ("out", format!("{prefix}down_proj.weight")),
-            ("out_b", format!("{prefix}down_proj.bias")),
+            (Role::Gate, format!("{prefix}gate_proj.weight")),
+            (Role::GateBias, format!("{prefix}gate_proj.bias")),
+            (Role::Up, format!("{prefix}up_proj.weight")),
+            (Role::UpBias, format!("{prefix}up_proj.bias")),
+            (Role::Out, format!("{prefix}down_proj.weight")),
+            (Role::OutBias, format!("{prefix}down_proj.bias")),
         ],
     }
 }
@@ -137,35 +177,26 @@ pub(crate) fn read_blocks(
     prefixes: &[String],
     hidden: usize,
 ) -> Result<HostMlp> {
-    let mut parts: std::collections::BTreeMap<&str, Vec<HostTensor>> = Default::default();
+    let mut parts: std::collections::BTreeMap<Role, Vec<HostTensor>> = Default::default();
     for p in prefixes {
         for (role, name) in block_names(spec.kind, p) {
-            let bias_role = role.ends_with("_b");
-            if bias_role && !spec.bias {
+            if role.is_bias() && !spec.bias {
                 continue;
             }
-            let expect: Vec<usize> = match (role, spec.kind) {
-                ("in", ExpertKind::Linear) => vec![hidden, hidden],
-                ("in_b", ExpertKind::Linear) | ("out_b", _) => vec![hidden],
-                ("in", _) | ("gate", _) | ("up", _) => vec![spec.ffn, hidden],
-                ("in_b", _) | ("gate_b", _) | ("up_b", _) => vec![spec.ffn],
-                ("out", _) => vec![hidden, spec.ffn],
-                (other, _) => return Err(Error::Invalid(format!("internal: unknown expert parameter role `{other}`"))),
-            };
-            parts.entry(role).or_default().push(ck.take_shaped(&name, &expect)?);
+            parts.entry(role).or_default().push(ck.take_shaped(&name, &role.shape(spec, hidden))?);
         }
     }
-    let mut take = |r: &str| parts.remove(r).map(|v| stack(v, r)).transpose();
+    let mut take = |r: Role| parts.remove(&r).map(|v| stack(v, &format!("{r:?}"))).transpose();
     let mut need =
-        |r: &str| take(r)?.ok_or_else(|| Error::MissingTensor(format!("{r} projection (no expert blocks given)")));
+        |r: Role| take(r)?.ok_or_else(|| Error::MissingTensor(format!("{r:?} projection (no expert blocks given)")));
     let (w_in, b_in) = match spec.kind {
         ExpertKind::Glu { .. } => {
-            let (g, u) = (need("gate")?, need("up")?);
+            let (g, u) = (need(Role::Gate)?, need(Role::Up)?);
             let w = concat_rows(&g, &u, "up_proj")?;
             // Biases [E, ffn] each: gate rows first, as in the fused input projection.
-            let b = match (take("gate_b")?, take("up_b")?) {
+            let b = match (take(Role::GateBias)?, take(Role::UpBias)?) {
                 (Some(gb), Some(ub)) => {
-                    let (n, f) = (gb.shape[0], gb.shape[1]);
+                    let (n, f) = (gb.shape()[0], gb.shape()[1]);
                     let both = concat_rows(&gb.reshape(&[n, f, 1])?, &ub.reshape(&[n, f, 1])?, "up_proj.bias")?;
                     Some(both.reshape(&[n, 2 * f])?)
                 }
@@ -173,15 +204,18 @@ pub(crate) fn read_blocks(
             };
             (w, b)
         }
-        _ => (need("in")?, take("in_b")?),
+        _ => (need(Role::In)?, take(Role::InBias)?),
     };
-    Ok(HostMlp { w_in, b_in, w_out: take("out")?, b_out: take("out_b")? })
+    Ok(HostMlp { w_in, b_in, w_out: take(Role::Out)?, b_out: take(Role::OutBias)? })
 }
 
 /// Reads a DeepSpeed `MoE` state dict (keys under `prefix`, e.g. `""` or
 /// `"layers.3.mlp."`). Unused keys under the prefix are an error.
 pub fn layer_weights(ck: &mut Checkpoint, spec: &LayerSpec, prefix: &str) -> Result<HostLayerWeights> {
+    spec.validate()?;
     let (e, m) = (spec.num_experts, spec.hidden);
+    // The router first: its [E, M] shape checks the config's expert count against the
+    // checkpoint before any per-expert name is built.
     let gate = ck.take_shaped(&format!("{prefix}deepspeed_moe.gate.wg.weight"), &[e, m])?;
     let prefixes: Vec<String> =
         (0..e).map(|i| format!("{prefix}deepspeed_moe.experts.deepspeed_experts.{i}.")).collect();

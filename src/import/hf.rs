@@ -6,9 +6,9 @@
 
 use super::checkpoint::{concat_rows, stack, Checkpoint};
 use super::{field, field_any, field_or};
-use crate::backend::Activation;
-use crate::config::{DeepSeekV2Method, ExpertKind, ExpertSpec, GateSpec, LayerSpec, SharedSpec};
+use crate::config::{DeepSeekV2Method, ExpertSpec, GateSpec, LayerSpec, SharedSpec};
 use crate::error::{Error, Result};
+use crate::expert::{Activation, ExpertKind};
 use crate::tensor::HostTensor;
 use crate::weights::{HostLayerWeights, HostMlp};
 use serde_json::Value;
@@ -50,6 +50,19 @@ impl Family {
                 ))
             }
         })
+    }
+
+    /// The `model_type` of the family's `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2_moe",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Olmoe => "olmoe",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
+            Family::Switch => "switch_transformers",
+        }
     }
 
     /// Per-expert hub names of the gate, up and down projections.
@@ -212,8 +225,13 @@ fn hub_glu(
 /// `"model.layers.3.mlp."`); either expert layout is accepted. Unused keys under the prefix
 /// are an error.
 pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix: &str) -> Result<HostLayerWeights> {
+    spec.validate()?;
     let (e, m, f) = (spec.num_experts, spec.hidden, spec.expert.ffn);
-    let (gate_name, experts) = if fam == Family::Switch {
+    // The router first: its [E, M] shape checks the config's expert count against the
+    // checkpoint before any per-expert name is built.
+    let gate_name = if fam == Family::Switch { "router.classifier.weight" } else { "gate.weight" };
+    let gate = ck.take_shaped(&format!("{prefix}{gate_name}"), &[e, m])?;
+    let experts = if fam == Family::Switch {
         let prefixes: Vec<String> = (0..e).map(|i| format!("{prefix}experts.expert_{i}.")).collect();
         let mut wi = Vec::new();
         let mut wo = Vec::new();
@@ -221,21 +239,18 @@ pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix:
             wi.push(ck.take_shaped(&format!("{p}wi.weight"), &[f, m])?);
             wo.push(ck.take_shaped(&format!("{p}wo.weight"), &[m, f])?);
         }
-        let mlp = HostMlp { w_in: stack(wi, "wi")?, b_in: None, w_out: Some(stack(wo, "wo")?), b_out: None };
-        ("router.classifier.weight", mlp)
+        HostMlp { w_in: stack(wi, "wi")?, b_in: None, w_out: Some(stack(wo, "wo")?), b_out: None }
     } else {
         let fused = format!("{prefix}experts.gate_up_proj");
-        let mlp = if ck.contains(&fused) {
+        if ck.contains(&fused) {
             let w_in = ck.take_shaped(&fused, &[e, 2 * f, m])?;
             let w_out = ck.take_shaped(&format!("{prefix}experts.down_proj"), &[e, m, f])?;
             HostMlp { w_in, b_in: None, w_out: Some(w_out), b_out: None }
         } else {
             let prefixes: Vec<String> = (0..e).map(|i| format!("{prefix}experts.{i}.")).collect();
             hub_glu(ck, fam, &prefixes, f, m, false)?
-        };
-        ("gate.weight", mlp)
+        }
     };
-    let gate = ck.take_shaped(&format!("{prefix}{gate_name}"), &[e, m])?;
     let gate_bias = if fam == Family::DeepseekV3 {
         Some(ck.take_shaped(&format!("{prefix}gate.e_score_correction_bias"), &[e])?)
     } else {
@@ -280,9 +295,9 @@ pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix:
 /// Splits a fused `[E, 2I, H]` gate_up tensor back into per-expert `(gate, up)` matrices
 /// (for writers and tests of the hub layout).
 pub fn split_gate_up(t: &HostTensor) -> Result<Vec<(HostTensor, HostTensor)>> {
-    let (e, two_i, h) = match t.shape[..] {
+    let (e, two_i, h) = match t.shape()[..] {
         [a, b, c] if b % 2 == 0 => (a, b, c),
-        _ => return Err(Error::shape("experts.gate_up_proj", "[E, 2I, H]", &t.shape)),
+        _ => return Err(Error::shape("experts.gate_up_proj", "[E, 2I, H]", t.shape())),
     };
     let i = two_i / 2;
     let d = t.as_f32("experts.gate_up_proj")?;
@@ -313,8 +328,11 @@ pub fn load_block(dir: &std::path::Path, layer: usize) -> Result<(Family, LayerS
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .map_err(|e| Error::Io { path: cfg_path.display().to_string(), source: e })?;
-    let cfg: Value =
-        serde_json::from_str(&text).map_err(|e| Error::config(cfg_path.display().to_string(), e.to_string()))?;
+    let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: cfg_path.display().to_string(),
+        msg: "not valid JSON".into(),
+        source: Some(Box::new(e)),
+    })?;
     let (fam, spec) = layer_spec(&cfg)?;
     let mut ck = Checkpoint::load_dir(dir)?;
     let prefix = block_prefix(fam, layer);

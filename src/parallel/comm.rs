@@ -88,6 +88,13 @@ impl ExpertGroups {
     }
 }
 
+/// `timeout` from now; a timeout too long to represent waits as long as the clock can
+/// count (centuries), rather than overflowing.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).or_else(|| now.checked_add(Duration::from_secs(u32::MAX as u64))).unwrap_or(now)
+}
+
 /// [`Communicator::all_to_all_v`] on f32 rows.
 pub fn all_to_all_v_f32(c: &dyn Communicator, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
     let bytes = send.into_iter().map(|v| bytemuck::cast_slice(&v).to_vec()).collect();
@@ -159,7 +166,7 @@ impl InProcessComm {
 
     /// One message per rank other than this one, with `tag`, indexed by source.
     fn gather_tagged(&self, tag: (u64, u8), what: &str) -> Result<Vec<Option<Vec<u8>>>> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = deadline_after(self.timeout);
         let mut got: Vec<Option<Vec<u8>>> = vec![None; self.size];
         let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
         let (rx, early) = &mut *inbox;

@@ -4,7 +4,9 @@
 use super::comm::{all_to_all_v_f32, all_to_all_v_i32, Communicator};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::layer::{ExpertActivations, ForwardOptions, LayerOutput, MoeLayer};
+use crate::layer::{ExpertActivations, LayerOutput, MoeLayer};
+use crate::ops::Offsets;
+use crate::options::LayerOptions;
 use crate::tensor::HostTensor;
 use std::ops::Range;
 
@@ -53,31 +55,29 @@ impl EpLayout {
 
 /// Expert slots spread over the ranks from an EPLB plan: hot experts have several
 /// replicas, and a route to a replicated expert goes to replica `token % replicas`.
+/// Made by [`Placement::new`] or [`Placement::from_plan`], which check that every expert
+/// has a slot and every slot an expert.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
-    /// Logical expert of each physical slot; slot `p` is on rank `p / slots_per_rank`.
-    pub phy2log: Vec<usize>,
-    /// The slots of each logical expert.
-    pub replicas: Vec<Vec<usize>>,
-    /// Slots per rank.
-    pub slots_per_rank: usize,
+    phy2log: Vec<usize>,
+    replicas: Vec<Vec<usize>>,
+    slots_per_rank: usize,
 }
 
 impl Placement {
-    /// Layer `layer` of an EPLB plan over `ranks` ranks (one rank per GPU of the plan).
-    pub fn from_plan(plan: &super::EplbPlan, layer: usize, ranks: usize) -> Result<Self> {
-        let phy2log = plan
-            .phy2log
-            .get(layer)
-            .ok_or_else(|| Error::config("layer", format!("the plan has no layer {layer}")))?
-            .clone();
-        if ranks == 0 || !phy2log.len().is_multiple_of(ranks) {
+    /// The placement of `num_experts` experts given the logical expert of every physical
+    /// slot, the slots split evenly over `ranks` ranks (slot `p` on rank
+    /// `p / (slots / ranks)`).
+    pub fn new(phy2log: Vec<usize>, ranks: usize, num_experts: usize) -> Result<Self> {
+        if ranks == 0 || phy2log.is_empty() || !phy2log.len().is_multiple_of(ranks) {
             return Err(Error::config("ep_size", format!("{} slots do not split over {ranks} ranks", phy2log.len())));
         }
-        let e = plan.logcnt[layer].len();
-        let mut replicas = vec![Vec::new(); e];
+        let mut replicas = vec![Vec::new(); num_experts];
         for (p, &l) in phy2log.iter().enumerate() {
-            replicas[l].push(p);
+            let slot = replicas.get_mut(l).ok_or_else(|| {
+                Error::config("placement", format!("slot {p} holds expert {l} of only {num_experts}"))
+            })?;
+            slot.push(p);
         }
         if let Some(missing) = replicas.iter().position(Vec::is_empty) {
             return Err(Error::config("placement", format!("expert {missing} has no slot")));
@@ -85,9 +85,39 @@ impl Placement {
         Ok(Placement { slots_per_rank: phy2log.len() / ranks, phy2log, replicas })
     }
 
-    /// The logical experts of `rank`'s slots, in slot order.
+    /// Layer `layer` of an EPLB plan over `ranks` ranks (one rank per GPU of the plan).
+    pub fn from_plan(plan: &super::EplbPlan, layer: usize, ranks: usize) -> Result<Self> {
+        let phy2log = plan
+            .phy2log
+            .get(layer)
+            .ok_or_else(|| Error::config("layer", format!("the plan has no layer {layer}")))?
+            .clone();
+        Self::new(phy2log, ranks, plan.logcnt[layer].len())
+    }
+
+    /// The logical experts of `rank`'s slots, in slot order (empty past the last rank).
     pub fn local(&self, rank: usize) -> &[usize] {
-        &self.phy2log[rank * self.slots_per_rank..(rank + 1) * self.slots_per_rank]
+        self.phy2log.get(rank * self.slots_per_rank..(rank + 1) * self.slots_per_rank).unwrap_or(&[])
+    }
+
+    /// Logical expert of every physical slot.
+    pub fn phy2log(&self) -> &[usize] {
+        &self.phy2log
+    }
+
+    /// The slots of each logical expert (never empty).
+    pub fn replicas(&self) -> &[Vec<usize>] {
+        &self.replicas
+    }
+
+    /// Slots per rank.
+    pub fn slots_per_rank(&self) -> usize {
+        self.slots_per_rank
+    }
+
+    /// Ranks the slots are spread over.
+    pub fn ranks(&self) -> usize {
+        self.phy2log.len() / self.slots_per_rank
     }
 }
 
@@ -118,15 +148,14 @@ impl<B: Backend> MoeLayer<B> {
     pub fn forward_ep(
         &self,
         b: &B,
-        x: &crate::backend::Tensor<B>,
-        opts: &ForwardOptions,
+        x: &crate::device_tensor::Tensor<B>,
+        opts: &LayerOptions,
         comm: &dyn Communicator,
         tokens: TokenLayout,
     ) -> Result<LayerOutput<B>> {
-        let ep =
-            self.ep.ok_or_else(|| Error::Invalid("forward_ep on a layer built without MoeLayer::new_ep".into()))?;
+        let ep = self.ep.ok_or_else(|| Error::Misuse("forward_ep on a layer built without MoeLayer::new_ep".into()))?;
         if comm.rank() != ep.rank || comm.size() != ep.size {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Misuse(format!(
                 "communicator rank {} of {} does not match the layer's expert layout (rank {} of {})",
                 comm.rank(),
                 comm.size(),
@@ -135,21 +164,21 @@ impl<B: Backend> MoeLayer<B> {
             )));
         }
         let crate::layer::Flat { x: x2, s, m, seq, shape } = self.flatten_input(x)?;
-        let gate = self.gate.forward(b, &x2, seq, opts)?;
+        let gate = self.gate.forward(b, &x2, seq, &opts.gate)?;
         let k = gate.plan.rows.shape()[1];
         let rows = b.download(&gate.plan.rows)?.into_i32("plan.rows")?;
         let weights = b.download(&gate.plan.weights)?.into_f32("plan.weights")?;
         let experts = b.download(&gate.routes.experts)?.into_i32("routes.experts")?;
         let xh = b.download(&x2)?.into_f32("x")?;
         let placement = self.placement.as_ref();
-        let per = placement.map_or(ep.per_rank(), |p| p.slots_per_rank);
+        let per = placement.map_or(ep.per_rank(), |p| p.slots_per_rank());
         // (owner rank, local slot) of a route of token t to expert e.
         let target = |t: usize, e: usize| -> (usize, usize) {
             match placement {
                 Some(p) => {
-                    let reps = &p.replicas[e];
+                    let reps = &p.replicas()[e];
                     let slot = reps[t % reps.len()];
-                    (slot / p.slots_per_rank, slot % p.slots_per_rank)
+                    (slot / p.slots_per_rank(), slot % p.slots_per_rank())
                 }
                 None => (ep.owner(e), e % per),
             }
@@ -209,7 +238,7 @@ impl<B: Backend> MoeLayer<B> {
             xp.extend_from_slice(row);
         }
         let xp_t = b.upload(&HostTensor::f32(&[arrived.len(), m], xp)?)?;
-        let off_t = b.upload(&HostTensor::i32(&[per + 1], offsets)?)?;
+        let off_t = Offsets::from_host(b, &offsets)?;
         let acts = self.experts.grouped(b, xp_t, &off_t, opts.keep_activations)?;
         let yp = b.download(&acts.yp)?.into_f32("expert outputs")?;
 

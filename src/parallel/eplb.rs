@@ -36,7 +36,9 @@ fn balanced_packing(weight: &[Vec<f32>], packs: usize) -> (Vec<Vec<usize>>, Vec<
     let mut rank_in_pack = Vec::with_capacity(weight.len());
     for row in weight {
         let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
+        // Loads are checked finite on the way in, so this is a total order; the stable
+        // sort keeps ties in index order.
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
         let (mut pw, mut items) = (vec![0f32; packs], vec![0usize; packs]);
         let (mut pi, mut ri) = (vec![0usize; n], vec![0usize; n]);
         for item in order {
@@ -181,7 +183,17 @@ pub fn rebalance_experts(
     if !e.is_multiple_of(groups) || !num_gpus.is_multiple_of(nodes) || (num_replicas / nodes) < (e / nodes) {
         return bad(format!("{e} experts, {groups} groups, {nodes} nodes and {num_gpus} GPUs do not divide evenly"));
     }
-    let w32: Vec<Vec<f32>> = weight.iter().map(|r| r.iter().map(|&v| v as f32).collect()).collect();
+    // The reference computes in f32; a load that is not a finite, non-negative f32 is an
+    // error naming it (a NaN would otherwise reorder the packing silently).
+    let w32: Vec<Vec<f32>> = weight.iter().map(|r| r.iter().map(|&v| v as f32 + 0.0).collect()).collect();
+    for (l, row) in w32.iter().enumerate() {
+        if let Some(x) = row.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+            return Err(Error::config(
+                "eplb loads",
+                format!("load {} of expert {x} in layer {l} is not a finite, non-negative f32", weight[l][x]),
+            ));
+        }
+    }
     let (phy2log, rank, logcnt) = hierarchical(&w32, num_replicas, groups, nodes, num_gpus);
     let max = logcnt.iter().flatten().copied().max().unwrap_or(1);
     let log2phy = (0..weight.len())

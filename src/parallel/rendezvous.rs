@@ -45,7 +45,7 @@ impl LaunchEnv {
 /// communication error when a peer does not show up within `timeout`.
 pub fn share_token(env: &LaunchEnv, token: Option<[u8; 128]>, timeout: Duration) -> Result<[u8; 128]> {
     let fail = |msg: String| Error::Communication { rank: env.rank, msg };
-    let deadline = Instant::now() + timeout;
+    let deadline = super::comm::deadline_after(timeout);
     if env.rank == 0 {
         let token = token.ok_or_else(|| fail("rank 0 has no token to share".into()))?;
         let listener = TcpListener::bind(&env.master).map_err(|e| fail(format!("listen on {}: {e}", env.master)))?;

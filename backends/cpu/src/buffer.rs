@@ -13,6 +13,16 @@ pub enum CpuBuffer {
     WeightT(Vec<f32>),
 }
 
+impl moe_engine::DeviceBuffer for CpuBuffer {
+    fn bytes(&self) -> u64 {
+        let elems = match self {
+            CpuBuffer::F32(v) | CpuBuffer::WeightT(v) => v.len(),
+            CpuBuffer::I32(v) => v.len(),
+        };
+        elems as u64 * 4
+    }
+}
+
 /// Transposes every `[n, k]` matrix of a stack to `[k, n]`.
 pub(crate) fn transpose_stack(v: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];

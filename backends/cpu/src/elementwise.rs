@@ -1,8 +1,8 @@
 //! Activations, GLU, permute / combine, residual and shared-expert mixing on the cpu.
 
 use crate::{f32s, i32s, tf32, CpuBackend, T};
-use moe_engine::backend::{Activation, Plan};
-use moe_engine::{Error, Result};
+use moe_engine::ops::{CombineOp, ElementwiseKind, ElementwiseOp, PermuteOp};
+use moe_engine::{Activation, Error, Result};
 use rayon::prelude::*;
 
 const PAR_CHUNK: usize = 1 << 14;
@@ -82,26 +82,56 @@ pub(crate) fn act(x: f32, a: Activation) -> f32 {
     }
 }
 
-pub(crate) fn activation(x: &T, a: Activation) -> Result<T> {
-    let v = f32s(x, "activation input")?;
-    let mut out = v.to_vec();
-    out.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|y| *y = act(*y, a)));
-    Ok(tf32(x.shape(), out))
-}
-
-pub(crate) fn glu(x: &T, a: Activation) -> Result<T> {
-    let (r, two_i) = x.dims2("glu input")?;
-    if two_i % 2 != 0 {
-        return Err(Error::shape("glu input", "[rows, 2·ffn] (gate columns, then up)", x.shape()));
-    }
-    let i = two_i / 2;
-    let v = f32s(x, "glu input")?;
-    let mut out = vec![0f32; r * i];
-    out.par_chunks_mut(i.max(1)).enumerate().for_each(|(row, o)| {
-        let (gate, up) = v[row * two_i..(row + 1) * two_i].split_at(i);
-        glu_row(o, gate, up, a);
-    });
-    Ok(tf32(&[r, i], out))
+/// An elementwise op on checked operands.
+pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
+    let a = f32s(op.a, "elementwise input")?;
+    let second = |name: &str| -> Result<&[f32]> {
+        f32s(op.b.ok_or_else(|| Error::Internal(format!("{name} without its second operand")))?, name)
+    };
+    let cols = op.params.cols as usize;
+    let out = match op.kind {
+        ElementwiseKind::Activation(act_kind) => {
+            let mut out = a.to_vec();
+            out.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|y| *y = act(*y, act_kind)));
+            out
+        }
+        ElementwiseKind::Glu(act_kind) => {
+            let mut out = vec![0f32; op.params.n as usize];
+            out.par_chunks_mut(cols).enumerate().for_each(|(row, o)| {
+                let (gate, up) = a[row * 2 * cols..(row + 1) * 2 * cols].split_at(cols);
+                glu_row(o, gate, up, act_kind);
+            });
+            out
+        }
+        ElementwiseKind::Mul => a.iter().zip(second("mul")?).map(|(p, q)| p * q).collect(),
+        ElementwiseKind::AddGated => {
+            let b = second("add_gated")?;
+            let g = op.c.map(|g| f32s(g, "shared_expert_gate logits")).transpose()?;
+            let mut out = a.to_vec();
+            out.par_chunks_mut(cols).zip(b.par_chunks(cols)).enumerate().for_each(|(row, (o, y))| {
+                let s = g.map_or(1.0, |g| 1.0 / (1.0 + (-g[row]).exp()));
+                o.iter_mut().zip(y).for_each(|(o, y)| *o += s * y);
+            });
+            out
+        }
+        ElementwiseKind::ResidualMix => {
+            let b = second("residual_mix")?;
+            let c = f32s(op.c.ok_or_else(|| Error::Internal("residual_mix without coefficients".into()))?, "coef")?;
+            let mut out = vec![0f32; a.len()];
+            out.par_chunks_mut(cols).enumerate().for_each(|(row, o)| {
+                let (l0, l1) = (c[row * 2], c[row * 2 + 1]);
+                let mx = l0.max(l1);
+                let (e0, e1) = ((l0 - mx).exp(), (l1 - mx).exp());
+                let (c0, c1) = (e0 / (e0 + e1), e1 / (e0 + e1));
+                let base = row * cols;
+                for (col, o) in o.iter_mut().enumerate() {
+                    *o = a[base + col] * c0 + b[base + col] * c1;
+                }
+            });
+            out
+        }
+    };
+    tf32(&op.out_shape, out)
 }
 
 /// `o = act(gate) · up` for one row.
@@ -117,91 +147,33 @@ pub(crate) fn glu_row(o: &mut [f32], gate: &[f32], up: &[f32], a: Activation) {
     }
 }
 
-pub(crate) fn mul(a: &T, b: &T) -> Result<T> {
-    if a.shape() != b.shape() {
-        return Err(Error::shape("mul rhs", format!("{:?}", a.shape()), b.shape()));
-    }
-    let (x, y) = (f32s(a, "mul lhs")?, f32s(b, "mul rhs")?);
-    Ok(tf32(a.shape(), x.iter().zip(y).map(|(p, q)| p * q).collect()))
-}
-
-pub(crate) fn add_gated(a: &T, b: &T, gate: Option<&T>) -> Result<T> {
-    let (r, m) = a.dims2("add_gated lhs")?;
-    if b.shape() != a.shape() {
-        return Err(Error::shape("shared expert output", format!("[{r}, {m}]"), b.shape()));
-    }
-    let (x, y) = (f32s(a, "add_gated lhs")?, f32s(b, "shared expert output")?);
-    let g = match gate {
-        Some(g) => {
-            if g.shape() != [r, 1] {
-                return Err(Error::shape("shared_expert_gate logits", format!("[{r}, 1]"), g.shape()));
-            }
-            Some(f32s(g, "shared_expert_gate logits")?)
-        }
-        None => None,
-    };
-    let mut out = x.to_vec();
-    for row in 0..r {
-        let s = g.map_or(1.0, |g| 1.0 / (1.0 + (-g[row]).exp()));
-        for c in 0..m {
-            out[row * m + c] += s * y[row * m + c];
-        }
-    }
-    Ok(tf32(a.shape(), out))
-}
-
-pub(crate) fn residual_mix(moe: &T, mlp: &T, coef: &T) -> Result<T> {
-    let (r, m) = moe.dims2("moe output")?;
-    if mlp.shape() != moe.shape() {
-        return Err(Error::shape("residual mlp output", format!("[{r}, {m}]"), mlp.shape()));
-    }
-    if coef.shape() != [r, 2] {
-        return Err(Error::shape("coefficient logits", format!("[{r}, 2]"), coef.shape()));
-    }
-    let (a, b, c) = (f32s(moe, "moe output")?, f32s(mlp, "residual mlp output")?, f32s(coef, "coefficient logits")?);
-    let mut out = vec![0f32; r * m];
-    for row in 0..r {
-        let (l0, l1) = (c[row * 2], c[row * 2 + 1]);
-        let mx = l0.max(l1);
-        let (e0, e1) = ((l0 - mx).exp(), (l1 - mx).exp());
-        let (c0, c1) = (e0 / (e0 + e1), e1 / (e0 + e1));
-        for col in 0..m {
-            out[row * m + col] = a[row * m + col] * c0 + b[row * m + col] * c1;
-        }
-    }
-    Ok(tf32(&[r, m], out))
-}
-
-pub(crate) fn permute(x: &T, plan: &Plan<CpuBackend>) -> Result<T> {
-    let (s, m) = x.dims2("x")?;
-    let (ps, k) = plan.rows.dims2("plan.rows")?;
-    if ps != s {
-        return Err(Error::shape("plan.rows", format!("[{s}, k]"), plan.rows.shape()));
-    }
-    let rows = i32s(&plan.rows, "plan.rows")?;
-    let v = f32s(x, "x")?;
-    // Inverse map: compact row → token.
-    let mut src = vec![usize::MAX; s * k];
+pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
+    let [rows_out, m] = op.out_shape;
+    let k = op.plan.k();
+    let rows = i32s(&op.plan.rows, "plan.rows")?;
+    let v = f32s(op.x, "x")?;
+    // Inverse map: compact row → token. Rows come from the plan op, so each is in range.
+    let mut src = vec![usize::MAX; rows_out];
     for (r, &row) in rows.iter().enumerate() {
         if row >= 0 {
             src[row as usize] = r / k;
         }
     }
-    let mut out = vec![0f32; s * k * m];
+    let mut out = vec![0f32; rows_out * m];
     out.par_chunks_mut(m.max(1)).zip(src.par_iter()).for_each(|(o, &t)| {
         if t != usize::MAX {
             o.copy_from_slice(&v[t * m..(t + 1) * m]);
         }
     });
-    Ok(tf32(&[s * k, m], out))
+    tf32(&op.out_shape, out)
 }
 
-pub(crate) fn combine(yp: &T, plan: &Plan<CpuBackend>) -> Result<T> {
-    let (_, m) = yp.dims2("expert output")?;
-    let (s, k) = plan.rows.dims2("plan.rows")?;
-    let rows = i32s(&plan.rows, "plan.rows")?;
-    let w = f32s(&plan.weights, "plan.weights")?;
-    let v = f32s(yp, "expert output")?;
+pub(crate) fn combine(op: &CombineOp<'_, CpuBackend>) -> Result<T> {
+    let [s, m] = op.out_shape;
+    let k = op.plan.k();
+    let rows = i32s(&op.plan.rows, "plan.rows")?;
+    let w = f32s(&op.plan.weights, "plan.weights")?;
+    let v = f32s(op.yp, "expert output")?;
     let mut out = vec![0f32; s * m];
     out.par_chunks_mut(m.max(1)).enumerate().for_each(|(t, o)| {
         for j in 0..k {
@@ -214,7 +186,7 @@ pub(crate) fn combine(yp: &T, plan: &Plan<CpuBackend>) -> Result<T> {
             }
         }
     });
-    Ok(tf32(&[s, m], out))
+    tf32(&op.out_shape, out)
 }
 
 #[cfg(test)]

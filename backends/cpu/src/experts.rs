@@ -4,10 +4,10 @@
 //! keeps it for a backward pass.
 
 use crate::elementwise::glu_row;
-use crate::matmul::{check_grouped, fill_tile, gemm_raw, rhs_block, tiles, Grouped, SharedOut, Tile, SERIAL_WORK};
-use crate::{tf32, weight_data, T};
-use moe_engine::backend::Activation;
-use moe_engine::{Error, Result};
+use crate::matmul::{fill_tile, gemm_raw, offsets, rhs_block, tiles, SharedOut, Tile, SERIAL_WORK};
+use crate::{f32s, tf32, weight_data, CpuBackend, T};
+use moe_engine::ops::{GroupedMlpOp, MatDims};
+use moe_engine::{Activation, Result};
 use rayon::prelude::*;
 
 /// GLU columns per tile: the tile's product covers twice as many weight columns (gate
@@ -17,22 +17,15 @@ const GLU_BLOCK: usize = 128;
 /// `act(x · w_gateᵀ + b_gate) · (x · w_upᵀ + b_up)` over expert groups: `w [G, 2I, K]`
 /// holds the gate rows first, then the up rows. Returns `h [R, I]` and, with `keep_pre`,
 /// the pre-activation `[R, 2I]` as the unfused first product would have produced it.
-pub(crate) fn grouped_glu(
-    x: &T,
-    offsets: &T,
-    w: &T,
-    bias: Option<&T>,
-    a: Activation,
-    keep_pre: bool,
-    threads: usize,
-) -> Result<(T, Option<T>)> {
-    let Grouped { r, kk, g, n, off, bias: b } = check_grouped(x, offsets, w, bias)?;
-    if n % 2 != 0 {
-        return Err(Error::shape("GLU expert weights", "[experts, 2·ffn, hidden] (gate rows, then up)", w.shape()));
-    }
-    let i = n / 2;
-    let xs = crate::f32s(x, "grouped input")?;
-    let (ws, w_t) = weight_data(w, "expert weights")?;
+pub(crate) fn grouped_glu(op: &GroupedMlpOp<'_, CpuBackend>, a: Activation, threads: usize) -> Result<(T, Option<T>)> {
+    let MatDims { rows: r, n, k: kk } = op.first;
+    let keep_pre = op.keep_pre;
+    let off = offsets(op.offsets, r)?;
+    let g = off.len() - 1;
+    let b = op.weights.b_in.map(|b| f32s(b, "expert biases")).transpose()?;
+    let i = op.inner;
+    let xs = f32s(op.xp, "grouped input")?;
+    let (ws, w_t) = weight_data(op.weights.w_in, "expert weights")?;
     let mut h = vec![0f32; r * i];
     let mut pre = if keep_pre { vec![0f32; r * n] } else { Vec::new() };
     let (hp, pp) = (SharedOut(h.as_mut_ptr()), SharedOut(pre.as_mut_ptr()));
@@ -80,5 +73,5 @@ pub(crate) fn grouped_glu(
         let mut scratch = Vec::new();
         tiles.iter().for_each(|t| run(&mut scratch, t));
     }
-    Ok((tf32(&[r, i], h), keep_pre.then(|| tf32(&[r, n], pre))))
+    Ok((tf32(&[r, i], h)?, if keep_pre { Some(tf32(&[r, n], pre)?) } else { None }))
 }

@@ -5,6 +5,9 @@
 //! exactness (they are O(S·E) and never the bottleneck); the matrix products go through the
 //! `gemm` crate and run on a rayon pool, grouped over compact expert-major rows without
 //! padding.
+//!
+//! Operands arrive checked by the trait's front doors (`moe_engine::ops`); this crate does
+//! only the cpu's work.
 
 mod buffer;
 mod elementwise;
@@ -15,22 +18,28 @@ mod route;
 
 pub use buffer::CpuBuffer;
 
-use moe_engine::backend::{
-    grouped_mlp_unfused, Activation, Backend, Capabilities, MlpOutput, MlpWeights, Plan, PlanSpec, RouteSpec, Routes,
+use moe_engine::backend::{Backend, Capabilities};
+use moe_engine::expert::ExpertKind;
+use moe_engine::ops::{
+    grouped_mlp_unfused, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, PermuteOp,
+    PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts, UploadOp, WeightUploadOp,
 };
-use moe_engine::config::ExpertKind;
+use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
 
 /// The cpu backend: a rayon thread pool and host memory.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
-    threads: usize,
+    caps: Capabilities,
 }
 
 impl CpuBackend {
     /// A backend with `threads` workers (`None`: one per available core, or the
-    /// `RAYON_NUM_THREADS` environment variable).
+    /// `RAYON_NUM_THREADS` environment variable). `Some(0)` is an error.
     pub fn new(threads: Option<usize>) -> Result<Self> {
+        if threads == Some(0) {
+            return Err(Error::config("threads", "a backend needs at least one thread"));
+        }
         let threads = threads
             .or_else(|| std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()))
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -45,13 +54,28 @@ impl CpuBackend {
             .num_threads(threads)
             .thread_name(|i| format!("moe-cpu-{i}"))
             .build()
-            .map_err(|e| Error::Backend { backend: "cpu".into(), msg: format!("thread pool: {e}") })?;
-        Ok(CpuBackend { pool, threads })
+            .map_err(|e| Error::Backend {
+                backend: "cpu".into(),
+                msg: "thread pool".into(),
+                source: Some(Box::new(e)),
+            })?;
+        let caps = Capabilities {
+            backend: "cpu".into(),
+            device: cpu_name(),
+            storage_dtypes: vec![DType::F32],
+            max_buffer_bytes: isize::MAX as u64,
+            subgroups: false,
+            threads,
+            half_inputs: false,
+            max_route_experts: None,
+            max_route_groups: None,
+        };
+        Ok(CpuBackend { pool, caps })
     }
 
     /// Worker threads.
     pub fn threads(&self) -> usize {
-        self.threads
+        self.caps.threads
     }
 }
 
@@ -60,9 +84,9 @@ pub(crate) type T = Tensor<CpuBackend>;
 pub(crate) fn f32s<'a>(t: &'a T, name: &str) -> Result<&'a [f32]> {
     match t.buffer() {
         CpuBuffer::F32(v) => Ok(v),
-        CpuBuffer::I32(_) => Err(Error::DType { tensor: name.into(), expected: "f32".into(), got: "i32".into() }),
+        CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
         CpuBuffer::WeightT(_) => {
-            Err(Error::Invalid(format!("tensor `{name}` is an uploaded weight; only matrix products read it")))
+            Err(Error::Misuse(format!("tensor `{name}` is an uploaded weight; only matrix products read it")))
         }
     }
 }
@@ -72,24 +96,22 @@ pub(crate) fn weight_data<'a>(t: &'a T, name: &str) -> Result<(&'a [f32], bool)>
     match t.buffer() {
         CpuBuffer::F32(v) => Ok((v, false)),
         CpuBuffer::WeightT(v) => Ok((v, true)),
-        CpuBuffer::I32(_) => Err(Error::DType { tensor: name.into(), expected: "f32".into(), got: "i32".into() }),
+        CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
     }
 }
 
 pub(crate) fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a [i32]> {
     match t.buffer() {
         CpuBuffer::I32(v) => Ok(v),
-        CpuBuffer::F32(_) | CpuBuffer::WeightT(_) => {
-            Err(Error::DType { tensor: name.into(), expected: "i32".into(), got: "f32".into() })
-        }
+        CpuBuffer::F32(_) | CpuBuffer::WeightT(_) => Err(Error::dtype(name, "i32", "f32")),
     }
 }
 
-pub(crate) fn tf32(shape: &[usize], v: Vec<f32>) -> T {
+pub(crate) fn tf32(shape: &[usize], v: Vec<f32>) -> Result<T> {
     Tensor::from_parts(CpuBuffer::F32(v), shape.to_vec(), DType::F32)
 }
 
-pub(crate) fn ti32(shape: &[usize], v: Vec<i32>) -> T {
+pub(crate) fn ti32(shape: &[usize], v: Vec<i32>) -> Result<T> {
     Tensor::from_parts(CpuBuffer::I32(v), shape.to_vec(), DType::I32)
 }
 
@@ -100,45 +122,32 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            backend: "cpu".into(),
-            device: cpu_name(),
-            storage_dtypes: vec![DType::F32],
-            max_buffer_bytes: isize::MAX as u64,
-            subgroups: false,
-            threads: self.threads,
-            half_inputs: false,
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn available_memory(&self) -> Option<u64> {
+        moe_engine::memory::host_available()
+    }
+
+    fn run_upload(&self, op: &UploadOp<'_>) -> Result<T> {
+        let t = op.tensor;
+        match t.data() {
+            HostData::F32(v) => tf32(t.shape(), v.clone()),
+            HostData::I32(v) => ti32(t.shape(), v.clone()),
         }
     }
 
-    fn upload_as(&self, t: &HostTensor, dtype: DType) -> Result<T> {
-        match (&t.data, dtype) {
-            (moe_engine::tensor::HostData::F32(v), DType::F32) => Ok(tf32(&t.shape, v.clone())),
-            (moe_engine::tensor::HostData::I32(v), DType::I32) => Ok(ti32(&t.shape, v.clone())),
-            _ => Err(Error::Unsupported {
-                backend: "cpu".into(),
-                what: format!("storing {} data as {dtype}", t.dtype()),
-            }),
-        }
+    fn run_upload_weight(&self, op: &WeightUploadOp<'_>) -> Result<T> {
+        let (_, n, k) = op.dims;
+        let v = op.tensor.as_f32("weight")?;
+        Tensor::from_parts(CpuBuffer::WeightT(buffer::transpose_stack(v, n, k)), op.tensor.shape().to_vec(), DType::F32)
     }
 
-    fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<T> {
-        let (n, k) = match t.shape[..] {
-            [.., n, k] if t.shape.len() >= 2 => (n, k),
-            _ => return Err(Error::shape("weight", "[out, in] or [groups, out, in]", &t.shape)),
-        };
-        if dtype != DType::F32 {
-            return Err(Error::Unsupported { backend: "cpu".into(), what: format!("{dtype} weights") });
-        }
-        let v = t.as_f32("weight")?;
-        Ok(Tensor::from_parts(CpuBuffer::WeightT(buffer::transpose_stack(v, n, k)), t.shape.clone(), DType::F32))
-    }
-
-    fn download(&self, t: &T) -> Result<HostTensor> {
+    fn run_download(&self, t: &T) -> Result<HostTensor> {
         match t.buffer() {
-            CpuBuffer::F32(v) => HostTensor::f32(t.shape(), v.clone()),
-            CpuBuffer::I32(v) => HostTensor::i32(t.shape(), v.clone()),
+            CpuBuffer::F32(v) => HostTensor::f32(t.shape(), v[..t.numel()].to_vec()),
+            CpuBuffer::I32(v) => HostTensor::i32(t.shape(), v[..t.numel()].to_vec()),
             CpuBuffer::WeightT(v) => {
                 let s = t.shape();
                 let (n, k) = (s[s.len() - 2], s[s.len() - 1]);
@@ -152,64 +161,47 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
-        self.pool.install(|| matmul::linear(x, w, bias, self.threads))
+    fn run_linear(&self, op: &LinearOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| matmul::linear(op, self.threads()))
     }
 
-    fn grouped_linear(&self, x: &T, offsets: &T, w: &T, bias: Option<&T>) -> Result<T> {
-        self.pool.install(|| matmul::grouped_linear(x, offsets, w, bias, self.threads))
+    fn run_grouped_linear(&self, op: &GroupedLinearOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| matmul::grouped_linear(op, self.threads()))
     }
 
-    fn grouped_mlp(&self, xp: &T, offsets: &T, w: &MlpWeights<'_, Self>, keep_pre: bool) -> Result<MlpOutput<Self>> {
+    fn run_grouped_mlp(&self, op: &GroupedMlpOp<'_, Self>) -> Result<MlpOutput<Self>> {
+        let w = op.weights;
         let ExpertKind::Glu { activation } = w.kind else {
-            return grouped_mlp_unfused(self, xp, offsets, w, keep_pre);
+            return grouped_mlp_unfused(self, op);
         };
-        let (h, pre) = self
-            .pool
-            .install(|| experts::grouped_glu(xp, offsets, w.w_in, w.b_in, activation, keep_pre, self.threads))?;
-        let w_out = w.w_out.ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))?;
-        let y = self.grouped_linear(&h, offsets, w_out, w.b_out)?;
+        let (h, pre) = self.pool.install(|| experts::grouped_glu(op, activation, self.threads()))?;
+        let w_out = w.w_out.ok_or_else(|| Error::Internal("checked GLU experts without w_out".into()))?;
+        let y = self.grouped_linear(&h, op.offsets, w_out, w.b_out)?;
         Ok(MlpOutput { pre, y })
     }
 
-    fn activation(&self, x: &T, act: Activation) -> Result<T> {
-        self.pool.install(|| elementwise::activation(x, act))
+    fn run_elementwise(&self, op: &ElementwiseOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| elementwise::run(op))
     }
 
-    fn glu(&self, x: &T, act: Activation) -> Result<T> {
-        self.pool.install(|| elementwise::glu(x, act))
+    fn run_route(&self, op: &RouteOp<'_, Self>) -> Result<RoutesParts<Self>> {
+        self.pool.install(|| route::route(op))
     }
 
-    fn mul(&self, a: &T, b: &T) -> Result<T> {
-        elementwise::mul(a, b)
+    fn run_plan(&self, op: &PlanOp<'_, Self>) -> Result<PlanParts<Self>> {
+        plan::plan(op)
     }
 
-    fn add_gated(&self, a: &T, b: &T, gate: Option<&T>) -> Result<T> {
-        elementwise::add_gated(a, b, gate)
+    fn run_permute(&self, op: &PermuteOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| elementwise::permute(op))
     }
 
-    fn residual_mix(&self, moe: &T, mlp: &T, coef: &T) -> Result<T> {
-        elementwise::residual_mix(moe, mlp, coef)
+    fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| elementwise::combine(op))
     }
 
-    fn route(&self, logits: &T, spec: &RouteSpec<'_, Self>) -> Result<Routes<Self>> {
-        self.pool.install(|| route::route(logits, spec))
-    }
-
-    fn plan(&self, routes: &Routes<Self>, spec: &PlanSpec<'_, Self>) -> Result<Plan<Self>> {
-        plan::plan(routes, spec)
-    }
-
-    fn permute(&self, x: &T, plan: &Plan<Self>) -> Result<T> {
-        self.pool.install(|| elementwise::permute(x, plan))
-    }
-
-    fn combine(&self, yp: &T, plan: &Plan<Self>) -> Result<T> {
-        self.pool.install(|| elementwise::combine(yp, plan))
-    }
-
-    fn router_stats(&self, logits: &T, scores: &T) -> Result<T> {
-        route::router_stats(logits, scores)
+    fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {
+        route::router_stats(op)
     }
 }
 

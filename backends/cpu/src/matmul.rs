@@ -1,8 +1,9 @@
 //! Matrix products on the cpu through the `gemm` crate: plain and grouped by expert
 //! offsets over compact rows (no padding to capacity).
 
-use crate::{f32s, i32s, tf32, weight_data, T};
+use crate::{f32s, i32s, tf32, weight_data, CpuBackend, T};
 use gemm::Parallelism;
+use moe_engine::ops::{GroupedLinearOp, LinearOp, MatDims, Offsets};
 use moe_engine::{Error, Result};
 use rayon::prelude::*;
 
@@ -10,68 +11,28 @@ use rayon::prelude::*;
 /// products costs more in synchronisation than it saves.
 pub(crate) const SERIAL_WORK: usize = 1 << 20;
 
-pub(crate) fn linear(x: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T> {
-    let (r, kk) = x.dims2("linear input")?;
-    let (n, wk) = w.dims2("linear weight")?;
-    if wk != kk {
-        return Err(Error::shape("linear weight", format!("[out, {kk}]"), w.shape()));
-    }
-    let b = match bias {
-        Some(b) => {
-            if b.shape() != [n] {
-                return Err(Error::shape("linear bias", format!("[{n}]"), b.shape()));
-            }
-            Some(f32s(b, "linear bias")?)
-        }
-        None => None,
-    };
+pub(crate) fn linear(op: &LinearOp<'_, CpuBackend>, threads: usize) -> Result<T> {
+    let MatDims { rows: r, n, k: kk } = op.dims;
+    let b = op.bias.map(|b| f32s(b, "linear bias")).transpose()?;
     let out = tiled_product(
-        f32s(x, "linear input")?,
+        f32s(op.x, "linear input")?,
         &[0, r as i32],
-        weight_data(w, "linear weight")?,
+        weight_data(op.w, "linear weight")?,
         b,
         (r, n, kk),
         threads,
     );
-    Ok(tf32(&[r, n], out))
+    tf32(&[r, n], out)
 }
 
-/// A grouped product's operands, checked: rows `r`, inner size `kk`, groups `g`, output
-/// columns `n`, the offsets and the bias.
-pub(crate) struct Grouped<'a> {
-    pub(crate) r: usize,
-    pub(crate) kk: usize,
-    pub(crate) g: usize,
-    pub(crate) n: usize,
-    pub(crate) off: &'a [i32],
-    pub(crate) bias: Option<&'a [f32]>,
-}
-
-/// Checks the shapes of `x [R, K]`, `offsets [G + 1]`, `w [G, N, K]` and `bias [G, N]`,
-/// and that the offsets are a non-decreasing prefix sum within the rows.
-pub(crate) fn check_grouped<'a>(x: &T, offsets: &'a T, w: &T, bias: Option<&'a T>) -> Result<Grouped<'a>> {
-    let (r, kk) = x.dims2("grouped input")?;
-    let (g, n, wk) = w.dims3("expert weights")?;
-    if wk != kk {
-        return Err(Error::shape("expert weights", format!("[experts, out, {kk}]"), w.shape()));
-    }
-    if offsets.shape() != [g + 1] {
-        return Err(Error::shape("offsets", format!("[{}]", g + 1), offsets.shape()));
-    }
-    let off = i32s(offsets, "offsets")?;
-    if off[0] != 0 || off.windows(2).any(|p| p[1] < p[0]) || off[g] as usize > r {
-        return Err(Error::Invalid(format!("offsets {off:?} are not a non-decreasing prefix sum within {r} rows")));
-    }
-    let bias = match bias {
-        Some(b) => {
-            if b.shape() != [g, n] {
-                return Err(Error::shape("expert biases", format!("[{g}, {n}]"), b.shape()));
-            }
-            Some(f32s(b, "expert biases")?)
-        }
-        None => None,
-    };
-    Ok(Grouped { r, kk, g, n, off, bias })
+/// The group offsets' values, which the products index rows by. They were checked when
+/// the [`moe_engine::ops::Offsets`] was made; the cpu, which reads them on the host,
+/// checks them again (O(G)) because a wrong value would send gemm past the buffer.
+pub(crate) fn offsets(o: &Offsets<CpuBackend>, rows: usize) -> Result<&[i32]> {
+    let off = i32s(o.tensor(), "offsets")?;
+    Offsets::<CpuBackend>::check_values(off, Some(rows))
+        .map_err(|e| Error::Internal(format!("group offsets reached the cpu unchecked: {e}")))?;
+    Ok(off)
 }
 
 /// The `[kk, cols]` block of `wᵀ` for output columns `c0..` of group `e`, as gemm's rhs:
@@ -101,10 +62,13 @@ pub(crate) unsafe fn fill_tile(d: *mut f32, rs: usize, rows: usize, b: &[f32]) {
     }
 }
 
-pub(crate) fn grouped_linear(x: &T, offsets: &T, w: &T, bias: Option<&T>, threads: usize) -> Result<T> {
-    let Grouped { r, kk, n, off, bias: b, .. } = check_grouped(x, offsets, w, bias)?;
-    let out = tiled_product(f32s(x, "grouped input")?, off, weight_data(w, "expert weights")?, b, (r, n, kk), threads);
-    Ok(tf32(&[r, n], out))
+pub(crate) fn grouped_linear(op: &GroupedLinearOp<'_, CpuBackend>, threads: usize) -> Result<T> {
+    let MatDims { rows: r, n, k: kk } = op.dims;
+    let off = offsets(op.offsets, r)?;
+    let b = op.bias.map(|b| f32s(b, "expert biases")).transpose()?;
+    let out =
+        tiled_product(f32s(op.x, "grouped input")?, off, weight_data(op.w, "expert weights")?, b, (r, n, kk), threads);
+    tf32(&[r, n], out)
 }
 
 /// The grouped product on checked operands: `xs [R, K]`, group offsets `off`, weights

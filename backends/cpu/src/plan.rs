@@ -2,38 +2,30 @@
 //! compact expert-major rows and the final combine weights. Never builds an [S, E, C] mask.
 
 use crate::{f32s, i32s, tf32, ti32, CpuBackend};
-use moe_engine::backend::{CapacityRule, KeepPolicy, Plan, PlanSpec, Routes};
-use moe_engine::{Error, Result};
+use moe_engine::ops::{KeepPolicy, PlanOp, PlanParts};
+use moe_engine::Result;
+
+/// A priority as the plan compares it: NaN ranks lowest (as −inf), the same rule as
+/// kernels/plan.cu and shaders/plan.wgsl, so a NaN priority neither panics the sort nor
+/// makes the backends disagree.
+fn priority_key(p: f32) -> f32 {
+    if p.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        p
+    }
+}
 
 /// The plan op: see [`moe_engine::backend::Backend::plan`].
-pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>) -> Result<Plan<CpuBackend>> {
-    let (s, k) = routes.experts.dims2("routes.experts")?;
-    let e = spec.num_experts;
-    let ex = i32s(&routes.experts, "routes.experts")?;
-    let rw = f32s(&routes.weights, "routes.weights")?;
-    if let Some(bad) = ex.iter().position(|&x| x < 0 || x as usize >= e) {
-        return Err(Error::Invalid(format!(
-            "route {} of token {} names expert {} (E = {e})",
-            bad % k,
-            bad / k,
-            ex[bad]
-        )));
-    }
-    let used = match spec.used_token {
-        Some(u) => {
-            if u.shape() != [s] {
-                return Err(Error::shape("used_token", format!("[{s}]"), u.shape()));
-            }
-            Some(f32s(u, "used_token")?)
-        }
-        None => None,
-    };
+pub(crate) fn plan(op: &PlanOp<'_, CpuBackend>) -> Result<PlanParts<CpuBackend>> {
+    let (s, k, e) = op.dims;
+    let spec = op.spec;
+    // Expert ids are in 0..E: `Routes` are only made by the route op or checked host data.
+    let ex = i32s(&op.routes.experts, "routes.experts")?;
+    let rw = f32s(&op.routes.weights, "routes.weights")?;
+    let used = spec.used_token.map(|u| f32s(u, "used_token")).transpose()?;
     let valid = |t: usize| used.is_none_or(|u| u[t] != 0.0);
-    let group = spec.group_size.unwrap_or(s).max(1);
-    if s % group != 0 {
-        return Err(Error::shape("x", format!("tokens divisible into groups of {group}"), &[s]));
-    }
-    let n_groups = s / group;
+    let (group, n_groups) = (op.group, op.n_groups);
 
     let mut counts = vec![0i32; e];
     let mut first_counts = vec![0i32; e];
@@ -51,18 +43,15 @@ pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>)
         }
     }
     let max_count = *counts.iter().max().unwrap_or(&0) as usize;
-    let capacity: Option<usize> = match spec.capacity {
-        CapacityRule::Unlimited => None,
-        CapacityRule::Fixed(_) | CapacityRule::DeepSpeed { .. } => spec.capacity.static_capacity(s, e),
-        CapacityRule::Dropless { clamp_to_tokens } => Some(if clamp_to_tokens { max_count.min(s) } else { max_count }),
+    // The capacity the kernels take (the params' rule and value, as on the GPUs).
+    let p = &op.schedule.params;
+    let capacity: Option<usize> = match p.cap_rule {
+        1 => Some(p.cap_value as usize),
+        2 => Some(if p.clamp == 1 { max_count.min(s) } else { max_count }),
+        _ => None,
     };
     let priority = match &spec.keep {
-        KeepPolicy::Priority(p) => {
-            if p.shape() != [s, e] {
-                return Err(Error::shape("priority (rts_uniform / probs)", format!("[{s}, {e}]"), p.shape()));
-            }
-            Some(f32s(p, "priority")?)
-        }
+        KeepPolicy::Priority(p) => Some(f32s(p, "priority")?),
         _ => None,
     };
 
@@ -103,7 +92,8 @@ pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>)
                     // take slots in token order.
                     let mut by_p = c.clone();
                     by_p.sort_by(|&a, &b| {
-                        let (pa, pb) = (p[(a / k) * e + x], p[(b / k) * e + x]);
+                        let (pa, pb) = (priority_key(p[(a / k) * e + x]), priority_key(p[(b / k) * e + x]));
+                        // No NaN is left, so only ±0 compare equal: IEEE order, as the kernels.
                         pb.partial_cmp(&pa).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
                     });
                     by_p.truncate(cap);
@@ -168,14 +158,14 @@ pub(crate) fn plan(routes: &Routes<CpuBackend>, spec: &PlanSpec<'_, CpuBackend>)
         }
     }
     let cap_report = capacity.unwrap_or(max_count) as i32;
-    Ok(Plan {
-        counts: ti32(&[e], counts),
-        first_counts: ti32(&[e], first_counts),
-        kept_counts: ti32(&[e], kept_counts),
-        offsets: ti32(&[e + 1], offsets),
-        slots: ti32(&[s, k], slots),
-        rows: ti32(&[s, k], rows),
-        weights: tf32(&[s, k], weights),
-        stats: ti32(&[4], vec![cap_report, dropped_routes, masked, dropped_tokens]),
+    Ok(PlanParts {
+        counts: ti32(&[e], counts)?,
+        first_counts: ti32(&[e], first_counts)?,
+        kept_counts: ti32(&[e], kept_counts)?,
+        offsets: ti32(&[e + 1], offsets)?,
+        slots: ti32(&[s, k], slots)?,
+        rows: ti32(&[s, k], rows)?,
+        weights: tf32(&[s, k], weights)?,
+        stats: ti32(&[4], vec![cap_report, dropped_routes, masked, dropped_tokens])?,
     })
 }

@@ -1,9 +1,9 @@
 //! Routing on the cpu: scores, choice (top-k, DeepSpeed top-2, group-limited) and weights.
 //! This is the reference the GPU route kernels are checked against.
 
-use crate::{f32s, tf32, ti32, T};
-use moe_engine::backend::{Choice, GroupScore, Normalize, RouteSpec, Routes, ScoreFn};
-use moe_engine::{Error, Result};
+use crate::{f32s, tf32, ti32, CpuBackend, T};
+use moe_engine::ops::{route_status, Choice, GroupScore, Normalize, RouteOp, RouterStatsOp, RoutesParts, ScoreFn};
+use moe_engine::Result;
 use rayon::prelude::*;
 
 /// Index of the largest value, ties to the lower index; `skip` is excluded.
@@ -29,8 +29,10 @@ fn argmax(v: impl Iterator<Item = f32>, skip: Option<usize>) -> usize {
 pub(crate) fn top_k(key: &[f32], k: usize, out: &mut Vec<usize>) {
     out.clear();
     let mut idx: Vec<usize> = (0..key.len()).collect();
-    // Stable sort by descending key keeps lower indices first among equals.
-    idx.sort_by(|&a, &b| key[b].partial_cmp(&key[a]).unwrap_or(std::cmp::Ordering::Equal));
+    // Stable sort by descending key keeps lower indices first among equals. The keys are
+    // finite or −inf (masked experts): the route op refuses non-finite inputs, so this is
+    // a total order.
+    idx.sort_by(|&a, &b| key[b].total_cmp(&key[a]));
     out.extend_from_slice(&idx[..k]);
 }
 
@@ -55,33 +57,21 @@ fn scores_row(row: &[f32], score: ScoreFn, out: &mut [f32]) {
     }
 }
 
+/// The first non-finite element of `v`, as the route kernels flag it.
+fn first_bad(v: Option<&[f32]>) -> u32 {
+    v.and_then(|v| v.iter().position(|x| !x.is_finite())).map_or(u32::MAX, |i| i as u32)
+}
+
 /// The route op: see [`moe_engine::backend::Backend::route`].
-pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Result<Routes<crate::CpuBackend>> {
-    let (s, e) = logits.dims2("logits")?;
-    let l = f32s(logits, "logits")?;
+pub(crate) fn route(op: &RouteOp<'_, CpuBackend>) -> Result<RoutesParts<CpuBackend>> {
+    let (s, e, spec) = (op.tokens, op.experts, op.spec);
+    let l = f32s(op.logits, "logits")?;
     let k = spec.k;
-    spec.validate(e)?;
-    if let Some(pos) = l.iter().position(|x| !x.is_finite()) {
-        return Err(Error::NonFiniteLogits { token: pos / e, expert: pos % e, value: l[pos] });
-    }
-    let bias = match spec.bias {
-        Some(b) => {
-            if b.shape() != [e] {
-                return Err(Error::shape("e_score_correction_bias", format!("[{e}]"), b.shape()));
-            }
-            Some(f32s(b, "e_score_correction_bias")?)
-        }
-        None => None,
-    };
-    let noise = match spec.choice_noise {
-        Some(n) => {
-            if n.shape() != [s, e] {
-                return Err(Error::shape("choice noise (gumbel)", format!("[{s}, {e}]"), n.shape()));
-            }
-            Some(f32s(n, "gumbel")?)
-        }
-        None => None,
-    };
+    let bias = spec.bias.map(|b| f32s(b, "e_score_correction_bias")).transpose()?;
+    let noise = spec.choice_noise.map(|n| f32s(n, "choice noise")).transpose()?;
+    // The same status words the GPU route kernels write, read the same way.
+    let status = [first_bad(Some(l)), first_bad(bias), first_bad(noise)];
+    route_status(status, e, |which, i| Ok([Some(l), bias, noise][which].map_or(f32::NAN, |v| v[i])))?;
 
     let mut scores = vec![0f32; s * e];
     let mut experts = vec![0i32; s * k];
@@ -164,17 +154,18 @@ pub(crate) fn route(logits: &T, spec: &RouteSpec<'_, crate::CpuBackend>) -> Resu
             }
         },
     );
-    Ok(Routes { experts: ti32(&[s, k], experts), weights: tf32(&[s, k], weights), scores: tf32(&[s, e], scores) })
+    Ok(RoutesParts {
+        experts: ti32(&[s, k], experts)?,
+        weights: tf32(&[s, k], weights)?,
+        scores: tf32(&[s, e], scores)?,
+    })
 }
 
 /// Mean score per expert over tokens, then the mean of logsumexp(logits)².
-pub(crate) fn router_stats(logits: &T, scores: &T) -> Result<T> {
-    let (s, e) = logits.dims2("logits")?;
-    if scores.shape() != [s, e] {
-        return Err(Error::shape("scores", format!("[{s}, {e}]"), scores.shape()));
-    }
-    let l = f32s(logits, "logits")?;
-    let sc = f32s(scores, "scores")?;
+pub(crate) fn router_stats(op: &RouterStatsOp<'_, CpuBackend>) -> Result<T> {
+    let (s, e) = (op.tokens, op.experts);
+    let l = f32s(op.logits, "logits")?;
+    let sc = f32s(op.scores, "scores")?;
     let mut mean = vec![0f64; e];
     let mut z = 0f64;
     for t in 0..s {
@@ -189,5 +180,5 @@ pub(crate) fn router_stats(logits: &T, scores: &T) -> Result<T> {
     let n = s.max(1) as f64;
     let mut out: Vec<f32> = mean.iter().map(|m| (m / n) as f32).collect();
     out.push((z / n) as f32);
-    Ok(tf32(&[e + 1], out))
+    tf32(&[e + 1], out)
 }

@@ -6,10 +6,9 @@
 
 use approx::assert_relative_eq;
 use moe_cpu::CpuBackend;
-use moe_engine::backend::{grouped_mlp_unfused, Activation, Backend, MlpWeights, Tensor};
-use moe_engine::config::ExpertKind;
+use moe_engine::ops::{grouped_mlp_unfused, GroupedMlpOp, MlpWeights, Offsets};
 use moe_engine::philox;
-use moe_engine::HostTensor;
+use moe_engine::{Activation, Backend, ExpertKind, HostTensor};
 
 fn rand(shape: &[usize], stream: u32) -> HostTensor {
     let n = shape.iter().product();
@@ -19,8 +18,8 @@ fn rand(shape: &[usize], stream: u32) -> HostTensor {
 
 /// `y[r] = x[r] · w[e]ᵀ + b[e]` for the group e holding row r; rows past the last offset 0.
 fn reference(x: &HostTensor, off: &[i32], w: &HostTensor, b: Option<&HostTensor>) -> Vec<f64> {
-    let (r, k) = (x.shape[0], x.shape[1]);
-    let n = w.shape[1];
+    let (r, k) = (x.shape()[0], x.shape()[1]);
+    let n = w.shape()[1];
     let (x, w) = (x.to_f64(), w.to_f64());
     let b = b.map(|b| b.to_f64());
     let mut y = vec![0f64; r * n];
@@ -46,12 +45,12 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
-fn offsets(b: &CpuBackend, counts: &[usize]) -> (Vec<i32>, Tensor<CpuBackend>) {
+fn offsets(b: &CpuBackend, counts: &[usize]) -> (Vec<i32>, Offsets<CpuBackend>) {
     let mut off = vec![0i32];
     for c in counts {
         off.push(off.last().unwrap() + *c as i32);
     }
-    let t = b.upload(&HostTensor::i32(&[off.len()], off.clone()).unwrap()).unwrap();
+    let t = Offsets::from_host(b, &off).unwrap();
     (off, t)
 }
 
@@ -74,7 +73,7 @@ fn grouped_linear_matches_reference_across_tiles_and_layouts() {
             let bt = b.upload(&bias).unwrap();
             let y = b.grouped_linear(&b.upload(&x).unwrap(), &off_t, &wt, with_bias.then_some(&bt)).unwrap();
             let y = b.download(&y).unwrap();
-            assert_eq!(y.shape, [rows, n]);
+            assert_eq!(y.shape(), [rows, n]);
             let err = rel_l2(y.as_f32("y").unwrap(), &want);
             assert!(err < 1e-6, "bias {with_bias}, K-major {weight_layout}: rel L2 {err}");
         }
@@ -119,7 +118,7 @@ fn fused_glu_experts_match_the_unfused_composition() {
                 w_out: Some(&w_out),
                 b_out: with_bias.then_some(&b_out),
             };
-            let want = grouped_mlp_unfused(&b, &x, &off_t, &w, true).unwrap();
+            let want = grouped_mlp_unfused(&b, &GroupedMlpOp::check(&b, &x, &off_t, &w, true).unwrap()).unwrap();
             let want_y = b.download(&want.y).unwrap().to_f64();
             let want_pre = b.download(want.pre.as_ref().unwrap()).unwrap().to_f64();
             for keep_pre in [false, true] {

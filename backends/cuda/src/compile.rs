@@ -6,8 +6,9 @@ use crate::probe::nvrtc_status;
 use moe_engine::Result;
 use std::ffi::{CStr, CString};
 
-/// Prepended to every family (NVRTC has no CUDA headers to include from the wheel).
-const COMMON: &str = include_str!("../../../kernels/common.cuh");
+/// Prepended to every family (NVRTC has no CUDA headers to include from the wheel): the
+/// shared helpers, then the kernel ABI's parameter blocks.
+const COMMON: &str = concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/abi.cuh"));
 
 /// Every kernel family: (file, source).
 pub const FAMILIES: &[(&str, &str)] = &[
@@ -45,7 +46,7 @@ pub fn source(family_src: &str) -> String {
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<(Vec<u8>, String)> {
     nvrtc_status()?;
     use cudarc::nvrtc::result;
-    let err = |m: String| moe_engine::Error::Backend { backend: "cuda".into(), msg: m };
+    let err = |m: String| moe_engine::Error::backend("cuda", m);
     let csrc = CString::new(src).map_err(|_| err(format!("{name}: source contains a NUL byte")))?;
     let cname = CString::new(name).map_err(|_| err(format!("{name}: bad name")))?;
     // SAFETY: the library is present (probed above); the program is created, used and

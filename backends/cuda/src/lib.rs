@@ -28,10 +28,16 @@
 
 mod backend;
 pub mod compile;
+mod device;
+mod elementwise;
+pub mod launch;
+mod matmul;
 mod nccl;
+mod noise;
 pub mod probe;
+mod routing;
 
-pub use backend::{CudaBackend, CudaBuffer};
+pub use device::{CudaBackend, CudaBuffer};
 pub use nccl::{nccl_status, NcclComm};
 
 pub use compile::{compile_all, KernelReport, ARCHS, FAMILIES};

@@ -39,7 +39,7 @@ pub fn nccl_status() -> Result<()> {
     if unsafe { cudarc::nccl::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(Error::Backend { backend: "cuda".into(), msg: "NCCL (libnccl.so.2) could not be loaded".into() })
+        Err(Error::backend("cuda", "NCCL (libnccl.so.2) could not be loaded"))
     }
 }
 

@@ -4,7 +4,7 @@
 use moe_engine::{Error, Result};
 
 fn missing(lib: &str, hint: &str) -> Error {
-    Error::Backend { backend: "cuda".into(), msg: format!("{lib} could not be loaded: {hint}") }
+    Error::backend("cuda", format!("{lib} could not be loaded: {hint}"))
 }
 
 /// `Ok(())` when the CUDA driver library (libcuda) can be loaded.

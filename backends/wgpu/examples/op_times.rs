@@ -18,7 +18,7 @@ fn main() -> moe_engine::Result<()> {
         drop(y);
     }
     let t = Instant::now();
-    let a = b.activation(&x, moe_engine::backend::Activation::Silu)?;
+    let a = b.activation(&x, moe_engine::Activation::Silu)?;
     b.synchronize()?;
     println!("silu over {} values: {:.1} ms", r * k, t.elapsed().as_secs_f64() * 1e3);
     drop(a);

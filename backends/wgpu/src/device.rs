@@ -84,12 +84,11 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 pub(crate) fn select(selector: Option<&str>) -> Result<(wgpu::Adapter, usize)> {
     let adapters = compute_adapters(&instance());
     if adapters.is_empty() {
-        return Err(Error::Backend {
-            backend: "wgpu".into(),
-            msg: "no GPU adapter with compute shaders found (no Vulkan, Metal, DX12 or GL driver; on Linux \
-                  without a GPU install Mesa's lavapipe: apt install mesa-vulkan-drivers)"
-                .into(),
-        });
+        return Err(Error::backend(
+            "wgpu",
+            "no GPU adapter with compute shaders found (no Vulkan, Metal, DX12 or GL driver; on Linux \
+                  without a GPU install Mesa's lavapipe: apt install mesa-vulkan-drivers)",
+        ));
     }
     let names = || adapters.iter().enumerate().map(|(i, a)| format!("[{i}] {}", a.get_info().name)).collect::<Vec<_>>();
     let env = std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty());
@@ -98,24 +97,24 @@ pub(crate) fn select(selector: Option<&str>) -> Result<(wgpu::Adapter, usize)> {
         Some(w) => {
             if let Ok(i) = w.parse::<usize>() {
                 if i >= adapters.len() {
-                    return Err(Error::Backend {
-                        backend: "wgpu".into(),
-                        msg: format!("device index {i} out of range; adapters: {}", names().join(", ")),
-                    });
+                    return Err(Error::backend(
+                        "wgpu",
+                        format!("device index {i} out of range; adapters: {}", names().join(", ")),
+                    ));
                 }
                 i
             } else {
                 let lw = w.to_lowercase();
                 adapters.iter().position(|a| a.get_info().name.to_lowercase().contains(&lw)).ok_or_else(|| {
-                    Error::Backend {
-                        backend: "wgpu".into(),
-                        msg: format!("no adapter named like `{w}`; adapters: {}", names().join(", ")),
-                    }
+                    Error::backend("wgpu", format!("no adapter named like `{w}`; adapters: {}", names().join(", ")))
                 })?
             }
         }
         None => (0..adapters.len()).min_by_key(|&i| rank(adapters[i].get_info().device_type)).unwrap_or(0),
     };
-    let adapter = adapters.into_iter().nth(index).ok_or_else(|| Error::Invalid("adapter vanished".into()))?;
+    let adapter = adapters
+        .into_iter()
+        .nth(index)
+        .ok_or_else(|| Error::Internal("an adapter vanished between enumeration and selection".into()))?;
     Ok((adapter, index))
 }

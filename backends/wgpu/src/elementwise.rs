@@ -1,133 +1,59 @@
 //! Launchers of `shaders/elementwise.wgsl` and `shaders/permute.wgsl`.
 
-use crate::kernels::{grid_1d, ELEMENTWISE, PERMUTE};
+use crate::kernels::{ELEMENTWISE, PERMUTE};
 use crate::{WgpuBackend, T};
-use moe_engine::backend::{Activation, Plan};
+use moe_engine::kernel_abi::{grid_1d, WG_ELEMENTWISE};
+use moe_engine::ops::{CombineOp, ElementwiseOp, PermuteOp};
 use moe_engine::{DType, Error, Result};
 
 fn f32buf<'a>(t: &'a T, name: &str) -> Result<&'a wgpu::Buffer> {
     WgpuBackend::buf(t, name, DType::F32)
 }
 
-/// Runs an elementwise entry point over `out_shape` (cols = its last dimension).
-fn run(
-    b: &WgpuBackend,
-    entry: &'static str,
-    out_shape: &[usize],
-    act: u32,
-    gated: u32,
-    ins: [&wgpu::Buffer; 3],
-) -> Result<T> {
-    let out = b.tensor(out_shape, DType::F32, entry)?;
-    let n = out.numel();
+/// The shaders count in u32: wgpu's bindings hold fewer than 2³² elements, so the ABI's
+/// u64 count always fits; an error (not a wrapped count) if it did not.
+fn count(n: u64) -> Result<usize> {
+    u32::try_from(n)
+        .map(|n| n as usize)
+        .map_err(|_| Error::unsupported("wgpu", format!("{n} elements in one dispatch (at most 2^32 - 1)")))
+}
+
+/// An elementwise op: one invocation per output element.
+pub(crate) fn run(b: &WgpuBackend, op: &ElementwiseOp<'_, WgpuBackend>) -> Result<T> {
+    let out = b.tensor(&op.out_shape, DType::F32, op.kind.entry())?;
+    let n = count(op.params.n)?;
     if n == 0 {
         return Ok(out);
     }
-    let cols = *out_shape.last().unwrap_or(&1);
-    b.dispatch(
-        &ELEMENTWISE,
-        entry,
-        &[n as u32, cols.max(1) as u32, act, gated],
-        &[ins[0], ins[1], ins[2], &out.buffer().buf],
-        grid_1d(n, 256),
-    )?;
+    let b_buf = op.b.map_or(Ok(&b.dummy), |t| f32buf(t, "b"))?;
+    let c_buf = op.c.map_or(Ok(&b.dummy), |t| f32buf(t, "c"))?;
+    let bufs = [f32buf(op.a, "a")?, b_buf, c_buf, &out.buffer().buf];
+    b.dispatch(&ELEMENTWISE, op.kind.entry(), &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;
     Ok(out)
 }
 
-pub(crate) fn activation(b: &WgpuBackend, x: &T, a: Activation) -> Result<T> {
-    let xb = f32buf(x, "activation input")?;
-    run(b, "activation", x.shape(), a.kernel_code(), 0, [xb, &b.dummy, &b.dummy])
-}
-
-pub(crate) fn glu(b: &WgpuBackend, x: &T, a: Activation) -> Result<T> {
-    let (r, two_i) = x.dims2("glu input")?;
-    if two_i % 2 != 0 {
-        return Err(Error::shape("glu input", "[rows, 2·ffn] (gate columns, then up)", x.shape()));
-    }
-    let xb = f32buf(x, "glu input")?;
-    run(b, "glu", &[r, two_i / 2], a.kernel_code(), 0, [xb, &b.dummy, &b.dummy])
-}
-
-pub(crate) fn mul(b: &WgpuBackend, x: &T, y: &T) -> Result<T> {
-    if x.shape() != y.shape() {
-        return Err(Error::shape("mul rhs", format!("{:?}", x.shape()), y.shape()));
-    }
-    run(b, "mul", x.shape(), 0, 0, [f32buf(x, "mul lhs")?, f32buf(y, "mul rhs")?, &b.dummy])
-}
-
-pub(crate) fn add_gated(b: &WgpuBackend, x: &T, y: &T, gate: Option<&T>) -> Result<T> {
-    let (r, m) = x.dims2("add_gated lhs")?;
-    if y.shape() != x.shape() {
-        return Err(Error::shape("shared expert output", format!("[{r}, {m}]"), y.shape()));
-    }
-    let (gb, gated) = match gate {
-        Some(g) => {
-            if g.shape() != [r, 1] {
-                return Err(Error::shape("shared_expert_gate logits", format!("[{r}, 1]"), g.shape()));
-            }
-            (f32buf(g, "shared_expert_gate logits")?, 1)
-        }
-        None => (&b.dummy, 0),
-    };
-    run(b, "add_gated", &[r, m], 0, gated, [f32buf(x, "add_gated lhs")?, f32buf(y, "shared expert output")?, gb])
-}
-
-pub(crate) fn residual_mix(b: &WgpuBackend, moe: &T, mlp: &T, coef: &T) -> Result<T> {
-    let (r, m) = moe.dims2("moe output")?;
-    if mlp.shape() != moe.shape() {
-        return Err(Error::shape("residual mlp output", format!("[{r}, {m}]"), mlp.shape()));
-    }
-    if coef.shape() != [r, 2] {
-        return Err(Error::shape("coefficient logits", format!("[{r}, 2]"), coef.shape()));
-    }
-    run(
-        b,
-        "residual_mix",
-        &[r, m],
-        0,
-        0,
-        [f32buf(moe, "moe output")?, f32buf(mlp, "residual mlp output")?, f32buf(coef, "coefficient logits")?],
-    )
-}
-
-pub(crate) fn permute(b: &WgpuBackend, x: &T, plan: &Plan<WgpuBackend>) -> Result<T> {
-    let (s, m) = x.dims2("x")?;
-    let (ps, k) = plan.rows.dims2("plan.rows")?;
-    if ps != s {
-        return Err(Error::shape("plan.rows", format!("[{s}, k]"), plan.rows.shape()));
-    }
-    let out = b.tensor(&[s * k, m], DType::F32, "permuted rows")?;
-    let n = s * k * m;
+pub(crate) fn permute(b: &WgpuBackend, op: &PermuteOp<'_, WgpuBackend>) -> Result<T> {
+    let out = b.tensor(&op.out_shape, DType::F32, "permuted rows")?;
+    let n = count(op.params.n)?;
     if n > 0 {
-        b.dispatch(
-            &PERMUTE,
-            "permute",
-            &[n as u32, m as u32, k as u32],
-            &[f32buf(x, "x")?, WgpuBackend::buf(&plan.rows, "plan.rows", DType::I32)?, &b.dummy, &out.buffer().buf],
-            grid_1d(n, 256),
-        )?;
+        let rows = WgpuBackend::buf(&op.plan.rows, "plan.rows", DType::I32)?;
+        let bufs = [f32buf(op.x, "x")?, rows, &b.dummy, &out.buffer().buf];
+        b.dispatch(&PERMUTE, "permute", &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;
     }
     Ok(out)
 }
 
-pub(crate) fn combine(b: &WgpuBackend, yp: &T, plan: &Plan<WgpuBackend>) -> Result<T> {
-    let (_, m) = yp.dims2("expert output")?;
-    let (s, k) = plan.rows.dims2("plan.rows")?;
-    let out = b.tensor(&[s, m], DType::F32, "combined output")?;
-    let n = s * m;
+pub(crate) fn combine(b: &WgpuBackend, op: &CombineOp<'_, WgpuBackend>) -> Result<T> {
+    let out = b.tensor(&op.out_shape, DType::F32, "combined output")?;
+    let n = count(op.params.n)?;
     if n > 0 {
-        b.dispatch(
-            &PERMUTE,
-            "combine",
-            &[n as u32, m as u32, k as u32],
-            &[
-                f32buf(yp, "expert output")?,
-                WgpuBackend::buf(&plan.rows, "plan.rows", DType::I32)?,
-                f32buf(&plan.weights, "plan.weights")?,
-                &out.buffer().buf,
-            ],
-            grid_1d(n, 256),
-        )?;
+        let bufs = [
+            f32buf(op.yp, "expert output")?,
+            WgpuBackend::buf(&op.plan.rows, "plan.rows", DType::I32)?,
+            f32buf(&op.plan.weights, "plan.weights")?,
+            &out.buffer().buf,
+        ];
+        b.dispatch(&PERMUTE, "combine", &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;
     }
     Ok(out)
 }

@@ -4,36 +4,24 @@
 
 use moe_engine::{DType, Error, Result};
 
-/// `x` rounded to `dtype` (round to nearest even, as PyTorch's `.to()`), back in f32.
-pub(crate) fn round(x: f32, dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => half::f16::from_f32(x).to_f32(),
-        DType::BF16 => half::bf16::from_f32(x).to_f32(),
-        _ => x,
-    }
-}
-
 /// Storage bytes of `v` in `dtype`, padded to whole u32 words.
-pub(crate) fn encode(v: &[f32], dtype: DType) -> Vec<u8> {
+pub(crate) fn encode(v: &[f32], dtype: DType) -> Result<Vec<u8>> {
     let mut bytes: Vec<u8> = match dtype {
-        DType::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect(),
-        DType::BF16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        DType::F16 | DType::BF16 => bytemuck::cast_slice(&dtype.half_bits(v)?).to_vec(),
         _ => bytemuck::cast_slice(v).to_vec(),
     };
     bytes.resize(bytes.len().max(4).next_multiple_of(4), 0);
-    bytes
+    Ok(bytes)
 }
 
 /// The first `len` values of storage bytes in `dtype`, as f32.
-pub(crate) fn decode(bytes: &[u8], len: usize, dtype: DType) -> Vec<f32> {
+pub(crate) fn decode(bytes: &[u8], len: usize, dtype: DType) -> Result<Vec<f32>> {
     match dtype {
-        DType::F16 => {
-            bytes.chunks_exact(2).take(len).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        DType::F16 | DType::BF16 => {
+            let bits: Vec<u16> = bytes.chunks_exact(2).take(len).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+            dtype.from_half_bits(&bits)
         }
-        DType::BF16 => {
-            bytes.chunks_exact(2).take(len).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-        }
-        _ => bytes.chunks_exact(4).take(len).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        _ => Ok(bytes.chunks_exact(4).take(len).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
     }
 }
 
@@ -100,9 +88,9 @@ mod tests {
     fn halves_round_trip() {
         let v = [1.0f32, -2.5, 3.140625, 65504.0, 1e-3];
         for d in [DType::F16, DType::BF16] {
-            let back = decode(&encode(&v, d), v.len(), d);
+            let back = decode(&encode(&v, d).unwrap(), v.len(), d).unwrap();
             for (a, b) in v.iter().zip(&back) {
-                assert_eq!(round(*a, d), *b);
+                assert_eq!(d.round(*a), *b);
             }
         }
     }

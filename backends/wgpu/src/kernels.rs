@@ -50,7 +50,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("permute", &["permute", "combine"]),
     ("matmul", &["tile_map", "linear", "grouped", "grouped_glu"]),
     ("route", &["route"]),
-    ("plan", &["count", "capacity", "rank", "slots", "offsets", "finish", "stats"]),
+    ("plan", &["plan_count", "plan_capacity", "plan_rank", "plan_slots", "plan_offsets", "plan_finish", "plan_stats"]),
     ("stats", &["router_stats"]),
     ("philox", &["noise"]),
 ];
@@ -138,10 +138,7 @@ impl Cache {
         if let Some(e) = pollster::block_on(scope.pop()) {
             // Drop the family so a later call reports the compile error again.
             self.families.lock().unwrap_or_else(|e| e.into_inner()).remove(f.name);
-            return Err(Error::Backend {
-                backend: "wgpu".into(),
-                msg: format!("shaders/{}.wgsl, entry `{entry}`: {e}", f.name),
-            });
+            return Err(Error::backend("wgpu", format!("shaders/{}.wgsl, entry `{entry}`: {e}", f.name)));
         }
         self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert((f.name, entry), p.clone());
         Ok((p, c.bind_layout.clone()))
@@ -157,16 +154,5 @@ impl Cache {
             }
         }
         out
-    }
-}
-
-/// Workgroup grid for `n` invocations of `wg` each: 1-D while it fits the 65535 limit,
-/// then 2-D (shaders compute `gid.x + gid.y · num_workgroups.x · wg`).
-pub(crate) fn grid_1d(n: usize, wg: u32) -> [u32; 3] {
-    let groups = n.div_ceil(wg as usize).max(1);
-    if groups <= 65535 {
-        [groups as u32, 1, 1]
-    } else {
-        [65535, groups.div_ceil(65535) as u32, 1]
     }
 }

@@ -24,12 +24,14 @@ pub use device::{list_adapters, AdapterSummary};
 pub use kernels::FAMILIES;
 
 use kernels::Family;
-use moe_engine::backend::{
-    grouped_mlp_unfused, Activation, Backend, Capabilities, MlpOutput, MlpWeights, Plan, PlanSpec, RouteSpec, Routes,
+use moe_engine::backend::{Backend, Capabilities};
+use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
+use moe_engine::ops::{
+    grouped_mlp_unfused, route_status, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput,
+    NoiseOp, PermuteOp, PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts, UploadOp, WeightUploadOp,
 };
-use moe_engine::config::ExpertKind;
-use moe_engine::philox::NoiseKind;
-use moe_engine::{DType, Error, HostTensor, Result, Tensor};
+use moe_engine::tensor::HostData;
+use moe_engine::{DType, Error, ExpertKind, HostTensor, Result, Tensor};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -42,6 +44,12 @@ pub struct WgpuBuffer {
     buf: wgpu::Buffer,
     bytes: u64,
     parts: Vec<WeightPart>,
+}
+
+impl moe_engine::DeviceBuffer for WgpuBuffer {
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 /// One buffer of a split weight stack `[G, N, K]`: experts `g0..g1`, output rows
@@ -61,9 +69,10 @@ type T = Tensor<WgpuBackend>;
 /// Where a `map_async` callback leaves its outcome.
 type MapSlot = Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>;
 
-/// A check that needs device data, settled at the next download.
+/// The route op's check of its inputs, settled at the next download: the tensors it
+/// read, by the index the status words use (logits, bias, noise).
 struct PendingCheck {
-    logits: wgpu::Buffer,
+    inputs: [Option<wgpu::Buffer>; 3],
     experts: usize,
 }
 
@@ -79,7 +88,8 @@ pub struct WgpuBackend {
     /// First validation or out-of-memory error wgpu reported, surfaced as an `Err` by the
     /// next download or synchronize.
     error: Arc<Mutex<Option<String>>>,
-    /// `[first non-finite logit (t·E + e) or u32::MAX, 0, 0, 0]`, written by the route op.
+    /// The route op's status words (`kernel_abi::ROUTE_STATUS_WORDS`): first non-finite
+    /// logit, bias and noise value, each `u32::MAX` when none.
     status: wgpu::Buffer,
     pending: Mutex<Option<PendingCheck>>,
     /// Bound in place of absent read-only inputs (biases, noise, masks).
@@ -88,13 +98,18 @@ pub struct WgpuBackend {
     dummy_rw: wgpu::Buffer,
     /// A second one, for entry points with two unused read-write bindings.
     dummy_rw2: wgpu::Buffer,
-    /// A smaller largest binding than the adapter's, so tests can force split weights.
-    max_binding_override: Option<u64>,
+    /// What the adapter can do; `max_buffer_bytes` is its largest storage binding.
+    caps: Capabilities,
+    /// The largest weight part: the largest storage binding, or the smaller size a test
+    /// asked for, to force split weights.
+    weight_part_bytes: u64,
 }
 
 fn backend_err(msg: impl Into<String>) -> Error {
-    Error::Backend { backend: "wgpu".into(), msg: msg.into() }
+    Error::backend("wgpu", msg)
 }
+
+const CLEAN_STATUS: [u32; ROUTE_STATUS_WORDS] = [u32::MAX; ROUTE_STATUS_WORDS];
 
 impl WgpuBackend {
     /// Opens an adapter: `selector` is an index or a name fragment (see `moe info`);
@@ -117,7 +132,11 @@ impl WgpuBackend {
             required_limits: limits.clone(),
             ..Default::default()
         }))
-        .map_err(|e| backend_err(format!("request_device on {}: {e}", summary.name)))?;
+        .map_err(|e| Error::Backend {
+            backend: "wgpu".into(),
+            msg: format!("request_device on {}", summary.name),
+            source: Some(Box::new(e)),
+        })?;
         let error = Arc::new(Mutex::new(None::<String>));
         let sink = error.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -129,7 +148,7 @@ impl WgpuBackend {
         let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let status = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("status"),
-            contents: bytemuck::cast_slice(&[u32::MAX, 0, 0, 0]),
+            contents: bytemuck::cast_slice(&CLEAN_STATUS),
             usage: storage,
         });
         let small = |label| {
@@ -141,6 +160,19 @@ impl WgpuBackend {
             })
         };
         let (dummy, dummy_rw, dummy_rw2) = (small("dummy"), small("dummy_rw"), small("dummy_rw2"));
+        let adapter_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let weight_part_bytes = max_binding.map_or(adapter_binding, |o| o.min(adapter_binding));
+        let caps = Capabilities {
+            backend: "wgpu".into(),
+            device: format!("{} ({}, {})", summary.name, summary.api, summary.kind),
+            storage_dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            max_buffer_bytes: adapter_binding,
+            subgroups: false,
+            threads: 0,
+            half_inputs: false,
+            max_route_experts: Some(kernel_abi::ROUTE_MAX_EXPERTS),
+            max_route_groups: Some(kernel_abi::ROUTE_MAX_GROUPS),
+        };
         Ok(WgpuBackend {
             device,
             queue,
@@ -154,7 +186,8 @@ impl WgpuBackend {
             dummy,
             dummy_rw,
             dummy_rw2,
-            max_binding_override: max_binding,
+            caps,
+            weight_part_bytes,
         })
     }
 
@@ -171,10 +204,10 @@ impl WgpuBackend {
     fn check_size(&self, bytes: u64, what: &str) -> Result<()> {
         let max = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
         if bytes > max {
-            return Err(Error::Unsupported {
-                backend: "wgpu".into(),
-                what: format!("{what} of {bytes} bytes exceeds this adapter's largest storage binding ({max} bytes)"),
-            });
+            return Err(Error::unsupported(
+                "wgpu",
+                format!("{what} of {bytes} bytes exceeds this adapter's largest storage binding ({max} bytes)"),
+            ));
         }
         Ok(())
     }
@@ -192,21 +225,22 @@ impl WgpuBackend {
     }
 
     fn tensor(&self, shape: &[usize], dtype: DType, what: &str) -> Result<T> {
-        let n: usize = shape.iter().product();
-        Ok(Tensor::from_parts(self.alloc((n * dtype.size()) as u64, what)?, shape.to_vec(), dtype))
+        let bytes = moe_engine::tensor::nbytes(what, shape, dtype)?;
+        Tensor::from_parts(self.alloc(bytes, what)?, shape.to_vec(), dtype)
     }
 
-    /// Records one compute dispatch of `entry` into the pending command encoder.
-    fn dispatch(
+    /// Records one compute dispatch of `entry` into the pending command encoder, with the
+    /// family's parameter block `params` as its uniform.
+    fn dispatch<P: Abi>(
         &self,
         f: &'static Family,
         entry: &'static str,
-        params: &[u32],
+        params: &P,
         bufs: &[&wgpu::Buffer],
         grid: [u32; 3],
     ) -> Result<()> {
         if bufs.len() as u32 != f.reads + f.writes {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "{}::{entry} takes {} buffers, got {}",
                 f.name,
                 f.reads + f.writes,
@@ -215,18 +249,16 @@ impl WgpuBackend {
         }
         let max = self.limits.max_compute_workgroups_per_dimension;
         if grid.iter().any(|&g| g > max) {
-            return Err(Error::Unsupported {
-                backend: "wgpu".into(),
-                what: format!("{}::{entry} needs a {grid:?} workgroup grid (limit {max} per dimension)", f.name),
-            });
+            return Err(Error::unsupported(
+                "wgpu",
+                format!("{}::{entry} needs a {grid:?} workgroup grid (limit {max} per dimension)", f.name),
+            ));
         }
         let (pipeline, layout) = self.cache.pipeline(&self.device, f, entry)?;
-        // Uniform blocks are a multiple of 16 bytes.
-        let mut p = params.to_vec();
-        p.resize(params.len().next_multiple_of(4).max(4), 0);
+        // ABI blocks are whole 16-byte uniform rows (kernel_abi checks this).
         let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(entry),
-            contents: bytemuck::cast_slice(&p),
+            contents: bytemuck::bytes_of(params),
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
@@ -313,34 +345,37 @@ impl WgpuBackend {
         Ok(out)
     }
 
-    /// Settles the pending non-finite-logits check: `Err` naming the first bad token.
+    /// Settles the pending check of the route op's inputs: `Err` naming the first bad
+    /// token (logits) or element (bias, noise).
     fn settle_checks(&self) -> Result<()> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(check) = pending else {
             return Ok(());
         };
-        let status = self.read_back(&[(&self.status, 0, 4)])?;
-        let first = u32::from_le_bytes([status[0][0], status[0][1], status[0][2], status[0][3]]);
-        if first == u32::MAX {
+        let words = self.read_back(&[(&self.status, 0, 12)])?.remove(0);
+        let status: Vec<u32> = bytemuck::pod_collect_to_vec(&words);
+        let status = [status[0], status[1], status[2]];
+        if status == [u32::MAX; 3] {
             return Ok(());
         }
-        self.queue.write_buffer(&self.status, 0, bytemuck::cast_slice(&[u32::MAX]));
-        let v = self.read_back(&[(&check.logits, first as u64 * 4, 4)])?;
-        let value = f32::from_le_bytes([v[0][0], v[0][1], v[0][2], v[0][3]]);
-        let e = check.experts.max(1);
-        Err(Error::NonFiniteLogits { token: first as usize / e, expert: first as usize % e, value })
+        self.queue.write_buffer(&self.status, 0, bytemuck::cast_slice(&CLEAN_STATUS));
+        route_status(status, check.experts, |which, i| {
+            let buf = check.inputs[which].as_ref().ok_or_else(|| Error::Internal("flag on an unbound input".into()))?;
+            let v = self.read_back(&[(buf, i as u64 * 4, 4)])?;
+            Ok(f32::from_le_bytes([v[0][0], v[0][1], v[0][2], v[0][3]]))
+        })
     }
 
     fn buf<'a>(t: &'a T, name: &str, dtype: DType) -> Result<&'a wgpu::Buffer> {
         t.expect_dtype(name, dtype)?;
         if t.buffer().parts.len() > 1 {
-            return Err(Error::Unsupported {
-                backend: "wgpu".into(),
-                what: format!(
+            return Err(Error::unsupported(
+                "wgpu",
+                format!(
                     "{name} is split over {} buffers; only matrix products take split weights",
                     t.buffer().parts.len()
                 ),
-            });
+            ));
         }
         Ok(&t.buffer().buf)
     }
@@ -369,8 +404,7 @@ impl WgpuBackend {
     /// Largest storage binding a weight part may take (the adapter's, or the smaller test
     /// override).
     fn max_binding(&self) -> u64 {
-        let adapter = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        self.max_binding_override.map_or(adapter, |o| o.min(adapter))
+        self.weight_part_bytes
     }
 }
 
@@ -381,69 +415,40 @@ impl Backend for WgpuBackend {
         "wgpu"
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            backend: "wgpu".into(),
-            device: format!("{} ({}, {})", self.adapter.name, self.adapter.api, self.adapter.kind),
-            storage_dtypes: vec![DType::F32, DType::F16, DType::BF16],
-            max_buffer_bytes: self.max_binding(),
-            subgroups: false,
-            threads: 0,
-            half_inputs: false,
-        }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
     }
 
-    /// f32 and i32 data as given. f16 / bf16 apply to weight matrices
-    /// ([`Backend::upload_weight`]); any other f32 tensor asked for in f16 / bf16 (a bias,
-    /// say) is rounded to that type and kept in f32, so it carries the same values a
-    /// half-precision model has while every non-weight shader reads f32.
-    fn upload_as(&self, t: &HostTensor, dtype: DType) -> Result<T> {
-        let bytes: Vec<u8> = match (&t.data, dtype) {
-            (moe_engine::tensor::HostData::F32(v), DType::F32) => bytemuck::cast_slice(v).to_vec(),
-            (moe_engine::tensor::HostData::F32(v), DType::F16 | DType::BF16) => {
-                let r: Vec<f32> = v.iter().map(|&x| halves::round(x, dtype)).collect();
-                return self.upload_as(&HostTensor::f32(&t.shape, r)?, DType::F32);
-            }
-            (moe_engine::tensor::HostData::I32(v), DType::I32) => bytemuck::cast_slice(v).to_vec(),
-            _ => {
-                return Err(Error::Unsupported {
-                    backend: "wgpu".into(),
-                    what: format!("storing {} data as {dtype}", t.dtype()),
-                })
-            }
+    fn run_upload(&self, op: &UploadOp<'_>) -> Result<T> {
+        let t = op.tensor;
+        let (dtype, mut contents): (DType, Vec<u8>) = match t.data() {
+            HostData::F32(v) => (DType::F32, bytemuck::cast_slice(v).to_vec()),
+            HostData::I32(v) => (DType::I32, bytemuck::cast_slice(v).to_vec()),
         };
-        self.check_size(bytes.len() as u64, "tensor")?;
-        let mut contents = bytes;
         let n = contents.len() as u64;
+        self.check_size(n, "tensor")?;
         contents.resize(contents.len().max(4).next_multiple_of(4), 0);
         let buf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
             contents: &contents,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         });
-        Ok(Tensor::from_parts(WgpuBuffer { buf, bytes: n, parts: Vec::new() }, t.shape.clone(), dtype))
+        Tensor::from_parts(WgpuBuffer { buf, bytes: n, parts: Vec::new() }, t.shape().to_vec(), dtype)
     }
 
     /// Weight matrices `[N, K]` or stacks `[G, N, K]` in f32, f16 or bf16 (halves packed
     /// two per u32), split into parts when larger than the largest storage binding.
-    fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<T> {
-        let (g, n, k) = match t.shape[..] {
-            [n, k] => (1, n, k),
-            [g, n, k] => (g, n, k),
-            _ => return Err(Error::shape("weight", "[out, in] or [groups, out, in]", &t.shape)),
-        };
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::Unsupported { backend: "wgpu".into(), what: format!("{dtype} weights") });
-        }
-        let v = t.as_f32("weight")?;
-        let ranges = halves::split(g, n, k, dtype.size() as u64, self.max_binding())?;
+    fn run_upload_weight(&self, op: &WeightUploadOp<'_>) -> Result<T> {
+        let (g, n, k) = op.dims;
+        let v = op.tensor.as_f32("weight")?;
+        let ranges = halves::split(g, n, k, op.dtype.size() as u64, self.max_binding())?;
         let mut parts = Vec::with_capacity(ranges.len());
         let mut total = 0u64;
         for (g0, g1, c0, c1) in ranges {
             // Parts are consecutive ranges of the flattened stack.
             let start = (g0 * n + c0) * k;
             let len = if g1 - g0 > 1 || c1 - c0 == n { (g1 - g0) * n * k } else { (c1 - c0) * k };
-            let bytes = halves::encode(&v[start..start + len], dtype);
+            let bytes = halves::encode(&v[start..start + len], op.dtype)?;
             total += bytes.len() as u64;
             let buf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("weight"),
@@ -454,10 +459,10 @@ impl Backend for WgpuBackend {
         }
         let first = parts[0].buf.clone();
         let parts = if parts.len() == 1 { Vec::new() } else { parts };
-        Ok(Tensor::from_parts(WgpuBuffer { buf: first, bytes: total, parts }, t.shape.clone(), dtype))
+        Tensor::from_parts(WgpuBuffer { buf: first, bytes: total, parts }, op.tensor.shape().to_vec(), op.dtype)
     }
 
-    fn download(&self, t: &T) -> Result<HostTensor> {
+    fn run_download(&self, t: &T) -> Result<HostTensor> {
         self.settle_checks()?;
         let b = t.buffer();
         if matches!(t.dtype(), DType::F16 | DType::BF16) || !b.parts.is_empty() {
@@ -474,23 +479,16 @@ impl Backend for WgpuBackend {
             let data = self.read_back(&reads)?;
             let mut out = Vec::with_capacity(t.numel());
             for (bytes, &len) in data.iter().zip(&sizes) {
-                out.extend(halves::decode(bytes, len, t.dtype()));
+                out.extend(halves::decode(bytes, len, t.dtype())?);
             }
             return HostTensor::f32(t.shape(), out);
         }
         let bytes = (t.numel() * t.dtype().size()) as u64;
-        if bytes > b.bytes {
-            return Err(Error::Invalid(format!(
-                "tensor {:?} is larger than its buffer ({} bytes)",
-                t.shape(),
-                b.bytes
-            )));
-        }
         let data = self.read_back(&[(&b.buf, 0, bytes)])?.remove(0);
         match t.dtype() {
             DType::F32 => HostTensor::f32(t.shape(), bytemuck::pod_collect_to_vec(&data)),
             DType::I32 => HostTensor::i32(t.shape(), bytemuck::pod_collect_to_vec(&data)),
-            d => Err(Error::Unsupported { backend: "wgpu".into(), what: format!("downloading {d} tensors") }),
+            d => Err(Error::Internal(format!("a {d} tensor that is not a weight"))),
         }
     }
 
@@ -501,83 +499,58 @@ impl Backend for WgpuBackend {
         self.settle_checks()
     }
 
-    fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
-        linear::linear(self, x, w, bias)
+    fn run_linear(&self, op: &LinearOp<'_, Self>) -> Result<T> {
+        linear::linear(self, op)
     }
 
-    fn grouped_linear(&self, x: &T, offsets: &T, w: &T, bias: Option<&T>) -> Result<T> {
-        linear::grouped(self, x, offsets, w, bias)
+    fn run_grouped_linear(&self, op: &GroupedLinearOp<'_, Self>) -> Result<T> {
+        linear::grouped(self, op)
     }
 
     /// GLU experts run their first product with the activation fused in (unless the
     /// weights are split by columns); other kinds compose the primitives.
-    fn grouped_mlp(&self, xp: &T, offsets: &T, w: &MlpWeights<'_, Self>, keep_pre: bool) -> Result<MlpOutput<Self>> {
-        if let ExpertKind::Glu { activation } = w.kind {
-            let act = activation.kernel_code();
-            if let Some((h, pre)) = linear::grouped_glu(self, xp, offsets, w.w_in, w.b_in, act, keep_pre)? {
-                let w_out = w.w_out.ok_or_else(|| Error::MissingTensor("w_out (output projection)".into()))?;
-                let y = self.grouped_linear(&h, offsets, w_out, w.b_out)?;
+    fn run_grouped_mlp(&self, op: &GroupedMlpOp<'_, Self>) -> Result<MlpOutput<Self>> {
+        let w = op.weights;
+        if let ExpertKind::Glu { .. } = w.kind {
+            if let Some((h, pre)) = linear::grouped_glu(self, op)? {
+                let w_out = w.w_out.ok_or_else(|| Error::Internal("checked GLU experts without w_out".into()))?;
+                let y = self.grouped_linear(&h, op.offsets, w_out, w.b_out)?;
                 return Ok(MlpOutput { pre, y });
             }
         }
-        grouped_mlp_unfused(self, xp, offsets, w, keep_pre)
+        grouped_mlp_unfused(self, op)
     }
 
-    fn activation(&self, x: &T, act: Activation) -> Result<T> {
-        elementwise::activation(self, x, act)
+    fn run_elementwise(&self, op: &ElementwiseOp<'_, Self>) -> Result<T> {
+        elementwise::run(self, op)
     }
 
-    fn glu(&self, x: &T, act: Activation) -> Result<T> {
-        elementwise::glu(self, x, act)
+    fn run_route(&self, op: &RouteOp<'_, Self>) -> Result<RoutesParts<Self>> {
+        routing::route(self, op)
     }
 
-    fn mul(&self, a: &T, b: &T) -> Result<T> {
-        elementwise::mul(self, a, b)
+    fn run_plan(&self, op: &PlanOp<'_, Self>) -> Result<PlanParts<Self>> {
+        routing::plan(self, op)
     }
 
-    fn add_gated(&self, a: &T, b: &T, gate: Option<&T>) -> Result<T> {
-        elementwise::add_gated(self, a, b, gate)
+    fn run_permute(&self, op: &PermuteOp<'_, Self>) -> Result<T> {
+        elementwise::permute(self, op)
     }
 
-    fn residual_mix(&self, moe: &T, mlp: &T, coef: &T) -> Result<T> {
-        elementwise::residual_mix(self, moe, mlp, coef)
+    fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
+        elementwise::combine(self, op)
     }
 
-    fn route(&self, logits: &T, spec: &RouteSpec<'_, Self>) -> Result<Routes<Self>> {
-        routing::route(self, logits, spec)
-    }
-
-    fn plan(&self, routes: &Routes<Self>, spec: &PlanSpec<'_, Self>) -> Result<Plan<Self>> {
-        routing::plan(self, routes, spec)
-    }
-
-    fn permute(&self, x: &T, plan: &Plan<Self>) -> Result<T> {
-        elementwise::permute(self, x, plan)
-    }
-
-    fn combine(&self, yp: &T, plan: &Plan<Self>) -> Result<T> {
-        elementwise::combine(self, yp, plan)
-    }
-
-    fn router_stats(&self, logits: &T, scores: &T) -> Result<T> {
-        routing::router_stats(self, logits, scores)
+    fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {
+        routing::router_stats(self, op)
     }
 
     /// Drawn on the device by `shaders/philox.wgsl`, with the cpu's counter layout.
-    fn noise(&self, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<T> {
-        let out = self.tensor(shape, DType::F32, "noise")?;
-        let n = out.numel();
-        if n as u64 >= 1 << 32 {
-            return Err(Error::Unsupported { backend: "wgpu".into(), what: format!("{n} noise values in one draw") });
-        }
-        if n > 0 {
-            let (code, eps) = match kind {
-                NoiseKind::Uniform => (0, 0.0f32),
-                NoiseKind::Jitter(eps) => (1, eps),
-                NoiseKind::Gumbel => (2, 0.0),
-            };
-            let params = [n as u32, seed as u32, (seed >> 32) as u32, stream, code, eps.to_bits()];
-            self.dispatch(&kernels::PHILOX, "noise", &params, &[&out.buffer().buf], kernels::grid_1d(n, 256))?;
+    fn run_noise(&self, op: &NoiseOp) -> Result<T> {
+        let out = self.tensor(&op.shape, DType::F32, "noise")?;
+        if op.n > 0 {
+            let grid = kernel_abi::grid_1d(op.n, kernel_abi::WG_ELEMENTWISE);
+            self.dispatch(&kernels::PHILOX, "noise", &op.params, &[&out.buffer().buf], grid)?;
         }
         Ok(out)
     }

@@ -10,6 +10,7 @@
 
 #include "emulate.h"
 #include "common.cuh"
+#include "abi.cuh"
 #include "elementwise.cu"
 #include "matmul.cu"
 #include "matmul_tc.cu"

@@ -47,29 +47,9 @@ pub enum Arg {
     Val(Vec<u8>),
 }
 
-/// A u32 argument.
-pub fn u32v(v: u32) -> Arg {
-    Arg::Val(v.to_le_bytes().to_vec())
-}
-
-/// A u64 argument.
-pub fn u64v(v: u64) -> Arg {
-    Arg::Val(v.to_le_bytes().to_vec())
-}
-
-/// An f32 argument.
-pub fn f32v(v: f32) -> Arg {
-    Arg::Val(v.to_le_bytes().to_vec())
-}
-
-/// A parameter struct of 4-byte fields, as its words.
-pub fn words(w: &[u32]) -> Arg {
-    Arg::Val(w.iter().flat_map(|v| v.to_le_bytes()).collect())
-}
-
-/// The cuda backend's `grid_1d`: enough blocks of `block` threads for `n`.
-pub fn grid_1d(n: usize, block: u32) -> ([u32; 3], [u32; 3]) {
-    ([n.div_ceil(block as usize).max(1) as u32, 1, 1], [block, 1, 1])
+/// A kernel parameter block of the ABI, by value.
+pub fn param<P: bytemuck::Pod>(p: &P) -> Arg {
+    Arg::Val(bytemuck::bytes_of(p).to_vec())
 }
 
 /// Buffers and launches to replay.
@@ -111,8 +91,9 @@ impl Script {
         self.buf(vec![0; 4 * n])
     }
 
-    /// Appends a launch of `name` over `grid` blocks of `block` threads.
-    pub fn launch(&mut self, name: &str, (grid, block): ([u32; 3], [u32; 3]), args: &[Arg]) {
+    /// Appends a launch of `name` with the backend's geometry.
+    pub fn launch(&mut self, name: &str, geometry: moe_cuda::launch::Launch, args: &[Arg]) {
+        let (grid, block) = (geometry.grid, geometry.block);
         let l = &mut self.launches;
         l.extend((name.len() as u32).to_le_bytes());
         l.extend(name.as_bytes());

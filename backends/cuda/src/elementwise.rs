@@ -1,0 +1,76 @@
+//! Launchers of kernels/elementwise.cu and kernels/permute.cu: one thread per output
+//! element, every entry point of a family with the same arguments.
+
+use crate::device::{derr, CudaBackend, Param, T};
+use crate::launch;
+use cudarc::driver::PushKernelArg;
+use moe_engine::ops::{CombineOp, ElementwiseOp, PermuteOp};
+use moe_engine::Result;
+
+impl CudaBackend {
+    pub(crate) fn elementwise(&self, op: &ElementwiseOp<'_, Self>) -> Result<T> {
+        let n = op.params.n as usize;
+        let mut out = self.zeros::<f32>(n)?;
+        if n > 0 {
+            let f = self.function("elementwise.cu", op.kind.entry())?;
+            let a = Self::f32s(op.a, "elementwise input")?;
+            let b = op.b.map(|t| Self::f32s(t, "elementwise input")).transpose()?.unwrap_or(&self.dummy);
+            let c = op.c.map(|t| Self::f32s(t, "elementwise input")).transpose()?.unwrap_or(&self.dummy);
+            let p = Param(op.params);
+            // SAFETY: matches kernels/elementwise.cu (a, b, c, out, ElementwiseParams); the
+            // checked op sized every operand the kind reads, out holds n values.
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(a)
+                    .arg(b)
+                    .arg(c)
+                    .arg(&mut out)
+                    .arg(&p)
+                    .launch(launch::per_element(n).config())
+            }
+            .map_err(derr)?;
+        }
+        Self::out(&op.out_shape, out)
+    }
+
+    /// permute or combine: `src` rows moved by the plan's rows (and weights).
+    fn rows_op(
+        &self,
+        entry: &str,
+        src: &T,
+        rows: &T,
+        weights: &T,
+        params: moe_engine::kernel_abi::PermuteParams,
+        shape: &[usize],
+    ) -> Result<T> {
+        let n = params.n as usize;
+        let mut out = self.zeros::<f32>(n)?;
+        if n > 0 {
+            let f = self.function("permute.cu", entry)?;
+            let p = Param(params);
+            // SAFETY: matches kernels/permute.cu (src, rows, weights, out, PermuteParams);
+            // rows come from the plan op, so each indexes the S·k compact rows.
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(Self::f32s(src, "rows")?)
+                    .arg(Self::i32s(rows, "plan.rows")?)
+                    .arg(Self::f32s(weights, "plan.weights")?)
+                    .arg(&mut out)
+                    .arg(&p)
+                    .launch(launch::per_element(n).config())
+            }
+            .map_err(derr)?;
+        }
+        Self::out(shape, out)
+    }
+
+    pub(crate) fn permute(&self, op: &PermuteOp<'_, Self>) -> Result<T> {
+        self.rows_op("permute", op.x, &op.plan.rows, &op.plan.weights, op.params, &op.out_shape)
+    }
+
+    pub(crate) fn combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
+        self.rows_op("combine", op.yp, &op.plan.rows, &op.plan.weights, op.params, &op.out_shape)
+    }
+}

@@ -1,0 +1,44 @@
+// The kernel ABI (src/kernel_abi/mod.rs): every family's parameter block, passed to the
+// kernels by value. Each struct lists the fields of the Rust struct of the same name, in
+// the same order (tests/kernel_abi.rs checks), as the WGSL uniforms of shaders/ do. The
+// backend prepends this file, after common.cuh, to every family.
+
+struct RouteParams {
+    u32 s, e, k, score_fn, choice, has_bias, has_noise, normalize;
+    float eps, scale;
+    u32 n_group, topk_group, group_score, _pad0, _pad1, _pad2;
+};
+
+struct PlanParams {
+    u32 s, k, e, group, n_groups, cap_rule, cap_value, clamp, keep, has_used, renorm, _pad0;
+};
+
+struct MatmulParams {
+    u32 rows, n, k, groups, has_bias, max_tiles, y_stride, wdtype, g0, g1, c0, c1, glu, act, keep_pre, _pad0;
+};
+
+struct ElementwiseParams {
+    u64 n;
+    u32 cols, act, gated, _pad0, _pad1, _pad2;
+};
+
+struct PermuteParams {
+    u64 n;
+    u32 cols, k;
+};
+
+struct NoiseParams {
+    u64 n;
+    u32 seed_lo, seed_hi, stream, kind;
+    float eps;
+    u32 _pad0;
+};
+
+struct StatsParams {
+    u32 s, e, _pad0, _pad1;
+};
+
+struct CastParams {
+    u64 n;
+    u32 cols, bf16;
+};

@@ -1,0 +1,288 @@
+//! A golden case folder as typed data: `case.json` (see `tests/golden/FORMAT.md`) parsed
+//! into [`CaseMeta`] with every key known, its tensors, and the checks that make a
+//! malformed case an error naming what is wrong instead of a run that compares nothing.
+
+use crate::config::Mode;
+use crate::error::{Error, Result};
+use crate::import::hf::Family;
+use crate::import::Checkpoint;
+use crate::tensor::HostTensor;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The case format this engine reads.
+pub const FORMAT: u32 = 1;
+
+/// What a case runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaseKind {
+    /// DeepSpeed `TopKGate` on its own (`deepspeed.gate`).
+    DeepSpeedGate,
+    /// A DeepSpeed `MoE` layer (`deepspeed.moe`).
+    DeepSpeedMoe,
+    /// An HF transformers MoE block (`hf.<model_type>`).
+    Hf(Family),
+}
+
+impl TryFrom<String> for CaseKind {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        match s.as_str() {
+            "deepspeed.gate" => Ok(CaseKind::DeepSpeedGate),
+            "deepspeed.moe" => Ok(CaseKind::DeepSpeedMoe),
+            _ => match s.strip_prefix("hf.").map(Family::from_model_type) {
+                Some(Ok(f)) => Ok(CaseKind::Hf(f)),
+                _ => Err(format!(
+                    "unknown case kind `{s}` (deepspeed.gate, deepspeed.moe, hf.<model_type> of a supported family)"
+                )),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CaseKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        CaseKind::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl CaseKind {
+    /// The kind as `case.json` writes it.
+    pub fn name(self) -> String {
+        match self {
+            CaseKind::DeepSpeedGate => "deepspeed.gate".into(),
+            CaseKind::DeepSpeedMoe => "deepspeed.moe".into(),
+            CaseKind::Hf(f) => format!("hf.{}", f.model_type()),
+        }
+    }
+
+    /// The outputs a run of this kind produces.
+    pub fn outputs(self) -> &'static [Output] {
+        match self {
+            CaseKind::DeepSpeedGate => {
+                &[Output::Indices, Output::Locations, Output::Gates, Output::Capacity, Output::ExpCounts, Output::LAux]
+            }
+            _ => &[Output::Y, Output::RouterLogits, Output::LAux, Output::ExpCounts],
+        }
+    }
+}
+
+/// An output a case may compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Output {
+    /// Layer output.
+    Y,
+    /// `x · Wgᵀ` in f32.
+    RouterLogits,
+    /// The auxiliary loss.
+    LAux,
+    /// Routes per expert before capacity.
+    ExpCounts,
+    /// DeepSpeed sparse routes: expert per route, −1 where dropped.
+    Indices,
+    /// Slot of every route (compared where kept).
+    Locations,
+    /// Combine weight of every route (compared where kept).
+    Gates,
+    /// The capacity in force.
+    Capacity,
+}
+
+impl Output {
+    /// The name `case.json` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Output::Y => "y",
+            Output::RouterLogits => "router_logits",
+            Output::LAux => "l_aux",
+            Output::ExpCounts => "exp_counts",
+            Output::Indices => "indices",
+            Output::Locations => "locations",
+            Output::Gates => "gates",
+            Output::Capacity => "capacity",
+        }
+    }
+}
+
+/// The case's inputs: tensor keys.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inputs {
+    /// Tokens × hidden, or batch × seq × hidden.
+    pub x: String,
+    /// DeepSpeed `used_token` mask.
+    #[serde(default)]
+    pub used_token: Option<String>,
+}
+
+/// The reference's random draws, replayed: tensor keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Noise {
+    /// Multiplicative gate-input jitter.
+    #[serde(default)]
+    pub jitter: Option<String>,
+    /// Gumbel noise on the logits.
+    #[serde(default)]
+    pub gumbel: Option<String>,
+    /// Random-token-selection priorities.
+    #[serde(default)]
+    pub rts_uniform: Option<String>,
+}
+
+/// How outputs are compared.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerance {
+    /// Bound on ‖out − ref‖₂ / ‖ref‖₂ for float outputs.
+    pub rel_l2: f64,
+    /// Outputs that must match exactly.
+    #[serde(default)]
+    pub exact: Vec<Output>,
+}
+
+/// `case.json`, every key typed. Unknown keys are errors.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseMeta {
+    /// The format version ([`FORMAT`]).
+    pub format: u32,
+    /// What the case runs.
+    pub kind: CaseKind,
+    /// Case name (the folder name when absent).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The reference function or class and its version.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Which capacity factor applies and whether noise applies.
+    pub mode: Mode,
+    /// The reference's own configuration (`MoE(...)` keyword arguments or HF
+    /// `config.json` fields), read by the importers.
+    pub config: serde_json::Value,
+    /// Input tensors.
+    pub inputs: Inputs,
+    /// Replayed noise.
+    #[serde(default)]
+    pub noise: Noise,
+    /// Output → tensor key of the expected value.
+    pub expected: BTreeMap<Output, String>,
+    /// How outputs are compared.
+    pub tolerance: Tolerance,
+    /// Expected gradients (read by training; a forward run ignores them).
+    #[serde(default)]
+    pub backward: Option<serde_json::Value>,
+    /// A remark on how the values were computed.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// How the case's weights are laid out (documentation only).
+    #[serde(default)]
+    pub weights_layout: Option<String>,
+}
+
+impl CaseMeta {
+    /// Checks what the types cannot: the format, a non-empty set of outputs this kind
+    /// produces, exact outputs among them, a sensible tolerance.
+    pub fn validate(&self, case: &str) -> Result<()> {
+        let bad = |msg: String| Err(Error::case(case, msg));
+        if self.format != FORMAT {
+            return bad(format!("format {} is not the format {FORMAT} this engine reads", self.format));
+        }
+        if self.expected.is_empty() {
+            return bad("`expected` names no outputs: nothing would be compared".into());
+        }
+        let produced = self.kind.outputs();
+        if let Some(o) = self.expected.keys().find(|o| !produced.contains(o)) {
+            return bad(format!("`expected.{}`: a {} case produces no such output", o.name(), self.kind.name()));
+        }
+        if let Some(o) = self.tolerance.exact.iter().find(|o| !self.expected.contains_key(o)) {
+            return bad(format!("`tolerance.exact` names `{}`, which `expected` does not list", o.name()));
+        }
+        let tol = self.tolerance.rel_l2;
+        if !(tol.is_finite() && (0.0..1.0).contains(&tol)) {
+            return bad(format!("`tolerance.rel_l2` must be in [0, 1), got {tol}"));
+        }
+        let masked = [Output::Locations, Output::Gates].iter().any(|o| self.expected.contains_key(o));
+        if masked && !self.expected.contains_key(&Output::Indices) {
+            return bad(
+                "`expected.locations` / `gates` are compared where routes were kept: `indices` is needed".into()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A loaded case: its metadata and tensors.
+pub struct Case {
+    /// Case name.
+    pub name: String,
+    /// The metadata.
+    pub meta: CaseMeta,
+    /// Every tensor of `tensors.safetensors`.
+    pub tensors: Checkpoint,
+}
+
+impl Case {
+    /// Reads and checks `dir/case.json` and `dir/tensors.safetensors`; every tensor the
+    /// metadata names must be there.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("case.json");
+        let folder = dir.display().to_string();
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+        let meta: CaseMeta = serde_json::from_str(&text).map_err(|e| Error::Case {
+            case: folder.clone(),
+            msg: "case.json does not follow FORMAT.md".into(),
+            source: Some(Box::new(e)),
+        })?;
+        let name = meta.name.clone().unwrap_or_else(|| folder.clone());
+        meta.validate(&name)?;
+        let tensors = Checkpoint::load(&dir.join("tensors.safetensors"))?;
+        let case = Case { name, meta, tensors };
+        for key in case.keys() {
+            if !case.tensors.contains(key) {
+                return Err(Error::case(&case.name, format!("names tensor `{key}`, which tensors.safetensors lacks")));
+            }
+        }
+        Ok(case)
+    }
+
+    /// Every tensor key the metadata names.
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        let m = &self.meta;
+        [Some(&m.inputs.x), m.inputs.used_token.as_ref(), m.noise.jitter.as_ref(), m.noise.gumbel.as_ref()]
+            .into_iter()
+            .chain([m.noise.rts_uniform.as_ref()])
+            .flatten()
+            .chain(m.expected.values())
+            .map(String::as_str)
+    }
+
+    /// The tensor under `key`.
+    pub fn tensor(&self, key: &str) -> Result<&HostTensor> {
+        self.tensors.get(key)
+    }
+
+    /// The input tokens: f32, `[S, M]` or `[B, T, M]` with M ≥ 1, finite.
+    pub fn x(&self) -> Result<HostTensor> {
+        let x = self.tensor(&self.meta.inputs.x)?;
+        x.as_f32("inputs.x")?;
+        if !(2..=3).contains(&x.shape().len()) {
+            return Err(Error::shape("inputs.x", "[tokens, hidden] or [batch, seq, hidden]", x.shape()));
+        }
+        x.check_finite("inputs.x")?;
+        Ok(x.clone())
+    }
+
+    /// The case's parameters under their reference names (without `param/`).
+    pub fn params(&self) -> Checkpoint {
+        let map: BTreeMap<String, HostTensor> = self
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix("param/").map(|p| (p.to_string(), t.clone())))
+            .collect();
+        Checkpoint::from_map(map, &format!("{} params", self.name))
+    }
+}

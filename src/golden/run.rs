@@ -1,0 +1,236 @@
+//! Running a case: build the gate or layer through the importers, run it forward on a
+//! backend (or on several in-process expert-parallel ranks) and compare every expected
+//! output.
+
+use super::case::{Case, CaseKind, Output};
+use super::{rel_l2, CaseResult, OutputCheck};
+use crate::backend::Backend;
+use crate::config::GateSpec;
+use crate::error::{Error, Result};
+use crate::gate::Gate;
+use crate::import::{deepspeed, hf};
+use crate::layer::MoeLayer;
+use crate::options::{GateOptions, LayerOptions, NoiseOverrides};
+use crate::parallel::Communicator;
+use crate::tensor::{DType, HostTensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Runs one case folder on backend `b` and compares every expected output.
+pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
+    run_case_on(b, &Case::load(dir)?, None)
+}
+
+/// Runs one case on `n` in-process ranks that all hold the case's whole batch, the
+/// experts spread over them (the tensor-parallel arrangement: each rank sends its share
+/// of the tokens to the experts' owners and the outputs are gathered after). `make(rank)`
+/// builds each rank's backend. With `per_node` > 0 the ranks form nodes of that many and
+/// exchange hierarchically (within nodes, then across). Returns every rank's result; `n`
+/// must divide the experts. A rank that fails or panics makes the run an error (that
+/// rank's, not its peers' timeouts), never a panic of the caller.
+pub fn run_case_ep<B, F>(
+    make: F,
+    dir: &Path,
+    n: usize,
+    per_node: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<CaseResult>>
+where
+    B: Backend,
+    F: Fn(usize) -> Result<B> + Sync,
+{
+    if n == 0 {
+        return Err(Error::config("ep", "at least one rank"));
+    }
+    let case = Case::load(dir)?;
+    let comms = crate::parallel::in_process(n, timeout);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (make, case) = (&make, &case);
+                scope.spawn(move || {
+                    let rank = comm.rank();
+                    let body = || -> Result<CaseResult> {
+                        let b = make(rank)?;
+                        if per_node > 0 {
+                            let h = crate::parallel::Hierarchical::new(&comm, per_node)?;
+                            run_case_on(&b, case, Some(&h))
+                        } else {
+                            run_case_on(&b, case, Some(&comm))
+                        }
+                    };
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(no message)".into());
+                        Err(Error::Internal(format!("rank {rank} panicked: {msg}")))
+                    })
+                })
+            })
+            .collect();
+        let results: Vec<Result<CaseResult>> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| h.join().unwrap_or_else(|_| Err(Error::Internal(format!("rank {r} panicked")))))
+            .collect();
+        // When ranks fail, report the cause: a rank's own error rather than the peers'
+        // "no answer from rank r" that follows it.
+        if results.iter().any(Result::is_err) {
+            let mut errors: Vec<Error> = results.into_iter().filter_map(Result::err).collect();
+            let cause = errors.iter().position(|e| !matches!(e, Error::Communication { .. })).unwrap_or(0);
+            return Err(errors.swap_remove(cause));
+        }
+        results.into_iter().collect()
+    })
+}
+
+/// The forward options of a case: its mode, replayed noise (each flattened to
+/// `[rows, last dim]`) and `used_token` mask.
+fn options(case: &Case) -> Result<LayerOptions> {
+    let m = &case.meta;
+    let flat = |key: &Option<String>| -> Result<Option<HostTensor>> {
+        key.as_ref()
+            .map(|k| {
+                let t = case.tensor(k)?.clone();
+                let cols = t.shape().last().copied().unwrap_or(1).max(1);
+                let rows = t.numel() / cols;
+                t.reshape(&[rows, cols])
+            })
+            .transpose()
+    };
+    let used_token = match &m.inputs.used_token {
+        Some(k) => {
+            let t = case.tensor(k)?.clone();
+            let n = t.numel();
+            Some(t.reshape(&[n])?)
+        }
+        None => None,
+    };
+    let noise = NoiseOverrides {
+        jitter: flat(&m.noise.jitter)?,
+        gumbel: flat(&m.noise.gumbel)?,
+        rts: flat(&m.noise.rts_uniform)?,
+    };
+    Ok(LayerOptions { gate: GateOptions { mode: m.mode, seed: 0, noise, used_token }, keep_activations: false })
+}
+
+fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<&dyn Communicator>) -> Result<CaseResult> {
+    let x = case.x()?;
+    let opts = options(case)?;
+    let cfg = &case.meta.config;
+    let mut got: BTreeMap<Output, HostTensor> = BTreeMap::new();
+    let counts = |v: &[i64]| HostTensor::i32(&[v.len()], v.iter().map(|&c| c as i32).collect());
+
+    match case.meta.kind {
+        CaseKind::DeepSpeedGate => {
+            // A gate has no experts to spread: every rank of an expert-parallel run routes
+            // the whole batch itself, as each DeepSpeed rank runs its own gate.
+            let g = deepspeed::topk_gate_spec(cfg)?;
+            let mut params = case.params();
+            let w = params.take("wg.weight")?;
+            params.finish("")?;
+            let s = match x.shape()[..] {
+                [s, _] => s,
+                _ => return Err(Error::shape("inputs.x", "[tokens, model_dim] for a gate case", x.shape())),
+            };
+            for (field, want) in [("num_experts", w.shape()[0]), ("model_dim", w.shape().get(1).copied().unwrap_or(0))]
+            {
+                let v: Option<usize> = cfg.get(field).and_then(|v| v.as_u64()).map(|v| v as usize);
+                if v.is_some_and(|v| v != want) {
+                    return Err(Error::config(
+                        field,
+                        format!("{} does not match wg.weight {:?}", v.unwrap_or(0), w.shape()),
+                    ));
+                }
+            }
+            let gate = Gate::new(b, GateSpec::DeepSpeed(g), &w, None)?;
+            let out = gate.forward(b, &b.upload(&x)?, s, &opts.gate)?;
+            let (idx, loc, gates) = out.sparse_routes(b)?;
+            let rep = out.report(b)?;
+            let cap = i32::try_from(rep.capacity)
+                .map_err(|_| Error::too_large("capacity", rep.capacity.to_string(), "the i32 the case stores it in"))?;
+            got.insert(Output::Indices, idx);
+            got.insert(Output::Locations, loc);
+            got.insert(Output::Gates, gates);
+            got.insert(Output::Capacity, HostTensor::i32(&[], vec![cap])?);
+            got.insert(Output::ExpCounts, counts(&rep.exp_counts)?);
+            got.insert(Output::LAux, HostTensor::scalar(rep.losses.l_aux as f32));
+        }
+        kind => {
+            let (spec, weights) = match kind {
+                CaseKind::Hf(family) => {
+                    let (fam, spec) = hf::layer_spec(cfg)?;
+                    if fam != family {
+                        return Err(Error::config("model_type", format!("does not match case kind `{}`", kind.name())));
+                    }
+                    let w = hf::layer_weights(&mut case.params(), fam, &spec, "")?;
+                    (spec, w)
+                }
+                _ => {
+                    let spec = deepspeed::layer_spec(cfg)?;
+                    let w = deepspeed::layer_weights(&mut case.params(), &spec, "")?;
+                    (spec, w)
+                }
+            };
+            let out = match ep {
+                None => MoeLayer::new(b, spec, &weights, DType::F32)?.forward(b, &b.upload(&x)?, &opts)?,
+                Some(comm) => {
+                    let layout = crate::parallel::EpLayout::new(spec.num_experts, comm.rank(), comm.size())?;
+                    let layer = MoeLayer::new_ep(b, spec, &weights, DType::F32, layout)?;
+                    layer.forward_ep(b, &b.upload(&x)?, &opts, comm, crate::parallel::TokenLayout::Replicated)?
+                }
+            };
+            let rep = out.report(b)?;
+            got.insert(Output::Y, b.download(&out.y)?);
+            got.insert(Output::RouterLogits, b.download(&out.gate.logits)?);
+            got.insert(Output::LAux, HostTensor::scalar(rep.losses.l_aux as f32));
+            got.insert(Output::ExpCounts, counts(&rep.exp_counts)?);
+        }
+    }
+    compare(case, &got)
+}
+
+fn compare(case: &Case, got: &BTreeMap<Output, HostTensor>) -> Result<CaseResult> {
+    let m = &case.meta;
+    // Gate cases: locations and gates are compared where the route was kept.
+    let kept_mask: Option<Vec<bool>> = match m.expected.get(&Output::Indices) {
+        Some(k) if m.kind == CaseKind::DeepSpeedGate => {
+            Some(case.tensor(k)?.to_f64().iter().map(|&i| i >= 0.0).collect())
+        }
+        _ => None,
+    };
+    let mut outputs = Vec::new();
+    for (&out, key) in &m.expected {
+        let name = out.name();
+        let want = case.tensor(key)?;
+        let have = got
+            .get(&out)
+            .ok_or_else(|| Error::Internal(format!("case {}: the run produced no output `{name}`", case.name)))?;
+        let (mut w, mut h) = (want.to_f64(), have.to_f64());
+        if w.len() != h.len() {
+            return Err(Error::shape(format!("expected `{name}`"), format!("{:?}", have.shape()), want.shape()));
+        }
+        if let (Some(mask), Output::Locations | Output::Gates) = (&kept_mask, out) {
+            if mask.len() != w.len() {
+                return Err(Error::shape(format!("expected `{name}`"), "the shape of `indices`", want.shape()));
+            }
+            w = w.iter().zip(mask).filter(|(_, &k)| k).map(|(v, _)| *v).collect();
+            h = h.iter().zip(mask).filter(|(_, &k)| k).map(|(v, _)| *v).collect();
+        }
+        let exact = m.tolerance.exact.contains(&out);
+        let (error, pass) = if exact {
+            let bad = w.iter().zip(&h).filter(|(a, b)| a != b).count();
+            (bad as f64, bad == 0)
+        } else {
+            let e = rel_l2(&h, &w);
+            (e, e <= m.tolerance.rel_l2)
+        };
+        outputs.push(OutputCheck { name: name.into(), error, exact, pass });
+    }
+    let worst = outputs.iter().filter(|o| !o.exact).map(|o| o.error).fold(0.0, f64::max);
+    let pass = !outputs.is_empty() && outputs.iter().all(|o| o.pass);
+    Ok(CaseResult { name: case.name.clone(), kind: m.kind.name(), outputs, worst_rel_l2: worst, pass })
+}

@@ -1,0 +1,303 @@
+//! The kernel ABI shared by the GPU backends: the parameter block of every kernel family
+//! as a named `#[repr(C)]` struct (the WGSL uniform of `shaders/<family>.wgsl` and the
+//! by-value argument of `kernels/<family>.cu` declare the same fields in the same order),
+//! the launch geometry both backends use, the kernels' size limits, and the multi-pass
+//! plan schedule ([`plan`]).
+//!
+//! The op front doors (`crate::ops`) fill these structs once from checked operands; a
+//! backend only binds buffers and launches. `tests/kernel_abi.rs` reads the shader and
+//! kernel sources and checks that every struct there lists [`Abi::FIELDS`] in order.
+//!
+//! Conventions: every field is 4 bytes except element counts that may pass 2³² on CUDA
+//! (`n: u64`, the first field, declared `vec2<u32>` in WGSL, whose buffers are smaller
+//! than 4 GiB so the high word is 0); structs are padded with `_pad*` fields to a
+//! multiple of 16 bytes, as WGSL uniform blocks require.
+
+pub mod plan;
+
+use bytemuck::{Pod, Zeroable};
+
+/// A kernel parameter block: plain old data with its field names, for the layout test.
+pub trait Abi: Pod {
+    /// The struct's name in the shaders and kernels.
+    const NAME: &'static str;
+    /// Field names in declaration order, padding included.
+    const FIELDS: &'static [&'static str];
+}
+
+macro_rules! abi_struct {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $ty),*
+        }
+        impl Abi for $name {
+            const NAME: &'static str = stringify!($name);
+            const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+        }
+    };
+}
+
+abi_struct! {
+    /// `route` (shaders/route.wgsl, kernels/route.cu): scores, choice and weights.
+    RouteParams {
+        /// Tokens S.
+        s: u32,
+        /// Experts E.
+        e: u32,
+        /// Routes per token.
+        k: u32,
+        /// 0 softmax, 1 sigmoid.
+        score_fn: u32,
+        /// 0 top-k, 1 DeepSpeed top-2, 2 group-limited.
+        choice: u32,
+        /// 1 when a correction bias is bound.
+        has_bias: u32,
+        /// 1 when choice noise is bound.
+        has_noise: u32,
+        /// 0 none, 1 sum, 2 sum + eps.
+        normalize: u32,
+        /// The eps of `normalize = 2`.
+        eps: f32,
+        /// Route scale.
+        scale: f32,
+        /// Expert groups (group-limited).
+        n_group: u32,
+        /// Groups kept per token.
+        topk_group: u32,
+        /// 0 max (masked groups read 0), 1 sum of the top 2 (masked read −inf).
+        group_score: u32,
+        /// Padding.
+        _pad0: u32,
+        /// Padding.
+        _pad1: u32,
+        /// Padding.
+        _pad2: u32,
+    }
+}
+
+abi_struct! {
+    /// Every pass of the dispatch plan (shaders/plan.wgsl, kernels/plan.cu).
+    PlanParams {
+        /// Tokens S.
+        s: u32,
+        /// Routes per token.
+        k: u32,
+        /// Experts E.
+        e: u32,
+        /// Tokens per capacity group.
+        group: u32,
+        /// Capacity groups, S / group.
+        n_groups: u32,
+        /// 0 unlimited, 1 static (`cap_value`), 2 dropless (largest count).
+        cap_rule: u32,
+        /// Static capacity for the kernels (at most S·k: more keeps every route anyway).
+        cap_value: u32,
+        /// Dropless: clamp the capacity to S.
+        clamp: u32,
+        /// 0 token order, 1 rank-major, 2 priority.
+        keep: u32,
+        /// 1 when a `used_token` mask is bound.
+        has_used: u32,
+        /// 1: renormalise the kept weights of each token.
+        renorm: u32,
+        /// Padding.
+        _pad0: u32,
+    }
+}
+
+abi_struct! {
+    /// Matrix products (shaders/matmul.wgsl, kernels/matmul.cu, kernels/matmul_tc.cu):
+    /// `out [rows, n] = x [rows, k] · w[g] [n, k]ᵀ (+ bias[g])`, grouped by offsets.
+    MatmulParams {
+        /// Rows R of x and of the output.
+        rows: u32,
+        /// Output columns N of the product (2·F for GLU experts).
+        n: u32,
+        /// Inner size K.
+        k: u32,
+        /// Weight groups G (1 for a dense product).
+        groups: u32,
+        /// 1 when a bias is bound.
+        has_bias: u32,
+        /// Tiles the grid is sized for: ceil(R / 64) + G (row blocks for a dense product).
+        max_tiles: u32,
+        /// Workgroups per grid row in y (tiles fold into z past 65535).
+        y_stride: u32,
+        /// Weight storage: 0 f32, 1 f16, 2 bf16.
+        wdtype: u32,
+        /// This weight part (wgpu splits large stacks): experts [g0, g1) ...
+        g0: u32,
+        /// ... end expert ...
+        g1: u32,
+        /// ... output columns [c0, c1).
+        c0: u32,
+        /// End column.
+        c1: u32,
+        /// 1: GLU experts (w rows [gate F | up F]), writing act(gate) · up [R, F].
+        glu: u32,
+        /// Activation code of the GLU epilogue.
+        act: u32,
+        /// 1: also write the pre-activation [R, 2F].
+        keep_pre: u32,
+        /// Padding.
+        _pad0: u32,
+    }
+}
+
+abi_struct! {
+    /// Elementwise ops (shaders/elementwise.wgsl, kernels/elementwise.cu), one
+    /// invocation per output element.
+    ElementwiseParams {
+        /// Output elements.
+        n: u64,
+        /// Row length of the output.
+        cols: u32,
+        /// Activation code.
+        act: u32,
+        /// add_gated: 1 when a gate column is bound.
+        gated: u32,
+        /// Padding.
+        _pad0: u32,
+        /// Padding.
+        _pad1: u32,
+        /// Padding.
+        _pad2: u32,
+    }
+}
+
+abi_struct! {
+    /// Permute and combine (shaders/permute.wgsl, kernels/permute.cu).
+    PermuteParams {
+        /// Output elements.
+        n: u64,
+        /// Row length M.
+        cols: u32,
+        /// Routes per token.
+        k: u32,
+    }
+}
+
+abi_struct! {
+    /// Philox noise (shaders/philox.wgsl, kernels/philox.cu).
+    NoiseParams {
+        /// Values to draw.
+        n: u64,
+        /// Low word of the seed.
+        seed_lo: u32,
+        /// High word of the seed.
+        seed_hi: u32,
+        /// Stream number.
+        stream: u32,
+        /// 0 uniform, 1 jitter, 2 Gumbel.
+        kind: u32,
+        /// Jitter half-width.
+        eps: f32,
+        /// Padding.
+        _pad0: u32,
+    }
+}
+
+abi_struct! {
+    /// Router reductions (shaders/stats.wgsl, kernels/stats.cu).
+    StatsParams {
+        /// Tokens S.
+        s: u32,
+        /// Experts E.
+        e: u32,
+        /// Padding.
+        _pad0: u32,
+        /// Padding.
+        _pad1: u32,
+    }
+}
+
+abi_struct! {
+    /// The casts in front of cuBLAS (kernels/matmul_tc.cu `to_half`, `fill_rows`).
+    CastParams {
+        /// Elements.
+        n: u64,
+        /// Row length (`fill_rows`).
+        cols: u32,
+        /// `to_half`: 1 for bf16, 0 for f16.
+        bf16: u32,
+    }
+}
+
+/// Experts the route kernels' bit sets hold.
+pub const ROUTE_MAX_EXPERTS: usize = 1024;
+/// Expert groups the route kernels' group table holds.
+pub const ROUTE_MAX_GROUPS: usize = 64;
+/// Routes per token the route kernels hold (one bit set word per 32 experts; k ≤ E).
+pub const ROUTE_MAX_K: usize = ROUTE_MAX_EXPERTS;
+
+/// Words of the route kernels' status buffer: the flat index of the first non-finite
+/// logit, correction-bias value and choice-noise value (`u32::MAX` where none), and a
+/// spare word. `crate::ops::route_status` reads them.
+pub const ROUTE_STATUS_WORDS: usize = 4;
+
+/// Rows and columns of one matrix-product output tile (BM = BN in the kernels).
+pub const TILE: usize = 64;
+/// Threads per workgroup of the elementwise, permute and noise kernels.
+pub const WG_ELEMENTWISE: u32 = 256;
+/// Threads per workgroup of the plan passes.
+pub const WG_PLAN: u32 = 64;
+/// Largest workgroup count in one grid dimension that every API takes.
+pub const MAX_GRID_DIM: usize = 65535;
+
+/// Grid for `n` invocations of `wg` each: 1-D while it fits [`MAX_GRID_DIM`], then 2-D
+/// (kernels compute the index as `x + y · grid_x · wg`). At least one workgroup.
+pub fn grid_1d(n: usize, wg: u32) -> [u32; 3] {
+    let groups = n.div_ceil(wg as usize).max(1);
+    if groups <= MAX_GRID_DIM {
+        [groups as u32, 1, 1]
+    } else {
+        [MAX_GRID_DIM as u32, groups.div_ceil(MAX_GRID_DIM) as u32, 1]
+    }
+}
+
+/// Grid of matrix-product tiles: `col_blocks` in x, `tiles` folded into y and z past
+/// [`MAX_GRID_DIM`]; returns the grid and the y stride kernels unfold the tile index with
+/// (`tile = y + z · y_stride`).
+pub fn tile_grid(col_blocks: usize, tiles: usize) -> ([u32; 3], u32) {
+    let y = tiles.clamp(1, MAX_GRID_DIM);
+    ([col_blocks.max(1) as u32, y as u32, tiles.div_ceil(y).max(1) as u32], y as u32)
+}
+
+/// Words of the tile list a grouped product builds (`tile_map`): a count, then
+/// (group, first row, end row) per tile.
+pub fn tile_list_words(max_tiles: usize) -> usize {
+    1 + 3 * max_tiles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_blocks_are_whole_uniform_rows() {
+        fn check<T: Abi>() {
+            assert_eq!(std::mem::size_of::<T>() % 16, 0, "{} is {} bytes", T::NAME, std::mem::size_of::<T>());
+        }
+        check::<RouteParams>();
+        check::<PlanParams>();
+        check::<MatmulParams>();
+        check::<ElementwiseParams>();
+        check::<PermuteParams>();
+        check::<NoiseParams>();
+        check::<StatsParams>();
+        check::<CastParams>();
+        assert_eq!(RouteParams::FIELDS.len() * 4, std::mem::size_of::<RouteParams>());
+    }
+
+    #[test]
+    fn grids_fold_past_the_dimension_limit() {
+        assert_eq!(grid_1d(0, 64), [1, 1, 1]);
+        assert_eq!(grid_1d(65535 * 64, 64), [65535, 1, 1]);
+        assert_eq!(grid_1d(65536 * 64, 64), [65535, 2, 1]);
+        assert_eq!(tile_grid(3, 70_000), ([3, 65535, 2], 65535));
+        assert_eq!(tile_grid(0, 0), ([1, 1, 1], 1));
+    }
+}

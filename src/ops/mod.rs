@@ -1,0 +1,107 @@
+//! The op front doors: for every op of the [`Backend`] trait, the spec a caller fills in,
+//! the checks its operands must pass, and the checked op (`*Op`) a backend receives.
+//!
+//! Each `*Op::check` validates the operands once, for every backend: shapes, dtypes, sizes
+//! (every product overflow-checked, outputs within the backend's largest buffer), index
+//! ranges and the values the kernels take as 32-bit integers; it also encodes the op's
+//! kernel parameter block ([`crate::kernel_abi`]) once. A checked op can only be made by
+//! its `check` (a private field), so a backend that receives one may trust it: the
+//! backend does only its own work. The trait's provided methods (`b.linear(...)`,
+//! `b.route(...)`, ...) are the front doors that run the checks, call the backend and
+//! verify the shapes of what it returned.
+//!
+//! Tensors whose values index memory are typed so that safe code cannot forge them:
+//! [`Routes`] (expert ids), [`Plan`] (compact rows) and [`Offsets`] (group boundaries)
+//! come from the ops that compute them or from host data checked on the way in.
+
+mod dispatch;
+mod elementwise;
+mod matmul;
+mod noise;
+mod plan;
+mod route;
+mod stats;
+pub(crate) mod upload;
+
+pub use dispatch::{CombineOp, PermuteOp};
+pub use elementwise::{ElementwiseKind, ElementwiseOp};
+pub use matmul::{
+    grouped_mlp_unfused, GroupedLinearOp, GroupedMlpOp, LinearOp, MatDims, MlpOutput, MlpWeights, Offsets,
+};
+pub use noise::NoiseOp;
+pub use plan::{deepspeed_capacity, CapacityRule, KeepPolicy, Plan, PlanOp, PlanParts, PlanSpec, StaticCapacity};
+pub use route::{route_status, Choice, GroupScore, Normalize, RouteOp, RouteSpec, Routes, RoutesParts, ScoreFn};
+pub use stats::RouterStatsOp;
+pub use upload::{UploadOp, WeightUploadOp};
+
+use crate::backend::Backend;
+use crate::device_tensor::Tensor;
+use crate::error::{human_bytes, Error, Result};
+use crate::tensor::{nbytes, DType};
+
+/// Errors unless `t` holds f32 values; returns its shape.
+pub(crate) fn f32_tensor<'t, B: Backend>(name: &str, t: &'t Tensor<B>) -> Result<&'t [usize]> {
+    t.expect_dtype(name, DType::F32)?;
+    Ok(t.shape())
+}
+
+/// The dimensions of an f32 matrix, or an error naming it.
+pub(crate) fn f32_matrix<B: Backend>(name: &str, t: &Tensor<B>) -> Result<(usize, usize)> {
+    let dims = t.dims2(name)?;
+    t.expect_dtype(name, DType::F32)?;
+    Ok(dims)
+}
+
+/// Errors unless `t` is an f32 tensor of exactly `shape`.
+pub(crate) fn f32_shaped<B: Backend>(name: &str, t: &Tensor<B>, shape: &[usize]) -> Result<()> {
+    t.expect_shape(name, shape)?;
+    t.expect_dtype(name, DType::F32)
+}
+
+/// Errors unless `t` is an i32 tensor of exactly `shape`.
+pub(crate) fn i32_shaped<B: Backend>(name: &str, t: &Tensor<B>, shape: &[usize]) -> Result<()> {
+    t.expect_shape(name, shape)?;
+    t.expect_dtype(name, DType::I32)
+}
+
+/// `v` as the u32 a kernel parameter holds, or an error naming what it counts.
+pub(crate) fn to_u32(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::too_large(what, v.to_string(), "the kernels' 32-bit sizes (4294967295)"))
+}
+
+/// `v` as an i32 index range (rows, slots, counts are i32 tensors), or an error.
+pub(crate) fn fits_i32(what: &str, v: usize) -> Result<()> {
+    if v > i32::MAX as usize {
+        return Err(Error::too_large(what, v.to_string(), "the i32 indices of the plan (2147483647)"));
+    }
+    Ok(())
+}
+
+/// Checks that an output of `shape` in `dtype` can be sized and fits the backend's
+/// largest buffer; returns its element count.
+pub(crate) fn output<B: Backend>(b: &B, name: &str, shape: &[usize], dtype: DType) -> Result<usize> {
+    let bytes = nbytes(name, shape, dtype)?;
+    let max = b.capabilities().max_buffer_bytes;
+    if bytes > max {
+        return Err(Error::too_large(
+            format!("output `{name}` of shape {shape:?}"),
+            human_bytes(bytes),
+            format!("the largest buffer backend {} allocates ({})", b.name(), human_bytes(max)),
+        ));
+    }
+    Ok(shape.iter().product())
+}
+
+/// Verifies what a backend returned: an internal error unless it has the shape and dtype
+/// the op promises.
+pub(crate) fn returned<B: Backend>(b: &B, op: &str, t: Tensor<B>, shape: &[usize], dtype: DType) -> Result<Tensor<B>> {
+    if t.shape() != shape || t.dtype() != dtype {
+        return Err(Error::Internal(format!(
+            "backend {} returned a {} tensor of shape {:?} from `{op}`, which promises {dtype} {shape:?}",
+            b.name(),
+            t.dtype(),
+            t.shape()
+        )));
+    }
+    Ok(t)
+}

@@ -1,0 +1,656 @@
+//! The parity cases: one struct per op, each declaring its inputs, the op it runs and its
+//! tolerance. [`run_all`] lists every case the support matrix covers.
+
+use super::{OpCase, Runner};
+use crate::backend::{Backend, Capabilities};
+use crate::device_tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::expert::{Activation, ExpertKind};
+use crate::ops::{
+    grouped_mlp_unfused, CapacityRule, Choice, GroupScore, GroupedMlpOp, KeepPolicy, MlpWeights, Normalize, Offsets,
+    PlanSpec, RouteSpec, Routes, ScoreFn,
+};
+use crate::philox::{self, NoiseKind};
+use crate::tensor::{DType, HostTensor};
+
+/// Named outputs of a case.
+type Outputs<B> = Vec<(&'static str, Tensor<B>)>;
+
+/// Tolerance of f32 products: the backends accumulate over K in different orders.
+const PRODUCT_TOL: f64 = 1e-5;
+/// Tolerance of elementwise and routing math: the last ulp of the transcendentals.
+const ELEMENTWISE_TOL: f64 = 2e-6;
+
+/// Products with `dtype` weights on a candidate that rounds product inputs to that type
+/// ([`Capabilities::half_inputs`]) agree to that type's precision: unit roundoff 2⁻¹¹
+/// (f16) or 2⁻⁸ (bf16) on every input gives a relative L2 near u/√3 per product, two
+/// products for an MLP, with room to spare. Otherwise the f32 bound.
+fn product_tolerance(dtype: DType, caps: &Capabilities) -> f64 {
+    match (caps.half_inputs, dtype) {
+        (true, DType::BF16) => 1e-2,
+        (true, DType::F16) => 2e-3,
+        _ => PRODUCT_TOL,
+    }
+}
+
+/// Philox uniforms in [-scale, scale) (the same on every run).
+fn rand(shape: &[usize], stream: u32, scale: f32) -> HostTensor {
+    let n = shape.iter().product();
+    let v =
+        philox::words(0x5eed, stream, n).into_iter().map(|w| (philox::to_open_unit(w) * 2.0 - 1.0) * scale).collect();
+    HostTensor::f32(shape, v).expect("the shape's product is the length drawn")
+}
+
+/// A weight in `dtype` storage where the backend has it; otherwise (the f32 reference)
+/// the same values rounded to `dtype` and stored in f32, so both sides multiply the same
+/// numbers and the comparison isolates the backend's half-precision path.
+fn weight<B: Backend>(b: &B, w: &HostTensor, dtype: DType) -> Result<Tensor<B>> {
+    if dtype == DType::F32 || b.capabilities().storage_dtypes.contains(&dtype) {
+        return b.upload_weight(w, dtype);
+    }
+    b.upload_weight(&w.rounded(dtype)?, DType::F32)
+}
+
+fn offsets_of(counts: &[usize]) -> Vec<i32> {
+    let mut off = vec![0i32];
+    for c in counts {
+        off.push(off.last().copied().unwrap_or(0) + *c as i32);
+    }
+    off
+}
+
+fn missing_pre() -> Error {
+    Error::Internal("the pre-activation was asked for and not returned".into())
+}
+
+// ------------------------------------------------------------------ products
+
+/// `linear`: `x [r, k] · w [n, k]ᵀ (+ bias)`.
+pub struct LinearCase {
+    /// Rows, inner size, output columns.
+    pub r: usize,
+    /// Inner size.
+    pub k: usize,
+    /// Output columns.
+    pub n: usize,
+    /// With a bias.
+    pub bias: bool,
+    /// Weight storage.
+    pub dtype: DType,
+}
+
+impl OpCase for LinearCase {
+    const OP: &'static str = "linear";
+    fn name(&self) -> String {
+        let (r, k, n) = (self.r, self.k, self.n);
+        format!("{r}x{k} · {n}x{k}ᵀ{}", if self.bias { " + bias" } else { "" })
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn tolerance(&self, caps: &Capabilities) -> f64 {
+        product_tolerance(self.dtype, caps)
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let (x, w, bb) = (rand(&[self.r, self.k], 1, 1.0), rand(&[self.n, self.k], 2, 0.3), rand(&[self.n], 3, 1.0));
+        let bias = if self.bias { Some(b.upload(&bb)?) } else { None };
+        Ok(vec![("y", b.linear(&b.upload(&x)?, &weight(b, &w, self.dtype)?, bias.as_ref())?)])
+    }
+}
+
+/// `grouped_linear` over groups of the given row counts (with biases).
+pub struct GroupedLinearCase {
+    /// What the groups exercise.
+    pub what: &'static str,
+    /// Rows per group.
+    pub counts: Vec<usize>,
+    /// Extra rows past the last group (their output is zero).
+    pub rows_past: usize,
+    /// Weight storage.
+    pub dtype: DType,
+}
+
+impl OpCase for GroupedLinearCase {
+    const OP: &'static str = "grouped_linear";
+    fn name(&self) -> String {
+        format!("{} (+ bias)", self.what)
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn tolerance(&self, caps: &Capabilities) -> f64 {
+        product_tolerance(self.dtype, caps)
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let (g, k, n) = (self.counts.len(), 23, 67);
+        let rows = self.counts.iter().sum::<usize>() + self.rows_past;
+        let x = if rows == 0 { HostTensor::f32(&[0, k], vec![])? } else { rand(&[rows, k], 4, 1.0) };
+        let (w, bb) = (rand(&[g, n, k], 5, 0.3), rand(&[g, n], 6, 1.0));
+        let off = Offsets::from_host(b, &offsets_of(&self.counts))?;
+        let y = b.grouped_linear(&b.upload(&x)?, &off, &weight(b, &w, self.dtype)?, Some(&b.upload(&bb)?))?;
+        Ok(vec![("y", y)])
+    }
+}
+
+/// `grouped_mlp` on GLU experts over groups of rows 3, 0, 40, 1; outputs the result, the
+/// pre-activation and, where asked, the unfused composition for comparison.
+pub struct GroupedMlpCase {
+    /// What the case exercises.
+    pub what: &'static str,
+    /// The GLU activation.
+    pub act: Activation,
+    /// With biases on both projections.
+    pub biases: bool,
+    /// Also return the unfused composition of the same weights.
+    pub unfused: bool,
+    /// Weight storage.
+    pub dtype: DType,
+}
+
+impl OpCase for GroupedMlpCase {
+    const OP: &'static str = "grouped_mlp";
+    fn name(&self) -> String {
+        self.what.into()
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn tolerance(&self, caps: &Capabilities) -> f64 {
+        product_tolerance(self.dtype, caps)
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let counts = [3usize, 0, 40, 1];
+        let (g, h, f) = (counts.len(), 24, 36);
+        let rows: usize = counts.iter().sum();
+        let (x, w_in, w_out) = (rand(&[rows, h], 7, 1.0), rand(&[g, 2 * f, h], 8, 0.3), rand(&[g, h, f], 9, 0.3));
+        let (wi, wo) = (weight(b, &w_in, self.dtype)?, weight(b, &w_out, self.dtype)?);
+        let (bi, bo) = if self.biases {
+            (Some(b.upload(&rand(&[g, 2 * f], 16, 0.5))?), Some(b.upload(&rand(&[g, h], 17, 0.5))?))
+        } else {
+            (None, None)
+        };
+        let w = MlpWeights {
+            kind: ExpertKind::Glu { activation: self.act },
+            w_in: &wi,
+            b_in: bi.as_ref(),
+            w_out: Some(&wo),
+            b_out: bo.as_ref(),
+        };
+        let (xt, off) = (b.upload(&x)?, Offsets::from_host(b, &offsets_of(&counts))?);
+        let out = b.grouped_mlp(&xt, &off, &w, true)?;
+        let mut outs = vec![("y", out.y), ("pre", out.pre.ok_or_else(missing_pre)?)];
+        if self.unfused {
+            let op = GroupedMlpOp::check(b, &xt, &off, &w, false)?;
+            outs.push(("y unfused", grouped_mlp_unfused(b, &op)?.y));
+        }
+        Ok(outs)
+    }
+}
+
+// ------------------------------------------------------------------ elementwise
+
+/// The elementwise ops on random inputs.
+pub enum ElementwiseCase {
+    /// `activation` on `[7, 143]`.
+    Activation(Activation),
+    /// `glu` on `[7, 142]`.
+    Glu(Activation),
+    /// `mul` of two `[9, 33]`.
+    Mul,
+    /// `add_gated`, with a sigmoid gate or plain.
+    AddGated {
+        /// With the gate.
+        gated: bool,
+    },
+    /// `residual_mix` with softmax coefficients.
+    ResidualMix,
+}
+
+impl ElementwiseCase {
+    fn name(&self) -> String {
+        match self {
+            ElementwiseCase::Activation(a) | ElementwiseCase::Glu(a) => a.name().into(),
+            ElementwiseCase::Mul => "9x33".into(),
+            ElementwiseCase::AddGated { gated } => if *gated { "sigmoid gate" } else { "plain" }.into(),
+            ElementwiseCase::ResidualMix => "softmax coefficient".into(),
+        }
+    }
+
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let (ya, yb) = (rand(&[9, 33], 12, 1.0), rand(&[9, 33], 13, 1.0));
+        let up = |t: &HostTensor| b.upload(t);
+        let y = match self {
+            ElementwiseCase::Activation(a) => b.activation(&up(&rand(&[7, 143], 10, 6.0))?, *a)?,
+            ElementwiseCase::Glu(a) => b.glu(&up(&rand(&[7, 2 * 71], 11, 6.0))?, *a)?,
+            ElementwiseCase::Mul => b.mul(&up(&ya)?, &up(&yb)?)?,
+            ElementwiseCase::AddGated { gated } => {
+                let g = if *gated { Some(up(&rand(&[9, 1], 14, 3.0))?) } else { None };
+                b.add_gated(&up(&ya)?, &up(&yb)?, g.as_ref())?
+            }
+            ElementwiseCase::ResidualMix => b.residual_mix(&up(&ya)?, &up(&yb)?, &up(&rand(&[9, 2], 15, 3.0))?)?,
+        };
+        Ok(vec![("y", y)])
+    }
+}
+
+macro_rules! elementwise_op {
+    ($ty:ident, $op:literal) => {
+        #[doc = concat!("`", $op, "` cases.")]
+        pub struct $ty(pub ElementwiseCase);
+        impl OpCase for $ty {
+            const OP: &'static str = $op;
+            fn name(&self) -> String {
+                self.0.name()
+            }
+            fn tolerance(&self, _: &Capabilities) -> f64 {
+                ELEMENTWISE_TOL
+            }
+            fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+                self.0.run(b)
+            }
+        }
+    };
+}
+elementwise_op!(ActivationCase, "activation");
+elementwise_op!(GluCase, "glu");
+elementwise_op!(MulCase, "mul");
+elementwise_op!(AddGatedCase, "add_gated");
+elementwise_op!(ResidualMixCase, "residual_mix");
+
+// ------------------------------------------------------------------ noise
+
+/// `noise`: 1001 values of a distribution (uniforms must match bit for bit; the
+/// transforms to the last ulp).
+pub struct NoiseCase {
+    /// The distribution.
+    pub kind: NoiseKind,
+    /// Its name.
+    pub what: &'static str,
+}
+
+impl OpCase for NoiseCase {
+    const OP: &'static str = "noise";
+    fn name(&self) -> String {
+        format!("{}, 1001 values", self.what)
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        ELEMENTWISE_TOL
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        Ok(vec![("noise", b.noise(self.kind, 0x1234_5678_9abc, 3, &[7, 143])?)])
+    }
+}
+
+// ------------------------------------------------------------------ routing
+
+/// Where a route case's logits come from.
+pub enum Logits {
+    /// Philox uniforms in [-3, 3).
+    Random,
+    /// Given values with exact ties.
+    Given(Vec<f32>),
+}
+
+/// `route` with a spec of every kind.
+pub struct RouteCase {
+    /// What the case exercises.
+    pub what: &'static str,
+    /// Tokens.
+    pub s: usize,
+    /// Experts.
+    pub e: usize,
+    /// Routes per token.
+    pub k: usize,
+    /// Score function.
+    pub score: ScoreFn,
+    /// Choice rule.
+    pub choice: Choice,
+    /// Weight normalisation.
+    pub normalize: Normalize,
+    /// With a correction bias.
+    pub bias: bool,
+    /// With choice noise.
+    pub noise: bool,
+    /// Route scale.
+    pub scale: f32,
+    /// The logits.
+    pub logits: Logits,
+}
+
+impl OpCase for RouteCase {
+    const OP: &'static str = "route";
+    fn name(&self) -> String {
+        self.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        ELEMENTWISE_TOL
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let (s, e) = (self.s, self.e);
+        let logits = match &self.logits {
+            Logits::Random => rand(&[s, e], 20, 3.0),
+            Logits::Given(v) => HostTensor::f32(&[s, e], v.clone())?,
+        };
+        let (bt, nt) = (b.upload(&rand(&[e], 21, 0.5))?, b.upload(&rand(&[s, e], 22, 2.0))?);
+        let spec = RouteSpec {
+            k: self.k,
+            score: self.score,
+            choice: self.choice,
+            bias: self.bias.then_some(&bt),
+            choice_noise: self.noise.then_some(&nt),
+            normalize: self.normalize,
+            scale: self.scale,
+        };
+        let r = b.route(&b.upload(&logits)?, &spec)?;
+        Ok(vec![("experts", r.experts), ("weights", r.weights), ("scores", r.scores)])
+    }
+}
+
+/// `router_stats` of routed random logits.
+pub struct RouterStatsCase;
+
+impl OpCase for RouterStatsCase {
+    const OP: &'static str = "router_stats";
+    fn name(&self) -> String {
+        "mean scores and z-loss".into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        ELEMENTWISE_TOL
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let l = b.upload(&rand(&[17, 6], 23, 3.0))?;
+        let r = b.route(&l, &RouteSpec::softmax_top_k(1))?;
+        Ok(vec![("stats", b.router_stats(&l, &r.scores)?)])
+    }
+}
+
+// ------------------------------------------------------------------ plan, permute, combine
+
+/// How a plan case's routes pick experts.
+#[derive(Clone, Copy)]
+pub enum Assign {
+    /// Distinct experts per token, spread over all of them.
+    Spread,
+    /// Every route on expert 3.
+    Hot,
+}
+
+/// The keep policy of a plan case.
+#[derive(Clone, Copy)]
+pub enum Keep {
+    /// Token order.
+    TokenOrder,
+    /// Rank-major (DeepSpeed top-2).
+    RankMajor,
+    /// By random priorities (RTS).
+    Priority,
+}
+
+/// Routes and a plan spec, shared by the plan, permute and combine cases.
+pub struct PlanInputs {
+    /// What the case exercises.
+    pub what: &'static str,
+    /// Tokens.
+    pub s: usize,
+    /// Experts.
+    pub e: usize,
+    /// Routes per token.
+    pub k: usize,
+    /// Capacity rule.
+    pub capacity: CapacityRule,
+    /// Keep policy.
+    pub keep: Keep,
+    /// With a `used_token` mask (every fourth token from the second masked).
+    pub used: bool,
+    /// Token group size.
+    pub group: Option<usize>,
+    /// Renormalise kept weights.
+    pub renorm: bool,
+    /// Expert assignment.
+    pub assign: Assign,
+}
+
+impl PlanInputs {
+    fn experts(&self) -> Vec<i32> {
+        let (s, e, k) = (self.s, self.e, self.k);
+        (0..s)
+            .flat_map(|t| {
+                (0..k).map(move |j| match self.assign {
+                    Assign::Hot => 3,
+                    // k = E: every expert once per token, rotated.
+                    Assign::Spread if k == e => ((t + j) % e) as i32,
+                    Assign::Spread if k > 1 => ((t * 3 + j * 2) % e) as i32,
+                    Assign::Spread => ((t * 10) % e) as i32,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs the plan on `b` and hands it to `then`.
+    fn with_plan<B: Backend, T>(&self, b: &B, then: impl FnOnce(&crate::ops::Plan<B>) -> Result<T>) -> Result<T> {
+        let (s, e, k) = (self.s, self.e, self.k);
+        let rw = rand(&[s, k], 30, 1.0);
+        let rw = HostTensor::f32(&[s, k], rw.as_f32("w")?.iter().map(|v| v.abs()).collect())?;
+        let pri = rand(&[s, e], 31, 1.0);
+        let routes = Routes::from_host(b, &HostTensor::i32(&[s, k], self.experts())?, &rw, &pri)?;
+        let used = HostTensor::f32(&[s], (0..s).map(|i| if i % 4 == 1 { 0.0 } else { 1.0 }).collect())?;
+        let (pt, ut) = (b.upload(&pri)?, b.upload(&used)?);
+        let spec = PlanSpec {
+            num_experts: e,
+            capacity: self.capacity,
+            keep: match self.keep {
+                Keep::TokenOrder => KeepPolicy::TokenOrder,
+                Keep::RankMajor => KeepPolicy::RankMajor,
+                Keep::Priority => KeepPolicy::Priority(&pt),
+            },
+            used_token: self.used.then_some(&ut),
+            group_size: self.group,
+            renormalize_kept: self.renorm,
+        };
+        then(&b.plan(&routes, &spec)?)
+    }
+}
+
+/// `plan`: every tensor of the plan.
+pub struct PlanCase(pub PlanInputs);
+
+impl OpCase for PlanCase {
+    const OP: &'static str = "plan";
+    fn name(&self) -> String {
+        self.0.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        ELEMENTWISE_TOL
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        self.0.with_plan(b, |p| {
+            Ok(vec![
+                ("counts", p.counts.clone()),
+                ("first_counts", p.first_counts.clone()),
+                ("kept_counts", p.kept_counts.clone()),
+                ("offsets", p.offsets.tensor().clone()),
+                ("slots", p.slots.clone()),
+                ("rows", p.rows.clone()),
+                ("weights", p.weights.clone()),
+                ("stats", p.stats.clone()),
+            ])
+        })
+    }
+}
+
+/// `permute` of random rows by the plan: a copy, so exact.
+pub struct PermuteCase(pub PlanInputs);
+
+impl OpCase for PermuteCase {
+    const OP: &'static str = "permute";
+    fn name(&self) -> String {
+        self.0.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        0.0
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let x = b.upload(&rand(&[self.0.s, 10], 32, 1.0))?;
+        self.0.with_plan(b, |p| Ok(vec![("permute", b.permute(&x, p)?)]))
+    }
+}
+
+/// `combine` of random expert outputs by the plan.
+pub struct CombineCase(pub PlanInputs);
+
+impl OpCase for CombineCase {
+    const OP: &'static str = "combine";
+    fn name(&self) -> String {
+        self.0.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        PRODUCT_TOL
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let yp = b.upload(&rand(&[self.0.s * self.0.k, 10], 33, 1.0))?;
+        self.0.with_plan(b, |p| Ok(vec![("combine", b.combine(&yp, p)?)]))
+    }
+}
+
+// ------------------------------------------------------------------ the list
+
+fn plan_inputs() -> Vec<PlanInputs> {
+    let ds = |k_prime, min_capacity| CapacityRule::DeepSpeed { factor: 1.0, k_prime, min_capacity };
+    let base = |what, s, e, k, capacity, keep| PlanInputs {
+        what,
+        s,
+        e,
+        k,
+        capacity,
+        keep,
+        used: false,
+        group: None,
+        renorm: false,
+        assign: Assign::Spread,
+    };
+    vec![
+        base("unlimited, token order", 19, 5, 2, CapacityRule::Unlimited, Keep::TokenOrder),
+        base("DeepSpeed capacity drops, token order", 19, 5, 1, ds(1, 2), Keep::TokenOrder),
+        PlanInputs { renorm: true, ..base("rank-major top-2, renormalise kept", 19, 5, 2, ds(2, 1), Keep::RankMajor) },
+        base("priority keep (RTS)", 19, 5, 1, ds(1, 1), Keep::Priority),
+        PlanInputs {
+            used: true,
+            ..base(
+                "dropless clamp, used_token mask",
+                19,
+                5,
+                1,
+                CapacityRule::Dropless { clamp_to_tokens: true },
+                Keep::TokenOrder,
+            )
+        },
+        PlanInputs {
+            group: Some(5),
+            ..base("fixed capacity per token group", 20, 4, 1, CapacityRule::Fixed(2), Keep::TokenOrder)
+        },
+        PlanInputs { assign: Assign::Hot, ..base("all on one expert", 12, 6, 1, ds(1, 1), Keep::TokenOrder) },
+        PlanInputs {
+            renorm: true,
+            ..base("fewer tokens than k·E: S = 2, k = E = 3", 2, 3, 3, CapacityRule::Unlimited, Keep::TokenOrder)
+        },
+        base(
+            "capacity past every count: factor 1e9",
+            8,
+            4,
+            2,
+            CapacityRule::DeepSpeed { factor: 1e9, k_prime: 2, min_capacity: 0 },
+            Keep::TokenOrder,
+        ),
+    ]
+}
+
+fn route_cases() -> Vec<RouteCase> {
+    let topk = |what, s, e, k, normalize| RouteCase {
+        what,
+        s,
+        e,
+        k,
+        score: ScoreFn::Softmax,
+        choice: Choice::TopK,
+        normalize,
+        bias: false,
+        noise: false,
+        scale: 1.0,
+        logits: Logits::Random,
+    };
+    vec![
+        topk("softmax top-1", 13, 8, 1, Normalize::None),
+        topk("softmax top-2 renormalised", 13, 8, 2, Normalize::Sum),
+        topk("k = E", 5, 4, 4, Normalize::Sum),
+        RouteCase { noise: true, ..topk("gumbel choice noise", 11, 6, 1, Normalize::None) },
+        RouteCase {
+            noise: true,
+            choice: Choice::DeepSpeedTop2,
+            ..topk("DeepSpeed top-2 with noise", 11, 6, 2, Normalize::None)
+        },
+        RouteCase {
+            score: ScoreFn::Sigmoid,
+            choice: Choice::GroupLimited { n_group: 4, topk_group: 2, group_score: GroupScore::SumTop2 },
+            bias: true,
+            scale: 2.5,
+            ..topk("DeepSeek-V3: sigmoid, bias, sum-of-top-2 groups", 9, 16, 4, Normalize::SumPlus(1e-20))
+        },
+        RouteCase {
+            choice: Choice::GroupLimited { n_group: 4, topk_group: 2, group_score: GroupScore::Max },
+            scale: 16.0,
+            ..topk("DeepSeek-V2: max groups, k past the kept groups", 9, 8, 5, Normalize::None)
+        },
+        RouteCase {
+            logits: Logits::Given(vec![0.0, 0.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 2.0, 7.0, 7.0, 2.0]),
+            ..topk("exact ties go to the lower index", 3, 4, 2, Normalize::Sum)
+        },
+    ]
+}
+
+/// Runs every case of every op.
+pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
+    const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+    for dtype in DTYPES {
+        t.all(&[(37, 19, 70, true), (1, 64, 5, false), (130, 200, 129, true)].map(|(r, k, n, bias)| LinearCase {
+            r,
+            k,
+            n,
+            bias,
+            dtype,
+        }));
+    }
+    let groups: [(&str, Vec<usize>, usize); 4] = [
+        ("odd groups, two empty", vec![0, 37, 1, 0, 70], 0),
+        ("one hot expert", vec![0, 0, 111, 0], 0),
+        ("rows past the last group", vec![5, 9], 6),
+        ("no rows", vec![0, 0, 0], 0),
+    ];
+    for (what, counts, rows_past) in groups {
+        for dtype in DTYPES {
+            t.check(&GroupedLinearCase { what, counts: counts.clone(), rows_past, dtype });
+        }
+    }
+    let mlp = |what, act, biases, unfused, dtype| GroupedMlpCase { what, act, biases, unfused, dtype };
+    t.all(&[
+        mlp("gelu_tanh GLU experts with biases", Activation::GeluTanh, true, false, DType::F32),
+        mlp("swiglu experts, fused where the backend fuses", Activation::Silu, false, true, DType::F32),
+        mlp("geglu experts, fused where the backend fuses", Activation::Gelu, false, true, DType::F32),
+        mlp("swiglu experts, fused where the backend fuses", Activation::Silu, false, true, DType::F16),
+        mlp("swiglu experts, fused where the backend fuses", Activation::Silu, false, true, DType::BF16),
+    ]);
+    t.all(&Activation::ALL.map(|a| ActivationCase(ElementwiseCase::Activation(a))));
+    t.all(&Activation::ALL.map(|a| GluCase(ElementwiseCase::Glu(a))));
+    t.check(&MulCase(ElementwiseCase::Mul));
+    t.all(&[false, true].map(|gated| AddGatedCase(ElementwiseCase::AddGated { gated })));
+    t.check(&ResidualMixCase(ElementwiseCase::ResidualMix));
+    t.all(&[
+        NoiseCase { kind: NoiseKind::Uniform, what: "uniform" },
+        NoiseCase { kind: NoiseKind::Jitter(0.01), what: "jitter" },
+        NoiseCase { kind: NoiseKind::Gumbel, what: "gumbel" },
+    ]);
+    t.all(&route_cases());
+    t.check(&RouterStatsCase);
+    t.all(&plan_inputs().into_iter().map(PlanCase).collect::<Vec<_>>());
+    t.all(&plan_inputs().into_iter().map(PermuteCase).collect::<Vec<_>>());
+    t.all(&plan_inputs().into_iter().map(CombineCase).collect::<Vec<_>>());
+}
