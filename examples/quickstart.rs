@@ -13,7 +13,7 @@
 //! Run with `cargo run --release --example quickstart`.
 
 use moe_engine::import::deepspeed;
-use moe_engine::{stack, Backend, DType, HostTensor, LayerOptions, MoeLayer};
+use moe_engine::{stack, DType, Device, HostTensor, LayerOptions, MoeLayer};
 
 fn main() -> moe_engine::Result<()> {
     // 1. The layer, from the same keyword arguments DeepSpeed's MoE(...) takes, plus a

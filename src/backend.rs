@@ -1,5 +1,5 @@
-//! The `Backend` trait: device memory, a queue, and the MoE primitives at the granularity
-//! where fusion pays. Everything above it (gating policies, capacity rules, the layer, the
+//! The `Backend` trait: a [`Device`] (memory, a queue, uploads) and the MoE primitives at
+//! the granularity where fusion pays. Everything above it (gating policies, capacity rules, the layer, the
 //! importers) is shared by every backend.
 //!
 //! Every op has one front door, a provided method (`linear`, `route`, `plan`, ...): it
@@ -21,79 +21,36 @@
 //!   order varies; slots follow token order).
 //! - Index tensors are i32. A dropped route has row and slot −1.
 
-use crate::device_tensor::{DeviceBuffer, Tensor};
+use crate::device::{returned, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::expert::Activation;
+use crate::expert::{Activation, ExpertKind};
 use crate::ops::{
-    grouped_mlp_unfused, CombineOp, ElementwiseKind, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput,
-    MlpWeights, NoiseOp, Offsets, PermuteOp, Plan, PlanOp, PlanParts, PlanSpec, RouteOp, RouteSpec, RouterStatsOp,
-    Routes, RoutesParts, UploadOp, WeightUploadOp,
+    CombineOp, ElementwiseKind, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, MlpWeights, NoiseOp,
+    Offsets, PermuteOp, Plan, PlanOp, PlanParts, PlanSpec, RouteOp, RouteSpec, RouterStatsOp, Routes, RoutesParts,
 };
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
 
-/// What a backend and its device can do, reported up front instead of failing late.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Capabilities {
-    /// Backend name (`cpu`, `wgpu`, `cuda`).
-    pub backend: String,
-    /// Human-readable device name.
-    pub device: String,
-    /// Storage dtypes for weights (f32 is always present).
-    pub storage_dtypes: Vec<DType>,
-    /// Largest single tensor in bytes (weights may be split by backends that split them).
-    pub max_buffer_bytes: u64,
-    /// Whether subgroup (warp) operations are used.
-    pub subgroups: bool,
-    /// Worker threads (cpu) or 0 where not meaningful.
-    pub threads: usize,
-    /// Products with f16/bf16 weights round their f32 inputs to the weights' type first
-    /// (tensor cores take both operands in one type, as in PyTorch's bf16 models), so they
-    /// agree with f32-input products to that type's precision rather than to f32's.
-    pub half_inputs: bool,
-    /// Most experts the route op takes (`None`: no limit).
-    pub max_route_experts: Option<usize>,
-    /// Most expert groups group-limited routing takes (`None`: no limit).
-    pub max_route_groups: Option<usize>,
+/// `grouped_mlp` composed from the primitives: first product, activation or GLU, second
+/// product. The trait's default, and the fallback of backends that fuse only some expert
+/// kinds.
+pub fn grouped_mlp_unfused<B: Backend>(b: &B, op: &GroupedMlpOp<'_, B>) -> Result<MlpOutput<B>> {
+    let w = op.weights;
+    let h = b.grouped_linear(op.xp, op.offsets, w.w_in, w.b_in)?;
+    let a = match w.kind {
+        ExpertKind::Linear => return Ok(MlpOutput { pre: None, y: h }),
+        ExpertKind::Mlp { activation } => b.activation(&h, activation)?,
+        ExpertKind::Glu { activation } => b.glu(&h, activation)?,
+    };
+    let w_out = w.w_out.ok_or_else(|| Error::Internal("checked MLP without w_out".into()))?;
+    let y = b.grouped_linear(&a, op.offsets, w_out, w.b_out)?;
+    Ok(MlpOutput { pre: op.keep_pre.then_some(h), y })
 }
 
-/// A compute backend. See the module docs for the conventions.
-pub trait Backend: Send + Sync + Sized + 'static {
-    /// A device buffer handle.
-    type Buffer: DeviceBuffer;
-
-    /// Short backend name (`cpu`, `wgpu`, `cuda`).
-    fn name(&self) -> &'static str;
-    /// What this backend and device can do (read once when the backend is made).
-    fn capabilities(&self) -> &Capabilities;
-    /// Bytes of device memory free now, where the device says (the cpu: the host's
-    /// available memory). Layers check their weights against it before uploading.
-    fn available_memory(&self) -> Option<u64> {
-        None
-    }
-
+/// A compute backend: a [`Device`] and the MoE ops on it. See the module docs for the
+/// conventions.
+pub trait Backend: Device {
     // ------------------------------------------------------------ the backend's work
-    /// Copies a checked host tensor to the device in its own dtype (f32 or i32).
-    fn run_upload(&self, op: &UploadOp<'_>) -> Result<Tensor<Self>>;
-    /// Uploads a checked weight matrix or stack in the storage dtype and layout this
-    /// backend's products run fastest on; [`Backend::download`] returns the logical
-    /// `[.., N, K]` values. The default stores f32 as data.
-    fn run_upload_weight(&self, op: &WeightUploadOp<'_>) -> Result<Tensor<Self>> {
-        if op.dtype != DType::F32 {
-            return Err(Error::Internal(format!(
-                "backend {} lists {} storage but cannot upload it",
-                self.name(),
-                op.dtype
-            )));
-        }
-        self.run_upload(&UploadOp::check(self, op.tensor)?)
-    }
-    /// Copies a device tensor to the host (f16/bf16 come back as f32); waits for the
-    /// queue and reports errors found on the device since the last download.
-    fn run_download(&self, t: &Tensor<Self>) -> Result<HostTensor>;
-    /// Waits until every enqueued op has finished.
-    fn synchronize(&self) -> Result<()>;
-
     /// `x · wᵀ (+ bias)`.
     fn run_linear(&self, op: &LinearOp<'_, Self>) -> Result<Tensor<Self>>;
     /// The grouped product over variable-size groups whose offsets stay on the device.
@@ -107,7 +64,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
     /// An elementwise op.
     fn run_elementwise(&self, op: &ElementwiseOp<'_, Self>) -> Result<Tensor<Self>>;
-    /// Scores, choice and weights of every token; flags non-finite logits (an error now,
+    /// Scores, choice and weights of every token; flags non-finite inputs (an error now,
     /// or at the next download on devices that find it there).
     fn run_route(&self, op: &RouteOp<'_, Self>) -> Result<RoutesParts<Self>>;
     /// Counts, capacity, slots, compact rows and combine weights of every route.
@@ -122,50 +79,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// the device with the same counter layout, so one seed gives the same numbers
     /// everywhere.
     fn run_noise(&self, op: &NoiseOp) -> Result<Tensor<Self>> {
-        let host = HostTensor::f32(&op.shape, philox::noise(op.kind, op.seed, op.stream, op.n))?;
-        self.run_upload(&UploadOp::check(self, &host)?)
+        self.upload(&HostTensor::f32(&op.shape, philox::noise(op.kind, op.seed, op.stream, op.n))?)
     }
 
     // ------------------------------------------------------------ front doors
-    /// Copies a host tensor to the device, stored as `dtype`: i32 data as i32; f32 data as
-    /// f32, or rounded to f16 / bf16 (and kept in f32) where the backend lists the type.
-    fn upload_as(&self, t: &HostTensor, dtype: DType) -> Result<Tensor<Self>> {
-        let out = crate::ops::upload::upload_as(self, t, dtype)?;
-        let stored = if t.dtype() == DType::I32 { DType::I32 } else { DType::F32 };
-        crate::ops::returned(self, "upload", out, t.shape(), stored)
-    }
-
-    /// Copies a host tensor to the device in its own dtype.
-    fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>> {
-        self.upload_as(t, t.dtype())
-    }
-
-    /// Uploads a weight matrix `[out, in]` or stack `[G, out, in]` (the right operand of
-    /// the products) in `dtype` storage. The logical shape is unchanged and
-    /// [`Backend::download`] returns the original layout.
-    fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<Tensor<Self>> {
-        let op = WeightUploadOp::check(self, t, dtype)?;
-        crate::ops::returned(self, "upload_weight", self.run_upload_weight(&op)?, t.shape(), dtype)
-    }
-
-    /// Copies a device tensor to the host (f16/bf16 come back as f32); waits for the queue.
-    fn download(&self, t: &Tensor<Self>) -> Result<HostTensor> {
-        let h = self.run_download(t)?;
-        if h.shape() != t.shape() {
-            return Err(Error::Internal(format!(
-                "backend {} downloaded shape {:?} for a tensor of shape {:?}",
-                self.name(),
-                h.shape(),
-                t.shape()
-            )));
-        }
-        Ok(h)
-    }
-
     /// `x [R, K] · w [N, K]ᵀ (+ bias [N])` → `[R, N]`.
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
         let op = LinearOp::check(self, x, w, bias)?;
-        crate::ops::returned(self, "linear", self.run_linear(&op)?, &op.out_shape(), DType::F32)
+        returned(self, "linear", self.run_linear(&op)?, &op.out_shape(), DType::F32)
     }
 
     /// Grouped product over variable-size row groups read from the device: rows
@@ -179,7 +100,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
         let op = GroupedLinearOp::check(self, x, offsets, w, bias)?;
-        crate::ops::returned(self, "grouped_linear", self.run_grouped_linear(&op)?, &op.out_shape(), DType::F32)
+        returned(self, "grouped_linear", self.run_grouped_linear(&op)?, &op.out_shape(), DType::F32)
     }
 
     /// The whole expert MLP over compact expert-major rows grouped by `offsets`:
@@ -195,9 +116,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let op = GroupedMlpOp::check(self, xp, offsets, w, keep_pre)?;
         let out = self.run_grouped_mlp(&op)?;
         let rows = op.first.rows;
-        let y = crate::ops::returned(self, "grouped_mlp", out.y, &[rows, op.out_cols], DType::F32)?;
-        let pre = match (out.pre, keep_pre && !matches!(w.kind, crate::expert::ExpertKind::Linear)) {
-            (Some(p), true) => Some(crate::ops::returned(self, "grouped_mlp", p, &[rows, op.first.n], DType::F32)?),
+        let y = returned(self, "grouped_mlp", out.y, &[rows, op.out_cols], DType::F32)?;
+        let pre = match (out.pre, keep_pre && !matches!(w.kind, ExpertKind::Linear)) {
+            (Some(p), true) => Some(returned(self, "grouped_mlp", p, &[rows, op.first.n], DType::F32)?),
             (None, false) => None,
             (got, _) => {
                 return Err(Error::Internal(format!(
@@ -239,7 +160,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         c: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
         let op = ElementwiseOp::check(self, kind, a, b, c)?;
-        crate::ops::returned(self, kind.entry(), self.run_elementwise(&op)?, &op.out_shape, DType::F32)
+        returned(self, kind.entry(), self.run_elementwise(&op)?, &op.out_shape, DType::F32)
     }
 
     /// Scores, choice and weights of every token. Non-finite logits are an error naming
@@ -257,23 +178,23 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// output `[S·k, M]` is `x[s]`; rows past the kept total are zero.
     fn permute(&self, x: &Tensor<Self>, plan: &Plan<Self>) -> Result<Tensor<Self>> {
         let op = PermuteOp::check(self, x, plan)?;
-        crate::ops::returned(self, "permute", self.run_permute(&op)?, &op.out_shape, DType::F32)
+        returned(self, "permute", self.run_permute(&op)?, &op.out_shape, DType::F32)
     }
     /// Weighted sum back to token order: `y[s] = Σⱼ weights[s, j] · yp[rows[s, j]]`, f32
     /// accumulation in route order, dropped routes contribute nothing.
     fn combine(&self, yp: &Tensor<Self>, plan: &Plan<Self>) -> Result<Tensor<Self>> {
         let op = CombineOp::check(self, yp, plan)?;
-        crate::ops::returned(self, "combine", self.run_combine(&op)?, &op.out_shape, DType::F32)
+        returned(self, "combine", self.run_combine(&op)?, &op.out_shape, DType::F32)
     }
     /// Reductions for the losses: `[E + 1]` f32 holding the mean score of each expert over
     /// tokens, then the mean of `logsumexp(logits)²` (Switch z-loss).
     fn router_stats(&self, logits: &Tensor<Self>, scores: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = RouterStatsOp::check(self, logits, scores)?;
-        crate::ops::returned(self, "router_stats", self.run_router_stats(&op)?, &[op.experts + 1], DType::F32)
+        returned(self, "router_stats", self.run_router_stats(&op)?, &[op.experts + 1], DType::F32)
     }
     /// Philox 4x32-10 noise of `kind` for `shape`, stream `stream` of `seed`.
     fn noise(&self, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<Tensor<Self>> {
         let op = NoiseOp::check(self, kind, seed, stream, shape)?;
-        crate::ops::returned(self, "noise", self.run_noise(&op)?, shape, DType::F32)
+        returned(self, "noise", self.run_noise(&op)?, shape, DType::F32)
     }
 }

@@ -1,8 +1,9 @@
-//! The device tensor handle: a backend buffer plus shape and dtype. A handle can only be
-//! made over a buffer large enough for its shape ([`Tensor::from_parts`] checks), so a
-//! kernel or matrix product that trusts the shape never reads or writes past the buffer.
+//! The device tensor handle: a buffer plus shape and dtype. A handle can only be made over
+//! a buffer large enough for its shape ([`DeviceTensor::from_parts`] checks), so a kernel
+//! or matrix product that trusts the shape never reads or writes past the buffer. Code
+//! names it through the alias `crate::device::Tensor<B>`, the handle over backend `B`'s
+//! buffers.
 
-use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::tensor::{nbytes, numel, DType};
 use std::sync::Arc;
@@ -13,25 +14,25 @@ pub trait DeviceBuffer: Send + Sync {
     fn bytes(&self) -> u64;
 }
 
-/// A tensor living on a backend's device: a buffer handle plus shape and dtype.
-pub struct Tensor<B: Backend> {
-    buf: Arc<B::Buffer>,
+/// A tensor living on a device: a handle to a buffer of type `Buf`, plus shape and dtype.
+pub struct DeviceTensor<Buf: DeviceBuffer> {
+    buf: Arc<Buf>,
     shape: Vec<usize>,
     dtype: DType,
 }
 
-impl<B: Backend> Clone for Tensor<B> {
+impl<Buf: DeviceBuffer> Clone for DeviceTensor<Buf> {
     /// Another handle to the same buffer (no copy of the data).
     fn clone(&self) -> Self {
-        Tensor { buf: self.buf.clone(), shape: self.shape.clone(), dtype: self.dtype }
+        DeviceTensor { buf: self.buf.clone(), shape: self.shape.clone(), dtype: self.dtype }
     }
 }
 
-impl<B: Backend> Tensor<B> {
+impl<Buf: DeviceBuffer> DeviceTensor<Buf> {
     /// Wraps a backend buffer. Backends call this on the buffers they allocate; it errors
     /// (an internal error: the backend sized the buffer wrong) unless the buffer holds
     /// the shape's elements in `dtype`.
-    pub fn from_parts(buf: B::Buffer, shape: Vec<usize>, dtype: DType) -> Result<Self> {
+    pub fn from_parts(buf: Buf, shape: Vec<usize>, dtype: DType) -> Result<Self> {
         let need = nbytes("device tensor", &shape, dtype)?;
         if buf.bytes() < need {
             return Err(Error::Internal(format!(
@@ -39,7 +40,7 @@ impl<B: Backend> Tensor<B> {
                 buf.bytes()
             )));
         }
-        Ok(Tensor { buf: Arc::new(buf), shape, dtype })
+        Ok(DeviceTensor { buf: Arc::new(buf), shape, dtype })
     }
     /// A view of the same buffer under another shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
@@ -47,10 +48,10 @@ impl<B: Backend> Tensor<B> {
         if n != self.numel() {
             return Err(Error::shape("reshape", format!("{shape:?} ({n} elements)"), &self.shape));
         }
-        Ok(Tensor { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        Ok(DeviceTensor { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
     }
     /// The backend buffer.
-    pub fn buffer(&self) -> &B::Buffer {
+    pub fn buffer(&self) -> &Buf {
         &self.buf
     }
     /// Dimensions, outermost first.
@@ -61,7 +62,7 @@ impl<B: Backend> Tensor<B> {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-    /// Number of elements (the product cannot overflow: [`Tensor::from_parts`] checked it).
+    /// Number of elements (the product cannot overflow: [`DeviceTensor::from_parts`] checked it).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -95,7 +96,7 @@ impl<B: Backend> Tensor<B> {
     }
 }
 
-impl<B: Backend> std::fmt::Debug for Tensor<B> {
+impl<Buf: DeviceBuffer> std::fmt::Debug for DeviceTensor<Buf> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor({:?}, {})", self.shape, self.dtype)
     }

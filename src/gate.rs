@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::config::{DeepSeekV2Method, DropPolicy, GateSpec, Mode, NoisyGatePolicy};
-use crate::device_tensor::Tensor;
+use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::losses;
 use crate::ops::{CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn};

@@ -10,7 +10,7 @@
 
 use crate::backend::Backend;
 use crate::config::{ExpertSpec, LayerSpec};
-use crate::device_tensor::Tensor;
+use crate::device::Tensor;
 use crate::error::{human_bytes, Error, Result};
 use crate::expert::ExpertKind;
 use crate::gate::{Gate, GateOutput};

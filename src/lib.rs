@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod device;
 pub mod device_tensor;
 pub mod error;
 pub mod expert;
@@ -31,9 +32,10 @@ pub mod stack;
 pub mod tensor;
 pub mod weights;
 
-pub use backend::{Backend, Capabilities};
+pub use backend::Backend;
 pub use config::{GateSpec, LayerSpec, Mode};
-pub use device_tensor::{DeviceBuffer, Tensor};
+pub use device::{Capabilities, Device, Tensor};
+pub use device_tensor::{DeviceBuffer, DeviceTensor};
 pub use error::{Error, ErrorKind, Result};
 pub use expert::{Activation, ExpertKind};
 pub use layer::{LayerOutput, MoeLayer};

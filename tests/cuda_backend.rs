@@ -6,7 +6,7 @@
 mod common;
 
 use moe_engine::parity::{self, Outcome};
-use moe_engine::Backend;
+use moe_engine::Device;
 
 #[test]
 fn all_golden_cases_pass_on_cuda() {

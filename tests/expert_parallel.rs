@@ -8,7 +8,7 @@ mod common;
 use moe_cpu::CpuBackend;
 use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec, Mode};
 use moe_engine::parallel::{in_process, Communicator, EpLayout, Placement, TokenLayout};
-use moe_engine::{golden, stack, Activation, Backend, DType, Error, ExpertKind, HostTensor, LayerOptions, MoeLayer};
+use moe_engine::{golden, stack, Activation, DType, Device, Error, ExpertKind, HostTensor, LayerOptions, MoeLayer};
 use std::time::{Duration, Instant};
 
 #[test]

@@ -2,7 +2,7 @@
 //! the model's full tensor names, as downloaded from a hub.
 
 use moe_engine::import::{hf, save_safetensors, Checkpoint};
-use moe_engine::{stack, Backend, DType, HostTensor, LayerOptions, MoeLayer};
+use moe_engine::{stack, DType, Device, HostTensor, LayerOptions, MoeLayer};
 use std::collections::BTreeMap;
 
 mod common;

@@ -9,7 +9,7 @@ mod common;
 use common::{f32_entry, lcg, matvec, rel_l2, softmax, write_st, Entry};
 use moe_cpu::CpuBackend;
 use moe_engine::import::{deepspeed, hf, Checkpoint};
-use moe_engine::{Backend, DType, Error, HostTensor, LayerOptions, LayerSpec, MoeLayer};
+use moe_engine::{DType, Device, Error, HostTensor, LayerOptions, LayerSpec, MoeLayer};
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};

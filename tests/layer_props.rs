@@ -10,7 +10,7 @@ use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec, Mode, N
 use moe_engine::layer::LayerOutput;
 use moe_engine::philox::{self, streams, NoiseKind};
 use moe_engine::weights::{HostLayerWeights, HostMlp};
-use moe_engine::{Activation, Backend, DType, ExpertKind, GateOptions, LayerOptions, MoeLayer};
+use moe_engine::{Activation, DType, Device, ExpertKind, GateOptions, LayerOptions, MoeLayer};
 
 fn be(threads: usize) -> CpuBackend {
     common::cpu(threads)

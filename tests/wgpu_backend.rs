@@ -8,7 +8,7 @@
 mod common;
 
 use moe_engine::ops::{Normalize, RouteSpec};
-use moe_engine::{golden, Backend, Error, HostTensor};
+use moe_engine::{golden, Backend, Device, Error, HostTensor};
 use moe_wgpu::WgpuBackend;
 use std::path::Path;
 

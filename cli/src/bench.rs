@@ -6,7 +6,7 @@ use crate::out;
 use moe_engine::config::{ExpertSpec, GateSpec, LayerSpec};
 use moe_engine::error::human_bytes;
 use moe_engine::parallel::Communicator;
-use moe_engine::{stack, Activation, Backend, DType, ExpertKind, HostTensor, LayerOptions, MoeLayer, Result};
+use moe_engine::{stack, Activation, Backend, DType, Device, ExpertKind, HostTensor, LayerOptions, MoeLayer, Result};
 use std::process::ExitCode;
 use std::time::Instant;
 

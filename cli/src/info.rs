@@ -3,7 +3,7 @@
 
 use crate::error::CliResult;
 use crate::out;
-use moe_engine::Backend;
+use moe_engine::Device;
 use std::process::ExitCode;
 
 /// Lists backends and devices.

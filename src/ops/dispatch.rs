@@ -1,8 +1,7 @@
 //! Row movement between token order and the compact expert-major layout of a plan.
 
 use super::{f32_matrix, output, to_u32, Plan};
-use crate::backend::Backend;
-use crate::device_tensor::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::kernel_abi::PermuteParams;
 use crate::tensor::{mul_size, DType};
@@ -10,7 +9,7 @@ use crate::tensor::{mul_size, DType};
 /// Gather token rows into the compact layout: row `rows[s, j]` of the output `[S·k, M]`
 /// is `x[s]`; rows past the kept total are zero. Checked.
 #[non_exhaustive]
-pub struct PermuteOp<'a, B: Backend> {
+pub struct PermuteOp<'a, B: Device> {
     /// Token rows `[S, M]`, f32.
     pub x: &'a Tensor<B>,
     /// The plan.
@@ -21,7 +20,7 @@ pub struct PermuteOp<'a, B: Backend> {
     pub params: PermuteParams,
 }
 
-impl<'a, B: Backend> PermuteOp<'a, B> {
+impl<'a, B: Device> PermuteOp<'a, B> {
     /// Checks `x` against the plan.
     pub fn check(b: &B, x: &'a Tensor<B>, plan: &'a Plan<B>) -> Result<Self> {
         let (s, m) = f32_matrix("x", x)?;
@@ -38,7 +37,7 @@ impl<'a, B: Backend> PermuteOp<'a, B> {
 /// Weighted sum back to token order: `y[s] = Σⱼ weights[s, j] · yp[rows[s, j]]`, f32
 /// accumulation in route order; dropped routes contribute nothing. Checked.
 #[non_exhaustive]
-pub struct CombineOp<'a, B: Backend> {
+pub struct CombineOp<'a, B: Device> {
     /// Expert outputs in the compact layout `[S·k, M]`, f32.
     pub yp: &'a Tensor<B>,
     /// The plan.
@@ -49,7 +48,7 @@ pub struct CombineOp<'a, B: Backend> {
     pub params: PermuteParams,
 }
 
-impl<'a, B: Backend> CombineOp<'a, B> {
+impl<'a, B: Device> CombineOp<'a, B> {
     /// Checks `yp` against the plan: one row per route.
     pub fn check(b: &B, yp: &'a Tensor<B>, plan: &'a Plan<B>) -> Result<Self> {
         let (r, m) = f32_matrix("expert output", yp)?;

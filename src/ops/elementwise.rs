@@ -3,8 +3,7 @@
 //! with one parameter block.
 
 use super::{f32_matrix, f32_shaped, f32_tensor, output};
-use crate::backend::Backend;
-use crate::device_tensor::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::Activation;
 use crate::kernel_abi::ElementwiseParams;
@@ -41,7 +40,7 @@ impl ElementwiseKind {
 
 /// An elementwise op with checked operands: `a`, and `b` / `c` where the kind takes them.
 #[non_exhaustive]
-pub struct ElementwiseOp<'a, B: Backend> {
+pub struct ElementwiseOp<'a, B: Device> {
     /// Which op.
     pub kind: ElementwiseKind,
     /// First input.
@@ -56,7 +55,7 @@ pub struct ElementwiseOp<'a, B: Backend> {
     pub params: ElementwiseParams,
 }
 
-impl<'a, B: Backend> ElementwiseOp<'a, B> {
+impl<'a, B: Device> ElementwiseOp<'a, B> {
     /// Checks the operands of `kind`.
     pub fn check(
         backend: &B,

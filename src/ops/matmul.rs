@@ -2,8 +2,7 @@
 //! the whole expert MLP over grouped rows (`grouped_mlp`).
 
 use super::{f32_matrix, f32_shaped, fits_i32, i32_shaped, output, to_u32};
-use crate::backend::Backend;
-use crate::device_tensor::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::ExpertKind;
 use crate::kernel_abi::{tile_grid, MatmulParams, TILE};
@@ -24,18 +23,18 @@ pub struct MatDims {
 /// prefix sum from 0, whose last value is at most [`Offsets::bound`]. Made by the plan op
 /// (the compact expert-major layout) or from host values checked on the way in, so a
 /// kernel that walks the groups never leaves its rows.
-pub struct Offsets<B: Backend> {
+pub struct Offsets<B: Device> {
     tensor: Tensor<B>,
     bound: usize,
 }
 
-impl<B: Backend> Clone for Offsets<B> {
+impl<B: Device> Clone for Offsets<B> {
     fn clone(&self) -> Self {
         Offsets { tensor: self.tensor.clone(), bound: self.bound }
     }
 }
 
-impl<B: Backend> Offsets<B> {
+impl<B: Device> Offsets<B> {
     /// Checks host offsets (`[G + 1]`, from 0, non-decreasing, within i32) and uploads them.
     pub fn from_host(b: &B, offsets: &[i32]) -> Result<Self> {
         Self::check_values(offsets, None)?;
@@ -97,7 +96,11 @@ fn weight_code(name: &str, d: DType) -> Result<u32> {
 }
 
 /// Checks `bias` against `shape` when given.
-fn bias_of<B: Backend>(name: &str, bias: Option<&Tensor<B>>, shape: &[usize]) -> Result<u32> {
+fn bias_of<Buf: crate::device_tensor::DeviceBuffer>(
+    name: &str,
+    bias: Option<&crate::device_tensor::DeviceTensor<Buf>>,
+    shape: &[usize],
+) -> Result<u32> {
     match bias {
         Some(t) => f32_shaped(name, t, shape).map(|_| 1),
         None => Ok(0),
@@ -125,7 +128,7 @@ fn params(d: MatDims, groups: usize, has_bias: u32, wdtype: u32, tiles: usize) -
 
 /// `x [R, K] · w [N, K]ᵀ (+ bias [N])` → `[R, N]`, checked.
 #[non_exhaustive]
-pub struct LinearOp<'a, B: Backend> {
+pub struct LinearOp<'a, B: Device> {
     /// Input rows, f32.
     pub x: &'a Tensor<B>,
     /// Weight `[N, K]` (f32, f16 or bf16 storage).
@@ -138,7 +141,7 @@ pub struct LinearOp<'a, B: Backend> {
     pub params: MatmulParams,
 }
 
-impl<'a, B: Backend> LinearOp<'a, B> {
+impl<'a, B: Device> LinearOp<'a, B> {
     /// Checks the operands.
     pub fn check(b: &B, x: &'a Tensor<B>, w: &'a Tensor<B>, bias: Option<&'a Tensor<B>>) -> Result<Self> {
         let (rows, k) = f32_matrix("linear input", x)?;
@@ -163,7 +166,7 @@ impl<'a, B: Backend> LinearOp<'a, B> {
 /// The grouped product: rows `offsets[g]..offsets[g + 1]` of `x [R, K]` times
 /// `w[g] [N, K]ᵀ` (+ `bias[g]`); rows past the last group are zero. Checked.
 #[non_exhaustive]
-pub struct GroupedLinearOp<'a, B: Backend> {
+pub struct GroupedLinearOp<'a, B: Device> {
     /// Input rows, f32.
     pub x: &'a Tensor<B>,
     /// Group boundaries.
@@ -180,7 +183,7 @@ pub struct GroupedLinearOp<'a, B: Backend> {
     pub params: MatmulParams,
 }
 
-impl<'a, B: Backend> GroupedLinearOp<'a, B> {
+impl<'a, B: Device> GroupedLinearOp<'a, B> {
     /// Checks the operands.
     pub fn check(
         b: &B,
@@ -218,9 +221,9 @@ impl<'a, B: Backend> GroupedLinearOp<'a, B> {
     }
 }
 
-/// An expert stack's weights as [`Backend::grouped_mlp`] takes them: `w_in [G, N, K]`
+/// An expert stack's weights as `Backend::grouped_mlp` takes them: `w_in [G, N, K]`
 /// (for GLU experts `N = 2I`, gate rows first, then up), `w_out [G, K', I]`.
-pub struct MlpWeights<'a, B: Backend> {
+pub struct MlpWeights<'a, B: Device> {
     /// Linear, MLP or GLU, with its activation.
     pub kind: ExpertKind,
     /// First projection.
@@ -233,8 +236,8 @@ pub struct MlpWeights<'a, B: Backend> {
     pub b_out: Option<&'a Tensor<B>>,
 }
 
-/// Output of [`Backend::grouped_mlp`].
-pub struct MlpOutput<B: Backend> {
+/// Output of `Backend::grouped_mlp`.
+pub struct MlpOutput<B: Device> {
     /// Output of the first projection before the activation (`[R, N]`), when asked for:
     /// what a backward pass of the activation needs. Never present for linear experts.
     pub pre: Option<Tensor<B>>,
@@ -245,7 +248,7 @@ pub struct MlpOutput<B: Backend> {
 /// The whole expert MLP over grouped rows, checked: `w_out · act(w_in · x)` (GLU:
 /// `w_out · (act(gate) · up)`), with biases.
 #[non_exhaustive]
-pub struct GroupedMlpOp<'a, B: Backend> {
+pub struct GroupedMlpOp<'a, B: Device> {
     /// Compact expert-major input rows `[R, K]`.
     pub xp: &'a Tensor<B>,
     /// Group boundaries.
@@ -264,7 +267,7 @@ pub struct GroupedMlpOp<'a, B: Backend> {
     pub params: MatmulParams,
 }
 
-impl<'a, B: Backend> GroupedMlpOp<'a, B> {
+impl<'a, B: Device> GroupedMlpOp<'a, B> {
     /// Checks the operands and the weights against the expert kind.
     pub fn check(
         b: &B,
@@ -313,20 +316,4 @@ impl<'a, B: Backend> GroupedMlpOp<'a, B> {
         };
         Ok(GroupedMlpOp { xp, offsets, weights, keep_pre, first: first.dims, inner, out_cols, params })
     }
-}
-
-/// [`Backend::grouped_mlp`] composed from the primitives: first product, activation or
-/// GLU, second product. The trait's default, and the fallback of backends that fuse only
-/// some expert kinds.
-pub fn grouped_mlp_unfused<B: Backend>(b: &B, op: &GroupedMlpOp<'_, B>) -> Result<MlpOutput<B>> {
-    let w = op.weights;
-    let h = b.grouped_linear(op.xp, op.offsets, w.w_in, w.b_in)?;
-    let a = match w.kind {
-        ExpertKind::Linear => return Ok(MlpOutput { pre: None, y: h }),
-        ExpertKind::Mlp { activation } => b.activation(&h, activation)?,
-        ExpertKind::Glu { activation } => b.glu(&h, activation)?,
-    };
-    let w_out = w.w_out.ok_or_else(|| Error::Internal("checked MLP without w_out".into()))?;
-    let y = b.grouped_linear(&a, op.offsets, w_out, w.b_out)?;
-    Ok(MlpOutput { pre: op.keep_pre.then_some(h), y })
 }

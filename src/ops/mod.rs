@@ -21,45 +21,41 @@ mod noise;
 mod plan;
 mod route;
 mod stats;
-pub(crate) mod upload;
 
 pub use dispatch::{CombineOp, PermuteOp};
 pub use elementwise::{ElementwiseKind, ElementwiseOp};
-pub use matmul::{
-    grouped_mlp_unfused, GroupedLinearOp, GroupedMlpOp, LinearOp, MatDims, MlpOutput, MlpWeights, Offsets,
-};
+pub use matmul::{GroupedLinearOp, GroupedMlpOp, LinearOp, MatDims, MlpOutput, MlpWeights, Offsets};
 pub use noise::NoiseOp;
 pub use plan::{deepspeed_capacity, CapacityRule, KeepPolicy, Plan, PlanOp, PlanParts, PlanSpec, StaticCapacity};
 pub use route::{route_status, Choice, GroupScore, Normalize, RouteOp, RouteSpec, Routes, RoutesParts, ScoreFn};
 pub use stats::RouterStatsOp;
-pub use upload::{UploadOp, WeightUploadOp};
 
-use crate::backend::Backend;
-use crate::device_tensor::Tensor;
+use crate::device::Device;
+use crate::device_tensor::{DeviceBuffer, DeviceTensor};
 use crate::error::{human_bytes, Error, Result};
 use crate::tensor::{nbytes, DType};
 
 /// Errors unless `t` holds f32 values; returns its shape.
-pub(crate) fn f32_tensor<'t, B: Backend>(name: &str, t: &'t Tensor<B>) -> Result<&'t [usize]> {
+pub(crate) fn f32_tensor<'t, Buf: DeviceBuffer>(name: &str, t: &'t DeviceTensor<Buf>) -> Result<&'t [usize]> {
     t.expect_dtype(name, DType::F32)?;
     Ok(t.shape())
 }
 
 /// The dimensions of an f32 matrix, or an error naming it.
-pub(crate) fn f32_matrix<B: Backend>(name: &str, t: &Tensor<B>) -> Result<(usize, usize)> {
+pub(crate) fn f32_matrix<Buf: DeviceBuffer>(name: &str, t: &DeviceTensor<Buf>) -> Result<(usize, usize)> {
     let dims = t.dims2(name)?;
     t.expect_dtype(name, DType::F32)?;
     Ok(dims)
 }
 
 /// Errors unless `t` is an f32 tensor of exactly `shape`.
-pub(crate) fn f32_shaped<B: Backend>(name: &str, t: &Tensor<B>, shape: &[usize]) -> Result<()> {
+pub(crate) fn f32_shaped<Buf: DeviceBuffer>(name: &str, t: &DeviceTensor<Buf>, shape: &[usize]) -> Result<()> {
     t.expect_shape(name, shape)?;
     t.expect_dtype(name, DType::F32)
 }
 
 /// Errors unless `t` is an i32 tensor of exactly `shape`.
-pub(crate) fn i32_shaped<B: Backend>(name: &str, t: &Tensor<B>, shape: &[usize]) -> Result<()> {
+pub(crate) fn i32_shaped<Buf: DeviceBuffer>(name: &str, t: &DeviceTensor<Buf>, shape: &[usize]) -> Result<()> {
     t.expect_shape(name, shape)?;
     t.expect_dtype(name, DType::I32)
 }
@@ -79,7 +75,7 @@ pub(crate) fn fits_i32(what: &str, v: usize) -> Result<()> {
 
 /// Checks that an output of `shape` in `dtype` can be sized and fits the backend's
 /// largest buffer; returns its element count.
-pub(crate) fn output<B: Backend>(b: &B, name: &str, shape: &[usize], dtype: DType) -> Result<usize> {
+pub(crate) fn output<B: Device>(b: &B, name: &str, shape: &[usize], dtype: DType) -> Result<usize> {
     let bytes = nbytes(name, shape, dtype)?;
     let max = b.capabilities().max_buffer_bytes;
     if bytes > max {
@@ -92,16 +88,4 @@ pub(crate) fn output<B: Backend>(b: &B, name: &str, shape: &[usize], dtype: DTyp
     Ok(shape.iter().product())
 }
 
-/// Verifies what a backend returned: an internal error unless it has the shape and dtype
-/// the op promises.
-pub(crate) fn returned<B: Backend>(b: &B, op: &str, t: Tensor<B>, shape: &[usize], dtype: DType) -> Result<Tensor<B>> {
-    if t.shape() != shape || t.dtype() != dtype {
-        return Err(Error::Internal(format!(
-            "backend {} returned a {} tensor of shape {:?} from `{op}`, which promises {dtype} {shape:?}",
-            b.name(),
-            t.dtype(),
-            t.shape()
-        )));
-    }
-    Ok(t)
-}
+pub(crate) use crate::device::returned;

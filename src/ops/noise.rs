@@ -1,7 +1,7 @@
 //! Philox noise: one counter-based generator with the same layout on every backend.
 
 use super::output;
-use crate::backend::Backend;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernel_abi::NoiseParams;
 use crate::philox::NoiseKind;
@@ -27,7 +27,7 @@ pub struct NoiseOp {
 impl NoiseOp {
     /// Checks the shape (at most 2³² − 1 values in one draw, on every backend: the GPU
     /// kernels count in 32 bits) and the jitter width.
-    pub fn check<B: Backend>(b: &B, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<Self> {
+    pub fn check<B: Device>(b: &B, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<Self> {
         let n = output(b, "noise", shape, DType::F32)?;
         if n > u32::MAX as usize {
             return Err(Error::too_large("one noise draw", format!("{n} values"), "4294967295 values"));

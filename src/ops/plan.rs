@@ -2,8 +2,7 @@
 //! combine weights. No dense `[S, E, C]` tensor exists anywhere.
 
 use super::{f32_shaped, fits_i32, output, to_u32, Offsets, Routes};
-use crate::backend::Backend;
-use crate::device_tensor::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::kernel_abi::plan::{PlanSchedule, PlanSlice};
 use crate::kernel_abi::PlanParams;
@@ -76,7 +75,7 @@ pub fn deepspeed_capacity(
 }
 
 /// Which routes an over-full expert keeps, and the order of slots.
-pub enum KeepPolicy<'a, B: Backend> {
+pub enum KeepPolicy<'a, B: Device> {
     /// Slots in token order; keep the first C.
     TokenOrder,
     /// Slots ordered by route rank, then token (DeepSpeed top-2: every first choice before
@@ -88,7 +87,7 @@ pub enum KeepPolicy<'a, B: Backend> {
 }
 
 /// Everything the plan op needs.
-pub struct PlanSpec<'a, B: Backend> {
+pub struct PlanSpec<'a, B: Device> {
     /// Number of experts E.
     pub num_experts: usize,
     /// Capacity rule.
@@ -117,7 +116,7 @@ pub struct StaticCapacity {
 
 /// The plan op with checked operands, its parameters and its multi-pass schedule.
 #[non_exhaustive]
-pub struct PlanOp<'a, B: Backend> {
+pub struct PlanOp<'a, B: Device> {
     /// The routes.
     pub routes: &'a Routes<B>,
     /// The spec (checked against the routes).
@@ -134,7 +133,7 @@ pub struct PlanOp<'a, B: Backend> {
     pub schedule: PlanSchedule,
 }
 
-impl<'a, B: Backend> PlanOp<'a, B> {
+impl<'a, B: Device> PlanOp<'a, B> {
     /// Checks the routes against the spec and every size the plan's i32 tensors hold.
     pub fn check(b: &B, routes: &'a Routes<B>, spec: &'a PlanSpec<'a, B>) -> Result<Self> {
         let (s, k, e) = (routes.tokens(), routes.k(), routes.num_experts());
@@ -200,7 +199,7 @@ impl<'a, B: Backend> PlanOp<'a, B> {
 }
 
 /// What a backend's plan op returns; the front door checks the shapes and seals it.
-pub struct PlanParts<B: Backend> {
+pub struct PlanParts<B: Device> {
     /// `[E]` i32.
     pub counts: Tensor<B>,
     /// `[E]` i32.
@@ -219,7 +218,7 @@ pub struct PlanParts<B: Backend> {
     pub stats: Tensor<B>,
 }
 
-impl<B: Backend> PlanParts<B> {
+impl<B: Device> PlanParts<B> {
     /// The parts of a plan run by `schedule`: each i32 output cut from the scratch buffer
     /// it sits in by `take` (which copies a [`PlanSlice`] into a tensor of its shape), the
     /// combine weights as written. How the GPU backends unpack the plan.
@@ -243,7 +242,7 @@ impl<B: Backend> PlanParts<B> {
 
 /// The dispatch plan: counts, capacity and the slot and compact row of every route. Only
 /// the plan op makes one, so every row indexes the `[S·k, M]` compact layout.
-pub struct Plan<B: Backend> {
+pub struct Plan<B: Device> {
     /// Routes per expert before dropping (after `used_token`), `[E]` i32.
     pub counts: Tensor<B>,
     /// First-choice routes per expert before dropping, `[E]` i32 (DeepSpeed top-2 l_aux).
@@ -266,7 +265,7 @@ pub struct Plan<B: Backend> {
     dims: (usize, usize, usize),
 }
 
-impl<B: Backend> Plan<B> {
+impl<B: Device> Plan<B> {
     /// Checks what a backend returned for `op`.
     pub(crate) fn seal(b: &B, op: &PlanOp<'_, B>, p: PlanParts<B>) -> Result<Self> {
         let (s, k, e) = op.dims;

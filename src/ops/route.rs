@@ -1,8 +1,7 @@
 //! Routing: scores, choice and weights of every token.
 
 use super::{f32_matrix, f32_shaped, output, to_u32};
-use crate::backend::Backend;
-use crate::device_tensor::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::kernel_abi::RouteParams;
 use crate::tensor::{DType, HostTensor};
@@ -60,7 +59,7 @@ pub enum Normalize {
 }
 
 /// Everything the route op needs. Tensors are on the same backend.
-pub struct RouteSpec<'a, B: Backend> {
+pub struct RouteSpec<'a, B: Device> {
     /// Routes per token.
     pub k: usize,
     /// Score function.
@@ -79,7 +78,7 @@ pub struct RouteSpec<'a, B: Backend> {
     pub scale: f32,
 }
 
-impl<B: Backend> RouteSpec<'_, B> {
+impl<B: Device> RouteSpec<'_, B> {
     /// Softmax scores, plain top-`k`, no bias or noise, weights unnormalised and unscaled:
     /// the GShard / Switch / DeepSpeed top-k gate at its simplest.
     pub fn softmax_top_k(k: usize) -> Self {
@@ -134,7 +133,7 @@ impl<B: Backend> RouteSpec<'_, B> {
 /// route op and [`Routes::from_host`] make these, so every expert id is below
 /// [`Routes::num_experts`] and the plan's kernels may index by it.
 #[non_exhaustive]
-pub struct Routes<B: Backend> {
+pub struct Routes<B: Device> {
     /// Chosen expert per route, `[S, k]` i32, in choice order.
     pub experts: Tensor<B>,
     /// Weight per route, `[S, k]` f32 (before capacity).
@@ -144,7 +143,7 @@ pub struct Routes<B: Backend> {
 }
 
 /// What a backend's route op returns; the front door checks the shapes and seals it.
-pub struct RoutesParts<B: Backend> {
+pub struct RoutesParts<B: Device> {
     /// `[S, k]` i32.
     pub experts: Tensor<B>,
     /// `[S, k]` f32.
@@ -153,7 +152,7 @@ pub struct RoutesParts<B: Backend> {
     pub scores: Tensor<B>,
 }
 
-impl<B: Backend> Routes<B> {
+impl<B: Device> Routes<B> {
     /// Routes from host values, checked: experts `[S, k]` i32 in `0..E`, weights `[S, k]`
     /// f32 finite, scores `[S, E]` f32 finite (E from the scores). For tests and callers
     /// that choose experts themselves.
@@ -208,7 +207,7 @@ impl<B: Backend> Routes<B> {
 
 /// The route op with checked operands and its kernel parameters.
 #[non_exhaustive]
-pub struct RouteOp<'a, B: Backend> {
+pub struct RouteOp<'a, B: Device> {
     /// Router logits `[S, E]`, f32.
     pub logits: &'a Tensor<B>,
     /// The spec (validated against E).
@@ -221,7 +220,7 @@ pub struct RouteOp<'a, B: Backend> {
     pub params: RouteParams,
 }
 
-impl<'a, B: Backend> RouteOp<'a, B> {
+impl<'a, B: Device> RouteOp<'a, B> {
     /// Checks logits, spec, bias and noise, and the backend's routing limits.
     pub fn check(b: &B, logits: &'a Tensor<B>, spec: &'a RouteSpec<'a, B>) -> Result<Self> {
         let (s, e) = f32_matrix("logits", logits)?;

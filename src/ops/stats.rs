@@ -1,8 +1,7 @@
 //! Router reductions for the losses.
 
 use super::{f32_matrix, f32_shaped, output, to_u32};
-use crate::backend::Backend;
-use crate::device_tensor::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::Result;
 use crate::kernel_abi::StatsParams;
 use crate::tensor::DType;
@@ -10,7 +9,7 @@ use crate::tensor::DType;
 /// `[E + 1]` f32: the mean score of each expert over tokens, then the mean of
 /// `logsumexp(logits)²` (Switch z-loss). Checked.
 #[non_exhaustive]
-pub struct RouterStatsOp<'a, B: Backend> {
+pub struct RouterStatsOp<'a, B: Device> {
     /// Router logits `[S, E]`.
     pub logits: &'a Tensor<B>,
     /// Scores `[S, E]`.
@@ -23,7 +22,7 @@ pub struct RouterStatsOp<'a, B: Backend> {
     pub params: StatsParams,
 }
 
-impl<'a, B: Backend> RouterStatsOp<'a, B> {
+impl<'a, B: Device> RouterStatsOp<'a, B> {
     /// Checks logits and scores.
     pub fn check(b: &B, logits: &'a Tensor<B>, scores: &'a Tensor<B>) -> Result<Self> {
         let (s, e) = f32_matrix("logits", logits)?;

@@ -148,7 +148,7 @@ impl<B: Backend> MoeLayer<B> {
     pub fn forward_ep(
         &self,
         b: &B,
-        x: &crate::device_tensor::Tensor<B>,
+        x: &crate::device::Tensor<B>,
         opts: &LayerOptions,
         comm: &dyn Communicator,
         tokens: TokenLayout,

@@ -2,13 +2,15 @@
 //! tolerance. [`run_all`] lists every case the support matrix covers.
 
 use super::{OpCase, Runner};
-use crate::backend::{Backend, Capabilities};
-use crate::device_tensor::Tensor;
+use crate::backend::grouped_mlp_unfused;
+use crate::backend::Backend;
+use crate::device::Capabilities;
+use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::expert::{Activation, ExpertKind};
 use crate::ops::{
-    grouped_mlp_unfused, CapacityRule, Choice, GroupScore, GroupedMlpOp, KeepPolicy, MlpWeights, Normalize, Offsets,
-    PlanSpec, RouteSpec, Routes, ScoreFn,
+    CapacityRule, Choice, GroupScore, GroupedMlpOp, KeepPolicy, MlpWeights, Normalize, Offsets, PlanSpec, RouteSpec,
+    Routes, ScoreFn,
 };
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};

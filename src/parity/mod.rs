@@ -9,8 +9,9 @@
 
 pub mod cases;
 
-use crate::backend::{Backend, Capabilities};
-use crate::device_tensor::Tensor;
+use crate::backend::Backend;
+use crate::device::Capabilities;
+use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::golden::rel_l2;
 use crate::tensor::{DType, HostData, HostTensor};

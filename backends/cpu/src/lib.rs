@@ -18,11 +18,12 @@ mod route;
 
 pub use buffer::CpuBuffer;
 
-use moe_engine::backend::{Backend, Capabilities};
+use moe_engine::backend::{grouped_mlp_unfused, Backend};
+use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::expert::ExpertKind;
 use moe_engine::ops::{
-    grouped_mlp_unfused, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, PermuteOp,
-    PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts, UploadOp, WeightUploadOp,
+    CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, PermuteOp, PlanOp, PlanParts,
+    RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
@@ -108,14 +109,14 @@ pub(crate) fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a [i32]> {
 }
 
 pub(crate) fn tf32(shape: &[usize], v: Vec<f32>) -> Result<T> {
-    Tensor::from_parts(CpuBuffer::F32(v), shape.to_vec(), DType::F32)
+    T::from_parts(CpuBuffer::F32(v), shape.to_vec(), DType::F32)
 }
 
 pub(crate) fn ti32(shape: &[usize], v: Vec<i32>) -> Result<T> {
-    Tensor::from_parts(CpuBuffer::I32(v), shape.to_vec(), DType::I32)
+    T::from_parts(CpuBuffer::I32(v), shape.to_vec(), DType::I32)
 }
 
-impl Backend for CpuBackend {
+impl Device for CpuBackend {
     type Buffer = CpuBuffer;
 
     fn name(&self) -> &'static str {
@@ -141,7 +142,7 @@ impl Backend for CpuBackend {
     fn run_upload_weight(&self, op: &WeightUploadOp<'_>) -> Result<T> {
         let (_, n, k) = op.dims;
         let v = op.tensor.as_f32("weight")?;
-        Tensor::from_parts(CpuBuffer::WeightT(buffer::transpose_stack(v, n, k)), op.tensor.shape().to_vec(), DType::F32)
+        T::from_parts(CpuBuffer::WeightT(buffer::transpose_stack(v, n, k)), op.tensor.shape().to_vec(), DType::F32)
     }
 
     fn run_download(&self, t: &T) -> Result<HostTensor> {
@@ -160,7 +161,9 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
 
+impl Backend for CpuBackend {
     fn run_linear(&self, op: &LinearOp<'_, Self>) -> Result<T> {
         self.pool.install(|| matmul::linear(op, self.threads()))
     }

@@ -6,9 +6,10 @@
 
 use approx::assert_relative_eq;
 use moe_cpu::CpuBackend;
-use moe_engine::ops::{grouped_mlp_unfused, GroupedMlpOp, MlpWeights, Offsets};
+use moe_engine::backend::grouped_mlp_unfused;
+use moe_engine::ops::{GroupedMlpOp, MlpWeights, Offsets};
 use moe_engine::philox;
-use moe_engine::{Activation, Backend, ExpertKind, HostTensor};
+use moe_engine::{Activation, Backend, Device, ExpertKind, HostTensor};
 
 fn rand(shape: &[usize], stream: u32) -> HostTensor {
     let n = shape.iter().product();

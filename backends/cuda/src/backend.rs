@@ -12,15 +12,16 @@
 //! parity tests run it whenever a driver is present and skip with a message otherwise.
 
 use crate::device::{derr, CudaBackend, CudaBuffer, T};
-use moe_engine::backend::{Backend, Capabilities};
+use moe_engine::backend::Backend;
+use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::ops::{
     CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp, PermuteOp, PlanOp,
-    PlanParts, RouteOp, RouterStatsOp, RoutesParts, UploadOp, WeightUploadOp,
+    PlanParts, RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
-use moe_engine::{DType, Error, HostTensor, Result, Tensor};
+use moe_engine::{DType, Error, HostTensor, Result};
 
-impl Backend for CudaBackend {
+impl Device for CudaBackend {
     type Buffer = CudaBuffer;
 
     fn name(&self) -> &'static str {
@@ -41,7 +42,7 @@ impl Backend for CudaBackend {
             HostData::F32(v) => (CudaBuffer::F32(self.htod(v)?), DType::F32),
             HostData::I32(v) => (CudaBuffer::I32(self.htod(v)?), DType::I32),
         };
-        Tensor::from_parts(buf, t.shape().to_vec(), dtype)
+        T::from_parts(buf, t.shape().to_vec(), dtype)
     }
 
     fn run_upload_weight(&self, op: &WeightUploadOp<'_>) -> Result<T> {
@@ -50,7 +51,7 @@ impl Backend for CudaBackend {
             DType::F32 => CudaBuffer::F32(self.htod(v)?),
             d => CudaBuffer::Half(self.htod(&d.half_bits(v)?)?),
         };
-        Tensor::from_parts(buf, op.tensor.shape().to_vec(), op.dtype)
+        T::from_parts(buf, op.tensor.shape().to_vec(), op.dtype)
     }
 
     fn run_download(&self, t: &T) -> Result<HostTensor> {
@@ -70,7 +71,9 @@ impl Backend for CudaBackend {
         self.stream.synchronize().map_err(derr)?;
         self.settle_checks()
     }
+}
 
+impl Backend for CudaBackend {
     fn run_linear(&self, op: &LinearOp<'_, Self>) -> Result<T> {
         self.linear(op)
     }

@@ -4,7 +4,7 @@
 use crate::probe::{driver_status, nvrtc_status};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-use moe_engine::backend::Capabilities;
+use moe_engine::device::Capabilities;
 use moe_engine::kernel_abi::{self, ROUTE_STATUS_WORDS};
 use moe_engine::{DType, Error, Result, Tensor};
 use std::collections::HashMap;
@@ -197,12 +197,12 @@ impl CudaBackend {
 
     /// An f32 tensor over `s`.
     pub(crate) fn out(shape: &[usize], s: CudaSlice<f32>) -> Result<T> {
-        Tensor::from_parts(CudaBuffer::F32(s), shape.to_vec(), DType::F32)
+        T::from_parts(CudaBuffer::F32(s), shape.to_vec(), DType::F32)
     }
 
     /// An i32 tensor over `s`.
     pub(crate) fn out_i32(shape: &[usize], s: CudaSlice<i32>) -> Result<T> {
-        Tensor::from_parts(CudaBuffer::I32(s), shape.to_vec(), DType::I32)
+        T::from_parts(CudaBuffer::I32(s), shape.to_vec(), DType::I32)
     }
 
     /// Settles the route op's pending input check: `Err` naming the first bad token

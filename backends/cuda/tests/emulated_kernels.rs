@@ -28,7 +28,7 @@ use moe_engine::ops::{
     MlpWeights, NoiseOp, Normalize, Offsets, PlanOp, PlanSpec, RouteOp, RouteSpec, RouterStatsOp, ScoreFn,
 };
 use moe_engine::philox::NoiseKind;
-use moe_engine::{parity, philox, Activation, Backend, DType, ExpertKind, HostTensor, Tensor};
+use moe_engine::{parity, philox, Activation, Backend, DType, Device, ExpertKind, HostTensor, Tensor};
 
 type Cpu = Tensor<CpuBackend>;
 

@@ -1,6 +1,6 @@
 //! Times single wgpu ops on the default adapter (each: record, submit, wait), to see where
 //! a layer forward spends its time. `cargo run --release -p moe-wgpu --example op_times`
-use moe_engine::{Backend, HostTensor};
+use moe_engine::{Backend, Device, HostTensor};
 use std::time::Instant;
 
 fn main() -> moe_engine::Result<()> {

@@ -24,11 +24,12 @@ pub use device::{list_adapters, AdapterSummary};
 pub use kernels::FAMILIES;
 
 use kernels::Family;
-use moe_engine::backend::{Backend, Capabilities};
+use moe_engine::backend::{grouped_mlp_unfused, Backend};
+use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
-    grouped_mlp_unfused, route_status, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput,
-    NoiseOp, PermuteOp, PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts, UploadOp, WeightUploadOp,
+    route_status, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp, PermuteOp,
+    PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, ExpertKind, HostTensor, Result, Tensor};
@@ -226,7 +227,7 @@ impl WgpuBackend {
 
     fn tensor(&self, shape: &[usize], dtype: DType, what: &str) -> Result<T> {
         let bytes = moe_engine::tensor::nbytes(what, shape, dtype)?;
-        Tensor::from_parts(self.alloc(bytes, what)?, shape.to_vec(), dtype)
+        T::from_parts(self.alloc(bytes, what)?, shape.to_vec(), dtype)
     }
 
     /// Records one compute dispatch of `entry` into the pending command encoder, with the
@@ -408,7 +409,7 @@ impl WgpuBackend {
     }
 }
 
-impl Backend for WgpuBackend {
+impl Device for WgpuBackend {
     type Buffer = WgpuBuffer;
 
     fn name(&self) -> &'static str {
@@ -433,7 +434,7 @@ impl Backend for WgpuBackend {
             contents: &contents,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         });
-        Tensor::from_parts(WgpuBuffer { buf, bytes: n, parts: Vec::new() }, t.shape().to_vec(), dtype)
+        T::from_parts(WgpuBuffer { buf, bytes: n, parts: Vec::new() }, t.shape().to_vec(), dtype)
     }
 
     /// Weight matrices `[N, K]` or stacks `[G, N, K]` in f32, f16 or bf16 (halves packed
@@ -459,7 +460,7 @@ impl Backend for WgpuBackend {
         }
         let first = parts[0].buf.clone();
         let parts = if parts.len() == 1 { Vec::new() } else { parts };
-        Tensor::from_parts(WgpuBuffer { buf: first, bytes: total, parts }, op.tensor.shape().to_vec(), op.dtype)
+        T::from_parts(WgpuBuffer { buf: first, bytes: total, parts }, op.tensor.shape().to_vec(), op.dtype)
     }
 
     fn run_download(&self, t: &T) -> Result<HostTensor> {
@@ -498,7 +499,9 @@ impl Backend for WgpuBackend {
         self.take_error()?;
         self.settle_checks()
     }
+}
 
+impl Backend for WgpuBackend {
     fn run_linear(&self, op: &LinearOp<'_, Self>) -> Result<T> {
         linear::linear(self, op)
     }
