@@ -101,6 +101,10 @@ impl<B: Backend> Gate<B> {
             [e, m] => (e, m),
             _ => return Err(Error::shape("gate.weight", "[experts, hidden]", weight.shape())),
         };
+        if num_experts == 0 || hidden == 0 {
+            return Err(Error::shape("gate.weight", "[experts > 0, hidden > 0]", weight.shape()));
+        }
+        spec.validate(num_experts)?;
         weight.as_f32("gate.weight")?;
         weight.check_finite("gate.weight")?;
         if let Some(bias) = bias {

@@ -125,3 +125,53 @@ fn device_philox_uniforms_equal_the_cpu_draws_bit_for_bit() {
         assert!(same, "seed {seed:#x} stream {stream}: device draws differ from the cpu's");
     }
 }
+
+#[test]
+fn non_finite_bias_and_noise_are_named_at_the_next_download_as_on_the_cpu() {
+    let Some(b) = backend("non_finite_bias_and_noise_are_named_at_the_next_download_as_on_the_cpu") else { return };
+    let cpu = common::cpu(1);
+    let (s, e) = (5, 32);
+    let logits = common::lcg(3, s * e, 2.0);
+    let mut bias = vec![0.0; e];
+    bias[21] = f32::NAN;
+    let mut noise = common::lcg(4, s * e, 1.0);
+    noise[2 * e + 9] = f32::INFINITY;
+    for (with_bias, with_noise, want) in
+        [(true, false, "e_score_correction_bias"), (false, true, "choice noise (gumbel)")]
+    {
+        let on_wgpu = {
+            let (lt, bt, nt) = (
+                common::up_f32(&b, &[s, e], logits.clone()),
+                common::up_f32(&b, &[e], bias.clone()),
+                common::up_f32(&b, &[s, e], noise.clone()),
+            );
+            let spec = RouteSpec {
+                bias: with_bias.then_some(&bt),
+                choice_noise: with_noise.then_some(&nt),
+                ..RouteSpec::softmax_top_k(2)
+            };
+            let r = b.route(&lt, &spec).expect("recorded");
+            b.download(&r.experts).expect_err("flagged at the download")
+        };
+        let on_cpu = {
+            let (lt, bt, nt) = (
+                common::up_f32(&cpu, &[s, e], logits.clone()),
+                common::up_f32(&cpu, &[e], bias.clone()),
+                common::up_f32(&cpu, &[s, e], noise.clone()),
+            );
+            let spec = RouteSpec {
+                bias: with_bias.then_some(&bt),
+                choice_noise: with_noise.then_some(&nt),
+                ..RouteSpec::softmax_top_k(2)
+            };
+            cpu.route(&lt, &spec).err().expect("an error now")
+        };
+        match (&on_wgpu, &on_cpu) {
+            (Error::NonFinite { tensor: a, index: i, .. }, Error::NonFinite { tensor: c, index: j, .. }) => {
+                assert_eq!((a.as_str(), i), (want, j), "wgpu names the element");
+                assert_eq!(a, c, "wgpu and cpu name the same tensor");
+            }
+            other => panic!("expected NonFinite on both, got {other:?}"),
+        }
+    }
+}

@@ -211,11 +211,17 @@ fn compare(case: &Case, got: &BTreeMap<Output, HostTensor>) -> Result<CaseResult
             .ok_or_else(|| Error::Internal(format!("case {}: the run produced no output `{name}`", case.name)))?;
         let (mut w, mut h) = (want.to_f64(), have.to_f64());
         if w.len() != h.len() {
-            return Err(Error::shape(format!("expected `{name}`"), format!("{:?}", have.shape()), want.shape()));
+            return Err(Error::case(
+                &case.name,
+                format!("expected `{name}` has shape {:?}; the run produced {:?}", want.shape(), have.shape()),
+            ));
         }
         if let (Some(mask), Output::Locations | Output::Gates) = (&kept_mask, out) {
             if mask.len() != w.len() {
-                return Err(Error::shape(format!("expected `{name}`"), "the shape of `indices`", want.shape()));
+                return Err(Error::case(
+                    &case.name,
+                    format!("expected `{name}` has shape {:?}, not the shape of `indices`", want.shape()),
+                ));
             }
             w = w.iter().zip(mask).filter(|(_, &k)| k).map(|(v, _)| *v).collect();
             h = h.iter().zip(mask).filter(|(_, &k)| k).map(|(v, _)| *v).collect();

@@ -38,6 +38,9 @@ impl CapacityRule {
     /// DeepSpeed's formula is written once.
     pub fn static_capacity(&self, tokens: usize, experts: usize) -> Result<Option<u64>> {
         match *self {
+            CapacityRule::Fixed(c) if c as u64 > i64::MAX as u64 => {
+                Err(Error::config("expert_capacity", format!("{c} is past the 64-bit counts reports use")))
+            }
             CapacityRule::Fixed(c) => Ok(Some(c as u64)),
             CapacityRule::DeepSpeed { factor, k_prime, min_capacity } => {
                 deepspeed_capacity(tokens, experts, factor, k_prime, min_capacity).map(Some)
@@ -70,6 +73,9 @@ pub fn deepspeed_capacity(
                 "{factor} gives capacity ceil({tokens} / {experts} · {factor} · {k_prime}) = {c}, not a 64-bit count"
             ),
         ));
+    }
+    if min_capacity as u64 > i64::MAX as u64 {
+        return Err(Error::config("min_capacity", format!("{min_capacity} is past the 64-bit counts reports use")));
     }
     Ok((c.max(0.0) as u64).max(min_capacity as u64))
 }

@@ -64,7 +64,9 @@ impl CpuBackend {
             backend: "cpu".into(),
             device: cpu_name(),
             storage_dtypes: vec![DType::F32],
-            max_buffer_bytes: isize::MAX as u64,
+            // One tensor can take at most what the host has free: an op whose output is
+            // larger is refused before it allocates, instead of ending in the OOM killer.
+            max_buffer_bytes: moe_engine::memory::host_available().unwrap_or(u64::MAX).min(isize::MAX as u64),
             subgroups: false,
             threads,
             half_inputs: false,

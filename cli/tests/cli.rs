@@ -1,0 +1,498 @@
+//! The `moe` command as a user meets it: flags that are refused name themselves, `--help`
+//! lists the allowed values, a closed output pipe is not a panic, a job too large for the
+//! machine is refused before it allocates, and `moe check` on broken cases (a corpus made
+//! here from the golden cases: bad JSON and configs, absurd sizes, forged or truncated
+//! safetensors, wrong dtypes and shapes, NaN/Inf in inputs, weights and noise) exits 0 or
+//! 1 for every one of them, never panicking, aborting or hanging, and passes none.
+
+use moe_engine::import::{save_safetensors, Checkpoint};
+use moe_engine::HostTensor;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn moe() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moe"));
+    c.env("MOE_LOG", "error");
+    c
+}
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `cmd` to completion within `limit`, killing it past that (a hang fails the test).
+fn run(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn moe");
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).ok();
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        err.read_to_end(&mut v).ok();
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output { status, stdout: o.join().unwrap(), stderr: e.join().unwrap() }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts clap refused the command (exit 2) naming `flag`.
+#[track_caller]
+fn refused(args: &[&str], flag: &str) {
+    let mut c = moe();
+    c.args(args);
+    let out = run(c, Duration::from_secs(30));
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{args:?} ran");
+    assert!(err.contains(flag), "{args:?}: stderr does not name {flag}:\n{err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+}
+
+#[test]
+fn zero_counts_and_out_of_range_flags_are_refused_naming_the_flag() {
+    refused(&["bench", "layer", "--iters", "0"], "--iters");
+    refused(&["bench", "layer", "--tokens", "0"], "--tokens");
+    refused(&["bench", "layer", "--threads", "0"], "--threads");
+    refused(&["bench", "layer", "--ep", "0"], "--ep");
+    refused(&["bench", "layer", "--top-k", "9", "--experts", "8"], "--top-k");
+    refused(&["bench", "layer", "--ep", "3", "--experts", "8"], "--ep");
+    refused(&["bench", "layer", "--backend", "tpu"], "--backend");
+    refused(&["bench", "layer", "--dtype", "f64"], "--dtype");
+    refused(&["run", "--steps", "0"], "--steps");
+    refused(&["run", "--tokens", "0"], "--tokens");
+    refused(&["check", "--ep", "0", "x"], "--ep");
+    refused(&["check", "--ep-timeout", "18446744073709551615", "x"], "--ep-timeout");
+    refused(&["check", "--ep", "4", "--ep-per-node", "3", "x"], "--ep-per-node");
+}
+
+#[test]
+fn help_lists_the_allowed_values() {
+    for (args, values) in [
+        (&["check", "-h"][..], "cpu, wgpu, cuda"),
+        (&["bench", "layer", "-h"][..], "f32, f16, bf16"),
+        (&["run", "-h"][..], "auto, cpu, wgpu, cuda"),
+    ] {
+        let mut c = moe();
+        c.args(args);
+        let out = run(c, Duration::from_secs(30));
+        assert!(text(&out.stdout).contains(values), "{args:?} --help does not list {values}:\n{}", text(&out.stdout));
+    }
+}
+
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    let mut child =
+        moe().args(["check"]).arg(golden()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    // `| head -1`: read one line, then close the pipe.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("PASS"), "{first}");
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(status.success() || status.code() == Some(1), "{status:?}");
+}
+
+#[test]
+fn a_deepseek_v3_shaped_bench_on_a_small_machine_is_refused_naming_the_size() {
+    // 256 experts of 3 · 7168 · 2048 f32 weights: 45 GiB before anything else.
+    let need = 256u64 * 3 * 7168 * 2048 * 4;
+    match moe_engine::memory::host_available() {
+        Some(free) if free < need => {}
+        other => {
+            eprintln!(
+                "SKIP a_deepseek_v3_shaped_bench_on_a_small_machine_is_refused: this host has {other:?} bytes free"
+            );
+            return;
+        }
+    }
+    let mut c = moe();
+    c.args(["bench", "layer", "--hidden", "7168", "--ffn", "2048", "--experts", "256", "--top-k", "8"]);
+    let start = Instant::now();
+    let out = run(c, Duration::from_secs(30));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}: it allocated first", start.elapsed());
+    assert!(err.contains("GiB") && err.contains("available on this host"), "{err}");
+}
+
+#[test]
+fn a_folder_with_one_bad_case_runs_the_others_and_reports_it_failed() {
+    let dir = tmp("one_bad_case");
+    for case in ["01_ds_gate_top1_eval", "22_hf_mixtral"] {
+        copy_case(&golden().join(case), &dir.join(case));
+    }
+    copy_case(&golden().join("18_ds_moe_top2_mlp_eval"), &dir.join("10_broken"));
+    std::fs::write(dir.join("10_broken/case.json"), "{ not json").unwrap();
+    let mut c = moe();
+    c.arg("check").arg(&dir);
+    let out = run(c, Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("2 passed, 1 failed"), "{stdout}");
+    assert!(stdout.contains("10_broken") && stdout.contains("caused by"), "the error and its cause:\n{stdout}");
+}
+
+// ------------------------------------------------------------------ the broken corpus
+
+fn copy_case(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["case.json", "tensors.safetensors"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// The tensors of a case, by key.
+type Tensors = BTreeMap<String, HostTensor>;
+
+/// How a case is broken.
+enum Break {
+    /// An edit of case.json.
+    Meta(Box<dyn Fn(&mut Value)>),
+    /// An edit of the tensors.
+    Tensors(Box<dyn Fn(&mut Tensors)>),
+    /// case.json replaced by these bytes.
+    MetaBytes(Vec<u8>),
+    /// tensors.safetensors replaced by a function of its bytes.
+    FileBytes(Box<dyn Fn(Vec<u8>) -> Vec<u8>>),
+}
+
+fn meta(f: impl Fn(&mut Value) + 'static) -> Break {
+    Break::Meta(Box::new(f))
+}
+
+fn tensors(f: impl Fn(&mut Tensors) + 'static) -> Break {
+    Break::Tensors(Box::new(f))
+}
+
+fn cfg(key: &'static str, v: Value) -> Break {
+    meta(move |m| m["config"][key] = v.clone())
+}
+
+fn poke(key: &'static str, at: usize, v: f32) -> Break {
+    tensors(move |m| {
+        let t = m.remove(key).unwrap_or_else(|| panic!("no {key}"));
+        let shape = t.shape().to_vec();
+        let mut d = t.into_f32(key).unwrap();
+        let i = at.min(d.len() - 1);
+        d[i] = v;
+        m.insert(key.into(), HostTensor::f32(&shape, d).unwrap());
+    })
+}
+
+fn reshape(key: &'static str, shape: &'static [usize]) -> Break {
+    tensors(move |m| {
+        let t = m.remove(key).unwrap();
+        let n: usize = shape.iter().product();
+        let mut d = t.into_f32(key).unwrap();
+        d.resize(n, 0.5);
+        m.insert(key.into(), HostTensor::f32(shape, d).unwrap());
+    })
+}
+
+/// Every broken variant: (name, the golden case it starts from, the break).
+fn corpus() -> Vec<(String, &'static str, Break)> {
+    let (ds, mx, gate, v3, sw) = (
+        "18_ds_moe_top2_mlp_eval",
+        "22_hf_mixtral",
+        "06_ds_gate_top1_train_rts",
+        "26_hf_deepseek_v3_grouped",
+        "28_hf_switch_capacity",
+    );
+    let mut v: Vec<(String, &'static str, Break)> = Vec::new();
+    let mut add = |name: &str, case: &'static str, b: Break| v.push((name.to_string(), case, b));
+    // case.json as a file.
+    add("json_not_json", ds, Break::MetaBytes(b"{ \"format\": 1,".to_vec()));
+    add("json_empty", ds, Break::MetaBytes(Vec::new()));
+    add("json_array", ds, Break::MetaBytes(b"[1, 2, 3]".to_vec()));
+    add("json_deep_nesting", ds, Break::MetaBytes([b"[".repeat(100_000), b"]".repeat(100_000)].concat()));
+    add("json_not_utf8", ds, Break::MetaBytes(vec![0xff, 0xfe, 0x00, 0x7b]));
+    add("json_huge_number", ds, Break::MetaBytes(b"{\"format\": 1e400}".to_vec()));
+    // case.json keys.
+    add("format_99", ds, meta(|m| m["format"] = 99.into()));
+    add("format_string", ds, meta(|m| m["format"] = "1".into()));
+    add("kind_unknown", ds, meta(|m| m["kind"] = "hf.llama".into()));
+    add("kind_mismatch", mx, meta(|m| m["kind"] = "hf.qwen3_moe".into()));
+    add("mode_unknown", ds, meta(|m| m["mode"] = "serve".into()));
+    add("expected_empty", ds, meta(|m| m["expected"] = json!({})));
+    add("expected_missing", ds, meta(|m| drop(m.as_object_mut().unwrap().remove("expected"))));
+    add("expected_unknown", ds, meta(|m| m["expected"]["z"] = "expect/y".into()));
+    add("expected_wrong_kind", gate, meta(|m| m["expected"]["y"] = "expect/gates".into()));
+    add("expected_missing_tensor", ds, meta(|m| m["expected"]["y"] = "expect/none".into()));
+    add("expected_not_string", ds, meta(|m| m["expected"]["y"] = 3.into()));
+    add("inputs_missing_x", ds, meta(|m| m["inputs"] = json!({})));
+    add("inputs_x_missing_tensor", ds, meta(|m| m["inputs"]["x"] = "input/none".into()));
+    add("noise_unknown", gate, meta(|m| m["noise"]["uniform"] = "noise/rts_uniform".into()));
+    add("tolerance_missing", ds, meta(|m| drop(m.as_object_mut().unwrap().remove("tolerance"))));
+    add("tolerance_negative", ds, meta(|m| m["tolerance"]["rel_l2"] = (-0.5).into()));
+    add("tolerance_huge", ds, meta(|m| m["tolerance"]["rel_l2"] = 1e30.into()));
+    add("tolerance_exact_unknown", ds, meta(|m| m["tolerance"]["exact"] = json!(["indices"])));
+    add("config_missing", ds, meta(|m| drop(m.as_object_mut().unwrap().remove("config"))));
+    // DeepSpeed configs.
+    add("ds_k_zero", ds, cfg("k", 0.into()));
+    add("ds_k_negative", ds, cfg("k", (-1).into()));
+    add("ds_k_past_e", ds, cfg("k", 99.into()));
+    add("ds_k_string", ds, cfg("k", "two".into()));
+    add("ds_capacity_factor_zero", ds, cfg("capacity_factor", 0.into()));
+    add("ds_eval_capacity_factor_huge", ds, cfg("eval_capacity_factor", 1e300.into()));
+    add("ds_min_capacity_negative", ds, cfg("min_capacity", (-4).into()));
+    add("ds_min_capacity_huge", ds, cfg("min_capacity", 10_000_000_000_000_000_000u64.into()));
+    add("ds_hidden_zero", ds, cfg("hidden_size", 0.into()));
+    add("ds_hidden_mismatch", ds, cfg("hidden_size", 17.into()));
+    add("ds_hidden_huge", ds, cfg("hidden_size", 1_000_000_000_000u64.into()));
+    add("ds_experts_zero", ds, cfg("num_experts", 0.into()));
+    add("ds_experts_mismatch", ds, cfg("num_experts", 3.into()));
+    add("ds_experts_billion", ds, cfg("num_experts", 1_000_000_000u64.into()));
+    add("ds_experts_max", ds, cfg("num_experts", u64::MAX.into()));
+    add("ds_ep_size", ds, cfg("ep_size", 3.into()));
+    add("ds_drop_policy", ds, cfg("drop_policy", "random".into()));
+    add("ds_noisy_policy", ds, cfg("noisy_gate_policy", "Magic".into()));
+    add("ds_residual_without_tensors", ds, cfg("use_residual", true.into()));
+    add("ds_expert_type", ds, meta(|m| m["config"]["expert"]["type"] = "conv".into()));
+    add("ds_expert_ffn_zero", ds, meta(|m| m["config"]["expert"]["ffn_hidden"] = 0.into()));
+    add("ds_expert_ffn_mismatch", ds, meta(|m| m["config"]["expert"]["ffn_hidden"] = 49.into()));
+    add("ds_expert_ffn_huge", ds, meta(|m| m["config"]["expert"]["ffn_hidden"] = u64::MAX.into()));
+    add("ds_expert_missing", ds, meta(|m| drop(m["config"].as_object_mut().unwrap().remove("expert"))));
+    add("gate_experts_mismatch", gate, cfg("num_experts", 4.into()));
+    add("gate_k_past_e", gate, cfg("k", 9.into()));
+    add("gate_min_capacity_past_tokens", gate, cfg("min_capacity", 1_000_000.into()));
+    // HF configs.
+    add("hf_experts_billion", mx, cfg("num_local_experts", 1_000_000_000u64.into()));
+    add("hf_experts_zero", mx, cfg("num_local_experts", 0.into()));
+    add("hf_k_zero", mx, cfg("num_experts_per_tok", 0.into()));
+    add("hf_k_past_e", mx, cfg("num_experts_per_tok", 100.into()));
+    add("hf_hidden_mismatch", mx, cfg("hidden_size", 31.into()));
+    add("hf_ffn_mismatch", mx, cfg("intermediate_size", 47.into()));
+    add("hf_ffn_huge", mx, cfg("intermediate_size", u64::MAX.into()));
+    add("hf_act_unknown", mx, cfg("hidden_act", "tanhh".into()));
+    add("hf_model_type", mx, cfg("model_type", "llama".into()));
+    add("v3_n_group_zero", v3, cfg("n_group", 0.into()));
+    add("v3_n_group_not_dividing", v3, cfg("n_group", 3.into()));
+    add("v3_topk_group_past", v3, cfg("topk_group", 99.into()));
+    add("v3_scale_string", v3, cfg("routed_scaling_factor", "inf".into()));
+    add("v3_scale_huge", v3, cfg("routed_scaling_factor", 1e300.into()));
+    add("switch_capacity_zero", sw, cfg("expert_capacity", 0.into()));
+    add("switch_capacity_huge", sw, cfg("expert_capacity", 1_000_000_000_000_000_000u64.into()));
+    add("switch_d_model_zero", sw, cfg("d_model", 0.into()));
+    // Non-finite values.
+    add("nan_x", ds, poke("input/x", 7, f32::NAN));
+    add("inf_x", mx, poke("input/x", 0, f32::INFINITY));
+    add("nan_weight", ds, poke("param/deepspeed_moe.experts.deepspeed_experts.1.0.weight", 3, f32::NAN));
+    add("inf_router", mx, poke("param/gate.weight", 2, f32::NEG_INFINITY));
+    add("nan_bias", v3, poke("param/gate.e_score_correction_bias", 1, f32::NAN));
+    add("nan_noise", gate, poke("noise/rts_uniform", 30, f32::NAN));
+    add("nan_expected", ds, poke("expect/y", 0, f32::NAN));
+    // Shapes and dtypes.
+    add(
+        "x_flat",
+        ds,
+        tensors(|m| {
+            let t = m.remove("input/x").unwrap();
+            let n = t.numel();
+            m.insert("input/x".into(), t.reshape(&[n]).unwrap());
+        }),
+    );
+    add("x_scalar", ds, tensors(|m| drop(m.insert("input/x".into(), HostTensor::scalar(1.0)))));
+    add(
+        "x_four_dims",
+        ds,
+        tensors(|m| {
+            let t = m.remove("input/x").unwrap();
+            let mut s = t.shape().to_vec();
+            s.insert(0, 1);
+            m.insert("input/x".into(), t.reshape(&s).unwrap());
+        }),
+    );
+    add("x_empty", mx, tensors(|m| drop(m.insert("input/x".into(), HostTensor::f32(&[0, 32], vec![]).unwrap()))));
+    add(
+        "x_int",
+        mx,
+        tensors(|m| {
+            let t = m.remove("input/x").unwrap();
+            let s = t.shape().to_vec();
+            m.insert("input/x".into(), HostTensor::i32(&s, vec![1; t.numel()]).unwrap());
+        }),
+    );
+    add("x_wider", mx, reshape("input/x", &[16, 33]));
+    add("weight_reshaped", mx, reshape("param/experts.0.w1.weight", &[48, 33]));
+    add("weight_dropped", mx, tensors(|m| drop(m.remove("param/experts.3.w2.weight"))));
+    add(
+        "weight_extra",
+        mx,
+        tensors(|m| drop(m.insert("param/experts.9.w1.weight".into(), HostTensor::zeros(&[48, 32]).unwrap()))),
+    );
+    add(
+        "weight_int",
+        ds,
+        tensors(|m| {
+            let k = "param/deepspeed_moe.gate.wg.weight";
+            let t = m.remove(k).unwrap();
+            let s = t.shape().to_vec();
+            m.insert(k.into(), HostTensor::i32(&s, vec![0; t.numel()]).unwrap());
+        }),
+    );
+    add("noise_wrong_shape", gate, reshape("noise/rts_uniform", &[3, 3]));
+    add("expected_wrong_shape", ds, reshape("expect/y", &[5]));
+    add(
+        "indices_wrong_shape",
+        gate,
+        tensors(|m| drop(m.insert("expect/indices".into(), HostTensor::i32(&[1], vec![0]).unwrap()))),
+    );
+    // The tensor file.
+    add("st_truncated", ds, Break::FileBytes(Box::new(|b| b[..b.len() / 3].to_vec())));
+    add("st_garbage", ds, Break::FileBytes(Box::new(|_| vec![0x5a; 4096])));
+    add("st_empty", ds, Break::FileBytes(Box::new(|_| Vec::new())));
+    add(
+        "st_header_huge",
+        ds,
+        Break::FileBytes(Box::new(|mut b| {
+            b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+            b
+        })),
+    );
+    add(
+        "st_header_past_file",
+        ds,
+        Break::FileBytes(Box::new(|mut b| {
+            let len = b.len() as u64;
+            b[..8].copy_from_slice(&len.to_le_bytes());
+            b
+        })),
+    );
+    add(
+        "st_forged_shape",
+        ds,
+        Break::FileBytes(Box::new(|b| {
+            forge_header(b, |h| {
+                // A shape that claims far more data than the file holds.
+                let key = h.as_object().unwrap().keys().find(|k| k.starts_with("input")).unwrap().clone();
+                h[&key]["shape"] = json!([1_000_000_000u64, 1_000_000_000u64]);
+            })
+        })),
+    );
+    add(
+        "st_forged_offsets",
+        ds,
+        Break::FileBytes(Box::new(|b| {
+            forge_header(b, |h| {
+                let key = h.as_object().unwrap().keys().find(|k| k.starts_with("input")).unwrap().clone();
+                h[&key]["data_offsets"] = json!([0, u64::MAX]);
+            })
+        })),
+    );
+    add(
+        "st_forged_dtype",
+        ds,
+        Break::FileBytes(Box::new(|b| {
+            forge_header(b, |h| {
+                let key = h.as_object().unwrap().keys().find(|k| k.starts_with("input")).unwrap().clone();
+                h[&key]["dtype"] = "BOOL".into();
+            })
+        })),
+    );
+    v
+}
+
+/// A safetensors file with its JSON header edited (the header length kept right).
+fn forge_header(b: Vec<u8>, edit: impl Fn(&mut Value)) -> Vec<u8> {
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    edit(&mut header);
+    let h = serde_json::to_vec(&header).unwrap();
+    [(h.len() as u64).to_le_bytes().to_vec(), h, b[8 + n..].to_vec()].concat()
+}
+
+fn write_corpus() -> PathBuf {
+    let root = tmp("broken_corpus");
+    for (name, case, b) in corpus() {
+        let dir = root.join(&name);
+        copy_case(&golden().join(case), &dir);
+        match b {
+            Break::Meta(f) => {
+                let mut m: Value =
+                    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+                f(&mut m);
+                std::fs::write(dir.join("case.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+            }
+            Break::Tensors(f) => {
+                let ck = Checkpoint::load(&dir.join("tensors.safetensors")).unwrap();
+                let mut map: Tensors = ck.iter().map(|(k, v)| (k.into(), v.clone())).collect();
+                f(&mut map);
+                save_safetensors(&dir.join("tensors.safetensors"), &map).unwrap();
+            }
+            Break::MetaBytes(bytes) => std::fs::write(dir.join("case.json"), bytes).unwrap(),
+            Break::FileBytes(f) => {
+                let bytes = std::fs::read(dir.join("tensors.safetensors")).unwrap();
+                std::fs::write(dir.join("tensors.safetensors"), f(bytes)).unwrap();
+            }
+        }
+    }
+    root
+}
+
+#[test]
+fn every_broken_case_fails_cleanly_one_by_one() {
+    let root = write_corpus();
+    let names: Vec<String> = corpus().into_iter().map(|(n, _, _)| n).collect();
+    assert!(names.len() >= 90, "the corpus has {} cases", names.len());
+    let mut bad = Vec::new();
+    for name in &names {
+        let mut c = moe();
+        c.arg("check").arg(root.join(name));
+        let out = run(c, Duration::from_secs(60));
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        let ok = out.status.code() == Some(1) && stdout.contains("0 passed, 1 failed") && !stderr.contains("panicked");
+        if !ok {
+            bad.push(format!("{name}: {:?}\n{stdout}{stderr}", out.status));
+        }
+    }
+    assert!(bad.is_empty(), "broken cases that did not fail cleanly:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn the_broken_corpus_as_one_folder_fails_every_case_on_cpu_and_wgpu() {
+    let root = write_corpus();
+    let n = corpus().len();
+    for backend in ["cpu", "wgpu"] {
+        if backend == "wgpu" && moe_wgpu::list_adapters().is_empty() {
+            assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI=true and no wgpu adapter");
+            eprintln!("SKIP the_broken_corpus on wgpu: no adapter");
+            continue;
+        }
+        let mut c = moe();
+        c.args(["check", "--backend", backend]).arg(&root);
+        let out = run(c, Duration::from_secs(300));
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{backend}:\n{stdout}{stderr}");
+        assert!(stdout.contains(&format!("0 passed, {n} failed")), "{backend}:\n{stdout}");
+        assert!(!stderr.contains("panicked"), "{backend}:\n{stderr}");
+    }
+}

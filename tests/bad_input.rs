@@ -1,0 +1,445 @@
+//! Bad input is an error, never a panic, an abort, a hang or a silent reroute. Each test
+//! is named for what it tries, as a new user would try it on copies of the golden cases:
+//! non-finite noise, bias, loads and weights, forged case metadata, absurd sizes,
+//! capacities past i32, and data that does not match its shape.
+
+mod common;
+
+use common::{cpu, f32s, ht, up_f32};
+use moe_cpu::{CpuBackend, CpuBuffer};
+use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec};
+use moe_engine::gate::Gate;
+use moe_engine::import::{hf, save_safetensors, Checkpoint};
+use moe_engine::ops::{CapacityRule, KeepPolicy, Offsets, PlanSpec, RouteSpec, Routes};
+use moe_engine::{
+    golden, stack, Activation, Backend, DType, Device, Error, ExpertKind, GateOptions, HostTensor, LayerOptions,
+    MoeLayer, NoiseOverrides, Tensor,
+};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Asserts a non-finite error naming `tensor` at `index`.
+#[track_caller]
+fn non_finite<T>(r: moe_engine::Result<T>, tensor: &str, index: &[usize]) {
+    match r {
+        Err(Error::NonFinite { tensor: t, index: i, .. }) => {
+            assert_eq!((t.as_str(), i.as_slice()), (tensor, index));
+        }
+        Err(e) => panic!("expected a non-finite `{tensor}` at {index:?}, got: {e}"),
+        Ok(_) => panic!("expected a non-finite `{tensor}` at {index:?}, got success"),
+    }
+}
+
+/// A copy of golden case `src` in a temp folder, with its metadata and tensors edited.
+fn broken_case(
+    name: &str,
+    src: &str,
+    meta: impl FnOnce(&mut Value),
+    tensors: impl FnOnce(&mut BTreeMap<String, HostTensor>),
+) -> PathBuf {
+    let from = common::golden_dir().join(src);
+    let dir = common::tmp_dir("bad_input", name);
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(from.join("case.json")).unwrap()).unwrap();
+    meta(&mut m);
+    std::fs::write(dir.join("case.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let ck = Checkpoint::load(&from.join("tensors.safetensors")).unwrap();
+    let mut map: BTreeMap<String, HostTensor> = ck.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    tensors(&mut map);
+    save_safetensors(&dir.join("tensors.safetensors"), &map).unwrap();
+    dir
+}
+
+/// The case error of running `dir` on the cpu; the test fails if the case passes.
+#[track_caller]
+fn case_error(dir: &Path) -> Error {
+    match golden::run_case(&cpu(1), dir) {
+        Err(e) => e,
+        Ok(r) => panic!("{} ran (pass = {}) but is broken", dir.display(), r.pass),
+    }
+}
+
+fn poke(map: &mut BTreeMap<String, HostTensor>, key: &str, at: usize, v: f32) {
+    let t = map.remove(key).unwrap_or_else(|| panic!("no {key}"));
+    let shape = t.shape().to_vec();
+    let mut d = t.into_f32(key).unwrap();
+    d[at] = v;
+    map.insert(key.into(), ht(&shape, d));
+}
+
+// ------------------------------------------------------------------ non-finite values
+
+#[test]
+fn nan_in_gumbel_noise_is_rejected_naming_the_tensor_and_index() {
+    // 12_ds_gate_top2_train_sampling replays Gumbel noise [S, E] with S·E > 20 (the sort
+    // that used to panic on NaN past 20 items).
+    let dir =
+        broken_case("gumbel_nan", "12_ds_gate_top2_train_sampling", |_| {}, |m| poke(m, "noise/gumbel", 13, f32::NAN));
+    let shape =
+        Checkpoint::load(&dir.join("tensors.safetensors")).unwrap().get("noise/gumbel").unwrap().shape().to_vec();
+    let e = *shape.last().unwrap();
+    non_finite(golden::run_case(&cpu(1), &dir), "noise.gumbel", &[13 / e, 13 % e]);
+}
+
+#[test]
+fn nan_in_rts_noise_is_rejected_naming_the_tensor_and_index() {
+    let dir =
+        broken_case("rts_nan", "06_ds_gate_top1_train_rts", |_| {}, |m| poke(m, "noise/rts_uniform", 0, f32::INFINITY));
+    non_finite(golden::run_case(&cpu(1), &dir), "noise.rts_uniform", &[0, 0]);
+}
+
+#[test]
+fn nan_in_choice_noise_given_to_the_route_op_directly_is_an_error_not_a_panic() {
+    let b = cpu(1);
+    let (s, e) = (9, 30);
+    let logits = up_f32(&b, &[s, e], common::lcg(1, s * e, 2.0));
+    let mut noise = common::lcg(2, s * e, 1.0);
+    noise[4 * e + 7] = f32::NAN;
+    let nt = up_f32(&b, &[s, e], noise);
+    let spec = RouteSpec { choice_noise: Some(&nt), ..RouteSpec::softmax_top_k(3) };
+    non_finite(b.route(&logits, &spec), "choice noise (gumbel)", &[4, 7]);
+}
+
+#[test]
+fn nan_in_the_correction_bias_is_rejected_at_the_gate_and_at_the_route_op() {
+    let dir = broken_case(
+        "bias_nan",
+        "26_hf_deepseek_v3_grouped",
+        |_| {},
+        |m| poke(m, "param/gate.e_score_correction_bias", 3, f32::NAN),
+    );
+    non_finite(golden::run_case(&cpu(1), &dir), "gate.e_score_correction_bias", &[3]);
+    // Straight to the route op with 32 experts: an error naming the element.
+    let b = cpu(1);
+    let (s, e) = (5, 32);
+    let logits = up_f32(&b, &[s, e], common::lcg(3, s * e, 2.0));
+    let mut bias = vec![0.0; e];
+    bias[21] = f32::NEG_INFINITY;
+    let bt = up_f32(&b, &[e], bias);
+    let spec = RouteSpec { bias: Some(&bt), ..RouteSpec::softmax_top_k(4) };
+    non_finite(b.route(&logits, &spec), "e_score_correction_bias", &[21]);
+}
+
+#[test]
+fn nan_in_an_expert_weight_is_rejected_naming_the_tensor_and_index() {
+    let dir = broken_case("expert_nan", "22_hf_mixtral", |_| {}, |m| poke(m, "param/experts.2.w2.weight", 5, f32::NAN));
+    // Mixtral's w2 of expert 2 becomes w_out [E, H, I] of the stack: expert 2, row 0, column 5.
+    non_finite(golden::run_case(&cpu(1), &dir), "experts.w_out", &[2, 0, 5]);
+}
+
+#[test]
+fn nan_in_the_router_weight_or_the_input_is_rejected() {
+    let dir = broken_case("router_nan", "01_ds_gate_top1_eval", |_| {}, |m| poke(m, "param/wg.weight", 1, f32::NAN));
+    non_finite(golden::run_case(&cpu(1), &dir), "gate.weight", &[0, 1]);
+    let dir = broken_case("x_inf", "18_ds_moe_top2_mlp_eval", |_| {}, |m| poke(m, "input/x", 0, f32::INFINITY));
+    non_finite(golden::run_case(&cpu(1), &dir), "inputs.x", &[0, 0, 0]);
+}
+
+#[test]
+fn nan_in_used_token_is_rejected() {
+    let dir =
+        broken_case("used_nan", "05_ds_gate_top1_used_token", |_| {}, |m| poke(m, "input/used_token", 2, f32::NAN));
+    non_finite(golden::run_case(&cpu(1), &dir), "used_token", &[2]);
+}
+
+#[test]
+fn a_nan_priority_ranks_lowest_instead_of_panicking_the_sort() {
+    let b = cpu(1);
+    let (s, e) = (40, 2);
+    let ex = HostTensor::i32(&[s, 1], vec![0; s]).unwrap();
+    let routes = Routes::from_host(&b, &ex, &ht(&[s, 1], vec![1.0; s]), &ht(&[s, e], vec![0.5; s * e])).unwrap();
+    let mut pri: Vec<f32> = (0..s * e).map(|i| i as f32).collect();
+    pri[0] = f32::NAN; // token 0, expert 0: would be kept first by a NaN-greatest order
+    let pt = up_f32(&b, &[s, e], pri);
+    let spec = PlanSpec {
+        num_experts: e,
+        capacity: CapacityRule::Fixed(3),
+        keep: KeepPolicy::Priority(&pt),
+        used_token: None,
+        group_size: None,
+        renormalize_kept: false,
+    };
+    let plan = b.plan(&routes, &spec).expect("a plan, not a panic");
+    let slots = common::i32s(&b, &plan.slots);
+    // The three highest finite priorities of expert 0 are tokens 37, 38, 39.
+    let kept: Vec<usize> = (0..s).filter(|&t| slots[t] >= 0).collect();
+    assert_eq!(kept, vec![37, 38, 39]);
+}
+
+// ------------------------------------------------------------------ case metadata
+
+#[test]
+fn a_zero_dimensional_x_is_an_error_naming_inputs_x() {
+    let dir = broken_case(
+        "x_scalar",
+        "01_ds_gate_top1_eval",
+        |_| {},
+        |m| {
+            m.insert("input/x".into(), HostTensor::scalar(1.0));
+        },
+    );
+    let e = case_error(&dir);
+    assert!(matches!(&e, Error::Shape { tensor, .. } if tensor == "inputs.x"), "{e}");
+    let dir = broken_case(
+        "x_scalar_layer",
+        "22_hf_mixtral",
+        |_| {},
+        |m| {
+            m.insert("input/x".into(), HostTensor::scalar(1.0));
+        },
+    );
+    assert!(case_error(&dir).to_string().contains("inputs.x"));
+}
+
+#[test]
+fn an_empty_expected_an_unknown_mode_or_format_99_are_errors() {
+    for (name, edit) in [
+        ("expected_empty", Box::new(|m: &mut Value| m["expected"] = serde_json::json!({})) as Box<dyn Fn(&mut Value)>),
+        ("expected_missing", Box::new(|m: &mut Value| drop(m.as_object_mut().unwrap().remove("expected")))),
+        ("expected_unknown_key", Box::new(|m: &mut Value| m["expected"]["z_loss"] = "expect/y".into())),
+        ("expected_not_of_this_kind", Box::new(|m: &mut Value| m["expected"]["indices"] = "expect/y".into())),
+        ("mode_unknown", Box::new(|m: &mut Value| m["mode"] = "inference".into())),
+        ("format_99", Box::new(|m: &mut Value| m["format"] = 99.into())),
+        ("kind_unknown", Box::new(|m: &mut Value| m["kind"] = "hf.llama".into())),
+        ("unknown_top_level_key", Box::new(|m: &mut Value| m["expectd"] = serde_json::json!({}))),
+        ("tolerance_negative", Box::new(|m: &mut Value| m["tolerance"]["rel_l2"] = (-1.0).into())),
+        ("tolerance_huge", Box::new(|m: &mut Value| m["tolerance"]["rel_l2"] = 1e30.into())),
+        (
+            "exact_not_expected",
+            Box::new(|m: &mut Value| m["tolerance"]["exact"] = serde_json::json!(["router_logits"])),
+        ),
+        ("missing_tensor", Box::new(|m: &mut Value| m["expected"]["y"] = "expect/nothing".into())),
+    ] {
+        let dir = broken_case(name, "18_ds_moe_top2_mlp_eval", |m| edit(m), |_| {});
+        let e = case_error(&dir);
+        assert!(matches!(e, Error::Case { .. }), "{name}: {e}");
+    }
+}
+
+#[test]
+fn a_forged_or_truncated_tensor_file_is_a_checkpoint_error() {
+    let dir = broken_case("truncated", "22_hf_mixtral", |_| {}, |_| {});
+    let file = dir.join("tensors.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    for (what, forged) in [
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("header length past the file", {
+            let mut b = bytes.clone();
+            b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            b
+        }),
+        ("empty", Vec::new()),
+    ] {
+        std::fs::write(&file, &forged).unwrap();
+        let e = case_error(&dir);
+        assert!(matches!(e, Error::Checkpoint { .. }), "{what}: {e}");
+    }
+}
+
+#[test]
+fn integer_inputs_are_a_dtype_error() {
+    let dir = broken_case(
+        "x_int",
+        "22_hf_mixtral",
+        |_| {},
+        |m| {
+            let x = m.remove("input/x").unwrap();
+            let shape = x.shape().to_vec();
+            m.insert("input/x".into(), HostTensor::i32(&shape, vec![1; x.numel()]).unwrap());
+        },
+    );
+    assert!(matches!(case_error(&dir), Error::DType { .. }));
+}
+
+// ------------------------------------------------------------------ sizes
+
+#[test]
+fn a_billion_experts_in_a_config_fails_before_anything_is_allocated() {
+    // A config that claims 10⁹ experts against a checkpoint with 4: refused at the
+    // router's shape, before any per-expert name is built.
+    let cfg = serde_json::json!({
+        "model_type": "mixtral", "hidden_size": 16, "intermediate_size": 24,
+        "num_local_experts": 1_000_000_000u64, "num_experts_per_tok": 2
+    });
+    let (fam, spec) = hf::layer_spec(&cfg).expect("the config itself is well-formed");
+    let w = stack::random_weights(&LayerSpec { num_experts: 4, ..spec.clone() }, 1).unwrap();
+    let mut map = BTreeMap::new();
+    map.insert("gate.weight".to_string(), w.gate.clone());
+    let mut ck = Checkpoint::from_map(map, "test");
+    let start = Instant::now();
+    let e = hf::layer_weights(&mut ck, fam, &spec, "").unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    assert!(matches!(&e, Error::Shape { tensor, .. } if tensor == "gate.weight"), "{e}");
+}
+
+#[test]
+fn sizes_whose_product_overflows_are_errors() {
+    let spec = LayerSpec {
+        hidden: usize::MAX / 2,
+        num_experts: 4,
+        gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
+        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: usize::MAX / 3, bias: false },
+        residual: false,
+        shared: None,
+    };
+    assert!(matches!(spec.validate(), Err(Error::TooLarge { .. }) | Err(Error::Config { .. })));
+    assert!(stack::random_weights(&spec, 1).is_err());
+    assert!(HostTensor::zeros(&[1 << 40, 1 << 40]).is_err());
+    let b = cpu(1);
+    let x = up_f32(&b, &[2, 3], vec![0.0; 6]);
+    assert!(x.reshape(&[usize::MAX, 2]).is_err());
+}
+
+#[test]
+fn host_and_device_tensors_cannot_be_built_over_too_little_data() {
+    assert!(HostTensor::f32(&[2, 3], vec![0.0; 5]).is_err());
+    let short: moe_engine::Result<Tensor<CpuBackend>> =
+        moe_engine::DeviceTensor::from_parts(CpuBuffer::F32(vec![0.0; 3]), vec![2, 2], DType::F32);
+    assert!(matches!(short, Err(Error::Internal(_))));
+    // Group offsets that leave their rows, or run backwards, are refused on the way in.
+    let b = cpu(1);
+    assert!(Offsets::from_host(&b, &[0, 5, 3]).is_err());
+    assert!(Offsets::from_host(&b, &[1, 5]).is_err());
+    let off = Offsets::from_host(&b, &[0, 4, 9]).unwrap();
+    let x = up_f32(&b, &[8, 3], vec![0.0; 24]);
+    let w = b.upload_weight(&ht(&[2, 4, 3], vec![0.0; 24]), DType::F32).unwrap();
+    let e = b.grouped_linear(&x, &off, &w, None).unwrap_err();
+    assert!(e.to_string().contains("9 rows"), "{e}");
+    // Routes naming an expert past E are refused before any kernel indexes by them.
+    let ex = HostTensor::i32(&[2, 1], vec![0, 7]).unwrap();
+    let e = Routes::from_host(&b, &ex, &ht(&[2, 1], vec![1.0; 2]), &ht(&[2, 4], vec![0.25; 8])).err().unwrap();
+    assert!(matches!(e, Error::OutOfRange { value: 7, .. }), "{e}");
+}
+
+#[test]
+fn a_combine_with_the_wrong_rows_is_refused() {
+    let b = cpu(1);
+    let logits = up_f32(&b, &[4, 3], common::lcg(4, 12, 1.0));
+    let routes = b.route(&logits, &RouteSpec::softmax_top_k(2)).unwrap();
+    let spec = PlanSpec {
+        num_experts: 3,
+        capacity: CapacityRule::Unlimited,
+        keep: KeepPolicy::TokenOrder,
+        used_token: None,
+        group_size: None,
+        renormalize_kept: false,
+    };
+    let plan = b.plan(&routes, &spec).unwrap();
+    let yp = up_f32(&b, &[5, 2], vec![0.0; 10]);
+    assert!(matches!(b.combine(&yp, &plan), Err(Error::Shape { .. })));
+    let spec = PlanSpec { num_experts: 5, ..spec };
+    assert!(matches!(b.plan(&routes, &spec), Err(Error::Shape { .. })), "routes over 3 experts, a plan for 5");
+}
+
+// ------------------------------------------------------------------ capacities
+
+/// The reported capacity of a DeepSpeed top-1 gate over `s` tokens on `b`.
+fn capacity<B: Backend>(b: &B, s: usize, factor: f64, min_capacity: usize) -> moe_engine::Result<(i64, Vec<i32>)> {
+    let g = DeepSpeedGate {
+        k: 1,
+        capacity_factor: factor,
+        eval_capacity_factor: factor,
+        min_capacity,
+        use_rts: false,
+        ..Default::default()
+    };
+    let e = 4;
+    let mut w = vec![0f32; e * e];
+    (0..e).for_each(|i| w[i * e + i] = 1.0);
+    let gate = Gate::new(b, GateSpec::DeepSpeed(g), &ht(&[e, e], w), None)?;
+    let x = b.upload(&ht(&[s, e], common::lcg(9, s * e, 1.0)))?;
+    let out = gate.forward(b, &x, s, &GateOptions::default())?;
+    let kept = common::i32s(b, &out.plan.kept_counts);
+    Ok((out.report(b)?.capacity, kept))
+}
+
+#[test]
+fn capacities_past_i32_are_checked_integers_reported_exactly() {
+    let b = cpu(1);
+    // ceil(16 / 4 · 1e12) in DeepSpeed's f32 arithmetic (1e12 rounds to 999999995904 in
+    // f32): past i32, kept exactly in the report, and every route kept.
+    let (cap, kept) = capacity(&b, 16, 1e12, 0).unwrap();
+    assert_eq!(cap, (4.0f32 * 1e12f32).ceil() as i64);
+    assert!(cap > i32::MAX as i64);
+    assert_eq!(kept.iter().sum::<i32>(), 16);
+    // A factor whose product is not a finite 64-bit count names the field.
+    let e = capacity(&b, 16, 1e300, 0).unwrap_err();
+    assert!(matches!(&e, Error::Config { field, .. } if field == "capacity_factor"), "{e}");
+    // A min_capacity past i64 names its field.
+    let e = capacity(&b, 16, 1.0, usize::MAX).unwrap_err();
+    assert!(e.to_string().contains("min_capacity"), "{e}");
+    if let Some(w) = common::wgpu("capacities_past_i32_are_checked_integers_reported_exactly") {
+        for (factor, min) in [(1e12, 0), (1.0, 3), (0.1, 0), (3e9, 7)] {
+            assert_eq!(
+                capacity(&w, 16, factor, min).unwrap(),
+                capacity(&b, 16, factor, min).unwrap(),
+                "factor {factor}"
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the layer and the gate
+
+#[test]
+fn a_router_with_zero_experts_or_width_is_refused() {
+    let b = cpu(1);
+    let g = GateSpec::SoftmaxTopK { k: 1, normalize: false };
+    assert!(Gate::new(&b, g.clone(), &HostTensor::f32(&[0, 4], vec![]).unwrap(), None).is_err());
+    assert!(Gate::new(&b, g.clone(), &HostTensor::f32(&[1_000_000_000, 0], vec![]).unwrap(), None).is_err());
+    assert!(Gate::new(&b, GateSpec::SoftmaxTopK { k: 5, normalize: false }, &ht(&[4, 2], vec![0.0; 8]), None).is_err());
+}
+
+#[test]
+fn a_layer_forward_takes_only_f32_inputs_of_its_width() {
+    let b = cpu(1);
+    let spec = LayerSpec {
+        hidden: 8,
+        num_experts: 4,
+        gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
+        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: 16, bias: false },
+        residual: false,
+        shared: None,
+    };
+    let layer = MoeLayer::new(&b, spec.clone(), &stack::random_weights(&spec, 3).unwrap(), DType::F32).unwrap();
+    let opts = LayerOptions::default();
+    let ints = b.upload(&HostTensor::i32(&[3, 8], vec![1; 24]).unwrap()).unwrap();
+    assert!(matches!(layer.forward(&b, &ints, &opts), Err(Error::DType { .. })));
+    for shape in [vec![8], vec![3, 7], vec![1, 2, 3, 8]] {
+        let n = shape.iter().product();
+        let x = up_f32(&b, &shape, vec![0.5; n]);
+        assert!(matches!(layer.forward(&b, &x, &opts), Err(Error::Shape { .. })), "{shape:?}");
+    }
+    // Zero tokens is a valid, empty batch.
+    let x = up_f32(&b, &[0, 8], vec![]);
+    assert_eq!(f32s(&b, &layer.forward(&b, &x, &opts).unwrap().y), Vec::<f32>::new());
+}
+
+#[test]
+fn noise_overrides_of_the_wrong_shape_are_errors() {
+    let b = cpu(1);
+    let g = DeepSpeedGate { k: 2, top2_2nd_expert_sampling: true, min_capacity: 0, ..Default::default() };
+    let gate = Gate::new(&b, GateSpec::DeepSpeed(g), &ht(&[4, 4], common::lcg(5, 16, 1.0)), None).unwrap();
+    let x = up_f32(&b, &[6, 4], common::lcg(6, 24, 1.0));
+    let opts = GateOptions {
+        noise: NoiseOverrides { gumbel: Some(ht(&[5, 4], vec![0.0; 20])), ..Default::default() },
+        ..Default::default()
+    };
+    assert!(
+        matches!(gate.forward(&b, &x, 6, &opts).err(), Some(Error::Shape { tensor, .. }) if tensor == "noise.gumbel")
+    );
+}
+
+#[test]
+fn a_communicator_timeout_near_u64_max_does_not_overflow() {
+    let comms = moe_engine::parallel::in_process(2, Duration::from_secs(u64::MAX));
+    std::thread::scope(|s| {
+        for c in comms {
+            s.spawn(move || {
+                use moe_engine::parallel::Communicator;
+                assert_eq!(c.all_gather(vec![c.rank() as u8]).unwrap(), vec![vec![0], vec![1]]);
+            });
+        }
+    });
+}
