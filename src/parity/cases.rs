@@ -2,7 +2,6 @@
 //! tolerance. [`run_all`] lists every case the support matrix covers.
 
 use super::{OpCase, Runner};
-use crate::backend::grouped_mlp_unfused;
 use crate::backend::Backend;
 use crate::device::Capabilities;
 use crate::device::Tensor;
@@ -183,7 +182,7 @@ impl OpCase for GroupedMlpCase {
         let mut outs = vec![("y", out.y), ("pre", out.pre.ok_or_else(missing_pre)?)];
         if self.unfused {
             let op = GroupedMlpOp::check(b, &xt, &off, &w, false)?;
-            outs.push(("y unfused", grouped_mlp_unfused(b, &op)?.y));
+            outs.push(("y unfused", b.grouped_mlp_unfused(&op)?.y));
         }
         Ok(outs)
     }

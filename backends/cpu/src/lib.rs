@@ -18,7 +18,7 @@ mod route;
 
 pub use buffer::CpuBuffer;
 
-use moe_engine::backend::{grouped_mlp_unfused, Backend};
+use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::expert::ExpertKind;
 use moe_engine::ops::{
@@ -177,7 +177,7 @@ impl Backend for CpuBackend {
     fn run_grouped_mlp(&self, op: &GroupedMlpOp<'_, Self>) -> Result<MlpOutput<Self>> {
         let w = op.weights;
         let ExpertKind::Glu { activation } = w.kind else {
-            return grouped_mlp_unfused(self, op);
+            return self.grouped_mlp_unfused(op);
         };
         let (h, pre) = self.pool.install(|| experts::grouped_glu(op, activation, self.threads()))?;
         let w_out = w.w_out.ok_or_else(|| Error::Internal("checked GLU experts without w_out".into()))?;

@@ -6,7 +6,6 @@
 
 use approx::assert_relative_eq;
 use moe_cpu::CpuBackend;
-use moe_engine::backend::grouped_mlp_unfused;
 use moe_engine::ops::{GroupedMlpOp, MlpWeights, Offsets};
 use moe_engine::philox;
 use moe_engine::{Activation, Backend, Device, ExpertKind, HostTensor};
@@ -119,7 +118,7 @@ fn fused_glu_experts_match_the_unfused_composition() {
                 w_out: Some(&w_out),
                 b_out: with_bias.then_some(&b_out),
             };
-            let want = grouped_mlp_unfused(&b, &GroupedMlpOp::check(&b, &x, &off_t, &w, true).unwrap()).unwrap();
+            let want = b.grouped_mlp_unfused(&GroupedMlpOp::check(&b, &x, &off_t, &w, true).unwrap()).unwrap();
             let want_y = b.download(&want.y).unwrap().to_f64();
             let want_pre = b.download(want.pre.as_ref().unwrap()).unwrap().to_f64();
             for keep_pre in [false, true] {

@@ -119,7 +119,7 @@ impl CudaBackend {
     pub(crate) fn grouped_mlp(&self, op: &GroupedMlpOp<'_, Self>) -> Result<MlpOutput<Self>> {
         let w = op.weights;
         if !matches!(w.kind, ExpertKind::Glu { .. }) {
-            return moe_engine::backend::grouped_mlp_unfused(self, op);
+            return moe_engine::Backend::grouped_mlp_unfused(self, op);
         }
         let (h, pre) = self.grouped_launch(op.xp, op.offsets, w.w_in, w.b_in, &op.params)?;
         let w_out = w.w_out.ok_or_else(|| Error::Internal("checked GLU experts without w_out".into()))?;

@@ -24,7 +24,7 @@ pub use device::{list_adapters, AdapterSummary};
 pub use kernels::FAMILIES;
 
 use kernels::Family;
-use moe_engine::backend::{grouped_mlp_unfused, Backend};
+use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
@@ -521,7 +521,7 @@ impl Backend for WgpuBackend {
                 return Ok(MlpOutput { pre, y });
             }
         }
-        grouped_mlp_unfused(self, op)
+        self.grouped_mlp_unfused(op)
     }
 
     fn run_elementwise(&self, op: &ElementwiseOp<'_, Self>) -> Result<T> {
