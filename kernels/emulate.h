@@ -166,6 +166,14 @@ inline float __shfl_xor_sync(unsigned, float v, int off) { return emu::shuffle_x
 inline int __shfl_xor_sync(unsigned, int v, int off) { return emu::shuffle_xor(v, off); }
 inline void __syncwarp() { emu::warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+    std::atomic_ref<unsigned> a(*p);
+    unsigned old = a.load();
+    while (v > old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+
 inline unsigned atomicMin(unsigned* p, unsigned v) {
     std::atomic_ref<unsigned> a(*p);
     unsigned old = a.load();

@@ -18,7 +18,7 @@ __device__ __forceinline__ bool bit(const u32* set, u32 i) { return (set[i >> 5]
 
 extern "C" __global__ void route(const float* logits, const float* bias, const float* noise, float* scores,
                                  int* experts, float* weights, u32* status, RouteParams p) {
-    u32 warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     u32 lane = threadIdx.x & 31;
     if (warp >= p.s) return;
     u32 t = warp;
@@ -26,12 +26,12 @@ extern "C" __global__ void route(const float* logits, const float* bias, const f
     float* sc = scores + (u64)t * p.e;
     const float* nz = noise + (u64)t * p.e;
 
-    // Non-finite inputs: the lowest flat index of each, for the error the host raises
-    // (status words: logits, bias, noise; see kernel_abi::ROUTE_STATUS_WORDS).
+    // Non-finite inputs: u32 max − the lowest flat index of each, in a zeroed buffer, for
+    // the error the host raises (status words: logits, bias, noise; moe_engine::ops::route_check).
     for (u32 i = lane; i < p.e; i += 32) {
-        if (!is_finite_f(l[i])) atomicMin(&status[0], t * p.e + i);
-        if (p.has_bias && !is_finite_f(bias[i])) atomicMin(&status[1], i);
-        if (p.has_noise && !is_finite_f(nz[i])) atomicMin(&status[2], t * p.e + i);
+        if (!is_finite_f(l[i])) atomicMax(&status[0], 0xffffffffu - (t * p.e + i));
+        if (p.has_bias && !is_finite_f(bias[i])) atomicMax(&status[1], 0xffffffffu - i);
+        if (p.has_noise && !is_finite_f(nz[i])) atomicMax(&status[2], 0xffffffffu - (t * p.e + i));
     }
 
     float mx = NEG_INF;

@@ -4,9 +4,9 @@
 // candidate replaces the best only when strictly greater.
 //
 // Bindings: 0 params, 1 logits [S, E], 2 bias [E], 3 choice noise [S, E], 4 scores
-// [S, E], 5 experts [S, k] i32, 6 weights [S, k], 7 status (atomic u32: the flat index of
-// the first non-finite logit, bias value and noise value, u32 max when none; see
-// kernel_abi::ROUTE_STATUS_WORDS).
+// [S, E], 5 experts [S, k] i32, 6 weights [S, k], 7 status (atomic u32, zeroed: u32 max −
+// the flat index of the first non-finite logit, bias value and noise value; see
+// moe_engine::ops::route_check).
 
 struct RouteParams {
     s: u32,
@@ -82,13 +82,13 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     for (var i = 0u; i < p.e; i++) {
         let v = logits[row + i];
         if !is_finite(v) {
-            atomicMin(&status[0], row + i);
+            atomicMax(&status[0], 0xffffffffu - (row + i));
         }
         if p.has_bias == 1u && !is_finite(bias[i]) {
-            atomicMin(&status[1], i);
+            atomicMax(&status[1], 0xffffffffu - i);
         }
         if p.has_noise == 1u && !is_finite(noise[row + i]) {
-            atomicMin(&status[2], row + i);
+            atomicMax(&status[2], 0xffffffffu - (row + i));
         }
         mx = max(mx, v);
     }

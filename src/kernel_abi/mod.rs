@@ -233,9 +233,9 @@ pub const ROUTE_MAX_GROUPS: usize = 64;
 /// Routes per token the route kernels hold (one bit set word per 32 experts; k ≤ E).
 pub const ROUTE_MAX_K: usize = ROUTE_MAX_EXPERTS;
 
-/// Words of the route kernels' status buffer: the flat index of the first non-finite
-/// logit, correction-bias value and choice-noise value (`u32::MAX` where none), and a
-/// spare word. `crate::ops::route_status` reads them.
+/// Words of the route kernels' status buffer: for the logits, the correction bias and the
+/// choice noise, `u32::MAX − i` with `i` the flat index of the first non-finite value (0
+/// where none), and a spare word. `crate::ops::route_status` reads them.
 pub const ROUTE_STATUS_WORDS: usize = 4;
 
 /// Rows and columns of one matrix-product output tile (BM = BN in the kernels).

@@ -2,7 +2,8 @@
 //! the checks its operands must pass, and the checked op (`*Op`) a backend receives.
 //!
 //! Each `*Op::check` validates the operands once, for every backend: shapes, dtypes, sizes
-//! (every product overflow-checked, outputs within the backend's largest buffer), index
+//! (every product overflow-checked, outputs and the plan's scratch within the backend's
+//! largest buffer), index
 //! ranges and the values the kernels take as 32-bit integers; it also encodes the op's
 //! kernel parameter block ([`crate::kernel_abi`]) once. A checked op can only be made by
 //! its `check` (a private field), so a backend that receives one may trust it: the
@@ -20,6 +21,7 @@ mod matmul;
 mod noise;
 mod plan;
 mod route;
+mod route_check;
 mod stats;
 
 pub use dispatch::{CombineOp, PermuteOp};
@@ -27,7 +29,8 @@ pub use elementwise::{ElementwiseKind, ElementwiseOp};
 pub use matmul::{GroupedLinearOp, GroupedMlpOp, LinearOp, MatDims, MlpOutput, MlpWeights, Offsets};
 pub use noise::NoiseOp;
 pub use plan::{deepspeed_capacity, CapacityRule, KeepPolicy, Plan, PlanOp, PlanParts, PlanSpec, StaticCapacity};
-pub use route::{route_status, Choice, GroupScore, Normalize, RouteOp, RouteSpec, Routes, RoutesParts, ScoreFn};
+pub use route::{Choice, GroupScore, Normalize, RouteOp, RouteSpec, Routes, RoutesParts, ScoreFn};
+pub use route_check::{route_status, status_word, PendingRouteCheck, RouteChecks};
 pub use stats::RouterStatsOp;
 
 use crate::device::Device;

@@ -259,6 +259,11 @@ impl<'a, B: Device> RouteOp<'a, B> {
         };
         output(b, "scores", &[s, e], DType::F32)?;
         super::fits_i32("routes (tokens × k)", crate::tensor::mul_size("routes", s, spec.k)?)?;
+        // The status words hold a flat logit index below u32::MAX (route_check).
+        let se = crate::tensor::mul_size("logits", s, e)?;
+        if se >= u32::MAX as usize {
+            return Err(Error::too_large("router logits (tokens × experts)", se.to_string(), "4294967294 elements"));
+        }
         let params = RouteParams {
             s: to_u32("tokens", s)?,
             e: to_u32("experts", e)?,
@@ -277,33 +282,4 @@ impl<'a, B: Device> RouteOp<'a, B> {
         };
         Ok(RouteOp { logits, spec, tokens: s, experts: e, params })
     }
-}
-
-/// Turns the route op's status words into its error: `status` holds the flat index of the
-/// first non-finite logit, correction-bias value and choice-noise value, `u32::MAX` where
-/// there is none (the layout the GPU route kernels write, [`crate::kernel_abi::ROUTE_STATUS_WORDS`];
-/// the cpu computes the same words). `value(which, index)` reads the flagged element of
-/// tensor `which` (0 logits, 1 bias, 2 noise). Logits are reported first.
-pub fn route_status(
-    status: [u32; 3],
-    experts: usize,
-    mut value: impl FnMut(usize, usize) -> Result<f32>,
-) -> Result<()> {
-    let e = experts.max(1);
-    let none = u32::MAX;
-    if status[0] != none {
-        let i = status[0] as usize;
-        return Err(Error::NonFiniteLogits { token: i / e, expert: i % e, value: value(0, i)? });
-    }
-    if status[1] != none {
-        let i = status[1] as usize;
-        let value = value(1, i)?;
-        return Err(Error::NonFinite { tensor: "e_score_correction_bias".into(), index: vec![i], value });
-    }
-    if status[2] != none {
-        let i = status[2] as usize;
-        let value = value(2, i)?;
-        return Err(Error::NonFinite { tensor: "choice noise (gumbel)".into(), index: vec![i / e, i % e], value });
-    }
-    Ok(())
 }

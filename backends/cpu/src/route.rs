@@ -2,7 +2,9 @@
 //! This is the reference the GPU route kernels are checked against.
 
 use crate::{f32s, tf32, ti32, CpuBackend, T};
-use moe_engine::ops::{route_status, Choice, GroupScore, Normalize, RouteOp, RouterStatsOp, RoutesParts, ScoreFn};
+use moe_engine::ops::{
+    route_status, status_word, Choice, GroupScore, Normalize, RouteOp, RouterStatsOp, RoutesParts, ScoreFn,
+};
 use moe_engine::Result;
 use rayon::prelude::*;
 
@@ -57,9 +59,9 @@ fn scores_row(row: &[f32], score: ScoreFn, out: &mut [f32]) {
     }
 }
 
-/// The first non-finite element of `v`, as the route kernels flag it.
+/// The status word of the first non-finite element of `v`, as the route kernels write it.
 fn first_bad(v: Option<&[f32]>) -> u32 {
-    v.and_then(|v| v.iter().position(|x| !x.is_finite())).map_or(u32::MAX, |i| i as u32)
+    status_word(v.and_then(|v| v.iter().position(|x| !x.is_finite())))
 }
 
 /// The route op: see [`moe_engine::backend::Backend::route`].

@@ -5,7 +5,8 @@ use crate::probe::{driver_status, nvrtc_status};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use moe_engine::device::Capabilities;
-use moe_engine::kernel_abi::{self, ROUTE_STATUS_WORDS};
+use moe_engine::kernel_abi;
+use moe_engine::ops::RouteChecks;
 use moe_engine::{DType, Error, Result, Tensor};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,24 +47,15 @@ pub(crate) fn derr<E: std::error::Error + Send + Sync + 'static>(e: E) -> Error 
     Error::Backend { backend: "cuda".into(), msg: "a CUDA call failed".into(), source: Some(Box::new(e)) }
 }
 
-/// The route op's check of its inputs, settled at the next download: the status words'
-/// tensors (logits, bias, noise) and the expert count.
-pub(crate) struct PendingCheck {
-    pub(crate) inputs: [Option<Tensor<CudaBackend>>; 3],
-    pub(crate) experts: usize,
-}
-
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) arch: &'static str,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    /// The route op's status words (`kernel_abi::ROUTE_STATUS_WORDS`). Behind a lock because
-    /// cudarc's `CudaSlice::clone` copies the buffer: the kernel must get this very
-    /// allocation.
-    pub(crate) status: Mutex<CudaSlice<u32>>,
-    pub(crate) pending: Mutex<Option<PendingCheck>>,
+    /// The route calls' input checks since the last download: each call's zeroed status
+    /// buffer and the inputs its words index.
+    pub(crate) checks: RouteChecks<CudaSlice<u32>, T>,
     /// Stand-in for absent optional f32 inputs.
     pub(crate) dummy: CudaSlice<f32>,
     /// cuBLAS on `stream`; `None` where libcublas is absent (dense products then use the
@@ -103,7 +95,6 @@ impl CudaBackend {
         let stream = ctx.default_stream();
         let (major, minor) = ctx.compute_capability().map_err(derr)?;
         let name = ctx.name().map_err(derr)?;
-        let status = Mutex::new(stream.clone_htod(&[u32::MAX; ROUTE_STATUS_WORDS]).map_err(derr)?);
         let dummy = stream.alloc_zeros::<f32>(4).map_err(derr)?;
         let blas = match crate::probe::cublas_status() {
             Ok(()) => Some(CudaBlas::new(stream.clone()).map_err(derr)?),
@@ -130,8 +121,7 @@ impl CudaBackend {
             stream,
             arch,
             modules: Mutex::new(HashMap::new()),
-            status,
-            pending: Mutex::new(None),
+            checks: RouteChecks::default(),
             dummy,
             blas,
             tensor_cores,
@@ -205,23 +195,20 @@ impl CudaBackend {
         T::from_parts(CudaBuffer::I32(s), shape.to_vec(), DType::I32)
     }
 
-    /// Settles the route op's pending input check: `Err` naming the first bad token
-    /// (logits) or element (bias, noise).
+    /// Settles the route calls' input checks: `Err` naming the first bad token (logits) or
+    /// element (bias, noise) of the first call that found one.
     pub(crate) fn settle_checks(&self) -> Result<()> {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(check) = pending else { return Ok(()) };
-        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let words = self.stream.clone_dtoh(&*status).map_err(derr)?;
-        let flags = [words[0], words[1], words[2]];
-        if flags == [u32::MAX; 3] {
-            return Ok(());
-        }
-        self.stream.memcpy_htod(&[u32::MAX; ROUTE_STATUS_WORDS], &mut *status).map_err(derr)?;
-        drop(status);
-        moe_engine::ops::route_status(flags, check.experts, |which, i| {
-            let t = check.inputs[which].as_ref().ok_or_else(|| Error::Internal("flag on an unbound input".into()))?;
-            let s = Self::f32s(t, "route input")?;
-            Ok(self.stream.clone_dtoh(&s.slice(i..i + 1)).map_err(derr)?[0])
-        })
+        self.checks.settle(
+            |status| {
+                let w = self.stream.clone_dtoh(status).map_err(derr)?;
+                Ok([w[0], w[1], w[2]])
+            },
+            |input, i| {
+                let s = Self::f32s(input, "route input")?;
+                let one =
+                    s.try_slice(i..i + 1).ok_or_else(|| Error::Internal(format!("flag at {i} past its input")))?;
+                Ok(self.stream.clone_dtoh(&one).map_err(derr)?[0])
+            },
+        )
     }
 }

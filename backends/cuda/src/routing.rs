@@ -1,11 +1,12 @@
 //! Launchers of kernels/route.cu, kernels/plan.cu and kernels/stats.cu: routing, the
 //! dispatch plan (the schedule `kernel_abi::plan` describes) and the router reductions.
 
-use crate::device::{derr, CudaBackend, Param, PendingCheck, T};
+use crate::device::{derr, CudaBackend, Param, T};
 use crate::launch;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use moe_engine::kernel_abi::plan::{PlanBuffer, PlanSlice};
-use moe_engine::ops::{KeepPolicy, PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts};
+use moe_engine::kernel_abi::ROUTE_STATUS_WORDS;
+use moe_engine::ops::{KeepPolicy, PendingRouteCheck, PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts};
 use moe_engine::Result;
 
 impl CudaBackend {
@@ -19,7 +20,8 @@ impl CudaBackend {
         let mut weights = self.zeros::<f32>(s * k)?;
         if s > 0 {
             let f = self.function("route.cu", "route")?;
-            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            // A zeroed status buffer per call (no host write to reset one).
+            let mut status = self.zeros::<u32>(ROUTE_STATUS_WORDS)?;
             let p = Param(op.params);
             // SAFETY: matches kernels/route.cu route(logits, bias, noise, scores, experts,
             // weights, status, RouteParams); one warp per token; bias and noise are read
@@ -33,16 +35,15 @@ impl CudaBackend {
                     .arg(&mut scores)
                     .arg(&mut experts)
                     .arg(&mut weights)
-                    .arg(&mut *status)
+                    .arg(&mut status)
                     .arg(&p)
                     .launch(launch::route(s).config())
             }
             .map_err(derr)?;
-            drop(status);
             // The inputs stay alive with the check (handles, not copies): read only when a
             // non-finite value was flagged.
             let inputs = [Some(op.logits.clone()), op.spec.bias.cloned(), op.spec.choice_noise.cloned()];
-            *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(PendingCheck { inputs, experts: e });
+            self.checks.push(PendingRouteCheck { status, inputs, experts: e });
         }
         Ok(RoutesParts {
             experts: Self::out_i32(&[s, k], experts)?,

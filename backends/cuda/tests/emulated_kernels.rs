@@ -329,7 +329,7 @@ fn route_kernel_matches_the_cpu_backend_under_emulation() {
         let b = if c.bias { s.f32s(&bias) } else { dummy };
         let n = if c.noise { s.f32s(&noise) } else { dummy };
         let (scores, experts, weights) = (s.zeros(c.s * c.e), s.zeros(c.s * c.k), s.zeros(c.s * c.k));
-        let status = s.u32s(&[u32::MAX; ROUTE_STATUS_WORDS]);
+        let status = s.zeros(ROUTE_STATUS_WORDS);
         let mut args = Vec::from([l, b, n, scores, experts, weights, status].map(Arg::Buf));
         args.push(param(&params));
         s.launch("route", launch::route(c.s), &args);
@@ -337,7 +337,7 @@ fn route_kernel_matches_the_cpu_backend_under_emulation() {
         same_i32(&format!("{}: experts", c.name), &host(&cpu, &want.experts), got.i32s(experts));
         close_f32(&format!("{}: weights", c.name), &host(&cpu, &want.weights), got.f32s(weights), 2e-6);
         close_f32(&format!("{}: scores", c.name), &host(&cpu, &want.scores), got.f32s(scores), 2e-6);
-        assert!(got.i32s(status)[..3].iter().all(|&w| w as u32 == u32::MAX), "{}: finite inputs flagged", c.name);
+        assert!(got.i32s(status)[..3].iter().all(|&w| w == 0), "{}: finite inputs flagged", c.name);
     }
 }
 
@@ -363,14 +363,16 @@ fn route_kernel_flags_the_first_non_finite_logit_bias_and_noise() {
     let mut s = Script::default();
     let (l, b, n) = (s.f32s(&logits), s.f32s(&bias), s.f32s(&noise));
     let (scores, experts, weights) = (s.zeros(s_ * e), s.zeros(s_ * 2), s.zeros(s_ * 2));
-    let status = s.u32s(&[u32::MAX; ROUTE_STATUS_WORDS]);
+    let status = s.zeros(ROUTE_STATUS_WORDS);
     let mut args = Vec::from([l, b, n, scores, experts, weights, status].map(Arg::Buf));
     args.push(param(&params));
     s.launch("route", launch::route(s_), &args);
     let got = s.run(exe, "route_non_finite").i32s(status);
-    assert_eq!(got[0] as usize, 3 * e + 33, "the lowest flat index of a non-finite logit");
-    assert_eq!(got[1] as usize, 29, "the non-finite bias value");
-    assert_eq!(got[2] as usize, 2 * e + 3, "the non-finite noise value");
+    // Each word holds `u32::MAX − i` for the first flagged flat index `i`.
+    let first = |w: i32| (u32::MAX - w as u32) as usize;
+    assert_eq!(first(got[0]), 3 * e + 33, "the lowest flat index of a non-finite logit");
+    assert_eq!(first(got[1]), 29, "the non-finite bias value");
+    assert_eq!(first(got[2]), 2 * e + 3, "the non-finite noise value");
     // The cpu backend reports the same words the same way.
     let (lt, bt, nt) = (up(&cpu, &[s_, e], logits), up(&cpu, &[e], bias), up(&cpu, &[s_, e], noise));
     let spec = RouteSpec { bias: Some(&bt), choice_noise: Some(&nt), ..RouteSpec::softmax_top_k(2) };

@@ -7,8 +7,9 @@
 //! Ops are recorded into one command encoder and submitted when the host needs a result
 //! (`download`, `synchronize`): a layer forward is one submission with no host read inside
 //! it. Routing and the dispatch plan stay on the device from logits to combine; checks
-//! that need device data (non-finite router logits) are reported by the next `download` or
-//! `synchronize`, naming the token as the cpu backend does.
+//! that need device data (non-finite router logits, bias or noise, one status buffer per
+//! route call) are reported by the next `download` or `synchronize`, naming the token or
+//! element as the cpu backend does.
 //!
 //! Numbers: f32 storage and f32 accumulation in a fixed order, so the same inputs give
 //! bitwise the same outputs on one device; no float atomics anywhere.
@@ -28,8 +29,8 @@ use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
-    route_status, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp, PermuteOp,
-    PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts,
+    CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp, PermuteOp, PlanOp,
+    PlanParts, RouteChecks, RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, ExpertKind, HostTensor, Result, Tensor};
@@ -70,13 +71,6 @@ type T = Tensor<WgpuBackend>;
 /// Where a `map_async` callback leaves its outcome.
 type MapSlot = Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>;
 
-/// The route op's check of its inputs, settled at the next download: the tensors it
-/// read, by the index the status words use (logits, bias, noise).
-struct PendingCheck {
-    inputs: [Option<wgpu::Buffer>; 3],
-    experts: usize,
-}
-
 /// The wgpu backend: one adapter, its device and queue, the pipeline cache and the
 /// command encoder being recorded.
 pub struct WgpuBackend {
@@ -89,10 +83,9 @@ pub struct WgpuBackend {
     /// First validation or out-of-memory error wgpu reported, surfaced as an `Err` by the
     /// next download or synchronize.
     error: Arc<Mutex<Option<String>>>,
-    /// The route op's status words (`kernel_abi::ROUTE_STATUS_WORDS`): first non-finite
-    /// logit, bias and noise value, each `u32::MAX` when none.
-    status: wgpu::Buffer,
-    pending: Mutex<Option<PendingCheck>>,
+    /// The route calls' input checks since the last download: each call's status buffer
+    /// and the inputs its words index.
+    checks: RouteChecks<wgpu::Buffer, wgpu::Buffer>,
     /// Bound in place of absent read-only inputs (biases, noise, masks).
     dummy: wgpu::Buffer,
     /// Bound in place of an unused read-write binding.
@@ -109,8 +102,6 @@ pub struct WgpuBackend {
 fn backend_err(msg: impl Into<String>) -> Error {
     Error::backend("wgpu", msg)
 }
-
-const CLEAN_STATUS: [u32; ROUTE_STATUS_WORDS] = [u32::MAX; ROUTE_STATUS_WORDS];
 
 impl WgpuBackend {
     /// Opens an adapter: `selector` is an index or a name fragment (see `moe info`);
@@ -147,11 +138,7 @@ impl WgpuBackend {
             }
         }));
         let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let status = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("status"),
-            contents: bytemuck::cast_slice(&CLEAN_STATUS),
-            usage: storage,
-        });
+
         let small = |label| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -182,8 +169,7 @@ impl WgpuBackend {
             cache: kernels::Cache::default(),
             encoder: Mutex::new(None),
             error,
-            status,
-            pending: Mutex::new(None),
+            checks: RouteChecks::default(),
             dummy,
             dummy_rw,
             dummy_rw2,
@@ -346,24 +332,30 @@ impl WgpuBackend {
         Ok(out)
     }
 
-    /// Settles the pending check of the route op's inputs: `Err` naming the first bad
-    /// token (logits) or element (bias, noise).
+    /// Settles the route calls' input checks: `Err` naming the first bad token (logits) or
+    /// element (bias, noise) of the first call that found one.
     fn settle_checks(&self) -> Result<()> {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(check) = pending else {
-            return Ok(());
+        let word = |buf: &wgpu::Buffer, at: u64| -> Result<[u8; 4]> {
+            let v = self.read_back(&[(buf, at, 4)])?.remove(0);
+            Ok([v[0], v[1], v[2], v[3]])
         };
-        let words = self.read_back(&[(&self.status, 0, 12)])?.remove(0);
-        let status: Vec<u32> = bytemuck::pod_collect_to_vec(&words);
-        let status = [status[0], status[1], status[2]];
-        if status == [u32::MAX; 3] {
-            return Ok(());
-        }
-        self.queue.write_buffer(&self.status, 0, bytemuck::cast_slice(&CLEAN_STATUS));
-        route_status(status, check.experts, |which, i| {
-            let buf = check.inputs[which].as_ref().ok_or_else(|| Error::Internal("flag on an unbound input".into()))?;
-            let v = self.read_back(&[(buf, i as u64 * 4, 4)])?;
-            Ok(f32::from_le_bytes([v[0][0], v[0][1], v[0][2], v[0][3]]))
+        self.checks.settle(
+            |status| {
+                let v = self.read_back(&[(status, 0, 12)])?.remove(0);
+                let w: Vec<u32> = bytemuck::pod_collect_to_vec(&v);
+                Ok([w[0], w[1], w[2]])
+            },
+            |input, i| Ok(f32::from_le_bytes(word(input, i as u64 * 4)?)),
+        )
+    }
+
+    /// A zeroed status buffer for one route call (wgpu zero-initialises new buffers).
+    pub(crate) fn route_status_buffer(&self) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("route status"),
+            size: (4 * ROUTE_STATUS_WORDS) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
         })
     }
 
@@ -449,6 +441,9 @@ impl Device for WgpuBackend {
             // Parts are consecutive ranges of the flattened stack.
             let start = (g0 * n + c0) * k;
             let len = if g1 - g0 > 1 || c1 - c0 == n { (g1 - g0) * n * k } else { (c1 - c0) * k };
+            // An empty stack is one empty part (split names it experts 0..1).
+            let start = start.min(v.len());
+            let len = len.min(v.len() - start);
             let bytes = halves::encode(&v[start..start + len], op.dtype)?;
             total += bytes.len() as u64;
             let buf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -471,9 +466,17 @@ impl Device for WgpuBackend {
             let parts = self.weight_parts(t)?;
             let k = *t.shape().last().unwrap_or(&1);
             let n = t.shape()[t.shape().len().saturating_sub(2)];
+            // Each part's values, never past the tensor's (an empty stack is one empty part).
+            let mut left = t.numel();
             let sizes: Vec<usize> = parts
                 .iter()
-                .map(|p| if p.g1 - p.g0 > 1 || p.c1 - p.c0 == n { (p.g1 - p.g0) * n * k } else { (p.c1 - p.c0) * k })
+                .map(|p| {
+                    let len =
+                        if p.g1 - p.g0 > 1 || p.c1 - p.c0 == n { (p.g1 - p.g0) * n * k } else { (p.c1 - p.c0) * k };
+                    let len = len.min(left);
+                    left -= len;
+                    len
+                })
                 .collect();
             let reads: Vec<(&wgpu::Buffer, u64, u64)> =
                 parts.iter().zip(&sizes).map(|(p, &len)| (&p.buf, 0, (len * t.dtype().size()) as u64)).collect();

@@ -4,10 +4,10 @@
 //! schedule `kernel_abi::plan` describes.
 
 use crate::kernels::{PLAN, ROUTE, STATS};
-use crate::{PendingCheck, WgpuBackend, T};
+use crate::{WgpuBackend, T};
 use moe_engine::kernel_abi::plan::{PlanBuffer, PlanSlice};
 use moe_engine::kernel_abi::{grid_1d, WG_PLAN};
-use moe_engine::ops::{KeepPolicy, PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts};
+use moe_engine::ops::{KeepPolicy, PendingRouteCheck, PlanOp, PlanParts, RouteOp, RouterStatsOp, RoutesParts};
 use moe_engine::{DType, Result};
 
 /// Invocations per workgroup of `route.wgsl` (one per token).
@@ -22,6 +22,7 @@ pub(crate) fn route(b: &WgpuBackend, op: &RouteOp<'_, WgpuBackend>) -> Result<Ro
     let experts = b.tensor(&[s, k], DType::I32, "routes.experts")?;
     let weights = b.tensor(&[s, k], DType::F32, "routes.weights")?;
     if s > 0 {
+        let status = b.route_status_buffer();
         b.dispatch(
             &ROUTE,
             "route",
@@ -33,12 +34,12 @@ pub(crate) fn route(b: &WgpuBackend, op: &RouteOp<'_, WgpuBackend>) -> Result<Ro
                 &scores.buffer().buf,
                 &experts.buffer().buf,
                 &weights.buffer().buf,
-                &b.status,
+                &status,
             ],
             grid_1d(s, ROUTE_WG),
         )?;
         let inputs = [Some(lb.clone()), bias.cloned(), noise.cloned()];
-        *b.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(PendingCheck { inputs, experts: e });
+        b.checks.push(PendingRouteCheck { status, inputs, experts: e });
     }
     Ok(RoutesParts { experts, weights, scores })
 }

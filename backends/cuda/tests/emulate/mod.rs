@@ -76,11 +76,6 @@ impl Script {
         self.buf(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
-    /// A u32 buffer.
-    pub fn u32s(&mut self, v: &[u32]) -> usize {
-        self.buf(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-    }
-
     /// A buffer of 16-bit patterns.
     pub fn u16s(&mut self, v: &[u16]) -> usize {
         self.buf(v.iter().flat_map(|x| x.to_le_bytes()).collect())
