@@ -163,8 +163,9 @@ pub trait Backend: Device {
         returned(self, kind.entry(), self.run_elementwise(&op)?, &op.out_shape, DType::F32)
     }
 
-    /// Scores, choice and weights of every token. Non-finite logits are an error naming
-    /// the first bad token (now on the cpu, at the next download on GPU backends).
+    /// Scores, choice and weights of every token. Non-finite logits, correction bias or
+    /// choice noise are an error naming the first bad token or element (now on the cpu, at
+    /// the next download on GPU backends).
     fn route(&self, logits: &Tensor<Self>, spec: &RouteSpec<'_, Self>) -> Result<Routes<Self>> {
         let op = RouteOp::check(self, logits, spec)?;
         Routes::seal(self, self.run_route(&op)?, op.tokens, spec.k, op.experts)

@@ -105,7 +105,9 @@ impl LayerArgs {
     /// rows, the GLU intermediate and output, the expert outputs and y.
     fn activation_bytes(&self) -> u64 {
         let (t, h, e, k, f) = (self.tokens, self.hidden, self.experts, self.top_k, self.ffn);
-        4 * (2 * t * h + 2 * t * e + t * k * (2 * h + 3 * f))
+        // Saturating: the flags allow products past 2⁶⁴, which no machine has anyway.
+        let rows = t.saturating_mul(2 * h + 2 * e).saturating_add(t.saturating_mul(k).saturating_mul(2 * h + 3 * f));
+        rows.saturating_mul(4)
     }
 
     /// The shape, for messages.

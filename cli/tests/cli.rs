@@ -387,38 +387,22 @@ fn corpus() -> Vec<(String, &'static str, Break)> {
             b
         })),
     );
-    add(
-        "st_forged_shape",
-        ds,
-        Break::FileBytes(Box::new(|b| {
-            forge_header(b, |h| {
-                // A shape that claims far more data than the file holds.
-                let key = h.as_object().unwrap().keys().find(|k| k.starts_with("input")).unwrap().clone();
-                h[&key]["shape"] = json!([1_000_000_000u64, 1_000_000_000u64]);
-            })
-        })),
-    );
-    add(
-        "st_forged_offsets",
-        ds,
-        Break::FileBytes(Box::new(|b| {
-            forge_header(b, |h| {
-                let key = h.as_object().unwrap().keys().find(|k| k.starts_with("input")).unwrap().clone();
-                h[&key]["data_offsets"] = json!([0, u64::MAX]);
-            })
-        })),
-    );
-    add(
-        "st_forged_dtype",
-        ds,
-        Break::FileBytes(Box::new(|b| {
-            forge_header(b, |h| {
-                let key = h.as_object().unwrap().keys().find(|k| k.starts_with("input")).unwrap().clone();
-                h[&key]["dtype"] = "BOOL".into();
-            })
-        })),
-    );
+    // A shape that claims far more data than the file holds, offsets past it, a dtype the
+    // engine does not read.
+    add("st_forged_shape", ds, forge_input("shape", json!([1_000_000_000u64, 1_000_000_000u64])));
+    add("st_forged_offsets", ds, forge_input("data_offsets", json!([0, u64::MAX])));
+    add("st_forged_dtype", ds, forge_input("dtype", "BOOL".into()));
     v
+}
+
+/// The input tensor's `field` in the safetensors header set to `value`.
+fn forge_input(field: &'static str, value: Value) -> Break {
+    Break::FileBytes(Box::new(move |b| {
+        forge_header(b, |h| {
+            let key = h.as_object().unwrap().keys().find(|k| k.starts_with("input")).unwrap().clone();
+            h[&key][field] = value.clone();
+        })
+    }))
 }
 
 /// A safetensors file with its JSON header edited (the header length kept right).

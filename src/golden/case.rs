@@ -265,7 +265,8 @@ impl Case {
         self.tensors.get(key)
     }
 
-    /// The input tokens: f32, `[S, M]` or `[B, T, M]` with M ≥ 1, finite.
+    /// The input tokens: f32, `[S, M]` or `[B, T, M]`, finite (M is checked against the
+    /// layer when it runs).
     pub fn x(&self) -> Result<HostTensor> {
         let x = self.tensor(&self.meta.inputs.x)?;
         x.as_f32("inputs.x")?;

@@ -136,8 +136,11 @@ fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<&dyn Communicator>) ->
                 [s, _] => s,
                 _ => return Err(Error::shape("inputs.x", "[tokens, model_dim] for a gate case", x.shape())),
             };
-            for (field, want) in [("num_experts", w.shape()[0]), ("model_dim", w.shape().get(1).copied().unwrap_or(0))]
-            {
+            let (e, m) = match w.shape()[..] {
+                [e, m] => (e, m),
+                _ => return Err(Error::shape("param/wg.weight", "[num_experts, model_dim]", w.shape())),
+            };
+            for (field, want) in [("num_experts", e), ("model_dim", m)] {
                 let v: Option<usize> = cfg.get(field).and_then(|v| v.as_u64()).map(|v| v as usize);
                 if v.is_some_and(|v| v != want) {
                     return Err(Error::config(

@@ -87,8 +87,9 @@ pub struct PlanSchedule {
 }
 
 impl PlanSchedule {
-    /// The schedule for checked parameters (the plan front door builds it; sizes cannot
-    /// overflow there because S·k and G·E were checked to fit an i32).
+    /// The schedule for checked parameters (the plan front door builds it, having checked
+    /// that S·k, G·E and the scratch words each fit an i32, which the kernels' 32-bit
+    /// indices need).
     pub fn new(params: PlanParams) -> Self {
         let (s, k, e, g) = (params.s as usize, params.k as usize, params.e as usize, params.n_groups as usize);
         let (sk, ge) = (s * k, g * e);

@@ -152,6 +152,8 @@ impl<'a, B: Device> LinearOp<'a, B> {
         let wdtype = weight_code("linear weight", w.dtype())?;
         let has_bias = bias_of("linear bias", bias, &[n])?;
         output(b, "linear output", &[rows, n], DType::F32)?;
+        // Backends may run a dense product as one group of i32 offsets.
+        fits_i32("linear input rows", rows)?;
         let dims = MatDims { rows, n, k };
         let params = params(dims, 1, has_bias, wdtype, rows.div_ceil(TILE))?;
         Ok(LinearOp { x, w, bias, dims, params })

@@ -25,8 +25,8 @@ pub struct NoiseOp {
 }
 
 impl NoiseOp {
-    /// Checks the shape (at most 2³² − 1 values in one draw, on every backend: the GPU
-    /// kernels count in 32 bits) and the jitter width.
+    /// Checks the shape (at most 2³² − 1 values in one draw, on every backend: WGSL counts
+    /// in 32 bits, and one limit keeps the backends alike) and the jitter width.
     pub fn check<B: Device>(b: &B, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<Self> {
         let n = output(b, "noise", shape, DType::F32)?;
         if n > u32::MAX as usize {

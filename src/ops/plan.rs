@@ -198,6 +198,8 @@ impl<'a, B: Device> PlanOp<'a, B> {
             _pad0: 0,
         };
         let schedule = PlanSchedule::new(params);
+        // The kernels index every buffer in 32 bits.
+        fits_i32("plan scratch words", schedule.scratch_words)?;
         output(b, "plan scratch", &[schedule.scratch_words], DType::I32)?;
         output(b, "plan slots and rows", &[schedule.slots_rows_words], DType::I32)?;
         Ok(PlanOp { routes, spec, dims: (s, k, e), group, n_groups, capacity, schedule })

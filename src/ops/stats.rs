@@ -28,6 +28,15 @@ impl<'a, B: Device> RouterStatsOp<'a, B> {
         let (s, e) = f32_matrix("logits", logits)?;
         f32_shaped("scores", scores, &[s, e])?;
         output(b, "router stats", &[e + 1], DType::F32)?;
+        // One invocation per output on a 1-D grid of 64-thread workgroups.
+        let most = crate::kernel_abi::MAX_GRID_DIM * 64 - 1;
+        if e > most {
+            return Err(crate::error::Error::too_large(
+                "router stats",
+                format!("{e} experts"),
+                format!("{most} experts"),
+            ));
+        }
         let params = StatsParams { s: to_u32("tokens", s)?, e: to_u32("experts", e)?, ..Default::default() };
         Ok(RouterStatsOp { logits, scores, tokens: s, experts: e, params })
     }

@@ -9,14 +9,22 @@ pub enum CpuBuffer {
     I32(Vec<i32>),
     /// A weight matrix `[N, K]` or stack `[G, N, K]` stored with each matrix transposed to
     /// `[K, N]`: the gemm kernels stream the weight with unit stride along N, which is
-    /// markedly faster when few rows reach each expert (see docs/BENCHMARKS.md).
-    WeightT(Vec<f32>),
+    /// markedly faster when few rows reach each expert (see docs/BENCHMARKS.md). `n` and
+    /// `k` are the matrices' logical sizes, so a reshaped handle cannot be read wrongly.
+    WeightT {
+        /// The transposed matrices.
+        data: Vec<f32>,
+        /// Rows N of each logical matrix.
+        n: usize,
+        /// Columns K of each logical matrix.
+        k: usize,
+    },
 }
 
 impl moe_engine::DeviceBuffer for CpuBuffer {
     fn bytes(&self) -> u64 {
         let elems = match self {
-            CpuBuffer::F32(v) | CpuBuffer::WeightT(v) => v.len(),
+            CpuBuffer::F32(v) | CpuBuffer::WeightT { data: v, .. } => v.len(),
             CpuBuffer::I32(v) => v.len(),
         };
         elems as u64 * 4

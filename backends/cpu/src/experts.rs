@@ -25,7 +25,7 @@ pub(crate) fn grouped_glu(op: &GroupedMlpOp<'_, CpuBackend>, a: Activation, thre
     let b = op.weights.b_in.map(|b| f32s(b, "expert biases")).transpose()?;
     let i = op.inner;
     let xs = f32s(op.xp, "grouped input")?;
-    let (ws, w_t) = weight_data(op.weights.w_in, "expert weights")?;
+    let (ws, w_t) = weight_data(op.weights.w_in, "expert weights", n, kk)?;
     let mut h = vec![0f32; r * i];
     let mut pre = if keep_pre { vec![0f32; r * n] } else { Vec::new() };
     let (hp, pp) = (SharedOut(h.as_mut_ptr()), SharedOut(pre.as_mut_ptr()));

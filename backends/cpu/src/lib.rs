@@ -88,17 +88,21 @@ pub(crate) fn f32s<'a>(t: &'a T, name: &str) -> Result<&'a [f32]> {
     match t.buffer() {
         CpuBuffer::F32(v) => Ok(v),
         CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
-        CpuBuffer::WeightT(_) => {
+        CpuBuffer::WeightT { .. } => {
             Err(Error::Misuse(format!("tensor `{name}` is an uploaded weight; only matrix products read it")))
         }
     }
 }
 
-/// The data of a matrix-product weight and whether it is stored transposed (`[K, N]`).
-pub(crate) fn weight_data<'a>(t: &'a T, name: &str) -> Result<(&'a [f32], bool)> {
+/// The data of a matrix-product weight of logical matrices `[n, k]` and whether it is
+/// stored transposed (`[k, n]`).
+pub(crate) fn weight_data<'a>(t: &'a T, name: &str, n: usize, k: usize) -> Result<(&'a [f32], bool)> {
     match t.buffer() {
         CpuBuffer::F32(v) => Ok((v, false)),
-        CpuBuffer::WeightT(v) => Ok((v, true)),
+        CpuBuffer::WeightT { data, n: wn, k: wk } if (*wn, *wk) == (n, k) => Ok((data, true)),
+        CpuBuffer::WeightT { n: wn, k: wk, .. } => Err(Error::Misuse(format!(
+            "`{name}` holds [{wn}, {wk}] weight matrices, reshaped to take [{n}, {k}]: reshape weights on the host"
+        ))),
         CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
     }
 }
@@ -106,7 +110,7 @@ pub(crate) fn weight_data<'a>(t: &'a T, name: &str) -> Result<(&'a [f32], bool)>
 pub(crate) fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a [i32]> {
     match t.buffer() {
         CpuBuffer::I32(v) => Ok(v),
-        CpuBuffer::F32(_) | CpuBuffer::WeightT(_) => Err(Error::dtype(name, "i32", "f32")),
+        CpuBuffer::F32(_) | CpuBuffer::WeightT { .. } => Err(Error::dtype(name, "i32", "f32")),
     }
 }
 
@@ -144,19 +148,17 @@ impl Device for CpuBackend {
     fn run_upload_weight(&self, op: &WeightUploadOp<'_>) -> Result<T> {
         let (_, n, k) = op.dims;
         let v = op.tensor.as_f32("weight")?;
-        T::from_parts(CpuBuffer::WeightT(buffer::transpose_stack(v, n, k)), op.tensor.shape().to_vec(), DType::F32)
+        let data = buffer::transpose_stack(v, n, k);
+        T::from_parts(CpuBuffer::WeightT { data, n, k }, op.tensor.shape().to_vec(), DType::F32)
     }
 
     fn run_download(&self, t: &T) -> Result<HostTensor> {
         match t.buffer() {
             CpuBuffer::F32(v) => HostTensor::f32(t.shape(), v[..t.numel()].to_vec()),
             CpuBuffer::I32(v) => HostTensor::i32(t.shape(), v[..t.numel()].to_vec()),
-            CpuBuffer::WeightT(v) => {
-                let s = t.shape();
-                let (n, k) = (s[s.len() - 2], s[s.len() - 1]);
-                // Transposing the stored [k, n] matrices gives back [n, k].
-                HostTensor::f32(s, buffer::transpose_stack(v, k, n))
-            }
+            // Transposing the stored [k, n] matrices gives back [n, k], whatever the
+            // handle's shape says.
+            CpuBuffer::WeightT { data, n, k } => HostTensor::f32(t.shape(), buffer::transpose_stack(data, *k, *n)),
         }
     }
 

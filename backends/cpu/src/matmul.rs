@@ -17,7 +17,7 @@ pub(crate) fn linear(op: &LinearOp<'_, CpuBackend>, threads: usize) -> Result<T>
     let out = tiled_product(
         f32s(op.x, "linear input")?,
         &[0, r as i32],
-        weight_data(op.w, "linear weight")?,
+        weight_data(op.w, "linear weight", n, kk)?,
         b,
         (r, n, kk),
         threads,
@@ -66,8 +66,14 @@ pub(crate) fn grouped_linear(op: &GroupedLinearOp<'_, CpuBackend>, threads: usiz
     let MatDims { rows: r, n, k: kk } = op.dims;
     let off = offsets(op.offsets, r)?;
     let b = op.bias.map(|b| f32s(b, "expert biases")).transpose()?;
-    let out =
-        tiled_product(f32s(op.x, "grouped input")?, off, weight_data(op.w, "expert weights")?, b, (r, n, kk), threads);
+    let out = tiled_product(
+        f32s(op.x, "grouped input")?,
+        off,
+        weight_data(op.w, "expert weights", n, kk)?,
+        b,
+        (r, n, kk),
+        threads,
+    );
     tf32(&[r, n], out)
 }
 

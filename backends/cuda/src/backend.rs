@@ -19,7 +19,7 @@ use moe_engine::ops::{
     PlanParts, RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
-use moe_engine::{DType, Error, HostTensor, Result};
+use moe_engine::{DType, HostTensor, Result};
 
 impl Device for CudaBackend {
     type Buffer = CudaBuffer;
@@ -111,9 +111,6 @@ impl Backend for CudaBackend {
     }
 
     fn run_noise(&self, op: &NoiseOp) -> Result<T> {
-        if op.n > u32::MAX as usize {
-            return Err(Error::Internal("noise draw past the front door's limit".into()));
-        }
         self.noise(op)
     }
 }
