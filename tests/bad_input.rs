@@ -218,6 +218,92 @@ fn an_empty_expected_an_unknown_mode_or_format_99_are_errors() {
 }
 
 #[test]
+fn a_malformed_backward_block_or_a_section_given_as_an_array_is_a_case_error() {
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let edits: Vec<(&str, Edit)> = vec![
+        ("backward_not_object", Box::new(|m| m["backward"] = 0.into())),
+        ("backward_unknown_key", Box::new(|m| m["backward"]["ddx"] = "grad/input/x".into())),
+        ("backward_unknown_loss", Box::new(|m| m["backward"]["loss"] = "mean(y)".into())),
+        ("backward_aux_coef_missing", Box::new(|m| drop(m["backward"].as_object_mut().unwrap().remove("aux_coef")))),
+        ("backward_dx_missing_tensor", Box::new(|m| m["backward"]["dx"] = "grad/none".into())),
+        ("backward_params_empty", Box::new(|m| m["backward"]["params"] = serde_json::json!({}))),
+        ("backward_params_no_such_param", Box::new(|m| m["backward"]["params"]["w9"] = "grad/input/x".into())),
+        ("inputs_as_array", Box::new(|m| m["inputs"] = serde_json::json!(["input/x"]))),
+        ("noise_as_array", Box::new(|m| m["noise"] = serde_json::json!([]))),
+    ];
+    for (name, edit) in edits {
+        let dir = broken_case(name, "18_ds_moe_top2_mlp_eval", |m| edit(m), |_| {});
+        let e = case_error(&dir);
+        assert!(matches!(e, Error::Case { .. }), "{name}: {e}");
+    }
+    // A gradient of another shape than its parameter names the parameter.
+    let dir = broken_case(
+        "backward_grad_wrong_shape",
+        "22_hf_mixtral",
+        |_| {},
+        |t| drop(t.insert("grad/param/gate.weight".into(), HostTensor::zeros(&[3]).unwrap())),
+    );
+    assert!(case_error(&dir).to_string().contains("backward.params.gate.weight"));
+}
+
+#[test]
+fn a_non_finite_expected_value_is_an_error_even_where_routes_are_masked() {
+    // The last route of 01_ds_gate_top1_eval is dropped, so its gate is never compared:
+    // the value is still checked where it enters.
+    let dir =
+        broken_case("inf_masked_gate", "01_ds_gate_top1_eval", |_| {}, |t| poke(t, "expect/gates", 31, f32::INFINITY));
+    non_finite(golden::run_case(&cpu(1), &dir), "expected.gates", &[0, 31]);
+}
+
+#[test]
+fn an_expected_value_of_another_shape_or_a_stray_tensor_is_a_case_error() {
+    let dir = broken_case(
+        "y_transposed",
+        "18_ds_moe_top2_mlp_eval",
+        |_| {},
+        |t| {
+            let y = t.remove("expect/y").unwrap();
+            let s: Vec<usize> = y.shape().iter().rev().copied().collect();
+            t.insert("expect/y".into(), y.reshape(&s).unwrap());
+        },
+    );
+    assert!(case_error(&dir).to_string().contains("shape"));
+    let dir = broken_case(
+        "stray",
+        "18_ds_moe_top2_mlp_eval",
+        |_| {},
+        |t| drop(t.insert("expect/z".into(), ht(&[1], vec![0.0]))),
+    );
+    assert!(case_error(&dir).to_string().contains("expect/z"));
+}
+
+#[test]
+fn a_gate_config_without_typed_model_dim_and_num_experts_or_with_null_values_is_refused() {
+    for (name, key, v) in [
+        ("model_dim_string", "model_dim", Value::from("16")),
+        ("model_dim_null", "model_dim", Value::Null),
+        ("num_experts_float", "num_experts", Value::from(4.5)),
+        ("num_experts_negative", "num_experts", Value::from(-4)),
+        ("k_null", "k", Value::Null),
+        ("capacity_factor_null", "capacity_factor", Value::Null),
+        ("drop_tokens_null", "drop_tokens", Value::Null),
+    ] {
+        let dir = broken_case(name, "01_ds_gate_top1_eval", |m| m["config"][key] = v, |_| {});
+        match case_error(&dir) {
+            Error::Config { field, .. } => assert_eq!(field, key, "{name}"),
+            e => panic!("{name}: expected a config error naming `{key}`, got {e}"),
+        }
+    }
+    let dir = broken_case(
+        "model_dim_missing",
+        "01_ds_gate_top1_eval",
+        |m| drop(m["config"].as_object_mut().unwrap().remove("model_dim")),
+        |_| {},
+    );
+    assert!(matches!(case_error(&dir), Error::Config { field, .. } if field == "model_dim"));
+}
+
+#[test]
 fn a_forged_or_truncated_tensor_file_is_a_checkpoint_error() {
     let dir = broken_case("truncated", "22_hf_mixtral", |_| {}, |_| {});
     let file = dir.join("tensors.safetensors");

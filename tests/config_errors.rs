@@ -313,6 +313,32 @@ fn hf_missing_fields_are_named() {
 }
 
 #[test]
+fn hf_nulls_are_none_as_transformers_reads_them() {
+    // Fields the router needs refuse null (Python's None would fail inside transformers).
+    for key in ["num_experts_per_tok", "routed_scaling_factor", "n_shared_experts", "n_group", "topk_group"] {
+        expect_field(hf::layer_spec(&with(deepseek_v2(), key, Value::Null)), key);
+    }
+    expect_field(hf::layer_spec(&with(qwen3(), "norm_topk_prob", Value::Null)), "norm_topk_prob");
+    expect_field(hf::layer_spec(&with(qwen3(), "hidden_act", Value::Null)), "hidden_act");
+    // Greedy DeepSeek-V2 routing never reads the groups, whose default is None.
+    let greedy = with(with(deepseek_v2(), "topk_method", json!("greedy")), "n_group", Value::Null);
+    hf::layer_spec(&with(greedy, "topk_group", Value::Null)).unwrap();
+    // DeepSeek-V3's `norm_topk_prob: bool | None = True` is tested for truth: null is false.
+    let v3 = with(with(deepseek_v2(), "model_type", json!("deepseek_v3")), "n_group", json!(4));
+    let normalize = |cfg: Value| match hf::layer_spec(&cfg).unwrap().1.gate {
+        GateSpec::DeepSeekV3 { normalize, .. } => normalize,
+        g => panic!("{g:?}"),
+    };
+    assert!(normalize(without(v3.clone(), "norm_topk_prob")));
+    // An absent group count takes V3's default (topk_group 4) while the other is kept.
+    match hf::layer_spec(&without(v3.clone(), "topk_group")).unwrap().1.gate {
+        GateSpec::DeepSeekV3 { n_group, topk_group, .. } => assert_eq!((n_group, topk_group), (4, 4)),
+        g => panic!("{g:?}"),
+    }
+    assert!(!normalize(with(v3, "norm_topk_prob", Value::Null)));
+}
+
+#[test]
 fn hf_bad_topk_method_names_topk_method() {
     expect_field(hf::layer_spec(&with(deepseek_v2(), "topk_method", json!("noaux_tc"))), "topk_method");
     // group_limited_greedy with groups that do not divide the experts.

@@ -146,6 +146,9 @@ fn case_lines(t: &mut Tally, ranks: &[CaseResult], a: &Args) -> CliResult<()> {
     if !exact_bad.is_empty() {
         line.push_str(&format!("; exact mismatch: {}", exact_bad.join(", ")));
     }
+    if let Some(skipped) = first.filter(|r| !r.not_compared.is_empty()) {
+        line.push_str(&format!("; not compared: {}", skipped.not_compared.join(", ")));
+    }
     out!("{line}")?;
     if a.verbose || !ok {
         for (rank, r) in ranks.iter().enumerate() {

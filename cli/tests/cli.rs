@@ -256,8 +256,15 @@ fn corpus() -> Vec<(String, &'static str, Break)> {
     add("tolerance_huge", ds, meta(|m| m["tolerance"]["rel_l2"] = 1e30.into()));
     add("tolerance_exact_unknown", ds, meta(|m| m["tolerance"]["exact"] = json!(["indices"])));
     add("config_missing", ds, meta(|m| drop(m.as_object_mut().unwrap().remove("config"))));
+    add("backward_garbage", ds, meta(|m| m["backward"] = json!([1, 2])));
+    add("backward_loss_unknown", ds, meta(|m| m["backward"]["loss"] = "mean(y)".into()));
+    add("backward_dx_missing", mx, meta(|m| m["backward"]["dx"] = "grad/none".into()));
+    add("inputs_as_array", ds, meta(|m| m["inputs"] = json!(["input/x"])));
     // DeepSpeed configs.
     add("ds_k_zero", ds, cfg("k", 0.into()));
+    add("ds_k_null", ds, cfg("k", Value::Null));
+    add("gate_model_dim_string", gate, cfg("model_dim", "16".into()));
+    add("gate_num_experts_missing", gate, meta(|m| drop(m["config"].as_object_mut().unwrap().remove("num_experts"))));
     add("ds_k_negative", ds, cfg("k", (-1).into()));
     add("ds_k_past_e", ds, cfg("k", 99.into()));
     add("ds_k_string", ds, cfg("k", "two".into()));
@@ -310,6 +317,8 @@ fn corpus() -> Vec<(String, &'static str, Break)> {
     add("nan_bias", v3, poke("param/gate.e_score_correction_bias", 1, f32::NAN));
     add("nan_noise", gate, poke("noise/rts_uniform", 30, f32::NAN));
     add("nan_expected", ds, poke("expect/y", 0, f32::NAN));
+    add("inf_expected_masked_gate", "01_ds_gate_top1_eval", poke("expect/gates", 31, f32::INFINITY));
+    add("nan_expected_gradient", mx, poke("grad/input/x", 0, f32::NAN));
     // Shapes and dtypes.
     add(
         "x_flat",
@@ -361,6 +370,16 @@ fn corpus() -> Vec<(String, &'static str, Break)> {
     );
     add("noise_wrong_shape", gate, reshape("noise/rts_uniform", &[3, 3]));
     add("expected_wrong_shape", ds, reshape("expect/y", &[5]));
+    add(
+        "expected_transposed",
+        mx,
+        tensors(|m| {
+            let y = m.remove("expect/y").unwrap();
+            let s: Vec<usize> = y.shape().iter().rev().copied().collect();
+            m.insert("expect/y".into(), y.reshape(&s).unwrap());
+        }),
+    );
+    add("stray_tensor", ds, tensors(|m| drop(m.insert("expect/z".into(), HostTensor::zeros(&[2]).unwrap()))));
     add(
         "indices_wrong_shape",
         gate,

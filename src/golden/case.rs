@@ -143,6 +143,34 @@ pub struct Tolerance {
     pub exact: Vec<Output>,
 }
 
+/// The loss whose gradients a case's `backward` block holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Loss {
+    /// `Σ y·dy`.
+    #[serde(rename = "sum(y * dy)")]
+    Dot,
+    /// `Σ y·dy + aux_coef · l_aux`.
+    #[serde(rename = "sum(y * dy) + aux_coef * l_aux")]
+    DotPlusAux,
+}
+
+/// Expected gradients of a loss (FORMAT.md `backward`): tensor keys.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backward {
+    /// The loss differentiated.
+    pub loss: Loss,
+    /// The weight of `l_aux` in the loss (needed by, and only by, [`Loss::DotPlusAux`]).
+    #[serde(default)]
+    pub aux_coef: Option<f64>,
+    /// The upstream gradient of `y` (the shape of `x`).
+    pub dy: String,
+    /// The expected gradient of `x`.
+    pub dx: String,
+    /// Parameter name (without `param/`) → its expected gradient.
+    pub params: BTreeMap<String, String>,
+}
+
 /// `case.json`, every key typed. Unknown keys are errors.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,9 +199,10 @@ pub struct CaseMeta {
     pub expected: BTreeMap<Output, String>,
     /// How outputs are compared.
     pub tolerance: Tolerance,
-    /// Expected gradients (read by training; a forward run ignores them).
+    /// Expected gradients (checked when the case loads; compared once the engine has a
+    /// backward pass, reported as not compared until then).
     #[serde(default)]
-    pub backward: Option<serde_json::Value>,
+    pub backward: Option<Backward>,
     /// A remark on how the values were computed.
     #[serde(default)]
     pub note: Option<String>,
@@ -204,6 +233,17 @@ impl CaseMeta {
         if !(tol.is_finite() && (0.0..1.0).contains(&tol)) {
             return bad(format!("`tolerance.rel_l2` must be in [0, 1), got {tol}"));
         }
+        if let Some(b) = &self.backward {
+            match (b.loss, b.aux_coef) {
+                (Loss::DotPlusAux, Some(c)) if c.is_finite() => {}
+                (Loss::DotPlusAux, c) => return bad(format!("`backward.aux_coef` must be a finite number, got {c:?}")),
+                (Loss::Dot, Some(_)) => return bad("`backward.aux_coef` is given but the loss has no aux term".into()),
+                (Loss::Dot, None) => {}
+            }
+            if b.params.is_empty() {
+                return bad("`backward.params` names no parameters".into());
+            }
+        }
         let masked = [Output::Locations, Output::Gates].iter().any(|o| self.expected.contains_key(o));
         if masked && !self.expected.contains_key(&Output::Indices) {
             return bad(
@@ -232,32 +272,78 @@ impl Case {
         let folder = dir.display().to_string();
         let text =
             std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-        let meta: CaseMeta = serde_json::from_str(&text).map_err(|e| Error::Case {
+        let not_format = |e: serde_json::Error| Error::Case {
             case: folder.clone(),
             msg: "case.json does not follow FORMAT.md".into(),
             source: Some(Box::new(e)),
-        })?;
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(not_format)?;
+        // serde reads a struct from a JSON array too; FORMAT.md's sections are objects.
+        for key in ["inputs", "noise", "tolerance", "expected", "config", "backward"] {
+            if value.get(key).is_some_and(|v| !v.is_object()) {
+                return Err(Error::case(&folder, format!("`{key}` must be a JSON object")));
+            }
+        }
+        let meta: CaseMeta = serde_json::from_value(value).map_err(not_format)?;
         let name = meta.name.clone().unwrap_or_else(|| folder.clone());
         meta.validate(&name)?;
         let tensors = Checkpoint::load(&dir.join("tensors.safetensors"))?;
         let case = Case { name, meta, tensors };
-        for key in case.keys() {
-            if !case.tensors.contains(key) {
-                return Err(Error::case(&case.name, format!("names tensor `{key}`, which tensors.safetensors lacks")));
-            }
-        }
+        case.check_tensors()?;
         Ok(case)
     }
 
-    /// Every tensor key the metadata names.
-    fn keys(&self) -> impl Iterator<Item = &str> {
+    /// Every tensor the metadata names is there and finite (a NaN in an expected value
+    /// would otherwise hide where routes are masked); every other tensor is a parameter;
+    /// the backward block's tensors have the shapes of what they are gradients of.
+    fn check_tensors(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::case(&self.name, msg));
+        let named = self.named();
+        for (field, key) in &named {
+            if !self.tensors.contains(key) {
+                return bad(format!("`{field}` names tensor `{key}`, which tensors.safetensors lacks"));
+            }
+            self.tensors.get(key)?.check_finite(field)?;
+        }
+        if let Some(extra) =
+            self.tensors.names().find(|n| !n.starts_with("param/") && !named.iter().any(|(_, k)| k == n))
+        {
+            return bad(format!("tensor `{extra}` is neither a `param/` nor named by case.json"));
+        }
+        self.x()?;
+        if let Some(b) = &self.meta.backward {
+            let x = self.tensor(&self.meta.inputs.x)?.shape();
+            for (what, key) in [("backward.dy", &b.dy), ("backward.dx", &b.dx)] {
+                self.tensor(key)?.expect_shape(what, x)?;
+            }
+            for (param, grad) in &b.params {
+                let p = self.tensors.get(&format!("param/{param}")).map_err(|_| {
+                    Error::case(&self.name, format!("`backward.params` names `{param}`, which is no parameter"))
+                })?;
+                self.tensor(grad)?.expect_shape(&format!("backward.params.{param}"), p.shape())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tensor the metadata names: the case.json field (as errors name it) and the key.
+    fn named(&self) -> Vec<(String, &str)> {
         let m = &self.meta;
-        [Some(&m.inputs.x), m.inputs.used_token.as_ref(), m.noise.jitter.as_ref(), m.noise.gumbel.as_ref()]
-            .into_iter()
-            .chain([m.noise.rts_uniform.as_ref()])
-            .flatten()
-            .chain(m.expected.values())
-            .map(String::as_str)
+        let mut out: Vec<(String, &str)> = vec![("inputs.x".into(), &m.inputs.x)];
+        let optional = [
+            ("used_token", &m.inputs.used_token),
+            ("noise.jitter", &m.noise.jitter),
+            ("noise.gumbel", &m.noise.gumbel),
+            ("noise.rts_uniform", &m.noise.rts_uniform),
+        ];
+        out.extend(optional.into_iter().filter_map(|(f, k)| k.as_deref().map(|k| (f.to_string(), k))));
+        out.extend(m.expected.iter().map(|(o, k)| (format!("expected.{}", o.name()), k.as_str())));
+        if let Some(b) = &m.backward {
+            out.push(("backward.dy".into(), &b.dy));
+            out.push(("backward.dx".into(), &b.dx));
+            out.extend(b.params.iter().map(|(p, k)| (format!("backward.params.{p}"), k.as_str())));
+        }
+        out
     }
 
     /// The tensor under `key`.

@@ -6,7 +6,7 @@
 pub mod case;
 mod run;
 
-pub use case::{Case, CaseKind, CaseMeta, Output};
+pub use case::{Backward, Case, CaseKind, CaseMeta, Loss, Output};
 pub use run::{run_case, run_case_ep};
 
 use crate::error::{Error, Result};
@@ -38,6 +38,8 @@ pub struct CaseResult {
     pub worst_rel_l2: f64,
     /// Whether every output passed.
     pub pass: bool,
+    /// What the case holds that this run did not compare, and why (shown with the result).
+    pub not_compared: Vec<String>,
 }
 
 /// Folders under `path` holding a `case.json` (or `path` itself), sorted.

@@ -9,7 +9,7 @@
 //! `down_proj` children).
 
 use super::checkpoint::{concat_rows, stack, Checkpoint};
-use super::{field, field_or};
+use super::{field, field_opt, field_or};
 use crate::config::{DeepSpeedGate, DropPolicy, ExpertSpec, GateSpec, LayerSpec, NoisyGatePolicy};
 use crate::error::{Error, Result};
 use crate::expert::{Activation, ExpertKind};
@@ -22,7 +22,8 @@ pub fn expert_spec(v: &Value) -> Result<ExpertSpec> {
     let ty: String = field(v, "type")
         .map_err(|_| Error::config("expert.type", "missing (linear, mlp_gelu, mlp_relu, glu_silu, ...)"))?;
     let bias: bool = field_or(v, "bias", true)?;
-    let ffn: usize = field_or(v, "ffn_hidden", 0)?;
+    // Linear experts have no hidden width: null or absent.
+    let ffn: usize = field_opt(v, "ffn_hidden")?.unwrap_or(0);
     let act = |s: &str| {
         s.parse::<Activation>().map_err(|_| Error::config("expert.type", format!("unknown activation in `{ty}`")))
     };
@@ -54,7 +55,7 @@ pub fn topk_gate_spec(cfg: &Value) -> Result<DeepSpeedGate> {
 }
 
 fn gate_spec_with(cfg: &Value, d: DeepSpeedGate) -> Result<DeepSpeedGate> {
-    let noisy: Option<String> = field_or(cfg, "noisy_gate_policy", None)?;
+    let noisy: Option<String> = field_opt(cfg, "noisy_gate_policy")?;
     let noisy_gate_policy = match noisy.as_deref() {
         None | Some("None") | Some("none") => None,
         Some("Jitter") => Some(NoisyGatePolicy::Jitter),

@@ -5,7 +5,7 @@
 //! `[E, 2I, H]` gate rows first, `experts.down_proj` `[E, H, I]`).
 
 use super::checkpoint::{concat_rows, stack, Checkpoint};
-use super::{field, field_any, field_or};
+use super::{field, field_any, field_opt, field_or};
 use crate::config::{DeepSeekV2Method, ExpertSpec, GateSpec, LayerSpec, SharedSpec};
 use crate::error::{Error, Result};
 use crate::expert::{Activation, ExpertKind};
@@ -97,7 +97,8 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
             let act = activation(cfg, "hidden_act", "silu")?;
             let ffn_key = if fam == Family::Olmoe { "intermediate_size" } else { "moe_intermediate_size" };
             let shared = if fam == Family::Qwen2Moe {
-                let n: usize = field_or(cfg, "shared_expert_intermediate_size", 0)?;
+                // transformers builds the shared expert whether the key is there or not.
+                let n: usize = field_or(cfg, "shared_expert_intermediate_size", 5632)?;
                 (n > 0).then(|| SharedSpec { expert: glu(n, act), gated: true })
             } else {
                 None
@@ -117,20 +118,33 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
         Family::DeepseekV2 | Family::DeepseekV3 => {
             let act = activation(cfg, "hidden_act", "silu")?;
             let ffn: usize = field(cfg, "moe_intermediate_size")?;
-            // Absent keys take the defaults of transformers' config classes.
+            // Absent keys take the defaults of transformers' config classes; a null is
+            // Python's None, which the router cannot use except where noted.
             let v3 = fam == Family::DeepseekV3;
             let n_shared: usize = field_or(cfg, "n_shared_experts", if v3 { 1 } else { 2 })?;
-            let k: usize = field_or(cfg, "num_experts_per_tok", if v3 { 8 } else { 0 })?;
-            if k == 0 {
-                return Err(Error::config("num_experts_per_tok", "missing"));
-            }
-            let n_group: usize = field_or(cfg, "n_group", if v3 { 8 } else { 1 })?;
-            let topk_group: usize = field_or(cfg, "topk_group", if v3 { 4 } else { 1 })?;
+            let k: usize =
+                if v3 { field_or(cfg, "num_experts_per_tok", 8)? } else { field(cfg, "num_experts_per_tok")? };
+            // Group counts: absent takes the default (V3: 8 and 4; V2: None), null is None.
+            let group = |key: &str, v3_default: usize| -> Result<Option<usize>> {
+                match cfg.get(key) {
+                    None => Ok(v3.then_some(v3_default)),
+                    Some(_) => field_opt(cfg, key),
+                }
+            };
+            let (n_group, topk_group) = (group("n_group", 8)?, group("topk_group", 4)?);
             let scale: f32 = field_or(cfg, "routed_scaling_factor", if v3 { 2.5 } else { 1.0 })?;
             // Shared experts take `mlp_bias` (V2); routed experts never have biases.
             let shared_bias: bool = field_or(cfg, "mlp_bias", false)?;
+            let needed = |v: Option<usize>, key: &str| {
+                v.ok_or_else(|| Error::config(key, "is null or missing: the grouped router needs a group count"))
+            };
             let gate = if v3 {
-                let normalize: bool = field_or(cfg, "norm_topk_prob", true)?;
+                // `bool | None = True`: the router tests it for truth, so null is false.
+                let normalize = match cfg.get("norm_topk_prob") {
+                    None => true,
+                    Some(_) => field_opt(cfg, "norm_topk_prob")?.unwrap_or(false),
+                };
+                let (n_group, topk_group) = (needed(n_group, "n_group")?, needed(topk_group, "topk_group")?);
                 GateSpec::DeepSeekV3 { k, n_group, topk_group, normalize, routed_scaling_factor: scale }
             } else {
                 let method: String = field_or(cfg, "topk_method", "greedy".to_string())?;
@@ -145,7 +159,16 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
                     }
                 };
                 // transformers 5.23's DeepseekV2 router never reads `norm_topk_prob`: the
-                // weights are the top-k softmax scores times the route scale.
+                // weights are the top-k softmax scores times the route scale. Its type
+                // (`bool | None`) is still checked, as transformers' strict config does.
+                let _: Option<bool> = field_opt(cfg, "norm_topk_prob")?;
+                // Greedy routing never reads the groups (transformers' default is None).
+                let (n_group, topk_group) = match method {
+                    DeepSeekV2Method::Greedy => (n_group.unwrap_or(1), topk_group.unwrap_or(1)),
+                    DeepSeekV2Method::GroupLimitedGreedy => {
+                        (needed(n_group, "n_group")?, needed(topk_group, "topk_group")?)
+                    }
+                };
                 GateSpec::DeepSeekV2 { k, n_group, topk_group, method, normalize: false, routed_scaling_factor: scale }
             };
             LayerSpec {

@@ -17,11 +17,24 @@ pub(crate) fn field<T: serde::de::DeserializeOwned>(cfg: &Value, name: &str) -> 
     serde_json::from_value(v.clone()).map_err(|e| Error::config(name, format!("{e} (got {v})")))
 }
 
-/// Like [`field`], with a default where the field is absent or null.
+/// Like [`field`], with a default where the field is absent. A `null` is an error: the
+/// references take it as Python's `None`, which these fields do not accept (fields where
+/// `None` means something are read with [`field_opt`]).
 pub(crate) fn field_or<T: serde::de::DeserializeOwned>(cfg: &Value, name: &str, default: T) -> Result<T> {
     match cfg.get(name) {
-        None | Some(Value::Null) => Ok(default),
+        None => Ok(default),
+        Some(Value::Null) => Err(Error::config(name, "is null: give a value or leave the key out for the default")),
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::config(name, format!("{e} (got {v})"))),
+    }
+}
+
+/// A field whose reference default is `None`: `None` when absent or null, else `T`.
+pub(crate) fn field_opt<T: serde::de::DeserializeOwned>(cfg: &Value, name: &str) -> Result<Option<T>> {
+    match cfg.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            serde_json::from_value(v.clone()).map(Some).map_err(|e| Error::config(name, format!("{e} (got {v})")))
+        }
     }
 }
 
