@@ -144,6 +144,22 @@ fn nan_in_used_token_is_rejected() {
 }
 
 #[test]
+fn a_used_token_mask_that_is_not_one_value_per_token_is_a_shape_error() {
+    for (name, shape) in [("used_extra_dims", vec![32, 1, 1]), ("used_as_matrix", vec![4, 8])] {
+        let dir = broken_case(
+            name,
+            "05_ds_gate_top1_used_token",
+            |_| {},
+            |m| {
+                let t = m.remove("input/used_token").unwrap();
+                m.insert("input/used_token".into(), t.reshape(&shape).unwrap());
+            },
+        );
+        assert!(matches!(case_error(&dir), Error::Shape { tensor, .. } if tensor == "used_token"), "{name}");
+    }
+}
+
+#[test]
 fn a_nan_priority_ranks_lowest_instead_of_panicking_the_sort() {
     let b = cpu(1);
     let (s, e) = (40, 2);

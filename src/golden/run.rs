@@ -101,10 +101,16 @@ fn options(case: &Case) -> Result<LayerOptions> {
             })
             .transpose()
     };
+    // One mask value per token: `[S]` or the token dims of `x` (`[B, T]`).
     let used_token = match &m.inputs.used_token {
         Some(k) => {
             let t = case.tensor(k)?.clone();
-            let n = t.numel();
+            let x = case.tensor(&m.inputs.x)?.shape();
+            let tokens = &x[..x.len().saturating_sub(1)];
+            let n: usize = tokens.iter().product();
+            if t.shape() != [n] && t.shape() != tokens {
+                return Err(Error::shape("used_token", format!("[{n}] or {tokens:?} (one per token of x)"), t.shape()));
+            }
             Some(t.reshape(&[n])?)
         }
         None => None,
