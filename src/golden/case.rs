@@ -310,9 +310,8 @@ impl Case {
         {
             return bad(format!("tensor `{extra}` is neither a `param/` nor named by case.json"));
         }
-        self.x()?;
+        let x = self.checked_x()?.shape();
         if let Some(b) = &self.meta.backward {
-            let x = self.tensor(&self.meta.inputs.x)?.shape();
             for (what, key) in [("backward.dy", &b.dy), ("backward.dx", &b.dx)] {
                 self.tensor(key)?.expect_shape(what, x)?;
             }
@@ -354,13 +353,18 @@ impl Case {
     /// The input tokens: f32, `[S, M]` or `[B, T, M]`, finite (M is checked against the
     /// layer when it runs).
     pub fn x(&self) -> Result<HostTensor> {
+        self.checked_x().cloned()
+    }
+
+    /// `inputs.x` checked as [`Case::x`] describes, borrowed.
+    fn checked_x(&self) -> Result<&HostTensor> {
         let x = self.tensor(&self.meta.inputs.x)?;
         x.as_f32("inputs.x")?;
         if !(2..=3).contains(&x.shape().len()) {
             return Err(Error::shape("inputs.x", "[tokens, hidden] or [batch, seq, hidden]", x.shape()));
         }
         x.check_finite("inputs.x")?;
-        Ok(x.clone())
+        Ok(x)
     }
 
     /// The case's parameters under their reference names (without `param/`).
