@@ -83,7 +83,7 @@ fn nan_in_gumbel_noise_is_rejected_naming_the_tensor_and_index() {
 }
 
 #[test]
-fn nan_in_rts_noise_is_rejected_naming_the_tensor_and_index() {
+fn infinite_rts_noise_is_rejected_naming_the_tensor_and_index() {
     let dir =
         broken_case("rts_nan", "06_ds_gate_top1_train_rts", |_| {}, |m| poke(m, "noise/rts_uniform", 0, f32::INFINITY));
     non_finite(golden::run_case(&cpu(1), &dir), "noise.rts_uniform", &[0, 0]);

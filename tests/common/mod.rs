@@ -104,11 +104,6 @@ pub fn up_f32<B: Backend>(b: &B, shape: &[usize], v: Vec<f32>) -> Tensor<B> {
     b.upload(&ht(shape, v)).expect("upload")
 }
 
-/// Uploads i32 values.
-pub fn up_i32<B: Backend>(b: &B, shape: &[usize], v: Vec<i32>) -> Tensor<B> {
-    b.upload(&HostTensor::i32(shape, v).expect("host tensor")).expect("upload")
-}
-
 /// Downloads f32 values.
 pub fn f32s<B: Backend>(b: &B, t: &Tensor<B>) -> Vec<f32> {
     b.download(t).expect("download").into_f32("t").expect("f32")
