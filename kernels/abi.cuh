@@ -24,7 +24,16 @@ struct ElementwiseParams {
 
 struct PermuteParams {
     u64 n;
-    u32 cols, k;
+    u32 cols, k, t0, _pad0, _pad1, _pad2;
+};
+
+struct BucketParams {
+    u32 s, k, e, slots, t0, t1, _pad0, _pad1;
+};
+
+struct RegroupParams {
+    u64 n;
+    u32 cols, blocks;
 };
 
 struct NoiseParams {

@@ -1,12 +1,17 @@
-// Row movement between token order and the compact expert-major layout.
-// Bindings: 0 params, 1 source rows, 2 plan.rows [S, k] i32, 3 plan.weights [S, k],
+// Row movement between token order and a grouped layout (the plan's compact
+// expert-major rows, or an expert-parallel send buffer).
+// Bindings: 0 params, 1 source rows, 2 route rows [S, k] i32, 3 combine weights [S, k],
 // 4 output. Every output element is written by exactly one invocation, in a fixed order:
 // no atomics, so results are bitwise reproducible.
 
 struct PermuteParams {
-    n: vec2<u32>, // output elements (u64 in the ABI; the high word is 0 on wgpu)
+    n: vec2<u32>, // invocations (u64 in the ABI; the high word is 0 on wgpu)
     cols: u32,    // M, the row length
     k: u32,       // routes per token
+    t0: u32,      // combine: first token of the range (output row 0)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: PermuteParams;
@@ -17,8 +22,8 @@ struct PermuteParams {
 
 const WG: u32 = 256u;
 
-// One invocation per (route, column): out[rows[route]] = x[token]. Dropped routes write
-// nothing; rows past the kept total stay zero.
+// One invocation per (route, column): out[rows[route]] = x[token]. Routes with row -1
+// write nothing; rows no route names stay zero.
 @compute @workgroup_size(256)
 fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
@@ -30,13 +35,13 @@ fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     out[u32(row) * p.cols + col] = src[(route / p.k) * p.cols + col];
 }
 
-// One invocation per (token, column): y = Σ_j w[t, j] · yp[rows[t, j]], in route order,
-// accumulated in f32.
+// One invocation per (token of [t0, t0 + n / cols), column): y = Σ_j w[t, j] ·
+// yp[rows[t, j]], in route order, accumulated in f32.
 @compute @workgroup_size(256)
 fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
     if i >= p.n.x { return; }
-    let t = i / p.cols;
+    let t = p.t0 + i / p.cols;
     let col = i % p.cols;
     var acc = 0.0;
     for (var j = 0u; j < p.k; j++) {

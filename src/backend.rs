@@ -25,11 +25,13 @@ use crate::device::{returned, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::{Activation, ExpertKind};
 use crate::ops::{
-    CombineOp, ElementwiseKind, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, MlpWeights, NoiseOp,
-    Offsets, PermuteOp, Plan, PlanOp, PlanParts, PlanSpec, RouteOp, RouteSpec, RouterStatsOp, Routes, RoutesParts,
+    BlockTable, Bucket, BucketOp, BucketParts, CombineOp, DevicePlacement, ElementwiseKind, ElementwiseOp,
+    GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, MlpWeights, NoiseOp, Offsets, PermuteOp, Plan, PlanOp,
+    PlanParts, PlanSpec, RegroupOp, RouteOp, RouteRows, RouteSpec, RouterStatsOp, Routes, RoutesParts,
 };
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
+use std::ops::Range;
 
 /// A compute backend: a [`Device`] and the MoE ops on it. See the module docs for the
 /// conventions.
@@ -69,10 +71,14 @@ pub trait Backend: Device {
     fn run_route(&self, op: &RouteOp<'_, Self>) -> Result<RoutesParts<Self>>;
     /// Counts, capacity, slots, compact rows and combine weights of every route.
     fn run_plan(&self, op: &PlanOp<'_, Self>) -> Result<PlanParts<Self>>;
-    /// Gathers token rows into the compact expert-major layout.
+    /// Gathers token rows into a grouped layout (compact expert-major, or a send buffer).
     fn run_permute(&self, op: &PermuteOp<'_, Self>) -> Result<Tensor<Self>>;
     /// Weighted sum of expert outputs back to token order.
     fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<Tensor<Self>>;
+    /// Destination slot and send row of every kept route (expert parallelism).
+    fn run_bucket(&self, op: &BucketOp<'_, Self>) -> Result<BucketParts<Self>>;
+    /// Gathers blocks of rows by a block table.
+    fn run_regroup(&self, op: &RegroupOp<'_, Self>) -> Result<Tensor<Self>>;
     /// Router reductions for the losses.
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<Tensor<Self>>;
     /// Philox noise. The default draws on the host and uploads; GPU backends generate on
@@ -175,17 +181,43 @@ pub trait Backend: Device {
         let op = PlanOp::check(self, routes, spec)?;
         Plan::seal(self, &op, self.run_plan(&op)?)
     }
-    /// Gathers token rows into the compact expert-major layout: row `rows[s, j]` of the
-    /// output `[S·k, M]` is `x[s]`; rows past the kept total are zero.
-    fn permute(&self, x: &Tensor<Self>, plan: &Plan<Self>) -> Result<Tensor<Self>> {
-        let op = PermuteOp::check(self, x, plan)?;
+    /// Gathers token rows into a grouped layout: row `rows[s, j]` of the output
+    /// `[rows.bound(), M]` is `x[s]`; rows no route names are zero. With
+    /// [`Plan::route_rows`], the compact expert-major layout the experts run on.
+    fn permute(&self, x: &Tensor<Self>, rows: &RouteRows<Self>) -> Result<Tensor<Self>> {
+        let op = PermuteOp::check(self, x, rows)?;
         returned(self, "permute", self.run_permute(&op)?, &op.out_shape, DType::F32)
     }
-    /// Weighted sum back to token order: `y[s] = Σⱼ weights[s, j] · yp[rows[s, j]]`, f32
-    /// accumulation in route order, dropped routes contribute nothing.
-    fn combine(&self, yp: &Tensor<Self>, plan: &Plan<Self>) -> Result<Tensor<Self>> {
-        let op = CombineOp::check(self, yp, plan)?;
+    /// Weighted sum back to token order for the tokens in `tokens`: `y[t − t0] = Σⱼ
+    /// weights[t, j] · yp[rows[t, j]]`, f32 accumulation in route order; routes with row −1
+    /// (dropped) contribute nothing.
+    fn combine(
+        &self,
+        yp: &Tensor<Self>,
+        rows: &RouteRows<Self>,
+        weights: &Tensor<Self>,
+        tokens: Range<usize>,
+    ) -> Result<Tensor<Self>> {
+        let op = CombineOp::check(self, yp, rows, weights, tokens)?;
         returned(self, "combine", self.run_combine(&op)?, &op.out_shape, DType::F32)
+    }
+    /// Expert parallelism's bucketing by destination: for every kept route of the tokens
+    /// in `tokens`, its physical slot (replica `token % replicas` of its expert) and its row
+    /// in a send buffer ordered by slot, so by destination rank and local expert; and the
+    /// routes per slot.
+    fn bucket(
+        &self,
+        plan: &Plan<Self>,
+        placement: &DevicePlacement<Self>,
+        tokens: Range<usize>,
+    ) -> Result<Bucket<Self>> {
+        let op = BucketOp::check(self, plan, placement, tokens)?;
+        Bucket::seal(self, &op, self.run_bucket(&op)?)
+    }
+    /// Gathers row blocks: output block j is the table's input rows `in_start[j]..`.
+    fn regroup(&self, x: &Tensor<Self>, table: &BlockTable<Self>) -> Result<Tensor<Self>> {
+        let op = RegroupOp::check(self, x, table)?;
+        returned(self, "regroup", self.run_regroup(&op)?, &op.out_shape, DType::F32)
     }
     /// Reductions for the losses: `[E + 1]` f32 holding the mean score of each expert over
     /// tokens, then the mean of `logsumexp(logits)²` (Switch z-loss).

@@ -1,21 +1,26 @@
 //! The MoE layer forward, written once over the [`Backend`] trait:
 //!
 //! ```text
-//! x → gate (logits f32 → route → plan) → permute → experts (grouped) → combine
+//! x → gate (logits f32 → route → plan) → dispatch → experts (grouped) → combine
 //!   → + residual MLP (DeepSpeed coefficient) or shared experts → y
 //! ```
 //!
-//! Nothing is read back to the host inside the forward; [`LayerOutput::report`] downloads
-//! the small per-expert tensors afterwards and computes the losses.
+//! The dispatch and combine are the layer's [`Dispatcher`], chosen when it is built: local
+//! (permute and combine on this device) or expert parallel (the exchange over a transport).
+//! Nothing is read back to the host inside a local forward, and an expert-parallel one
+//! reads only the routes per expert slot; [`LayerOutput::report`] downloads the small
+//! per-expert tensors afterwards and computes the losses.
 
 use crate::backend::Backend;
 use crate::config::{ExpertSpec, LayerSpec};
 use crate::device::Tensor;
+use crate::dispatcher::{DispatchState, Dispatched, Dispatcher};
 use crate::error::{human_bytes, Error, Result};
 use crate::expert::ExpertKind;
 use crate::gate::{Gate, GateOutput};
 use crate::ops::{MlpWeights, Offsets};
 use crate::options::LayerOptions;
+use crate::parallel::ExpertParallel;
 use crate::report::Report;
 use crate::tensor::{DType, HostTensor};
 use crate::weights::{HostLayerWeights, HostMlp};
@@ -29,14 +34,15 @@ pub struct DeviceMlp<B: Backend> {
     b_out: Option<Tensor<B>>,
 }
 
-/// Intermediate tensors of the expert computation, kept for a backward pass.
+/// Intermediate tensors of the expert computation, kept for a backward pass. With expert
+/// parallelism they are this rank's experts' rows (what the exchange brought here).
 pub struct ExpertActivations<B: Backend> {
-    /// Permuted input rows, compact expert-major `[S·k, M]`.
+    /// Input rows grouped by expert: compact expert-major `[S·k, M]` when local.
     pub xp: Tensor<B>,
-    /// Pre-activation of the first projection `[S·k, N]`, kept when
+    /// Pre-activation of the first projection `[rows, N]`, kept when
     /// [`LayerOptions::keep_activations`] asks for it (never for linear experts).
     pub pre_activation: Option<Tensor<B>>,
-    /// Expert outputs before combining `[S·k, M]`.
+    /// Expert outputs before combining, in the layout of `xp`.
     pub yp: Tensor<B>,
 }
 
@@ -94,6 +100,8 @@ pub struct LayerOutput<B: Backend> {
     pub gate: GateOutput<B>,
     /// Expert intermediates (for backward).
     pub experts: ExpertActivations<B>,
+    /// What the dispatcher kept (for backward), and the time it spent exchanging.
+    pub dispatch: DispatchState<B>,
 }
 
 impl<B: Backend> LayerOutput<B> {
@@ -104,78 +112,43 @@ impl<B: Backend> LayerOutput<B> {
 }
 
 /// An input flattened to `[S, M]`, with what is needed to shape the output back.
-pub(crate) struct Flat<B: Backend> {
-    pub(crate) x: Tensor<B>,
-    pub(crate) s: usize,
-    pub(crate) m: usize,
-    pub(crate) seq: usize,
-    pub(crate) shape: Vec<usize>,
+struct Flat<B: Backend> {
+    x: Tensor<B>,
+    seq: usize,
+    shape: Vec<usize>,
 }
 
 /// One MoE layer with its weights on a backend.
 pub struct MoeLayer<B: Backend> {
     spec: LayerSpec,
-    pub(crate) gate: Gate<B>,
-    /// The routed experts this instance holds: all of them, or with `ep` the rank's share.
-    pub(crate) experts: DeviceMlp<B>,
+    gate: Gate<B>,
+    /// The routed experts this instance holds: all of them, or its dispatcher's share.
+    experts: DeviceMlp<B>,
     residual: Option<(DeviceMlp<B>, Tensor<B>, Tensor<B>)>,
     shared: Option<(DeviceMlp<B>, Option<Tensor<B>>)>,
-    /// Expert-parallel placement when built by [`MoeLayer::new_ep`].
-    pub(crate) ep: Option<crate::parallel::EpLayout>,
-    /// Replicated placement (EPLB) when built by [`MoeLayer::new_ep_placed`].
-    pub(crate) placement: Option<crate::parallel::Placement>,
+    dispatcher: Dispatcher<B>,
 }
 
 impl<B: Backend> MoeLayer<B> {
     /// Validates spec and weights and uploads the weights (router in f32, the rest in
-    /// `dtype`).
+    /// `dtype`); every expert is on this device.
     pub fn new(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
-        Self::build(backend, spec, weights, dtype, None, None)
+        Self::build(backend, spec, weights, dtype, Dispatcher::Local)
     }
 
     /// As [`MoeLayer::new`] for one rank of an expert-parallel group: the router and the
-    /// dense parts are uploaded whole, the routed experts only for the rank's share
-    /// (`layout.local()`). Run it with [`MoeLayer::forward_ep`].
+    /// dense parts are uploaded whole, the routed experts only for the rank's slots of
+    /// `ep.placement` (DeepSpeed's contiguous blocks, or an EPLB plan with replicas). A
+    /// placement over another number of ranks than the transport's is refused here.
     pub fn new_ep(
         backend: &B,
         spec: LayerSpec,
         weights: &HostLayerWeights,
         dtype: DType,
-        layout: crate::parallel::EpLayout,
+        ep: ExpertParallel<B>,
     ) -> Result<Self> {
-        if layout.num_experts != spec.num_experts {
-            return Err(Error::config(
-                "num_experts",
-                format!("layout for {} experts, layer has {}", layout.num_experts, spec.num_experts),
-            ));
-        }
-        Self::build(backend, spec, weights, dtype, Some(layout), None)
-    }
-
-    /// As [`MoeLayer::new_ep`] with the experts placed by an EPLB plan
-    /// ([`crate::parallel::Placement`]): this rank holds the experts of its slots,
-    /// replicas included, and [`MoeLayer::forward_ep`] spreads the routes to a replicated
-    /// expert over its replicas.
-    pub fn new_ep_placed(
-        backend: &B,
-        spec: LayerSpec,
-        weights: &HostLayerWeights,
-        dtype: DType,
-        rank: usize,
-        placement: crate::parallel::Placement,
-    ) -> Result<Self> {
-        let ranks = placement.ranks();
-        if placement.replicas().len() != spec.num_experts {
-            return Err(Error::config(
-                "placement",
-                format!("plan for {} experts, layer has {}", placement.replicas().len(), spec.num_experts),
-            ));
-        }
-        let layout = crate::parallel::EpLayout { rank, size: ranks, num_experts: spec.num_experts };
-        if rank >= ranks {
-            return Err(Error::config("rank", format!("rank {rank} in a group of {ranks}")));
-        }
-        Self::build(backend, spec, weights, dtype, Some(layout), Some(placement))
+        let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
+        Self::build(backend, spec, weights, dtype, dispatcher)
     }
 
     fn build(
@@ -183,24 +156,18 @@ impl<B: Backend> MoeLayer<B> {
         spec: LayerSpec,
         weights: &HostLayerWeights,
         dtype: DType,
-        ep: Option<crate::parallel::EpLayout>,
-        placement: Option<crate::parallel::Placement>,
+        dispatcher: Dispatcher<B>,
     ) -> Result<Self> {
         spec.validate()?;
         weights.validate(&spec)?;
         if !backend.capabilities().storage_dtypes.contains(&dtype) {
             return Err(Error::unsupported(backend.name(), format!("{dtype} weights")));
         }
-        let local_experts = match (&placement, ep) {
-            (Some(p), Some(l)) => p.local(l.rank).len(),
-            (None, Some(l)) => l.per_rank(),
-            _ => spec.num_experts,
-        };
-        check_memory(backend, &spec, local_experts, dtype)?;
-        let local = match (&placement, ep) {
-            (Some(p), Some(l)) => weights.experts.gather_experts(p.local(l.rank))?,
-            (None, Some(l)) => weights.experts.slice_experts(l.local())?,
-            _ => weights.experts.clone(),
+        let local_experts = dispatcher.local_experts();
+        check_memory(backend, &spec, local_experts.map_or(spec.num_experts, <[usize]>::len), dtype)?;
+        let local = match local_experts {
+            Some(ids) => weights.experts.gather_experts(ids)?,
+            None => weights.experts.clone(),
         };
         let experts = DeviceMlp::upload(backend, &local, &spec.expert, false, dtype)?;
         let residual = match &weights.residual {
@@ -219,7 +186,7 @@ impl<B: Backend> MoeLayer<B> {
             _ => None,
         };
         let gate = Gate::new(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref())?;
-        Ok(MoeLayer { spec, gate, experts, residual, shared, ep, placement })
+        Ok(MoeLayer { spec, gate, experts, residual, shared, dispatcher })
     }
 
     /// The layer's configuration.
@@ -228,7 +195,7 @@ impl<B: Backend> MoeLayer<B> {
     }
 
     /// `x` as `[S, M]`, with S, M, the sequence length and the original shape.
-    pub(crate) fn flatten_input(&self, x: &Tensor<B>) -> Result<Flat<B>> {
+    fn flatten_input(&self, x: &Tensor<B>) -> Result<Flat<B>> {
         let m = self.spec.hidden;
         let shape = x.shape().to_vec();
         if shape.len() < 2 || shape.len() > 3 || shape[shape.len() - 1] != m {
@@ -237,12 +204,12 @@ impl<B: Backend> MoeLayer<B> {
         x.expect_dtype("x", DType::F32)?;
         let s: usize = shape[..shape.len() - 1].iter().product();
         let seq = shape[shape.len() - 2];
-        Ok(Flat { x: x.reshape(&[s, m])?, s, m, seq, shape })
+        Ok(Flat { x: x.reshape(&[s, m])?, seq, shape })
     }
 
     /// Adds the residual MLP (DeepSpeed coefficient mix) or the shared experts to the
     /// routed output `y`.
-    pub(crate) fn add_dense_parts(&self, b: &B, x2: &Tensor<B>, mut y: Tensor<B>) -> Result<Tensor<B>> {
+    fn add_dense_parts(&self, b: &B, x2: &Tensor<B>, mut y: Tensor<B>) -> Result<Tensor<B>> {
         if let Some((mlp, cw, cb)) = &self.residual {
             let dense = mlp.dense(b, x2)?;
             let coef = b.linear(x2, cw, Some(cb))?;
@@ -257,17 +224,16 @@ impl<B: Backend> MoeLayer<B> {
     }
 
     /// Forward of `x` shaped `[S, M]` or `[B, T, M]` (Switch counts capacity per row of B).
+    /// An expert-parallel layer runs it on every rank of its group together (the exchange
+    /// is collective).
     pub fn forward(&self, b: &B, x: &Tensor<B>, opts: &LayerOptions) -> Result<LayerOutput<B>> {
-        if self.ep.is_some_and(|l| l.size > 1) {
-            return Err(Error::Misuse("this layer holds one rank's experts: run it with forward_ep".into()));
-        }
-        let Flat { x: x2, seq, shape, .. } = self.flatten_input(x)?;
+        let Flat { x: x2, seq, shape } = self.flatten_input(x)?;
         let gate = self.gate.forward(b, &x2, seq, &opts.gate)?;
-        let xp = b.permute(&x2, &gate.plan)?;
-        let acts = self.experts.grouped(b, xp, &gate.plan.offsets, opts.keep_activations)?;
-        let y = b.combine(&acts.yp, &gate.plan)?;
+        let Dispatched { xp, offsets, mut state } = self.dispatcher.dispatch(b, &x2, &gate.plan)?;
+        let acts = self.experts.grouped(b, xp, &offsets, opts.keep_activations)?;
+        let y = self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state)?;
         let y = self.add_dense_parts(b, &x2, y)?;
-        Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts: acts })
+        Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts: acts, dispatch: state })
     }
 }
 

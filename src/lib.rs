@@ -13,6 +13,7 @@ pub mod backend;
 pub mod config;
 pub mod device;
 pub mod device_tensor;
+pub mod dispatcher;
 pub mod error;
 pub mod expert;
 pub mod gate;

@@ -429,7 +429,13 @@ fn a_combine_with_the_wrong_rows_is_refused() {
     };
     let plan = b.plan(&routes, &spec).unwrap();
     let yp = up_f32(&b, &[5, 2], vec![0.0; 10]);
-    assert!(matches!(b.combine(&yp, &plan), Err(Error::Shape { .. })));
+    let rows = plan.route_rows();
+    assert!(matches!(b.combine(&yp, &rows, &plan.weights, 0..4), Err(Error::Shape { .. })));
+    // The right rows, but tokens past the plan's, or weights of another shape.
+    let yp = up_f32(&b, &[8, 2], vec![0.0; 16]);
+    assert!(matches!(b.combine(&yp, &rows, &plan.weights, 2..5), Err(Error::Precondition(_))));
+    assert!(matches!(b.combine(&yp, &rows, &yp, 0..4), Err(Error::Shape { .. })));
+    assert_eq!(b.combine(&yp, &rows, &plan.weights, 1..3).unwrap().shape(), &[2, 2]);
     let spec = PlanSpec { num_experts: 5, ..spec };
     assert!(matches!(b.plan(&routes, &spec), Err(Error::Shape { .. })), "routes over 3 experts, a plan for 5");
 }

@@ -1,15 +1,33 @@
-//! Expert parallelism on in-process ranks: the communicator's collectives, the layer
+//! Expert parallelism on in-process ranks: the communicator's collectives and the
+//! transport's device-row exchanges (flat, hierarchical, on split groups), the layer
 //! forward with experts spread over ranks (tensor-parallel and data-parallel token
-//! layouts) against the single-rank forward, DeepSpeed's divisibility rule, and faults
-//! (a rank that stops or errors makes its peers fail within the timeout, never hang).
+//! layouts, EPLB replicas) against the single-rank forward, what the exchange reads on
+//! the host, DeepSpeed's divisibility rule, layers refused at build, and faults (a rank
+//! that stops or errors makes its peers fail within the timeout, never hang).
 
 mod common;
 
 use moe_cpu::CpuBackend;
 use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec, Mode};
-use moe_engine::parallel::{in_process, Communicator, EpLayout, Placement, TokenLayout};
+use moe_engine::parallel::{
+    in_process, Communicator, ExpertParallel, Hierarchical, InProcessComm, Placement, RowCounts, Segment, TokenLayout,
+    Transport,
+};
 use moe_engine::{golden, stack, Activation, DType, Device, Error, ExpertKind, HostTensor, LayerOptions, MoeLayer};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The DeepSpeed-placed expert-parallel layer of `comm`'s rank.
+fn ep_layer(
+    b: &CpuBackend,
+    spec: LayerSpec,
+    weights: &moe_engine::weights::HostLayerWeights,
+    comm: InProcessComm,
+    tokens: TokenLayout,
+) -> moe_engine::Result<MoeLayer<CpuBackend>> {
+    let ep = ExpertParallel::deepspeed(Arc::new(comm), spec.num_experts, tokens)?;
+    MoeLayer::new_ep(b, spec, weights, DType::F32, ep)
+}
 
 #[test]
 fn collectives_move_variable_sized_data_between_ranks() {
@@ -82,14 +100,14 @@ fn data_parallel_shards_match_single_rank_runs_on_each_shard() {
             let (spec, weights, opts, shard) = (spec.clone(), &weights, &opts, shards[c.rank()].clone());
             s.spawn(move || {
                 let b = CpuBackend::new(Some(1)).unwrap();
-                let layout = EpLayout::new(6, c.rank(), 3).unwrap();
-                let layer = MoeLayer::new_ep(&b, spec.clone(), weights, DType::F32, layout).unwrap();
+                let rank = c.rank();
+                let layer = ep_layer(&b, spec.clone(), weights, c, TokenLayout::Sharded).unwrap();
                 let x = b.upload(&shard).unwrap();
-                let y = layer.forward_ep(&b, &x, opts, &c, TokenLayout::Sharded).unwrap().y;
+                let y = layer.forward(&b, &x, opts).unwrap().y;
                 let single = MoeLayer::new(&b, spec, weights, DType::F32).unwrap().forward(&b, &x, opts).unwrap().y;
                 let (a, w) = (b.download(&y).unwrap().to_f64(), b.download(&single).unwrap().to_f64());
                 let err = golden::rel_l2(&a, &w);
-                assert!(err < 1e-6, "rank {}: rel L2 {err} against the single-rank run on its shard", c.rank());
+                assert!(err < 1e-6, "rank {rank}: rel L2 {err} against the single-rank run on its shard");
             });
         }
     });
@@ -97,7 +115,7 @@ fn data_parallel_shards_match_single_rank_runs_on_each_shard() {
 
 #[test]
 fn expert_count_not_divisible_by_ranks_is_a_config_error() {
-    let err = EpLayout::new(8, 0, 3).unwrap_err();
+    let err = Placement::contiguous(8, 3).unwrap_err();
     assert!(matches!(err, Error::Config { ref field, .. } if field == "ep_size"), "{err}");
     assert!(err.to_string().contains("divide"), "{err}");
     let root = common::golden_dir().join("22_hf_mixtral");
@@ -120,15 +138,15 @@ fn a_rank_that_stops_or_errors_makes_the_others_fail_within_the_timeout() {
                     let (spec, weights) = (spec.clone(), &weights);
                     s.spawn(move || -> Result<(), Error> {
                         let b = CpuBackend::new(Some(1))?;
-                        let layer = MoeLayer::new_ep(&b, spec, weights, DType::F32, EpLayout::new(4, c.rank(), 4)?)?;
-                        let rows = if c.rank() == 3 && failing == "errors" { 7 } else { 8 };
-                        if c.rank() == 3 && failing == "stops" {
+                        let rank = c.rank();
+                        if rank == 3 && failing == "stops" {
                             drop(c);
                             return Ok(());
                         }
+                        let layer = ep_layer(&b, spec, weights, c, TokenLayout::Replicated)?;
                         // Rank 3 "errors": a wrong input shape fails before any collective.
-                        let x = b.upload(&tokens(8, if rows == 7 { 23 } else { 24 }, 1))?;
-                        layer.forward_ep(&b, &x, &LayerOptions::default(), &c, TokenLayout::Replicated).map(|_| ())
+                        let x = b.upload(&tokens(8, if rank == 3 { 23 } else { 24 }, 1))?;
+                        layer.forward(&b, &x, &LayerOptions::default()).map(|_| ())
                     })
                 })
                 .collect();
@@ -148,25 +166,55 @@ fn a_rank_that_stops_or_errors_makes_the_others_fail_within_the_timeout() {
     }
 }
 
+/// Rank `r`'s rows for every destination, tagged (source, destination, row), and the
+/// count matrix: `r` sends `(3r + d) % 5` rows to `d`.
+fn tagged_rows(b: &CpuBackend, n: usize, r: usize) -> (moe_engine::Tensor<CpuBackend>, RowCounts) {
+    let count = |src: usize, dst: usize| (3 * src + dst) % 5;
+    let counts = RowCounts::new(n, (0..n * n).map(|i| count(i / n, i % n)).collect()).unwrap();
+    let v: Vec<f32> = (0..n).flat_map(|d| (0..count(r, d)).flat_map(move |i| [r as f32, d as f32, i as f32])).collect();
+    (b.upload(&HostTensor::f32(&[v.len() / 3, 3], v).unwrap()).unwrap(), counts)
+}
+
 #[test]
 fn hierarchical_exchange_on_two_nodes_of_four_equals_the_flat_one() {
-    use moe_engine::parallel::Hierarchical;
+    assert!(Hierarchical::new(in_process(8, Duration::from_secs(1)).remove(0), 3).is_err());
     let comms = in_process(8, Duration::from_secs(10));
     std::thread::scope(|s| {
         for c in comms {
             s.spawn(move || {
+                let b = CpuBackend::new(Some(1)).unwrap();
                 let r = c.rank();
-                let send = |tag: u8| -> Vec<Vec<u8>> {
-                    (0..8).map(|d| vec![tag ^ (16 * r + d) as u8; (r * 3 + d) % 5]).collect()
-                };
-                let flat = c.all_to_all_v(send(0)).unwrap();
-                let h = Hierarchical::new(&c, 4).unwrap();
-                let two_d = h.all_to_all_v(send(0)).unwrap();
+                let (x, counts) = tagged_rows(&b, 8, r);
+                let flat = b.download(&c.all_to_all_rows(&b, &x, &counts).unwrap()).unwrap();
+                // What arrived: every source's rows for this rank, by source, in order.
+                let want: Vec<f32> = (0..8)
+                    .flat_map(|src| (0..(3 * src + r) % 5).flat_map(move |i| [src as f32, r as f32, i as f32]))
+                    .collect();
+                assert_eq!(flat.as_f32("flat").unwrap(), &want[..], "rank {r}");
+                let h = Hierarchical::new(c, 4).unwrap();
+                let two_d = b.download(&h.all_to_all_rows(&b, &x, &counts).unwrap()).unwrap();
                 assert_eq!(flat, two_d, "rank {r}");
-                assert!(Hierarchical::new(&c, 3).is_err());
             });
         }
     });
+}
+
+#[test]
+fn exchange_segments_outside_their_tensors_or_overlapping_are_refused() {
+    let c = in_process(2, Duration::from_millis(200)).remove(0);
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let x = b.upload(&HostTensor::f32(&[3, 2], vec![0.0; 6]).unwrap()).unwrap();
+    let seg = |peer, start, rows| Segment { peer, start, rows };
+    // Past the rows sent, a peer outside the group, overlapping receives, own rows unmatched.
+    for (sends, recvs, rows) in [
+        (vec![seg(0, 2, 2)], vec![seg(0, 0, 2)], 2),
+        (vec![seg(2, 0, 1)], vec![], 0),
+        (vec![seg(0, 0, 2)], vec![seg(0, 0, 2), seg(1, 1, 2)], 4),
+        (vec![seg(0, 0, 2)], vec![seg(0, 0, 1)], 2),
+    ] {
+        let err = c.exchange(&b, &x, &sends, &recvs, rows).unwrap_err();
+        assert!(matches!(err, Error::Internal(_)), "{sends:?} {recvs:?}: {err}");
+    }
 }
 
 #[test]
@@ -199,14 +247,13 @@ fn a_layer_placed_by_eplb_with_replicas_matches_the_single_rank_forward() {
             let (spec, weights, x, want, plan) = (spec.clone(), &weights, x.clone(), &want, &plan);
             s.spawn(move || {
                 let b = CpuBackend::new(Some(1)).unwrap();
+                let rank = c.rank();
                 let placement = Placement::from_plan(plan, 0, 4).unwrap();
-                let layer = MoeLayer::new_ep_placed(&b, spec, weights, DType::F32, c.rank(), placement).unwrap();
-                let y = layer
-                    .forward_ep(&b, &b.upload(&x).unwrap(), &LayerOptions::default(), &c, TokenLayout::Replicated)
-                    .unwrap()
-                    .y;
+                let ep = ExpertParallel { transport: Arc::new(c), placement, tokens: TokenLayout::Replicated };
+                let layer = MoeLayer::new_ep(&b, spec, weights, DType::F32, ep).unwrap();
+                let y = layer.forward(&b, &b.upload(&x).unwrap(), &LayerOptions::default()).unwrap().y;
                 let err = golden::rel_l2(&b.download(&y).unwrap().to_f64(), want);
-                assert!(err < 1e-6, "rank {}: rel L2 {err}", c.rank());
+                assert!(err < 1e-6, "rank {rank}: rel L2 {err}");
             });
         }
     });
@@ -230,10 +277,14 @@ fn deepspeed_expert_and_expert_data_parallel_groups_by_split() {
                 // Sums stay within each group.
                 assert_eq!(ep.all_reduce_sum(&[r as f32]).unwrap(), vec![if r < 4 { 6.0 } else { 22.0 }]);
                 assert_eq!(edp.all_reduce_sum(&[r as f32]).unwrap(), vec![(2 * (r % 4) + 4) as f32]);
-                // A sub-group runs the expert-parallel exchange on its own.
-                let got = ep.all_to_all_v((0..4).map(|d| vec![(r * 10 + d) as u8]).collect()).unwrap();
+                // A sub-group runs the expert-parallel exchange on its own, on device rows.
+                let b = CpuBackend::new(Some(1)).unwrap();
+                let x = b.upload(&HostTensor::i32(&[4, 1], (0..4).map(|d| (r * 10 + d) as i32).collect()).unwrap());
+                let counts = RowCounts::new(4, vec![1; 16]).unwrap();
+                let got = b.download(&ep.all_to_all_rows(&b, &x.unwrap(), &counts).unwrap()).unwrap();
                 let block = r / 4 * 4;
-                assert_eq!(got, (0..4).map(|src| vec![((block + src) * 10 + r % 4) as u8]).collect::<Vec<_>>());
+                let want: Vec<i32> = (0..4).map(|src| ((block + src) * 10 + r % 4) as i32).collect();
+                assert_eq!(got.as_i32("rows").unwrap(), &want[..]);
             });
         }
     });
@@ -281,4 +332,122 @@ fn non_finite_eplb_loads_are_refused_naming_the_expert() {
         let err = rebalance_experts(&[loads], 32, 1, 1, 4).unwrap_err();
         assert!(err.to_string().contains("expert 17"), "{bad}: {err}");
     }
+}
+
+#[test]
+fn a_layer_placed_over_another_number_of_ranks_is_refused_when_built() {
+    let spec = spec(8, GateSpec::SoftmaxTopK { k: 2, normalize: true });
+    let weights = stack::random_weights(&spec, 4).unwrap();
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let c = in_process(2, Duration::from_secs(1)).remove(0);
+    let ep = ExpertParallel {
+        transport: Arc::new(c),
+        placement: Placement::contiguous(8, 4).unwrap(),
+        tokens: TokenLayout::Replicated,
+    };
+    let Err(err) = MoeLayer::new_ep(&b, spec, &weights, DType::F32, ep) else { panic!("a layer for 4 ranks on 2") };
+    assert!(matches!(err, Error::Config { ref field, .. } if field == "ep_size"), "{err}");
+    assert!(err.to_string().contains("4 ranks") && err.to_string().contains("has 2"), "{err}");
+}
+
+/// The in-process transport, counting what its staging downloads.
+struct Counted {
+    inner: InProcessComm,
+    staged: std::sync::atomic::AtomicU64,
+}
+
+impl Communicator for Counted {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_gather(&self, data: Vec<u8>) -> moe_engine::Result<Vec<Vec<u8>>> {
+        self.inner.all_gather(data)
+    }
+    fn split(&self, _: usize, _: usize) -> moe_engine::Result<Self> {
+        Err(Error::Misuse("not split in this test".into()))
+    }
+}
+
+impl Transport<CpuBackend> for Counted {
+    fn run_exchange(
+        &self,
+        b: &CpuBackend,
+        x: &moe_engine::Tensor<CpuBackend>,
+        sends: &[Segment],
+        recvs: &[Segment],
+        rows: usize,
+    ) -> moe_engine::Result<moe_engine::Tensor<CpuBackend>> {
+        let before = b.downloads();
+        let out = self.inner.run_exchange(b, x, sends, recvs, rows);
+        self.staged.fetch_add(b.downloads() - before, std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+}
+
+#[test]
+fn the_exchange_reads_only_the_routes_per_slot_on_the_host() {
+    let spec = spec(8, GateSpec::SoftmaxTopK { k: 2, normalize: true });
+    let weights = stack::random_weights(&spec, 6).unwrap();
+    let x = tokens(21, 24, 3);
+    // A local forward reads nothing.
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let xt = b.upload(&x).unwrap();
+    let layer = MoeLayer::new(&b, spec.clone(), &weights, DType::F32).unwrap();
+    let before = b.downloads();
+    let _out = layer.forward(&b, &xt, &LayerOptions::default()).unwrap();
+    assert_eq!(b.downloads(), before, "a local forward downloads nothing");
+    for tokens in [TokenLayout::Replicated, TokenLayout::Sharded] {
+        let comms = in_process(4, Duration::from_secs(30));
+        std::thread::scope(|s| {
+            for c in comms {
+                let (spec, weights, x) = (spec.clone(), &weights, x.clone());
+                s.spawn(move || {
+                    let b = CpuBackend::new(Some(1)).unwrap();
+                    let t = Arc::new(Counted { inner: c, staged: Default::default() });
+                    let placement = Placement::contiguous(8, 4).unwrap();
+                    let ep = ExpertParallel { transport: t.clone(), placement, tokens };
+                    let layer = MoeLayer::new_ep(&b, spec, weights, DType::F32, ep).unwrap();
+                    let xt = b.upload(&x).unwrap();
+                    for _ in 0..2 {
+                        let (before, staged) = (b.downloads(), t.staged.load(std::sync::atomic::Ordering::Relaxed));
+                        let out = layer.forward(&b, &xt, &LayerOptions::default()).unwrap();
+                        let staged = t.staged.load(std::sync::atomic::Ordering::Relaxed) - staged;
+                        assert_eq!(b.downloads() - before - staged, 1, "{tokens:?}: one read, the routes per slot");
+                        assert!(out.dispatch.exchange_time() > Duration::ZERO);
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[test]
+fn sharded_ranks_with_eplb_replicas_match_single_rank_runs_on_each_shard() {
+    let spec = spec(4, GateSpec::SoftmaxTopK { k: 2, normalize: true });
+    let weights = stack::random_weights(&spec, 8).unwrap();
+    // 6 slots over 2 ranks: experts 0 and 1 twice, once on each rank.
+    let placement = Placement::new(vec![0, 1, 2, 1, 0, 3], 2, 4).unwrap();
+    let opts = LayerOptions::default();
+    let comms = in_process(2, Duration::from_secs(30));
+    std::thread::scope(|s| {
+        for c in comms {
+            let (spec, weights, opts, placement) = (spec.clone(), &weights, &opts, placement.clone());
+            s.spawn(move || {
+                let b = CpuBackend::new(Some(1)).unwrap();
+                let rank = c.rank();
+                let x = b.upload(&tokens(13 + 4 * rank, 24, 40 + rank as u32)).unwrap();
+                let ep = ExpertParallel { transport: Arc::new(c), placement, tokens: TokenLayout::Sharded };
+                let y = MoeLayer::new_ep(&b, spec.clone(), weights, DType::F32, ep).unwrap().forward(&b, &x, opts);
+                let single = MoeLayer::new(&b, spec, weights, DType::F32).unwrap().forward(&b, &x, opts).unwrap().y;
+                let err = golden::rel_l2(
+                    &b.download(&y.unwrap().y).unwrap().to_f64(),
+                    &b.download(&single).unwrap().to_f64(),
+                );
+                assert!(err < 1e-6, "rank {rank}: rel L2 {err}");
+            });
+        }
+    });
 }

@@ -4,7 +4,8 @@
 //! family is compiled with; and no shader or kernel declares a parameter block of its own.
 
 use moe_engine::kernel_abi::{
-    Abi, CastParams, ElementwiseParams, MatmulParams, NoiseParams, PermuteParams, PlanParams, RouteParams, StatsParams,
+    Abi, BucketParams, CastParams, ElementwiseParams, MatmulParams, NoiseParams, PermuteParams, PlanParams,
+    RegroupParams, RouteParams, StatsParams,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,6 +26,8 @@ fn abi() -> Vec<(&'static str, &'static [&'static str], Option<&'static str>)> {
         one::<MatmulParams>(Some("matmul")),
         one::<ElementwiseParams>(Some("elementwise")),
         one::<PermuteParams>(Some("permute")),
+        one::<BucketParams>(Some("bucket")),
+        one::<RegroupParams>(Some("regroup")),
         one::<NoiseParams>(Some("philox")),
         one::<StatsParams>(Some("stats")),
         one::<CastParams>(None),

@@ -5,9 +5,10 @@ use crate::error::{CliError, CliResult};
 use crate::out;
 use moe_engine::config::{ExpertSpec, GateSpec, LayerSpec};
 use moe_engine::error::human_bytes;
-use moe_engine::parallel::Communicator;
+use moe_engine::parallel::{Communicator, ExpertParallel, TokenLayout, Transport};
 use moe_engine::{stack, Activation, Backend, DType, Device, ExpertKind, HostTensor, LayerOptions, MoeLayer, Result};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What to benchmark.
@@ -128,9 +129,6 @@ fn layer(a: LayerArgs) -> CliResult<ExitCode> {
     }
     let kind = a.backend.backend.unwrap_or(BackendKind::Cpu);
     if a.ep > 1 {
-        if kind != BackendKind::Cpu {
-            return Err(CliError::flag("--ep", format!("runs in-process cpu ranks; got --backend {}", kind.name())));
-        }
         if !a.experts.is_multiple_of(a.ep) {
             return Err(CliError::flag("--ep", format!("{} ranks must divide --experts {}", a.ep, a.experts)));
         }
@@ -164,8 +162,14 @@ fn layer(a: LayerArgs) -> CliResult<ExitCode> {
     dispatch(&a.backend, BackendKind::Cpu, per_rank, Bench { a: &a })
 }
 
+/// Forward times and the part of each spent in the exchange, in ms.
+struct Times {
+    forward: Vec<f64>,
+    exchange: Vec<f64>,
+}
+
 /// What a rank of `--ep` returns: rank 0 its times and device, the others nothing.
-type RankResult = CliResult<Option<(Vec<f64>, moe_engine::Capabilities)>>;
+type RankResult = CliResult<Option<(Times, moe_engine::Capabilities)>>;
 
 struct Bench<'a> {
     a: &'a LayerArgs,
@@ -191,7 +195,7 @@ impl OnBackend for Bench<'_> {
                     s.spawn(move || {
                         let rank = c.rank();
                         let b = open(rank)?;
-                        let times = time_layer(&b, a, Some(&c))?;
+                        let times = time_layer(&b, a, Some(Arc::new(c)))?;
                         Ok((rank == 0).then(|| (times, b.capabilities().clone())))
                     })
                 })
@@ -207,7 +211,8 @@ impl OnBackend for Bench<'_> {
             }
         }
         let (times, caps) = rank0.ok_or_else(|| moe_engine::Error::Internal("rank 0 returned nothing".into()))?;
-        let setup = format!(" ({} ranks x {} threads, experts spread over ranks)", a.ep, caps.threads);
+        let threads = if caps.threads > 0 { format!(" x {} threads", caps.threads) } else { String::new() };
+        let setup = format!(" ({} in-process ranks{threads}, experts spread over ranks)", a.ep);
         report(a, kind, &caps, times, &setup)
     }
 }
@@ -242,28 +247,31 @@ fn check_device<B: Backend>(b: &B, a: &LayerArgs) -> CliResult<()> {
 
 /// `--nccl`: this process is one rank of a torchrun-style job.
 fn layer_nccl(a: &LayerArgs) -> CliResult<ExitCode> {
-    let comm = moe_cuda::NcclComm::from_env(std::time::Duration::from_secs(300))?;
     let local = moe_engine::parallel::LaunchEnv::from_env()?.local_rank;
     let b = moe_cuda::CudaBackend::new(local)?;
+    let comm = Arc::new(moe_cuda::NcclComm::from_env(&b, std::time::Duration::from_secs(300))?);
     check_device(&b, a)?;
-    let times = time_layer(&b, a, Some(&comm))?;
-    if comm.rank() != 0 {
+    let (rank, size) = (comm.rank(), comm.size());
+    let times = time_layer(&b, a, Some(comm))?;
+    if rank != 0 {
         return Ok(ExitCode::SUCCESS);
     }
-    let setup = format!(" ({} NCCL ranks, experts spread over ranks)", comm.size());
+    let setup = format!(" ({size} NCCL ranks, experts spread over ranks)");
     report(a, BackendKind::Cuda, b.capabilities(), times, &setup)
 }
 
-/// Forward times in ms (after two warm-up runs); with `comm`, this rank's part of an
-/// expert-parallel layer. A progress bar shows on a terminal (rank 0).
-fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<&dyn Communicator>) -> CliResult<Vec<f64>> {
+/// Forward times in ms (after two warm-up runs), and the part of each spent in the
+/// exchange; with `comm`, this rank's part of an expert-parallel layer. A progress bar
+/// shows on a terminal (rank 0).
+fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<Arc<dyn Transport<B>>>) -> CliResult<Times> {
     let spec = a.spec();
     let dtype = a.dtype.dtype();
     let weights = stack::random_weights(&spec, 1)?;
-    let layer = match comm {
+    let leader = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    let layer = match &comm {
         Some(c) => {
-            let layout = moe_engine::parallel::EpLayout::new(spec.num_experts, c.rank(), c.size())?;
-            MoeLayer::new_ep(b, spec, &weights, dtype, layout)?
+            let ep = ExpertParallel::deepspeed(c.clone(), spec.num_experts, TokenLayout::Replicated)?;
+            MoeLayer::new_ep(b, spec, &weights, dtype, ep)?
         }
         None => MoeLayer::new(b, spec, &weights, dtype)?,
     };
@@ -276,27 +284,21 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<&dyn Communicator>)
     let x = b.upload(&HostTensor::f32(&[t, h], x)?)?;
     let opts = LayerOptions::default();
     let iters = a.iters as usize;
-    let bar = if comm.is_none_or(|c| c.rank() == 0) {
-        indicatif::ProgressBar::new((iters + 2) as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = if leader { indicatif::ProgressBar::new((iters + 2) as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} forwards (2 warm-up)").expect("static template"),
     );
-    let mut times = Vec::with_capacity(iters);
+    let mut times = Times { forward: Vec::with_capacity(iters), exchange: Vec::with_capacity(iters) };
     for i in 0..iters + 2 {
-        if let Some(c) = comm {
+        if let Some(c) = &comm {
             c.barrier()?;
         }
         let t0 = Instant::now();
-        let out = match comm {
-            Some(c) => layer.forward_ep(b, &x, &opts, c, moe_engine::parallel::TokenLayout::Replicated)?,
-            None => layer.forward(b, &x, &opts)?,
-        };
+        let out = layer.forward(b, &x, &opts)?;
         b.download(&out.y)?;
         if i >= 2 {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            times.forward.push(t0.elapsed().as_secs_f64() * 1e3);
+            times.exchange.push(out.dispatch.exchange_time().as_secs_f64() * 1e3);
         }
         bar.inc(1);
     }
@@ -304,19 +306,23 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<&dyn Communicator>)
     Ok(times)
 }
 
+/// The median of `v` (sorted in place) and its minimum.
+fn median_min(v: &mut [f64]) -> Option<(f64, f64)> {
+    v.sort_by(f64::total_cmp);
+    Some((*v.get(v.len() / 2)?, *v.first()?))
+}
+
 /// Prints median and min ms, tokens/s and GFLOP/s (or one JSON object).
 fn report(
     a: &LayerArgs,
     kind: BackendKind,
     caps: &moe_engine::Capabilities,
-    mut times: Vec<f64>,
+    mut times: Times,
     setup: &str,
 ) -> CliResult<ExitCode> {
-    times.sort_by(f64::total_cmp);
-    let (median, min) = match (times.get(times.len() / 2), times.first()) {
-        (Some(&m), Some(&n)) => (m, n),
-        _ => return Err(moe_engine::Error::Internal("no timed iterations".into()).into()),
-    };
+    let no_times = || moe_engine::Error::Internal("no timed iterations".into());
+    let (median, min) = median_min(&mut times.forward).ok_or_else(no_times)?;
+    let (exchange, _) = median_min(&mut times.exchange).ok_or_else(no_times)?;
     // FLOPs of the expert products: 2 · tokens · k · (3 · hidden · ffn).
     let flops = 2.0 * a.tokens as f64 * a.top_k as f64 * 3.0 * a.hidden as f64 * a.ffn as f64;
     let tps = a.tokens as f64 / (median / 1e3);
@@ -326,7 +332,7 @@ fn report(
         let v = serde_json::json!({
             "backend": kind.name(), "device": caps.device, "threads": caps.threads, "ep": a.ep, "dtype": dtype.to_string(),
             "hidden": a.hidden, "ffn": a.ffn, "experts": a.experts, "top_k": a.top_k, "tokens": a.tokens, "iters": a.iters,
-            "median_ms": median, "min_ms": min, "tokens_per_s": tps, "gflops": gflops,
+            "median_ms": median, "min_ms": min, "tokens_per_s": tps, "gflops": gflops, "exchange_median_ms": exchange,
         });
         out!("{v}")?;
     } else {
@@ -341,6 +347,10 @@ fn report(
             a.tokens
         )?;
         out!("median {median:.2} ms  min {min:.2} ms  {tps:.0} tokens/s  {gflops:.1} GFLOP/s")?;
+        if a.ep > 1 || a.nccl {
+            let share = 100.0 * exchange / median;
+            out!("exchange (count gather, all-to-all both ways, output gather) median {exchange:.2} ms, {share:.0}% of the forward")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

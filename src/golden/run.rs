@@ -11,10 +11,11 @@ use crate::gate::Gate;
 use crate::import::{deepspeed, hf};
 use crate::layer::MoeLayer;
 use crate::options::{GateOptions, LayerOptions, NoiseOverrides};
-use crate::parallel::Communicator;
+use crate::parallel::{Communicator, ExpertParallel, Hierarchical, TokenLayout, Transport};
 use crate::tensor::{DType, HostTensor};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Runs one case folder on backend `b` and compares every expected output.
 pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
@@ -53,12 +54,9 @@ where
                     let rank = comm.rank();
                     let body = || -> Result<CaseResult> {
                         let b = make(rank)?;
-                        if per_node > 0 {
-                            let h = crate::parallel::Hierarchical::new(&comm, per_node)?;
-                            run_case_on(&b, case, Some(&h))
-                        } else {
-                            run_case_on(&b, case, Some(&comm))
-                        }
+                        let transport: Arc<dyn Transport<B>> =
+                            if per_node > 0 { Arc::new(Hierarchical::new(comm, per_node)?) } else { Arc::new(comm) };
+                        run_case_on(&b, case, Some(transport))
                     };
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
                         let msg = p
@@ -123,7 +121,7 @@ fn options(case: &Case) -> Result<LayerOptions> {
     Ok(LayerOptions { gate: GateOptions { mode: m.mode, seed: 0, noise, used_token }, keep_activations: false })
 }
 
-fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<&dyn Communicator>) -> Result<CaseResult> {
+fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<Arc<dyn Transport<B>>>) -> Result<CaseResult> {
     let x = case.x()?;
     let opts = options(case)?;
     let cfg = &case.meta.config;
@@ -184,10 +182,9 @@ fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<&dyn Communicator>) ->
             };
             let out = match ep {
                 None => MoeLayer::new(b, spec, &weights, DType::F32)?.forward(b, &b.upload(&x)?, &opts)?,
-                Some(comm) => {
-                    let layout = crate::parallel::EpLayout::new(spec.num_experts, comm.rank(), comm.size())?;
-                    let layer = MoeLayer::new_ep(b, spec, &weights, DType::F32, layout)?;
-                    layer.forward_ep(b, &b.upload(&x)?, &opts, comm, crate::parallel::TokenLayout::Replicated)?
+                Some(transport) => {
+                    let ep = ExpertParallel::deepspeed(transport, spec.num_experts, TokenLayout::Replicated)?;
+                    MoeLayer::new_ep(b, spec, &weights, DType::F32, ep)?.forward(b, &b.upload(&x)?, &opts)?
                 }
             };
             let rep = out.report(b)?;

@@ -13,6 +13,7 @@
 //! than 4 GiB so the high word is 0); structs are padded with `_pad*` fields to a
 //! multiple of 16 bytes, as WGSL uniform blocks require.
 
+pub mod bucket;
 pub mod plan;
 
 use bytemuck::{Pod, Zeroable};
@@ -171,12 +172,56 @@ abi_struct! {
 abi_struct! {
     /// Permute and combine (shaders/permute.wgsl, kernels/permute.cu).
     PermuteParams {
-        /// Output elements.
+        /// Invocations: routes × M (permute), combined tokens × M (combine).
         n: u64,
         /// Row length M.
         cols: u32,
         /// Routes per token.
         k: u32,
+        /// combine: the first token of the range combined (output row 0).
+        t0: u32,
+        /// Padding.
+        _pad0: u32,
+        /// Padding.
+        _pad1: u32,
+        /// Padding.
+        _pad2: u32,
+    }
+}
+
+abi_struct! {
+    /// The expert-parallel bucketing passes (shaders/exchange.wgsl, kernels/exchange.cu):
+    /// the send row and destination slot of every kept route of this rank's tokens.
+    BucketParams {
+        /// Tokens S.
+        s: u32,
+        /// Routes per token.
+        k: u32,
+        /// Logical experts E.
+        e: u32,
+        /// Physical expert slots P over all ranks (slot p on rank p / slots_per_rank).
+        slots: u32,
+        /// First token this rank sends.
+        t0: u32,
+        /// End of the tokens this rank sends.
+        t1: u32,
+        /// Padding.
+        _pad0: u32,
+        /// Padding.
+        _pad1: u32,
+    }
+}
+
+abi_struct! {
+    /// Block regrouping of rows (shaders/exchange.wgsl `regroup`, kernels/exchange.cu):
+    /// output rows `out_start[j]..out_start[j + 1]` are input rows from `in_start[j]`.
+    RegroupParams {
+        /// Output elements (rows × M).
+        n: u64,
+        /// Row length M.
+        cols: u32,
+        /// Blocks of the table.
+        blocks: u32,
     }
 }
 
@@ -286,6 +331,8 @@ mod tests {
         check::<MatmulParams>();
         check::<ElementwiseParams>();
         check::<PermuteParams>();
+        check::<BucketParams>();
+        check::<RegroupParams>();
         check::<NoiseParams>();
         check::<StatsParams>();
         check::<CastParams>();

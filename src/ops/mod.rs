@@ -12,11 +12,14 @@
 //! verify the shapes of what it returned.
 //!
 //! Tensors whose values index memory are typed so that safe code cannot forge them:
-//! [`Routes`] (expert ids), [`Plan`] (compact rows) and [`Offsets`] (group boundaries)
-//! come from the ops that compute them or from host data checked on the way in.
+//! [`Routes`] (expert ids), [`Plan`] (compact rows), [`RouteRows`] (the row of every
+//! route in a grouped layout), [`Offsets`] (group boundaries), [`DevicePlacement`]
+//! (expert slots) and [`BlockTable`] (row blocks) come from the ops that compute them or
+//! from host data checked on the way in.
 
 mod dispatch;
 mod elementwise;
+mod exchange;
 mod matmul;
 mod noise;
 mod plan;
@@ -24,8 +27,9 @@ mod route;
 mod route_check;
 mod stats;
 
-pub use dispatch::{CombineOp, PermuteOp};
+pub use dispatch::{CombineOp, PermuteOp, RouteRows};
 pub use elementwise::{ElementwiseKind, ElementwiseOp};
+pub use exchange::{BlockTable, Bucket, BucketOp, BucketParts, DevicePlacement, RegroupOp};
 pub use matmul::{GroupedLinearOp, GroupedMlpOp, LinearOp, MatDims, MlpOutput, MlpWeights, Offsets};
 pub use noise::NoiseOp;
 pub use plan::{deepspeed_capacity, CapacityRule, KeepPolicy, Plan, PlanOp, PlanParts, PlanSpec, StaticCapacity};
@@ -48,6 +52,15 @@ pub(crate) fn f32_tensor<'t, Buf: DeviceBuffer>(name: &str, t: &'t DeviceTensor<
 pub(crate) fn f32_matrix<Buf: DeviceBuffer>(name: &str, t: &DeviceTensor<Buf>) -> Result<(usize, usize)> {
     let dims = t.dims2(name)?;
     t.expect_dtype(name, DType::F32)?;
+    Ok(dims)
+}
+
+/// The dimensions of a matrix of f32 or i32 values (what transports move), or an error.
+pub(crate) fn f32_or_i32_matrix<Buf: DeviceBuffer>(name: &str, t: &DeviceTensor<Buf>) -> Result<(usize, usize)> {
+    let dims = t.dims2(name)?;
+    if !matches!(t.dtype(), DType::F32 | DType::I32) {
+        return Err(Error::dtype(name, "f32 or i32", t.dtype()));
+    }
     Ok(dims)
 }
 

@@ -1,31 +1,32 @@
-//! Communicators. Collectives move host bytes: a backend stages device data through the
-//! host (the in-process communicator), or exchanges device buffers directly (NCCL, in
-//! `moe-cuda`). Every collective has a deadline: a rank that errors or stops makes its
-//! peers return [`Error::Communication`] instead of hanging.
+//! Communicators: the control plane of a group of ranks (small host values: split
+//! colours, ids, barriers, scalar reductions). The rows themselves move through a
+//! [`super::Transport`], which moves device tensors. The in-process communicator here runs
+//! N ranks as threads; every collective has a deadline, so a rank that errors or stops
+//! makes its peers return [`Error::Communication`] instead of hanging.
 
 use crate::error::{Error, Result};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The collectives the expert-parallel layer needs. Data are bytes; the typed helpers
-/// ([`all_to_all_v_f32`], ...) wrap them.
+/// The control plane of a group of ranks: small host values. The expert-parallel rows
+/// move through [`super::Transport`] (device tensors), whose implementors are
+/// communicators too.
 pub trait Communicator: Send + Sync {
     /// This rank, `0..size`.
     fn rank(&self) -> usize;
     /// Ranks in the group.
     fn size(&self) -> usize;
-    /// Variable all-to-all: `send[dst]` goes to rank `dst`; returns what each rank sent
-    /// here, indexed by source. Counts are exchanged first, then the rows.
-    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
     /// Every rank's `data`, indexed by rank.
     fn all_gather(&self, data: Vec<u8>) -> Result<Vec<Vec<u8>>>;
 
     /// Splits the group (collectively: every rank calls it): ranks passing the same
-    /// `color` form a new group, ordered by `key` then by rank. DeepSpeed's
-    /// expert-parallel and expert-data-parallel groups are such splits
+    /// `color` form a new group of the same kind, ordered by `key` then by rank.
+    /// DeepSpeed's expert-parallel and expert-data-parallel groups are such splits
     /// ([`ExpertGroups`]).
-    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+    fn split(&self, color: usize, key: usize) -> Result<Self>
+    where
+        Self: Sized;
 
     /// Returns when every rank has reached it.
     fn barrier(&self) -> Result<()> {
@@ -79,7 +80,7 @@ impl ExpertGroups {
     }
 
     /// Splits `world` into this rank's (expert-parallel, expert-data-parallel) groups.
-    pub fn split(world: &dyn Communicator, ep_size: usize) -> Result<(Box<dyn Communicator>, Box<dyn Communicator>)> {
+    pub fn split<C: Communicator>(world: &C, ep_size: usize) -> Result<(C, C)> {
         Self::new(world.size(), ep_size)?;
         let r = world.rank();
         let ep = world.split(r / ep_size, r)?;
@@ -93,18 +94,6 @@ impl ExpertGroups {
 pub(crate) fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(timeout).or_else(|| now.checked_add(Duration::from_secs(u32::MAX as u64))).unwrap_or(now)
-}
-
-/// [`Communicator::all_to_all_v`] on f32 rows.
-pub fn all_to_all_v_f32(c: &dyn Communicator, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
-    let bytes = send.into_iter().map(|v| bytemuck::cast_slice(&v).to_vec()).collect();
-    Ok(c.all_to_all_v(bytes)?.into_iter().map(|b| bytemuck::pod_collect_to_vec(&b)).collect())
-}
-
-/// [`Communicator::all_to_all_v`] on i32 values.
-pub fn all_to_all_v_i32(c: &dyn Communicator, send: Vec<Vec<i32>>) -> Result<Vec<Vec<i32>>> {
-    let bytes = send.into_iter().map(|v| bytemuck::cast_slice(&v).to_vec()).collect();
-    Ok(c.all_to_all_v(bytes)?.into_iter().map(|b| bytemuck::pod_collect_to_vec(&b)).collect())
 }
 
 struct Msg {
@@ -148,6 +137,41 @@ pub fn in_process(n: usize, timeout: Duration) -> Vec<InProcessComm> {
 }
 
 impl InProcessComm {
+    /// Variable all-to-all of host bytes: `send[dst]` goes to rank `dst`; returns what each
+    /// rank sent here, indexed by source. Sizes are exchanged first, then the data. How
+    /// this communicator stages a [`super::Transport`] exchange.
+    pub fn all_to_all_v(&self, mut send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        if send.len() != self.size {
+            return Err(self.fail(format!("all_to_all_v: {} buffers for {} ranks", send.len(), self.size)));
+        }
+        let seq = self.next_seq();
+        // Counts first: every rank learns how much it will receive from each peer.
+        for to in (0..self.size).filter(|&r| r != self.rank) {
+            self.send(to, (seq, 0), (send[to].len() as u64).to_le_bytes().to_vec())?;
+        }
+        let counts = self.gather_tagged((seq, 0), "all_to_all_v counts")?;
+        for to in (0..self.size).filter(|&r| r != self.rank) {
+            self.send(to, (seq, 1), std::mem::take(&mut send[to]))?;
+        }
+        let rows = self.gather_tagged((seq, 1), "all_to_all_v rows")?;
+        let mut out = Vec::with_capacity(self.size);
+        for (src, data) in rows.into_iter().enumerate() {
+            if src == self.rank {
+                out.push(std::mem::take(&mut send[src]));
+                continue;
+            }
+            let data = data.unwrap_or_default();
+            let want = counts[src].as_ref().map_or(0, |c| u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8])));
+            if data.len() as u64 != want {
+                return Err(
+                    self.fail(format!("all_to_all_v: rank {src} announced {want} bytes and sent {}", data.len()))
+                );
+            }
+            out.push(data);
+        }
+        Ok(out)
+    }
+
     fn next_seq(&self) -> u64 {
         let mut s = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         *s += 1;
@@ -217,7 +241,7 @@ impl Communicator for InProcessComm {
         self.rank
     }
 
-    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+    fn split(&self, color: usize, key: usize) -> Result<Self> {
         let seq = self.next_seq();
         let mine = [color as u64, key as u64];
         let all = self.all_gather(bytemuck::cast_slice(&mine).to_vec())?;
@@ -244,44 +268,11 @@ impl Communicator for InProcessComm {
         if reg.get(&id).is_some_and(|v| v.iter().all(Option::is_none)) {
             reg.remove(&id);
         }
-        slot.map(|c| Box::new(c) as Box<dyn Communicator>)
-            .ok_or_else(|| self.fail(format!("split: no communicator for color {color}, rank {new_rank}")))
+        slot.ok_or_else(|| self.fail(format!("split: no communicator for color {color}, rank {new_rank}")))
     }
 
     fn size(&self) -> usize {
         self.size
-    }
-
-    fn all_to_all_v(&self, mut send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        if send.len() != self.size {
-            return Err(self.fail(format!("all_to_all_v: {} buffers for {} ranks", send.len(), self.size)));
-        }
-        let seq = self.next_seq();
-        // Counts first: every rank learns how much it will receive from each peer.
-        for to in (0..self.size).filter(|&r| r != self.rank) {
-            self.send(to, (seq, 0), (send[to].len() as u64).to_le_bytes().to_vec())?;
-        }
-        let counts = self.gather_tagged((seq, 0), "all_to_all_v counts")?;
-        for to in (0..self.size).filter(|&r| r != self.rank) {
-            self.send(to, (seq, 1), std::mem::take(&mut send[to]))?;
-        }
-        let rows = self.gather_tagged((seq, 1), "all_to_all_v rows")?;
-        let mut out = Vec::with_capacity(self.size);
-        for (src, data) in rows.into_iter().enumerate() {
-            if src == self.rank {
-                out.push(std::mem::take(&mut send[src]));
-                continue;
-            }
-            let data = data.unwrap_or_default();
-            let want = counts[src].as_ref().map_or(0, |c| u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8])));
-            if data.len() as u64 != want {
-                return Err(
-                    self.fail(format!("all_to_all_v: rank {src} announced {want} bytes and sent {}", data.len()))
-                );
-            }
-            out.push(data);
-        }
-        Ok(out)
     }
 
     fn all_gather(&self, data: Vec<u8>) -> Result<Vec<Vec<u8>>> {

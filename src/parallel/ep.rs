@@ -1,125 +1,28 @@
-//! The expert-parallel layer forward: plan → exchange counts → exchange rows → local
-//! experts → exchange back → combine, with the rows staged through the host.
+//! The expert-parallel exchange, in the spirit of DeepEP's dispatch/combine (normal mode)
+//! and vLLM's prepare/finalize, with every step on the device:
+//!
+//! ```text
+//! dispatch: bucket (slot + send row of every kept route, routes per slot)
+//!           → permute into the send buffer (by destination rank, then local expert)
+//!           → all-gather the routes per slot and read them on the host: the one read
+//!           → all-to-all of the rows → regroup by local expert (the experts' layout)
+//! combine:  regroup back by source → all-to-all back → weighted combine of this rank's
+//!           tokens → (tensor-parallel ranks) all-gather of the outputs
+//! ```
+//!
+//! The routes per slot, gathered from every rank, are the only values read on the host:
+//! they size every transfer and the expert groups. Everything the combine and a backward
+//! pass need is kept in [`EpState`].
 
-use super::comm::{all_to_all_v_f32, all_to_all_v_i32, Communicator};
+use super::placement::Placement;
+use super::transport::{RowCounts, Transport};
 use crate::backend::Backend;
+use crate::device::Tensor;
 use crate::error::{Error, Result};
-use crate::layer::{ExpertActivations, LayerOutput, MoeLayer};
-use crate::ops::Offsets;
-use crate::options::LayerOptions;
-use crate::tensor::HostTensor;
+use crate::ops::{BlockTable, DevicePlacement, Offsets, Plan, RouteRows};
 use std::ops::Range;
-
-/// This rank's place in an expert-parallel group of `size` contiguous ranks: global
-/// expert `e` lives on rank `e / (E / size)` (DeepSpeed's placement).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EpLayout {
-    /// This rank, `0..size`.
-    pub rank: usize,
-    /// `ep_size`: ranks the experts are spread over.
-    pub size: usize,
-    /// Experts in the layer.
-    pub num_experts: usize,
-}
-
-impl EpLayout {
-    /// Checks that `size` divides the experts and `rank < size`.
-    pub fn new(num_experts: usize, rank: usize, size: usize) -> Result<Self> {
-        if size == 0 || !num_experts.is_multiple_of(size) {
-            return Err(Error::config(
-                "ep_size",
-                format!("{size} ranks must divide the {num_experts} experts (DeepSpeed requires num_experts % ep_size == 0)"),
-            ));
-        }
-        if rank >= size {
-            return Err(Error::config("rank", format!("rank {rank} in a group of {size}")));
-        }
-        Ok(EpLayout { rank, size, num_experts })
-    }
-
-    /// Experts per rank.
-    pub fn per_rank(&self) -> usize {
-        self.num_experts / self.size
-    }
-
-    /// The global experts this rank holds.
-    pub fn local(&self) -> Range<usize> {
-        self.rank * self.per_rank()..(self.rank + 1) * self.per_rank()
-    }
-
-    /// The rank holding global expert `e`.
-    pub fn owner(&self, e: usize) -> usize {
-        e / self.per_rank()
-    }
-}
-
-/// Expert slots spread over the ranks from an EPLB plan: hot experts have several
-/// replicas, and a route to a replicated expert goes to replica `token % replicas`.
-/// Made by [`Placement::new`] or [`Placement::from_plan`], which check that every expert
-/// has a slot and every slot an expert.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Placement {
-    phy2log: Vec<usize>,
-    replicas: Vec<Vec<usize>>,
-    slots_per_rank: usize,
-}
-
-impl Placement {
-    /// The placement of `num_experts` experts given the logical expert of every physical
-    /// slot, the slots split evenly over `ranks` ranks (slot `p` on rank
-    /// `p / (slots / ranks)`).
-    pub fn new(phy2log: Vec<usize>, ranks: usize, num_experts: usize) -> Result<Self> {
-        if ranks == 0 || phy2log.is_empty() || !phy2log.len().is_multiple_of(ranks) {
-            return Err(Error::config("ep_size", format!("{} slots do not split over {ranks} ranks", phy2log.len())));
-        }
-        let mut replicas = vec![Vec::new(); num_experts];
-        for (p, &l) in phy2log.iter().enumerate() {
-            let slot = replicas.get_mut(l).ok_or_else(|| {
-                Error::config("placement", format!("slot {p} holds expert {l} of only {num_experts}"))
-            })?;
-            slot.push(p);
-        }
-        if let Some(missing) = replicas.iter().position(Vec::is_empty) {
-            return Err(Error::config("placement", format!("expert {missing} has no slot")));
-        }
-        Ok(Placement { slots_per_rank: phy2log.len() / ranks, phy2log, replicas })
-    }
-
-    /// Layer `layer` of an EPLB plan over `ranks` ranks (one rank per GPU of the plan).
-    pub fn from_plan(plan: &super::EplbPlan, layer: usize, ranks: usize) -> Result<Self> {
-        let phy2log = plan
-            .phy2log
-            .get(layer)
-            .ok_or_else(|| Error::config("layer", format!("the plan has no layer {layer}")))?
-            .clone();
-        Self::new(phy2log, ranks, plan.logcnt[layer].len())
-    }
-
-    /// The logical experts of `rank`'s slots, in slot order (empty past the last rank).
-    pub fn local(&self, rank: usize) -> &[usize] {
-        self.phy2log.get(rank * self.slots_per_rank..(rank + 1) * self.slots_per_rank).unwrap_or(&[])
-    }
-
-    /// Logical expert of every physical slot.
-    pub fn phy2log(&self) -> &[usize] {
-        &self.phy2log
-    }
-
-    /// The slots of each logical expert (never empty).
-    pub fn replicas(&self) -> &[Vec<usize>] {
-        &self.replicas
-    }
-
-    /// Slots per rank.
-    pub fn slots_per_rank(&self) -> usize {
-        self.slots_per_rank
-    }
-
-    /// Ranks the slots are spread over.
-    pub fn ranks(&self) -> usize {
-        self.phy2log.len() / self.slots_per_rank
-    }
-}
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// How the batch is spread over the ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,166 +38,198 @@ pub enum TokenLayout {
     Sharded,
 }
 
+/// What an expert-parallel layer is built with: the transport of its group, where the
+/// experts live, and how the tokens are spread.
+pub struct ExpertParallel<B: Backend> {
+    /// The group's transport; this rank is `transport.rank()` of `transport.size()`.
+    pub transport: Arc<dyn Transport<B>>,
+    /// Where the experts live; its ranks must be the transport's.
+    pub placement: Placement,
+    /// How the tokens are spread.
+    pub tokens: TokenLayout,
+}
+
+impl<B: Backend> ExpertParallel<B> {
+    /// DeepSpeed's layout: `num_experts` in contiguous blocks over the transport's ranks.
+    pub fn deepspeed(transport: Arc<dyn Transport<B>>, num_experts: usize, tokens: TokenLayout) -> Result<Self> {
+        let placement = Placement::contiguous(num_experts, transport.size())?;
+        Ok(ExpertParallel { transport, placement, tokens })
+    }
+}
+
 /// Contiguous share `rank` of `n` items over `size` ranks (sizes differ by at most one).
 fn share(n: usize, rank: usize, size: usize) -> Range<usize> {
     rank * n / size..(rank + 1) * n / size
 }
 
-impl<B: Backend> MoeLayer<B> {
-    /// The layer forward across an expert-parallel group: this rank runs the gate, sends
-    /// each kept route's row to the rank owning its expert, runs its local experts on what
-    /// arrives, sends the results back and combines them. The layer must come from
-    /// [`MoeLayer::new_ep`] with the communicator's rank and size.
-    pub fn forward_ep(
-        &self,
-        b: &B,
-        x: &crate::device::Tensor<B>,
-        opts: &LayerOptions,
-        comm: &dyn Communicator,
-        tokens: TokenLayout,
-    ) -> Result<LayerOutput<B>> {
-        let ep = self.ep.ok_or_else(|| Error::Misuse("forward_ep on a layer built without MoeLayer::new_ep".into()))?;
-        if comm.rank() != ep.rank || comm.size() != ep.size {
-            return Err(Error::Misuse(format!(
-                "communicator rank {} of {} does not match the layer's expert layout (rank {} of {})",
-                comm.rank(),
-                comm.size(),
-                ep.rank,
-                ep.size
+/// The expert-parallel dispatcher of one rank: checked against its transport when built.
+pub struct EpDispatcher<B: Backend> {
+    transport: Arc<dyn Transport<B>>,
+    placement: Placement,
+    device: DevicePlacement<B>,
+    tokens: TokenLayout,
+}
+
+/// What the expert-parallel dispatch keeps for its combine and for a backward pass (which
+/// runs the same exchange in reverse: gradients of the returned rows go back to the
+/// experts' ranks through `to_experts`, the input gradients return through
+/// `from_experts`, and the expert gradients stay where the experts live).
+pub struct EpState<B: Backend> {
+    /// The send row of every route of this rank's tokens (−1: not sent), within the rows
+    /// this rank sent.
+    pub send_rows: RouteRows<B>,
+    /// Rows every rank sent every rank.
+    pub rows: RowCounts,
+    /// Received rows (by source, then local slot) → the experts' layout (by local slot,
+    /// then source).
+    pub to_experts: BlockTable<B>,
+    /// The experts' layout → by source again, as the rows go back.
+    pub from_experts: BlockTable<B>,
+    /// The tokens this rank sent and combines.
+    pub tokens: Range<usize>,
+    /// The expert outputs returned to this rank, in send order (for the gradient of the
+    /// combine weights); set by the combine.
+    pub returned: Option<Tensor<B>>,
+    /// Wall time spent in the exchange: the count gather and its read, and the transfers.
+    pub exchange_time: Duration,
+}
+
+impl<B: Backend> EpDispatcher<B> {
+    /// Checks the placement against the layer's experts and the transport's group.
+    pub fn new(b: &B, ep: ExpertParallel<B>, num_experts: usize) -> Result<Self> {
+        let ExpertParallel { transport, placement, tokens } = ep;
+        if placement.replicas().len() != num_experts {
+            return Err(Error::config(
+                "placement",
+                format!("places {} experts, the layer has {num_experts}", placement.replicas().len()),
+            ));
+        }
+        if placement.ranks() != transport.size() {
+            return Err(Error::config(
+                "ep_size",
+                format!(
+                    "the experts are placed over {} ranks, the communicator has {} (rank {})",
+                    placement.ranks(),
+                    transport.size(),
+                    transport.rank()
+                ),
+            ));
+        }
+        let device = DevicePlacement::new(b, placement.replicas(), placement.slots_per_rank(), placement.ranks())?;
+        Ok(EpDispatcher { transport, placement, device, tokens })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+
+    /// The logical experts this rank holds, in local slot order.
+    pub fn local_experts(&self) -> &[usize] {
+        self.placement.local(self.rank())
+    }
+
+    /// The group's transport.
+    pub fn transport(&self) -> &dyn Transport<B> {
+        &*self.transport
+    }
+
+    fn mine(&self, s: usize) -> Range<usize> {
+        match self.tokens {
+            TokenLayout::Replicated => share(s, self.rank(), self.transport.size()),
+            TokenLayout::Sharded => 0..s,
+        }
+    }
+
+    /// Sends the kept routes of this rank's tokens to their experts' ranks; returns the
+    /// rows this rank's experts run (grouped by local slot), their group offsets, and the
+    /// state the combine needs.
+    pub fn dispatch(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>) -> Result<(Tensor<B>, Offsets<B>, EpState<B>)> {
+        let (me, n) = (self.rank(), self.transport.size());
+        let (spr, slots) = (self.placement.slots_per_rank(), self.device.slots());
+        let tokens = self.mine(plan.tokens());
+        let bucket = b.bucket(plan, &self.device, tokens.clone())?;
+        let send = b.permute(x, &bucket.rows)?;
+        let t0 = Instant::now();
+        // Every rank's routes per slot: sizes every transfer below. The one host read.
+        let all = self.transport.all_gather_rows(b, &bucket.counts.reshape(&[1, slots])?, &vec![1; n])?;
+        let counts = b.download(&all)?.into_i32("routes per slot")?;
+        if let Some(i) = counts.iter().position(|&c| c < 0) {
+            return Err(Error::Communication {
+                rank: me,
+                msg: format!("rank {} reported {} routes for slot {}", i / slots, counts[i], i % slots),
+            });
+        }
+        let c = |src: usize, dst: usize, l: usize| counts[src * slots + dst * spr + l] as usize;
+        let rows = RowCounts::new(n, (0..n * n).map(|i| (0..spr).map(|l| c(i / n, i % n, l)).sum()).collect())?;
+        if rows.sent_by(me) > plan.tokens() * plan.k() {
+            return Err(Error::Internal(format!(
+                "bucketing sent {} rows of {} routes",
+                rows.sent_by(me),
+                plan.tokens()
             )));
         }
-        let crate::layer::Flat { x: x2, s, m, seq, shape } = self.flatten_input(x)?;
-        let gate = self.gate.forward(b, &x2, seq, &opts.gate)?;
-        let k = gate.plan.rows.shape()[1];
-        let rows = b.download(&gate.plan.rows)?.into_i32("plan.rows")?;
-        let weights = b.download(&gate.plan.weights)?.into_f32("plan.weights")?;
-        let experts = b.download(&gate.routes.experts)?.into_i32("routes.experts")?;
-        let xh = b.download(&x2)?.into_f32("x")?;
-        let placement = self.placement.as_ref();
-        let per = placement.map_or(ep.per_rank(), |p| p.slots_per_rank());
-        // (owner rank, local slot) of a route of token t to expert e.
-        let target = |t: usize, e: usize| -> (usize, usize) {
-            match placement {
-                Some(p) => {
-                    let reps = &p.replicas()[e];
-                    let slot = reps[t % reps.len()];
-                    (slot / p.slots_per_rank(), slot % p.slots_per_rank())
-                }
-                None => (ep.owner(e), e % per),
+        let recv = self.transport.all_to_all_rows(b, &send, &rows)?;
+        let exchange_time = t0.elapsed();
+        // What arrived is by source, then local slot; the experts run by local slot, then
+        // source. Block tables from the counts (a loop over ranks × slots, not rows).
+        let mut by_source = vec![0usize; n * spr];
+        let mut at = 0;
+        for src in 0..n {
+            for l in 0..spr {
+                by_source[src * spr + l] = at;
+                at += c(src, me, l);
             }
+        }
+        let mut to_experts = Vec::with_capacity(n * spr);
+        let mut by_expert = vec![0usize; n * spr];
+        let mut offsets = vec![0i32];
+        let mut at = 0;
+        for l in 0..spr {
+            for src in 0..n {
+                to_experts.push((by_source[src * spr + l], c(src, me, l)));
+                by_expert[src * spr + l] = at;
+                at += c(src, me, l);
+            }
+            offsets.push(i32::try_from(at).map_err(|_| Error::too_large("received rows", at.to_string(), "i32"))?);
+        }
+        let from_experts: Vec<(usize, usize)> = (0..n * spr).map(|i| (by_expert[i], c(i / spr, me, i % spr))).collect();
+        let in_rows = rows.received_by(me);
+        let to_experts = BlockTable::new(b, &to_experts, in_rows)?;
+        let from_experts = BlockTable::new(b, &from_experts, in_rows)?;
+        let xp = b.regroup(&recv, &to_experts)?;
+        let offsets = Offsets::from_host(b, &offsets)?;
+        let state = EpState {
+            send_rows: bucket.rows.with_bound(rows.sent_by(me)),
+            rows,
+            to_experts,
+            from_experts,
+            tokens,
+            returned: None,
+            exchange_time,
         };
-        let mine = match tokens {
-            TokenLayout::Replicated => share(s, ep.rank, ep.size),
-            TokenLayout::Sharded => 0..s,
-        };
+        Ok((xp, offsets, state))
+    }
 
-        // This rank's kept routes in compact-row (expert-major) order, bucketed by owner.
-        let mut kept: Vec<(i32, usize)> = mine
-            .clone()
-            .flat_map(|t| (0..k).map(move |j| t * k + j))
-            .filter(|&r| rows[r] >= 0)
-            .map(|r| (rows[r], r))
-            .collect();
-        kept.sort_unstable();
-        let mut send_x: Vec<Vec<f32>> = vec![Vec::new(); ep.size];
-        let mut send_e: Vec<Vec<i32>> = vec![Vec::new(); ep.size];
-        let mut sent: Vec<Vec<usize>> = vec![Vec::new(); ep.size];
-        for &(_, r) in &kept {
-            let (t, e) = (r / k, experts[r] as usize);
-            let (dst, slot) = target(t, e);
-            send_e[dst].push(slot as i32);
-            send_x[dst].extend_from_slice(&xh[t * m..(t + 1) * m]);
-            sent[dst].push(r);
-        }
-        let recv_e = all_to_all_v_i32(comm, send_e)?;
-        let recv_x = all_to_all_v_f32(comm, send_x)?;
-
-        // What arrived, in compact layout: by local expert, then source rank, then order.
-        let mut arrived: Vec<(i32, usize, usize)> = recv_e
-            .iter()
-            .enumerate()
-            .flat_map(|(src, es)| es.iter().enumerate().map(move |(i, &le)| (le, src, i)))
-            .collect();
-        arrived.sort_unstable();
-        let mut offsets = vec![0i32; per + 1];
-        for &(le, _, _) in &arrived {
-            if le < 0 || le as usize >= per {
-                return Err(Error::Communication {
-                    rank: ep.rank,
-                    msg: format!("received a row for local expert {le} of {per}"),
-                });
-            }
-            offsets[le as usize + 1] += 1;
-        }
-        for i in 0..per {
-            offsets[i + 1] += offsets[i];
-        }
-        let mut xp = Vec::with_capacity(arrived.len() * m);
-        for &(_, src, i) in &arrived {
-            let row = recv_x[src].get(i * m..(i + 1) * m).ok_or_else(|| Error::Communication {
-                rank: ep.rank,
-                msg: format!("rank {src} sent fewer rows than expert ids"),
-            })?;
-            xp.extend_from_slice(row);
-        }
-        let xp_t = b.upload(&HostTensor::f32(&[arrived.len(), m], xp)?)?;
-        let off_t = Offsets::from_host(b, &offsets)?;
-        let acts = self.experts.grouped(b, xp_t, &off_t, opts.keep_activations)?;
-        let yp = b.download(&acts.yp)?.into_f32("expert outputs")?;
-
-        // Results go back to their sources in the order the sources sent them.
-        let mut back: Vec<Vec<f32>> = recv_e.iter().map(|es| vec![0f32; es.len() * m]).collect();
-        for (pos, &(_, src, i)) in arrived.iter().enumerate() {
-            back[src][i * m..(i + 1) * m].copy_from_slice(&yp[pos * m..(pos + 1) * m]);
-        }
-        let ret = all_to_all_v_f32(comm, back)?;
-        let mut result_of: Vec<Option<(usize, usize)>> = vec![None; s * k];
-        for (dst, routes) in sent.iter().enumerate() {
-            if ret[dst].len() != routes.len() * m {
-                return Err(Error::Communication {
-                    rank: ep.rank,
-                    msg: format!("rank {dst} returned {} values for {} rows", ret[dst].len(), routes.len()),
-                });
-            }
-            for (i, &r) in routes.iter().enumerate() {
-                result_of[r] = Some((dst, i));
-            }
-        }
-
-        // Combine this rank's tokens, routes in order, f32 (as the combine op does).
-        let mut y_mine = vec![0f32; mine.len() * m];
-        for (ti, t) in mine.clone().enumerate() {
-            let o = &mut y_mine[ti * m..(ti + 1) * m];
-            for j in 0..k {
-                let r = t * k + j;
-                if let Some((dst, i)) = result_of[r] {
-                    let src = &ret[dst][i * m..(i + 1) * m];
-                    for (oc, &v) in o.iter_mut().zip(src) {
-                        *oc += weights[r] * v;
-                    }
-                }
-            }
-        }
-        let y_host = match tokens {
-            TokenLayout::Sharded => y_mine,
+    /// Sends the expert outputs back and combines this rank's tokens; tensor-parallel
+    /// ranks then gather every rank's tokens.
+    pub fn combine(&self, b: &B, yp: &Tensor<B>, plan: &Plan<B>, state: &mut EpState<B>) -> Result<Tensor<B>> {
+        let back = b.regroup(yp, &state.from_experts)?;
+        let t0 = Instant::now();
+        let returned = self.transport.all_to_all_rows(b, &back, &state.rows.transposed())?;
+        state.exchange_time += t0.elapsed();
+        let y = b.combine(&returned, &state.send_rows, &plan.weights, state.tokens.clone())?;
+        state.returned = Some(returned);
+        match self.tokens {
+            TokenLayout::Sharded => Ok(y),
             TokenLayout::Replicated => {
-                let parts = comm.all_gather(bytemuck::cast_slice(&y_mine).to_vec())?;
-                let mut all = Vec::with_capacity(s * m);
-                for p in parts {
-                    all.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&p));
-                }
-                if all.len() != s * m {
-                    return Err(Error::Communication {
-                        rank: ep.rank,
-                        msg: "gathered output has the wrong size".into(),
-                    });
-                }
-                all
+                let (n, s) = (self.transport.size(), plan.tokens());
+                let shares: Vec<usize> = (0..n).map(|r| share(s, r, n).len()).collect();
+                let t0 = Instant::now();
+                let all = self.transport.all_gather_rows(b, &y, &shares)?;
+                state.exchange_time += t0.elapsed();
+                Ok(all)
             }
-        };
-        let y = b.upload(&HostTensor::f32(&[s, m], y_host)?)?;
-        let y = self.add_dense_parts(b, &x2, y)?;
-        let experts = ExpertActivations { xp: acts.xp, pre_activation: acts.pre_activation, yp: acts.yp };
-        Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts })
+        }
     }
 }

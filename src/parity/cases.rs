@@ -8,8 +8,8 @@ use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::expert::{Activation, ExpertKind};
 use crate::ops::{
-    CapacityRule, Choice, GroupScore, GroupedMlpOp, KeepPolicy, MlpWeights, Normalize, Offsets, PlanSpec, RouteSpec,
-    Routes, ScoreFn,
+    BlockTable, CapacityRule, Choice, DevicePlacement, GroupScore, GroupedMlpOp, KeepPolicy, MlpWeights, Normalize,
+    Offsets, PlanSpec, RouteSpec, Routes, ScoreFn,
 };
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
@@ -492,24 +492,124 @@ impl OpCase for PermuteCase {
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
         let x = b.upload(&rand(&[self.0.s, 10], 32, 1.0))?;
-        self.0.with_plan(b, |p| Ok(vec![("permute", b.permute(&x, p)?)]))
+        self.0.with_plan(b, |p| Ok(vec![("permute", b.permute(&x, &p.route_rows())?)]))
     }
 }
 
-/// `combine` of random expert outputs by the plan.
-pub struct CombineCase(pub PlanInputs);
+/// `combine` of random expert outputs by the plan, over every token or a middle range
+/// (a tensor-parallel rank's share).
+pub struct CombineCase {
+    /// The plan.
+    pub plan: PlanInputs,
+    /// Combine tokens `s / 3 .. 2 s / 3` only.
+    pub share: bool,
+}
 
 impl OpCase for CombineCase {
     const OP: &'static str = "combine";
     fn name(&self) -> String {
-        self.0.what.into()
+        format!("{}{}", self.plan.what, if self.share { ", middle third of the tokens" } else { "" })
     }
     fn tolerance(&self, _: &Capabilities) -> f64 {
         PRODUCT_TOL
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
-        let yp = b.upload(&rand(&[self.0.s * self.0.k, 10], 33, 1.0))?;
-        self.0.with_plan(b, |p| Ok(vec![("combine", b.combine(&yp, p)?)]))
+        let s = self.plan.s;
+        let yp = b.upload(&rand(&[s * self.plan.k, 10], 33, 1.0))?;
+        let tokens = if self.share { s / 3..2 * s / 3 } else { 0..s };
+        self.plan.with_plan(b, |p| Ok(vec![("combine", b.combine(&yp, &p.route_rows(), &p.weights, tokens)?)]))
+    }
+}
+
+/// `bucket` of the plan's kept routes over expert slots: DeepSpeed's contiguous placement
+/// or EPLB replicas, every token or a rank's share. Integers, so exact; the permute of the
+/// send buffer rides along.
+pub struct BucketCase {
+    /// The plan.
+    pub plan: PlanInputs,
+    /// Ranks the slots are spread over.
+    pub ranks: usize,
+    /// Half as many replica slots again as experts, given to the first experts.
+    pub replicas: bool,
+    /// Bucket tokens `s / 4 .. 3 s / 4` only.
+    pub share: bool,
+}
+
+impl BucketCase {
+    /// The slots of every expert: expert e in slot e, then the extra replica slots.
+    fn replicas(&self) -> (Vec<Vec<usize>>, usize) {
+        let e = self.plan.e;
+        let slots = if self.replicas { (e + e.div_ceil(2)).div_ceil(self.ranks) * self.ranks } else { e };
+        let mut reps: Vec<Vec<usize>> = (0..e).map(|i| vec![i]).collect();
+        for p in e..slots {
+            reps[(p - e) % e].push(p);
+        }
+        (reps, slots / self.ranks)
+    }
+}
+
+impl OpCase for BucketCase {
+    const OP: &'static str = "bucket";
+    fn name(&self) -> String {
+        format!(
+            "{}, {} ranks{}{}",
+            self.plan.what,
+            self.ranks,
+            if self.replicas { ", replicas" } else { "" },
+            if self.share { ", middle half of the tokens" } else { "" }
+        )
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        0.0
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let s = self.plan.s;
+        let (reps, per_rank) = self.replicas();
+        let placement = DevicePlacement::new(b, &reps, per_rank, self.ranks)?;
+        let tokens = if self.share { s / 4..3 * s / 4 } else { 0..s };
+        let x = b.upload(&rand(&[s, 10], 34, 1.0))?;
+        self.plan.with_plan(b, |p| {
+            let bucket = b.bucket(p, &placement, tokens)?;
+            let send = b.permute(&x, &bucket.rows)?;
+            Ok(vec![("counts", bucket.counts), ("rows", bucket.rows.tensor().clone()), ("send buffer", send)])
+        })
+    }
+}
+
+/// `regroup` of random rows by a block table: received rows by (source, slot) to the
+/// experts' (slot, source) order, as the expert-parallel dispatch builds it.
+pub struct RegroupCase {
+    /// What the case exercises.
+    pub what: &'static str,
+    /// Rows per (source, slot), sources outermost.
+    pub counts: Vec<Vec<usize>>,
+}
+
+impl OpCase for RegroupCase {
+    const OP: &'static str = "regroup";
+    fn name(&self) -> String {
+        self.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        0.0
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let slots = self.counts.first().map_or(0, Vec::len);
+        let mut start = vec![vec![0usize; slots]; self.counts.len()];
+        let mut at = 0;
+        for (src, row) in self.counts.iter().enumerate() {
+            for (l, &c) in row.iter().enumerate() {
+                start[src][l] = at;
+                at += c;
+            }
+        }
+        let blocks: Vec<(usize, usize)> = (0..slots)
+            .flat_map(|l| self.counts.iter().enumerate().map(move |(src, row)| (src, l, row[l])))
+            .map(|(src, l, c)| (start[src][l], c))
+            .collect();
+        let table = BlockTable::new(b, &blocks, at)?;
+        let x = b.upload(&rand(&[at, 10], 35, 1.0))?;
+        Ok(vec![("regrouped", b.regroup(&x, &table)?)])
     }
 }
 
@@ -653,5 +753,20 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
     t.check(&RouterStatsCase);
     t.all(&plan_inputs().into_iter().map(PlanCase).collect::<Vec<_>>());
     t.all(&plan_inputs().into_iter().map(PermuteCase).collect::<Vec<_>>());
-    t.all(&plan_inputs().into_iter().map(CombineCase).collect::<Vec<_>>());
+    for share in [false, true] {
+        t.all(&plan_inputs().into_iter().map(|plan| CombineCase { plan, share }).collect::<Vec<_>>());
+    }
+    for (ranks, replicas, share) in [(1, false, false), (2, true, false), (3, true, true)] {
+        let cases: Vec<BucketCase> =
+            plan_inputs().into_iter().map(|plan| BucketCase { plan, ranks, replicas, share }).collect();
+        t.all(&cases);
+    }
+    t.all(&[
+        RegroupCase {
+            what: "3 sources x 4 slots, some empty",
+            counts: vec![vec![2, 0, 5, 1], vec![0, 0, 3, 7], vec![4, 1, 0, 2]],
+        },
+        RegroupCase { what: "one source, one slot", counts: vec![vec![9]] },
+        RegroupCase { what: "no rows", counts: vec![vec![0, 0], vec![0, 0]] },
+    ]);
 }

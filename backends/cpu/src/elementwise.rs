@@ -149,10 +149,11 @@ pub(crate) fn glu_row(o: &mut [f32], gate: &[f32], up: &[f32], a: Activation) {
 
 pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
     let [rows_out, m] = op.out_shape;
-    let k = op.plan.k();
-    let rows = i32s(&op.plan.rows, "plan.rows")?;
+    let k = op.rows.k();
+    let rows = i32s(op.rows.tensor(), "route rows")?;
     let v = f32s(op.x, "x")?;
-    // Inverse map: compact row → token. Rows come from the plan op, so each is in range.
+    // Inverse map: grouped row → token. Route rows are made by the ops that compute them,
+    // so each is in range and named once.
     let mut src = vec![usize::MAX; rows_out];
     for (r, &row) in rows.iter().enumerate() {
         if row >= 0 {
@@ -169,13 +170,15 @@ pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
 }
 
 pub(crate) fn combine(op: &CombineOp<'_, CpuBackend>) -> Result<T> {
-    let [s, m] = op.out_shape;
-    let k = op.plan.k();
-    let rows = i32s(&op.plan.rows, "plan.rows")?;
-    let w = f32s(&op.plan.weights, "plan.weights")?;
+    let [len, m] = op.out_shape;
+    let k = op.rows.k();
+    let rows = i32s(op.rows.tensor(), "route rows")?;
+    let w = f32s(op.weights, "combine weights")?;
     let v = f32s(op.yp, "expert output")?;
-    let mut out = vec![0f32; s * m];
-    out.par_chunks_mut(m.max(1)).enumerate().for_each(|(t, o)| {
+    let t0 = op.tokens.start;
+    let mut out = vec![0f32; len * m];
+    out.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, o)| {
+        let t = t0 + i;
         for j in 0..k {
             let r = rows[t * k + j];
             if r >= 0 {

@@ -11,6 +11,7 @@
 
 mod buffer;
 mod elementwise;
+mod exchange;
 mod experts;
 mod matmul;
 mod plan;
@@ -22,8 +23,8 @@ use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::expert::ExpertKind;
 use moe_engine::ops::{
-    CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, PermuteOp, PlanOp, PlanParts,
-    RouteOp, RouterStatsOp, RoutesParts,
+    BucketOp, BucketParts, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, PermuteOp,
+    PlanOp, PlanParts, RegroupOp, RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
@@ -32,6 +33,9 @@ use moe_engine::{DType, Error, HostTensor, Result, Tensor};
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     caps: Capabilities,
+    /// Tensors downloaded so far (what a forward reads back to the host, for the tests
+    /// that prove it reads nothing, or only what it must).
+    downloads: std::sync::atomic::AtomicU64,
 }
 
 impl CpuBackend {
@@ -73,12 +77,17 @@ impl CpuBackend {
             max_route_experts: None,
             max_route_groups: None,
         };
-        Ok(CpuBackend { pool, caps })
+        Ok(CpuBackend { pool, caps, downloads: Default::default() })
     }
 
     /// Worker threads.
     pub fn threads(&self) -> usize {
         self.caps.threads
+    }
+
+    /// Tensors downloaded from this backend so far.
+    pub fn downloads(&self) -> u64 {
+        self.downloads.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -153,6 +162,7 @@ impl Device for CpuBackend {
     }
 
     fn run_download(&self, t: &T) -> Result<HostTensor> {
+        self.downloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match t.buffer() {
             CpuBuffer::F32(v) => HostTensor::f32(t.shape(), v[..t.numel()].to_vec()),
             CpuBuffer::I32(v) => HostTensor::i32(t.shape(), v[..t.numel()].to_vec()),
@@ -205,6 +215,14 @@ impl Backend for CpuBackend {
 
     fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
         self.pool.install(|| elementwise::combine(op))
+    }
+
+    fn run_bucket(&self, op: &BucketOp<'_, Self>) -> Result<BucketParts<Self>> {
+        exchange::bucket(op)
+    }
+
+    fn run_regroup(&self, op: &RegroupOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| exchange::regroup(op))
     }
 
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {

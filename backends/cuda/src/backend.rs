@@ -15,8 +15,8 @@ use crate::device::{derr, CudaBackend, CudaBuffer, T};
 use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::ops::{
-    CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp, PermuteOp, PlanOp,
-    PlanParts, RouteOp, RouterStatsOp, RoutesParts,
+    BucketOp, BucketParts, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp,
+    PermuteOp, PlanOp, PlanParts, RegroupOp, RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, HostTensor, Result};
@@ -104,6 +104,14 @@ impl Backend for CudaBackend {
 
     fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
         self.combine(op)
+    }
+
+    fn run_bucket(&self, op: &BucketOp<'_, Self>) -> Result<BucketParts<Self>> {
+        self.bucket(op)
+    }
+
+    fn run_regroup(&self, op: &RegroupOp<'_, Self>) -> Result<T> {
+        self.regroup(op)
     }
 
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {

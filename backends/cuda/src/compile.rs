@@ -15,6 +15,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("route.cu", include_str!("../../../kernels/route.cu")),
     ("plan.cu", include_str!("../../../kernels/plan.cu")),
     ("permute.cu", include_str!("../../../kernels/permute.cu")),
+    ("bucket.cu", include_str!("../../../kernels/bucket.cu")),
+    ("regroup.cu", include_str!("../../../kernels/regroup.cu")),
     ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
     ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
     ("matmul_tc.cu", include_str!("../../../kernels/matmul_tc.cu")),

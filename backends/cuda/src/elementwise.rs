@@ -3,7 +3,7 @@
 
 use crate::device::{derr, CudaBackend, Param, T};
 use crate::launch;
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaSlice, PushKernelArg};
 use moe_engine::ops::{CombineOp, ElementwiseOp, PermuteOp};
 use moe_engine::Result;
 
@@ -34,29 +34,31 @@ impl CudaBackend {
         Self::out(&op.out_shape, out)
     }
 
-    /// permute or combine: `src` rows moved by the plan's rows (and weights).
+    /// permute or combine: `src` rows moved by the route rows (and weights); `n` threads,
+    /// an output of `shape` (zero where no thread writes).
     fn rows_op(
         &self,
         entry: &str,
         src: &T,
         rows: &T,
-        weights: &T,
+        weights: &CudaSlice<f32>,
         params: moe_engine::kernel_abi::PermuteParams,
         shape: &[usize],
     ) -> Result<T> {
         let n = params.n as usize;
-        let mut out = self.zeros::<f32>(n)?;
+        let mut out = self.zeros::<f32>(shape.iter().product())?;
         if n > 0 {
             let f = self.function("permute.cu", entry)?;
             let p = Param(params);
             // SAFETY: matches kernels/permute.cu (src, rows, weights, out, PermuteParams);
-            // rows come from the plan op, so each indexes the S·k compact rows.
+            // route rows come from the ops that compute them, so each indexes a row of the
+            // layout (the output of permute, `src` of combine), named once.
             unsafe {
                 self.stream
                     .launch_builder(&f)
                     .arg(Self::f32s(src, "rows")?)
-                    .arg(Self::i32s(rows, "plan.rows")?)
-                    .arg(Self::f32s(weights, "plan.weights")?)
+                    .arg(Self::i32s(rows, "route rows")?)
+                    .arg(weights)
                     .arg(&mut out)
                     .arg(&p)
                     .launch(launch::per_element(n).config())
@@ -67,10 +69,11 @@ impl CudaBackend {
     }
 
     pub(crate) fn permute(&self, op: &PermuteOp<'_, Self>) -> Result<T> {
-        self.rows_op("permute", op.x, &op.plan.rows, &op.plan.weights, op.params, &op.out_shape)
+        self.rows_op("permute", op.x, op.rows.tensor(), &self.dummy, op.params, &op.out_shape)
     }
 
     pub(crate) fn combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
-        self.rows_op("combine", op.yp, &op.plan.rows, &op.plan.weights, op.params, &op.out_shape)
+        let w = Self::f32s(op.weights, "combine weights")?;
+        self.rows_op("combine", op.yp, op.rows.tensor(), w, op.params, &op.out_shape)
     }
 }

@@ -2,6 +2,7 @@
 //! the backend launches with these, and the emulated-kernel tests replay the same grids
 //! and kernel choices on the host.
 
+use moe_engine::kernel_abi::bucket::BucketPass;
 use moe_engine::kernel_abi::plan::PlanPass;
 use moe_engine::kernel_abi::{grid_1d, tile_grid, MatmulParams, TILE, WG_ELEMENTWISE, WG_PLAN};
 
@@ -33,6 +34,11 @@ pub fn per_element(n: usize) -> Launch {
 
 /// A plan pass: [`WG_PLAN`] threads per block over its invocations.
 pub fn plan_pass(pass: &PlanPass) -> Launch {
+    Launch { grid: pass.grid(), block: [WG_PLAN, 1, 1] }
+}
+
+/// A bucketing pass: [`WG_PLAN`] threads per block over its invocations.
+pub fn bucket_pass(pass: &BucketPass) -> Launch {
     Launch { grid: pass.grid(), block: [WG_PLAN, 1, 1] }
 }
 

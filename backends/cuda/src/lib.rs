@@ -30,6 +30,7 @@ mod backend;
 pub mod compile;
 mod device;
 mod elementwise;
+mod exchange;
 pub mod launch;
 mod matmul;
 mod nccl;

@@ -1,7 +1,10 @@
-//! The NCCL communicator: expert-parallel exchange between GPUs and nodes. Bytes from
-//! the host are staged on the device and moved with grouped NCCL send/recv (counts
-//! first, then the rows), so it implements the same [`Communicator`] as the in-process
-//! one. Launch torchrun-style: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! The NCCL communicator: expert-parallel exchange between GPUs and nodes. As a
+//! [`Transport`] it sends and receives device memory directly: each round of segments is
+//! one NCCL group of `ncclSend`/`ncclRecv` on views of the tensors, enqueued on the
+//! backend's stream (so it orders with the kernels around it and nothing waits on the
+//! host); a segment a rank sends itself is a device-to-device copy. The control plane
+//! ([`Communicator`]: split colours, NCCL ids, barriers) stages its few bytes through the
+//! device. Launch torchrun-style: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT` ([`NcclComm::from_env`]).
 //!
 //! Not yet run on a GPU (none was lent while this was written). NCCL collectives block
@@ -9,25 +12,41 @@
 //! (set `NCCL_ASYNC_ERROR_HANDLING`/timeouts in the launcher); the rendezvous has its own
 //! timeout.
 
+use crate::device::{CudaBackend, CudaBuffer};
 use crate::probe::driver_status;
-use cudarc::driver::{CudaContext, CudaStream};
-use cudarc::nccl::{result as nr, Comm, Id};
-use moe_engine::parallel::{share_token, Communicator, LaunchEnv};
-use moe_engine::{Error, Result};
-use std::sync::Arc;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::nccl::{result as nr, sys, Id, NcclType};
+use moe_engine::parallel::{share_token, Communicator, LaunchEnv, Segment, Transport};
+use moe_engine::{DType, Error, Result, Tensor};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// One rank of an NCCL group.
-pub struct NcclComm {
-    comm: Comm,
-    stream: Arc<CudaStream>,
+/// An NCCL communicator handle that may move to another thread. NCCL allows a
+/// communicator to be used from any thread, but not from two at once: [`NcclComm`] keeps
+/// it behind a mutex, which is what makes it `Sync`. Held raw (not as cudarc's `Comm`) so
+/// that one group can post receives into several segments of one buffer, and destroyed
+/// without a panic on error.
+struct CommCell(sys::ncclComm_t);
+
+// SAFETY: ncclComm_t may be used from any thread as long as calls on it do not overlap;
+// every use goes through the mutex in NcclComm.
+unsafe impl Send for CommCell {}
+
+impl Drop for CommCell {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was initialised by ncclCommInitRank and is destroyed once.
+        // An error here (a peer already gone) leaves nothing to clean up.
+        let _ = unsafe { nr::comm_destroy(self.0) };
+    }
 }
 
-// SAFETY: the NCCL communicator and stream are used from one thread at a time through
-// &self methods that enqueue on the stream and wait; NCCL communicators may move between
-// threads.
-unsafe impl Send for NcclComm {}
-unsafe impl Sync for NcclComm {}
+/// One rank of an NCCL group, on a cuda backend's stream.
+pub struct NcclComm {
+    comm: Mutex<CommCell>,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    size: usize,
+}
 
 fn err(rank: usize, what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Communication { rank, msg: format!("NCCL {what}: {e:?}") }
@@ -44,10 +63,10 @@ pub fn nccl_status() -> Result<()> {
 }
 
 impl NcclComm {
-    /// Joins the job described by the launch environment: rank 0 creates the NCCL id and
-    /// hands it out over TCP at `MASTER_ADDR:MASTER_PORT`; every rank uses GPU
-    /// `LOCAL_RANK`.
-    pub fn from_env(timeout: Duration) -> Result<Self> {
+    /// Joins the job described by the launch environment on `backend` (GPU `LOCAL_RANK`
+    /// by convention): rank 0 creates the NCCL id and hands it out over TCP at
+    /// `MASTER_ADDR:MASTER_PORT`.
+    pub fn from_env(backend: &CudaBackend, timeout: Duration) -> Result<Self> {
         let env = LaunchEnv::from_env()?;
         driver_status()?;
         nccl_status()?;
@@ -58,95 +77,143 @@ impl NcclComm {
             None
         };
         let token = share_token(&env, id, timeout)?;
-        Self::new(env.local_rank, env.rank, env.world_size, token)
+        Self::new(backend, env.rank, env.world_size, token)
     }
 
-    /// Rank `rank` of `world` on device `ordinal`, with the group's id.
-    pub fn new(ordinal: usize, rank: usize, world: usize, id: [u8; 128]) -> Result<Self> {
+    /// Rank `rank` of `world` with the group's id, on `backend`'s stream.
+    pub fn new(backend: &CudaBackend, rank: usize, world: usize, id: [u8; 128]) -> Result<Self> {
+        Self::on_stream(backend.stream.clone(), rank, world, id)
+    }
+
+    fn on_stream(stream: Arc<CudaStream>, rank: usize, world: usize, id: [u8; 128]) -> Result<Self> {
         driver_status()?;
         nccl_status()?;
-        let ctx = CudaContext::new(ordinal).map_err(|e| err(rank, "device", e))?;
-        let stream = ctx.default_stream();
-        let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(id.map(|b| b as _)))
-            .map_err(|e| err(rank, "init", e))?;
-        Ok(NcclComm { comm, stream })
+        let bad = |what: &str| err(rank, "init", format!("{what} does not fit NCCL's int"));
+        let (nranks, r) =
+            (i32::try_from(world).map_err(|_| bad("world size"))?, i32::try_from(rank).map_err(|_| bad("rank"))?);
+        let mut comm = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
+        // SAFETY: comm is written by ncclCommInitRank before it is read; the id is the
+        // group's 128 bytes.
+        let comm = unsafe {
+            nr::comm_init_rank(comm.as_mut_ptr(), nranks, sys::ncclUniqueId { internal: id.map(|b| b as _) }, r)
+                .map_err(|e| err(rank, "init", e))?;
+            comm.assume_init()
+        };
+        Ok(NcclComm { comm: Mutex::new(CommCell(comm)), stream, rank, size: world })
     }
 
-    fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| err(self.rank(), "stream", e))
+    fn comm(&self) -> MutexGuard<'_, CommCell> {
+        self.comm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One NCCL group of sends and receives of `T` values, `cols` per row: the transfers of
+    /// [`Transport::exchange`] on device memory.
+    fn exchange_typed<V: NcclType + DeviceRepr + ValidAsZeroBits>(
+        &self,
+        src: &CudaSlice<V>,
+        cols: usize,
+        sends: &[Segment],
+        recvs: &[Segment],
+        recv_rows: usize,
+    ) -> Result<CudaSlice<V>> {
+        let me = self.rank;
+        let e = |what: &'static str| move |x: cudarc::driver::DriverError| err(me, what, x);
+        let mut out = self.stream.alloc_zeros::<V>((recv_rows * cols).max(1)).map_err(e("alloc"))?;
+        // Segments to this rank: the j-th send to itself is its j-th receive from itself.
+        let own_sends = sends.iter().filter(|s| s.peer == me);
+        let own_recvs = recvs.iter().filter(|s| s.peer == me);
+        for (s, r) in own_sends.zip(own_recvs) {
+            if s.rows > 0 {
+                let from = src.slice(s.start * cols..(s.start + s.rows) * cols);
+                let mut to = out.slice_mut(r.start * cols..(r.start + r.rows) * cols);
+                self.stream.memcpy_dtod(&from, &mut to).map_err(e("copy"))?;
+            }
+        }
+        // One group: NCCL matches the transfers between two ranks in the order posted,
+        // which is the order listed. Pointers are the tensors' base plus the segment's
+        // offset; the front door checked every segment lies inside its tensor, and the
+        // receive segments are disjoint.
+        let width = std::mem::size_of::<V>() as u64;
+        let cell = self.comm();
+        let stream = self.stream.cu_stream() as sys::cudaStream_t;
+        let (src_ptr, _src_sync) = src.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        nr::group_start().map_err(|x| err(me, "group", x))?;
+        let posted = (|| -> Result<()> {
+            for s in sends.iter().filter(|s| s.peer != me && s.rows > 0) {
+                let ptr = src_ptr + (s.start * cols) as u64 * width;
+                // SAFETY: rows [start, start + rows) of src, on the stream src lives on.
+                unsafe { nr::send(ptr as _, s.rows * cols, V::as_nccl_type(), s.peer as i32, cell.0, stream) }
+                    .map_err(|x| err(me, "send", x))?;
+            }
+            for r in recvs.iter().filter(|r| r.peer != me && r.rows > 0) {
+                let ptr = out_ptr + (r.start * cols) as u64 * width;
+                // SAFETY: rows [start, start + rows) of out, disjoint from every other receive.
+                unsafe { nr::recv(ptr as _, r.rows * cols, V::as_nccl_type(), r.peer as i32, cell.0, stream) }
+                    .map_err(|x| err(me, "recv", x))?;
+            }
+            Ok(())
+        })();
+        // The group is closed whether or not every call was posted.
+        let ended = nr::group_end().map_err(|x| err(me, "group", x));
+        posted?;
+        ended?;
+        drop((_src_sync, _out_sync));
+        Ok(out)
+    }
+
+    /// Variable all-to-all of host bytes (the control plane): sizes first, then the data,
+    /// staged through the device.
+    fn bytes_all_to_all(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let (me, n) = (self.rank, self.size);
+        let e = |what: &'static str| move |x: cudarc::driver::DriverError| err(me, what, x);
+        let sizes: Vec<i64> = send.iter().map(|v| v.len() as i64).collect();
+        let sc = self.stream.clone_htod(&sizes).map_err(e("upload"))?;
+        let one = |p: usize| Segment { peer: p, start: p, rows: 1 };
+        let all: Vec<Segment> = (0..n).map(one).collect();
+        let rc = self.exchange_typed(&sc, 1, &all, &all, n)?;
+        let got_sizes = self.stream.clone_dtoh(&rc).map_err(e("download"))?;
+        let flat: Vec<u8> = send.concat();
+        let sbuf =
+            self.stream.clone_htod(&flat.iter().copied().chain([0]).collect::<Vec<u8>>()).map_err(e("upload"))?;
+        let (mut sends, mut recvs) = (Vec::new(), Vec::new());
+        let (mut s0, mut r0) = (0, 0);
+        for p in 0..n {
+            let (sl, rl) = (sizes[p] as usize, got_sizes[p].max(0) as usize);
+            sends.push(Segment { peer: p, start: s0, rows: sl });
+            recvs.push(Segment { peer: p, start: r0, rows: rl });
+            s0 += sl;
+            r0 += rl;
+        }
+        let rbuf = self.exchange_typed(&sbuf, 1, &sends, &recvs, r0)?;
+        let got = self.stream.clone_dtoh(&rbuf).map_err(e("download"))?;
+        Ok(recvs.iter().map(|r| got[r.start..r.start + r.rows].to_vec()).collect())
     }
 }
 
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.rank
     }
 
     fn size(&self) -> usize {
-        self.comm.world_size()
-    }
-
-    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        let (me, n) = (self.rank(), self.size());
-        if send.len() != n {
-            return Err(Error::Communication { rank: me, msg: format!("{} buffers for {n} ranks", send.len()) });
-        }
-        // Counts first.
-        let counts: Vec<i64> = send.iter().map(|v| v.len() as i64).collect();
-        let sc = self.stream.clone_htod(&counts).map_err(|e| err(me, "upload", e))?;
-        let mut rc = self.stream.alloc_zeros::<i64>(n).map_err(|e| err(me, "alloc", e))?;
-        nr::group_start().map_err(|e| err(me, "group", e))?;
-        for p in (0..n).filter(|&p| p != me) {
-            self.comm.send(&sc.slice(p..p + 1), p as i32).map_err(|e| err(me, "send counts", e))?;
-            self.comm.recv(&mut rc.slice_mut(p..p + 1), p as i32).map_err(|e| err(me, "recv counts", e))?;
-        }
-        nr::group_end().map_err(|e| err(me, "group", e))?;
-        let recv_counts = self.stream.clone_dtoh(&rc).map_err(|e| err(me, "download", e))?;
-        self.sync()?;
-        // Then the rows, one staging buffer each way.
-        let flat: Vec<u8> = send.concat();
-        let sbuf = self.stream.clone_htod(&flat).map_err(|e| err(me, "upload", e))?;
-        let total: usize = recv_counts.iter().enumerate().filter(|&(p, _)| p != me).map(|(_, &c)| c as usize).sum();
-        let mut rbuf = self.stream.alloc_zeros::<u8>(total.max(1)).map_err(|e| err(me, "alloc", e))?;
-        let mut soff = vec![0usize; n + 1];
-        for p in 0..n {
-            soff[p + 1] = soff[p] + send[p].len();
-        }
-        let mut roff = vec![0usize; n + 1];
-        for p in 0..n {
-            roff[p + 1] = roff[p] + if p == me { 0 } else { recv_counts[p] as usize };
-        }
-        nr::group_start().map_err(|e| err(me, "group", e))?;
-        for p in (0..n).filter(|&p| p != me) {
-            if soff[p + 1] > soff[p] {
-                self.comm.send(&sbuf.slice(soff[p]..soff[p + 1]), p as i32).map_err(|e| err(me, "send", e))?;
-            }
-            if roff[p + 1] > roff[p] {
-                self.comm.recv(&mut rbuf.slice_mut(roff[p]..roff[p + 1]), p as i32).map_err(|e| err(me, "recv", e))?;
-            }
-        }
-        nr::group_end().map_err(|e| err(me, "group", e))?;
-        let got = self.stream.clone_dtoh(&rbuf).map_err(|e| err(me, "download", e))?;
-        self.sync()?;
-        Ok((0..n).map(|p| if p == me { send[p].clone() } else { got[roff[p]..roff[p + 1]].to_vec() }).collect())
+        self.size
     }
 
     fn all_gather(&self, data: Vec<u8>) -> Result<Vec<Vec<u8>>> {
-        // Variable sizes through the all-to-all: the same bytes to every rank.
-        let n = self.size();
-        self.all_to_all_v(vec![data; n])
+        self.bytes_all_to_all(vec![data; self.size])
     }
 
-    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
-        let me = self.rank();
+    fn split(&self, color: usize, key: usize) -> Result<Self> {
+        let me = self.rank;
         let all = self.all_gather([color as u64, key as u64].iter().flat_map(|v| v.to_le_bytes()).collect())?;
         let entry = |b: &[u8]| {
             (
-                u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
-                u64::from_le_bytes(b[8..16].try_into().unwrap_or([0; 8])),
+                u64::from_le_bytes(b.get(..8).and_then(|s| s.try_into().ok()).unwrap_or([0; 8])),
+                u64::from_le_bytes(b.get(8..16).and_then(|s| s.try_into().ok()).unwrap_or([0; 8])),
             )
         };
-        let mut members: Vec<usize> = (0..self.size()).filter(|&r| entry(&all[r]).0 == color as u64).collect();
+        let mut members: Vec<usize> = (0..self.size).filter(|&r| entry(&all[r]).0 == color as u64).collect();
         members.sort_by_key(|&r| (entry(&all[r]).1, r));
         let new_rank = members.iter().position(|&r| r == me).unwrap_or(0);
         // Each new group's first member makes its id; everyone shares theirs.
@@ -157,8 +224,33 @@ impl Communicator for NcclComm {
         };
         let ids = self.all_gather(token)?;
         let leader = members[0];
-        let id: [u8; 128] = ids[leader][..128].try_into().map_err(|_| err(me, "split", "short id"))?;
-        let ordinal = self.stream.context().ordinal();
-        Ok(Box::new(NcclComm::new(ordinal, new_rank, members.len(), id)?))
+        let id: [u8; 128] =
+            ids[leader].get(..128).and_then(|s| s.try_into().ok()).ok_or_else(|| err(me, "split", "short id"))?;
+        NcclComm::on_stream(self.stream.clone(), new_rank, members.len(), id)
+    }
+}
+
+impl Transport<CudaBackend> for NcclComm {
+    fn run_exchange(
+        &self,
+        _b: &CudaBackend,
+        x: &Tensor<CudaBackend>,
+        sends: &[Segment],
+        recvs: &[Segment],
+        recv_rows: usize,
+    ) -> Result<Tensor<CudaBackend>> {
+        let cols = x.shape()[1];
+        let shape = vec![recv_rows, cols];
+        match x.buffer() {
+            CudaBuffer::F32(s) => {
+                let out = self.exchange_typed(s, cols, sends, recvs, recv_rows)?;
+                Tensor::<CudaBackend>::from_parts(CudaBuffer::F32(out), shape, DType::F32)
+            }
+            CudaBuffer::I32(s) => {
+                let out = self.exchange_typed(s, cols, sends, recvs, recv_rows)?;
+                Tensor::<CudaBackend>::from_parts(CudaBuffer::I32(out), shape, DType::I32)
+            }
+            CudaBuffer::Half(_) => Err(Error::dtype("exchanged rows", "f32 or i32", x.dtype())),
+        }
     }
 }

@@ -79,10 +79,18 @@ fn nccl_without_a_launch_environment_or_driver_is_an_error() {
             writeln!(std::io::stderr(), "SKIP nccl_without_a_launch_environment_or_driver_is_an_error: RANK is set");
         return;
     }
-    let err = moe_cuda::NcclComm::from_env(std::time::Duration::from_millis(100)).err().expect("no launch env");
+    let err = moe_engine::parallel::LaunchEnv::from_env().expect_err("no launch env");
     assert!(err.to_string().contains("RANK"), "{err}");
-    if moe_cuda::driver_status().is_err() {
-        let err = moe_cuda::NcclComm::new(0, 0, 1, [0; 128]).err().expect("no driver");
-        assert!(err.to_string().contains("libcuda"), "{err}");
+    // A communicator lives on a backend's stream: without a driver there is none to join.
+    match moe_cuda::CudaBackend::new(0) {
+        Err(err) => {
+            if moe_cuda::driver_status().is_err() {
+                assert!(err.to_string().contains("libcuda"), "{err}");
+            }
+        }
+        Ok(b) => {
+            let err = moe_cuda::NcclComm::from_env(&b, std::time::Duration::from_millis(100)).err().expect("no env");
+            assert!(err.to_string().contains("RANK"), "{err}");
+        }
     }
 }

@@ -458,11 +458,12 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
         let want = cpu.plan(&routes, &plan_spec).expect("cpu plan");
         let x = rand(s_ * m, st + 2);
         let xt = up(&cpu, &[s_, m], x.clone());
-        let xp = cpu.permute(&xt, &want).expect("cpu permute");
+        let route_rows = want.route_rows();
+        let xp = cpu.permute(&xt, &route_rows).expect("cpu permute");
         let yp_host = host(&cpu, &xp);
         let yp: Vec<f32> = yp_host.as_f32("yp").expect("f32").iter().map(|v| v * 0.5 + 0.25).collect();
         let ypt = up(&cpu, yp_host.shape(), yp.clone());
-        let y = cpu.combine(&ypt, &want).expect("cpu combine");
+        let y = cpu.combine(&ypt, &route_rows, &want.weights, 0..s_).expect("cpu combine");
 
         // The backend's schedule: passes, buffer sizes, output slices.
         let op = PlanOp::check(&cpu, &routes, &plan_spec).expect("checked");
@@ -486,8 +487,9 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
         let rows = host(&cpu, &want.rows).into_i32("rows").expect("i32");
         let (rowsb, pwb) = (s.i32s(&rows), s.f32s(host(&cpu, &want.weights).as_f32("w").expect("f32")));
         let (xpb, yb) = (s.zeros(s_ * k * m), s.zeros(s_ * m));
-        let permute = moe_engine::ops::PermuteOp::check(&cpu, &xt, &want).expect("checked").params;
-        let combine = moe_engine::ops::CombineOp::check(&cpu, &ypt, &want).expect("checked").params;
+        let permute = moe_engine::ops::PermuteOp::check(&cpu, &xt, &route_rows).expect("checked").params;
+        let combine =
+            moe_engine::ops::CombineOp::check(&cpu, &ypt, &route_rows, &want.weights, 0..s_).expect("checked").params;
         let b = Arg::Buf;
         s.launch("permute", launch::per_element(s_ * k * m), &[b(xb), b(rowsb), b(pwb), b(xpb), param(&permute)]);
         s.launch("combine", launch::per_element(s_ * m), &[b(ypb), b(rowsb), b(pwb), b(yb), param(&combine)]);

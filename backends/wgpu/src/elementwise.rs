@@ -6,13 +6,13 @@ use moe_engine::kernel_abi::{grid_1d, WG_ELEMENTWISE};
 use moe_engine::ops::{CombineOp, ElementwiseOp, PermuteOp};
 use moe_engine::{DType, Error, Result};
 
-fn f32buf<'a>(t: &'a T, name: &str) -> Result<&'a wgpu::Buffer> {
+pub(crate) fn f32buf<'a>(t: &'a T, name: &str) -> Result<&'a wgpu::Buffer> {
     WgpuBackend::buf(t, name, DType::F32)
 }
 
 /// The shaders count in u32: wgpu's bindings hold fewer than 2³² elements, so the ABI's
 /// u64 count always fits; an error (not a wrapped count) if it did not.
-fn count(n: u64) -> Result<usize> {
+pub(crate) fn count(n: u64) -> Result<usize> {
     u32::try_from(n)
         .map(|n| n as usize)
         .map_err(|_| Error::unsupported("wgpu", format!("{n} elements in one dispatch (at most 2^32 - 1)")))
@@ -36,7 +36,7 @@ pub(crate) fn permute(b: &WgpuBackend, op: &PermuteOp<'_, WgpuBackend>) -> Resul
     let out = b.tensor(&op.out_shape, DType::F32, "permuted rows")?;
     let n = count(op.params.n)?;
     if n > 0 {
-        let rows = WgpuBackend::buf(&op.plan.rows, "plan.rows", DType::I32)?;
+        let rows = WgpuBackend::buf(op.rows.tensor(), "route rows", DType::I32)?;
         let bufs = [f32buf(op.x, "x")?, rows, &b.dummy, &out.buffer().buf];
         b.dispatch(&PERMUTE, "permute", &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;
     }
@@ -49,8 +49,8 @@ pub(crate) fn combine(b: &WgpuBackend, op: &CombineOp<'_, WgpuBackend>) -> Resul
     if n > 0 {
         let bufs = [
             f32buf(op.yp, "expert output")?,
-            WgpuBackend::buf(&op.plan.rows, "plan.rows", DType::I32)?,
-            f32buf(&op.plan.weights, "plan.weights")?,
+            WgpuBackend::buf(op.rows.tensor(), "route rows", DType::I32)?,
+            f32buf(op.weights, "combine weights")?,
             &out.buffer().buf,
         ];
         b.dispatch(&PERMUTE, "combine", &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;

@@ -29,6 +29,10 @@ pub(crate) const ELEMENTWISE: Family = Family {
 };
 pub(crate) const PERMUTE: Family =
     Family { name: "permute", source: include_str!("../../../shaders/permute.wgsl"), reads: 3, writes: 1 };
+pub(crate) const BUCKET: Family =
+    Family { name: "bucket", source: include_str!("../../../shaders/bucket.wgsl"), reads: 4, writes: 3 };
+pub(crate) const REGROUP: Family =
+    Family { name: "regroup", source: include_str!("../../../shaders/regroup.wgsl"), reads: 2, writes: 1 };
 pub(crate) const MATMUL: Family = Family {
     name: "matmul",
     source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/matmul.wgsl")),
@@ -48,6 +52,8 @@ pub(crate) const STATS: Family =
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("elementwise", &["activation", "glu", "mul", "add_gated", "residual_mix"]),
     ("permute", &["permute", "combine"]),
+    ("bucket", &["bucket_clear", "bucket_invert", "bucket_rank", "bucket_offsets", "bucket_rows"]),
+    ("regroup", &["regroup"]),
     ("matmul", &["tile_map", "linear", "grouped", "grouped_glu"]),
     ("route", &["route"]),
     ("plan", &["plan_count", "plan_capacity", "plan_rank", "plan_slots", "plan_offsets", "plan_finish", "plan_stats"]),
@@ -56,7 +62,9 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
 ];
 
 pub(crate) fn family(name: &str) -> Option<&'static Family> {
-    [&ELEMENTWISE, &PERMUTE, &MATMUL, &ROUTE, &PLAN, &STATS, &PHILOX].into_iter().find(|f| f.name == name)
+    [&ELEMENTWISE, &PERMUTE, &BUCKET, &REGROUP, &MATMUL, &ROUTE, &PLAN, &STATS, &PHILOX]
+        .into_iter()
+        .find(|f| f.name == name)
 }
 
 struct Compiled {

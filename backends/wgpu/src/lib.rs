@@ -16,6 +16,7 @@
 
 mod device;
 mod elementwise;
+mod exchange;
 mod halves;
 mod kernels;
 mod linear;
@@ -29,8 +30,8 @@ use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
-    CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp, PermuteOp, PlanOp,
-    PlanParts, RouteChecks, RouteOp, RouterStatsOp, RoutesParts,
+    BucketOp, BucketParts, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp,
+    PermuteOp, PlanOp, PlanParts, RegroupOp, RouteChecks, RouteOp, RouterStatsOp, RoutesParts,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, ExpertKind, HostTensor, Result, Tensor};
@@ -545,6 +546,14 @@ impl Backend for WgpuBackend {
 
     fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
         elementwise::combine(self, op)
+    }
+
+    fn run_bucket(&self, op: &BucketOp<'_, Self>) -> Result<BucketParts<Self>> {
+        exchange::bucket(self, op)
+    }
+
+    fn run_regroup(&self, op: &RegroupOp<'_, Self>) -> Result<T> {
+        exchange::regroup(self, op)
     }
 
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {

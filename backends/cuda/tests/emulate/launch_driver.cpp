@@ -11,12 +11,14 @@
 #include "emulate.h"
 #include "common.cuh"
 #include "abi.cuh"
+#include "bucket.cu"
 #include "elementwise.cu"
 #include "matmul.cu"
 #include "matmul_tc.cu"
 #include "permute.cu"
 #include "philox.cu"
 #include "plan.cu"
+#include "regroup.cu"
 #include "route.cu"
 #include "stats.cu"
 
@@ -77,7 +79,10 @@ static std::map<std::string, Kernel> registry() {
         {"plan_rank", bind(plan_rank)},       {"plan_slots", bind(plan_slots)},
         {"plan_offsets", bind(plan_offsets)}, {"plan_finish", bind(plan_finish)},
         {"plan_stats", bind(plan_stats)},     {"route", bind(route)},
-        {"router_stats", bind(router_stats)},
+        {"router_stats", bind(router_stats)}, {"bucket_clear", bind(bucket_clear)},
+        {"bucket_invert", bind(bucket_invert)}, {"bucket_rank", bind(bucket_rank)},
+        {"bucket_offsets", bind(bucket_offsets)}, {"bucket_rows", bind(bucket_rows)},
+        {"regroup", bind(regroup)},
     };
 }
 

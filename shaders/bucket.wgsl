@@ -1,0 +1,102 @@
+// Expert parallelism's bucketing by destination (the passes of kernel_abi::bucket, in
+// order): the physical slot and send row of every kept route of this rank's tokens, and
+// the routes per slot. Bindings: 0 params, 1 plan.rows [S·k], 2 plan.offsets [E + 1],
+// 3 replica offsets [E + 1], 4 replica slots [P], 5 scratch (inverse [S·k] | position
+// [S·k] | slot [S·k] | base [P + 1]), 6 counts [P], 7 send rows [S·k]. One invocation per
+// logical expert walks that expert's compact rows in order: no atomics, bitwise
+// reproducible.
+
+struct BucketParams {
+    s: u32,
+    k: u32,
+    e: u32,
+    slots: u32,
+    t0: u32,
+    t1: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: BucketParams;
+@group(0) @binding(1) var<storage, read> rows: array<i32>;
+@group(0) @binding(2) var<storage, read> offsets: array<i32>;
+@group(0) @binding(3) var<storage, read> rep_off: array<i32>;
+@group(0) @binding(4) var<storage, read> rep_slots: array<i32>;
+@group(0) @binding(5) var<storage, read_write> scratch: array<i32>;
+@group(0) @binding(6) var<storage, read_write> counts: array<i32>;
+@group(0) @binding(7) var<storage, read_write> send: array<i32>;
+
+const WG: u32 = 64u;
+
+fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+fn routes() -> u32 {
+    return p.s * p.k;
+}
+
+// A route this rank sends: kept, and of a token in [t0, t1).
+fn sent(r: u32) -> bool {
+    let t = r / p.k;
+    return rows[r] >= 0 && t >= p.t0 && t < p.t1;
+}
+
+@compute @workgroup_size(64)
+fn bucket_clear(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < routes() { scratch[i] = -1; }
+    if i < p.slots { counts[i] = 0; }
+}
+
+// inverse[compact row] = route, for the routes sent.
+@compute @workgroup_size(64)
+fn bucket_invert(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = index(gid, nwg);
+    if r >= routes() || !sent(r) { return; }
+    scratch[u32(rows[r])] = i32(r);
+}
+
+// One invocation per logical expert: its rows in order, each to replica token % replicas.
+@compute @workgroup_size(64)
+fn bucket_rank(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(gid, nwg);
+    if e >= p.e { return; }
+    let sk = routes();
+    let first = u32(rep_off[e]);
+    let reps = u32(rep_off[e + 1u]) - first;
+    for (var q = u32(offsets[e]); q < u32(offsets[e + 1u]); q++) {
+        let r = scratch[q];
+        if r < 0 { continue; }
+        let slot = rep_slots[first + (u32(r) / p.k) % reps];
+        scratch[sk + u32(r)] = counts[slot];
+        scratch[2u * sk + u32(r)] = slot;
+        counts[slot] += 1;
+    }
+}
+
+// Exclusive prefix of the counts: where each slot's rows start in the send buffer.
+@compute @workgroup_size(64)
+fn bucket_offsets(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    if index(gid, nwg) != 0u { return; }
+    let base = 3u * routes();
+    var acc = 0;
+    for (var s = 0u; s < p.slots; s++) {
+        scratch[base + s] = acc;
+        acc += counts[s];
+    }
+    scratch[base + p.slots] = acc;
+}
+
+@compute @workgroup_size(64)
+fn bucket_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = index(gid, nwg);
+    let sk = routes();
+    if r >= sk { return; }
+    if sent(r) {
+        let slot = u32(scratch[2u * sk + r]);
+        send[r] = scratch[3u * sk + slot] + scratch[sk + r];
+    } else {
+        send[r] = -1;
+    }
+}

@@ -1,0 +1,93 @@
+//! How a layer's routed rows reach their experts and come back: the [`Dispatcher`] is
+//! chosen when the layer is built, and [`crate::MoeLayer::forward`] runs the same steps
+//! whichever it is (vLLM's prepare/finalize, DeepEP's dispatch/combine):
+//!
+//! ```text
+//! dispatch(x, plan) → rows grouped by expert + group offsets → experts → combine → y
+//! ```
+//!
+//! Local: `permute` into the plan's compact expert-major layout and `combine` back. Expert
+//! parallel: the exchange of [`crate::parallel::EpDispatcher`] over a transport.
+
+use crate::backend::Backend;
+use crate::device::Tensor;
+use crate::error::Result;
+use crate::ops::{Offsets, Plan, RouteRows};
+use crate::parallel::{EpDispatcher, EpState, ExpertParallel};
+use std::time::Duration;
+
+/// The exchange of a layer, fixed when it is built.
+pub enum Dispatcher<B: Backend> {
+    /// Every expert is on this rank.
+    Local,
+    /// The experts are spread over the ranks of a transport.
+    ExpertParallel(Box<EpDispatcher<B>>),
+}
+
+/// What a dispatch keeps for its combine and for a backward pass.
+pub enum DispatchState<B: Backend> {
+    /// The compact row of every route (the plan's).
+    Local(RouteRows<B>),
+    /// The expert-parallel exchange's state.
+    ExpertParallel(Box<EpState<B>>),
+}
+
+impl<B: Backend> DispatchState<B> {
+    /// Wall time spent exchanging rows with other ranks (zero when local).
+    pub fn exchange_time(&self) -> Duration {
+        match self {
+            DispatchState::Local(_) => Duration::ZERO,
+            DispatchState::ExpertParallel(s) => s.exchange_time,
+        }
+    }
+}
+
+/// Rows for this rank's experts: grouped by local expert, with the group offsets.
+pub struct Dispatched<B: Backend> {
+    /// The rows `[R, M]`, f32.
+    pub xp: Tensor<B>,
+    /// Group boundaries of the local experts.
+    pub offsets: Offsets<B>,
+    /// What the combine needs.
+    pub state: DispatchState<B>,
+}
+
+impl<B: Backend> Dispatcher<B> {
+    /// The expert-parallel dispatcher, checked against the transport's group.
+    pub fn expert_parallel(b: &B, ep: ExpertParallel<B>, num_experts: usize) -> Result<Self> {
+        Ok(Dispatcher::ExpertParallel(Box::new(EpDispatcher::new(b, ep, num_experts)?)))
+    }
+
+    /// The logical experts this rank holds (`None`: all of them).
+    pub fn local_experts(&self) -> Option<&[usize]> {
+        match self {
+            Dispatcher::Local => None,
+            Dispatcher::ExpertParallel(ep) => Some(ep.local_experts()),
+        }
+    }
+
+    /// Moves the kept routes' token rows of `x [S, M]` to their experts.
+    pub fn dispatch(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>) -> Result<Dispatched<B>> {
+        match self {
+            Dispatcher::Local => {
+                let rows = plan.route_rows();
+                let xp = b.permute(x, &rows)?;
+                Ok(Dispatched { xp, offsets: plan.offsets.clone(), state: DispatchState::Local(rows) })
+            }
+            Dispatcher::ExpertParallel(ep) => {
+                let (xp, offsets, state) = ep.dispatch(b, x, plan)?;
+                Ok(Dispatched { xp, offsets, state: DispatchState::ExpertParallel(Box::new(state)) })
+            }
+        }
+    }
+
+    /// Brings the expert outputs `yp` (in the dispatched layout) back and sums each
+    /// token's routes by their combine weights: `[S, M]`.
+    pub fn combine(&self, b: &B, yp: &Tensor<B>, plan: &Plan<B>, state: &mut DispatchState<B>) -> Result<Tensor<B>> {
+        match (self, state) {
+            (Dispatcher::Local, DispatchState::Local(rows)) => b.combine(yp, rows, &plan.weights, 0..plan.tokens()),
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => ep.combine(b, yp, plan, s),
+            _ => Err(crate::Error::Misuse("combine with the state of another dispatcher".into())),
+        }
+    }
+}

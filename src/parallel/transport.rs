@@ -1,0 +1,226 @@
+//! Transports: how device tensors move between the ranks of a group. One primitive, a
+//! round of point-to-point transfers of row segments ([`Transport::exchange`]), gives the
+//! variable all-to-all of the expert-parallel exchange and the all-gather of the
+//! tensor-parallel output; the hierarchical exchange ([`super::Hierarchical`]) is two
+//! rounds of it. NCCL (`moe-cuda`) sends and receives device memory directly; the
+//! in-process communicator, the laptop way to run N ranks, stages through the host.
+
+use super::comm::{Communicator, InProcessComm};
+use crate::backend::Backend;
+use crate::device::{returned, Device, Tensor};
+use crate::error::{Error, Result};
+use crate::ops::{f32_or_i32_matrix, output};
+use crate::tensor::{DType, HostData, HostTensor};
+
+/// A run of `rows` rows from row `start` of a tensor, sent to or received from `peer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// The other rank.
+    pub peer: usize,
+    /// First row.
+    pub start: usize,
+    /// Rows.
+    pub rows: usize,
+}
+
+/// Rows every rank sends every rank in one all-to-all, `rows[src][dst]`: the same matrix
+/// on every rank (gathered from the per-peer counts), so any rank can plan a schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowCounts {
+    ranks: usize,
+    rows: Vec<usize>,
+}
+
+impl RowCounts {
+    /// The matrix of `ranks × ranks` row counts, by source then destination.
+    pub fn new(ranks: usize, rows: Vec<usize>) -> Result<Self> {
+        if rows.len() != ranks * ranks {
+            return Err(Error::Internal(format!("{} row counts for {ranks} ranks", rows.len())));
+        }
+        Ok(RowCounts { ranks, rows })
+    }
+
+    /// Ranks.
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    /// Rows `src` sends `dst`.
+    pub fn get(&self, src: usize, dst: usize) -> usize {
+        self.rows[src * self.ranks + dst]
+    }
+
+    /// Rows `src` sends in all.
+    pub fn sent_by(&self, src: usize) -> usize {
+        (0..self.ranks).map(|d| self.get(src, d)).sum()
+    }
+
+    /// Rows `dst` receives in all.
+    pub fn received_by(&self, dst: usize) -> usize {
+        (0..self.ranks).map(|s| self.get(s, dst)).sum()
+    }
+
+    /// The way back: what `dst` returns to `src`.
+    pub fn transposed(&self) -> Self {
+        let n = self.ranks;
+        RowCounts { ranks: n, rows: (0..n * n).map(|i| self.get(i % n, i / n)).collect() }
+    }
+}
+
+/// Moves rows of device tensors between the ranks of a group (the data plane; the
+/// [`Communicator`] it extends is the control plane). Implementors do
+/// [`Transport::run_exchange`]; callers use [`Transport::exchange`] and the collectives
+/// built on it, which check the segments first.
+pub trait Transport<B: Device>: Communicator {
+    /// One checked round of transfers (see [`Transport::exchange`]).
+    fn run_exchange(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        sends: &[Segment],
+        recvs: &[Segment],
+        recv_rows: usize,
+    ) -> Result<Tensor<B>>;
+
+    /// One round of point-to-point transfers, collective over the group: every send
+    /// segment of `x` (a matrix of f32 or i32 rows) goes to its peer, and the returned
+    /// `[recv_rows, cols]` tensor holds every receive segment at its `start` (rows no
+    /// segment covers are zero). Between two ranks, segments match in the order listed:
+    /// the j-th send to `p` is `p`'s j-th receive from this rank, of the same length. A
+    /// rank may send to itself.
+    fn exchange(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        sends: &[Segment],
+        recvs: &[Segment],
+        recv_rows: usize,
+    ) -> Result<Tensor<B>> {
+        let (rows, cols) = f32_or_i32_matrix("exchanged rows", x)?;
+        check_segments(self.size(), "send", sends, rows, false)?;
+        check_segments(self.size(), "receive", recvs, recv_rows, true)?;
+        let me = self.rank();
+        let own = |segs: &[Segment]| segs.iter().filter(|s| s.peer == me).map(|s| s.rows).collect::<Vec<_>>();
+        if own(sends) != own(recvs) {
+            return Err(Error::Internal(format!(
+                "rank {me} sends itself rows {:?} but receives {:?}",
+                own(sends),
+                own(recvs)
+            )));
+        }
+        output(b, "received rows", &[recv_rows, cols], x.dtype())?;
+        let out = self.run_exchange(b, x, sends, recvs, recv_rows)?;
+        returned(b, "exchange", out, &[recv_rows, cols], x.dtype())
+    }
+
+    /// Variable all-to-all of rows by `counts`, which every rank holds: this rank's `x`
+    /// holds its rows for rank 0, then rank 1, ... (rows past them are not sent); the
+    /// result holds what every rank sent here, by source.
+    fn all_to_all_rows(&self, b: &B, x: &Tensor<B>, counts: &RowCounts) -> Result<Tensor<B>> {
+        let me = self.rank();
+        let (sends, recvs) = flat_schedule(counts, me);
+        self.exchange(b, x, &sends, &recvs, counts.received_by(me))
+    }
+
+    /// All-gather of row blocks: rank r contributes `x` of `rows[r]` rows; every rank gets
+    /// them all, in rank order.
+    fn all_gather_rows(&self, b: &B, x: &Tensor<B>, rows: &[usize]) -> Result<Tensor<B>> {
+        let (me, n) = (self.rank(), self.size());
+        if rows.len() != n || x.shape().first() != Some(&rows[me]) {
+            return Err(Error::Internal(format!(
+                "all_gather_rows: {:?} rows for {n} ranks, this rank holds {:?}",
+                rows,
+                x.shape()
+            )));
+        }
+        let sends: Vec<Segment> = (0..n).map(|peer| Segment { peer, start: 0, rows: rows[me] }).collect();
+        let mut start = 0;
+        let recvs: Vec<Segment> = (0..n)
+            .map(|peer| {
+                let s = Segment { peer, start, rows: rows[peer] };
+                start += rows[peer];
+                s
+            })
+            .collect();
+        self.exchange(b, x, &sends, &recvs, start)
+    }
+}
+
+/// The flat all-to-all of `counts` for rank `me`: one send and one receive per rank.
+pub(crate) fn flat_schedule(counts: &RowCounts, me: usize) -> (Vec<Segment>, Vec<Segment>) {
+    let n = counts.ranks();
+    let (mut sends, mut recvs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut s0, mut r0) = (0, 0);
+    for p in 0..n {
+        sends.push(Segment { peer: p, start: s0, rows: counts.get(me, p) });
+        recvs.push(Segment { peer: p, start: r0, rows: counts.get(p, me) });
+        s0 += counts.get(me, p);
+        r0 += counts.get(p, me);
+    }
+    (sends, recvs)
+}
+
+/// Peers in the group, segments inside their tensor, and (receives) no two overlapping.
+fn check_segments(size: usize, what: &str, segs: &[Segment], rows: usize, disjoint: bool) -> Result<()> {
+    for s in segs {
+        if s.peer >= size || s.start.checked_add(s.rows).is_none_or(|e| e > rows) {
+            return Err(Error::Internal(format!("{what} segment {s:?}: outside {rows} rows or {size} ranks")));
+        }
+    }
+    if disjoint {
+        let mut sorted: Vec<&Segment> = segs.iter().filter(|s| s.rows > 0).collect();
+        sorted.sort_by_key(|s| s.start);
+        if let Some(w) = sorted.windows(2).find(|w| w[0].start + w[0].rows > w[1].start) {
+            return Err(Error::Internal(format!("receive segments {:?} and {:?} overlap", w[0], w[1])));
+        }
+    }
+    Ok(())
+}
+
+/// The in-process communicator stages through the host: the rows are downloaded, moved
+/// as bytes between the threads, and the received rows uploaded. The only transport that
+/// reads rows on the host.
+impl<B: Backend> Transport<B> for InProcessComm {
+    fn run_exchange(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        sends: &[Segment],
+        recvs: &[Segment],
+        recv_rows: usize,
+    ) -> Result<Tensor<B>> {
+        let cols = x.shape()[1];
+        let host = b.download(x)?;
+        let bytes: &[u8] = match host.data() {
+            HostData::F32(v) => bytemuck::cast_slice(v),
+            HostData::I32(v) => bytemuck::cast_slice(v),
+        };
+        let row = cols * 4;
+        let mut msgs = vec![Vec::new(); self.size()];
+        for s in sends {
+            msgs[s.peer].extend_from_slice(&bytes[s.start * row..(s.start + s.rows) * row]);
+        }
+        let got = self.all_to_all_v(msgs)?;
+        let mut out = vec![0u8; recv_rows * row];
+        let mut read = vec![0usize; self.size()];
+        let short = |peer: usize| Error::Communication {
+            rank: self.rank(),
+            msg: format!("rank {peer} sent {} bytes, which do not match the rows agreed", got[peer].len()),
+        };
+        for r in recvs {
+            let n = r.rows * row;
+            let piece = got[r.peer].get(read[r.peer]..read[r.peer] + n).ok_or_else(|| short(r.peer))?;
+            out[r.start * row..r.start * row + n].copy_from_slice(piece);
+            read[r.peer] += n;
+        }
+        if let Some(p) = (0..self.size()).find(|&p| read[p] != got[p].len()) {
+            return Err(short(p));
+        }
+        let shape = [recv_rows, cols];
+        let t = match x.dtype() {
+            DType::I32 => HostTensor::i32(&shape, bytemuck::pod_collect_to_vec(&out))?,
+            _ => HostTensor::f32(&shape, bytemuck::pod_collect_to_vec(&out))?,
+        };
+        b.upload(&t)
+    }
+}
