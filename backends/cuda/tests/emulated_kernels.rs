@@ -2,7 +2,8 @@
 //! for `__syncthreads`/`__syncwarp`, shuffles and `mma.sync` exchanged through the warp),
 //! launched as the cuda backend launches them, and are compared with the cpu backend:
 //! routing (every choice rule, ties, >256 experts, non-finite inputs), the dispatch plan
-//! (capacity rules, keep policies, masks, groups), permute/combine, Philox noise, router
+//! (capacity rules, keep policies, masks, groups), permute/combine, the expert-parallel
+//! bucketing, regrouping and ranged combine, Philox noise, router
 //! statistics, and the grouped products (tiles that span group ends, empty groups, K and N
 //! off the tile size, GLU experts, f32/f16/bf16 weights, the tensor-core kernels).
 //!
@@ -24,8 +25,9 @@ use moe_cuda::launch;
 use moe_engine::kernel_abi::plan::{PlanBuffer, PlanSlice};
 use moe_engine::kernel_abi::{tile_list_words, CastParams, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
-    CapacityRule, Choice, ElementwiseKind, ElementwiseOp, GroupScore, GroupedLinearOp, GroupedMlpOp, KeepPolicy,
-    MlpWeights, NoiseOp, Normalize, Offsets, PlanOp, PlanSpec, RouteOp, RouteSpec, RouterStatsOp, ScoreFn,
+    BlockTable, BucketOp, CapacityRule, Choice, CombineOp, DevicePlacement, ElementwiseKind, ElementwiseOp, GroupScore,
+    GroupedLinearOp, GroupedMlpOp, KeepPolicy, MlpWeights, NoiseOp, Normalize, Offsets, PlanOp, PlanSpec, RegroupOp,
+    RouteOp, RouteSpec, RouterStatsOp, ScoreFn,
 };
 use moe_engine::philox::NoiseKind;
 use moe_engine::{parity, philox, Activation, Backend, DType, Device, ExpertKind, HostTensor, Tensor};
@@ -516,6 +518,90 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
             assert!(dropped > 0, "the skewed case should drop routes, dropped {dropped}");
         }
     }
+}
+
+// ------------------------------------------------------------------ the expert-parallel exchange
+
+#[test]
+fn bucket_regroup_and_ranged_combine_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let (s_, e, k, m) = (40usize, 6usize, 2usize, 5usize);
+    let logits = up(&cpu, &[s_, e], rand(s_ * e, 700).into_iter().map(|v| 3.0 * v).collect());
+    let routes = cpu.route(&logits, &RouteSpec::softmax_top_k(k)).expect("cpu route");
+    // DeepSpeed top-2 capacity, rank-major: some routes dropped, slots not in token order.
+    let plan_spec = PlanSpec {
+        num_experts: e,
+        capacity: CapacityRule::DeepSpeed { factor: 1.0, k_prime: 2, min_capacity: 2 },
+        keep: KeepPolicy::RankMajor,
+        used_token: None,
+        group_size: None,
+        renormalize_kept: true,
+    };
+    let plan = cpu.plan(&routes, &plan_spec).expect("cpu plan");
+    // 9 slots over 3 ranks: experts 0..3 get a second replica.
+    let replicas: Vec<Vec<usize>> = (0..e).map(|x| if x < 3 { vec![x, e + x] } else { vec![x] }).collect();
+    let placement = DevicePlacement::new(&cpu, &replicas, 3, 3).expect("placement");
+    let ints = |t: &Cpu| host(&cpu, t).into_i32("i32").expect("i32");
+    for (case, tokens) in [("every token", 0..s_), ("a rank's share", 13..27)] {
+        let want = cpu.bucket(&plan, &placement, tokens.clone()).expect("cpu bucket");
+        let op = BucketOp::check(&cpu, &plan, &placement, tokens.clone()).expect("checked");
+        let sched = &op.schedule;
+        let mut sc = Script::default();
+        let bufs = [
+            sc.i32s(&ints(&plan.rows)),
+            sc.i32s(&ints(plan.offsets.tensor())),
+            sc.i32s(&ints(&placement.replica_offsets)),
+            sc.i32s(&ints(&placement.replica_slots)),
+            sc.zeros(sched.scratch_words),
+            sc.zeros(placement.slots()),
+            sc.zeros(s_ * k),
+        ];
+        let mut args = Vec::from(bufs.map(Arg::Buf));
+        args.push(param(&sched.params));
+        for pass in &sched.passes {
+            sc.launch(pass.entry, launch::bucket_pass(pass), &args);
+        }
+        // The combine of this rank's tokens over rows returned in send order (a buffer of
+        // the bucketing's S·k bound; the first `sent` rows are the ones returned).
+        let sent: usize = ints(&want.counts).iter().map(|&c| c as usize).sum();
+        let returned = rand(s_ * k * m, 701);
+        let rt = up(&cpu, &[s_ * k, m], returned.clone());
+        let y = cpu.combine(&rt, &want.rows, &plan.weights, tokens.clone()).expect("cpu combine");
+        let combine = CombineOp::check(&cpu, &rt, &want.rows, &plan.weights, tokens.clone()).expect("checked").params;
+        let weights = host(&cpu, &plan.weights).into_f32("w").expect("f32");
+        let (rb, wb, yb) = (sc.f32s(&returned), sc.f32s(&weights), sc.zeros(tokens.len() * m));
+        let b = Arg::Buf;
+        let combine_args = [b(rb), b(bufs[6]), b(wb), b(yb), param(&combine)];
+        sc.launch("combine", launch::per_element(tokens.len() * m), &combine_args);
+        let got = sc.run(exe, "bucket");
+        same_i32(&format!("{case}: counts"), &host(&cpu, &want.counts), got.i32s(bufs[5]));
+        same_i32(&format!("{case}: send rows"), &host(&cpu, want.rows.tensor()), got.i32s(bufs[6]));
+        close_f32(&format!("{case}: ranged combine"), &host(&cpu, &y), got.f32s(yb), 1e-6);
+        assert!(sent > 0 && ints(want.rows.tensor()).contains(&-1), "{case}: some routes sent, some not");
+    }
+    // Regroup: 3 sources x 3 slots, some blocks empty, to the experts' order.
+    let counts = [[3usize, 0, 2], [1, 4, 0], [0, 2, 5]];
+    let mut at = 0;
+    let mut start = [[0usize; 3]; 3];
+    for (src, row) in counts.iter().enumerate() {
+        for (l, &c) in row.iter().enumerate() {
+            start[src][l] = at;
+            at += c;
+        }
+    }
+    let blocks: Vec<(usize, usize)> =
+        (0..3).flat_map(|l| (0..3).map(move |src| (l, src))).map(|(l, src)| (start[src][l], counts[src][l])).collect();
+    let table = BlockTable::new(&cpu, &blocks, at).expect("table");
+    let x = rand(at * m, 702);
+    let xt = up(&cpu, &[at, m], x.clone());
+    let want = cpu.regroup(&xt, &table).expect("cpu regroup");
+    let op = RegroupOp::check(&cpu, &xt, &table).expect("checked");
+    let mut sc = Script::default();
+    let (xb, tb, ob) = (sc.f32s(&x), sc.i32s(&ints(table.tensor())), sc.zeros(at * m));
+    sc.launch("regroup", launch::per_element(at * m), &[Arg::Buf(xb), Arg::Buf(tb), Arg::Buf(ob), param(&op.params)]);
+    let got = sc.run(exe, "regroup");
+    close_f32("regroup", &host(&cpu, &want), got.f32s(ob), 0.0);
 }
 
 // ------------------------------------------------------------------ noise, stats, elementwise
