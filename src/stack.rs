@@ -59,29 +59,42 @@ fn rand(shape: &[usize], seed: u64, stream: u32, scale: f32) -> Result<HostTenso
     HostTensor::f32(shape, v)
 }
 
-/// Random weights for one layer spec (uniform ±1/√fan_in, like PyTorch's default init).
-/// The spec is validated first, and the host must have room for the f32 values.
+/// Random weights for one layer spec (uniform ±1/√fan_in, like PyTorch's default init),
+/// every part the spec has: experts, residual MLP and coefficient, shared experts and
+/// their gate, DeepSeek-V3's correction bias. The spec is validated first, and the host
+/// must have room for the f32 values.
 pub fn random_weights(spec: &LayerSpec, seed: u64) -> Result<HostLayerWeights> {
     spec.validate()?;
     let bytes = spec.weight_count()?.saturating_mul(4);
     crate::memory::check_host("the layer's random f32 weights", bytes)?;
-    let (m, f, e) = (spec.hidden, spec.expert.ffn, spec.num_experts);
+    let (m, e) = (spec.hidden, spec.num_experts);
     let mut stream = 0u32;
     let mut next = |shape: &[usize], fan_in: usize| {
         stream += 1;
         rand(shape, seed, stream, 1.0 / (fan_in as f32).sqrt())
     };
-    let n_in = spec.expert.kind.first_rows(f, m).ok_or_else(|| crate::Error::config("ffn", "2 · ffn overflows"))?;
-    let mut mlp = |n: usize| -> Result<HostMlp> {
-        let linear = matches!(spec.expert.kind, ExpertKind::Linear);
-        Ok(HostMlp {
+    let mlp = |next: &mut dyn FnMut(&[usize], usize) -> Result<HostTensor>, n: usize, expert: &ExpertSpec| {
+        let f = expert.ffn;
+        let n_in = expert.kind.first_rows(f, m).ok_or_else(|| crate::Error::config("ffn", "2 · ffn overflows"))?;
+        let linear = matches!(expert.kind, ExpertKind::Linear);
+        Ok::<_, crate::Error>(HostMlp {
             w_in: next(&[n, n_in, m], m)?,
-            b_in: if spec.expert.bias { Some(next(&[n, n_in], m)?) } else { None },
+            b_in: if expert.bias { Some(next(&[n, n_in], m)?) } else { None },
             w_out: if linear { None } else { Some(next(&[n, m, f], f)?) },
-            b_out: if spec.expert.bias && !linear { Some(next(&[n, m], f)?) } else { None },
+            b_out: if expert.bias && !linear { Some(next(&[n, m], f)?) } else { None },
         })
     };
-    let experts = mlp(e)?;
-    let residual = if spec.residual { Some((mlp(1)?, next(&[2, m], m)?, next(&[2], m)?)) } else { None };
-    Ok(HostLayerWeights { gate: next(&[e, m], m)?, gate_bias: None, experts, residual, shared: None })
+    let experts = mlp(&mut next, e, &spec.expert)?;
+    let residual =
+        if spec.residual { Some((mlp(&mut next, 1, &spec.expert)?, next(&[2, m], m)?, next(&[2], m)?)) } else { None };
+    let shared = match &spec.shared {
+        Some(s) => Some((mlp(&mut next, 1, &s.expert)?, if s.gated { Some(next(&[1, m], m)?) } else { None })),
+        None => None,
+    };
+    let gate = next(&[e, m], m)?;
+    let gate_bias = match spec.gate {
+        GateSpec::DeepSeekV3 { .. } => Some(next(&[e], 16)?),
+        _ => None,
+    };
+    Ok(HostLayerWeights { gate, gate_bias, experts, residual, shared })
 }

@@ -451,3 +451,81 @@ fn sharded_ranks_with_eplb_replicas_match_single_rank_runs_on_each_shard() {
         }
     });
 }
+
+/// Runs `spec` on one rank and on `ranks` ranks (hierarchical with `per_node` > 0) holding
+/// the same batch; every rank's output, logits and report must be the single rank's.
+fn replicated_matches_single(spec: &LayerSpec, x: &HostTensor, opts: &LayerOptions, ranks: usize, per_node: usize) {
+    let weights = stack::random_weights(spec, 17).unwrap();
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let single = MoeLayer::new(&b, spec.clone(), &weights, DType::F32).unwrap();
+    let out = single.forward(&b, &b.upload(x).unwrap(), opts).unwrap();
+    let (want_y, want_report) = (b.download(&out.y).unwrap().to_f64(), out.report(&b).unwrap());
+    let comms = in_process(ranks, Duration::from_secs(30));
+    std::thread::scope(|s| {
+        for c in comms {
+            let (weights, want_y, want_report) = (&weights, &want_y, &want_report);
+            s.spawn(move || {
+                let b = CpuBackend::new(Some(1)).unwrap();
+                let rank = c.rank();
+                let transport: Arc<dyn Transport<CpuBackend>> =
+                    if per_node > 0 { Arc::new(Hierarchical::new(c, per_node).unwrap()) } else { Arc::new(c) };
+                let ep = ExpertParallel::deepspeed(transport, spec.num_experts, TokenLayout::Replicated).unwrap();
+                let layer = MoeLayer::new_ep(&b, spec.clone(), weights, DType::F32, ep).unwrap();
+                let out = layer.forward(&b, &b.upload(x).unwrap(), opts).unwrap();
+                let what = format!("{:?} on rank {rank} of {ranks} ({per_node} per node)", spec.gate);
+                let err = golden::rel_l2(&b.download(&out.y).unwrap().to_f64(), want_y);
+                assert!(err < 1e-6, "{what}: rel L2 {err}");
+                let report = out.report(&b).unwrap();
+                assert_eq!(report.exp_counts, want_report.exp_counts, "{what}");
+                assert_eq!(report.dropped_tokens, want_report.dropped_tokens, "{what}");
+                assert!((report.losses.l_aux - want_report.losses.l_aux).abs() <= 1e-6, "{what}");
+            });
+        }
+    });
+}
+
+#[test]
+fn every_gate_kind_on_two_four_and_eight_ranks_matches_the_single_rank_forward() {
+    use moe_engine::config::{DeepSeekV2Method, DropPolicy, NoisyGatePolicy, SharedSpec};
+    let ds = |k, drop_tokens| DeepSpeedGate { k, drop_tokens, min_capacity: 1, ..Default::default() };
+    let gates = [
+        GateSpec::DeepSpeed(DeepSpeedGate {
+            use_rts: true,
+            noisy_gate_policy: Some(NoisyGatePolicy::RSample),
+            ..ds(1, true)
+        }),
+        GateSpec::DeepSpeed(DeepSpeedGate { noisy_gate_policy: Some(NoisyGatePolicy::Jitter), ..ds(2, true) }),
+        GateSpec::DeepSpeed(DeepSpeedGate { drop_policy: DropPolicy::Position, ..ds(3, true) }),
+        GateSpec::DeepSpeed(ds(2, false)),
+        GateSpec::SoftmaxTopK { k: 2, normalize: false },
+        GateSpec::DeepSeekV2 {
+            k: 3,
+            n_group: 4,
+            topk_group: 2,
+            method: DeepSeekV2Method::GroupLimitedGreedy,
+            normalize: false,
+            routed_scaling_factor: 2.0,
+        },
+        GateSpec::DeepSeekV3 { k: 2, n_group: 4, topk_group: 2, normalize: true, routed_scaling_factor: 1.5 },
+        GateSpec::Switch { expert_capacity: 2 },
+    ];
+    for (i, gate) in gates.into_iter().enumerate() {
+        let mut spec = spec(8, gate);
+        // Residual MoE with the DeepSpeed gates, shared experts with the others.
+        if i < 4 {
+            spec.residual = i % 2 == 0;
+        } else {
+            spec.shared = Some(SharedSpec { expert: spec.expert, gated: i % 2 == 0 });
+        }
+        // Switch counts capacity per sequence: x is [batch, seq, hidden].
+        let switch = matches!(spec.gate, GateSpec::Switch { .. });
+        let x = tokens(if switch { 27 } else { 27 + i }, 24, 60 + i as u32);
+        let x = if switch { x.reshape(&[3, 9, 24]).unwrap() } else { x };
+        let mut opts = LayerOptions::mode(Mode::Train);
+        opts.gate.seed = 1234 + i as u64;
+        opts.keep_activations = i % 3 == 0;
+        for (ranks, per_node) in [(2, 0), (4, 0), (4, 2), (8, 4)] {
+            replicated_matches_single(&spec, &x, &opts, ranks, per_node);
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The wgpu backend on whatever adapter this machine has (lavapipe in CI): every shader
-//! compiles, every golden case passes, results are bitwise reproducible, and non-finite
+//! compiles, every golden case passes (on one device and on four expert-parallel ranks),
+//! results are bitwise reproducible, and non-finite
 //! router logits surface as an error naming the token.
 //!
 //! Without an adapter these tests say so on the terminal and return; with `CI=true` a
@@ -34,6 +35,22 @@ fn all_golden_cases_pass_on_wgpu() {
     assert!(failures.is_empty(), "golden failures on {}:\n{}", b.capabilities().device, failures.join("\n"));
     for r in passed {
         assert!(r.worst_rel_l2 <= 1e-5, "{}: rel L2 {} above the wgpu f32 bound", r.name, r.worst_rel_l2);
+    }
+}
+
+#[test]
+fn golden_cases_pass_on_four_wgpu_ranks_in_two_nodes() {
+    // Every rank opens its own device; the exchange (bucket, regroup, ranged combine)
+    // runs in the shaders, the rows move through the in-process transport.
+    if backend("golden_cases_pass_on_four_wgpu_ranks_in_two_nodes").is_none() {
+        return;
+    }
+    for dir in golden::discover(&common::golden_dir()).expect("golden cases") {
+        let rs = golden::run_case_ep(|_| WgpuBackend::new(None), &dir, 4, 2, std::time::Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for (rank, r) in rs.iter().enumerate() {
+            assert!(r.pass && r.worst_rel_l2 <= 1e-5, "{} on rank {rank}: {:?}", r.name, r.outputs);
+        }
     }
 }
 
