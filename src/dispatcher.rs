@@ -66,8 +66,9 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
-    /// Moves the kept routes' token rows of `x [S, M]` to their experts.
-    pub fn dispatch(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>) -> Result<Dispatched<B>> {
+    /// Moves the kept routes' token rows of `x [S, M]` to their experts. `time_exchange`:
+    /// see [`crate::LayerOptions::time_exchange`].
+    pub fn dispatch(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>, time_exchange: bool) -> Result<Dispatched<B>> {
         match self {
             Dispatcher::Local => {
                 let rows = plan.route_rows();
@@ -75,7 +76,7 @@ impl<B: Backend> Dispatcher<B> {
                 Ok(Dispatched { xp, offsets: plan.offsets.clone(), state: DispatchState::Local(rows) })
             }
             Dispatcher::ExpertParallel(ep) => {
-                let (xp, offsets, state) = ep.dispatch(b, x, plan)?;
+                let (xp, offsets, state) = ep.dispatch(b, x, plan, time_exchange)?;
                 Ok(Dispatched { xp, offsets, state: DispatchState::ExpertParallel(Box::new(state)) })
             }
         }
@@ -83,10 +84,19 @@ impl<B: Backend> Dispatcher<B> {
 
     /// Brings the expert outputs `yp` (in the dispatched layout) back and sums each
     /// token's routes by their combine weights: `[S, M]`.
-    pub fn combine(&self, b: &B, yp: &Tensor<B>, plan: &Plan<B>, state: &mut DispatchState<B>) -> Result<Tensor<B>> {
+    pub fn combine(
+        &self,
+        b: &B,
+        yp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &mut DispatchState<B>,
+        time_exchange: bool,
+    ) -> Result<Tensor<B>> {
         match (self, state) {
             (Dispatcher::Local, DispatchState::Local(rows)) => b.combine(yp, rows, &plan.weights, 0..plan.tokens()),
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => ep.combine(b, yp, plan, s),
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
+                ep.combine(b, yp, plan, s, time_exchange)
+            }
             _ => Err(crate::Error::Misuse("combine with the state of another dispatcher".into())),
         }
     }

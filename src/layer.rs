@@ -229,9 +229,10 @@ impl<B: Backend> MoeLayer<B> {
     pub fn forward(&self, b: &B, x: &Tensor<B>, opts: &LayerOptions) -> Result<LayerOutput<B>> {
         let Flat { x: x2, seq, shape } = self.flatten_input(x)?;
         let gate = self.gate.forward(b, &x2, seq, &opts.gate)?;
-        let Dispatched { xp, offsets, mut state } = self.dispatcher.dispatch(b, &x2, &gate.plan)?;
+        let timed = opts.time_exchange;
+        let Dispatched { xp, offsets, mut state } = self.dispatcher.dispatch(b, &x2, &gate.plan, timed)?;
         let acts = self.experts.grouped(b, xp, &offsets, opts.keep_activations)?;
-        let y = self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state)?;
+        let y = self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state, timed)?;
         let y = self.add_dense_parts(b, &x2, y)?;
         Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts: acts, dispatch: state })
     }

@@ -39,11 +39,16 @@ pub struct LayerOptions {
     /// inference: the fused expert path then never writes the `[S·k, N]` intermediate to
     /// memory.
     pub keep_activations: bool,
+    /// Wait for the device before each step of an expert-parallel exchange, so that the
+    /// exchange time a forward reports counts the exchange alone, not compute still queued
+    /// before it. A device synchronisation per step: benchmarks set it, production leaves
+    /// it off.
+    pub time_exchange: bool,
 }
 
 impl LayerOptions {
     /// Evaluation or training with the default seed, no overrides.
     pub fn mode(mode: Mode) -> Self {
-        LayerOptions { gate: GateOptions { mode, ..Default::default() }, keep_activations: false }
+        LayerOptions { gate: GateOptions { mode, ..Default::default() }, ..Default::default() }
     }
 }

@@ -282,7 +282,8 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<Arc<dyn Transport<B
         .map(|u| 2.0 * u - 1.0)
         .collect();
     let x = b.upload(&HostTensor::f32(&[t, h], x)?)?;
-    let opts = LayerOptions::default();
+    // The exchange time reported counts the exchange alone (a device sync before each step).
+    let opts = LayerOptions { time_exchange: comm.is_some(), ..Default::default() };
     let iters = a.iters as usize;
     let bar = if leader { indicatif::ProgressBar::new((iters + 2) as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(

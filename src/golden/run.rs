@@ -118,7 +118,7 @@ fn options(case: &Case) -> Result<LayerOptions> {
         gumbel: flat(&m.noise.gumbel)?,
         rts: flat(&m.noise.rts_uniform)?,
     };
-    Ok(LayerOptions { gate: GateOptions { mode: m.mode, seed: 0, noise, used_token }, keep_activations: false })
+    Ok(LayerOptions { gate: GateOptions { mode: m.mode, seed: 0, noise, used_token }, ..Default::default() })
 }
 
 fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<Arc<dyn Transport<B>>>) -> Result<CaseResult> {

@@ -138,38 +138,23 @@ pub fn in_process(n: usize, timeout: Duration) -> Vec<InProcessComm> {
 
 impl InProcessComm {
     /// Variable all-to-all of host bytes: `send[dst]` goes to rank `dst`; returns what each
-    /// rank sent here, indexed by source. Sizes are exchanged first, then the data. How
-    /// this communicator stages a [`super::Transport`] exchange.
+    /// rank sent here, indexed by source. One round: a message carries its own length, so
+    /// the receiver (which knows what it expects, as a [`super::Transport`] exchange does)
+    /// checks it. How this communicator stages a transport exchange.
     pub fn all_to_all_v(&self, mut send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         if send.len() != self.size {
             return Err(self.fail(format!("all_to_all_v: {} buffers for {} ranks", send.len(), self.size)));
         }
         let seq = self.next_seq();
-        // Counts first: every rank learns how much it will receive from each peer.
-        for to in (0..self.size).filter(|&r| r != self.rank) {
-            self.send(to, (seq, 0), (send[to].len() as u64).to_le_bytes().to_vec())?;
-        }
-        let counts = self.gather_tagged((seq, 0), "all_to_all_v counts")?;
         for to in (0..self.size).filter(|&r| r != self.rank) {
             self.send(to, (seq, 1), std::mem::take(&mut send[to]))?;
         }
-        let rows = self.gather_tagged((seq, 1), "all_to_all_v rows")?;
-        let mut out = Vec::with_capacity(self.size);
-        for (src, data) in rows.into_iter().enumerate() {
-            if src == self.rank {
-                out.push(std::mem::take(&mut send[src]));
-                continue;
-            }
-            let data = data.unwrap_or_default();
-            let want = counts[src].as_ref().map_or(0, |c| u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8])));
-            if data.len() as u64 != want {
-                return Err(
-                    self.fail(format!("all_to_all_v: rank {src} announced {want} bytes and sent {}", data.len()))
-                );
-            }
-            out.push(data);
-        }
-        Ok(out)
+        let rows = self.gather_tagged((seq, 1), "all_to_all_v")?;
+        Ok(rows
+            .into_iter()
+            .enumerate()
+            .map(|(src, data)| if src == self.rank { std::mem::take(&mut send[src]) } else { data.unwrap_or_default() })
+            .collect())
     }
 
     fn next_seq(&self) -> u64 {

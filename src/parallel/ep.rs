@@ -62,6 +62,15 @@ fn share(n: usize, rank: usize, size: usize) -> Range<usize> {
     rank * n / size..(rank + 1) * n / size
 }
 
+/// Now, after the device has finished what is queued when `sync` asks (so that what is
+/// timed from here is the exchange alone).
+fn start_timer<B: Backend>(b: &B, sync: bool) -> Result<Instant> {
+    if sync {
+        b.synchronize()?;
+    }
+    Ok(Instant::now())
+}
+
 /// The expert-parallel dispatcher of one rank: checked against its transport when built.
 pub struct EpDispatcher<B: Backend> {
     transport: Arc<dyn Transport<B>>,
@@ -144,13 +153,19 @@ impl<B: Backend> EpDispatcher<B> {
     /// Sends the kept routes of this rank's tokens to their experts' ranks; returns the
     /// rows this rank's experts run (grouped by local slot), their group offsets, and the
     /// state the combine needs.
-    pub fn dispatch(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>) -> Result<(Tensor<B>, Offsets<B>, EpState<B>)> {
+    pub fn dispatch(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        plan: &Plan<B>,
+        time_exchange: bool,
+    ) -> Result<(Tensor<B>, Offsets<B>, EpState<B>)> {
         let (me, n) = (self.rank(), self.transport.size());
         let (spr, slots) = (self.placement.slots_per_rank(), self.device.slots());
         let tokens = self.mine(plan.tokens());
         let bucket = b.bucket(plan, &self.device, tokens.clone())?;
         let send = b.permute(x, &bucket.rows)?;
-        let t0 = Instant::now();
+        let t0 = start_timer(b, time_exchange)?;
         // Every rank's routes per slot: sizes every transfer below. The one host read.
         let all = self.transport.all_gather_rows(b, &bucket.counts.reshape(&[1, slots])?, &vec![1; n])?;
         let counts = b.download(&all)?.into_i32("routes per slot")?;
@@ -213,9 +228,16 @@ impl<B: Backend> EpDispatcher<B> {
 
     /// Sends the expert outputs back and combines this rank's tokens; tensor-parallel
     /// ranks then gather every rank's tokens.
-    pub fn combine(&self, b: &B, yp: &Tensor<B>, plan: &Plan<B>, state: &mut EpState<B>) -> Result<Tensor<B>> {
+    pub fn combine(
+        &self,
+        b: &B,
+        yp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &mut EpState<B>,
+        time_exchange: bool,
+    ) -> Result<Tensor<B>> {
         let back = b.regroup(yp, &state.from_experts)?;
-        let t0 = Instant::now();
+        let t0 = start_timer(b, time_exchange)?;
         let returned = self.transport.all_to_all_rows(b, &back, &state.rows.transposed())?;
         state.exchange_time += t0.elapsed();
         let y = b.combine(&returned, &state.send_rows, &plan.weights, state.tokens.clone())?;
@@ -225,7 +247,7 @@ impl<B: Backend> EpDispatcher<B> {
             TokenLayout::Replicated => {
                 let (n, s) = (self.transport.size(), plan.tokens());
                 let shares: Vec<usize> = (0..n).map(|r| share(s, r, n).len()).collect();
-                let t0 = Instant::now();
+                let t0 = start_timer(b, time_exchange)?;
                 let all = self.transport.all_gather_rows(b, &y, &shares)?;
                 state.exchange_time += t0.elapsed();
                 Ok(all)
