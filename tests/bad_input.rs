@@ -10,7 +10,7 @@ use moe_cpu::{CpuBackend, CpuBuffer};
 use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec};
 use moe_engine::gate::Gate;
 use moe_engine::import::{hf, save_safetensors, Checkpoint};
-use moe_engine::ops::{CapacityRule, KeepPolicy, Offsets, PlanSpec, RouteSpec, Routes};
+use moe_engine::ops::{BlockTable, CapacityRule, DevicePlacement, KeepPolicy, Offsets, PlanSpec, RouteSpec, Routes};
 use moe_engine::{
     golden, stack, Activation, Backend, DType, Device, Error, ExpertKind, GateOptions, HostTensor, LayerOptions,
     MoeLayer, NoiseOverrides, Tensor,
@@ -438,6 +438,48 @@ fn a_combine_with_the_wrong_rows_is_refused() {
     assert_eq!(b.combine(&yp, &rows, &plan.weights, 1..3).unwrap().shape(), &[2, 2]);
     let spec = PlanSpec { num_experts: 5, ..spec };
     assert!(matches!(b.plan(&routes, &spec), Err(Error::Shape { .. })), "routes over 3 experts, a plan for 5");
+}
+
+#[test]
+fn expert_parallel_ops_refuse_placements_tokens_and_tables_that_do_not_fit() {
+    let b = cpu(1);
+    let logits = up_f32(&b, &[6, 4], common::lcg(7, 24, 1.0));
+    let routes = b.route(&logits, &RouteSpec::softmax_top_k(2)).unwrap();
+    let spec = PlanSpec {
+        num_experts: 4,
+        capacity: CapacityRule::Unlimited,
+        keep: KeepPolicy::TokenOrder,
+        used_token: None,
+        group_size: None,
+        renormalize_kept: false,
+    };
+    let plan = b.plan(&routes, &spec).unwrap();
+    // Placements: an expert without a slot, a slot used twice or past the slots, a slot
+    // holding no expert.
+    for (reps, why) in [
+        (vec![vec![0], vec![1], vec![], vec![3]], "expert 2 has no slot"),
+        (vec![vec![0], vec![1], vec![1], vec![3]], "slot 1 of expert 2"),
+        (vec![vec![0], vec![1], vec![2], vec![7]], "slot 7 of expert 3"),
+        (vec![vec![0], vec![1], vec![2], vec![3]], "slot 4 holds no expert"),
+    ] {
+        let slots_per_rank = if why.contains("slot 4") { 3 } else { 2 };
+        let err = DevicePlacement::new(&b, &reps, slots_per_rank, 2).err().expect(why);
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+    // A placement of 3 experts for a plan over 4; tokens past the plan's.
+    let three = DevicePlacement::new(&b, &[vec![0], vec![1], vec![2]], 3, 1).unwrap();
+    assert!(matches!(b.bucket(&plan, &three, 0..6), Err(Error::Config { ref field, .. }) if field == "placement"));
+    let four = DevicePlacement::new(&b, &[vec![0], vec![1], vec![2], vec![3]], 2, 2).unwrap();
+    assert!(matches!(b.bucket(&plan, &four, 2..7), Err(Error::Precondition(_))));
+    assert_eq!(b.bucket(&plan, &four, 2..4).unwrap().counts.shape(), &[4]);
+    // Block tables reading past their input; a regroup of the wrong number of rows.
+    assert!(matches!(BlockTable::new(&b, &[(0, 2), (3, 2)], 4), Err(Error::Precondition(_))));
+    let table = BlockTable::new(&b, &[(2, 2), (0, 2)], 4).unwrap();
+    let x = up_f32(&b, &[5, 3], vec![0.0; 15]);
+    assert!(matches!(b.regroup(&x, &table), Err(Error::Shape { .. })));
+    // A permute of another number of tokens than the routes'.
+    let x = up_f32(&b, &[5, 3], vec![0.0; 15]);
+    assert!(matches!(b.permute(&x, &plan.route_rows()), Err(Error::Shape { .. })));
 }
 
 // ------------------------------------------------------------------ capacities

@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! dispatch: bucket (slot + send row of every kept route, routes per slot)
-//!           → permute into the send buffer (by destination rank, then local expert)
 //!           → all-gather the routes per slot and read them on the host: the one read
-//!           → all-to-all of the rows → regroup by local expert (the experts' layout)
+//!           → permute into a send buffer of exactly the rows sent (by destination
+//!             rank, then local slot) → all-to-all of the rows → regroup by local slot
+//!             (the experts' layout)
 //! combine:  regroup back by source → all-to-all back → weighted combine of this rank's
 //!           tokens → (tensor-parallel ranks) all-gather of the outputs
 //! ```
@@ -164,7 +165,6 @@ impl<B: Backend> EpDispatcher<B> {
         let (spr, slots) = (self.placement.slots_per_rank(), self.device.slots());
         let tokens = self.mine(plan.tokens());
         let bucket = b.bucket(plan, &self.device, tokens.clone())?;
-        let send = b.permute(x, &bucket.rows)?;
         let t0 = start_timer(b, time_exchange)?;
         // Every rank's routes per slot: sizes every transfer below. The one host read.
         let all = self.transport.all_gather_rows(b, &bucket.counts.reshape(&[1, slots])?, &vec![1; n])?;
@@ -184,8 +184,13 @@ impl<B: Backend> EpDispatcher<B> {
                 plan.tokens()
             )));
         }
+        let send_rows = bucket.rows.with_bound(rows.sent_by(me));
+        let counted = t0.elapsed();
+        // The send buffer holds exactly the rows sent, by destination rank.
+        let send = b.permute(x, &send_rows)?;
+        let t1 = start_timer(b, time_exchange)?;
         let recv = self.transport.all_to_all_rows(b, &send, &rows)?;
-        let exchange_time = t0.elapsed();
+        let exchange_time = counted + t1.elapsed();
         // What arrived is by source, then local slot; the experts run by local slot, then
         // source. Block tables from the counts (a loop over ranks × slots, not rows).
         let mut by_source = vec![0usize; n * spr];
@@ -214,15 +219,7 @@ impl<B: Backend> EpDispatcher<B> {
         let from_experts = BlockTable::new(b, &from_experts, in_rows)?;
         let xp = b.regroup(&recv, &to_experts)?;
         let offsets = Offsets::from_host(b, &offsets)?;
-        let state = EpState {
-            send_rows: bucket.rows.with_bound(rows.sent_by(me)),
-            rows,
-            to_experts,
-            from_experts,
-            tokens,
-            returned: None,
-            exchange_time,
-        };
+        let state = EpState { send_rows, rows, to_experts, from_experts, tokens, returned: None, exchange_time };
         Ok((xp, offsets, state))
     }
 

@@ -191,17 +191,28 @@ impl<B: Backend> Transport<B> for InProcessComm {
     ) -> Result<Tensor<B>> {
         let cols = x.shape()[1];
         let host = b.download(x)?;
-        let bytes: &[u8] = match host.data() {
-            HostData::F32(v) => bytemuck::cast_slice(v),
-            HostData::I32(v) => bytemuck::cast_slice(v),
-        };
         let row = cols * 4;
-        let mut msgs = vec![Vec::new(); self.size()];
-        for s in sends {
-            msgs[s.peer].extend_from_slice(&bytes[s.start * row..(s.start + s.rows) * row]);
-        }
-        let got = self.all_to_all_v(msgs)?;
-        let mut out = vec![0u8; recv_rows * row];
+        let got = {
+            let bytes: &[u8] = match host.data() {
+                HostData::F32(v) => bytemuck::cast_slice(v),
+                HostData::I32(v) => bytemuck::cast_slice(v),
+            };
+            let mut msgs = vec![Vec::new(); self.size()];
+            for s in sends {
+                msgs[s.peer].extend_from_slice(&bytes[s.start * row..(s.start + s.rows) * row]);
+            }
+            self.all_to_all_v(msgs)?
+        };
+        // Received rows go straight into the values of the tensor uploaded.
+        let shape = [recv_rows, cols];
+        let mut out = match x.dtype() {
+            DType::I32 => HostData::I32(vec![0; recv_rows * cols]),
+            _ => HostData::F32(vec![0.0; recv_rows * cols]),
+        };
+        let dst: &mut [u8] = match &mut out {
+            HostData::F32(v) => bytemuck::cast_slice_mut(v),
+            HostData::I32(v) => bytemuck::cast_slice_mut(v),
+        };
         let mut read = vec![0usize; self.size()];
         let short = |peer: usize| Error::Communication {
             rank: self.rank(),
@@ -210,16 +221,15 @@ impl<B: Backend> Transport<B> for InProcessComm {
         for r in recvs {
             let n = r.rows * row;
             let piece = got[r.peer].get(read[r.peer]..read[r.peer] + n).ok_or_else(|| short(r.peer))?;
-            out[r.start * row..r.start * row + n].copy_from_slice(piece);
+            dst[r.start * row..r.start * row + n].copy_from_slice(piece);
             read[r.peer] += n;
         }
         if let Some(p) = (0..self.size()).find(|&p| read[p] != got[p].len()) {
             return Err(short(p));
         }
-        let shape = [recv_rows, cols];
-        let t = match x.dtype() {
-            DType::I32 => HostTensor::i32(&shape, bytemuck::pod_collect_to_vec(&out))?,
-            _ => HostTensor::f32(&shape, bytemuck::pod_collect_to_vec(&out))?,
+        let t = match out {
+            HostData::I32(v) => HostTensor::i32(&shape, v)?,
+            HostData::F32(v) => HostTensor::f32(&shape, v)?,
         };
         b.upload(&t)
     }
