@@ -4,12 +4,14 @@
 #
 #   1. the machine: GPU, driver, CUDA toolkit, PyTorch, and the CUDA libraries found
 #   2. `moe info --compile-kernels`: every kernel through NVRTC for sm_80 and sm_90
-#   3. `moe check --backend cuda tests/golden`: the 28 golden cases on the device
+#   3. `moe check --backend cuda tests/golden`: the 28 golden cases on the device, on one
+#      rank and on 4 in-process expert-parallel ranks (bucket, regroup, ranged combine)
 #   4. `moe parity --backend cuda`: every op against the cpu reference
 #   5. `moe check --backend wgpu` and `moe parity --backend wgpu` on the NVIDIA Vulkan driver
 #   6. `bench/gpu_compare.py`: the layer forward against PyTorch (transformers eager and
 #      torch._grouped_mm) with the physical floor of every case
-#   7. `moe bench layer --nccl` at world size 1: the NCCL communicator
+#   7. `moe bench layer --nccl` at world size 1: the NCCL communicator (its transport's
+#      own-rank copies; with one GPU there is no peer to send to)
 #
 # The binary: with a Rust toolchain on the machine, built from the source tree
 # (`cargo build --release --offline`); otherwise `$MOE_BIN`, or `.gpu/bin/moe` that
@@ -140,6 +142,7 @@ echo "moe: $MOE" >>"$LOG"
 step "moe info" 60 "$MOE" info
 step "NVRTC compile of every kernel (sm_80, sm_90)" 90 "$MOE" info --compile-kernels
 step "golden cases on cuda" 120 "$MOE" check --backend cuda tests/golden
+step "golden cases on 4 in-process cuda ranks (exchange kernels on the device)" 120 "$MOE" check --backend cuda --ep 4 --ep-per-node 2 tests/golden
 step "parity cuda vs cpu" 120 sh -c "\"$MOE\" parity --backend cuda > \"$OUT/parity.md\"; rc=\$?; tail -n 30 \"$OUT/parity.md\"; exit \$rc"
 step "golden cases on wgpu (NVIDIA Vulkan)" 90 "$MOE" check --backend wgpu --device NVIDIA tests/golden
 step "parity wgpu (NVIDIA Vulkan) vs cpu" 90 "$MOE" parity --backend wgpu --device NVIDIA
