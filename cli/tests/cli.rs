@@ -145,6 +145,26 @@ fn a_deepseek_v3_shaped_bench_on_a_small_machine_is_refused_naming_the_size() {
 }
 
 #[test]
+fn an_expert_parallel_bench_reports_the_exchange_on_cpu_and_wgpu_ranks() {
+    for backend in ["cpu", "wgpu"] {
+        let mut c = moe();
+        c.args(["bench", "layer", "--backend", backend, "--hidden", "32", "--ffn", "64", "--experts", "4"]);
+        c.args(["--tokens", "16", "--iters", "2", "--ep", "2", "--json"]);
+        let out = run(c, Duration::from_secs(120));
+        let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+        if backend == "wgpu" && out.status.code() != Some(0) && std::env::var("CI").is_err() {
+            eprintln!("SKIP the wgpu half of an_expert_parallel_bench_reports_the_exchange: {err}");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(0), "{backend}: {err}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(v["ep"], 2, "{stdout}");
+        let (exchange, median) = (v["exchange_median_ms"].as_f64().unwrap(), v["median_ms"].as_f64().unwrap());
+        assert!(exchange > 0.0 && exchange <= median, "{backend}: exchange {exchange} of {median} ms");
+    }
+}
+
+#[test]
 fn a_folder_with_one_bad_case_runs_the_others_and_reports_it_failed() {
     let dir = tmp("one_bad_case");
     for case in ["01_ds_gate_top1_eval", "22_hf_mixtral"] {
