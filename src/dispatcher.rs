@@ -11,7 +11,7 @@
 
 use crate::backend::Backend;
 use crate::device::Tensor;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{Offsets, Plan, RouteRows};
 use crate::parallel::{EpDispatcher, EpState, ExpertParallel};
 use std::time::Duration;
@@ -97,7 +97,7 @@ impl<B: Backend> Dispatcher<B> {
             (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
                 ep.combine(b, yp, plan, s, time_exchange)
             }
-            _ => Err(crate::Error::Misuse("combine with the state of another dispatcher".into())),
+            _ => Err(Error::Misuse("combine with the state of another dispatcher".into())),
         }
     }
 }

@@ -414,19 +414,25 @@ fn host_and_device_tensors_cannot_be_built_over_too_little_data() {
     assert!(matches!(e, Error::OutOfRange { value: 7, .. }), "{e}");
 }
 
-#[test]
-fn a_combine_with_the_wrong_rows_is_refused() {
-    let b = cpu(1);
-    let logits = up_f32(&b, &[4, 3], common::lcg(4, 12, 1.0));
+/// Top-2 routes of `s` random tokens over `e` experts, and the spec of an unlimited plan.
+fn top2_routes(b: &CpuBackend, s: usize, e: usize) -> (Routes<CpuBackend>, PlanSpec<'static, CpuBackend>) {
+    let logits = up_f32(b, &[s, e], common::lcg(s as u64, s * e, 1.0));
     let routes = b.route(&logits, &RouteSpec::softmax_top_k(2)).unwrap();
     let spec = PlanSpec {
-        num_experts: 3,
+        num_experts: e,
         capacity: CapacityRule::Unlimited,
         keep: KeepPolicy::TokenOrder,
         used_token: None,
         group_size: None,
         renormalize_kept: false,
     };
+    (routes, spec)
+}
+
+#[test]
+fn a_combine_with_the_wrong_rows_is_refused() {
+    let b = cpu(1);
+    let (routes, spec) = top2_routes(&b, 4, 3);
     let plan = b.plan(&routes, &spec).unwrap();
     let yp = up_f32(&b, &[5, 2], vec![0.0; 10]);
     let rows = plan.route_rows();
@@ -443,16 +449,7 @@ fn a_combine_with_the_wrong_rows_is_refused() {
 #[test]
 fn expert_parallel_ops_refuse_placements_tokens_and_tables_that_do_not_fit() {
     let b = cpu(1);
-    let logits = up_f32(&b, &[6, 4], common::lcg(7, 24, 1.0));
-    let routes = b.route(&logits, &RouteSpec::softmax_top_k(2)).unwrap();
-    let spec = PlanSpec {
-        num_experts: 4,
-        capacity: CapacityRule::Unlimited,
-        keep: KeepPolicy::TokenOrder,
-        used_token: None,
-        group_size: None,
-        renormalize_kept: false,
-    };
+    let (routes, spec) = top2_routes(&b, 6, 4);
     let plan = b.plan(&routes, &spec).unwrap();
     // Placements: an expert without a slot, a slot used twice or past the slots, a slot
     // holding no expert.
