@@ -28,7 +28,7 @@ struct PermuteParams {
 };
 
 struct BucketParams {
-    u32 s, k, e, slots, t0, t1, _pad0, _pad1;
+    u32 s, k, e, slots, t0, t1, fingerprint, _pad1;
 };
 
 struct RegroupParams {

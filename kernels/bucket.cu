@@ -6,6 +6,7 @@
 // compact rows in order: no atomics, deterministic.
 //
 // scratch: inverse [S·k] | position [S·k] | slot [S·k] | base [P + 1]
+// counts:  routes per slot [P], then S and the placement's fingerprint
 
 #define BUCKET_ARGS const int* rows, const int* offsets, const int* rep_off, const int* rep_slots, int* scratch, \
     int* counts, int* send, BucketParams p
@@ -55,6 +56,8 @@ extern "C" __global__ void bucket_offsets(BUCKET_ARGS) {
         acc += counts[s];
     }
     scratch[base + p.slots] = acc;
+    counts[p.slots] = (int)p.s;
+    counts[p.slots + 1] = (int)p.fingerprint;
 }
 
 extern "C" __global__ void bucket_rows(BUCKET_ARGS) {

@@ -2,7 +2,8 @@
 // order): the physical slot and send row of every kept route of this rank's tokens, and
 // the routes per slot. Bindings: 0 params, 1 plan.rows [S·k], 2 plan.offsets [E + 1],
 // 3 replica offsets [E + 1], 4 replica slots [P], 5 scratch (inverse [S·k] | position
-// [S·k] | slot [S·k] | base [P + 1]), 6 counts [P], 7 send rows [S·k]. One invocation per
+// [S·k] | slot [S·k] | base [P + 1]), 6 counts [P + 2] (routes per slot, then S and the
+// placement's fingerprint), 7 send rows [S·k]. One invocation per
 // logical expert walks that expert's compact rows in order: no atomics, bitwise
 // reproducible.
 
@@ -13,7 +14,7 @@ struct BucketParams {
     slots: u32,
     t0: u32,
     t1: u32,
-    _pad0: u32,
+    fingerprint: u32,
     _pad1: u32,
 }
 
@@ -86,6 +87,8 @@ fn bucket_offsets(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         acc += counts[s];
     }
     scratch[base + p.slots] = acc;
+    counts[p.slots] = i32(p.s);
+    counts[p.slots + 1u] = i32(p.fingerprint);
 }
 
 @compute @workgroup_size(64)

@@ -455,8 +455,8 @@ fn expert_parallel_ops_refuse_placements_tokens_and_tables_that_do_not_fit() {
     // holding no expert.
     for (reps, why) in [
         (vec![vec![0], vec![1], vec![], vec![3]], "expert 2 has no slot"),
-        (vec![vec![0], vec![1], vec![1], vec![3]], "slot 1 of expert 2"),
-        (vec![vec![0], vec![1], vec![2], vec![7]], "slot 7 of expert 3"),
+        (vec![vec![0], vec![1], vec![1], vec![3]], "slot 1 of expert 2 already holds"),
+        (vec![vec![0], vec![1], vec![2], vec![7]], "slot 7 of expert 3 is past"),
         (vec![vec![0], vec![1], vec![2], vec![3]], "slot 4 holds no expert"),
     ] {
         let slots_per_rank = if why.contains("slot 4") { 3 } else { 2 };
@@ -468,7 +468,7 @@ fn expert_parallel_ops_refuse_placements_tokens_and_tables_that_do_not_fit() {
     assert!(matches!(b.bucket(&plan, &three, 0..6), Err(Error::Config { ref field, .. }) if field == "placement"));
     let four = DevicePlacement::new(&b, &[vec![0], vec![1], vec![2], vec![3]], 2, 2).unwrap();
     assert!(matches!(b.bucket(&plan, &four, 2..7), Err(Error::Precondition(_))));
-    assert_eq!(b.bucket(&plan, &four, 2..4).unwrap().counts.shape(), &[4]);
+    assert_eq!(b.bucket(&plan, &four, 2..4).unwrap().counts.shape(), &[4 + 2]);
     // Block tables reading past their input; a regroup of the wrong number of rows.
     assert!(matches!(BlockTable::new(&b, &[(0, 2), (3, 2)], 4), Err(Error::Precondition(_))));
     let table = BlockTable::new(&b, &[(2, 2), (0, 2)], 4).unwrap();

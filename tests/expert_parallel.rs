@@ -10,8 +10,8 @@ mod common;
 use moe_cpu::CpuBackend;
 use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec, Mode};
 use moe_engine::parallel::{
-    in_process, Communicator, ExpertParallel, Hierarchical, InProcessComm, Placement, RowCounts, Segment, TokenLayout,
-    Transport,
+    in_process, Communicator, ExchangeOp, ExpertParallel, Hierarchical, InProcessComm, Placement, RowCounts, Segment,
+    TokenLayout, Transport,
 };
 use moe_engine::{golden, stack, Activation, DType, Device, Error, ExpertKind, HostTensor, LayerOptions, MoeLayer};
 use std::sync::Arc;
@@ -375,13 +375,10 @@ impl Transport<CpuBackend> for Counted {
     fn run_exchange(
         &self,
         b: &CpuBackend,
-        x: &moe_engine::Tensor<CpuBackend>,
-        sends: &[Segment],
-        recvs: &[Segment],
-        rows: usize,
+        op: &ExchangeOp<'_, CpuBackend>,
     ) -> moe_engine::Result<moe_engine::Tensor<CpuBackend>> {
         let before = b.downloads();
-        let out = self.inner.run_exchange(b, x, sends, recvs, rows);
+        let out = self.inner.run_exchange(b, op);
         self.staged.fetch_add(b.downloads() - before, std::sync::atomic::Ordering::Relaxed);
         out
     }
@@ -528,4 +525,57 @@ fn every_gate_kind_on_two_four_and_eight_ranks_matches_the_single_rank_forward()
             replicated_matches_single(&spec, &x, &opts, ranks, per_node);
         }
     }
+}
+
+#[test]
+fn ranks_that_disagree_on_the_batch_or_the_placement_fail_instead_of_mismatching_transfers() {
+    let spec = spec(4, GateSpec::SoftmaxTopK { k: 2, normalize: true });
+    let weights = stack::random_weights(&spec, 12).unwrap();
+    for case in ["tokens", "placement"] {
+        let comms = in_process(2, Duration::from_secs(10));
+        let results: Vec<moe_engine::Result<()>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    let (spec, weights) = (spec.clone(), &weights);
+                    s.spawn(move || {
+                        let b = CpuBackend::new(Some(1))?;
+                        let rank = c.rank();
+                        // Rank 1 holds one more token, or places experts 2 and 3 the other way.
+                        let placement = if case == "placement" && rank == 1 {
+                            Placement::new(vec![0, 1, 3, 2], 2, 4)?
+                        } else {
+                            Placement::contiguous(4, 2)?
+                        };
+                        let ep = ExpertParallel { transport: Arc::new(c), placement, tokens: TokenLayout::Replicated };
+                        let layer = MoeLayer::new_ep(&b, spec, weights, DType::F32, ep)?;
+                        let s = if case == "tokens" { 10 + rank } else { 10 };
+                        layer.forward(&b, &b.upload(&tokens(s, 24, 2))?, &LayerOptions::default()).map(|_| ())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("no panic")).collect()
+        });
+        for (rank, r) in results.iter().enumerate() {
+            match r {
+                Err(Error::Communication { msg, .. }) => {
+                    let want = if case == "tokens" { "same batch" } else { "places the experts differently" };
+                    assert!(msg.contains(want), "{case}, rank {rank}: {msg}");
+                }
+                other => panic!("{case}: rank {rank} should fail with a communication error, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn row_counts_for_another_group_size_are_an_error_not_a_panic() {
+    let c = in_process(2, Duration::from_millis(200)).remove(0);
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let x = b.upload(&HostTensor::f32(&[1, 2], vec![0.0; 2]).unwrap()).unwrap();
+    let counts = RowCounts::new(3, vec![0; 9]).unwrap();
+    assert!(matches!(c.all_to_all_rows(&b, &x, &counts), Err(Error::Internal(_))));
+    let h = Hierarchical::new(in_process(4, Duration::from_millis(200)).remove(0), 2).unwrap();
+    let counts = RowCounts::new(2, vec![0; 4]).unwrap();
+    assert!(matches!(h.all_to_all_rows(&b, &x, &counts), Err(Error::Internal(_))));
 }

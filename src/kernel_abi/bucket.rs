@@ -14,7 +14,7 @@
 //! ```text
 //! reads:   plan.rows [S·k] | plan.offsets [E + 1] | replica offsets [E + 1] | replica slots [R]
 //! scratch: inverse [S·k] (compact row → route) | position [S·k] | slot [S·k] | base [P + 1]
-//! counts:  routes per physical slot [P]
+//! counts:  routes per physical slot [P] | S | the placement's fingerprint
 //! rows:    send row of every route [S·k] (−1: not sent)
 //! ```
 

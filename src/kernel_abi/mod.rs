@@ -190,7 +190,7 @@ abi_struct! {
 }
 
 abi_struct! {
-    /// The expert-parallel bucketing passes (shaders/exchange.wgsl, kernels/exchange.cu):
+    /// The expert-parallel bucketing passes (shaders/bucket.wgsl, kernels/bucket.cu):
     /// the send row and destination slot of every kept route of this rank's tokens.
     BucketParams {
         /// Tokens S.
@@ -205,15 +205,15 @@ abi_struct! {
         t0: u32,
         /// End of the tokens this rank sends.
         t1: u32,
-        /// Padding.
-        _pad0: u32,
+        /// The placement's fingerprint, written after the counts (see `ops::Bucket`).
+        fingerprint: u32,
         /// Padding.
         _pad1: u32,
     }
 }
 
 abi_struct! {
-    /// Block regrouping of rows (shaders/exchange.wgsl `regroup`, kernels/exchange.cu):
+    /// Block regrouping of rows (shaders/regroup.wgsl, kernels/regroup.cu):
     /// output rows `out_start[j]..out_start[j + 1]` are input rows from `in_start[j]`.
     RegroupParams {
         /// Output elements (rows × M).

@@ -26,6 +26,7 @@ pub struct DevicePlacement<B: Device> {
     experts: usize,
     slots: usize,
     slots_per_rank: usize,
+    fingerprint: u32,
 }
 
 impl<B: Device> DevicePlacement<B> {
@@ -33,7 +34,7 @@ impl<B: Device> DevicePlacement<B> {
     /// `0..ranks · slots_per_rank` exactly once over all experts).
     pub fn new(b: &B, replicas: &[Vec<usize>], slots_per_rank: usize, ranks: usize) -> Result<Self> {
         let slots = mul_size("expert slots", slots_per_rank, ranks)?;
-        fits_i32("expert slots", slots)?;
+        fits_i32("expert slots", slots + 2)?;
         let mut seen = vec![false; slots];
         let mut offsets = vec![0i32];
         let mut flat = Vec::with_capacity(slots);
@@ -42,11 +43,14 @@ impl<B: Device> DevicePlacement<B> {
                 return Err(Error::config("placement", format!("expert {e} has no slot")));
             }
             for &p in reps {
-                if p >= slots || std::mem::replace(&mut seen[p], true) {
+                if p >= slots {
                     return Err(Error::config(
                         "placement",
-                        format!("slot {p} of expert {e}: not one of {slots} free slots"),
+                        format!("slot {p} of expert {e} is past the {slots} slots"),
                     ));
+                }
+                if std::mem::replace(&mut seen[p], true) {
+                    return Err(Error::config("placement", format!("slot {p} of expert {e} already holds an expert")));
                 }
                 flat.push(p as i32);
             }
@@ -55,7 +59,12 @@ impl<B: Device> DevicePlacement<B> {
         if let Some(p) = seen.iter().position(|s| !s) {
             return Err(Error::config("placement", format!("slot {p} holds no expert")));
         }
+        // FNV-1a over the shape and every slot: ranks holding different placements differ.
+        let words =
+            [replicas.len(), slots_per_rank, ranks].into_iter().chain(offsets.iter().chain(&flat).map(|&v| v as usize));
+        let fingerprint = words.fold(0x811c_9dc5u32, |h, w| (h ^ w as u32).wrapping_mul(0x0100_0193)) & 0x7fff_ffff;
         Ok(DevicePlacement {
+            fingerprint,
             replica_offsets: b.upload(&HostTensor::i32(&[offsets.len()], offsets)?)?,
             replica_slots: b.upload(&HostTensor::i32(&[slots], flat)?)?,
             experts: replicas.len(),
@@ -77,6 +86,12 @@ impl<B: Device> DevicePlacement<B> {
     /// Slots per rank.
     pub fn slots_per_rank(&self) -> usize {
         self.slots_per_rank
+    }
+
+    /// A 31-bit hash of the placement, which the bucketing writes after its counts so that
+    /// ranks can check they agree.
+    pub fn fingerprint(&self) -> u32 {
+        self.fingerprint
     }
 }
 
@@ -112,6 +127,7 @@ impl<'a, B: Device> BucketOp<'a, B> {
             slots: to_u32("expert slots", placement.slots)?,
             t0: tokens.start as u32,
             t1: tokens.end as u32,
+            fingerprint: placement.fingerprint,
             ..Default::default()
         };
         let schedule = BucketSchedule::new(params);
@@ -123,7 +139,7 @@ impl<'a, B: Device> BucketOp<'a, B> {
 
 /// What a backend's bucketing returns; the front door checks the shapes and seals it.
 pub struct BucketParts<B: Device> {
-    /// Kept routes per physical slot `[P]` i32.
+    /// Kept routes per physical slot, then S and the placement's fingerprint: `[P + 2]` i32.
     pub counts: Tensor<B>,
     /// Send row of every route `[S, k]` i32, −1 when not sent.
     pub rows: Tensor<B>,
@@ -131,8 +147,10 @@ pub struct BucketParts<B: Device> {
 
 /// The bucketing: routes per physical slot and the send row of every route.
 pub struct Bucket<B: Device> {
-    /// Kept routes of this rank's tokens per physical slot `[P]` i32, in slot order (by
-    /// destination rank, then local slot).
+    /// `[P + 2]` i32: kept routes of this rank's tokens per physical slot, in slot order (by
+    /// destination rank, then local slot), then the tokens S and the placement's
+    /// fingerprint. Gathered from every rank, the counts size the exchange and the last
+    /// two words show that the ranks agree on the batch and on where the experts live.
     pub counts: Tensor<B>,
     /// The send row of every route (within `S·k`; the first `Σ counts` rows are sent).
     pub rows: RouteRows<B>,
@@ -142,7 +160,7 @@ impl<B: Device> Bucket<B> {
     /// Checks what a backend returned for `op`.
     pub(crate) fn seal(b: &B, op: &BucketOp<'_, B>, p: BucketParts<B>) -> Result<Self> {
         let (s, k) = (op.plan.tokens(), op.plan.k());
-        let counts = super::returned(b, "bucket", p.counts, &[op.placement.slots], DType::I32)?;
+        let counts = super::returned(b, "bucket", p.counts, &[op.placement.slots + 2], DType::I32)?;
         let rows = super::returned(b, "bucket", p.rows, &[s, k], DType::I32)?;
         Ok(Bucket { counts, rows: RouteRows::from_op(rows, s * k) })
     }

@@ -144,6 +144,30 @@ impl<B: Backend> EpDispatcher<B> {
         &*self.transport
     }
 
+    /// Errors unless every rank's counts are non-negative, every rank holds the same
+    /// placement and (tensor-parallel ranks) the same number of tokens: otherwise the
+    /// transfers the ranks plan would not match, and NCCL would wait forever.
+    fn check_agreement(&self, counts: &[i32], tokens: usize) -> Result<()> {
+        let (me, slots) = (self.rank(), self.device.slots());
+        let width = slots + 2;
+        let fail = |msg: String| Err(Error::Communication { rank: me, msg });
+        for (r, row) in counts.chunks(width).enumerate() {
+            if let Some(l) = row[..slots].iter().position(|&v| v < 0) {
+                return fail(format!("rank {r} reported {} routes for slot {l}", row[l]));
+            }
+            if row[slots + 1] as u32 != self.device.fingerprint() {
+                return fail(format!("rank {r} places the experts differently from rank {me}"));
+            }
+            if self.tokens == TokenLayout::Replicated && row[slots] as usize != tokens {
+                return fail(format!(
+                    "rank {r} holds {} tokens and rank {me} {tokens}: tensor-parallel ranks must hold the same batch",
+                    row[slots]
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn mine(&self, s: usize) -> Range<usize> {
         match self.tokens {
             TokenLayout::Replicated => share(s, self.rank(), self.transport.size()),
@@ -166,23 +190,18 @@ impl<B: Backend> EpDispatcher<B> {
         let tokens = self.mine(plan.tokens());
         let bucket = b.bucket(plan, &self.device, tokens.clone())?;
         let t0 = start_timer(b, time_exchange)?;
-        // Every rank's routes per slot: sizes every transfer below. The one host read.
-        let all = self.transport.all_gather_rows(b, &bucket.counts.reshape(&[1, slots])?, &vec![1; n])?;
+        // Every rank's routes per slot, its tokens and its placement's fingerprint: they
+        // size every transfer below. The one host read.
+        let width = slots + 2;
+        let all = self.transport.all_gather_rows(b, &bucket.counts.reshape(&[1, width])?, &vec![1; n])?;
         let counts = b.download(&all)?.into_i32("routes per slot")?;
-        if let Some(i) = counts.iter().position(|&c| c < 0) {
-            return Err(Error::Communication {
-                rank: me,
-                msg: format!("rank {} reported {} routes for slot {}", i / slots, counts[i], i % slots),
-            });
-        }
-        let c = |src: usize, dst: usize, l: usize| counts[src * slots + dst * spr + l] as usize;
+        self.check_agreement(&counts, plan.tokens())?;
+        let c = |src: usize, dst: usize, l: usize| counts[src * width + dst * spr + l] as usize;
         let rows = RowCounts::new(n, (0..n * n).map(|i| (0..spr).map(|l| c(i / n, i % n, l)).sum()).collect())?;
-        if rows.sent_by(me) > plan.tokens() * plan.k() {
-            return Err(Error::Internal(format!(
-                "bucketing sent {} rows of {} routes",
-                rows.sent_by(me),
-                plan.tokens()
-            )));
+        let (sent, routes) = (rows.sent_by(me), plan.tokens() * plan.k());
+        // This rank's own counts came back as it sent them: they bound its send rows.
+        if counts[me * width..me * width + slots].iter().map(|&v| v as usize).sum::<usize>() != sent || sent > routes {
+            return Err(Error::Internal(format!("bucketing sent {sent} rows of {routes} routes")));
         }
         let send_rows = bucket.rows.with_bound(rows.sent_by(me));
         let counted = t0.elapsed();

@@ -7,7 +7,7 @@
 //! [`Transport::exchange`] on device tensors, planned from the row counts every rank holds.
 
 use super::comm::Communicator;
-use super::transport::{RowCounts, Segment, Transport};
+use super::transport::{ExchangeOp, RowCounts, Segment, Transport};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 
@@ -118,18 +118,12 @@ fn phases(counts: &RowCounts, per_node: usize, me: usize) -> Phases {
 }
 
 impl<B: Device, C: Transport<B>> Transport<B> for Hierarchical<C> {
-    fn run_exchange(
-        &self,
-        b: &B,
-        x: &Tensor<B>,
-        sends: &[Segment],
-        recvs: &[Segment],
-        recv_rows: usize,
-    ) -> Result<Tensor<B>> {
-        self.inner.run_exchange(b, x, sends, recvs, recv_rows)
+    fn run_exchange(&self, b: &B, op: &ExchangeOp<'_, B>) -> Result<Tensor<B>> {
+        self.inner.run_exchange(b, op)
     }
 
     fn all_to_all_rows(&self, b: &B, x: &Tensor<B>, counts: &RowCounts) -> Result<Tensor<B>> {
+        counts.check_group(self)?;
         let me = self.rank();
         let ((s1, r1, held), (s2, r2)) = phases(counts, self.per_node, me);
         let mid = self.inner.exchange(b, x, &s1, &r1, held)?;

@@ -21,4 +21,4 @@ pub use eplb::{rebalance_experts, EplbPlan};
 pub use hierarchical::Hierarchical;
 pub use placement::Placement;
 pub use rendezvous::{share_token, LaunchEnv};
-pub use transport::{RowCounts, Segment, Transport};
+pub use transport::{ExchangeOp, RowCounts, Segment, Transport};

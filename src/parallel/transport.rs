@@ -60,6 +60,14 @@ impl RowCounts {
         (0..self.ranks).map(|s| self.get(s, dst)).sum()
     }
 
+    /// Errors unless the matrix is for `group`'s number of ranks.
+    pub(crate) fn check_group(&self, group: &(impl Communicator + ?Sized)) -> Result<()> {
+        if self.ranks != group.size() {
+            return Err(Error::Internal(format!("row counts for {} ranks in a group of {}", self.ranks, group.size())));
+        }
+        Ok(())
+    }
+
     /// The way back: what `dst` returns to `src`.
     pub fn transposed(&self) -> Self {
         let n = self.ranks;
@@ -67,20 +75,56 @@ impl RowCounts {
     }
 }
 
+/// One round of transfers with checked segments: every send inside `x`, every peer in the
+/// group, receives disjoint and inside `recv_rows`, the rows a rank sends itself matching
+/// those it receives from itself. Only [`ExchangeOp::check`] makes one, so a transport
+/// that receives one may post its transfers on raw memory.
+#[non_exhaustive]
+pub struct ExchangeOp<'a, B: Device> {
+    /// The rows sent, `[rows, cols]` f32 or i32.
+    pub x: &'a Tensor<B>,
+    /// Send segments of `x`, in the order they match the peers' receives.
+    pub sends: &'a [Segment],
+    /// Receive segments of the output.
+    pub recvs: &'a [Segment],
+    /// Output shape `[recv_rows, cols]`.
+    pub out_shape: [usize; 2],
+}
+
+impl<'a, B: Device> ExchangeOp<'a, B> {
+    /// Checks the segments of `rank` in a group of `size`.
+    pub fn check(
+        b: &B,
+        rank: usize,
+        size: usize,
+        x: &'a Tensor<B>,
+        sends: &'a [Segment],
+        recvs: &'a [Segment],
+        recv_rows: usize,
+    ) -> Result<Self> {
+        let (rows, cols) = f32_or_i32_matrix("exchanged rows", x)?;
+        check_segments(size, "send", sends, rows, false)?;
+        check_segments(size, "receive", recvs, recv_rows, true)?;
+        let own = |segs: &[Segment]| segs.iter().filter(|s| s.peer == rank).map(|s| s.rows).collect::<Vec<_>>();
+        if own(sends) != own(recvs) {
+            return Err(Error::Internal(format!(
+                "rank {rank} sends itself rows {:?} but receives {:?}",
+                own(sends),
+                own(recvs)
+            )));
+        }
+        output(b, "received rows", &[recv_rows, cols], x.dtype())?;
+        Ok(ExchangeOp { x, sends, recvs, out_shape: [recv_rows, cols] })
+    }
+}
+
 /// Moves rows of device tensors between the ranks of a group (the data plane; the
 /// [`Communicator`] it extends is the control plane). Implementors do
-/// [`Transport::run_exchange`]; callers use [`Transport::exchange`] and the collectives
-/// built on it, which check the segments first.
+/// [`Transport::run_exchange`] on a checked [`ExchangeOp`]; callers use
+/// [`Transport::exchange`] and the collectives built on it.
 pub trait Transport<B: Device>: Communicator {
     /// One checked round of transfers (see [`Transport::exchange`]).
-    fn run_exchange(
-        &self,
-        b: &B,
-        x: &Tensor<B>,
-        sends: &[Segment],
-        recvs: &[Segment],
-        recv_rows: usize,
-    ) -> Result<Tensor<B>>;
+    fn run_exchange(&self, b: &B, op: &ExchangeOp<'_, B>) -> Result<Tensor<B>>;
 
     /// One round of point-to-point transfers, collective over the group: every send
     /// segment of `x` (a matrix of f32 or i32 rows) goes to its peer, and the returned
@@ -96,27 +140,16 @@ pub trait Transport<B: Device>: Communicator {
         recvs: &[Segment],
         recv_rows: usize,
     ) -> Result<Tensor<B>> {
-        let (rows, cols) = f32_or_i32_matrix("exchanged rows", x)?;
-        check_segments(self.size(), "send", sends, rows, false)?;
-        check_segments(self.size(), "receive", recvs, recv_rows, true)?;
-        let me = self.rank();
-        let own = |segs: &[Segment]| segs.iter().filter(|s| s.peer == me).map(|s| s.rows).collect::<Vec<_>>();
-        if own(sends) != own(recvs) {
-            return Err(Error::Internal(format!(
-                "rank {me} sends itself rows {:?} but receives {:?}",
-                own(sends),
-                own(recvs)
-            )));
-        }
-        output(b, "received rows", &[recv_rows, cols], x.dtype())?;
-        let out = self.run_exchange(b, x, sends, recvs, recv_rows)?;
-        returned(b, "exchange", out, &[recv_rows, cols], x.dtype())
+        let op = ExchangeOp::check(b, self.rank(), self.size(), x, sends, recvs, recv_rows)?;
+        let out = self.run_exchange(b, &op)?;
+        returned(b, "exchange", out, &op.out_shape, x.dtype())
     }
 
     /// Variable all-to-all of rows by `counts`, which every rank holds: this rank's `x`
     /// holds its rows for rank 0, then rank 1, ... (rows past them are not sent); the
     /// result holds what every rank sent here, by source.
     fn all_to_all_rows(&self, b: &B, x: &Tensor<B>, counts: &RowCounts) -> Result<Tensor<B>> {
+        counts.check_group(self)?;
         let me = self.rank();
         let (sends, recvs) = flat_schedule(counts, me);
         self.exchange(b, x, &sends, &recvs, counts.received_by(me))
@@ -181,15 +214,9 @@ fn check_segments(size: usize, what: &str, segs: &[Segment], rows: usize, disjoi
 /// as bytes between the threads, and the received rows uploaded. The only transport that
 /// reads rows on the host.
 impl<B: Backend> Transport<B> for InProcessComm {
-    fn run_exchange(
-        &self,
-        b: &B,
-        x: &Tensor<B>,
-        sends: &[Segment],
-        recvs: &[Segment],
-        recv_rows: usize,
-    ) -> Result<Tensor<B>> {
-        let cols = x.shape()[1];
+    fn run_exchange(&self, b: &B, op: &ExchangeOp<'_, B>) -> Result<Tensor<B>> {
+        let (x, sends, recvs) = (op.x, op.sends, op.recvs);
+        let [recv_rows, cols] = op.out_shape;
         let host = b.download(x)?;
         let row = cols * 4;
         let got = {

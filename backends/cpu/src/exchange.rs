@@ -51,7 +51,8 @@ pub(crate) fn bucket(op: &BucketOp<'_, CpuBackend>) -> Result<BucketParts<CpuBac
             }
         })
         .collect();
-    Ok(BucketParts { counts: ti32(&[slots], counts)?, rows: ti32(&[s, k], send)? })
+    counts.extend([op.schedule.params.s as i32, op.placement.fingerprint() as i32]);
+    Ok(BucketParts { counts: ti32(&[slots + 2], counts)?, rows: ti32(&[s, k], send)? })
 }
 
 /// Output block j is input rows `in_start[j]..` of the table.

@@ -17,7 +17,7 @@ impl CudaBackend {
         let rep_off = Self::i32s(&op.placement.replica_offsets, "replica offsets")?;
         let rep_slots = Self::i32s(&op.placement.replica_slots, "replica slots")?;
         let mut scratch = self.zeros::<i32>(sched.scratch_words)?;
-        let mut counts = self.zeros::<i32>(slots)?;
+        let mut counts = self.zeros::<i32>(slots + 2)?;
         let mut send = self.zeros::<i32>(s * k)?;
         let p = Param(sched.params);
         for pass in &sched.passes {
@@ -41,7 +41,7 @@ impl CudaBackend {
             }
             .map_err(derr)?;
         }
-        Ok(BucketParts { counts: Self::out_i32(&[slots], counts)?, rows: Self::out_i32(&[s, k], send)? })
+        Ok(BucketParts { counts: Self::out_i32(&[slots + 2], counts)?, rows: Self::out_i32(&[s, k], send)? })
     }
 
     pub(crate) fn regroup(&self, op: &RegroupOp<'_, Self>) -> Result<T> {

@@ -16,7 +16,7 @@ use crate::device::{CudaBackend, CudaBuffer};
 use crate::probe::driver_status;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::nccl::{result as nr, sys, Id, NcclType};
-use moe_engine::parallel::{share_token, Communicator, LaunchEnv, Segment, Transport};
+use moe_engine::parallel::{share_token, Communicator, ExchangeOp, LaunchEnv, Segment, Transport};
 use moe_engine::{DType, Error, Result, Tensor};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -34,9 +34,10 @@ unsafe impl Send for CommCell {}
 
 impl Drop for CommCell {
     fn drop(&mut self) {
-        // SAFETY: the communicator was initialised by ncclCommInitRank and is destroyed once.
-        // An error here (a peer already gone) leaves nothing to clean up.
-        let _ = unsafe { nr::comm_destroy(self.0) };
+        // Abort, not destroy: ncclCommDestroy waits for pending work, which never ends when
+        // a peer has died; abort returns. An error leaves nothing more to clean up.
+        // SAFETY: the communicator was initialised by ncclCommInitRank and is freed once.
+        let _ = unsafe { nr::comm_abort(self.0) };
     }
 }
 
@@ -88,6 +89,8 @@ impl NcclComm {
     fn on_stream(stream: Arc<CudaStream>, rank: usize, world: usize, id: [u8; 128]) -> Result<Self> {
         driver_status()?;
         nccl_status()?;
+        // NCCL takes the device of the thread's current context.
+        stream.context().bind_to_thread().map_err(|e| err(rank, "bind the device", e))?;
         let bad = |what: &str| err(rank, "init", format!("{what} does not fit NCCL's int"));
         let (nranks, r) =
             (i32::try_from(world).map_err(|_| bad("world size"))?, i32::try_from(rank).map_err(|_| bad("rank"))?);
@@ -106,8 +109,9 @@ impl NcclComm {
         self.comm.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One NCCL group of sends and receives of `T` values, `cols` per row: the transfers of
-    /// [`Transport::exchange`] on device memory.
+    /// One NCCL group of sends and receives of `V` values, `cols` per row: the transfers of
+    /// [`Transport::exchange`] on device memory. The segments must be checked (as an
+    /// [`ExchangeOp`]'s are, and as `bytes_all_to_all` builds them).
     fn exchange_typed<V: NcclType + DeviceRepr + ValidAsZeroBits>(
         &self,
         src: &CudaSlice<V>,
@@ -118,6 +122,8 @@ impl NcclComm {
     ) -> Result<CudaSlice<V>> {
         let me = self.rank;
         let e = |what: &'static str| move |x: cudarc::driver::DriverError| err(me, what, x);
+        // NCCL posts on the thread's current device, which must be the stream's.
+        self.stream.context().bind_to_thread().map_err(e("bind the device"))?;
         let mut out = self.stream.alloc_zeros::<V>((recv_rows * cols).max(1)).map_err(e("alloc"))?;
         // Segments to this rank: the j-th send to itself is its j-th receive from itself.
         let own_sends = sends.iter().filter(|s| s.peer == me);
@@ -231,15 +237,17 @@ impl Communicator for NcclComm {
 }
 
 impl Transport<CudaBackend> for NcclComm {
-    fn run_exchange(
-        &self,
-        _b: &CudaBackend,
-        x: &Tensor<CudaBackend>,
-        sends: &[Segment],
-        recvs: &[Segment],
-        recv_rows: usize,
-    ) -> Result<Tensor<CudaBackend>> {
-        let cols = x.shape()[1];
+    fn run_exchange(&self, b: &CudaBackend, op: &ExchangeOp<'_, CudaBackend>) -> Result<Tensor<CudaBackend>> {
+        // The transfers are ordered on this communicator's stream; the tensor must be the
+        // backend's whose stream that is.
+        if !Arc::ptr_eq(&b.stream, &self.stream) {
+            return Err(Error::Misuse(format!(
+                "NCCL rank {}: the tensors are on another backend's stream than the communicator's",
+                self.rank
+            )));
+        }
+        let (x, sends, recvs) = (op.x, op.sends, op.recvs);
+        let [recv_rows, cols] = op.out_shape;
         let shape = vec![recv_rows, cols];
         match x.buffer() {
             CudaBuffer::F32(s) => {

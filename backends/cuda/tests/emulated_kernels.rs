@@ -554,7 +554,7 @@ fn bucket_regroup_and_ranged_combine_kernels_match_the_cpu_backend_under_emulati
             sc.i32s(&ints(&placement.replica_offsets)),
             sc.i32s(&ints(&placement.replica_slots)),
             sc.zeros(sched.scratch_words),
-            sc.zeros(placement.slots()),
+            sc.zeros(placement.slots() + 2),
             sc.zeros(s_ * k),
         ];
         let mut args = Vec::from(bufs.map(Arg::Buf));
@@ -564,7 +564,7 @@ fn bucket_regroup_and_ranged_combine_kernels_match_the_cpu_backend_under_emulati
         }
         // The combine of this rank's tokens over rows returned in send order (a buffer of
         // the bucketing's S·k bound; the first `sent` rows are the ones returned).
-        let sent: usize = ints(&want.counts).iter().map(|&c| c as usize).sum();
+        let sent: usize = ints(&want.counts)[..placement.slots()].iter().map(|&c| c as usize).sum();
         let returned = rand(s_ * k * m, 701);
         let rt = up(&cpu, &[s_ * k, m], returned.clone());
         let y = cpu.combine(&rt, &want.rows, &plan.weights, tokens.clone()).expect("cpu combine");

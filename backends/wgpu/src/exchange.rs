@@ -11,7 +11,7 @@ use moe_engine::{DType, Result};
 pub(crate) fn bucket(b: &WgpuBackend, op: &BucketOp<'_, WgpuBackend>) -> Result<BucketParts<WgpuBackend>> {
     let sched = &op.schedule;
     let (s, k) = (op.plan.tokens(), op.plan.k());
-    let counts = b.tensor(&[op.placement.slots()], DType::I32, "routes per slot")?;
+    let counts = b.tensor(&[op.placement.slots() + 2], DType::I32, "routes per slot")?;
     let rows = b.tensor(&[s, k], DType::I32, "send rows")?;
     let scratch = b.alloc(4 * sched.scratch_words as u64, "bucketing scratch")?;
     let i32buf = |t, name| WgpuBackend::buf(t, name, DType::I32);
