@@ -2,7 +2,7 @@
 // give the layout): the physical slot and send row of every kept route of this rank's
 // tokens, and the routes per slot. Every pass takes the same arguments
 // (kernel_abi::bucket::BINDINGS) and the passes run in the order and over the thread
-// counts of kernel_abi::bucket::BucketSchedule. One thread per logical expert walks its
+// counts of kernel_abi::bucket::BucketSchedule. One block per logical expert walks its
 // compact rows in order: no atomics, deterministic.
 //
 // scratch: inverse [S·k] | position [S·k] | slot [S·k] | base [P + 1]
@@ -29,20 +29,44 @@ extern "C" __global__ void bucket_invert(BUCKET_ARGS) {
     scratch[rows[r]] = (int)r;
 }
 
-// One thread per logical expert: its rows in order, each to replica token % replicas.
+// One block of 64 threads (kernel_abi::WG_PLAN) per logical expert walks its compact rows
+// in chunks of 64, in order, each row to replica token % replicas: a row's position in its
+// slot is the slot's count before the chunk plus the rows of the chunk before it with the
+// same slot; the last of them then writes the new count.
 extern "C" __global__ void bucket_rank(BUCKET_ARGS) {
-    u64 e = global_id();
-    if (e >= p.e) return;
+    __shared__ int chunk_slot[64];
+    u32 e = blockIdx.x + blockIdx.y * gridDim.x;
+    if (e >= p.e) return;  // the whole block: no barrier is left waiting
+    u32 l = threadIdx.x;
     u64 sk = (u64)p.s * p.k;
     int first = rep_off[e];
     u32 reps = (u32)(rep_off[e + 1] - first);
-    for (int q = offsets[e]; q < offsets[e + 1]; q++) {
-        int r = scratch[q];
-        if (r < 0) continue;
-        int slot = rep_slots[first + ((u32)r / p.k) % reps];
-        scratch[sk + r] = counts[slot];
-        scratch[2 * sk + r] = slot;
-        counts[slot] += 1;
+    int end = offsets[e + 1];
+    for (int q0 = offsets[e]; q0 < end; q0 += 64) {
+        int q = q0 + (int)l, slot = -1, r = -1;
+        if (q < end) {
+            r = scratch[q];
+            if (r >= 0) slot = rep_slots[first + ((u32)r / p.k) % reps];
+        }
+        chunk_slot[l] = slot;
+        __syncthreads();
+        int pos = 0;
+        bool last = true;
+        if (slot >= 0) {
+            int before = 0;
+            for (u32 i = 0; i < 64; i++) {
+                if (chunk_slot[i] == slot) {
+                    if (i < l) before++;
+                    else if (i > l) last = false;
+                }
+            }
+            pos = counts[slot] + before;
+            scratch[sk + r] = pos;
+            scratch[2 * sk + r] = slot;
+        }
+        __syncthreads();
+        if (slot >= 0 && last) counts[slot] = pos + 1;
+        __syncthreads();
     }
 }
 

@@ -3,9 +3,8 @@
 // the routes per slot. Bindings: 0 params, 1 plan.rows [S·k], 2 plan.offsets [E + 1],
 // 3 replica offsets [E + 1], 4 replica slots [P], 5 scratch (inverse [S·k] | position
 // [S·k] | slot [S·k] | base [P + 1]), 6 counts [P + 2] (routes per slot, then S and the
-// placement's fingerprint), 7 send rows [S·k]. One invocation per
-// logical expert walks that expert's compact rows in order: no atomics, bitwise
-// reproducible.
+// placement's fingerprint), 7 send rows [S·k]. One workgroup per logical expert walks
+// that expert's compact rows in order: no atomics, bitwise reproducible.
 
 struct BucketParams {
     s: u32,
@@ -58,21 +57,60 @@ fn bucket_invert(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     scratch[u32(rows[r])] = i32(r);
 }
 
-// One invocation per logical expert: its rows in order, each to replica token % replicas.
+// One workgroup per logical expert walks its compact rows in chunks of 64, in order, each
+// row to replica token % replicas: a row's position in its slot is the slot's count before
+// the chunk plus the rows of the chunk before it with the same slot; the last of them
+// then writes the new count.
+var<workgroup> chunk_slot: array<i32, 64>;
+var<workgroup> rows_of_expert: vec2<u32>;
+
 @compute @workgroup_size(64)
-fn bucket_rank(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let e = index(gid, nwg);
-    if e >= p.e { return; }
+fn bucket_rank(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let e = wid.x + wid.y * nwg.x;
+    let l = lid.x;
+    if l == 0u {
+        rows_of_expert = vec2<u32>(0u, 0u);
+        if e < p.e { rows_of_expert = vec2<u32>(u32(offsets[e]), u32(offsets[e + 1u])); }
+    }
+    // Uniform across the workgroup, so the barriers below are in uniform control flow.
+    let span = workgroupUniformLoad(&rows_of_expert);
     let sk = routes();
-    let first = u32(rep_off[e]);
-    let reps = u32(rep_off[e + 1u]) - first;
-    for (var q = u32(offsets[e]); q < u32(offsets[e + 1u]); q++) {
-        let r = scratch[q];
-        if r < 0 { continue; }
-        let slot = rep_slots[first + (u32(r) / p.k) % reps];
-        scratch[sk + u32(r)] = counts[slot];
-        scratch[2u * sk + u32(r)] = slot;
-        counts[slot] += 1;
+    for (var q0 = span.x; q0 < span.y; q0 += WG) {
+        let q = q0 + l;
+        var slot = -1;
+        var r = -1;
+        if q < span.y {
+            r = scratch[q];
+            if r >= 0 {
+                let first = u32(rep_off[e]);
+                let reps = u32(rep_off[e + 1u]) - first;
+                slot = rep_slots[first + (u32(r) / p.k) % reps];
+            }
+        }
+        chunk_slot[l] = slot;
+        workgroupBarrier();
+        var pos = 0;
+        var last = true;
+        if slot >= 0 {
+            var before = 0;
+            for (var i = 0u; i < WG; i++) {
+                if chunk_slot[i] == slot {
+                    if i < l { before += 1; } else if i > l { last = false; }
+                }
+            }
+            pos = counts[slot] + before;
+            scratch[sk + u32(r)] = pos;
+            scratch[2u * sk + u32(r)] = slot;
+        }
+        storageBarrier();
+        workgroupBarrier();
+        if slot >= 0 && last { counts[slot] = pos + 1; }
+        storageBarrier();
+        workgroupBarrier();
     }
 }
 

@@ -7,7 +7,7 @@
 //! (the replica `token % replicas` of its expert) and its row in the send buffer, which
 //! is ordered by slot (so by destination rank, then local expert) and, within a slot, by
 //! the route's compact row in the plan (so by the plan's slot order). Deterministic: one
-//! invocation per logical expert walks that expert's rows in order.
+//! workgroup per logical expert walks that expert's rows in order, 64 at a time.
 //!
 //! Buffers (i32 words):
 //!
@@ -62,7 +62,8 @@ impl BucketSchedule {
             passes: [
                 pass("bucket_clear", sk.max(slots)),
                 pass("bucket_invert", sk),
-                pass("bucket_rank", params.e as usize),
+                // One workgroup of WG_PLAN invocations per logical expert.
+                pass("bucket_rank", params.e as usize * WG_PLAN as usize),
                 pass("bucket_offsets", 1),
                 pass("bucket_rows", sk),
             ],
@@ -79,6 +80,7 @@ mod tests {
     fn scratch_holds_three_route_arrays_and_the_slot_bases() {
         let s = BucketSchedule::new(BucketParams { s: 10, k: 2, e: 4, slots: 6, t0: 0, t1: 10, ..Default::default() });
         assert_eq!(s.scratch_words, 3 * 20 + 7);
-        assert_eq!(s.passes.map(|p| p.invocations), [20, 20, 4, 1, 20]);
+        assert_eq!(s.passes.map(|p| p.invocations), [20, 20, 4 * 64, 1, 20]);
+        assert_eq!(s.passes[2].grid(), [4, 1, 1], "a workgroup per expert");
     }
 }

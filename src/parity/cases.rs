@@ -651,6 +651,17 @@ fn plan_inputs() -> Vec<PlanInputs> {
         },
         PlanInputs { assign: Assign::Hot, ..base("all on one expert", 12, 6, 1, ds(1, 1), Keep::TokenOrder) },
         PlanInputs {
+            assign: Assign::Hot,
+            ..base(
+                "150 routes on one expert: past a 64-row chunk",
+                150,
+                4,
+                1,
+                CapacityRule::Unlimited,
+                Keep::TokenOrder,
+            )
+        },
+        PlanInputs {
             renorm: true,
             ..base("fewer tokens than k·E: S = 2, k = E = 3", 2, 3, 3, CapacityRule::Unlimited, Keep::TokenOrder)
         },

@@ -526,7 +526,8 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
 fn bucket_regroup_and_ranged_combine_kernels_match_the_cpu_backend_under_emulation() {
     let Some(exe) = emulate::driver() else { return };
     let cpu = cpu();
-    let (s_, e, k, m) = (40usize, 6usize, 2usize, 5usize);
+    // 400 routes over 6 experts: capacity 67, so an expert's rows span two chunks of 64.
+    let (s_, e, k, m) = (200usize, 6usize, 2usize, 5usize);
     let logits = up(&cpu, &[s_, e], rand(s_ * e, 700).into_iter().map(|v| 3.0 * v).collect());
     let routes = cpu.route(&logits, &RouteSpec::softmax_top_k(k)).expect("cpu route");
     // DeepSpeed top-2 capacity, rank-major: some routes dropped, slots not in token order.
@@ -543,7 +544,7 @@ fn bucket_regroup_and_ranged_combine_kernels_match_the_cpu_backend_under_emulati
     let replicas: Vec<Vec<usize>> = (0..e).map(|x| if x < 3 { vec![x, e + x] } else { vec![x] }).collect();
     let placement = DevicePlacement::new(&cpu, &replicas, 3, 3).expect("placement");
     let ints = |t: &Cpu| host(&cpu, t).into_i32("i32").expect("i32");
-    for (case, tokens) in [("every token", 0..s_), ("a rank's share", 13..27)] {
+    for (case, tokens) in [("every token", 0..s_), ("a rank's share", 67..133)] {
         let want = cpu.bucket(&plan, &placement, tokens.clone()).expect("cpu bucket");
         let op = BucketOp::check(&cpu, &plan, &placement, tokens.clone()).expect("checked");
         let sched = &op.schedule;
@@ -579,6 +580,10 @@ fn bucket_regroup_and_ranged_combine_kernels_match_the_cpu_backend_under_emulati
         same_i32(&format!("{case}: send rows"), &host(&cpu, want.rows.tensor()), got.i32s(bufs[6]));
         close_f32(&format!("{case}: ranged combine"), &host(&cpu, &y), got.f32s(yb), 1e-6);
         assert!(sent > 0 && ints(want.rows.tensor()).contains(&-1), "{case}: some routes sent, some not");
+        if case == "every token" {
+            let kept = ints(&plan.kept_counts);
+            assert!(kept.iter().any(|&c| c > 64), "{case}: an expert's rows span two chunks, kept {kept:?}");
+        }
     }
     // Regroup: 3 sources x 3 slots, some blocks empty, to the experts' order.
     let counts = [[3usize, 0, 2], [1, 4, 0], [0, 2, 5]];
