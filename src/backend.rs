@@ -25,9 +25,11 @@ use crate::device::{returned, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::{Activation, ExpertKind};
 use crate::ops::{
-    BlockTable, Bucket, BucketOp, BucketParts, CombineOp, DevicePlacement, ElementwiseKind, ElementwiseOp,
-    GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, MlpWeights, NoiseOp, Offsets, PermuteOp, Plan, PlanOp,
-    PlanParts, PlanSpec, RegroupOp, RouteOp, RouteRows, RouteSpec, RouterStatsOp, Routes, RoutesParts,
+    ActGradKind, ActGradOp, AuxGrad, BlockTable, Bucket, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp,
+    DevicePlacement, ElementwiseKind, ElementwiseOp, GatedAddGrad, GatedAddGradOp, GroupedLinearOp, GroupedMlpOp,
+    LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, MlpWeights, NoiseOp, Offsets, OptimStepOp, PermuteOp, Plan,
+    PlanOp, PlanParts, PlanSpec, RegroupOp, RouteGradOp, RouteGradSpec, RouteOp, RouteRows, RouteSpec, RouterStatsOp,
+    Routes, RoutesParts, StepOut, StepRule, SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
@@ -86,6 +88,55 @@ pub trait Backend: Device {
     /// everywhere.
     fn run_noise(&self, op: &NoiseOp) -> Result<Tensor<Self>> {
         self.upload(&HostTensor::f32(&op.shape, philox::noise(op.kind, op.seed, op.stream, op.n))?)
+    }
+
+    // ------------------------------------------------------------ backward and optimizer work
+    // A backend that has not implemented a backward op says so (`Error::Unsupported`,
+    // which the parity harness lists as unsupported) rather than computing it elsewhere.
+    /// `dy · w[g]`: the input gradient of a (grouped) product.
+    fn run_linear_dx(&self, op: &LinearDxOp<'_, Self>) -> Result<Tensor<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "linear_dx (backward)"))
+    }
+    /// `Σ dyᵀ · x` per group, and the bias gradient.
+    fn run_weight_grad(&self, op: &WeightGradOp<'_, Self>) -> Result<WeightGrad<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "weight_grad (backward)"))
+    }
+    /// The gradient through an activation or GLU.
+    fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<Tensor<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "act_grad (backward)"))
+    }
+    /// The gradient of `combine`.
+    fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "combine_grad (backward)"))
+    }
+    /// The router's backward.
+    fn run_route_grad(&self, op: &RouteGradOp<'_, Self>) -> Result<Tensor<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "route_grad (backward)"))
+    }
+    /// The gradient of the residual mix.
+    fn run_mix_grad(&self, op: &MixGradOp<'_, Self>) -> Result<MixGrad<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "mix_grad (backward)"))
+    }
+    /// The gradient of the gated shared-expert add.
+    fn run_gated_add_grad(&self, op: &GatedAddGradOp<'_, Self>) -> Result<GatedAddGrad<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "gated_add_grad (backward)"))
+    }
+    /// One optimizer step of one tensor.
+    fn run_optim_step(&self, op: &OptimStepOp<'_, Self>) -> Result<StepOut<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "optim_step"))
+    }
+    /// Σ x².
+    fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<Tensor<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "sum_squares"))
     }
 
     // ------------------------------------------------------------ front doors
@@ -229,5 +280,127 @@ pub trait Backend: Device {
     fn noise(&self, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<Tensor<Self>> {
         let op = NoiseOp::check(self, kind, seed, stream, shape)?;
         returned(self, "noise", self.run_noise(&op)?, shape, DType::F32)
+    }
+
+    // ------------------------------------------------------------ backward front doors
+    /// The input gradient of `linear` (no offsets, w `[N, K]`) or `grouped_linear` (w
+    /// `[G, N, K]`): `dy [R, N] · w[g]` → `[R, K]`, zero past the last group.
+    fn linear_dx(&self, dy: &Tensor<Self>, w: &Tensor<Self>, offsets: Option<&Offsets<Self>>) -> Result<Tensor<Self>> {
+        let op = LinearDxOp::check(self, dy, w, offsets)?;
+        returned(self, "linear_dx", self.run_linear_dx(&op)?, &[op.rows, op.k], DType::F32)
+    }
+    /// The weight (and with `bias`, bias) gradient of a (grouped) product: `Σ_{r ∈ g}
+    /// dy[r]ᵀ x[r]` per group (`[G, N, K]`, or `[N, K]` without offsets).
+    fn weight_grad(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        offsets: Option<&Offsets<Self>>,
+        bias: bool,
+    ) -> Result<WeightGrad<Self>> {
+        let op = WeightGradOp::check(self, dy, x, offsets, bias)?;
+        let out = self.run_weight_grad(&op)?;
+        let dw = returned(self, "weight_grad", out.dw, &op.w_shape, DType::F32)?;
+        let db = match (out.db, bias) {
+            (Some(db), true) => Some(returned(self, "weight_grad", db, &op.b_shape, DType::F32)?),
+            (None, false) => None,
+            _ => return Err(Error::Internal(format!("backend {} returned the bias gradient wrongly", self.name()))),
+        };
+        Ok(WeightGrad { dw, db })
+    }
+    /// The gradient of an activation (or GLU) output back to its kept pre-activation.
+    fn act_grad(&self, kind: ActGradKind, dy: &Tensor<Self>, pre: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = ActGradOp::check(self, kind, dy, pre)?;
+        returned(self, "act_grad", self.run_act_grad(&op)?, &op.out_shape, DType::F32)
+    }
+    /// The gradient of [`Backend::combine`]: of the expert outputs and of the weights.
+    fn combine_grad(
+        &self,
+        dy: &Tensor<Self>,
+        yp: &Tensor<Self>,
+        rows: &RouteRows<Self>,
+        weights: &Tensor<Self>,
+        tokens: Range<usize>,
+    ) -> Result<CombineGrad<Self>> {
+        let op = CombineGradOp::check(self, dy, yp, rows, weights, tokens)?;
+        let out = self.run_combine_grad(&op)?;
+        Ok(CombineGrad {
+            d_yp: returned(self, "combine_grad", out.d_yp, yp.shape(), DType::F32)?,
+            d_weights: returned(self, "combine_grad", out.d_weights, weights.shape(), DType::F32)?,
+        })
+    }
+    /// The router's backward: the gradient of the logits `[S, E]` from that of the plan's
+    /// combine weights, plus a router loss on the scores and the Switch z-loss.
+    #[allow(clippy::too_many_arguments)]
+    fn route_grad(
+        &self,
+        d_weights: &Tensor<Self>,
+        routes: &Routes<Self>,
+        plan: &Plan<Self>,
+        logits: &Tensor<Self>,
+        spec: RouteGradSpec,
+        aux: Option<AuxGrad<'_, Self>>,
+        z_coef: f32,
+    ) -> Result<Tensor<Self>> {
+        let op = RouteGradOp::check(self, d_weights, routes, plan, logits, spec, aux, z_coef)?;
+        returned(self, "route_grad", self.run_route_grad(&op)?, &[op.tokens, op.experts], DType::F32)
+    }
+    /// The gradient of [`Backend::residual_mix`].
+    fn mix_grad(
+        &self,
+        dy: &Tensor<Self>,
+        moe: &Tensor<Self>,
+        mlp: &Tensor<Self>,
+        coef: &Tensor<Self>,
+    ) -> Result<MixGrad<Self>> {
+        let op = MixGradOp::check(self, dy, moe, mlp, coef)?;
+        let out = self.run_mix_grad(&op)?;
+        Ok(MixGrad {
+            d_moe: returned(self, "mix_grad", out.d_moe, dy.shape(), DType::F32)?,
+            d_mlp: returned(self, "mix_grad", out.d_mlp, dy.shape(), DType::F32)?,
+            d_coef: returned(self, "mix_grad", out.d_coef, coef.shape(), DType::F32)?,
+        })
+    }
+    /// The gradient of [`Backend::add_gated`] with a gate: of the shared output and the gate.
+    fn gated_add_grad(
+        &self,
+        dy: &Tensor<Self>,
+        shared: &Tensor<Self>,
+        gate: &Tensor<Self>,
+    ) -> Result<GatedAddGrad<Self>> {
+        let op = GatedAddGradOp::check(self, dy, shared, gate)?;
+        let out = self.run_gated_add_grad(&op)?;
+        Ok(GatedAddGrad {
+            d_shared: returned(self, "gated_add_grad", out.d_shared, dy.shape(), DType::F32)?,
+            d_gate: returned(self, "gated_add_grad", out.d_gate, gate.shape(), DType::F32)?,
+        })
+    }
+    /// One optimizer step of `param` with `grad`, returning the new parameter and state.
+    fn optim_step(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: Option<&Tensor<Self>>,
+        v: Option<&Tensor<Self>>,
+        rule: StepRule,
+    ) -> Result<StepOut<Self>> {
+        let op = OptimStepOp::check(self, param, grad, m, v, rule)?;
+        let out = self.run_optim_step(&op)?;
+        let shape = param.shape();
+        let state = |t: Option<Tensor<Self>>, want: bool, what: &str| match (t, want) {
+            (Some(t), true) => returned(self, "optim_step", t, shape, DType::F32).map(Some),
+            (None, false) => Ok(None),
+            _ => Err(Error::Internal(format!("backend {} returned the {what} wrongly", self.name()))),
+        };
+        Ok(StepOut {
+            param: returned(self, "optim_step", out.param, shape, DType::F32)?,
+            m: state(out.m, rule.has_m(), "first moment")?,
+            v: state(out.v, rule.has_v(), "second moment")?,
+        })
+    }
+    /// Σ x² over an f32 tensor, `[1]` (gradient clipping by global norm).
+    fn sum_squares(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = SumSquaresOp::check(x)?;
+        returned(self, "sum_squares", self.run_sum_squares(&op)?, &[1], DType::F32)
     }
 }

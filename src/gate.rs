@@ -6,8 +6,11 @@ use crate::backend::Backend;
 use crate::config::{DeepSeekV2Method, DropPolicy, GateSpec, Mode, NoisyGatePolicy};
 use crate::device::Tensor;
 use crate::error::{Error, Result};
-use crate::losses;
-use crate::ops::{CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteSpec, Routes, ScoreFn};
+use crate::losses::{self, CountsOf, LossCoefs};
+use crate::ops::{
+    AuxGrad, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Plan, PlanSpec, RouteGradSpec, RouteSpec, Routes,
+    ScoreFn,
+};
 use crate::options::GateOptions;
 use crate::philox::{streams, NoiseKind};
 use crate::report::Report;
@@ -32,6 +35,11 @@ pub struct GateOutput<B: Backend> {
     pub plan: Plan<B>,
     /// `[E + 1]` router reductions (mean scores, z-loss).
     pub router_stats: Tensor<B>,
+    /// The multiplicative jitter the gate input took (DeepSpeed Jitter in training): the
+    /// backward differentiates through it.
+    pub jitter: Option<Tensor<B>>,
+    /// How the weights were made from the scores, for the router's backward.
+    pub grad_spec: RouteGradSpec,
     gate: GateSpec,
     tokens: usize,
 }
@@ -97,6 +105,19 @@ impl<B: Backend> Gate<B> {
     /// Uploads the router weight `[E, M]` (and the DeepSeek-V3 correction bias `[E]`);
     /// both must be finite.
     pub fn new(b: &B, spec: GateSpec, weight: &HostTensor, bias: Option<&HostTensor>) -> Result<Self> {
+        Self::build(b, spec, weight, bias, false)
+    }
+
+    /// As [`Gate::new`]; `trainable` uploads the router weight as a plain f32 tensor (the
+    /// layout its gradient and optimizer state share) rather than in the backend's
+    /// product layout.
+    pub(crate) fn build(
+        b: &B,
+        spec: GateSpec,
+        weight: &HostTensor,
+        bias: Option<&HostTensor>,
+        trainable: bool,
+    ) -> Result<Self> {
         let (num_experts, hidden) = match weight.shape()[..] {
             [e, m] => (e, m),
             _ => return Err(Error::shape("gate.weight", "[experts, hidden]", weight.shape())),
@@ -124,7 +145,7 @@ impl<B: Backend> Gate<B> {
             spec,
             num_experts,
             hidden,
-            weight: b.upload_weight(weight, DType::F32)?,
+            weight: if trainable { b.upload(weight)? } else { b.upload_weight(weight, DType::F32)? },
             bias: bias.map(|t| b.upload(t)).transpose()?,
         })
     }
@@ -132,6 +153,51 @@ impl<B: Backend> Gate<B> {
     /// The policy.
     pub fn spec(&self) -> &GateSpec {
         &self.spec
+    }
+
+    /// The router weight `[E, M]` and the correction bias, for an optimizer to replace.
+    pub(crate) fn params_mut(&mut self) -> (&mut Tensor<B>, Option<&mut Tensor<B>>) {
+        (&mut self.weight, self.bias.as_mut())
+    }
+
+    /// The router weight `[E, M]` and the correction bias.
+    pub(crate) fn params(&self) -> (&Tensor<B>, Option<&Tensor<B>>) {
+        (&self.weight, self.bias.as_ref())
+    }
+
+    /// The gate's backward from the gradient of the plan's combine weights `[S, k]` and
+    /// the weighted router losses: the router weight's gradient `[E, M]` and the gate's
+    /// share of the input gradient `[S, M]`. `x` is the forward's `[S, M]` input; a
+    /// jittered forward differentiates through the jitter it kept (the jittered input
+    /// feeds the gate only).
+    pub fn backward(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        out: &GateOutput<B>,
+        d_weights: &Tensor<B>,
+        coefs: &LossCoefs,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        let aux = losses::score_grad(&self.spec, coefs, out.tokens, self.num_experts)?.map(|(which, scale)| AuxGrad {
+            counts: match which {
+                CountsOf::All => &out.plan.counts,
+                CountsOf::First => &out.plan.first_counts,
+            },
+            scale: scale as f32,
+        });
+        let d_logits =
+            b.route_grad(d_weights, &out.routes, &out.plan, &out.logits, out.grad_spec, aux, coefs.z_loss as f32)?;
+        let gate_in = match &out.jitter {
+            Some(j) => b.mul(x, j)?,
+            None => x.clone(),
+        };
+        let dw = b.weight_grad(&d_logits, &gate_in, None, false)?.dw;
+        let dx = b.linear_dx(&d_logits, &self.weight, None)?;
+        let dx = match &out.jitter {
+            Some(j) => b.mul(&dx, j)?,
+            None => dx,
+        };
+        Ok((dw, dx))
     }
 
     /// Routes `x [S, M]`; `seq` is the sequence length (Switch capacity groups).
@@ -160,11 +226,14 @@ impl<B: Backend> Gate<B> {
         };
 
         // Logits in f32; DeepSpeed Jitter multiplies the gate input (training only).
-        let logits = if ds.is_some_and(|g| train && g.noisy_gate_policy == Some(NoisyGatePolicy::Jitter)) {
-            let j = noise(NoiseKind::Jitter(0.01), streams::JITTER, &opts.noise.jitter, "noise.jitter", m)?;
-            b.linear(&b.mul(x, &j)?, &self.weight, None)?
+        let jitter = if ds.is_some_and(|g| train && g.noisy_gate_policy == Some(NoisyGatePolicy::Jitter)) {
+            Some(noise(NoiseKind::Jitter(0.01), streams::JITTER, &opts.noise.jitter, "noise.jitter", m)?)
         } else {
-            b.linear(x, &self.weight, None)?
+            None
+        };
+        let logits = match &jitter {
+            Some(j) => b.linear(&b.mul(x, j)?, &self.weight, None)?,
+            None => b.linear(x, &self.weight, None)?,
         };
 
         // Gumbel: top-1 RSample in training; top-2 second-expert sampling in both modes,
@@ -178,7 +247,8 @@ impl<B: Backend> Gate<B> {
             }
             _ => None,
         };
-        let routes = b.route(&logits, &self.route_spec(gumbel.as_ref()))?;
+        let route_spec = self.route_spec(gumbel.as_ref());
+        let routes = b.route(&logits, &route_spec)?;
 
         let used = match (&opts.used_token, ds) {
             (None, _) => None,
@@ -203,9 +273,16 @@ impl<B: Backend> Gate<B> {
             }
             _ => None,
         };
-        let plan = b.plan(&routes, &self.plan_spec(s, seq, opts.mode, rts.as_ref(), &routes, used.as_ref())?)?;
+        let plan_spec = self.plan_spec(s, seq, opts.mode, rts.as_ref(), &routes, used.as_ref())?;
+        let grad_spec = RouteGradSpec {
+            score: route_spec.score,
+            normalize: route_spec.normalize,
+            scale: route_spec.scale,
+            renormalize_kept: plan_spec.renormalize_kept,
+        };
+        let plan = b.plan(&routes, &plan_spec)?;
         let router_stats = b.router_stats(&logits, &routes.scores)?;
-        Ok(GateOutput { logits, routes, plan, router_stats, gate: self.spec.clone(), tokens: s })
+        Ok(GateOutput { logits, routes, plan, router_stats, jitter, grad_spec, gate: self.spec.clone(), tokens: s })
     }
 
     fn route_spec<'a>(&'a self, gumbel: Option<&'a Tensor<B>>) -> RouteSpec<'a, B> {

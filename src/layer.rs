@@ -18,12 +18,15 @@ use crate::dispatcher::{DispatchState, Dispatched, Dispatcher};
 use crate::error::{human_bytes, Error, Result};
 use crate::expert::ExpertKind;
 use crate::gate::{Gate, GateOutput};
-use crate::ops::{MlpWeights, Offsets};
+use crate::ops::{MlpOutput, MlpWeights, Offsets};
 use crate::options::LayerOptions;
 use crate::parallel::ExpertParallel;
 use crate::report::Report;
 use crate::tensor::{DType, HostTensor};
 use crate::weights::{HostLayerWeights, HostMlp};
+
+mod backward;
+pub use backward::{BackwardOptions, LayerGrads, MlpGrads};
 
 /// An MLP block on the device: an expert stack (`[E, N, M]`) or a dense MLP (`[N, M]`).
 pub struct DeviceMlp<B: Backend> {
@@ -49,9 +52,28 @@ pub struct ExpertActivations<B: Backend> {
 impl<B: Backend> DeviceMlp<B> {
     /// Uploads an expert stack (`dense = false`) or a dense block (the E = 1 stack).
     pub fn upload(backend: &B, host: &HostMlp, spec: &ExpertSpec, dense: bool, dtype: DType) -> Result<Self> {
+        Self::upload_with(backend, host, spec, dense, dtype, false)
+    }
+
+    /// As [`DeviceMlp::upload`]; `trainable` uploads the weights as plain f32 tensors, the
+    /// layout their gradients and optimizer state share.
+    fn upload_with(
+        backend: &B,
+        host: &HostMlp,
+        spec: &ExpertSpec,
+        dense: bool,
+        dtype: DType,
+        trainable: bool,
+    ) -> Result<Self> {
         // A dense block is the E = 1 stack without its leading dimension.
         let squeeze = |t: &HostTensor| if dense { t.clone().reshape(&t.shape()[1..]) } else { Ok(t.clone()) };
-        let weight = |t: &HostTensor| backend.upload_weight(&squeeze(t)?, dtype);
+        let weight = |t: &HostTensor| {
+            if trainable {
+                backend.upload(&squeeze(t)?)
+            } else {
+                backend.upload_weight(&squeeze(t)?, dtype)
+            }
+        };
         let bias = |t: &Option<HostTensor>| t.as_ref().map(|t| backend.upload_as(&squeeze(t)?, dtype)).transpose();
         Ok(DeviceMlp {
             kind: spec.kind,
@@ -68,13 +90,29 @@ impl<B: Backend> DeviceMlp<B> {
 
     /// Runs a dense block on token rows.
     pub fn dense(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+        Ok(self.dense_kept(b, x, false)?.y)
+    }
+
+    /// Runs a dense block on token rows, keeping the pre-activation when `keep_pre`
+    /// (never for linear blocks).
+    pub fn dense_kept(&self, b: &B, x: &Tensor<B>, keep_pre: bool) -> Result<MlpOutput<B>> {
         let h = b.linear(x, &self.w_in, self.b_in.as_ref())?;
-        let h = match self.kind {
-            ExpertKind::Linear => return Ok(h),
+        let a = match self.kind {
+            ExpertKind::Linear => return Ok(MlpOutput { pre: None, y: h }),
             ExpertKind::Mlp { activation } => b.activation(&h, activation)?,
             ExpertKind::Glu { activation } => b.glu(&h, activation)?,
         };
-        b.linear(&h, self.w_out()?, self.b_out.as_ref())
+        let y = b.linear(&a, self.w_out()?, self.b_out.as_ref())?;
+        Ok(MlpOutput { pre: keep_pre.then_some(h), y })
+    }
+
+    /// Every weight, in the order `w_in, b_in, w_out, b_out` (absent ones skipped).
+    pub(crate) fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor<B>)> {
+        let mut v = vec![("w_in", &mut self.w_in)];
+        v.extend(self.b_in.as_mut().map(|t| ("b_in", t)));
+        v.extend(self.w_out.as_mut().map(|t| ("w_out", t)));
+        v.extend(self.b_out.as_mut().map(|t| ("b_out", t)));
+        v
     }
 
     /// Runs the expert stack on compact expert-major rows; `keep_pre` keeps the
@@ -92,8 +130,35 @@ impl<B: Backend> DeviceMlp<B> {
     }
 }
 
+/// What a dense block (residual MLP or shared experts) computed, kept for the backward.
+pub struct DenseKept<B: Backend> {
+    /// Its output `[S, M]`.
+    pub out: Tensor<B>,
+    /// The pre-activation of its first projection (absent for linear blocks, and unless
+    /// [`LayerOptions::keep_activations`]).
+    pub pre: Option<Tensor<B>>,
+    /// The mixing logits: the residual coefficient `[S, 2]`, or the shared-expert gate
+    /// `[S, 1]` (absent for ungated shared experts).
+    pub mix: Option<Tensor<B>>,
+}
+
+/// What the dense parts of a forward kept for the backward.
+pub struct DenseActivations<B: Backend> {
+    /// The routed experts' combined output, before the dense parts were added.
+    pub routed: Tensor<B>,
+    /// The residual MLP (DeepSpeed `use_residual`).
+    pub residual: Option<DenseKept<B>>,
+    /// The shared experts.
+    pub shared: Option<DenseKept<B>>,
+}
+
 /// Everything a forward produced. Tensors stay on the device.
 pub struct LayerOutput<B: Backend> {
+    /// The input flattened to `[S, M]` (a handle, not a copy): the products' backward
+    /// needs it.
+    pub input: Tensor<B>,
+    /// The dense parts' intermediates.
+    pub dense: DenseActivations<B>,
     /// Output, same shape as the input.
     pub y: Tensor<B>,
     /// Logits, routes, plan and router reductions.
@@ -118,6 +183,16 @@ struct Flat<B: Backend> {
     shape: Vec<usize>,
 }
 
+/// A trainable parameter of a layer, for an optimizer to replace.
+pub struct ParamMut<'a, B: Backend> {
+    /// The engine's name of it (`experts.w_in`, ...).
+    pub name: String,
+    /// Whether it belongs to the routed experts (DeepSpeed's MoE parameter group).
+    pub expert: bool,
+    /// The tensor.
+    pub tensor: &'a mut Tensor<B>,
+}
+
 /// One MoE layer with its weights on a backend.
 pub struct MoeLayer<B: Backend> {
     spec: LayerSpec,
@@ -127,13 +202,22 @@ pub struct MoeLayer<B: Backend> {
     residual: Option<(DeviceMlp<B>, Tensor<B>, Tensor<B>)>,
     shared: Option<(DeviceMlp<B>, Option<Tensor<B>>)>,
     dispatcher: Dispatcher<B>,
+    trainable: bool,
 }
 
 impl<B: Backend> MoeLayer<B> {
     /// Validates spec and weights and uploads the weights (router in f32, the rest in
     /// `dtype`); every expert is on this device.
     pub fn new(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
-        Self::build(backend, spec, weights, dtype, Dispatcher::Local)
+        Self::build(backend, spec, weights, dtype, Dispatcher::Local, false)
+    }
+
+    /// A layer to train: every expert on this device, every weight uploaded as a plain
+    /// f32 tensor (the master copy the optimizer steps, in the layout its gradient and
+    /// state share). Run its forward with [`LayerOptions::keep_activations`], then
+    /// [`MoeLayer::backward`].
+    pub fn new_trainable(backend: &B, spec: LayerSpec, weights: &HostLayerWeights) -> Result<Self> {
+        Self::build(backend, spec, weights, DType::F32, Dispatcher::Local, true)
     }
 
     /// As [`MoeLayer::new`] for one rank of an expert-parallel group: the router and the
@@ -148,7 +232,7 @@ impl<B: Backend> MoeLayer<B> {
         ep: ExpertParallel<B>,
     ) -> Result<Self> {
         let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
-        Self::build(backend, spec, weights, dtype, dispatcher)
+        Self::build(backend, spec, weights, dtype, dispatcher, false)
     }
 
     fn build(
@@ -157,6 +241,7 @@ impl<B: Backend> MoeLayer<B> {
         weights: &HostLayerWeights,
         dtype: DType,
         dispatcher: Dispatcher<B>,
+        trainable: bool,
     ) -> Result<Self> {
         spec.validate()?;
         weights.validate(&spec)?;
@@ -169,29 +254,119 @@ impl<B: Backend> MoeLayer<B> {
             Some(ids) => weights.experts.gather_experts(ids)?,
             None => weights.experts.clone(),
         };
-        let experts = DeviceMlp::upload(backend, &local, &spec.expert, false, dtype)?;
+        let experts = DeviceMlp::upload_with(backend, &local, &spec.expert, false, dtype, trainable)?;
+        let f32_weight =
+            |t: &HostTensor| if trainable { backend.upload(t) } else { backend.upload_weight(t, DType::F32) };
         let residual = match &weights.residual {
             Some((mlp, cw, cb)) => Some((
-                DeviceMlp::upload(backend, mlp, &spec.expert, true, dtype)?,
-                backend.upload_weight(cw, DType::F32)?,
+                DeviceMlp::upload_with(backend, mlp, &spec.expert, true, dtype, trainable)?,
+                f32_weight(cw)?,
                 backend.upload(cb)?,
             )),
             None => None,
         };
         let shared = match (&weights.shared, &spec.shared) {
             (Some((mlp, g)), Some(s)) => Some((
-                DeviceMlp::upload(backend, mlp, &s.expert, true, dtype)?,
-                g.as_ref().map(|g| backend.upload_weight(g, DType::F32)).transpose()?,
+                DeviceMlp::upload_with(backend, mlp, &s.expert, true, dtype, trainable)?,
+                g.as_ref().map(f32_weight).transpose()?,
             )),
             _ => None,
         };
-        let gate = Gate::new(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref())?;
-        Ok(MoeLayer { spec, gate, experts, residual, shared, dispatcher })
+        let gate = Gate::build(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref(), trainable)?;
+        Ok(MoeLayer { spec, gate, experts, residual, shared, dispatcher, trainable })
     }
 
     /// The layer's configuration.
     pub fn spec(&self) -> &LayerSpec {
         &self.spec
+    }
+
+    /// Whether the layer was built by [`MoeLayer::new_trainable`] (plain f32 weights an
+    /// optimizer may step).
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// Every trainable parameter, named as [`LayerGrads::into_named`] names their
+    /// gradients and in the same order: `gate.weight`, `experts.{w_in,b_in,w_out,b_out}`,
+    /// `residual.*`, `coefficient.{weight,bias}`, `shared.*`, `shared_gate.weight`. The
+    /// routed experts' parameters are marked `expert` (DeepSpeed's MoE parameter group).
+    /// DeepSeek-V3's correction bias is a buffer, not a parameter: see
+    /// [`MoeLayer::update_correction_bias`].
+    pub fn params_mut(&mut self) -> Vec<ParamMut<'_, B>> {
+        let mut out = vec![ParamMut { name: "gate.weight".into(), expert: false, tensor: self.gate.params_mut().0 }];
+        for (name, t) in self.experts.params_mut() {
+            out.push(ParamMut { name: format!("experts.{name}"), expert: true, tensor: t });
+        }
+        if let Some((m, cw, cb)) = &mut self.residual {
+            for (name, t) in m.params_mut() {
+                out.push(ParamMut { name: format!("residual.{name}"), expert: false, tensor: t });
+            }
+            out.push(ParamMut { name: "coefficient.weight".into(), expert: false, tensor: cw });
+            out.push(ParamMut { name: "coefficient.bias".into(), expert: false, tensor: cb });
+        }
+        if let Some((m, g)) = &mut self.shared {
+            for (name, t) in m.params_mut() {
+                out.push(ParamMut { name: format!("shared.{name}"), expert: false, tensor: t });
+            }
+            if let Some(g) = g {
+                out.push(ParamMut { name: "shared_gate.weight".into(), expert: false, tensor: g });
+            }
+        }
+        out
+    }
+
+    /// DeepSeek-V3's auxiliary-loss-free balancing after a step:
+    /// `e_score_correction_bias += rate · sign(mean(counts) − counts)` with the routes per
+    /// expert of that step. Errors for a gate without a correction bias.
+    pub fn update_correction_bias(&mut self, b: &B, counts: &[i64], rate: f32) -> Result<()> {
+        let Some(bias) = self.gate.params_mut().1 else {
+            return Err(Error::config("bias_update", "the gate has no e_score_correction_bias"));
+        };
+        if counts.len() != self.spec.num_experts {
+            return Err(Error::shape("counts", format!("[{}]", self.spec.num_experts), &[counts.len()]));
+        }
+        let mut v = b.download(bias)?.as_f32("e_score_correction_bias")?.to_vec();
+        crate::losses::v3_bias_update(&mut v, counts, rate);
+        *bias = b.upload(&HostTensor::f32(&[v.len()], v)?)?;
+        Ok(())
+    }
+
+    /// Every weight downloaded to the host in the importers' layout
+    /// ([`HostLayerWeights`]; routed experts: the ones this layer holds).
+    pub fn download_weights(&self, b: &B) -> Result<HostLayerWeights> {
+        let mlp = |m: &DeviceMlp<B>, dense: bool| -> Result<HostMlp> {
+            let get = |t: &Tensor<B>| -> Result<HostTensor> {
+                let h = b.download(t)?;
+                if dense {
+                    let mut shape = vec![1];
+                    shape.extend_from_slice(h.shape());
+                    h.reshape(&shape)
+                } else {
+                    Ok(h)
+                }
+            };
+            Ok(HostMlp {
+                w_in: get(&m.w_in)?,
+                b_in: m.b_in.as_ref().map(get).transpose()?,
+                w_out: m.w_out.as_ref().map(get).transpose()?,
+                b_out: m.b_out.as_ref().map(get).transpose()?,
+            })
+        };
+        let (gw, gb) = self.gate.params();
+        Ok(HostLayerWeights {
+            gate: b.download(gw)?,
+            gate_bias: gb.map(|t| b.download(t)).transpose()?,
+            experts: mlp(&self.experts, false)?,
+            residual: match &self.residual {
+                Some((m, cw, cb)) => Some((mlp(m, true)?, b.download(cw)?, b.download(cb)?)),
+                None => None,
+            },
+            shared: match &self.shared {
+                Some((m, g)) => Some((mlp(m, true)?, g.as_ref().map(|g| b.download(g)).transpose()?)),
+                None => None,
+            },
+        })
     }
 
     /// `x` as `[S, M]`, with S, M, the sequence length and the original shape.
@@ -208,19 +383,29 @@ impl<B: Backend> MoeLayer<B> {
     }
 
     /// Adds the residual MLP (DeepSpeed coefficient mix) or the shared experts to the
-    /// routed output `y`.
-    fn add_dense_parts(&self, b: &B, x2: &Tensor<B>, mut y: Tensor<B>) -> Result<Tensor<B>> {
+    /// routed output `routed`; `keep` keeps the pre-activations for a backward.
+    fn add_dense_parts(
+        &self,
+        b: &B,
+        x2: &Tensor<B>,
+        routed: Tensor<B>,
+        keep: bool,
+    ) -> Result<(Tensor<B>, DenseActivations<B>)> {
+        let mut y = routed.clone();
+        let mut kept = DenseActivations { routed, residual: None, shared: None };
         if let Some((mlp, cw, cb)) = &self.residual {
-            let dense = mlp.dense(b, x2)?;
+            let dense = mlp.dense_kept(b, x2, keep)?;
             let coef = b.linear(x2, cw, Some(cb))?;
-            y = b.residual_mix(&y, &dense, &coef)?;
+            y = b.residual_mix(&y, &dense.y, &coef)?;
+            kept.residual = Some(DenseKept { out: dense.y, pre: dense.pre, mix: Some(coef) });
         }
         if let Some((mlp, gate_w)) = &self.shared {
-            let dense = mlp.dense(b, x2)?;
+            let dense = mlp.dense_kept(b, x2, keep)?;
             let g = gate_w.as_ref().map(|g| b.linear(x2, g, None)).transpose()?;
-            y = b.add_gated(&y, &dense, g.as_ref())?;
+            y = b.add_gated(&y, &dense.y, g.as_ref())?;
+            kept.shared = Some(DenseKept { out: dense.y, pre: dense.pre, mix: g });
         }
-        Ok(y)
+        Ok((y, kept))
     }
 
     /// Forward of `x` shaped `[S, M]` or `[B, T, M]` (Switch counts capacity per row of B).
@@ -233,8 +418,8 @@ impl<B: Backend> MoeLayer<B> {
         let Dispatched { xp, offsets, mut state } = self.dispatcher.dispatch(b, &x2, &gate.plan, timed)?;
         let acts = self.experts.grouped(b, xp, &offsets, opts.keep_activations)?;
         let y = self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state, timed)?;
-        let y = self.add_dense_parts(b, &x2, y)?;
-        Ok(LayerOutput { y: y.reshape(&shape)?, gate, experts: acts, dispatch: state })
+        let (y, dense) = self.add_dense_parts(b, &x2, y, opts.keep_activations)?;
+        Ok(LayerOutput { y: y.reshape(&shape)?, input: x2, dense, gate, experts: acts, dispatch: state })
     }
 }
 

@@ -47,6 +47,70 @@ pub fn compute(
     Losses { l_aux, load_balancing, z_loss: z_loss as f64, expert_balance }
 }
 
+/// The router losses a backward adds to the objective, each with its coefficient (0:
+/// not part of the loss): `aux_coef · l_aux` is how DeepSpeed and HF trainers use them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossCoefs {
+    /// Coefficient of [`Losses::l_aux`] (DeepSpeed's `l_aux`; the HF load-balancing loss
+    /// for other gates).
+    pub l_aux: f64,
+    /// Coefficient of [`Losses::load_balancing`].
+    pub load_balancing: f64,
+    /// Coefficient of [`Losses::expert_balance`] (DeepSeek's α).
+    pub expert_balance: f64,
+    /// Coefficient of [`Losses::z_loss`].
+    pub z_loss: f64,
+}
+
+/// Which count vector a loss's gradient is proportional to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CountsOf {
+    /// Routes per expert before dropping.
+    All,
+    /// First choices per expert (DeepSpeed top-2's `l_aux`).
+    First,
+}
+
+/// The score gradient of the weighted losses except the z-loss: every one is `Σₑ cₑ ·
+/// mean_s(scores)ₑ` with `cₑ` a constant times a count, so `d scores[s, e] = scale ·
+/// counts[e]`. Returns the counts and the scale, or None when no such loss is weighted;
+/// an error when two weighted losses need different counts.
+pub fn score_grad(
+    gate: &GateSpec,
+    coefs: &LossCoefs,
+    tokens: usize,
+    experts: usize,
+) -> crate::Result<Option<(CountsOf, f64)>> {
+    let e = experts as f64;
+    let s = tokens.max(1) as f64;
+    let k = gate.k() as f64;
+    let (l_aux_counts, l_aux_c) = match gate {
+        GateSpec::DeepSpeed(g) if g.k == 1 => (CountsOf::All, 1.0),
+        GateSpec::DeepSpeed(g) if g.k == 2 => (CountsOf::First, 1.0),
+        GateSpec::DeepSpeed(_) => (CountsOf::All, 1.0 / k),
+        _ => (CountsOf::All, 1.0),
+    };
+    // d/dp[s,e] of c·Σ me·counts/S with me = mean_s p is c·counts/S².
+    let mut terms = Vec::new();
+    if coefs.l_aux != 0.0 {
+        terms.push((l_aux_counts, coefs.l_aux * e * l_aux_c / (s * s)));
+    }
+    if coefs.load_balancing != 0.0 {
+        terms.push((CountsOf::All, coefs.load_balancing * e / (s * s)));
+    }
+    if coefs.expert_balance != 0.0 {
+        terms.push((CountsOf::All, coefs.expert_balance * e / (k * s * s)));
+    }
+    let Some(&(which, _)) = terms.first() else { return Ok(None) };
+    if terms.iter().any(|t| t.0 != which) {
+        return Err(crate::Error::config(
+            "loss coefficients",
+            "DeepSpeed top-2's l_aux (first choices) cannot be weighted together with a loss over all routes",
+        ));
+    }
+    Ok(Some((which, terms.iter().map(|t| t.1).sum())))
+}
+
 /// DeepSeek-V3 auxiliary-loss-free balancing: after a step, each expert's
 /// `e_score_correction_bias` moves by `gamma` towards balance,
 /// `bᵢ ← bᵢ + γ · sign(mean load − loadᵢ)` (an expert at the mean load is left alone).

@@ -116,7 +116,42 @@ pub struct HostLayerWeights {
     pub shared: Option<(HostMlp, Option<HostTensor>)>,
 }
 
+impl HostMlp {
+    fn named<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a HostTensor)>) {
+        out.push((format!("{prefix}.w_in"), &self.w_in));
+        for (name, t) in [("b_in", &self.b_in), ("w_out", &self.w_out), ("b_out", &self.b_out)] {
+            if let Some(t) = t {
+                out.push((format!("{prefix}.{name}"), t));
+            }
+        }
+    }
+}
+
 impl HostLayerWeights {
+    /// Every tensor under the engine's own name: `gate.weight`, `gate.bias` (DeepSeek-V3's
+    /// correction bias), `experts.{w_in,b_in,w_out,b_out}`, `residual.*`,
+    /// `coefficient.{weight,bias}`, `shared.*`, `shared_gate.weight`: the names a
+    /// layer's parameters and gradients go by (`MoeLayer::params_mut`).
+    pub fn named(&self) -> Vec<(String, &HostTensor)> {
+        let mut out = vec![("gate.weight".to_string(), &self.gate)];
+        if let Some(b) = &self.gate_bias {
+            out.push(("gate.bias".into(), b));
+        }
+        self.experts.named("experts", &mut out);
+        if let Some((mlp, cw, cb)) = &self.residual {
+            mlp.named("residual", &mut out);
+            out.push(("coefficient.weight".into(), cw));
+            out.push(("coefficient.bias".into(), cb));
+        }
+        if let Some((mlp, g)) = &self.shared {
+            mlp.named("shared", &mut out);
+            if let Some(g) = g {
+                out.push(("shared_gate.weight".into(), g));
+            }
+        }
+        out
+    }
+
     /// Checks every tensor's presence, shape and finiteness against the spec.
     pub fn validate(&self, spec: &LayerSpec) -> Result<()> {
         let (e, m) = (spec.num_experts, spec.hidden);

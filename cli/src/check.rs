@@ -140,6 +140,10 @@ fn case_lines(t: &mut Tally, ranks: &[CaseResult], a: &Args) -> CliResult<()> {
         .collect();
     let status = if ok { "PASS" } else { "FAIL" };
     let mut line = format!("{status} {name:<40} {kind:<22} worst rel_l2 {worst:.2e}");
+    let grad = ranks.iter().filter_map(|r| r.worst_grad_rel_l2).reduce(f64::max);
+    if let Some(g) = grad {
+        line.push_str(&format!(", gradients {g:.2e}"));
+    }
     if ranks.len() > 1 {
         line.push_str(&format!(" over {} ranks", ranks.len()));
     }

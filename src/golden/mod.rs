@@ -23,6 +23,8 @@ pub struct OutputCheck {
     pub exact: bool,
     /// Whether it passed.
     pub pass: bool,
+    /// Whether it is a gradient (`d<name>`) of the case's backward.
+    pub backward: bool,
 }
 
 /// The result of one case.
@@ -34,8 +36,10 @@ pub struct CaseResult {
     pub kind: String,
     /// Every compared output (never empty: a case that names none is an error).
     pub outputs: Vec<OutputCheck>,
-    /// The largest relative L2 error over float outputs.
+    /// The largest relative L2 error over float outputs of the forward.
     pub worst_rel_l2: f64,
+    /// The largest relative L2 error over the gradients, when the backward was compared.
+    pub worst_grad_rel_l2: Option<f64>,
     /// Whether every output passed.
     pub pass: bool,
     /// What the case holds that this run did not compare, and why (shown with the result).

@@ -2,20 +2,28 @@
 //! backend (or on several in-process expert-parallel ranks) and compare every expected
 //! output.
 
-use super::case::{Case, CaseKind, Output};
+use super::case::{Backward, Case, CaseKind, Loss, Output};
 use super::{rel_l2, CaseResult, OutputCheck};
 use crate::backend::Backend;
 use crate::config::GateSpec;
+use crate::config::LayerSpec;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
-use crate::import::{deepspeed, hf};
+use crate::import::{deepspeed, hf, Checkpoint, NameMap};
+use crate::layer::BackwardOptions;
 use crate::layer::MoeLayer;
+use crate::losses::LossCoefs;
 use crate::options::{GateOptions, LayerOptions, NoiseOverrides};
 use crate::parallel::{Communicator, ExpertParallel, Hierarchical, TokenLayout, Transport};
 use crate::tensor::{DType, HostTensor};
+use crate::weights::HostLayerWeights;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+
+/// The bound on every gradient's relative L2 error (f32: the error of a backward's
+/// roundings, not of its semantics).
+pub const GRAD_REL_L2: f64 = 1e-5;
 
 /// Runs one case folder on backend `b` and compares every expected output.
 pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
@@ -121,11 +129,65 @@ fn options(case: &Case) -> Result<LayerOptions> {
     Ok(LayerOptions { gate: GateOptions { mode: m.mode, seed: 0, noise, used_token }, ..Default::default() })
 }
 
+/// The layer spec and weights of a layer case, through the importer of its kind.
+fn import_layer(case: &Case, kind: CaseKind, ck: &mut Checkpoint) -> Result<(LayerSpec, HostLayerWeights)> {
+    let cfg = &case.meta.config;
+    match kind {
+        CaseKind::Hf(family) => {
+            let (fam, spec) = hf::layer_spec(cfg)?;
+            if fam != family {
+                return Err(Error::config("model_type", format!("does not match case kind `{}`", kind.name())));
+            }
+            let w = hf::layer_weights(ck, fam, &spec, "")?;
+            Ok((spec, w))
+        }
+        _ => {
+            let spec = deepspeed::layer_spec(cfg)?;
+            let w = deepspeed::layer_weights(ck, &spec, "")?;
+            Ok((spec, w))
+        }
+    }
+}
+
+/// Runs the backward of a case's forward for its loss and returns every gradient under
+/// the case's names: `dx`, and each parameter's (read back through the importer's
+/// [`NameMap`]).
+fn backward_grads<B: Backend>(
+    b: &B,
+    case: &Case,
+    kind: CaseKind,
+    layer: &MoeLayer<B>,
+    out: &crate::LayerOutput<B>,
+    bw: &Backward,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let dy = b.upload(case.tensor(&bw.dy)?)?;
+    let l_aux = match bw.loss {
+        Loss::Dot => 0.0,
+        Loss::DotPlusAux => bw.aux_coef.unwrap_or(0.0),
+    };
+    let opts = BackwardOptions { losses: LossCoefs { l_aux, ..Default::default() } };
+    let g = layer.backward(b, out, &dy, &opts)?;
+    let dx = b.download(&g.dx)?;
+    let mut engine = BTreeMap::new();
+    for (name, t) in g.into_named() {
+        engine.insert(name, b.download(&t)?);
+    }
+    let names = NameMap::build(&case.params(), |ck| Ok(import_layer(case, kind, ck)?.1))?;
+    let mut out = BTreeMap::new();
+    out.insert("dx".to_string(), dx);
+    for p in bw.params.keys() {
+        out.insert(p.clone(), names.gather(&engine, p)?);
+    }
+    Ok(out)
+}
+
 fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<Arc<dyn Transport<B>>>) -> Result<CaseResult> {
+    let ep_backward = ep.is_some();
     let x = case.x()?;
     let opts = options(case)?;
     let cfg = &case.meta.config;
     let mut got: BTreeMap<Output, HostTensor> = BTreeMap::new();
+    let mut grads: Option<BTreeMap<String, HostTensor>> = None;
     let counts = |v: &[i64]| HostTensor::i32(&[v.len()], v.iter().map(|&c| c as i32).collect());
 
     match case.meta.kind {
@@ -165,39 +227,36 @@ fn run_case_on<B: Backend>(b: &B, case: &Case, ep: Option<Arc<dyn Transport<B>>>
             got.insert(Output::LAux, HostTensor::scalar(rep.losses.l_aux as f32));
         }
         kind => {
-            let (spec, weights) = match kind {
-                CaseKind::Hf(family) => {
-                    let (fam, spec) = hf::layer_spec(cfg)?;
-                    if fam != family {
-                        return Err(Error::config("model_type", format!("does not match case kind `{}`", kind.name())));
-                    }
-                    let w = hf::layer_weights(&mut case.params(), fam, &spec, "")?;
-                    (spec, w)
-                }
-                _ => {
-                    let spec = deepspeed::layer_spec(cfg)?;
-                    let w = deepspeed::layer_weights(&mut case.params(), &spec, "")?;
-                    (spec, w)
-                }
-            };
-            let out = match ep {
-                None => MoeLayer::new(b, spec, &weights, DType::F32)?.forward(b, &b.upload(&x)?, &opts)?,
+            let (spec, weights) = import_layer(case, kind, &mut case.params())?;
+            let backward = case.meta.backward.as_ref().filter(|_| ep.is_none());
+            let opts = LayerOptions { keep_activations: backward.is_some(), ..opts };
+            let layer = match ep {
+                None => MoeLayer::new(b, spec, &weights, DType::F32)?,
                 Some(transport) => {
                     let ep = ExpertParallel::deepspeed(transport, spec.num_experts, TokenLayout::Replicated)?;
-                    MoeLayer::new_ep(b, spec, &weights, DType::F32, ep)?.forward(b, &b.upload(&x)?, &opts)?
+                    MoeLayer::new_ep(b, spec, &weights, DType::F32, ep)?
                 }
             };
+            let out = layer.forward(b, &b.upload(&x)?, &opts)?;
             let rep = out.report(b)?;
             got.insert(Output::Y, b.download(&out.y)?);
             got.insert(Output::RouterLogits, b.download(&out.gate.logits)?);
             got.insert(Output::LAux, HostTensor::scalar(rep.losses.l_aux as f32));
             got.insert(Output::ExpCounts, counts(&rep.exp_counts)?);
+            if let Some(bw) = backward {
+                grads = Some(backward_grads(b, case, kind, &layer, &out, bw)?);
+            }
         }
     }
-    compare(case, &got)
+    compare(case, &got, grads.as_ref(), ep_backward)
 }
 
-fn compare(case: &Case, got: &BTreeMap<Output, HostTensor>) -> Result<CaseResult> {
+fn compare(
+    case: &Case,
+    got: &BTreeMap<Output, HostTensor>,
+    grads: Option<&BTreeMap<String, HostTensor>>,
+    ep: bool,
+) -> Result<CaseResult> {
     let m = &case.meta;
     // Gate cases: locations and gates are compared where the route was kept.
     let kept_mask: Option<Vec<bool>> = match m.expected.get(&Output::Indices) {
@@ -238,14 +297,46 @@ fn compare(case: &Case, got: &BTreeMap<Output, HostTensor>) -> Result<CaseResult
             let e = rel_l2(&h, &w);
             (e, e <= m.tolerance.rel_l2)
         };
-        outputs.push(OutputCheck { name: name.into(), error, exact, pass });
+        outputs.push(OutputCheck { name: name.into(), error, exact, pass, backward: false });
     }
     let worst = outputs.iter().filter(|o| !o.exact).map(|o| o.error).fold(0.0, f64::max);
+    let mut not_compared = Vec::new();
+    let mut worst_grad = None;
+    match (&m.backward, grads) {
+        (Some(bw), Some(grads)) => {
+            let expected = std::iter::once(("dx", &bw.dx)).chain(bw.params.iter().map(|(p, k)| (p.as_str(), k)));
+            for (name, key) in expected {
+                let want = case.tensor(key)?;
+                let have = grads
+                    .get(name)
+                    .ok_or_else(|| Error::Internal(format!("case {}: the backward produced no `{name}`", case.name)))?;
+                if want.numel() != have.numel() {
+                    return Err(Error::case(
+                        &case.name,
+                        format!("gradient `{name}` has shape {:?}; the run produced {:?}", want.shape(), have.shape()),
+                    ));
+                }
+                let e = rel_l2(&have.to_f64(), &want.to_f64());
+                let pass = e <= GRAD_REL_L2;
+                outputs.push(OutputCheck { name: format!("d{name}"), error: e, exact: false, pass, backward: true });
+                worst_grad = Some(worst_grad.unwrap_or(0.0f64).max(e));
+            }
+        }
+        (Some(bw), None) => not_compared.push(format!(
+            "gradients of dx and {} parameters ({})",
+            bw.params.len(),
+            if ep { "no expert-parallel backward yet" } else { "no backward run" }
+        )),
+        (None, _) => {}
+    }
     let pass = !outputs.is_empty() && outputs.iter().all(|o| o.pass);
-    let not_compared = m
-        .backward
-        .iter()
-        .map(|b| format!("gradients of dx and {} parameters (no backward pass yet)", b.params.len()))
-        .collect();
-    Ok(CaseResult { name: case.name.clone(), kind: m.kind.name(), outputs, worst_rel_l2: worst, pass, not_compared })
+    Ok(CaseResult {
+        name: case.name.clone(),
+        kind: m.kind.name(),
+        outputs,
+        worst_rel_l2: worst,
+        worst_grad_rel_l2: worst_grad,
+        pass,
+        not_compared,
+    })
 }

@@ -5,8 +5,10 @@
 pub mod checkpoint;
 pub mod deepspeed;
 pub mod hf;
+pub mod names;
 
 pub use checkpoint::{save_safetensors, Checkpoint};
+pub use names::NameMap;
 
 use crate::error::{Error, Result};
 use serde_json::Value;

@@ -20,8 +20,10 @@
 mod dispatch;
 mod elementwise;
 mod exchange;
+mod grad;
 mod matmul;
 mod noise;
+mod optim;
 mod plan;
 mod route;
 mod route_check;
@@ -30,8 +32,13 @@ mod stats;
 pub use dispatch::{CombineOp, PermuteOp, RouteRows};
 pub use elementwise::{ElementwiseKind, ElementwiseOp};
 pub use exchange::{BlockTable, Bucket, BucketOp, BucketParts, DevicePlacement, RegroupOp};
+pub use grad::{
+    ActGradKind, ActGradOp, AuxGrad, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad,
+    MixGradOp, RouteGradOp, RouteGradSpec, WeightGrad, WeightGradOp,
+};
 pub use matmul::{GroupedLinearOp, GroupedMlpOp, LinearOp, MatDims, MlpOutput, MlpWeights, Offsets};
 pub use noise::NoiseOp;
+pub use optim::{OptimStepOp, StepKind, StepOut, StepRule, SumSquaresOp};
 pub use plan::{deepspeed_capacity, CapacityRule, KeepPolicy, Plan, PlanOp, PlanParts, PlanSpec, StaticCapacity};
 pub use route::{Choice, GroupScore, Normalize, RouteOp, RouteSpec, Routes, RoutesParts, ScoreFn};
 pub use route_check::{route_status, status_word, PendingRouteCheck, RouteChecks};

@@ -13,7 +13,9 @@ mod buffer;
 mod elementwise;
 mod exchange;
 mod experts;
+mod grad;
 mod matmul;
+mod optim;
 mod plan;
 mod route;
 
@@ -23,8 +25,10 @@ use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::expert::ExpertKind;
 use moe_engine::ops::{
-    BucketOp, BucketParts, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, PermuteOp,
-    PlanOp, PlanParts, RegroupOp, RouteOp, RouterStatsOp, RoutesParts,
+    ActGradOp, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
+    GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, OptimStepOp,
+    PermuteOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp, RouterStatsOp, RoutesParts, StepOut, SumSquaresOp,
+    WeightGrad, WeightGradOp,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
@@ -227,6 +231,42 @@ impl Backend for CpuBackend {
 
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {
         route::router_stats(op)
+    }
+
+    fn run_linear_dx(&self, op: &LinearDxOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| grad::linear_dx(op, self.threads()))
+    }
+
+    fn run_weight_grad(&self, op: &WeightGradOp<'_, Self>) -> Result<WeightGrad<Self>> {
+        self.pool.install(|| grad::weight_grad(op, self.threads()))
+    }
+
+    fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| grad::act_grad(op))
+    }
+
+    fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {
+        grad::combine_grad(op)
+    }
+
+    fn run_route_grad(&self, op: &RouteGradOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| grad::route_grad(op))
+    }
+
+    fn run_mix_grad(&self, op: &MixGradOp<'_, Self>) -> Result<MixGrad<Self>> {
+        grad::mix_grad(op)
+    }
+
+    fn run_gated_add_grad(&self, op: &GatedAddGradOp<'_, Self>) -> Result<GatedAddGrad<Self>> {
+        grad::gated_add_grad(op)
+    }
+
+    fn run_optim_step(&self, op: &OptimStepOp<'_, Self>) -> Result<StepOut<Self>> {
+        self.pool.install(|| optim::optim_step(op))
+    }
+
+    fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<T> {
+        optim::sum_squares(op)
     }
 }
 

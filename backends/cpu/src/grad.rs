@@ -1,0 +1,348 @@
+//! Backward ops on the cpu: the reference the GPU backward kernels are checked against.
+//! Products go through gemm (one single-threaded gemm per output block, so the sum over
+//! rows keeps one order and a backward is bitwise repeatable); the rest are row loops.
+
+use crate::matmul::{gemm_raw, offsets, tiles, SharedOut, COL_BLOCK, SERIAL_WORK};
+use crate::{f32s, i32s, tf32, weight_data, CpuBackend, T};
+use moe_engine::ops::{
+    ActGradKind, ActGradOp, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad, MixGradOp,
+    Normalize, RouteGradOp, ScoreFn, WeightGrad, WeightGradOp,
+};
+use moe_engine::{Activation, Result};
+use rayon::prelude::*;
+
+/// Group offsets of an op, or the one group of all rows.
+fn groups_of(o: Option<&moe_engine::ops::Offsets<CpuBackend>>, rows: usize) -> Result<Vec<i32>> {
+    match o {
+        Some(o) => Ok(offsets(o, rows)?.to_vec()),
+        None => Ok(vec![0, rows as i32]),
+    }
+}
+
+/// `dx [R, K] = dy [R, N] · w[g] [N, K]` per group.
+pub(crate) fn linear_dx(op: &LinearDxOp<'_, CpuBackend>, threads: usize) -> Result<T> {
+    let (r, n, kk) = (op.rows, op.n, op.k);
+    let off = groups_of(op.offsets, r)?;
+    let dy = f32s(op.dy, "output gradient")?;
+    let (ws, w_t) = weight_data(op.w, "weight", n, kk)?;
+    let mut out = vec![0f32; r * kk];
+    let dst = SharedOut(out.as_mut_ptr());
+    let tiles = tiles(&off, kk, COL_BLOCK);
+    let run = |t: &crate::matmul::Tile| {
+        // rhs = w[g] as [N (inner), K (columns)]: row-major [N, K], or stored [K, N].
+        let base = t.e * n * kk;
+        let (rhs, cs, rs) = if w_t {
+            (ws[base + t.c0 * n..].as_ptr(), n as isize, 1)
+        } else {
+            (ws[base + t.c0..].as_ptr(), 1, kk as isize)
+        };
+        // SAFETY: tiles are disjoint and inside `out` ([r, kk]); dy rows r0..r1 and the
+        // weight block of group e, columns c0..c1, are inside their buffers.
+        unsafe {
+            gemm_raw(
+                (dst.get().add(t.r0 * kk + t.c0), kk as isize),
+                (dy[t.r0 * n..].as_ptr(), n as isize),
+                (rhs, cs, rs),
+                (t.r1 - t.r0, t.c1 - t.c0, n),
+                false,
+            );
+        }
+    };
+    if threads > 1 && off[off.len() - 1] as usize * n * kk >= SERIAL_WORK && tiles.len() > 1 {
+        tiles.par_iter().with_max_len(1).for_each(run);
+    } else {
+        tiles.iter().for_each(run);
+    }
+    tf32(&[r, kk], out)
+}
+
+/// Output rows of dw per task: each task is one gemm over all of a group's rows, so the
+/// sum over rows has one order whatever the thread count.
+const DW_ROWS: usize = 64;
+
+/// `dw[g] = dyᵀ · x` over the rows of group g, and `db[g] = Σ dy` in row order.
+pub(crate) fn weight_grad(op: &WeightGradOp<'_, CpuBackend>, threads: usize) -> Result<WeightGrad<CpuBackend>> {
+    let (r, n, kk, g) = (op.rows, op.n, op.k, op.groups);
+    let off = groups_of(op.offsets, r)?;
+    let dy = f32s(op.dy, "output gradient")?;
+    let x = f32s(op.x, "forward input")?;
+    let mut dw = vec![0f32; g * n * kk];
+    let dst = SharedOut(dw.as_mut_ptr());
+    let tasks: Vec<(usize, usize, usize)> =
+        (0..g).flat_map(|e| (0..n).step_by(DW_ROWS).map(move |n0| (e, n0, (n0 + DW_ROWS).min(n)))).collect();
+    let run = |&(e, n0, n1): &(usize, usize, usize)| {
+        let (r0, r1) = (off[e] as usize, off[e + 1] as usize);
+        // SAFETY: each task writes rows n0..n1 of group e's matrix, disjoint from every
+        // other task; lhs = dyᵀ (rows n0..n1, columns r0..r1: column stride n) and rhs =
+        // x rows r0..r1 are inside their buffers. An empty group writes zeros (k = 0).
+        unsafe {
+            let d = dst.get().add(e * n * kk + n0 * kk);
+            if r1 == r0 {
+                return;
+            }
+            gemm::gemm(
+                n1 - n0,
+                kk,
+                r1 - r0,
+                d,
+                1,
+                kk as isize,
+                false,
+                dy[r0 * n + n0..].as_ptr(),
+                n as isize,
+                1,
+                x[r0 * kk..].as_ptr(),
+                1,
+                kk as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    };
+    if threads > 1 && r * n * kk >= SERIAL_WORK && tasks.len() > 1 {
+        tasks.par_iter().with_max_len(1).for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+    let db = op.bias.then(|| {
+        let mut db = vec![0f32; g * n];
+        for e in 0..g {
+            let acc = &mut db[e * n..(e + 1) * n];
+            for row in off[e] as usize..off[e + 1] as usize {
+                acc.iter_mut().zip(&dy[row * n..(row + 1) * n]).for_each(|(a, &d)| *a += d);
+            }
+        }
+        db
+    });
+    Ok(WeightGrad { dw: tf32(&op.w_shape, dw)?, db: db.map(|v| tf32(&op.b_shape, v)).transpose()? })
+}
+
+/// `act'(x)`, in f32 as PyTorch's activation backward computes it.
+#[inline]
+pub(crate) fn act_deriv(x: f32, a: Activation) -> f32 {
+    match a {
+        Activation::Gelu => {
+            // torch GeluBackward: cdf + x · pdf.
+            let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() * (std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2 * 0.5);
+            cdf + x * pdf
+        }
+        Activation::GeluTanh => {
+            const BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
+            const KAPPA: f32 = 0.044_715;
+            let x_sq = x * x;
+            let inner = BETA * (x + KAPPA * x_sq * x);
+            let t = inner.tanh();
+            let left = 0.5 * x;
+            let right = 1.0 + t;
+            0.5 * right + left * (1.0 - t * t) * (BETA * (1.0 + 3.0 * KAPPA * x_sq))
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
+        }
+        Activation::Identity => 1.0,
+    }
+}
+
+/// The gradient through an activation or GLU.
+pub(crate) fn act_grad(op: &ActGradOp<'_, CpuBackend>) -> Result<T> {
+    let dy = f32s(op.dy, "activation output gradient")?;
+    let pre = f32s(op.pre, "pre-activation")?;
+    let [r, n] = op.out_shape;
+    let mut out = vec![0f32; r * n];
+    match op.kind {
+        ActGradKind::Activation(a) => {
+            out.par_iter_mut().zip(dy).zip(pre).for_each(|((o, &d), &x)| *o = d * act_deriv(x, a));
+        }
+        ActGradKind::Glu(a) => {
+            let i = n / 2;
+            out.par_chunks_mut(n.max(1)).enumerate().for_each(|(row, o)| {
+                let (g, u) = pre[row * n..(row + 1) * n].split_at(i);
+                let d = &dy[row * i..(row + 1) * i];
+                for c in 0..i {
+                    o[c] = d[c] * u[c] * act_deriv(g[c], a);
+                    o[i + c] = d[c] * crate::elementwise::act(g[c], a);
+                }
+            });
+        }
+    }
+    tf32(&[r, n], out)
+}
+
+/// The gradient of combine: scattered weighted rows and per-route dot products.
+pub(crate) fn combine_grad(op: &CombineGradOp<'_, CpuBackend>) -> Result<CombineGrad<CpuBackend>> {
+    let dy = f32s(op.dy, "combined output gradient")?;
+    let yp = f32s(op.yp, "expert output")?;
+    let rows = i32s(op.rows.tensor(), "route rows")?;
+    let w = f32s(op.weights, "combine weights")?;
+    let (s, k, m) = (op.rows.tokens(), op.rows.k(), op.yp.shape()[1]);
+    let mut d_yp = vec![0f32; op.rows.bound() * m];
+    let mut d_w = vec![0f32; s * k];
+    for t in op.tokens.clone() {
+        let g = &dy[(t - op.tokens.start) * m..(t - op.tokens.start + 1) * m];
+        for j in 0..k {
+            let Ok(row) = usize::try_from(rows[t * k + j]) else { continue };
+            let (wt, out) = (w[t * k + j], &mut d_yp[row * m..(row + 1) * m]);
+            out.iter_mut().zip(g).for_each(|(o, &d)| *o = wt * d);
+            d_w[t * k + j] = g.iter().zip(&yp[row * m..(row + 1) * m]).map(|(a, b)| a * b).sum();
+        }
+    }
+    Ok(CombineGrad { d_yp: tf32(op.yp.shape(), d_yp)?, d_weights: tf32(&[s, k], d_w)? })
+}
+
+/// The router's backward, token by token in f32.
+pub(crate) fn route_grad(op: &RouteGradOp<'_, CpuBackend>) -> Result<T> {
+    let (s, k, e, spec) = (op.tokens, op.k, op.experts, op.spec);
+    let dw = f32s(op.d_weights, "combine weight gradient")?;
+    let experts = i32s(&op.routes.experts, "routes.experts")?;
+    let rw = f32s(&op.routes.weights, "routes.weights")?;
+    let sc = f32s(&op.routes.scores, "routes.scores")?;
+    let rows = i32s(&op.plan.rows, "plan.rows")?;
+    let logits = f32s(op.logits, "router logits")?;
+    let aux = match &op.aux {
+        Some(a) => Some((i32s(a.counts, "router loss counts")?, a.scale)),
+        None => None,
+    };
+    let mut out = vec![0f32; s * e];
+    out.par_chunks_mut(e).enumerate().for_each_init(
+        || (vec![0f32; e], vec![0f32; k], vec![0f32; k]),
+        |(dsc, w1, g), (t, dl)| {
+            let base = t * k;
+            let p = &sc[t * e..(t + 1) * e];
+            dsc.fill(0.0);
+            let kept = |j: usize| rows[base + j] >= 0;
+            // Plan: kept weights, renormalised by max(Σ, eps) (DeepSpeed top-2 / top-k).
+            for j in 0..k {
+                w1[j] = if kept(j) { rw[base + j] } else { 0.0 };
+            }
+            if spec.renormalize_kept {
+                let d2: f32 = w1.iter().sum();
+                let dc = d2.max(f32::EPSILON);
+                let dot: f32 = (0..k).map(|i| dw[base + i] * w1[i]).sum();
+                let through = if d2 >= f32::EPSILON { dot / (dc * dc) } else { 0.0 };
+                for j in 0..k {
+                    g[j] = if kept(j) { dw[base + j] / dc - through } else { 0.0 };
+                }
+            } else {
+                for j in 0..k {
+                    g[j] = if kept(j) { dw[base + j] } else { 0.0 };
+                }
+            }
+            // Route: scale, then the normalisation over the live routes (weight 0 is a
+            // masked route, which takes no gradient).
+            for j in 0..k {
+                g[j] *= spec.scale;
+                w1[j] = if rw[base + j] != 0.0 { p[experts[base + j] as usize] } else { 0.0 };
+            }
+            let denom = match spec.normalize {
+                Normalize::None => None,
+                Normalize::Sum => Some(w1.iter().sum::<f32>()),
+                Normalize::SumPlus(eps) => Some(w1.iter().sum::<f32>() + eps),
+            };
+            if let Some(d) = denom {
+                let dot: f32 = (0..k).map(|i| g[i] * w1[i]).sum();
+                for gj in g.iter_mut() {
+                    *gj = *gj / d - dot / (d * d);
+                }
+            }
+            for j in 0..k {
+                if rw[base + j] != 0.0 {
+                    dsc[experts[base + j] as usize] += g[j];
+                }
+            }
+            if let Some((counts, scale)) = aux {
+                for i in 0..e {
+                    dsc[i] += scale * counts[i] as f32;
+                }
+            }
+            match spec.score {
+                ScoreFn::Softmax => {
+                    let dot: f32 = (0..e).map(|i| p[i] * dsc[i]).sum();
+                    for i in 0..e {
+                        dl[i] = p[i] * (dsc[i] - dot);
+                    }
+                }
+                ScoreFn::Sigmoid => {
+                    for i in 0..e {
+                        dl[i] = dsc[i] * p[i] * (1.0 - p[i]);
+                    }
+                }
+            }
+            if op.z_coef != 0.0 {
+                // z = mean_s lse², so d z / d logits = 2 · lse · softmax / S.
+                let l = &logits[t * e..(t + 1) * e];
+                let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = l.iter().map(|&v| (v - mx).exp()).sum();
+                let lse = mx + sum.ln();
+                let c = op.z_coef * 2.0 * lse / s as f32;
+                for i in 0..e {
+                    dl[i] += c * (l[i] - mx).exp() / sum;
+                }
+            }
+        },
+    );
+    tf32(&[s, e], out)
+}
+
+/// The gradient of the residual mix.
+pub(crate) fn mix_grad(op: &MixGradOp<'_, CpuBackend>) -> Result<MixGrad<CpuBackend>> {
+    let dy = f32s(op.dy, "mix output gradient")?;
+    let moe = f32s(op.moe, "moe output")?;
+    let mlp = f32s(op.mlp, "residual mlp output")?;
+    let coef = f32s(op.coef, "coefficient logits")?;
+    let m = op.dy.shape()[1];
+    let r = op.dy.shape()[0];
+    let mut d_moe = vec![0f32; r * m];
+    let mut d_mlp = vec![0f32; r * m];
+    let mut d_coef = vec![0f32; r * 2];
+    for row in 0..r {
+        let (l0, l1) = (coef[row * 2], coef[row * 2 + 1]);
+        let mx = l0.max(l1);
+        let (e0, e1) = ((l0 - mx).exp(), (l1 - mx).exp());
+        let (c0, c1) = (e0 / (e0 + e1), e1 / (e0 + e1));
+        let span = row * m..(row + 1) * m;
+        let (mut a0, mut a1) = (0f32, 0f32);
+        for i in span {
+            d_moe[i] = dy[i] * c0;
+            d_mlp[i] = dy[i] * c1;
+            a0 += dy[i] * moe[i];
+            a1 += dy[i] * mlp[i];
+        }
+        let dot = c0 * a0 + c1 * a1;
+        d_coef[row * 2] = c0 * (a0 - dot);
+        d_coef[row * 2 + 1] = c1 * (a1 - dot);
+    }
+    Ok(MixGrad { d_moe: tf32(&[r, m], d_moe)?, d_mlp: tf32(&[r, m], d_mlp)?, d_coef: tf32(&[r, 2], d_coef)? })
+}
+
+/// The gradient of the gated shared-expert add.
+pub(crate) fn gated_add_grad(op: &GatedAddGradOp<'_, CpuBackend>) -> Result<GatedAddGrad<CpuBackend>> {
+    let dy = f32s(op.dy, "sum gradient")?;
+    let sh = f32s(op.shared, "shared expert output")?;
+    let gate = f32s(op.gate, "shared_expert_gate logits")?;
+    let (r, m) = (op.dy.shape()[0], op.dy.shape()[1]);
+    let mut d_sh = vec![0f32; r * m];
+    let mut d_g = vec![0f32; r];
+    for row in 0..r {
+        let s = 1.0 / (1.0 + (-gate[row]).exp());
+        let mut a = 0f32;
+        for i in row * m..(row + 1) * m {
+            d_sh[i] = dy[i] * s;
+            a += dy[i] * sh[i];
+        }
+        d_g[row] = s * (1.0 - s) * a;
+    }
+    Ok(GatedAddGrad { d_shared: tf32(&[r, m], d_sh)?, d_gate: tf32(&[r, 1], d_g)? })
+}

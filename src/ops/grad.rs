@@ -1,0 +1,383 @@
+//! Backward ops: the gradients of the forward ops, checked once for every backend like
+//! the forward ones. The layer's backward (`crate::backward`) composes them in reverse
+//! order of the forward; each takes what the forward kept (routes, plan rows, weights,
+//! pre-activations) rather than recomputing it.
+//!
+//! All gradients are f32 whatever the weights' storage dtype, and every reduction runs in
+//! a fixed order (no float atomics), so a backward is bitwise repeatable.
+
+use super::{f32_matrix, f32_shaped, i32_shaped, output, Offsets, Plan, RouteRows, Routes};
+use crate::device::{Device, Tensor};
+use crate::error::{Error, Result};
+use crate::expert::Activation;
+use crate::ops::{Normalize, ScoreFn};
+use crate::tensor::DType;
+use std::ops::Range;
+
+/// Matrices `(groups, n, k)` of a weight `[N, K]` (dense) or `[G, N, K]` (grouped).
+fn weight_dims<Buf: crate::device_tensor::DeviceBuffer>(
+    name: &str,
+    w: &crate::device_tensor::DeviceTensor<Buf>,
+    grouped: bool,
+) -> Result<(usize, usize, usize)> {
+    if grouped {
+        w.dims3(name)
+    } else {
+        let (n, k) = w.dims2(name)?;
+        Ok((1, n, k))
+    }
+}
+
+/// Checks optional group offsets against `rows` and the weight's groups.
+fn check_offsets<B: Device>(offsets: Option<&Offsets<B>>, groups: usize, rows: usize, what: &str) -> Result<()> {
+    if let Some(o) = offsets {
+        i32_shaped("offsets", o.tensor(), &[groups + 1])?;
+        if o.bound() > rows {
+            return Err(Error::shape(what, format!("at least the {} rows the groups cover", o.bound()), &[rows]));
+        }
+    }
+    Ok(())
+}
+
+/// The input gradient of a (grouped) linear product `y = x · w[g]ᵀ`: `dx = dy · w[g]`
+/// for the rows of group g, `[R, K]`; rows past the last group are zero. Dense without
+/// offsets (w `[N, K]`), grouped with them (w `[G, N, K]`). Checked.
+#[non_exhaustive]
+pub struct LinearDxOp<'a, B: Device> {
+    /// Upstream gradient `[R, N]`, f32.
+    pub dy: &'a Tensor<B>,
+    /// The forward's weight (any storage dtype).
+    pub w: &'a Tensor<B>,
+    /// Group boundaries (None: one dense product).
+    pub offsets: Option<&'a Offsets<B>>,
+    /// Rows R.
+    pub rows: usize,
+    /// Columns N of dy (the forward's output columns).
+    pub n: usize,
+    /// Columns K of dx (the forward's inner size).
+    pub k: usize,
+}
+
+impl<'a, B: Device> LinearDxOp<'a, B> {
+    /// Checks dy against the weight and the offsets.
+    pub fn check(b: &B, dy: &'a Tensor<B>, w: &'a Tensor<B>, offsets: Option<&'a Offsets<B>>) -> Result<Self> {
+        let (rows, n) = f32_matrix("output gradient", dy)?;
+        let (g, wn, k) = weight_dims("weight", w, offsets.is_some())?;
+        if wn != n {
+            return Err(Error::shape("weight", format!("[.., {n}, in] (dy has {n} columns)"), w.shape()));
+        }
+        if matches!(w.dtype(), DType::I32) {
+            return Err(Error::dtype("weight", "f32, f16 or bf16", w.dtype()));
+        }
+        check_offsets(offsets, g, rows, "output gradient rows")?;
+        super::fits_i32("gradient rows", rows)?;
+        output(b, "input gradient", &[rows, k], DType::F32)?;
+        Ok(LinearDxOp { dy, w, offsets, rows, n, k })
+    }
+}
+
+/// The weight gradient of a (grouped) linear product: `dw[g] = Σ_{r ∈ g} dy[r]ᵀ · x[r]`
+/// (`[G, N, K]`, or `[N, K]` dense), and with `bias` the bias gradient `db[g] = Σ_{r ∈ g}
+/// dy[r]` (`[G, N]` or `[N]`). A group with no row gets zeros. Rows sum in row order.
+#[non_exhaustive]
+pub struct WeightGradOp<'a, B: Device> {
+    /// Upstream gradient `[R, N]`, f32.
+    pub dy: &'a Tensor<B>,
+    /// The forward's input `[R, K]`, f32.
+    pub x: &'a Tensor<B>,
+    /// Group boundaries (None: all rows, one dense weight).
+    pub offsets: Option<&'a Offsets<B>>,
+    /// Groups G (1 when dense).
+    pub groups: usize,
+    /// Rows R, N, K.
+    pub rows: usize,
+    /// Output rows of each matrix.
+    pub n: usize,
+    /// Columns of each matrix.
+    pub k: usize,
+    /// Whether the bias gradient is asked for.
+    pub bias: bool,
+    /// Shape of dw.
+    pub w_shape: Vec<usize>,
+    /// Shape of db.
+    pub b_shape: Vec<usize>,
+}
+
+/// What [`WeightGradOp`] returns.
+pub struct WeightGrad<B: Device> {
+    /// `[G, N, K]` or `[N, K]`.
+    pub dw: Tensor<B>,
+    /// `[G, N]` or `[N]`, when asked for.
+    pub db: Option<Tensor<B>>,
+}
+
+impl<'a, B: Device> WeightGradOp<'a, B> {
+    /// Checks dy and x (same rows) and the offsets; `groups` is the weight stack's G.
+    pub fn check(
+        b: &B,
+        dy: &'a Tensor<B>,
+        x: &'a Tensor<B>,
+        offsets: Option<&'a Offsets<B>>,
+        bias: bool,
+    ) -> Result<Self> {
+        let (rows, n) = f32_matrix("output gradient", dy)?;
+        let (xr, k) = f32_matrix("forward input", x)?;
+        if xr != rows {
+            return Err(Error::shape("forward input", format!("[{rows}, in] (the rows of dy)"), x.shape()));
+        }
+        let groups = offsets.map_or(1, |o| o.groups());
+        check_offsets(offsets, groups, rows, "output gradient rows")?;
+        let (w_shape, b_shape) =
+            if offsets.is_some() { (vec![groups, n, k], vec![groups, n]) } else { (vec![n, k], vec![n]) };
+        output(b, "weight gradient", &w_shape, DType::F32)?;
+        Ok(WeightGradOp { dy, x, offsets, groups, rows, n, k, bias, w_shape, b_shape })
+    }
+}
+
+/// Which activation a gradient goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActGradKind {
+    /// `y = act(pre)`: `d_pre = dy · act'(pre)`.
+    Activation(Activation),
+    /// `y = act(gate) · up` with `pre = [gate | up]`: `d_gate = dy · up · act'(gate)`,
+    /// `d_up = dy · act(gate)`.
+    Glu(Activation),
+}
+
+/// The gradient through an activation or GLU, from the kept pre-activation. Checked.
+#[non_exhaustive]
+pub struct ActGradOp<'a, B: Device> {
+    /// Which activation.
+    pub kind: ActGradKind,
+    /// Gradient of the activation's output `[R, I]`.
+    pub dy: &'a Tensor<B>,
+    /// The pre-activation `[R, N]` (N = I, or 2I for GLU).
+    pub pre: &'a Tensor<B>,
+    /// Output shape `[R, N]`.
+    pub out_shape: [usize; 2],
+}
+
+impl<'a, B: Device> ActGradOp<'a, B> {
+    /// Checks the shapes.
+    pub fn check(b: &B, kind: ActGradKind, dy: &'a Tensor<B>, pre: &'a Tensor<B>) -> Result<Self> {
+        let (r, n) = f32_matrix("pre-activation", pre)?;
+        let i = match kind {
+            ActGradKind::Activation(_) => n,
+            ActGradKind::Glu(_) if n % 2 == 0 => n / 2,
+            ActGradKind::Glu(_) => {
+                return Err(Error::shape("pre-activation", "[rows, 2·ffn] (gate, then up)", pre.shape()));
+            }
+        };
+        f32_shaped("activation output gradient", dy, &[r, i])?;
+        output(b, "pre-activation gradient", &[r, n], DType::F32)?;
+        Ok(ActGradOp { kind, dy, pre, out_shape: [r, n] })
+    }
+}
+
+/// The gradient of `combine` for the tokens in `tokens`: `d_yp[rows[t, j]] = weights[t, j]
+/// · dy[t − t0]` (rows no route of the range names are zero) and `d_weights[t, j] =
+/// dy[t − t0] · yp[rows[t, j]]` (0 for dropped routes and tokens outside the range).
+#[non_exhaustive]
+pub struct CombineGradOp<'a, B: Device> {
+    /// Gradient of the combined output `[tokens.len(), M]`.
+    pub dy: &'a Tensor<B>,
+    /// The expert outputs the forward combined `[rows.bound, M]`.
+    pub yp: &'a Tensor<B>,
+    /// The row of every route.
+    pub rows: &'a RouteRows<B>,
+    /// The combine weights `[S, k]`.
+    pub weights: &'a Tensor<B>,
+    /// The tokens combined.
+    pub tokens: Range<usize>,
+}
+
+/// What [`CombineGradOp`] returns.
+pub struct CombineGrad<B: Device> {
+    /// Gradient of the expert outputs, `[rows.bound, M]`.
+    pub d_yp: Tensor<B>,
+    /// Gradient of the combine weights, `[S, k]`.
+    pub d_weights: Tensor<B>,
+}
+
+impl<'a, B: Device> CombineGradOp<'a, B> {
+    /// Checks the operands as [`crate::ops::CombineOp`] does, and dy against the range.
+    pub fn check(
+        b: &B,
+        dy: &'a Tensor<B>,
+        yp: &'a Tensor<B>,
+        rows: &'a RouteRows<B>,
+        weights: &'a Tensor<B>,
+        tokens: Range<usize>,
+    ) -> Result<Self> {
+        let fwd = super::CombineOp::check(b, yp, rows, weights, tokens.clone())?;
+        f32_shaped("combined output gradient", dy, &fwd.out_shape)?;
+        output(b, "expert output gradient", yp.shape(), DType::F32)?;
+        Ok(CombineGradOp { dy, yp, rows, weights, tokens })
+    }
+}
+
+/// The per-expert part of a router loss's gradient: the losses the engine knows
+/// (DeepSpeed's `l_aux`, the HF load-balancing loss, DeepSeek's expert balance) are all
+/// `Σₑ cₑ · mean_s(scores)ₑ` with constant cₑ, so `d scores[s, e] = scale · counts[e]`.
+pub struct AuxGrad<'a, B: Device> {
+    /// Counts `[E]` i32 (all routes, or first choices for DeepSpeed top-2).
+    pub counts: &'a Tensor<B>,
+    /// The factor, `coef · c / (S · S)` with the loss's own constant c.
+    pub scale: f32,
+}
+
+/// What the route's backward needs to know of the forward's weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouteGradSpec {
+    /// Score function.
+    pub score: ScoreFn,
+    /// Normalisation of the chosen weights (route op).
+    pub normalize: Normalize,
+    /// Route scale.
+    pub scale: f32,
+    /// Whether the plan renormalised the kept weights (DeepSpeed top-2 / top-k).
+    pub renormalize_kept: bool,
+}
+
+/// The router's backward, in f32: from the gradient of the plan's combine weights (and
+/// a router loss) to the gradient of the logits `[S, E]`. Through DeepSpeed's kept-route
+/// renormalisation (`/ max(Σ, eps)`), the route scale, the route normalisation
+/// (`/ Σ` or `/ (Σ + eps)`), the top-k gather and the softmax or sigmoid. Routes the plan
+/// dropped, and masked routes (weight 0), take no gradient; the correction bias and the
+/// choice noise are not differentiated (they only choose).
+#[non_exhaustive]
+pub struct RouteGradOp<'a, B: Device> {
+    /// Gradient of the plan's combine weights `[S, k]`.
+    pub d_weights: &'a Tensor<B>,
+    /// The forward's routes.
+    pub routes: &'a Routes<B>,
+    /// The forward's plan (kept flags, final weights).
+    pub plan: &'a Plan<B>,
+    /// The router logits `[S, E]` (for the z-loss).
+    pub logits: &'a Tensor<B>,
+    /// The forward's weight rules.
+    pub spec: RouteGradSpec,
+    /// A router loss on the scores.
+    pub aux: Option<AuxGrad<'a, B>>,
+    /// Coefficient of the Switch z-loss (0: none).
+    pub z_coef: f32,
+    /// Tokens S.
+    pub tokens: usize,
+    /// Routes k.
+    pub k: usize,
+    /// Experts E.
+    pub experts: usize,
+}
+
+impl<'a, B: Device> RouteGradOp<'a, B> {
+    /// Checks the shapes; a router loss with sigmoid scores is refused (the losses are
+    /// defined on the softmax).
+    #[allow(clippy::too_many_arguments)]
+    pub fn check(
+        b: &B,
+        d_weights: &'a Tensor<B>,
+        routes: &'a Routes<B>,
+        plan: &'a Plan<B>,
+        logits: &'a Tensor<B>,
+        spec: RouteGradSpec,
+        aux: Option<AuxGrad<'a, B>>,
+        z_coef: f32,
+    ) -> Result<Self> {
+        let (s, k, e) = (routes.tokens(), routes.k(), routes.num_experts());
+        f32_shaped("combine weight gradient", d_weights, &[s, k])?;
+        f32_shaped("router logits", logits, &[s, e])?;
+        if plan.tokens() != s || plan.k() != k {
+            return Err(Error::Misuse("route backward with the plan of another batch".into()));
+        }
+        if let Some(a) = &aux {
+            i32_shaped("router loss counts", a.counts, &[e])?;
+            if !a.scale.is_finite() {
+                return Err(Error::config("aux_coef", format!("must be finite, got {}", a.scale)));
+            }
+            if spec.score == ScoreFn::Sigmoid {
+                return Err(Error::unsupported(
+                    b.name(),
+                    "a router loss on sigmoid scores (the load-balancing losses are defined on the softmax)",
+                ));
+            }
+        }
+        if !z_coef.is_finite() || !spec.scale.is_finite() {
+            return Err(Error::config("z_loss_coef", format!("must be finite, got {z_coef}")));
+        }
+        output(b, "logit gradient", &[s, e], DType::F32)?;
+        Ok(RouteGradOp { d_weights, routes, plan, logits, spec, aux, z_coef, tokens: s, k, experts: e })
+    }
+}
+
+/// The gradient of DeepSpeed's residual mix `y = moe · c₀ + mlp · c₁`, `c = softmax(coef)`:
+/// `d_moe = dy · c₀`, `d_mlp = dy · c₁` and `d_coef [R, 2]`. Checked.
+#[non_exhaustive]
+pub struct MixGradOp<'a, B: Device> {
+    /// Gradient of the mix `[R, M]`.
+    pub dy: &'a Tensor<B>,
+    /// The routed output `[R, M]`.
+    pub moe: &'a Tensor<B>,
+    /// The residual MLP's output `[R, M]`.
+    pub mlp: &'a Tensor<B>,
+    /// The coefficient logits `[R, 2]`.
+    pub coef: &'a Tensor<B>,
+}
+
+/// What [`MixGradOp`] returns.
+pub struct MixGrad<B: Device> {
+    /// `[R, M]`.
+    pub d_moe: Tensor<B>,
+    /// `[R, M]`.
+    pub d_mlp: Tensor<B>,
+    /// `[R, 2]`.
+    pub d_coef: Tensor<B>,
+}
+
+impl<'a, B: Device> MixGradOp<'a, B> {
+    /// Checks the shapes.
+    pub fn check(
+        b: &B,
+        dy: &'a Tensor<B>,
+        moe: &'a Tensor<B>,
+        mlp: &'a Tensor<B>,
+        coef: &'a Tensor<B>,
+    ) -> Result<Self> {
+        let (r, m) = f32_matrix("mix output gradient", dy)?;
+        f32_shaped("moe output", moe, &[r, m])?;
+        f32_shaped("residual mlp output", mlp, &[r, m])?;
+        f32_shaped("coefficient logits", coef, &[r, 2])?;
+        output(b, "mix gradient", &[r, m], DType::F32)?;
+        Ok(MixGradOp { dy, moe, mlp, coef })
+    }
+}
+
+/// The gradient of the gated shared-expert add `y = a + sigmoid(g) · s`: `d_s = dy ·
+/// sigmoid(g)` and `d_g [R, 1] = sigmoid'(g) · Σ_m dy · s`. (`d_a` is `dy` itself.)
+#[non_exhaustive]
+pub struct GatedAddGradOp<'a, B: Device> {
+    /// Gradient of the sum `[R, M]`.
+    pub dy: &'a Tensor<B>,
+    /// The shared experts' output `[R, M]`.
+    pub shared: &'a Tensor<B>,
+    /// The gate logits `[R, 1]`.
+    pub gate: &'a Tensor<B>,
+}
+
+/// What [`GatedAddGradOp`] returns.
+pub struct GatedAddGrad<B: Device> {
+    /// `[R, M]`.
+    pub d_shared: Tensor<B>,
+    /// `[R, 1]`.
+    pub d_gate: Tensor<B>,
+}
+
+impl<'a, B: Device> GatedAddGradOp<'a, B> {
+    /// Checks the shapes.
+    pub fn check(b: &B, dy: &'a Tensor<B>, shared: &'a Tensor<B>, gate: &'a Tensor<B>) -> Result<Self> {
+        let (r, m) = f32_matrix("sum gradient", dy)?;
+        f32_shaped("shared expert output", shared, &[r, m])?;
+        f32_shaped("shared_expert_gate logits", gate, &[r, 1])?;
+        output(b, "shared expert gradient", &[r, m], DType::F32)?;
+        Ok(GatedAddGradOp { dy, shared, gate })
+    }
+}
