@@ -271,6 +271,123 @@ abi_struct! {
     }
 }
 
+abi_struct! {
+    /// The backward's products (shaders/grad_matmul.wgsl, kernels/grad_matmul.cu):
+    /// `linear_dx` (`dx [rows, k] = dy [rows, n] · w[g] [n, k]`) and `weight_grad`
+    /// (`dw[g] [n, k] = Σ_{r ∈ g} dy[r]ᵀ x[r]`, `db[g] = Σ_{r ∈ g} dy[r]`).
+    GradMatmulParams {
+        /// Rows R of dy (and x, dx).
+        rows: u32,
+        /// Columns N of dy.
+        n: u32,
+        /// Columns K of x and dx.
+        k: u32,
+        /// Weight groups G (1 when dense).
+        groups: u32,
+        /// 1 when group offsets are bound (grouped), 0 for one dense product.
+        grouped: u32,
+        /// Storage code of the forward's weight (linear_dx): 0 f32, 1 f16, 2 bf16.
+        wdtype: u32,
+        /// weight_grad: 1 when the bias gradient is written.
+        bias: u32,
+        /// Padding.
+        _pad0: u32,
+    }
+}
+
+abi_struct! {
+    /// The backward's row ops (shaders/grad.wgsl, kernels/grad.cu): `act_grad`,
+    /// `combine_grad_rows`, `combine_grad_weights`, `mix_grad`, `gated_add_grad`.
+    GradParams {
+        /// Rows: of the pre-activation (act_grad), tokens S (combine_grad), R (mix, add).
+        rows: u32,
+        /// Row length: I (act_grad), M (the others).
+        cols: u32,
+        /// Routes per token (combine_grad).
+        k: u32,
+        /// First token of the combined range.
+        t0: u32,
+        /// End of the combined range.
+        t1: u32,
+        /// Activation code (act_grad).
+        act: u32,
+        /// act_grad: 1 for GLU.
+        glu: u32,
+        /// Rows of the grouped layout (combine_grad).
+        bound: u32,
+    }
+}
+
+abi_struct! {
+    /// The router's backward (shaders/route_grad.wgsl, kernels/route_grad.cu), one
+    /// invocation per token.
+    RouteGradParams {
+        /// Tokens S.
+        s: u32,
+        /// Experts E.
+        e: u32,
+        /// Routes per token.
+        k: u32,
+        /// 0 softmax, 1 sigmoid.
+        score_fn: u32,
+        /// Route normalisation: 0 none, 1 sum, 2 sum + eps.
+        normalize: u32,
+        /// 1 when the plan renormalised the kept weights by max(Σ, f32 eps).
+        renorm_kept: u32,
+        /// 1 when a router loss's counts are bound.
+        has_aux: u32,
+        /// Padding.
+        _pad0: u32,
+        /// The eps of `normalize` = 2.
+        eps: f32,
+        /// Route scale.
+        scale: f32,
+        /// d scores[s, e] += aux_scale · counts[e].
+        aux_scale: f32,
+        /// Switch z-loss coefficient.
+        z_coef: f32,
+    }
+}
+
+abi_struct! {
+    /// Optimizer steps and the sum of squares (shaders/optim.wgsl, kernels/optim.cu),
+    /// one invocation per element. The scalars are [`crate::ops::StepRule::scalars`].
+    OptimParams {
+        /// Elements.
+        n: u32,
+        /// 0 SGD, 1 Adam, 2 AdamW.
+        kind: u32,
+        /// 1 when a first moment / momentum buffer is read (0: SGD's first step).
+        has_m: u32,
+        /// SGD Nesterov.
+        nesterov: u32,
+        /// Learning rate.
+        lr: f32,
+        /// Weight decay.
+        wd: f32,
+        /// SGD momentum.
+        mu: f32,
+        /// SGD 1 − dampening.
+        one_minus_damp: f32,
+        /// Adam's lerp weight 1 − β₁.
+        w1: f32,
+        /// β₂.
+        beta2: f32,
+        /// 1 − β₂.
+        one_minus_b2: f32,
+        /// ε.
+        eps: f32,
+        /// lr / (1 − β₁ᵗ).
+        step_size: f32,
+        /// √(1 − β₂ᵗ).
+        bc2_sqrt: f32,
+        /// AdamW's 1 − lr·wd.
+        decay: f32,
+        /// Gradient multiplier.
+        grad_scale: f32,
+    }
+}
+
 /// Experts the route kernels' bit sets hold.
 pub const ROUTE_MAX_EXPERTS: usize = 1024;
 /// Expert groups the route kernels' group table holds.
@@ -336,6 +453,10 @@ mod tests {
         check::<NoiseParams>();
         check::<StatsParams>();
         check::<CastParams>();
+        check::<GradMatmulParams>();
+        check::<GradParams>();
+        check::<RouteGradParams>();
+        check::<OptimParams>();
         assert_eq!(RouteParams::FIELDS.len() * 4, std::mem::size_of::<RouteParams>());
     }
 

@@ -6,7 +6,8 @@
 //! All gradients are f32 whatever the weights' storage dtype, and every reduction runs in
 //! a fixed order (no float atomics), so a backward is bitwise repeatable.
 
-use super::{f32_matrix, f32_shaped, i32_shaped, output, Offsets, Plan, RouteRows, Routes};
+use super::{f32_matrix, f32_shaped, i32_shaped, output, to_u32, Offsets, Plan, RouteRows, Routes};
+use crate::kernel_abi::{GradMatmulParams, GradParams, RouteGradParams};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::Activation;
@@ -56,6 +57,20 @@ pub struct LinearDxOp<'a, B: Device> {
     pub n: usize,
     /// Columns K of dx (the forward's inner size).
     pub k: usize,
+    /// Kernel parameters.
+    pub params: GradMatmulParams,
+}
+
+/// The parameter block of the backward's products.
+fn grad_matmul(rows: usize, n: usize, k: usize, groups: usize, grouped: bool) -> Result<GradMatmulParams> {
+    Ok(GradMatmulParams {
+        rows: to_u32("gradient rows", rows)?,
+        n: to_u32("gradient columns", n)?,
+        k: to_u32("gradient inner size", k)?,
+        groups: to_u32("expert groups", groups)?,
+        grouped: grouped as u32,
+        ..Default::default()
+    })
 }
 
 impl<'a, B: Device> LinearDxOp<'a, B> {
@@ -66,13 +81,12 @@ impl<'a, B: Device> LinearDxOp<'a, B> {
         if wn != n {
             return Err(Error::shape("weight", format!("[.., {n}, in] (dy has {n} columns)"), w.shape()));
         }
-        if matches!(w.dtype(), DType::I32) {
-            return Err(Error::dtype("weight", "f32, f16 or bf16", w.dtype()));
-        }
+        let wdtype = super::matmul::weight_code("weight", w.dtype())?;
         check_offsets(offsets, g, rows, "output gradient rows")?;
         super::fits_i32("gradient rows", rows)?;
         output(b, "input gradient", &[rows, k], DType::F32)?;
-        Ok(LinearDxOp { dy, w, offsets, rows, n, k })
+        let params = GradMatmulParams { wdtype, ..grad_matmul(rows, n, k, g, offsets.is_some())? };
+        Ok(LinearDxOp { dy, w, offsets, rows, n, k, params })
     }
 }
 
@@ -101,6 +115,8 @@ pub struct WeightGradOp<'a, B: Device> {
     pub w_shape: Vec<usize>,
     /// Shape of db.
     pub b_shape: Vec<usize>,
+    /// Kernel parameters.
+    pub params: GradMatmulParams,
 }
 
 /// What [`WeightGradOp`] returns.
@@ -130,7 +146,8 @@ impl<'a, B: Device> WeightGradOp<'a, B> {
         let (w_shape, b_shape) =
             if offsets.is_some() { (vec![groups, n, k], vec![groups, n]) } else { (vec![n, k], vec![n]) };
         output(b, "weight gradient", &w_shape, DType::F32)?;
-        Ok(WeightGradOp { dy, x, offsets, groups, rows, n, k, bias, w_shape, b_shape })
+        let params = GradMatmulParams { bias: bias as u32, ..grad_matmul(rows, n, k, groups, offsets.is_some())? };
+        Ok(WeightGradOp { dy, x, offsets, groups, rows, n, k, bias, w_shape, b_shape, params })
     }
 }
 
@@ -155,22 +172,32 @@ pub struct ActGradOp<'a, B: Device> {
     pub pre: &'a Tensor<B>,
     /// Output shape `[R, N]`.
     pub out_shape: [usize; 2],
+    /// Kernel parameters (`rows` R, `cols` I, `act`, `glu`).
+    pub params: GradParams,
 }
 
 impl<'a, B: Device> ActGradOp<'a, B> {
     /// Checks the shapes.
     pub fn check(b: &B, kind: ActGradKind, dy: &'a Tensor<B>, pre: &'a Tensor<B>) -> Result<Self> {
         let (r, n) = f32_matrix("pre-activation", pre)?;
-        let i = match kind {
-            ActGradKind::Activation(_) => n,
-            ActGradKind::Glu(_) if n % 2 == 0 => n / 2,
+        let (i, act, glu) = match kind {
+            ActGradKind::Activation(a) => (n, a, 0),
+            ActGradKind::Glu(a) if n % 2 == 0 => (n / 2, a, 1),
             ActGradKind::Glu(_) => {
                 return Err(Error::shape("pre-activation", "[rows, 2·ffn] (gate, then up)", pre.shape()));
             }
         };
         f32_shaped("activation output gradient", dy, &[r, i])?;
         output(b, "pre-activation gradient", &[r, n], DType::F32)?;
-        Ok(ActGradOp { kind, dy, pre, out_shape: [r, n] })
+        super::matmul::elements_u32("pre-activation gradient", r, n)?;
+        let params = GradParams {
+            rows: to_u32("rows", r)?,
+            cols: to_u32("activation width", i)?,
+            act: act.kernel_code(),
+            glu,
+            ..Default::default()
+        };
+        Ok(ActGradOp { kind, dy, pre, out_shape: [r, n], params })
     }
 }
 
@@ -189,6 +216,8 @@ pub struct CombineGradOp<'a, B: Device> {
     pub weights: &'a Tensor<B>,
     /// The tokens combined.
     pub tokens: Range<usize>,
+    /// Kernel parameters (`rows` S, `cols` M, `k`, `t0`..`t1`, `bound`).
+    pub params: GradParams,
 }
 
 /// What [`CombineGradOp`] returns.
@@ -212,7 +241,18 @@ impl<'a, B: Device> CombineGradOp<'a, B> {
         let fwd = super::CombineOp::check(b, yp, rows, weights, tokens.clone())?;
         f32_shaped("combined output gradient", dy, &fwd.out_shape)?;
         output(b, "expert output gradient", yp.shape(), DType::F32)?;
-        Ok(CombineGradOp { dy, yp, rows, weights, tokens })
+        let m = yp.shape()[1];
+        super::matmul::elements_u32("expert output gradient", rows.bound(), m)?;
+        let params = GradParams {
+            rows: to_u32("tokens", rows.tokens())?,
+            cols: to_u32("hidden size", m)?,
+            k: to_u32("k", rows.k())?,
+            t0: to_u32("first token", tokens.start)?,
+            t1: to_u32("end token", tokens.end)?,
+            bound: to_u32("grouped rows", rows.bound())?,
+            ..Default::default()
+        };
+        Ok(CombineGradOp { dy, yp, rows, weights, tokens, params })
     }
 }
 
@@ -267,6 +307,8 @@ pub struct RouteGradOp<'a, B: Device> {
     pub k: usize,
     /// Experts E.
     pub experts: usize,
+    /// Kernel parameters.
+    pub params: RouteGradParams,
 }
 
 impl<'a, B: Device> RouteGradOp<'a, B> {
@@ -305,7 +347,32 @@ impl<'a, B: Device> RouteGradOp<'a, B> {
             return Err(Error::config("z_loss_coef", format!("must be finite, got {z_coef}")));
         }
         output(b, "logit gradient", &[s, e], DType::F32)?;
-        Ok(RouteGradOp { d_weights, routes, plan, logits, spec, aux, z_coef, tokens: s, k, experts: e })
+        // The backward kernels hold a token's scores as the forward's route kernels do.
+        if let Some(max) = b.capabilities().max_route_experts {
+            if e > max {
+                return Err(Error::unsupported(b.name(), format!("{e} experts (its route kernel takes up to {max})")));
+            }
+        }
+        let (normalize, eps) = match spec.normalize {
+            Normalize::None => (0, 0.0),
+            Normalize::Sum => (1, 0.0),
+            Normalize::SumPlus(eps) => (2, eps),
+        };
+        let params = RouteGradParams {
+            s: to_u32("tokens", s)?,
+            e: to_u32("experts", e)?,
+            k: to_u32("k", k)?,
+            score_fn: (spec.score == ScoreFn::Sigmoid) as u32,
+            normalize,
+            renorm_kept: spec.renormalize_kept as u32,
+            has_aux: aux.is_some() as u32,
+            eps,
+            scale: spec.scale,
+            aux_scale: aux.as_ref().map_or(0.0, |a| a.scale),
+            z_coef,
+            ..Default::default()
+        };
+        Ok(RouteGradOp { d_weights, routes, plan, logits, spec, aux, z_coef, tokens: s, k, experts: e, params })
     }
 }
 
@@ -321,6 +388,14 @@ pub struct MixGradOp<'a, B: Device> {
     pub mlp: &'a Tensor<B>,
     /// The coefficient logits `[R, 2]`.
     pub coef: &'a Tensor<B>,
+    /// Kernel parameters (`rows` R, `cols` M).
+    pub params: GradParams,
+}
+
+/// The parameter block of a row op over `[r, m]`.
+fn rows_params(r: usize, m: usize) -> Result<GradParams> {
+    super::matmul::elements_u32("row op", r, m)?;
+    Ok(GradParams { rows: to_u32("rows", r)?, cols: to_u32("hidden size", m)?, ..Default::default() })
 }
 
 /// What [`MixGradOp`] returns.
@@ -347,7 +422,7 @@ impl<'a, B: Device> MixGradOp<'a, B> {
         f32_shaped("residual mlp output", mlp, &[r, m])?;
         f32_shaped("coefficient logits", coef, &[r, 2])?;
         output(b, "mix gradient", &[r, m], DType::F32)?;
-        Ok(MixGradOp { dy, moe, mlp, coef })
+        Ok(MixGradOp { dy, moe, mlp, coef, params: rows_params(r, m)? })
     }
 }
 
@@ -361,6 +436,8 @@ pub struct GatedAddGradOp<'a, B: Device> {
     pub shared: &'a Tensor<B>,
     /// The gate logits `[R, 1]`.
     pub gate: &'a Tensor<B>,
+    /// Kernel parameters (`rows` R, `cols` M).
+    pub params: GradParams,
 }
 
 /// What [`GatedAddGradOp`] returns.
@@ -378,6 +455,6 @@ impl<'a, B: Device> GatedAddGradOp<'a, B> {
         f32_shaped("shared expert output", shared, &[r, m])?;
         f32_shaped("shared_expert_gate logits", gate, &[r, 1])?;
         output(b, "shared expert gradient", &[r, m], DType::F32)?;
-        Ok(GatedAddGradOp { dy, shared, gate })
+        Ok(GatedAddGradOp { dy, shared, gate, params: rows_params(r, m)? })
     }
 }

@@ -86,13 +86,19 @@ impl<B: Device> Offsets<B> {
 }
 
 /// The kernels' storage code of a weight dtype: 0 f32, 1 f16, 2 bf16.
-fn weight_code(name: &str, d: DType) -> Result<u32> {
+pub(super) fn weight_code(name: &str, d: DType) -> Result<u32> {
     match d {
         DType::F32 => Ok(0),
         DType::F16 => Ok(1),
         DType::BF16 => Ok(2),
         DType::I32 => Err(Error::dtype(name, "f32, f16 or bf16 weights", d)),
     }
+}
+
+/// Errors unless `rows × cols` elements fit the kernels' 32-bit element indices.
+pub(super) fn elements_u32(what: &str, rows: usize, cols: usize) -> Result<u32> {
+    let n = crate::tensor::mul_size(what, rows, cols)?;
+    to_u32(&format!("{what} elements"), n)
 }
 
 /// Checks `bias` against `shape` when given.

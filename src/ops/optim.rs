@@ -6,6 +6,7 @@
 use super::{f32_shaped, f32_tensor, output};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
+use crate::kernel_abi::OptimParams;
 use crate::tensor::DType;
 
 /// Which update rule.
@@ -132,6 +133,8 @@ pub struct OptimStepOp<'a, B: Device> {
     pub v: Option<&'a Tensor<B>>,
     /// The rule and its scalars.
     pub rule: StepRule,
+    /// Kernel parameters.
+    pub params: OptimParams,
 }
 
 /// What a step returns: the new parameter and state.
@@ -172,8 +175,32 @@ impl<'a, B: Device> OptimStepOp<'a, B> {
             (Some(_), false) => return Err(Error::Misuse("a second moment for SGD".into())),
             (None, false) => {}
         }
-        output(b, "updated parameter", shape, DType::F32)?;
-        Ok(OptimStepOp { param, grad, m, v, rule })
+        let n = output(b, "updated parameter", shape, DType::F32)?;
+        let [lr, wd, mu, one_minus_damp, w1, beta2, one_minus_b2, eps, step_size, bc2_sqrt, decay, grad_scale] =
+            rule.scalars();
+        let params = OptimParams {
+            n: super::to_u32("parameter elements", n)?,
+            kind: match rule.kind {
+                StepKind::Sgd => 0,
+                StepKind::Adam => 1,
+                StepKind::AdamW => 2,
+            },
+            has_m: m.is_some() as u32,
+            nesterov: rule.nesterov as u32,
+            lr,
+            wd,
+            mu,
+            one_minus_damp,
+            w1,
+            beta2,
+            one_minus_b2,
+            eps,
+            step_size,
+            bc2_sqrt,
+            decay,
+            grad_scale,
+        };
+        Ok(OptimStepOp { param, grad, m, v, rule, params })
     }
 }
 
@@ -182,12 +209,15 @@ impl<'a, B: Device> OptimStepOp<'a, B> {
 pub struct SumSquaresOp<'a, B: Device> {
     /// The tensor.
     pub x: &'a Tensor<B>,
+    /// Kernel parameters (`n` only).
+    pub params: OptimParams,
 }
 
 impl<'a, B: Device> SumSquaresOp<'a, B> {
     /// Checks the dtype.
     pub fn check(x: &'a Tensor<B>) -> Result<Self> {
         f32_tensor("tensor", x)?;
-        Ok(SumSquaresOp { x })
+        let params = OptimParams { n: super::to_u32("tensor elements", x.numel())?, ..Default::default() };
+        Ok(SumSquaresOp { x, params })
     }
 }
