@@ -26,3 +26,28 @@ fn act(x: f32, kind: u32) -> f32 {
         default: { return x; }
     }
 }
+
+// act'(x), as PyTorch's activation backward computes it (GeluBackward: cdf + x · pdf;
+// the tanh form's product rule; relu: 1 where x > 0; silu: s · (1 + x · (1 − s))).
+fn act_deriv(x: f32, kind: u32) -> f32 {
+    switch kind {
+        case 0u: {
+            let cdf = 0.5 * (2.0 - erfc_approx(x * 0.70710678118654752));
+            let pdf = exp(-0.5 * x * x) * 0.39894228040143268;
+            return cdf + x * pdf;
+        }
+        case 1u: {
+            let beta = 0.7978845608028654;
+            let kappa = 0.044715;
+            let x_sq = x * x;
+            let t = tanh(clamp(beta * (x + kappa * x_sq * x), -10.0, 10.0));
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (beta * (1.0 + 3.0 * kappa * x_sq));
+        }
+        case 2u: { return select(0.0, 1.0, x > 0.0); }
+        case 3u: {
+            let s = 1.0 / (1.0 + exp(-x));
+            return s * (1.0 + x * (1.0 - s));
+        }
+        default: { return 1.0; }
+    }
+}

@@ -4,8 +4,8 @@
 //! family is compiled with; and no shader or kernel declares a parameter block of its own.
 
 use moe_engine::kernel_abi::{
-    Abi, BucketParams, CastParams, ElementwiseParams, MatmulParams, NoiseParams, PermuteParams, PlanParams,
-    RegroupParams, RouteParams, StatsParams,
+    Abi, BucketParams, CastParams, ElementwiseParams, GradMatmulParams, GradParams, MatmulParams, NoiseParams,
+    OptimParams, PermuteParams, PlanParams, RegroupParams, RouteGradParams, RouteParams, StatsParams,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,6 +31,10 @@ fn abi() -> Vec<(&'static str, &'static [&'static str], Option<&'static str>)> {
         one::<NoiseParams>(Some("philox")),
         one::<StatsParams>(Some("stats")),
         one::<CastParams>(None),
+        one::<GradMatmulParams>(Some("grad_matmul")),
+        one::<GradParams>(Some("grad")),
+        one::<RouteGradParams>(Some("route_grad")),
+        one::<OptimParams>(Some("optim")),
     ]
 }
 

@@ -290,8 +290,23 @@ abi_struct! {
         wdtype: u32,
         /// weight_grad: 1 when the bias gradient is written.
         bias: u32,
+        /// linear_dx over a weight split into parts (wgpu): 1 to add this part's sum to
+        /// the output the earlier parts wrote.
+        accumulate: u32,
+        /// linear_dx, this weight part: groups [g0, g1) ...
+        g0: u32,
+        /// ... end of the part's groups ...
+        g1: u32,
+        /// ... and rows [c0, c1) of each matrix (the product's inner range).
+        c0: u32,
+        /// End of the part's rows.
+        c1: u32,
         /// Padding.
         _pad0: u32,
+        /// Padding.
+        _pad1: u32,
+        /// Padding.
+        _pad2: u32,
     }
 }
 

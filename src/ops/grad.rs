@@ -7,10 +7,10 @@
 //! a fixed order (no float atomics), so a backward is bitwise repeatable.
 
 use super::{f32_matrix, f32_shaped, i32_shaped, output, to_u32, Offsets, Plan, RouteRows, Routes};
-use crate::kernel_abi::{GradMatmulParams, GradParams, RouteGradParams};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::Activation;
+use crate::kernel_abi::{GradMatmulParams, GradParams, RouteGradParams};
 use crate::ops::{Normalize, ScoreFn};
 use crate::tensor::DType;
 use std::ops::Range;
@@ -69,6 +69,8 @@ fn grad_matmul(rows: usize, n: usize, k: usize, groups: usize, grouped: bool) ->
         k: to_u32("gradient inner size", k)?,
         groups: to_u32("expert groups", groups)?,
         grouped: grouped as u32,
+        g1: groups as u32,
+        c1: n as u32,
         ..Default::default()
     })
 }

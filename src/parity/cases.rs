@@ -15,18 +15,18 @@ use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
 
 /// Named outputs of a case.
-type Outputs<B> = Vec<(&'static str, Tensor<B>)>;
+pub(super) type Outputs<B> = Vec<(&'static str, Tensor<B>)>;
 
 /// Tolerance of f32 products: the backends accumulate over K in different orders.
-const PRODUCT_TOL: f64 = 1e-5;
+pub(super) const PRODUCT_TOL: f64 = 1e-5;
 /// Tolerance of elementwise and routing math: the last ulp of the transcendentals.
-const ELEMENTWISE_TOL: f64 = 2e-6;
+pub(super) const ELEMENTWISE_TOL: f64 = 2e-6;
 
 /// Products with `dtype` weights on a candidate that rounds product inputs to that type
 /// ([`Capabilities::half_inputs`]) agree to that type's precision: unit roundoff 2⁻¹¹
 /// (f16) or 2⁻⁸ (bf16) on every input gives a relative L2 near u/√3 per product, two
 /// products for an MLP, with room to spare. Otherwise the f32 bound.
-fn product_tolerance(dtype: DType, caps: &Capabilities) -> f64 {
+pub(super) fn product_tolerance(dtype: DType, caps: &Capabilities) -> f64 {
     match (caps.half_inputs, dtype) {
         (true, DType::BF16) => 1e-2,
         (true, DType::F16) => 2e-3,
@@ -35,7 +35,7 @@ fn product_tolerance(dtype: DType, caps: &Capabilities) -> f64 {
 }
 
 /// Philox uniforms in [-scale, scale) (the same on every run).
-fn rand(shape: &[usize], stream: u32, scale: f32) -> HostTensor {
+pub(super) fn rand(shape: &[usize], stream: u32, scale: f32) -> HostTensor {
     let n = shape.iter().product();
     let v =
         philox::words(0x5eed, stream, n).into_iter().map(|w| (philox::to_open_unit(w) * 2.0 - 1.0) * scale).collect();
@@ -45,14 +45,14 @@ fn rand(shape: &[usize], stream: u32, scale: f32) -> HostTensor {
 /// A weight in `dtype` storage where the backend has it; otherwise (the f32 reference)
 /// the same values rounded to `dtype` and stored in f32, so both sides multiply the same
 /// numbers and the comparison isolates the backend's half-precision path.
-fn weight<B: Backend>(b: &B, w: &HostTensor, dtype: DType) -> Result<Tensor<B>> {
+pub(super) fn weight<B: Backend>(b: &B, w: &HostTensor, dtype: DType) -> Result<Tensor<B>> {
     if dtype == DType::F32 || b.capabilities().storage_dtypes.contains(&dtype) {
         return b.upload_weight(w, dtype);
     }
     b.upload_weight(&w.rounded(dtype)?, DType::F32)
 }
 
-fn offsets_of(counts: &[usize]) -> Vec<i32> {
+pub(super) fn offsets_of(counts: &[usize]) -> Vec<i32> {
     let mut off = vec![0i32];
     for c in counts {
         off.push(off.last().copied().unwrap_or(0) + *c as i32);
@@ -428,7 +428,11 @@ impl PlanInputs {
     }
 
     /// Runs the plan on `b` and hands it to `then`.
-    fn with_plan<B: Backend, T>(&self, b: &B, then: impl FnOnce(&crate::ops::Plan<B>) -> Result<T>) -> Result<T> {
+    pub(super) fn with_plan<B: Backend, T>(
+        &self,
+        b: &B,
+        then: impl FnOnce(&crate::ops::Plan<B>) -> Result<T>,
+    ) -> Result<T> {
         let (s, e, k) = (self.s, self.e, self.k);
         let rw = rand(&[s, k], 30, 1.0);
         let rw = HostTensor::f32(&[s, k], rw.as_f32("w")?.iter().map(|v| v.abs()).collect())?;
@@ -615,7 +619,7 @@ impl OpCase for RegroupCase {
 
 // ------------------------------------------------------------------ the list
 
-fn plan_inputs() -> Vec<PlanInputs> {
+pub(super) fn plan_inputs() -> Vec<PlanInputs> {
     let ds = |k_prime, min_capacity| CapacityRule::DeepSpeed { factor: 1.0, k_prime, min_capacity };
     let base = |what, s, e, k, capacity, keep| PlanInputs {
         what,
@@ -780,4 +784,5 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
         RegroupCase { what: "one source, one slot", counts: vec![vec![9]] },
         RegroupCase { what: "no rows", counts: vec![vec![0, 0], vec![0, 0]] },
     ]);
+    super::grad_cases::run_all(t);
 }

@@ -8,6 +8,7 @@
 //! matrix that `docs/ops.md` carries.
 
 pub mod cases;
+pub mod grad_cases;
 
 use crate::backend::Backend;
 use crate::device::Capabilities;

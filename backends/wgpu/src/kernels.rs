@@ -48,6 +48,19 @@ pub(crate) const PHILOX: Family =
 pub(crate) const STATS: Family =
     Family { name: "stats", source: include_str!("../../../shaders/stats.wgsl"), reads: 2, writes: 1 };
 
+pub(crate) const GRAD_MATMUL: Family =
+    Family { name: "grad_matmul", source: include_str!("../../../shaders/grad_matmul.wgsl"), reads: 3, writes: 2 };
+pub(crate) const GRAD: Family = Family {
+    name: "grad",
+    source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/grad.wgsl")),
+    reads: 5,
+    writes: 3,
+};
+pub(crate) const ROUTE_GRAD: Family =
+    Family { name: "route_grad", source: include_str!("../../../shaders/route_grad.wgsl"), reads: 7, writes: 1 };
+pub(crate) const OPTIM: Family =
+    Family { name: "optim", source: include_str!("../../../shaders/optim.wgsl"), reads: 4, writes: 3 };
+
 /// Every family, for `moe info` and the compile test.
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("elementwise", &["activation", "glu", "mul", "add_gated", "residual_mix"]),
@@ -59,12 +72,30 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("plan", &["plan_count", "plan_capacity", "plan_rank", "plan_slots", "plan_offsets", "plan_finish", "plan_stats"]),
     ("stats", &["router_stats"]),
     ("philox", &["noise"]),
+    ("grad_matmul", &["linear_dx", "weight_grad", "bias_grad"]),
+    ("grad", &["act_grad", "combine_grad_rows", "combine_grad_weights", "mix_grad", "gated_add_grad"]),
+    ("route_grad", &["route_grad"]),
+    ("optim", &["optim_step", "sum_squares"]),
 ];
 
 pub(crate) fn family(name: &str) -> Option<&'static Family> {
-    [&ELEMENTWISE, &PERMUTE, &BUCKET, &REGROUP, &MATMUL, &ROUTE, &PLAN, &STATS, &PHILOX]
-        .into_iter()
-        .find(|f| f.name == name)
+    [
+        &ELEMENTWISE,
+        &PERMUTE,
+        &BUCKET,
+        &REGROUP,
+        &MATMUL,
+        &ROUTE,
+        &PLAN,
+        &STATS,
+        &PHILOX,
+        &GRAD_MATMUL,
+        &GRAD,
+        &ROUTE_GRAD,
+        &OPTIM,
+    ]
+    .into_iter()
+    .find(|f| f.name == name)
 }
 
 struct Compiled {

@@ -17,6 +17,7 @@
 mod device;
 mod elementwise;
 mod exchange;
+mod grad;
 mod halves;
 mod kernels;
 mod linear;
@@ -30,8 +31,10 @@ use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
-    BucketOp, BucketParts, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp,
-    PermuteOp, PlanOp, PlanParts, RegroupOp, RouteChecks, RouteOp, RouterStatsOp, RoutesParts,
+    ActGradOp, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
+    GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, NoiseOp,
+    OptimStepOp, PermuteOp, PlanOp, PlanParts, RegroupOp, RouteChecks, RouteGradOp, RouteOp, RouterStatsOp,
+    RoutesParts, StepOut, SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, ExpertKind, HostTensor, Result, Tensor};
@@ -558,6 +561,42 @@ impl Backend for WgpuBackend {
 
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {
         routing::router_stats(self, op)
+    }
+
+    fn run_linear_dx(&self, op: &LinearDxOp<'_, Self>) -> Result<T> {
+        grad::linear_dx(self, op)
+    }
+
+    fn run_weight_grad(&self, op: &WeightGradOp<'_, Self>) -> Result<WeightGrad<Self>> {
+        grad::weight_grad(self, op)
+    }
+
+    fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<T> {
+        grad::act_grad(self, op)
+    }
+
+    fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {
+        grad::combine_grad(self, op)
+    }
+
+    fn run_route_grad(&self, op: &RouteGradOp<'_, Self>) -> Result<T> {
+        grad::route_grad(self, op)
+    }
+
+    fn run_mix_grad(&self, op: &MixGradOp<'_, Self>) -> Result<MixGrad<Self>> {
+        grad::mix_grad(self, op)
+    }
+
+    fn run_gated_add_grad(&self, op: &GatedAddGradOp<'_, Self>) -> Result<GatedAddGrad<Self>> {
+        grad::gated_add_grad(self, op)
+    }
+
+    fn run_optim_step(&self, op: &OptimStepOp<'_, Self>) -> Result<StepOut<Self>> {
+        grad::optim_step(self, op)
+    }
+
+    fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<T> {
+        grad::sum_squares(self, op)
     }
 
     /// Drawn on the device by `shaders/philox.wgsl`, with the cpu's counter layout.
