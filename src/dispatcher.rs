@@ -14,6 +14,7 @@ use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::ops::{Offsets, Plan, RouteRows};
 use crate::parallel::{EpDispatcher, EpState, ExpertParallel};
+use crate::tensor::HostTensor;
 use std::time::Duration;
 
 /// The exchange of a layer, fixed when it is built.
@@ -98,6 +99,47 @@ impl<B: Backend> Dispatcher<B> {
                 ep.combine(b, yp, plan, s, time_exchange)
             }
             _ => Err(Error::Misuse("combine with the state of another dispatcher".into())),
+        }
+    }
+
+    /// The combine's backward: the gradient of the expert outputs `yp` (in the
+    /// dispatched layout) and of the plan's combine weights `[S, k]`, from the gradient
+    /// of the combined output `dy [S, M]`.
+    pub fn combine_backward(
+        &self,
+        b: &B,
+        dy: &Tensor<B>,
+        yp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &DispatchState<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        match (self, state) {
+            (Dispatcher::Local, DispatchState::Local(rows)) => {
+                let g = b.combine_grad(dy, yp, rows, &plan.weights, 0..plan.tokens())?;
+                Ok((g.d_yp, g.d_weights))
+            }
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => ep.combine_backward(b, dy, plan, s),
+            _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
+        }
+    }
+
+    /// The dispatch's backward: from the gradient of the dispatched rows to the tokens'
+    /// `[S, M]` (each token sums its routes').
+    pub fn dispatch_backward(
+        &self,
+        b: &B,
+        dxp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &DispatchState<B>,
+    ) -> Result<Tensor<B>> {
+        match (self, state) {
+            (Dispatcher::Local, DispatchState::Local(rows)) => {
+                let (s, k) = (plan.tokens(), plan.k());
+                let ones = b.upload(&HostTensor::f32(&[s, k], vec![1.0; s * k])?)?;
+                b.combine(dxp, rows, &ones, 0..s)
+            }
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => ep.dispatch_backward(b, dxp, plan, s),
+            _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct ExpertActivations<B: Backend> {
     pub pre_activation: Option<Tensor<B>>,
     /// Expert outputs before combining, in the layout of `xp`.
     pub yp: Tensor<B>,
+    /// The group offsets of `xp`'s rows (this rank's experts).
+    pub offsets: Offsets<B>,
 }
 
 impl<B: Backend> DeviceMlp<B> {
@@ -126,7 +128,7 @@ impl<B: Backend> DeviceMlp<B> {
             b_out: self.b_out.as_ref(),
         };
         let out = b.grouped_mlp(&xp, offsets, &w, keep_pre)?;
-        Ok(ExpertActivations { xp, pre_activation: out.pre, yp: out.y })
+        Ok(ExpertActivations { xp, pre_activation: out.pre, yp: out.y, offsets: offsets.clone() })
     }
 }
 
@@ -181,6 +183,13 @@ struct Flat<B: Backend> {
     x: Tensor<B>,
     seq: usize,
     shape: Vec<usize>,
+}
+
+/// Whether the parameter (or gradient) named `name` by [`MoeLayer::params_mut`] belongs
+/// to the routed experts: DeepSpeed's MoE parameters, in their own optimizer group and
+/// reduced over the expert-data-parallel group.
+pub fn is_expert_param(name: &str) -> bool {
+    name.starts_with("experts.")
 }
 
 /// A trainable parameter of a layer, for an optimizer to replace.
@@ -281,6 +290,11 @@ impl<B: Backend> MoeLayer<B> {
         &self.spec
     }
 
+    /// The logical experts this layer holds, in local slot order (`None`: all of them).
+    pub fn local_experts(&self) -> Option<&[usize]> {
+        self.dispatcher.local_experts()
+    }
+
     /// Whether the layer was built by [`MoeLayer::new_trainable`] (plain f32 weights an
     /// optimizer may step).
     pub fn is_trainable(&self) -> bool {
@@ -296,7 +310,8 @@ impl<B: Backend> MoeLayer<B> {
     pub fn params_mut(&mut self) -> Vec<ParamMut<'_, B>> {
         let mut out = vec![ParamMut { name: "gate.weight".into(), expert: false, tensor: self.gate.params_mut().0 }];
         for (name, t) in self.experts.params_mut() {
-            out.push(ParamMut { name: format!("experts.{name}"), expert: true, tensor: t });
+            let name = format!("experts.{name}");
+            out.push(ParamMut { expert: is_expert_param(&name), name, tensor: t });
         }
         if let Some((m, cw, cb)) = &mut self.residual {
             for (name, t) in m.params_mut() {

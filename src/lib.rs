@@ -39,7 +39,7 @@ pub use device::{Capabilities, Device, Tensor};
 pub use device_tensor::{DeviceBuffer, DeviceTensor};
 pub use error::{Error, ErrorKind, Result};
 pub use expert::{Activation, ExpertKind};
-pub use layer::{BackwardOptions, LayerGrads, LayerOutput, MoeLayer, ParamMut};
+pub use layer::{is_expert_param, BackwardOptions, LayerGrads, LayerOutput, MoeLayer, ParamMut};
 pub use options::{GateOptions, LayerOptions, NoiseOverrides};
 pub use report::Report;
 pub use tensor::{DType, HostTensor};

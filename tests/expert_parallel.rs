@@ -579,3 +579,87 @@ fn row_counts_for_another_group_size_are_an_error_not_a_panic() {
     let counts = RowCounts::new(2, vec![0; 4]).unwrap();
     assert!(matches!(h.all_to_all_rows(&b, &x, &counts), Err(Error::Internal(_))));
 }
+
+/// A DeepSpeed top-2 layer with residual MoE, GLU experts and 8 experts.
+fn grad_spec() -> LayerSpec {
+    let gate =
+        GateSpec::DeepSpeed(DeepSpeedGate { k: 2, capacity_factor: 1.25, min_capacity: 1, ..Default::default() });
+    LayerSpec { residual: true, ..spec(8, gate) }
+}
+
+/// The mean over ranks of each rank's single-device gradients on its own shard.
+fn mean_single_rank_grads(
+    spec: &LayerSpec,
+    w: &moe_engine::weights::HostLayerWeights,
+    shards: &[(HostTensor, HostTensor)],
+    coefs: moe_engine::losses::LossCoefs,
+) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let layer = MoeLayer::new(&b, spec.clone(), w, DType::F32).unwrap();
+    let opts = LayerOptions { keep_activations: true, ..LayerOptions::mode(Mode::Train) };
+    let mut sum: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for (x, dy) in shards {
+        let out = layer.forward(&b, &b.upload(x).unwrap(), &opts).unwrap();
+        let g =
+            layer.backward(&b, &out, &b.upload(dy).unwrap(), &moe_engine::BackwardOptions { losses: coefs }).unwrap();
+        for (name, t) in g.into_named() {
+            let v = b.download(&t).unwrap().to_f64();
+            let acc = sum.entry(name).or_insert_with(|| vec![0.0; v.len()]);
+            acc.iter_mut().zip(&v).for_each(|(a, x)| *a += x / shards.len() as f64);
+        }
+    }
+    sum
+}
+
+#[test]
+fn data_parallel_gradients_are_the_mean_of_the_ranks_single_device_gradients() {
+    // W = 4 data-parallel ranks, each gating its own 24 tokens; ep_size P = 1, 2, 4.
+    let (world, s, m) = (4, 24, 24);
+    let spec = grad_spec();
+    let weights = stack::random_weights(&spec, 7).unwrap();
+    let shards: Vec<(HostTensor, HostTensor)> = (0..world)
+        .map(|r| {
+            let x = HostTensor::f32(&[s, m], common::lcg(100 + r as u64, s * m, 1.0)).unwrap();
+            let dy = HostTensor::f32(&[s, m], common::lcg(200 + r as u64, s * m, 1.0)).unwrap();
+            (x, dy)
+        })
+        .collect();
+    let coefs = moe_engine::losses::LossCoefs { l_aux: 0.01, ..Default::default() };
+    let want = mean_single_rank_grads(&spec, &weights, &shards, coefs);
+    for p in [1, 2, 4] {
+        let comms = in_process(world, Duration::from_secs(60));
+        std::thread::scope(|scope| {
+            for comm in comms {
+                let (spec, weights, shards, want) = (spec.clone(), &weights, &shards, &want);
+                scope.spawn(move || {
+                    let r = comm.rank();
+                    let b = CpuBackend::new(Some(1)).unwrap();
+                    let (ep, edp) = moe_engine::parallel::ExpertGroups::split(&comm, p).unwrap();
+                    let layer = ep_layer(&b, spec, weights, ep, TokenLayout::Sharded).unwrap();
+                    let opts = LayerOptions { keep_activations: true, ..LayerOptions::mode(Mode::Train) };
+                    let (x, dy) = &shards[r];
+                    let out = layer.forward(&b, &b.upload(x).unwrap(), &opts).unwrap();
+                    let bw = moe_engine::BackwardOptions { losses: coefs };
+                    let mut grads = layer.backward(&b, &out, &b.upload(dy).unwrap(), &bw).unwrap().into_params();
+                    let sync =
+                        moe_engine::parallel::GradientSync::<CpuBackend>::new(Arc::new(comm), Arc::new(edp)).unwrap();
+                    sync.reduce(&b, &mut grads).unwrap();
+                    let local = layer.local_experts().unwrap().to_vec();
+                    for (name, expert, t) in grads {
+                        let have = b.download(&t).unwrap().to_f64();
+                        let full = &want[&name];
+                        // An expert stack holds this rank's experts: compare their slices.
+                        let reference: Vec<f64> = if expert {
+                            let per = full.len() / 8;
+                            local.iter().flat_map(|&e| full[e * per..(e + 1) * per].iter().copied()).collect()
+                        } else {
+                            full.clone()
+                        };
+                        let err = golden::rel_l2(&have, &reference);
+                        assert!(err <= 1e-5, "P = {p}, rank {r}, {name}: rel L2 {err:.2e}");
+                    }
+                });
+            }
+        });
+    }
+}

@@ -13,12 +13,10 @@
 use super::{DeviceMlp, LayerOutput, MoeLayer};
 use crate::backend::Backend;
 use crate::device::Tensor;
-use crate::dispatcher::{DispatchState, Dispatcher};
 use crate::error::{Error, Result};
 use crate::expert::ExpertKind;
 use crate::losses::LossCoefs;
 use crate::ops::{ActGradKind, Offsets};
-use crate::tensor::HostTensor;
 
 /// What a backward differentiates besides `Σ y · dy`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -67,6 +65,17 @@ pub struct LayerGrads<B: Backend> {
 }
 
 impl<B: Backend> LayerGrads<B> {
+    /// The parameter gradients as [`LayerGrads::into_named`] gives them, each marked
+    /// whether it is an expert's ([`super::is_expert_param`]): what
+    /// [`crate::parallel::GradientSync::reduce`] takes.
+    pub fn into_params(self) -> Vec<(String, bool, Tensor<B>)> {
+        self.into_named()
+            .into_iter()
+            .map(|(n, t)| (super::is_expert_param(&n), n, t))
+            .map(|(e, n, t)| (n, e, t))
+            .collect()
+    }
+
     /// The parameter gradients named as [`MoeLayer::params_mut`] names the parameters
     /// (`gate.weight`, `experts.w_in`, ...), in the same order.
     pub fn into_named(self) -> Vec<(String, Tensor<B>)> {
@@ -141,9 +150,6 @@ impl<B: Backend> MoeLayer<B> {
         dy: &Tensor<B>,
         opts: &BackwardOptions,
     ) -> Result<LayerGrads<B>> {
-        if !matches!(self.dispatcher, Dispatcher::Local) {
-            return Err(Error::unsupported(b.name(), "the backward of an expert-parallel layer"));
-        }
         let x = &out.input;
         let (s, m) = x.dims2("layer input")?;
         dy.expect_shape("dy", out.y.shape())?;
@@ -193,22 +199,17 @@ impl<B: Backend> MoeLayer<B> {
             _ => return Err(not_kept("residual MLP's output")),
         };
 
-        // Combine, experts, permute: the local dispatcher in reverse.
-        let DispatchState::Local(rows) = &out.dispatch else {
-            return Err(Error::Misuse("backward with the state of another dispatcher".into()));
-        };
+        // Combine, experts, dispatch: the dispatcher in reverse (local, or the exchange
+        // back to the experts' ranks and home again).
         let plan = &out.gate.plan;
-        let cg = b.combine_grad(&d_routed, &out.experts.yp, rows, &plan.weights, 0..s)?;
         let acts = &out.experts;
+        let (d_yp, d_weights) = self.dispatcher.combine_backward(b, &d_routed, &acts.yp, plan, &out.dispatch)?;
         let (experts, dxp) =
-            self.experts.backward(b, &acts.xp, acts.pre_activation.as_ref(), &cg.d_yp, Some(&plan.offsets))?;
-        // The permute's backward sums each token's routes: a combine with unit weights.
-        let k = rows.k();
-        let ones = b.upload(&HostTensor::f32(&[s, k], vec![1.0; s * k])?)?;
-        let mut dx = b.combine(&dxp, rows, &ones, 0..s)?;
+            self.experts.backward(b, &acts.xp, acts.pre_activation.as_ref(), &d_yp, Some(&acts.offsets))?;
+        let mut dx = self.dispatcher.dispatch_backward(b, &dxp, plan, &out.dispatch)?;
 
         // The gate.
-        let (gate, dx_gate) = self.gate.backward(b, x, &out.gate, &cg.d_weights, &opts.losses)?;
+        let (gate, dx_gate) = self.gate.backward(b, x, &out.gate, &d_weights, &opts.losses)?;
         dx = b.add_gated(&dx, &dx_gate, None)?;
         for part in dx_parts {
             dx = b.add_gated(&dx, &part, None)?;

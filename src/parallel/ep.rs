@@ -21,6 +21,7 @@ use crate::backend::Backend;
 use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::ops::{BlockTable, DevicePlacement, Offsets, Plan, RouteRows};
+use crate::tensor::HostTensor;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -267,6 +268,66 @@ impl<B: Backend> EpDispatcher<B> {
                 let all = self.transport.all_gather_rows(b, &y, &shares)?;
                 state.exchange_time += t0.elapsed();
                 Ok(all)
+            }
+        }
+    }
+
+    /// Rows `range` of `x [R, C]` (a one-block regroup).
+    fn rows_of(b: &B, x: &Tensor<B>, range: Range<usize>) -> Result<Tensor<B>> {
+        let table = BlockTable::new(b, &[(range.start, range.len())], x.shape()[0])?;
+        b.regroup(x, &table)
+    }
+
+    /// The combine's backward, the forward's combine in reverse: from the gradient of the
+    /// layer's routed output (every token when tensor-parallel, this rank's when data
+    /// parallel) to the gradient of the expert outputs in the experts' layout (sent back
+    /// over the forward's dispatch exchange) and of the plan's combine weights `[S, k]`
+    /// (tensor-parallel ranks gather every rank's share, so each holds them all).
+    pub fn combine_backward(
+        &self,
+        b: &B,
+        dy: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &EpState<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        let returned = state
+            .returned
+            .as_ref()
+            .ok_or_else(|| Error::Misuse("backward of an expert-parallel forward that did not combine".into()))?;
+        let (n, s) = (self.transport.size(), plan.tokens());
+        let dy_mine = match self.tokens {
+            TokenLayout::Sharded => dy.clone(),
+            TokenLayout::Replicated => Self::rows_of(b, dy, state.tokens.clone())?,
+        };
+        let g = b.combine_grad(&dy_mine, returned, &state.send_rows, &plan.weights, state.tokens.clone())?;
+        let d_weights = match self.tokens {
+            TokenLayout::Sharded => g.d_weights,
+            TokenLayout::Replicated => {
+                let shares: Vec<usize> = (0..n).map(|r| share(s, r, n).len()).collect();
+                let mine = Self::rows_of(b, &g.d_weights, state.tokens.clone())?;
+                self.transport.all_gather_rows(b, &mine, &shares)?
+            }
+        };
+        // The returned rows' gradients go where the rows came from: the experts' ranks.
+        let recv = self.transport.all_to_all_rows(b, &g.d_yp, &state.rows)?;
+        Ok((b.regroup(&recv, &state.to_experts)?, d_weights))
+    }
+
+    /// The dispatch's backward: the input gradient of the experts' rows goes back to the
+    /// ranks that sent them, and each token sums its routes' (a combine with unit
+    /// weights); tensor-parallel ranks gather every rank's tokens. `[S, M]`.
+    pub fn dispatch_backward(&self, b: &B, dxp: &Tensor<B>, plan: &Plan<B>, state: &EpState<B>) -> Result<Tensor<B>> {
+        let back = b.regroup(dxp, &state.from_experts)?;
+        let d_send = self.transport.all_to_all_rows(b, &back, &state.rows.transposed())?;
+        let (s, k) = (plan.tokens(), plan.k());
+        let ones = b.upload(&HostTensor::f32(&[s, k], vec![1.0; s * k])?)?;
+        let dx = b.combine(&d_send, &state.send_rows, &ones, state.tokens.clone())?;
+        match self.tokens {
+            TokenLayout::Sharded => Ok(dx),
+            TokenLayout::Replicated => {
+                let n = self.transport.size();
+                let shares: Vec<usize> = (0..n).map(|r| share(s, r, n).len()).collect();
+                self.transport.all_gather_rows(b, &dx, &shares)
             }
         }
     }
