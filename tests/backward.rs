@@ -134,7 +134,7 @@ fn the_backward_refuses_what_it_cannot_differentiate() {
 fn backward_ops_name_the_operand_they_refuse() {
     let b = common::cpu(1);
     let t = |shape: &[usize]| b.upload(&HostTensor::f32(shape, vec![0.1; shape.iter().product()]).unwrap()).unwrap();
-    let msg = |r: moe_engine::Result<moe_engine::Tensor<CpuBackend>>| r.err().expect("refused").to_string();
+    let msg = |r: moe_engine::Result<moe_engine::Tensor<CpuBackend>>| r.expect_err("refused").to_string();
     assert!(msg(b.linear_dx(&t(&[3, 4]), &t(&[5, 6]), None)).contains("weight"));
     let e = b.weight_grad(&t(&[3, 4]), &t(&[2, 6]), None, false).err().expect("rows differ").to_string();
     assert!(e.contains("forward input"), "{e}");
