@@ -165,3 +165,70 @@ fn backward_ops_name_the_operand_they_refuse() {
     let e = b.optim_step(&t(&[4]), &t(&[4]), Some(&t(&[4])), Some(&t(&[4])), bad).err().expect("beta").to_string();
     assert!(e.contains("betas[0]"), "{e}");
 }
+
+/// `Σ y · dy + z_coef · z_loss + balance_coef · expert_balance` of a forward, in f64.
+fn objective(
+    b: &CpuBackend,
+    spec: &LayerSpec,
+    w: &moe_engine::weights::HostLayerWeights,
+    x: &HostTensor,
+    dy: &[f32],
+    coefs: (f64, f64),
+) -> (f64, Vec<i64>) {
+    let layer = MoeLayer::new_trainable(b, spec.clone(), w).unwrap();
+    let out = layer.forward(b, &b.upload(x).unwrap(), &LayerOptions::mode(Mode::Eval)).unwrap();
+    let y = b.download(&out.y).unwrap();
+    let dot: f64 = y.as_f32("y").unwrap().iter().zip(dy).map(|(a, c)| *a as f64 * *c as f64).sum();
+    let rep = out.report(b).unwrap();
+    (dot + coefs.0 * rep.losses.z_loss + coefs.1 * rep.losses.expert_balance, rep.exp_counts)
+}
+
+#[test]
+fn the_z_loss_and_the_expert_balance_loss_match_finite_differences() {
+    // The golden cases weight DeepSpeed's l_aux (and the traces the HF load-balancing
+    // loss); these two have no reference run, so central differences of the objective
+    // in the router weight check their gradients.
+    let b = common::cpu(1);
+    let spec = LayerSpec {
+        hidden: 8,
+        num_experts: 4,
+        gate: GateSpec::SoftmaxTopK { k: 2, normalize: false },
+        expert: ExpertSpec { kind: ExpertKind::Mlp { activation: Activation::Gelu }, ffn: 12, bias: true },
+        residual: false,
+        shared: None,
+    };
+    let w = stack::random_weights(&spec, 11).unwrap();
+    let x = HostTensor::f32(&[16, 8], common::lcg(12, 128, 1.0)).unwrap();
+    let dy = common::lcg(13, 128, 1.0);
+    let coefs = (0.3, 0.7);
+    let layer = MoeLayer::new_trainable(&b, spec.clone(), &w).unwrap();
+    let opts = LayerOptions { keep_activations: true, ..LayerOptions::mode(Mode::Eval) };
+    let out = layer.forward(&b, &b.upload(&x).unwrap(), &opts).unwrap();
+    let losses = moe_engine::losses::LossCoefs { z_loss: coefs.0, expert_balance: coefs.1, ..Default::default() };
+    let g = layer
+        .backward(
+            &b,
+            &out,
+            &b.upload(&HostTensor::f32(&[16, 8], dy.clone()).unwrap()).unwrap(),
+            &BackwardOptions { losses },
+        )
+        .unwrap();
+    let analytic = b.download(&g.gate).unwrap().to_f64();
+    let (_, counts) = objective(&b, &spec, &w, &x, &dy, coefs);
+    let h = 1e-2f32;
+    let mut numeric = Vec::new();
+    for i in 0..32 {
+        let at = |d: f32| {
+            let mut w2 = w.clone();
+            let mut v = w2.gate.as_f32("gate").unwrap().to_vec();
+            v[i] += d;
+            w2.gate = HostTensor::f32(&[4, 8], v).unwrap();
+            let (j, c) = objective(&b, &spec, &w2, &x, &dy, coefs);
+            assert_eq!(c, counts, "element {i}: the step changed the routing; use a smaller step");
+            j
+        };
+        numeric.push((at(h) - at(-h)) / (2.0 * h as f64));
+    }
+    let err = golden::rel_l2(&analytic[..32], &numeric);
+    assert!(err < 2e-2, "router weight gradient vs central differences: rel L2 {err:.2e}");
+}
