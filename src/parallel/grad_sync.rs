@@ -14,15 +14,15 @@
 //! parameters by the data-parallel world size before reducing its expert part over the
 //! expert-data-parallel group. So one scaling serves both.
 //!
-//! The reductions run on device tensors through the transports: every rank's block is
-//! gathered and summed in rank order by one product (`linear_dx` of the weights `1 / W`
-//! with the gathered `[ranks, n]` rows), so every rank gets bitwise the same result.
+//! The reductions run on device tensors through the transports'
+//! [`Transport::all_reduce_scaled`] (NCCL's all-reduce on GPUs; elsewhere every rank's
+//! block gathered and summed in rank order on the device), so every rank gets bitwise
+//! the same result.
 
 use super::transport::Transport;
 use crate::backend::Backend;
 use crate::device::Tensor;
 use crate::error::{Error, Result};
-use crate::tensor::HostTensor;
 use std::sync::Arc;
 
 /// The groups a data-parallel step reduces over.
@@ -54,22 +54,13 @@ impl<B: Backend> GradientSync<B> {
         let w = self.world.size() as f32;
         for (name, expert, t) in grads.iter_mut() {
             let group: &dyn Transport<B> = if *expert { &*self.expert_data } else { &*self.world };
-            *t = weighted_rank_sum(b, group, t, 1.0 / w)
-                .map_err(|e| Error::Internal(format!("reducing the gradient of `{name}`: {e}")))?;
+            *t = group.all_reduce_scaled(b, t, 1.0 / w).map_err(|e| match e {
+                Error::Communication { rank, msg } => {
+                    Error::Communication { rank, msg: format!("reducing the gradient of `{name}`: {msg}") }
+                }
+                e => e,
+            })?;
         }
         Ok(())
     }
-}
-
-/// `coef · Σ_r x_r` over the ranks of `group`, the same tensor on every rank.
-pub fn weighted_rank_sum<B: Backend>(b: &B, group: &dyn Transport<B>, x: &Tensor<B>, coef: f32) -> Result<Tensor<B>> {
-    let n = x.numel();
-    let ranks = group.size();
-    if n == 0 {
-        return Ok(x.clone());
-    }
-    let all = group.all_gather_rows(b, &x.reshape(&[1, n])?, &vec![1; ranks])?;
-    // [1, ranks] · [ranks, n]: a weighted sum of the rank rows in rank order.
-    let c = b.upload(&HostTensor::f32(&[1, ranks], vec![coef; ranks])?)?;
-    b.linear_dx(&c, &all, None)?.reshape(x.shape())
 }

@@ -19,7 +19,7 @@ mod transport;
 pub use comm::{in_process, Communicator, ExpertGroups, InProcessComm};
 pub use ep::{EpDispatcher, EpState, ExpertParallel, TokenLayout};
 pub use eplb::{rebalance_experts, EplbPlan};
-pub use grad_sync::{weighted_rank_sum, GradientSync};
+pub use grad_sync::GradientSync;
 pub use hierarchical::Hierarchical;
 pub use placement::Placement;
 pub use rendezvous::{share_token, LaunchEnv};

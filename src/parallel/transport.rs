@@ -177,6 +177,25 @@ pub trait Transport<B: Device>: Communicator {
             .collect();
         self.exchange(b, x, &sends, &recvs, start)
     }
+
+    /// `coef · Σ_r x_r` over the group's ranks, elementwise, bitwise the same on every
+    /// rank (the gradient all-reduce of data-parallel training). Collective; f32 only.
+    /// The default gathers every rank's tensor and sums the blocks in rank order with one
+    /// device product (a `[1, ranks]` row of `coef` times the `[ranks, n]` blocks); NCCL
+    /// overrides it with one `ncclAllReduce` pre-multiplied by `coef`.
+    fn all_reduce_scaled(&self, b: &B, x: &Tensor<B>, coef: f32) -> Result<Tensor<B>>
+    where
+        B: crate::backend::Backend,
+    {
+        x.expect_dtype("all-reduced tensor", crate::DType::F32)?;
+        let (n, ranks) = (x.numel(), self.size());
+        if n == 0 {
+            return Ok(x.clone());
+        }
+        let all = self.all_gather_rows(b, &x.reshape(&[1, n])?, &vec![1; ranks])?;
+        let c = b.upload(&crate::HostTensor::f32(&[1, ranks], vec![coef; ranks])?)?;
+        b.linear_dx(&c, &all, None)?.reshape(x.shape())
+    }
 }
 
 /// The flat all-to-all of `counts` for rank `me`: one send and one receive per rank.

@@ -261,4 +261,56 @@ impl Transport<CudaBackend> for NcclComm {
             CudaBuffer::Half(_) => Err(Error::dtype("exchanged rows", "f32 or i32", x.dtype())),
         }
     }
+
+    /// One `ncclAllReduce` on the backend's stream, summing `coef · x` (NCCL's
+    /// pre-multiplied sum, `ncclRedOpCreatePreMulSum`), on device buffers. Ring and tree
+    /// all-reduces finish every chunk on one rank and broadcast it, so every rank holds
+    /// bitwise the same result.
+    fn all_reduce_scaled(&self, b: &CudaBackend, x: &Tensor<CudaBackend>, coef: f32) -> Result<Tensor<CudaBackend>> {
+        let me = self.rank;
+        if !Arc::ptr_eq(&b.stream, &self.stream) {
+            return Err(Error::Misuse(format!(
+                "NCCL rank {me}: the tensor is on another backend's stream than the communicator's"
+            )));
+        }
+        let CudaBuffer::F32(src) = x.buffer() else {
+            return Err(Error::dtype("all-reduced tensor", "f32", x.dtype()));
+        };
+        let n = x.numel();
+        let e = |what: &'static str| move |v: cudarc::driver::DriverError| err(me, what, v);
+        self.stream.context().bind_to_thread().map_err(e("bind the device"))?;
+        let mut out = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(e("alloc"))?;
+        if n > 0 {
+            let cell = self.comm();
+            let stream = self.stream.cu_stream() as sys::cudaStream_t;
+            let (src_ptr, _src_sync) = src.device_ptr(&self.stream);
+            let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+            let mut op = std::mem::MaybeUninit::<sys::ncclRedOp_t>::uninit();
+            let mut scalar = coef;
+            // SAFETY: the scalar is read at once (host immediate); the op is destroyed below.
+            unsafe {
+                sys::ncclRedOpCreatePreMulSum(
+                    op.as_mut_ptr(),
+                    (&mut scalar as *mut f32).cast(),
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclScalarResidence_t::ncclScalarHostImmediate,
+                    cell.0,
+                )
+                .result()
+                .map_err(|v| err(me, "create the pre-multiplied sum", v))?;
+            }
+            // SAFETY: created just above.
+            let op = unsafe { op.assume_init() };
+            // SAFETY: n f32 values in and out, on the stream both buffers live on.
+            let done = unsafe {
+                nr::all_reduce(src_ptr as _, out_ptr as _, n, sys::ncclDataType_t::ncclFloat32, op, cell.0, stream)
+            }
+            .map_err(|v| err(me, "all-reduce", v));
+            // SAFETY: the op was made on this communicator and is destroyed once.
+            let destroyed = unsafe { sys::ncclRedOpDestroy(op, cell.0) }.result().map_err(|v| err(me, "destroy op", v));
+            done?;
+            destroyed?;
+        }
+        Tensor::<CudaBackend>::from_parts(CudaBuffer::F32(out), x.shape().to_vec(), DType::F32)
+    }
 }
