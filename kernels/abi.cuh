@@ -19,7 +19,9 @@ struct MatmulParams {
 
 struct ElementwiseParams {
     u64 n;
-    u32 cols, act, gated, _pad0, _pad1, _pad2;
+    u32 cols, act, gated;
+    float alpha;
+    u32 _pad1, _pad2;
 };
 
 struct PermuteParams {

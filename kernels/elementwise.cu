@@ -8,6 +8,11 @@ extern "C" __global__ void activation(const float* a, const float* b, const floa
     if (i < p.n) out[i] = act(a[i], p.act);
 }
 
+extern "C" __global__ void scale(const float* a, const float* b, const float* c, float* out, ElementwiseParams p) {
+    u64 i = global_id();
+    if (i < p.n) out[i] = p.alpha * a[i];
+}
+
 // a [rows, 2·cols] (gate columns, then up) → out [rows, cols] = act(gate) · up.
 extern "C" __global__ void glu(const float* a, const float* b, const float* c, float* out, ElementwiseParams p) {
     u64 i = global_id();

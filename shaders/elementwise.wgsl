@@ -9,7 +9,7 @@ struct ElementwiseParams {
     cols: u32,    // row length of the output
     act: u32,     // 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity
     gated: u32,   // add_gated: 1 when a gate column is bound
-    _pad0: u32,
+    alpha: f32,   // scale: the factor
     _pad1: u32,
     _pad2: u32,
 }
@@ -42,6 +42,13 @@ fn glu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     let col = i % p.cols;
     let base = row * 2u * p.cols;
     out[i] = act(a[base + col], p.act) * a[base + p.cols + col];
+}
+
+@compute @workgroup_size(256)
+fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if i >= p.n.x { return; }
+    out[i] = p.alpha * a[i];
 }
 
 @compute @workgroup_size(256)

@@ -208,6 +208,10 @@ pub trait Backend: Device {
     fn residual_mix(&self, moe: &Tensor<Self>, mlp: &Tensor<Self>, coef: &Tensor<Self>) -> Result<Tensor<Self>> {
         self.elementwise(ElementwiseKind::ResidualMix, moe, Some(mlp), Some(coef))
     }
+    /// `alpha · a`, elementwise (loss and gradient scaling).
+    fn scale(&self, a: &Tensor<Self>, alpha: f32) -> Result<Tensor<Self>> {
+        self.elementwise(ElementwiseKind::Scale(alpha), a, None, None)
+    }
     /// The front door every elementwise op goes through.
     fn elementwise(
         &self,

@@ -160,8 +160,8 @@ abi_struct! {
         act: u32,
         /// add_gated: 1 when a gate column is bound.
         gated: u32,
-        /// Padding.
-        _pad0: u32,
+        /// scale: the factor.
+        alpha: f32,
         /// Padding.
         _pad1: u32,
         /// Padding.

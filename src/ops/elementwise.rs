@@ -10,7 +10,7 @@ use crate::kernel_abi::ElementwiseParams;
 use crate::tensor::DType;
 
 /// Which elementwise op.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ElementwiseKind {
     /// `act(a)`.
     Activation(Activation),
@@ -22,6 +22,8 @@ pub enum ElementwiseKind {
     AddGated,
     /// DeepSpeed residual MoE: `a · s₀ + b · s₁`, `s = softmax(c [R, 2])`.
     ResidualMix,
+    /// `alpha · a` (loss scaling, gradient scaling), alpha finite.
+    Scale(f32),
 }
 
 impl ElementwiseKind {
@@ -34,6 +36,7 @@ impl ElementwiseKind {
             ElementwiseKind::Mul => "mul",
             ElementwiseKind::AddGated => "add_gated",
             ElementwiseKind::ResidualMix => "residual_mix",
+            ElementwiseKind::Scale(_) => "scale",
         }
     }
 }
@@ -89,6 +92,12 @@ impl<'a, B: Device> ElementwiseOp<'a, B> {
                 }
                 (vec![r, m], Activation::Identity, c.is_some() as u32)
             }
+            ElementwiseKind::Scale(alpha) => {
+                if !alpha.is_finite() {
+                    return Err(Error::config("scale", format!("the factor must be finite, got {alpha}")));
+                }
+                (f32_tensor("scaled tensor", a)?.to_vec(), Activation::Identity, 0)
+            }
             ElementwiseKind::ResidualMix => {
                 let (r, m) = f32_matrix("moe output", a)?;
                 f32_shaped("residual mlp output", need(b, "mlp")?, &[r, m])?;
@@ -103,6 +112,7 @@ impl<'a, B: Device> ElementwiseOp<'a, B> {
             cols: super::to_u32("elementwise row length", cols.max(1))?,
             act: act.kernel_code(),
             gated,
+            alpha: if let ElementwiseKind::Scale(alpha) = kind { alpha } else { 0.0 },
             ..Default::default()
         };
         Ok(ElementwiseOp { kind, a, b, c, out_shape, params })

@@ -205,6 +205,8 @@ pub enum ElementwiseCase {
     },
     /// `residual_mix` with softmax coefficients.
     ResidualMix,
+    /// `scale` of a `[9, 33]` by a factor.
+    Scale(f32),
 }
 
 impl ElementwiseCase {
@@ -214,6 +216,7 @@ impl ElementwiseCase {
             ElementwiseCase::Mul => "9x33".into(),
             ElementwiseCase::AddGated { gated } => if *gated { "sigmoid gate" } else { "plain" }.into(),
             ElementwiseCase::ResidualMix => "softmax coefficient".into(),
+            ElementwiseCase::Scale(alpha) => format!("by {alpha}"),
         }
     }
 
@@ -229,6 +232,7 @@ impl ElementwiseCase {
                 b.add_gated(&up(&ya)?, &up(&yb)?, g.as_ref())?
             }
             ElementwiseCase::ResidualMix => b.residual_mix(&up(&ya)?, &up(&yb)?, &up(&rand(&[9, 2], 15, 3.0))?)?,
+            ElementwiseCase::Scale(alpha) => b.scale(&up(&ya)?, *alpha)?,
         };
         Ok(vec![("y", y)])
     }
@@ -257,6 +261,7 @@ elementwise_op!(GluCase, "glu");
 elementwise_op!(MulCase, "mul");
 elementwise_op!(AddGatedCase, "add_gated");
 elementwise_op!(ResidualMixCase, "residual_mix");
+elementwise_op!(ScaleCase, "scale");
 
 // ------------------------------------------------------------------ noise
 
@@ -759,6 +764,7 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
     t.check(&MulCase(ElementwiseCase::Mul));
     t.all(&[false, true].map(|gated| AddGatedCase(ElementwiseCase::AddGated { gated })));
     t.check(&ResidualMixCase(ElementwiseCase::ResidualMix));
+    t.all(&[ScaleCase(ElementwiseCase::Scale(65536.0)), ScaleCase(ElementwiseCase::Scale(-0.25))]);
     t.all(&[
         NoiseCase { kind: NoiseKind::Uniform, what: "uniform" },
         NoiseCase { kind: NoiseKind::Jitter(0.01), what: "jitter" },

@@ -104,6 +104,7 @@ pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
             out
         }
         ElementwiseKind::Mul => a.iter().zip(second("mul")?).map(|(p, q)| p * q).collect(),
+        ElementwiseKind::Scale(alpha) => a.iter().map(|v| alpha * v).collect(),
         ElementwiseKind::AddGated => {
             let b = second("add_gated")?;
             let g = op.c.map(|g| f32s(g, "shared_expert_gate logits")).transpose()?;

@@ -659,6 +659,7 @@ fn elementwise_kernels_match_the_cpu_backend_under_emulation() {
         ops.push((format!("glu {act:?}"), ElementwiseKind::Glu(act), &b2t, None, None));
     }
     ops.push(("mul".into(), ElementwiseKind::Mul, &at, Some(&bt), None));
+    ops.push(("scale".into(), ElementwiseKind::Scale(-0.75), &at, None, None));
     ops.push(("add".into(), ElementwiseKind::AddGated, &at, Some(&bt), None));
     ops.push(("add_gated".into(), ElementwiseKind::AddGated, &at, Some(&bt), Some(&gt)));
     ops.push(("residual_mix".into(), ElementwiseKind::ResidualMix, &at, Some(&bt), Some(&ct)));

@@ -63,7 +63,7 @@ pub(crate) const OPTIM: Family =
 
 /// Every family, for `moe info` and the compile test.
 pub const FAMILIES: &[(&str, &[&str])] = &[
-    ("elementwise", &["activation", "glu", "mul", "add_gated", "residual_mix"]),
+    ("elementwise", &["activation", "glu", "mul", "add_gated", "residual_mix", "scale"]),
     ("permute", &["permute", "combine"]),
     ("bucket", &["bucket_clear", "bucket_invert", "bucket_rank", "bucket_offsets", "bucket_rows"]),
     ("regroup", &["regroup"]),

@@ -70,6 +70,7 @@ static std::map<std::string, Kernel> registry() {
     return {
         {"activation", bind(activation)},     {"glu", bind(glu)},
         {"mul", bind(mul)},                   {"add_gated", bind(add_gated)},
+        {"scale", bind(scale)},
         {"residual_mix", bind(residual_mix)}, {"tile_map", bind(tile_map)},
         {"grouped", bind(grouped)},           {"grouped_tc_f16", bind(grouped_tc_f16)},
         {"grouped_tc_bf16", bind(grouped_tc_bf16)}, {"to_half", bind(to_half)},
