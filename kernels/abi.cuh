@@ -53,3 +53,22 @@ struct CastParams {
     u64 n;
     u32 cols, bf16;
 };
+
+// The backward and optimizer families: grad_matmul.cu, grad.cu, route_grad.cu, optim.cu.
+struct GradMatmulParams {
+    u32 rows, n, k, groups, grouped, wdtype, bias, accumulate, g0, g1, c0, c1, _pad0, _pad1, _pad2;
+};
+
+struct GradParams {
+    u32 rows, cols, k, t0, t1, act, glu, bound;
+};
+
+struct RouteGradParams {
+    u32 s, e, k, score_fn, normalize, renorm_kept, has_aux, _pad0;
+    float eps, scale, aux_scale, z_coef;
+};
+
+struct OptimParams {
+    u32 n, kind, has_m, nesterov;
+    float lr, wd, mu, one_minus_damp, w1, beta2, one_minus_b2, eps, step_size, bc2_sqrt, decay, grad_scale;
+};

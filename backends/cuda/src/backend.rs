@@ -1,6 +1,7 @@
 //! The CUDA [`Backend`]: device memory through cudarc, one stream, the kernels of
 //! `kernels/*.cu` compiled by NVRTC for the device's architecture on first use. Each op
-//! family's launcher lives in its own module (`matmul`, `elementwise`, `routing`, `noise`);
+//! family's launcher lives in its own module (`matmul`, `elementwise`, `routing`, `noise`,
+//! `exchange`, and `grad` for the backward and the optimizer);
 //! this file maps the trait onto them and moves data to and from the host.
 //!
 //! Everything is enqueued on one stream; `download` and `synchronize` wait. Like the wgpu
@@ -15,8 +16,10 @@ use crate::device::{derr, CudaBackend, CudaBuffer, T};
 use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::ops::{
-    BucketOp, BucketParts, CombineOp, ElementwiseOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, NoiseOp,
-    PermuteOp, PlanOp, PlanParts, RegroupOp, RouteOp, RouterStatsOp, RoutesParts,
+    ActGradOp, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
+    GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, NoiseOp,
+    OptimStepOp, PermuteOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp, RouterStatsOp, RoutesParts, StepOut,
+    SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, HostTensor, Result};
@@ -120,5 +123,41 @@ impl Backend for CudaBackend {
 
     fn run_noise(&self, op: &NoiseOp) -> Result<T> {
         self.noise(op)
+    }
+
+    fn run_linear_dx(&self, op: &LinearDxOp<'_, Self>) -> Result<T> {
+        self.linear_dx(op)
+    }
+
+    fn run_weight_grad(&self, op: &WeightGradOp<'_, Self>) -> Result<WeightGrad<Self>> {
+        self.weight_grad(op)
+    }
+
+    fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<T> {
+        self.act_grad(op)
+    }
+
+    fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {
+        self.combine_grad(op)
+    }
+
+    fn run_route_grad(&self, op: &RouteGradOp<'_, Self>) -> Result<T> {
+        self.route_grad(op)
+    }
+
+    fn run_mix_grad(&self, op: &MixGradOp<'_, Self>) -> Result<MixGrad<Self>> {
+        self.mix_grad(op)
+    }
+
+    fn run_gated_add_grad(&self, op: &GatedAddGradOp<'_, Self>) -> Result<GatedAddGrad<Self>> {
+        self.gated_add_grad(op)
+    }
+
+    fn run_optim_step(&self, op: &OptimStepOp<'_, Self>) -> Result<StepOut<Self>> {
+        self.optim_step(op)
+    }
+
+    fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<T> {
+        self.sum_squares(op)
     }
 }

@@ -22,6 +22,10 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("matmul_tc.cu", include_str!("../../../kernels/matmul_tc.cu")),
     ("philox.cu", include_str!("../../../kernels/philox.cu")),
     ("stats.cu", include_str!("../../../kernels/stats.cu")),
+    ("grad_matmul.cu", include_str!("../../../kernels/grad_matmul.cu")),
+    ("grad.cu", include_str!("../../../kernels/grad.cu")),
+    ("route_grad.cu", include_str!("../../../kernels/route_grad.cu")),
+    ("optim.cu", include_str!("../../../kernels/optim.cu")),
 ];
 
 /// Architectures the compile check covers: A100 (sm_80) and H100 (sm_90).

@@ -20,6 +20,15 @@
 //! from any 12.x toolkit (the `nvidia-cuda-nvrtc-cu12` wheel included) compiles the
 //! kernels.
 //!
+//! ## The backward and the optimizer
+//!
+//! The backward and optimizer ops (`grad`) run on kernels of their own, none with float
+//! atomics, so a backward is bitwise repeatable: the backward's products in
+//! kernels/grad_matmul.cu (f32 SIMT, each output element summed by one thread in one
+//! order, group offsets read on the device), the row ops in kernels/grad.cu and
+//! kernels/route_grad.cu (fixed reduction trees), the optimizer steps in kernels/optim.cu
+//! (the cpu's order of f32 operations, bit for bit).
+//!
 //! ## Missing libraries are errors, not panics
 //!
 //! cudarc panics when it resolves a symbol from a library that is absent, so every entry
@@ -31,6 +40,7 @@ pub mod compile;
 mod device;
 mod elementwise;
 mod exchange;
+mod grad;
 pub mod launch;
 mod matmul;
 mod nccl;

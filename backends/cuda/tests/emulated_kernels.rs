@@ -5,7 +5,14 @@
 //! (capacity rules, keep policies, masks, groups), permute/combine, the expert-parallel
 //! bucketing, regrouping and ranged combine, Philox noise, router
 //! statistics, and the grouped products (tiles that span group ends, empty groups, K and N
-//! off the tile size, GLU experts, f32/f16/bf16 weights, the tensor-core kernels).
+//! off the tile size, GLU experts, f32/f16/bf16 weights, the tensor-core kernels); and the
+//! backward and optimizer kernels: input, weight and bias gradients of grouped and dense
+//! products, every activation's and GLU's gradient, combine's gradient over a dropped
+//! route and a token range, the router's backward (both score functions, every
+//! normalisation, kept-route renormalisation, masked routes, router loss and z-loss), the
+//! residual mix and gated add, every optimizer rule (bit for bit) and the sum of squares.
+//! Outputs the backend does not zero-fill start as NaN, so an element a kernel leaves
+//! unwritten fails the comparison.
 //!
 //! Nothing here restates the backend's launch sequence: every parameter block comes from
 //! the op's front door (`moe_engine::ops::*Op::check`), every grid and kernel choice from
@@ -25,9 +32,11 @@ use moe_cuda::launch;
 use moe_engine::kernel_abi::plan::{PlanBuffer, PlanSlice};
 use moe_engine::kernel_abi::{tile_list_words, CastParams, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
-    BlockTable, BucketOp, CapacityRule, Choice, CombineOp, DevicePlacement, ElementwiseKind, ElementwiseOp, GroupScore,
-    GroupedLinearOp, GroupedMlpOp, KeepPolicy, MlpWeights, NoiseOp, Normalize, Offsets, PlanOp, PlanSpec, RegroupOp,
-    RouteOp, RouteSpec, RouterStatsOp, ScoreFn,
+    ActGradKind, ActGradOp, AuxGrad, BlockTable, BucketOp, CapacityRule, Choice, CombineGradOp, CombineOp,
+    DevicePlacement, ElementwiseKind, ElementwiseOp, GatedAddGradOp, GroupScore, GroupedLinearOp, GroupedMlpOp,
+    KeepPolicy, LinearDxOp, MixGradOp, MlpWeights, NoiseOp, Normalize, Offsets, OptimStepOp, PlanOp, PlanSpec,
+    RegroupOp, RouteGradOp, RouteGradSpec, RouteOp, RouteSpec, RouterStatsOp, ScoreFn, StepKind, StepRule,
+    SumSquaresOp, WeightGradOp,
 };
 use moe_engine::philox::NoiseKind;
 use moe_engine::{parity, philox, Activation, Backend, DType, Device, ExpertKind, HostTensor, Tensor};
@@ -717,4 +726,511 @@ fn cublas_feeding_kernels_cast_and_fill_as_specified() {
     assert_eq!(&halves(hbf)[..r * c], &DType::BF16.half_bits(&x).unwrap()[..], "bf16 rounding (to nearest even)");
     let want: Vec<f32> = (0..r * c).map(|i| bias[i % c]).collect();
     assert_eq!(got.f32s(fill), want, "bias rows");
+}
+
+// ------------------------------------------------------------------ backward and optimizer
+
+/// `n` NaNs: an output buffer the kernels must write in full (a NaN left over fails every
+/// comparison), where the backend relies on no zero-fill.
+fn poisoned(s: &mut Script, n: usize) -> usize {
+    s.f32s(&vec![f32::NAN; n])
+}
+
+/// The weight storage code of the matrix kernels.
+fn weight_code(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        _ => 2,
+    }
+}
+
+/// Bit-for-bit equality with the cpu (the kernels that keep its order of operations).
+fn same_bits(what: &str, want: &HostTensor, got: Vec<f32>) {
+    let want = want.as_f32(what).expect("f32");
+    let bad: Vec<usize> = (0..want.len()).filter(|&i| want[i].to_bits() != got[i].to_bits()).collect();
+    assert!(bad.is_empty(), "{what}: {} of {} values differ, first at {:?}", bad.len(), want.len(), bad.first());
+}
+
+/// A product whose gradients are under test.
+struct GradMatmulCase {
+    name: &'static str,
+    counts: &'static [usize],
+    /// Rows past the last group (zero in dx, unread by dw).
+    extra_rows: usize,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    grouped: bool,
+}
+
+#[test]
+fn backward_product_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let base = GradMatmulCase {
+        name: "grouped_f32_empty_group_two_column_blocks",
+        counts: &[37, 0, 70, 3],
+        extra_rows: 5,
+        n: 33,
+        k: 70,
+        dtype: DType::F32,
+        grouped: true,
+    };
+    let cases = [
+        GradMatmulCase { ..base },
+        GradMatmulCase {
+            name: "grouped_bf16_empty_last_group",
+            counts: &[20, 45, 0],
+            extra_rows: 0,
+            n: 19,
+            k: 9,
+            dtype: DType::BF16,
+            ..base
+        },
+        GradMatmulCase {
+            name: "grouped_f16_two_row_blocks",
+            counts: &[1, 66],
+            extra_rows: 2,
+            n: 65,
+            k: 17,
+            dtype: DType::F16,
+            ..base
+        },
+        GradMatmulCase { name: "dense_f32", counts: &[83], extra_rows: 0, n: 21, k: 66, grouped: false, ..base },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let (g, n, k) = (c.counts.len(), c.n, c.k);
+        let rows = c.counts.iter().sum::<usize>() + c.extra_rows;
+        let st = 1000 + 10 * i as u32;
+        let (dy, x, w) = (rand(rows * n, st), rand(rows * k, st + 1), rand(g * n * k, st + 2));
+        let dyt = up(&cpu, &[rows, n], dy.clone());
+        let xt = up(&cpu, &[rows, k], x.clone());
+        let w_shape = if c.grouped { vec![g, n, k] } else { vec![n, k] };
+        // The reference multiplies the weights in their storage type, as the kernel reads them.
+        let wt = cpu.upload_weight(&HostTensor::f32(&w_shape, round(&w, c.dtype)).expect("w"), DType::F32);
+        let wt = wt.expect("weights");
+        let ot = Offsets::from_host(&cpu, &offsets_of(c.counts)).expect("offsets");
+        let off = c.grouped.then_some(&ot);
+        let mut dx_params = LinearDxOp::check(&cpu, &dyt, &wt, off).expect("checked").params;
+        dx_params.wdtype = weight_code(c.dtype);
+        let wg_params = WeightGradOp::check(&cpu, &dyt, &xt, off, true).expect("checked").params;
+
+        let mut s = Script::default();
+        let (dyb, xb, offb) = (s.f32s(&dy), s.f32s(&x), s.i32s(&offsets_of(c.counts)));
+        let wb = if c.dtype == DType::F32 { s.f32s(&w) } else { s.u16s(&c.dtype.half_bits(&w).expect("halves")) };
+        let off_arg = || if c.grouped { Arg::Buf(offb) } else { Arg::Null };
+        // dx starts zeroed as the backend allocates it: rows past the last group stay 0.
+        let dx = s.zeros(rows * k);
+        let (dw, db) = (poisoned(&mut s, g * n * k), poisoned(&mut s, g * n));
+        let b = Arg::Buf;
+        let dx_args = [b(dyb), b(wb), off_arg(), b(dx), param(&dx_params)];
+        s.launch("linear_dx", launch::linear_dx(&dx_params), &dx_args);
+        let dw_args = [b(dyb), b(xb), off_arg(), b(dw), param(&wg_params)];
+        s.launch("weight_grad", launch::weight_grad(&wg_params), &dw_args);
+        let db_args = [b(dyb), b(xb), off_arg(), b(db), param(&wg_params)];
+        s.launch("bias_grad", launch::bias_grad(&wg_params), &db_args);
+        let got = s.run(exe, c.name);
+
+        let want_dx = cpu.linear_dx(&dyt, &wt, off).expect("cpu linear_dx");
+        let want = cpu.weight_grad(&dyt, &xt, off, true).expect("cpu weight_grad");
+        let name = |what: &str| format!("{}: {what}", c.name);
+        close_f32(&name("dx"), &host(&cpu, &want_dx), got.f32s(dx), 1e-5);
+        close_f32(&name("dw"), &host(&cpu, &want.dw), got.f32s(dw), 1e-5);
+        // The bias gradient sums rows in row order, as the cpu: the same bits.
+        same_bits(&name("db"), &host(&cpu, &want.db.expect("asked for")), got.f32s(db));
+    }
+}
+
+#[test]
+fn act_grad_kernel_matches_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let (r, i) = (13usize, 21usize);
+    // Pre-activations over [-3, 3], zero included (relu's kink).
+    let mut pre: Vec<f32> = rand(r * 2 * i, 1100).into_iter().map(|v| 3.0 * v).collect();
+    pre[5] = 0.0;
+    let dy = rand(r * i, 1101);
+    let (pre1t, pre2t) = (up(&cpu, &[r, i], pre[..r * i].to_vec()), up(&cpu, &[r, 2 * i], pre.clone()));
+    let dyt = up(&cpu, &[r, i], dy.clone());
+    let mut kinds = Vec::new();
+    for act in Activation::ALL {
+        kinds.push(ActGradKind::Activation(act));
+        kinds.push(ActGradKind::Glu(act));
+    }
+    let mut s = Script::default();
+    let (dyb, pre1b, pre2b) = (s.f32s(&dy), s.f32s(&pre[..r * i]), s.f32s(&pre));
+    let mut outs = Vec::new();
+    for kind in &kinds {
+        let (pre_t, pre_b) = if matches!(kind, ActGradKind::Glu(_)) { (&pre2t, pre2b) } else { (&pre1t, pre1b) };
+        let op = ActGradOp::check(&cpu, *kind, &dyt, pre_t).expect("checked");
+        let out = poisoned(&mut s, op.out_shape[0] * op.out_shape[1]);
+        let args = [Arg::Buf(dyb), Arg::Buf(pre_b), Arg::Buf(out), param(&op.params)];
+        s.launch("act_grad", launch::act_grad(&op.params), &args);
+        outs.push(out);
+    }
+    let got = s.run(exe, "act_grad");
+    for (kind, out) in kinds.iter().zip(outs) {
+        let pre_t = if matches!(kind, ActGradKind::Glu(_)) { &pre2t } else { &pre1t };
+        let want = host(&cpu, &cpu.act_grad(*kind, &dyt, pre_t).expect("cpu act_grad"));
+        close_f32(&format!("act_grad {kind:?}"), &want, got.f32s(out), 1e-5);
+    }
+}
+
+#[test]
+fn combine_grad_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let (s_, e, k, m) = (48usize, 8usize, 3usize, 13usize);
+    // Skewed logits and DeepSpeed capacity: some routes dropped (row −1).
+    let logits: Vec<f32> =
+        rand(s_ * e, 1200).into_iter().enumerate().map(|(j, v)| 2.0 * v + if j % e < 2 { 1.5 } else { 0.0 }).collect();
+    let lt = up(&cpu, &[s_, e], logits);
+    let routes = cpu.route(&lt, &RouteSpec::softmax_top_k(k)).expect("cpu route");
+    let plan_spec = PlanSpec {
+        num_experts: e,
+        capacity: CapacityRule::DeepSpeed { factor: 1.0, k_prime: k, min_capacity: 4 },
+        keep: KeepPolicy::TokenOrder,
+        used_token: None,
+        group_size: None,
+        renormalize_kept: true,
+    };
+    let plan = cpu.plan(&routes, &plan_spec).expect("cpu plan");
+    let rows_host = host(&cpu, &plan.rows).into_i32("rows").expect("i32");
+    assert!(rows_host.contains(&-1), "some routes dropped");
+    let route_rows = plan.route_rows();
+    let bound = route_rows.bound();
+    let yp = rand(bound * m, 1201);
+    let ypt = up(&cpu, &[bound, m], yp.clone());
+    let weights = host(&cpu, &plan.weights).into_f32("weights").expect("f32");
+    for (case, tokens) in [("every token", 0..s_), ("a range", 7..31)] {
+        let dy = rand(tokens.len() * m, 1202);
+        let dyt = up(&cpu, &[tokens.len(), m], dy.clone());
+        let op = CombineGradOp::check(&cpu, &dyt, &ypt, &route_rows, &plan.weights, tokens.clone()).expect("checked");
+        let mut s = Script::default();
+        let (dyb, ypb, rb, wb) = (s.f32s(&dy), s.f32s(&yp), s.i32s(&rows_host), s.f32s(&weights));
+        // d_yp starts zeroed as the backend allocates it; d_w is written in full.
+        let (d_yp, d_w) = (s.zeros(bound * m), poisoned(&mut s, s_ * k));
+        let b = Arg::Buf;
+        s.launch(
+            "combine_grad_rows",
+            launch::combine_grad_rows(&op.params),
+            &[b(dyb), b(rb), b(wb), b(d_yp), param(&op.params)],
+        );
+        s.launch(
+            "combine_grad_weights",
+            launch::combine_grad_weights(&op.params),
+            &[b(dyb), b(ypb), b(rb), b(d_w), param(&op.params)],
+        );
+        let got = s.run(exe, "combine_grad");
+        let want = cpu.combine_grad(&dyt, &ypt, &route_rows, &plan.weights, tokens.clone()).expect("cpu");
+        close_f32(&format!("{case}: d_yp"), &host(&cpu, &want.d_yp), got.f32s(d_yp), 1e-5);
+        close_f32(&format!("{case}: d_weights"), &host(&cpu, &want.d_weights), got.f32s(d_w), 1e-5);
+    }
+}
+
+/// A forward route and plan whose backward is under test.
+struct RouteGradCase {
+    name: &'static str,
+    s: usize,
+    e: usize,
+    k: usize,
+    score: ScoreFn,
+    choice: Choice,
+    bias: bool,
+    normalize: Normalize,
+    scale: f32,
+    capacity: CapacityRule,
+    renorm: bool,
+    aux: bool,
+    z_coef: f32,
+}
+
+#[test]
+fn route_grad_kernel_matches_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let base = RouteGradCase {
+        name: "softmax_top2_deepspeed_renorm_aux_z",
+        s: 48,
+        e: 8,
+        k: 2,
+        score: ScoreFn::Softmax,
+        choice: Choice::TopK,
+        bias: false,
+        normalize: Normalize::None,
+        scale: 1.0,
+        capacity: CapacityRule::DeepSpeed { factor: 1.0, k_prime: 2, min_capacity: 4 },
+        renorm: true,
+        aux: true,
+        z_coef: 0.01,
+    };
+    let group_top2 = Choice::GroupLimited { n_group: 8, topk_group: 3, group_score: GroupScore::SumTop2 };
+    // 4 groups of 2, one kept: the third route of every token lands on a masked expert,
+    // weight 0.
+    let group_max = Choice::GroupLimited { n_group: 4, topk_group: 1, group_score: GroupScore::Max };
+    let cases = [
+        RouteGradCase { ..base },
+        RouteGradCase {
+            name: "softmax_top3_sum_fixed_capacity",
+            s: 37,
+            e: 40,
+            k: 3,
+            normalize: Normalize::Sum,
+            capacity: CapacityRule::Fixed(2),
+            renorm: false,
+            aux: false,
+            z_coef: 0.0,
+            ..base
+        },
+        RouteGradCase {
+            name: "sigmoid_group_top2_sum_eps_scaled",
+            s: 21,
+            e: 64,
+            k: 4,
+            score: ScoreFn::Sigmoid,
+            choice: group_top2,
+            bias: true,
+            normalize: Normalize::SumPlus(1e-20),
+            scale: 2.5,
+            capacity: CapacityRule::Fixed(1),
+            aux: false,
+            z_coef: 0.02,
+            ..base
+        },
+        RouteGradCase {
+            name: "softmax_group_max_masked_routes",
+            s: 19,
+            e: 8,
+            k: 3,
+            choice: group_max,
+            normalize: Normalize::Sum,
+            capacity: CapacityRule::DeepSpeed { factor: 1.0, k_prime: 3, min_capacity: 1 },
+            ..base
+        },
+        RouteGradCase {
+            name: "softmax_top6_300_experts_sum_eps",
+            s: 10,
+            e: 300,
+            k: 6,
+            normalize: Normalize::SumPlus(1e-3),
+            scale: 0.75,
+            capacity: CapacityRule::Unlimited,
+            renorm: false,
+            z_coef: 0.05,
+            ..base
+        },
+        RouteGradCase {
+            name: "sigmoid_top1_renorm",
+            s: 33,
+            e: 16,
+            k: 1,
+            score: ScoreFn::Sigmoid,
+            capacity: CapacityRule::DeepSpeed { factor: 1.0, k_prime: 1, min_capacity: 1 },
+            aux: false,
+            z_coef: 0.0,
+            ..base
+        },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let st = 1300 + 10 * i as u32;
+        let logits: Vec<f32> = rand(c.s * c.e, st)
+            .into_iter()
+            .enumerate()
+            .map(|(j, v)| 3.0 * v + if j % c.e < 2 { 1.0 } else { 0.0 })
+            .collect();
+        let lt = up(&cpu, &[c.s, c.e], logits.clone());
+        let bt = up(&cpu, &[c.e], rand(c.e, st + 1).into_iter().map(|v| 0.1 * v).collect());
+        let spec = RouteSpec {
+            k: c.k,
+            score: c.score,
+            choice: c.choice,
+            bias: c.bias.then_some(&bt),
+            choice_noise: None,
+            normalize: c.normalize,
+            scale: c.scale,
+        };
+        let routes = cpu.route(&lt, &spec).expect("cpu route");
+        let plan_spec = PlanSpec {
+            num_experts: c.e,
+            capacity: c.capacity,
+            keep: KeepPolicy::TokenOrder,
+            used_token: None,
+            group_size: None,
+            renormalize_kept: c.renorm,
+        };
+        let plan = cpu.plan(&routes, &plan_spec).expect("cpu plan");
+        let dw = rand(c.s * c.k, st + 2);
+        let dwt = up(&cpu, &[c.s, c.k], dw.clone());
+        let grad_spec =
+            RouteGradSpec { score: c.score, normalize: c.normalize, scale: c.scale, renormalize_kept: c.renorm };
+        let aux = || c.aux.then(|| AuxGrad { counts: &plan.counts, scale: 0.37 / (c.s * c.s) as f32 });
+        let want = cpu.route_grad(&dwt, &routes, &plan, &lt, grad_spec, aux(), c.z_coef).expect("cpu route_grad");
+        let op = RouteGradOp::check(&cpu, &dwt, &routes, &plan, &lt, grad_spec, aux(), c.z_coef).expect("checked");
+
+        let ints = |t: &Cpu| host(&cpu, t).into_i32("i32").expect("i32");
+        let floats = |t: &Cpu| host(&cpu, t).into_f32("f32").expect("f32");
+        let (rows, rw) = (ints(&plan.rows), floats(&routes.weights));
+        let mut s = Script::default();
+        let bufs = [
+            s.f32s(&dw),
+            s.i32s(&ints(&routes.experts)),
+            s.f32s(&rw),
+            s.f32s(&floats(&routes.scores)),
+            s.i32s(&rows),
+            s.f32s(&logits),
+        ];
+        let counts = if c.aux { Arg::Buf(s.i32s(&ints(&plan.counts))) } else { Arg::Null };
+        let out = poisoned(&mut s, c.s * c.e);
+        let mut args = Vec::from(bufs.map(Arg::Buf));
+        args.extend([counts, Arg::Buf(out), param(&op.params)]);
+        s.launch("route_grad", launch::route_grad(c.s), &args);
+        let got = s.run(exe, c.name);
+        close_f32(&format!("{}: d_logits", c.name), &host(&cpu, &want), got.f32s(out), 1e-5);
+        if !matches!(c.capacity, CapacityRule::Unlimited) {
+            assert!(rows.contains(&-1), "{}: some routes dropped", c.name);
+        }
+        if c.choice == group_max {
+            assert!(rw.contains(&0.0), "{}: some routes masked", c.name);
+        }
+    }
+}
+
+#[test]
+fn mix_and_gated_add_grad_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    // 300 columns: more than a block's 256 threads; 5: fewer.
+    for (r, m) in [(13usize, 300usize), (6, 5)] {
+        let st = 1400 + m as u32;
+        let (dy, moe, mlp) = (rand(r * m, st), rand(r * m, st + 1), rand(r * m, st + 2));
+        let coef: Vec<f32> = rand(2 * r, st + 3).into_iter().map(|v| 2.0 * v).collect();
+        let gate: Vec<f32> = rand(r, st + 4).into_iter().map(|v| 3.0 * v).collect();
+        let t = |shape: &[usize], v: &Vec<f32>| up(&cpu, shape, v.clone());
+        let (dyt, moet, mlpt, coeft, gatet) =
+            (t(&[r, m], &dy), t(&[r, m], &moe), t(&[r, m], &mlp), t(&[r, 2], &coef), t(&[r, 1], &gate));
+        let mix = MixGradOp::check(&cpu, &dyt, &moet, &mlpt, &coeft).expect("checked").params;
+        let add = GatedAddGradOp::check(&cpu, &dyt, &mlpt, &gatet).expect("checked").params;
+        let mut s = Script::default();
+        let (dyb, moeb, mlpb, coefb, gateb) = (s.f32s(&dy), s.f32s(&moe), s.f32s(&mlp), s.f32s(&coef), s.f32s(&gate));
+        let (d_moe, d_mlp, d_coef) = (poisoned(&mut s, r * m), poisoned(&mut s, r * m), poisoned(&mut s, 2 * r));
+        let (d_shared, d_gate) = (poisoned(&mut s, r * m), poisoned(&mut s, r));
+        let b = Arg::Buf;
+        let mix_args = [b(dyb), b(moeb), b(mlpb), b(coefb), b(d_moe), b(d_mlp), b(d_coef), param(&mix)];
+        s.launch("mix_grad", launch::grad_rows(r), &mix_args);
+        let add_args = [b(dyb), b(mlpb), b(gateb), b(d_shared), b(d_gate), param(&add)];
+        s.launch("gated_add_grad", launch::grad_rows(r), &add_args);
+        let got = s.run(exe, "mix_gated_add_grad");
+        let want = cpu.mix_grad(&dyt, &moet, &mlpt, &coeft).expect("cpu mix_grad");
+        let name = |what: &str| format!("[{r}, {m}]: {what}");
+        close_f32(&name("d_moe"), &host(&cpu, &want.d_moe), got.f32s(d_moe), 1e-5);
+        close_f32(&name("d_mlp"), &host(&cpu, &want.d_mlp), got.f32s(d_mlp), 1e-5);
+        close_f32(&name("d_coef"), &host(&cpu, &want.d_coef), got.f32s(d_coef), 1e-5);
+        let want = cpu.gated_add_grad(&dyt, &mlpt, &gatet).expect("cpu gated_add_grad");
+        close_f32(&name("d_shared"), &host(&cpu, &want.d_shared), got.f32s(d_shared), 1e-5);
+        close_f32(&name("d_gate"), &host(&cpu, &want.d_gate), got.f32s(d_gate), 1e-5);
+    }
+}
+
+#[test]
+fn optimizer_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let base = StepRule {
+        kind: StepKind::Sgd,
+        lr: 0.01,
+        weight_decay: 0.0,
+        momentum: 0.0,
+        dampening: 0.0,
+        nesterov: false,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let rules = [
+        ("sgd_weight_decay", StepRule { weight_decay: 0.01, step: 4, ..base }),
+        ("sgd_momentum_first_step", StepRule { momentum: 0.9, weight_decay: 1e-4, ..base }),
+        ("sgd_momentum_dampening", StepRule { momentum: 0.9, dampening: 0.1, weight_decay: 1e-4, step: 5, ..base }),
+        ("sgd_nesterov_scaled", StepRule { momentum: 0.8, nesterov: true, step: 3, grad_scale: 0.5, ..base }),
+        ("adam_l2_scaled", StepRule { kind: StepKind::Adam, weight_decay: 0.01, step: 7, grad_scale: 0.25, ..base }),
+        ("adam_first_step", StepRule { kind: StepKind::Adam, ..base }),
+        // β₁ = 0.3: lerp weight 0.7, torch's second lerp branch.
+        ("adam_lerp_upper_branch", StepRule { kind: StepKind::Adam, beta1: 0.3, step: 2, ..base }),
+        ("adamw", StepRule { kind: StepKind::AdamW, weight_decay: 0.1, step: 3, ..base }),
+    ];
+    let shape = [37usize, 21];
+    let n = shape[0] * shape[1];
+    let (p, g) = (rand(n, 1500), rand(n, 1501));
+    let m = rand(n, 1502).into_iter().map(|v| 0.1 * v).collect::<Vec<_>>();
+    let v = rand(n, 1503).into_iter().map(|x| 1e-3 * x * x).collect::<Vec<_>>();
+    let (pt, gt, mt, vt) = (
+        up(&cpu, &shape, p.clone()),
+        up(&cpu, &shape, g.clone()),
+        up(&cpu, &shape, m.clone()),
+        up(&cpu, &shape, v.clone()),
+    );
+    for (name, rule) in rules {
+        let sgd_first = rule.kind == StepKind::Sgd && rule.step == 1;
+        let m_in = (rule.has_m() && !sgd_first).then_some(&mt);
+        let v_in = rule.has_v().then_some(&vt);
+        let op = OptimStepOp::check(&cpu, &pt, &gt, m_in, v_in, rule).expect("checked");
+        let mut s = Script::default();
+        let (pb, gb, mb, vb) = (s.f32s(&p), s.f32s(&g), s.f32s(&m), s.f32s(&v));
+        let p_out = poisoned(&mut s, n);
+        let m_out = rule.has_m().then(|| poisoned(&mut s, n));
+        let v_out = rule.has_v().then(|| poisoned(&mut s, n));
+        let opt = |b: Option<usize>| b.map_or(Arg::Null, Arg::Buf);
+        let args = [
+            Arg::Buf(pb),
+            Arg::Buf(gb),
+            opt(m_in.map(|_| mb)),
+            opt(v_in.map(|_| vb)),
+            Arg::Buf(p_out),
+            opt(m_out),
+            opt(v_out),
+            param(&op.params),
+        ];
+        s.launch("optim_step", launch::optim_step(n), &args);
+        let got = s.run(exe, name);
+        let want = cpu.optim_step(&pt, &gt, m_in, v_in, rule).expect("cpu step");
+        // The kernel keeps the cpu's (torch's) order of f32 operations: the same bits.
+        same_bits(&format!("{name}: param"), &host(&cpu, &want.param), got.f32s(p_out));
+        if let (Some(w), Some(b)) = (&want.m, m_out) {
+            same_bits(&format!("{name}: m"), &host(&cpu, w), got.f32s(b));
+        }
+        if let (Some(w), Some(b)) = (&want.v, v_out) {
+            same_bits(&format!("{name}: v"), &host(&cpu, w), got.f32s(b));
+        }
+        assert_eq!((want.m.is_some(), want.v.is_some()), (m_out.is_some(), v_out.is_some()), "{name}: state kept");
+    }
+}
+
+#[test]
+fn sum_squares_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    assert!(launch::sum_squares_partial(100_003).grid[0] > 1, "the large case spans several blocks");
+    for n in [0usize, 1, 777, 100_003] {
+        let x: Vec<f32> = rand(n, 1600 + n as u32).into_iter().map(|v| 4.0 * v).collect();
+        let xt = up(&cpu, &[n], x.clone());
+        let op = SumSquaresOp::<CpuBackend>::check(&xt).expect("checked");
+        let mut s = Script::default();
+        let xb = s.f32s(&x);
+        let (partials, out) = (poisoned(&mut s, launch::SUM_SQUARES_PARTIALS), poisoned(&mut s, 1));
+        s.launch(
+            "sum_squares_partial",
+            launch::sum_squares_partial(n),
+            &[Arg::Buf(xb), Arg::Buf(partials), param(&op.params)],
+        );
+        s.launch(
+            "sum_squares_final",
+            launch::sum_squares_final(),
+            &[Arg::Buf(partials), Arg::Buf(out), param(&op.params)],
+        );
+        let got = s.run(exe, "sum_squares");
+        let want = cpu.sum_squares(&xt).expect("cpu sum_squares");
+        close_f32(&format!("sum_squares of {n}"), &host(&cpu, &want), got.f32s(out), 1e-5);
+    }
 }

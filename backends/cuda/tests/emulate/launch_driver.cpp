@@ -13,13 +13,17 @@
 #include "abi.cuh"
 #include "bucket.cu"
 #include "elementwise.cu"
+#include "grad.cu"
+#include "grad_matmul.cu"
 #include "matmul.cu"
 #include "matmul_tc.cu"
+#include "optim.cu"
 #include "permute.cu"
 #include "philox.cu"
 #include "plan.cu"
 #include "regroup.cu"
 #include "route.cu"
+#include "route_grad.cu"
 #include "stats.cu"
 
 #include <cstdio>
@@ -84,6 +88,12 @@ static std::map<std::string, Kernel> registry() {
         {"bucket_invert", bind(bucket_invert)}, {"bucket_rank", bind(bucket_rank)},
         {"bucket_offsets", bind(bucket_offsets)}, {"bucket_rows", bind(bucket_rows)},
         {"regroup", bind(regroup)},
+        {"linear_dx", bind(linear_dx)},       {"weight_grad", bind(weight_grad)},
+        {"bias_grad", bind(bias_grad)},       {"act_grad", bind(act_grad)},
+        {"combine_grad_rows", bind(combine_grad_rows)}, {"combine_grad_weights", bind(combine_grad_weights)},
+        {"mix_grad", bind(mix_grad)},         {"gated_add_grad", bind(gated_add_grad)},
+        {"route_grad", bind(route_grad)},     {"optim_step", bind(optim_step)},
+        {"sum_squares_partial", bind(sum_squares_partial)}, {"sum_squares_final", bind(sum_squares_final)},
     };
 }
 
