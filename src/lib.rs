@@ -31,6 +31,7 @@ pub mod philox;
 pub mod report;
 pub mod stack;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use backend::Backend;

@@ -1,13 +1,16 @@
 //! Golden cases: reference results from DeepSpeed and HF transformers (see
 //! `tests/golden/FORMAT.md`). [`run_case`] reads a case folder into typed metadata
 //! ([`case::CaseMeta`]), builds its gate or layer through the importers, runs it forward
-//! on a backend and compares every expected output.
+//! (and backward) on a backend and compares every expected output; a training trace
+//! ([`trace`], kinds `*.train`) is replayed step by step with the optimizer.
 
 pub mod case;
 mod run;
+pub mod trace;
 
 pub use case::{Backward, Case, CaseKind, CaseMeta, Loss, Output};
 pub use run::{run_case, run_case_ep};
+pub use trace::{is_trace, run_trace, StepRecord, Trace, TraceKind, TraceMeta};
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 //! output.
 
 use super::case::{Backward, Case, CaseKind, Loss, Output};
+use super::trace::Trace;
 use super::{rel_l2, CaseResult, OutputCheck};
 use crate::backend::Backend;
 use crate::config::GateSpec;
@@ -26,8 +27,18 @@ use std::sync::Arc;
 pub const GRAD_REL_L2: f64 = 1e-5;
 
 /// Runs one case folder on backend `b` and compares every expected output.
+/// A training trace ([`super::trace`]) is replayed step by step.
 pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
+    if super::trace::is_trace(dir) {
+        return super::trace::run_trace(b, dir);
+    }
     run_case_on(b, &Case::load(dir)?, None)
+}
+
+/// A case or a training trace, loaded.
+enum Loaded {
+    Case(Box<Case>),
+    Trace(Box<Trace>),
 }
 
 /// Runs one case on `n` in-process ranks that all hold the case's whole batch, the
@@ -36,7 +47,9 @@ pub fn run_case<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
 /// builds each rank's backend. With `per_node` > 0 the ranks form nodes of that many and
 /// exchange hierarchically (within nodes, then across). Returns every rank's result; `n`
 /// must divide the experts. A rank that fails or panics makes the run an error (that
-/// rank's, not its peers' timeouts), never a panic of the caller.
+/// rank's, not its peers' timeouts), never a panic of the caller. A training trace
+/// compares its first step's forward on the ranks (there is no expert-parallel backward
+/// yet) and reports the rest as not compared.
 pub fn run_case_ep<B, F>(
     make: F,
     dir: &Path,
@@ -51,7 +64,11 @@ where
     if n == 0 {
         return Err(Error::config("ep", "at least one rank"));
     }
-    let case = Case::load(dir)?;
+    let case = if super::trace::is_trace(dir) {
+        Loaded::Trace(Box::new(Trace::load(dir)?))
+    } else {
+        Loaded::Case(Box::new(Case::load(dir)?))
+    };
     let comms = crate::parallel::in_process(n, timeout);
     std::thread::scope(|scope| {
         let handles: Vec<_> = comms
@@ -64,7 +81,12 @@ where
                         let b = make(rank)?;
                         let transport: Arc<dyn Transport<B>> =
                             if per_node > 0 { Arc::new(Hierarchical::new(comm, per_node)?) } else { Arc::new(comm) };
-                        run_case_on(&b, case, Some(transport))
+                        match case {
+                            Loaded::Case(c) => run_case_on(&b, c, Some(transport)),
+                            Loaded::Trace(t) => {
+                                t.run_first_forward(&b, Some(transport), "no expert-parallel backward yet")
+                            }
+                        }
                     };
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
                         let msg = p

@@ -81,6 +81,35 @@ impl NameMap {
         self.params.keys().map(String::as_str)
     }
 
+    /// The shape of checkpoint tensor `name`, when the map has it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.params.get(name).map(|(shape, _)| shape.as_slice())
+    }
+
+    /// The engine tensors (names as [`HostLayerWeights::named`] gives them) that checkpoint
+    /// tensor `name`'s elements landed in, each once, in the order of first use. An
+    /// optimizer reads it to tell a parameter's checkpoint names from a buffer's (the
+    /// DeepSeek-V3 correction bias has no optimizer state).
+    pub fn sources(&self, name: &str) -> Result<Vec<&str>> {
+        let (_, slots) = self.params.get(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        let mut seen: Vec<u32> = Vec::new();
+        for &(f, _) in slots {
+            if !seen.contains(&f) {
+                seen.push(f);
+            }
+        }
+        Ok(seen.into_iter().map(|f| self.fields[f as usize].as_str()).collect())
+    }
+
+    /// Every checkpoint tensor read from `weights` (in the importers' layout): the weights
+    /// under the checkpoint's own names, e.g. to save trained weights or compare them with
+    /// a reference.
+    pub fn gather_weights(&self, weights: &HostLayerWeights) -> Result<BTreeMap<String, HostTensor>> {
+        let engine: BTreeMap<String, HostTensor> =
+            weights.named().into_iter().map(|(name, t)| (name, t.clone())).collect();
+        self.names().map(|name| Ok((name.to_string(), self.gather(&engine, name)?))).collect()
+    }
+
     /// Checkpoint tensor `name` read from `engine` (engine name → tensor, in the layout
     /// of [`HostLayerWeights::named`]).
     pub fn gather(&self, engine: &BTreeMap<String, HostTensor>, name: &str) -> Result<HostTensor> {

@@ -61,7 +61,7 @@ pub fn golden_dir() -> PathBuf {
 /// results of the ones that passed.
 pub fn run_golden<B: Backend>(b: &B) -> (Vec<String>, Vec<golden::CaseResult>) {
     let cases = golden::discover(&golden_dir()).expect("tests/golden holds the cases");
-    assert_eq!(cases.len(), 28, "expected the 28 reference cases in {}", golden_dir().display());
+    assert_eq!(cases.len(), 35, "expected the 28 reference cases and 7 training traces in {}", golden_dir().display());
     let (mut failures, mut passed) = (Vec::new(), Vec::new());
     for dir in &cases {
         match golden::run_case(b, dir) {
