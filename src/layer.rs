@@ -244,6 +244,19 @@ impl<B: Backend> MoeLayer<B> {
         Self::build(backend, spec, weights, dtype, dispatcher, false)
     }
 
+    /// As [`MoeLayer::new_trainable`] for one rank of an expert-parallel group (see
+    /// [`MoeLayer::new_ep`]): the rank's experts and the dense parts as plain f32
+    /// tensors for an optimizer to step.
+    pub fn new_ep_trainable(
+        backend: &B,
+        spec: LayerSpec,
+        weights: &HostLayerWeights,
+        ep: ExpertParallel<B>,
+    ) -> Result<Self> {
+        let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
+        Self::build(backend, spec, weights, DType::F32, dispatcher, true)
+    }
+
     fn build(
         backend: &B,
         spec: LayerSpec,

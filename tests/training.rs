@@ -189,12 +189,12 @@ fn resume_is_bitwise(name: &str, k: usize, checkpoint_names: bool) {
     let b = common::cpu(2);
     let trace = Trace::load(&trace_dir(name)).unwrap();
     let n = trace.steps();
-    let mut layer = trace.layer(&b).unwrap();
+    let mut layer = trace.layer(&b, None).unwrap();
     let mut opt = trace.optimizer(&mut layer).unwrap();
     let straight = run_steps(&b, &trace, &mut layer, &mut opt, 0..n);
     let want = weight_bits(&b, &layer);
 
-    let mut layer = trace.layer(&b).unwrap();
+    let mut layer = trace.layer(&b, None).unwrap();
     let mut opt = trace.optimizer(&mut layer).unwrap();
     let mut resumed = run_steps(&b, &trace, &mut layer, &mut opt, 0..k);
     let dir = common::tmp_dir("training_resume", &format!("{name}_{k}_{checkpoint_names}"));
@@ -289,7 +289,7 @@ fn a_resumed_run_under_engine_names_continues_bitwise() {
 fn state_saved_under_checkpoint_names_reads_as_the_checkpoint_does() {
     let b = common::cpu(1);
     let trace = Trace::load(&trace_dir("t01_ds_top2_residual_adam")).unwrap();
-    let mut layer = trace.layer(&b).unwrap();
+    let mut layer = trace.layer(&b, None).unwrap();
     let mut opt = trace.optimizer(&mut layer).unwrap();
     assert_eq!(opt.groups().iter().map(|g| g.name()).collect::<Vec<_>>(), ["dense-params", "ep_size_1"]);
     let groups: BTreeMap<&str, &str> = opt.params().collect();
@@ -325,7 +325,7 @@ fn state_saved_under_checkpoint_names_reads_as_the_checkpoint_does() {
 fn bad_state_files_are_errors_that_leave_the_optimizer_as_it_was() {
     let b = common::cpu(1);
     let trace = Trace::load(&trace_dir("t02_ds_top1_linear_rts_sgd")).unwrap();
-    let mut layer = trace.layer(&b).unwrap();
+    let mut layer = trace.layer(&b, None).unwrap();
     let mut opt = trace.optimizer(&mut layer).unwrap();
     run_steps(&b, &trace, &mut layer, &mut opt, 0..2);
     let dir = common::tmp_dir("training", "bad_state");
@@ -336,7 +336,7 @@ fn bad_state_files_are_errors_that_leave_the_optimizer_as_it_was() {
     assert!(all.contains_key("experts.w_in.momentum_buffer"), "{:?}", all.keys());
     let before = opt.state("experts.w_in").unwrap().m.map(|t| b.download(t).unwrap().into_f32("m").unwrap());
 
-    let mut fresh_layer = trace.layer(&b).unwrap();
+    let mut fresh_layer = trace.layer(&b, None).unwrap();
     let mut fresh = trace.optimizer(&mut fresh_layer).unwrap();
     type Edit = Box<dyn Fn(&mut BTreeMap<String, HostTensor>)>;
     let variants: [(&str, Edit, &str); 4] = [

@@ -47,9 +47,8 @@ enum Loaded {
 /// builds each rank's backend. With `per_node` > 0 the ranks form nodes of that many and
 /// exchange hierarchically (within nodes, then across). Returns every rank's result; `n`
 /// must divide the experts. A rank that fails or panics makes the run an error (that
-/// rank's, not its peers' timeouts), never a panic of the caller. A training trace
-/// compares its first step's forward on the ranks (there is no expert-parallel backward
-/// yet) and reports the rest as not compared.
+/// rank's, not its peers' timeouts), never a panic of the caller. A training trace runs
+/// every step on the ranks, each stepping its own experts and the replicated rest.
 pub fn run_case_ep<B, F>(
     make: F,
     dir: &Path,
@@ -83,9 +82,7 @@ where
                             if per_node > 0 { Arc::new(Hierarchical::new(comm, per_node)?) } else { Arc::new(comm) };
                         match case {
                             Loaded::Case(c) => run_case_on(&b, c, Some(transport)),
-                            Loaded::Trace(t) => {
-                                t.run_first_forward(&b, Some(transport), "no expert-parallel backward yet")
-                            }
+                            Loaded::Trace(t) => t.run(&b, Some(transport)),
                         }
                     };
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
@@ -221,7 +218,7 @@ fn backward_grads<B: Backend>(
 }
 
 /// A stack of `e` experts with `t`'s matrices at the experts `ids` it holds, NaN elsewhere.
-fn scatter_experts(t: &HostTensor, ids: &[usize], e: usize) -> Result<HostTensor> {
+pub(super) fn scatter_experts(t: &HostTensor, ids: &[usize], e: usize) -> Result<HostTensor> {
     let per: usize = t.shape()[1..].iter().product();
     let v = t.as_f32("expert gradients")?;
     let mut full = vec![f32::NAN; e * per];

@@ -632,10 +632,18 @@ impl Trace {
         NameMap::build(&self.params(), self.importer())
     }
 
-    /// The layer to train, from the trace's initial parameters.
-    pub fn layer<B: Backend>(&self, b: &B) -> Result<MoeLayer<B>> {
+    /// The layer to train, from the trace's initial parameters: on this device, or
+    /// (with `ep`) one rank of a tensor-parallel expert-parallel group holding its share
+    /// of the experts.
+    pub fn layer<B: Backend>(&self, b: &B, ep: Option<Arc<dyn Transport<B>>>) -> Result<MoeLayer<B>> {
         let (spec, w) = self.import(&mut self.params())?;
-        MoeLayer::new_trainable(b, spec, &w)
+        match ep {
+            None => MoeLayer::new_trainable(b, spec, &w),
+            Some(transport) => {
+                let ep = ExpertParallel::deepspeed(transport, spec.num_experts, TokenLayout::Replicated)?;
+                MoeLayer::new_ep_trainable(b, spec, &w, ep)
+            }
+        }
     }
 
     /// The optimizer of the trace over `layer`: `train.optimizer` as torch.optim defines
@@ -740,17 +748,19 @@ impl Trace {
         Ok(record)
     }
 
-    /// Runs the whole trace on `b` and compares it. On a backend without a backward or an
-    /// optimizer step, compares the first step's forward alone (and says so).
-    pub fn run<B: Backend>(&self, b: &B) -> Result<CaseResult> {
-        let mut layer = self.layer(b)?;
+    /// Runs the whole trace on `b` (with `ep`, as one rank of an expert-parallel group:
+    /// every rank steps its own experts and the replicated rest) and compares it. On a
+    /// backend without a backward or an optimizer step, compares the first step's forward
+    /// alone (and says so).
+    pub fn run<B: Backend>(&self, b: &B, ep: Option<Arc<dyn Transport<B>>>) -> Result<CaseResult> {
+        let mut layer = self.layer(b, ep.clone())?;
         let mut opt = self.optimizer(&mut layer)?;
         let mut records = Vec::with_capacity(self.steps());
         for t in 0..self.steps() {
             match self.step(b, &mut layer, &mut opt, t) {
                 Ok(r) => records.push(r),
                 Err(e @ Error::Unsupported { .. }) if t == 0 => {
-                    return self.run_first_forward(b, None, &format!("{e}"));
+                    return self.run_first_forward(b, ep, &format!("{e}"));
                 }
                 Err(e) => return Err(e),
             }
@@ -818,9 +828,22 @@ impl Trace {
         outputs.push(counts_check("exp_counts", &counts, &self.tensor(&e.exp_counts)?.to_f64(), &self.name)?);
         let names = self.names()?;
         let weights = layer.download_weights(b)?;
-        let engine: BTreeMap<String, HostTensor> = weights.named().into_iter().map(|(n, t)| (n, t.clone())).collect();
+        let num_experts = layer.spec().num_experts;
+        let mut engine = BTreeMap::new();
+        for (n, t) in weights.named() {
+            // An expert-parallel rank holds its own experts: the others are NaN here and
+            // compared on their ranks.
+            let t = match layer.local_experts() {
+                Some(ids) if crate::layer::is_expert_param(&n) => super::run::scatter_experts(t, ids, num_experts)?,
+                _ => t.clone(),
+            };
+            engine.insert(n, t);
+        }
         for (p, key) in &e.final_params {
             let have = names.gather(&engine, p)?;
+            if layer.local_experts().is_some() && have.as_f32(p)?.iter().all(|v| v.is_nan()) && have.numel() > 0 {
+                continue;
+            }
             let want = self.tensor(key)?;
             if have.shape() != want.shape() {
                 return Err(Error::case(
@@ -875,5 +898,5 @@ fn counts_check(name: &str, got: &[Vec<i64>], want: &[f64], trace: &str) -> Resu
 
 /// Runs one trace folder on backend `b` and compares it.
 pub fn run_trace<B: Backend>(b: &B, dir: &Path) -> Result<CaseResult> {
-    Trace::load(dir)?.run(b)
+    Trace::load(dir)?.run(b, None)
 }
