@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--grouped", action="store_true",
                    help="time the plain-torch sort-by-expert implementation instead of transformers' block")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of human-readable text")
+    p.add_argument("--train", action="store_true",
+                   help="time a training step instead: forward, autograd backward of sum(y * dy), "
+                        "torch.optim.AdamW step (FLOPs counted as three forwards)")
     args = p.parse_args(argv)
     for name in ("hidden", "ffn", "experts", "top_k", "tokens", "threads", "iters"):
         if getattr(args, name) < 1:
@@ -160,6 +163,29 @@ def time_forward(fn, x, warmup, iters):
     return times
 
 
+def time_train_step(block, fwd, x, warmup, iters, seed):
+    """Times forward + autograd backward of sum(y * dy) + AdamW step (+ zero_grad)."""
+    block.train()
+    g = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float32)
+    opt = torch.optim.AdamW(block.parameters(), lr=1e-4)
+
+    def step():
+        y = fwd(x)
+        (y * dy).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -174,7 +200,13 @@ def main(argv=None):
         return out[0] if isinstance(out, tuple) else out
 
     max_abs_diff = None
-    if args.grouped:
+    if args.train:
+        if args.grouped:
+            print("error: --train times the transformers block (autograd); drop --grouped", file=sys.stderr)
+            return 2
+        fn = None
+        impl = "transformers-MixtralSparseMoeBlock-train"
+    elif args.grouped:
         gate_up, down, router = expert_weights(block, args)
         fn = make_grouped_forward(gate_up, down, router, args.top_k)
         with torch.inference_mode():
@@ -191,10 +223,13 @@ def main(argv=None):
         fn = hf_forward
         impl = "transformers-MixtralSparseMoeBlock"
 
-    times = time_forward(fn, x, args.warmup, args.iters)
+    if args.train:
+        times = time_train_step(block, hf_forward, x, args.warmup, args.iters, args.seed)
+    else:
+        times = time_forward(fn, x, args.warmup, args.iters)
     median_s = statistics.median(times)
     min_s = min(times)
-    flops = 2.0 * args.tokens * args.top_k * (3.0 * args.hidden * args.ffn)
+    flops = 2.0 * args.tokens * args.top_k * (3.0 * args.hidden * args.ffn) * (3.0 if args.train else 1.0)
 
     result = {
         "impl": impl,
@@ -213,6 +248,7 @@ def main(argv=None):
         "iters": args.iters,
         "warmup": args.warmup,
         "dtype": "float32",
+        "train": args.train,
     }
     if max_abs_diff is not None:
         result["max_abs_diff_vs_transformers"] = max_abs_diff

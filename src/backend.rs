@@ -133,6 +133,22 @@ pub trait Backend: Device {
         let _ = op;
         Err(Error::unsupported(self.name(), "optim_step"))
     }
+    /// One optimizer step written into the parameter and state buffers themselves, for a
+    /// step the front door checked (`params`, `rule`): returns false (the default) to have
+    /// the front door run [`Backend::run_optim_step`] and replace the tensors instead, as
+    /// a backend must when a buffer is shared with another handle.
+    fn run_optim_step_in_place(
+        &self,
+        params: &crate::kernel_abi::OptimParams,
+        rule: StepRule,
+        param: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: Option<&mut Tensor<Self>>,
+        v: Option<&mut Tensor<Self>>,
+    ) -> Result<bool> {
+        let _ = (params, rule, param, grad, m, v);
+        Ok(false)
+    }
     /// Σ x².
     fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<Tensor<Self>> {
         let _ = op;
@@ -401,6 +417,29 @@ pub trait Backend: Device {
             m: state(out.m, rule.has_m(), "first moment")?,
             v: state(out.v, rule.has_v(), "second moment")?,
         })
+    }
+    /// [`Backend::optim_step`] on the optimizer's own tensors: `param`, `m` and `v` are
+    /// replaced by their updated values (written in place where the backend can).
+    fn optim_step_in_place(
+        &self,
+        param: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: &mut Option<Tensor<Self>>,
+        v: &mut Option<Tensor<Self>>,
+        rule: StepRule,
+    ) -> Result<()> {
+        let params = OptimStepOp::check(self, param, grad, m.as_ref(), v.as_ref(), rule)?.params;
+        // In place needs every state the rule keeps to exist already (SGD's first step
+        // makes its momentum buffer).
+        let whole = m.is_some() == rule.has_m() && v.is_some() == rule.has_v();
+        if whole && self.run_optim_step_in_place(&params, rule, param, grad, m.as_mut(), v.as_mut())? {
+            return Ok(());
+        }
+        let out = self.optim_step(param, grad, m.as_ref(), v.as_ref(), rule)?;
+        *param = out.param;
+        *m = out.m;
+        *v = out.v;
+        Ok(())
     }
     /// Σ x² over an f32 tensor, `[1]` (gradient clipping by global norm).
     fn sum_squares(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {

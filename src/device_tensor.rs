@@ -54,6 +54,11 @@ impl<Buf: DeviceBuffer> DeviceTensor<Buf> {
     pub fn buffer(&self) -> &Buf {
         &self.buf
     }
+    /// The backend buffer for writing, when this handle is the only one over it (no other
+    /// tensor sees the change): what lets a backend update a tensor in place.
+    pub fn buffer_mut(&mut self) -> Option<&mut Buf> {
+        Arc::get_mut(&mut self.buf)
+    }
     /// Dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape

@@ -232,3 +232,43 @@ fn the_z_loss_and_the_expert_balance_loss_match_finite_differences() {
     let err = golden::rel_l2(&analytic[..32], &numeric);
     assert!(err < 2e-2, "router weight gradient vs central differences: rel L2 {err:.2e}");
 }
+
+#[test]
+fn an_optimizer_step_in_place_equals_the_step_into_new_tensors_and_spares_shared_buffers() {
+    let b = common::cpu(2);
+    let up = |seed, scale| b.upload(&HostTensor::f32(&[70_001], common::lcg(seed, 70_001, scale)).unwrap()).unwrap();
+    let bits = |t: &moe_engine::Tensor<CpuBackend>| {
+        b.download(t).unwrap().as_f32("t").unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    for kind in [moe_engine::ops::StepKind::Adam, moe_engine::ops::StepKind::AdamW, moe_engine::ops::StepKind::Sgd] {
+        let rule = moe_engine::ops::StepRule {
+            kind,
+            lr: 1e-2,
+            weight_decay: 0.1,
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: false,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            step: 3,
+            grad_scale: 0.5,
+        };
+        let (p, g, m) = (up(1, 1.0), up(2, 0.1), up(3, 0.01));
+        let v = b.scale(&b.mul(&m, &m).unwrap(), 4.0).unwrap();
+        let v_in = rule.has_v().then(|| v.clone());
+        let want = b.optim_step(&p, &g, Some(&m), v_in.as_ref(), rule).unwrap();
+        // Fresh copies the optimizer alone holds: updated in place.
+        let copy = |t: &moe_engine::Tensor<CpuBackend>| b.upload(&b.download(t).unwrap()).unwrap();
+        let (mut p2, mut m2, mut v2) = (copy(&p), Some(copy(&m)), v_in.as_ref().map(copy));
+        b.optim_step_in_place(&mut p2, &g, &mut m2, &mut v2, rule).unwrap();
+        assert_eq!(bits(&p2), bits(&want.param), "{kind:?} parameter");
+        assert_eq!(bits(m2.as_ref().unwrap()), bits(want.m.as_ref().unwrap()), "{kind:?} first moment");
+        // A parameter another handle shares is replaced, not written: the other keeps its values.
+        let before = bits(&p);
+        let (mut p3, mut m3, mut v3) = (p.clone(), Some(copy(&m)), v_in.as_ref().map(copy));
+        b.optim_step_in_place(&mut p3, &g, &mut m3, &mut v3, rule).unwrap();
+        assert_eq!(bits(&p3), bits(&want.param), "{kind:?} shared parameter, stepped");
+        assert_eq!(bits(&p), before, "{kind:?}: the other handle saw the step");
+    }
+}

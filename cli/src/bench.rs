@@ -74,6 +74,11 @@ pub struct LayerArgs {
     /// Needs --backend cuda.
     #[arg(long)]
     nccl: bool,
+    /// Time a training step instead of a forward: forward (keeping activations),
+    /// backward of `Σ y · dy` with `l_aux`, and an AdamW step over DeepSpeed's MoE
+    /// parameter groups. The FLOP count is three forwards'.
+    #[arg(long)]
+    train: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -139,6 +144,12 @@ fn layer(a: LayerArgs) -> CliResult<ExitCode> {
     if a.nccl && kind != BackendKind::Cuda {
         return Err(CliError::flag("--nccl", "needs --backend cuda"));
     }
+    if a.train && a.dtype != WeightDtype::F32 {
+        return Err(CliError::flag(
+            "--dtype",
+            "--train steps f32 weights (mixed-precision training is not in the bench yet)",
+        ));
+    }
     let spec = a.spec();
     spec.validate()?;
     // Before anything is allocated: the f32 weights are generated on the host (and, on the
@@ -162,10 +173,13 @@ fn layer(a: LayerArgs) -> CliResult<ExitCode> {
     dispatch(&a.backend, BackendKind::Cpu, per_rank, Bench { a: &a })
 }
 
-/// Forward times and the part of each spent in the exchange, in ms.
+/// Forward (or training step) times and the part of each spent in the exchange, in ms;
+/// with `--train`, the step's phases too.
 struct Times {
     forward: Vec<f64>,
     exchange: Vec<f64>,
+    /// `--train`: (forward, backward, optimizer step) of every step.
+    phases: Vec<[f64; 3]>,
 }
 
 /// What a rank of `--ep` returns: rank 0 its times and device, the others nothing.
@@ -268,20 +282,23 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<Arc<dyn Transport<B
     let dtype = a.dtype.dtype();
     let weights = stack::random_weights(&spec, 1)?;
     let leader = comm.as_ref().is_none_or(|c| c.rank() == 0);
-    let layer = match &comm {
-        Some(c) => {
+    let layer = match (&comm, a.train) {
+        (Some(c), train) => {
             let ep = ExpertParallel::deepspeed(c.clone(), spec.num_experts, TokenLayout::Replicated)?;
-            MoeLayer::new_ep(b, spec, &weights, dtype, ep)?
+            if train {
+                MoeLayer::new_ep_trainable(b, spec, &weights, ep)?
+            } else {
+                MoeLayer::new_ep(b, spec, &weights, dtype, ep)?
+            }
         }
-        None => MoeLayer::new(b, spec, &weights, dtype)?,
+        (None, true) => MoeLayer::new_trainable(b, spec, &weights)?,
+        (None, false) => MoeLayer::new(b, spec, &weights, dtype)?,
     };
     drop(weights);
-    let (t, h) = (a.tokens as usize, a.hidden as usize);
-    let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 2, 0, t * h)
-        .into_iter()
-        .map(|u| 2.0 * u - 1.0)
-        .collect();
-    let x = b.upload(&HostTensor::f32(&[t, h], x)?)?;
+    if a.train {
+        return time_train(b, a, layer, comm);
+    }
+    let x = bench_input(b, a, 0)?;
     // The exchange time reported counts the exchange alone (a device sync before each step).
     let opts = LayerOptions { time_exchange: comm.is_some(), ..Default::default() };
     let iters = a.iters as usize;
@@ -289,7 +306,7 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<Arc<dyn Transport<B
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} forwards (2 warm-up)").expect("static template"),
     );
-    let mut times = Times { forward: Vec::with_capacity(iters), exchange: Vec::with_capacity(iters) };
+    let mut times = Times { forward: Vec::with_capacity(iters), exchange: Vec::with_capacity(iters), phases: vec![] };
     for i in 0..iters + 2 {
         if let Some(c) = &comm {
             c.barrier()?;
@@ -300,6 +317,68 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<Arc<dyn Transport<B
         if i >= 2 {
             times.forward.push(t0.elapsed().as_secs_f64() * 1e3);
             times.exchange.push(out.dispatch.exchange_time().as_secs_f64() * 1e3);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(times)
+}
+
+/// The bench's input `[T, H]`: uniforms in [-1, 1) from the Philox stream `stream`.
+fn bench_input<B: Backend>(b: &B, a: &LayerArgs, stream: u32) -> Result<moe_engine::Tensor<B>> {
+    let (t, h) = (a.tokens as usize, a.hidden as usize);
+    let x: Vec<f32> = moe_engine::philox::noise(moe_engine::philox::NoiseKind::Uniform, 2, stream, t * h)
+        .into_iter()
+        .map(|u| 2.0 * u - 1.0)
+        .collect();
+    b.upload(&HostTensor::f32(&[t, h], x)?)
+}
+
+/// `--train`: times forward, backward and an AdamW step (each phase waited for).
+fn time_train<B: Backend>(
+    b: &B,
+    a: &LayerArgs,
+    mut layer: MoeLayer<B>,
+    comm: Option<Arc<dyn Transport<B>>>,
+) -> CliResult<Times> {
+    use moe_engine::train::{Grouping, Hyper, Optimizer, OptimizerSpec};
+    let leader = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    let (x, dy) = (bench_input(b, a, 0)?, bench_input(b, a, 1)?);
+    let spec = OptimizerSpec::new(Hyper::adamw(1e-4));
+    let mut opt = Optimizer::new(&mut layer, &spec, Grouping::DeepSpeed { ep_size: a.ep as usize })?;
+    let fwd = LayerOptions { keep_activations: true, time_exchange: comm.is_some(), ..Default::default() };
+    let bwd =
+        moe_engine::BackwardOptions { losses: moe_engine::losses::LossCoefs { l_aux: 0.01, ..Default::default() } };
+    let iters = a.iters as usize;
+    let bar = if leader { indicatif::ProgressBar::new((iters + 2) as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} training steps (2 warm-up)")
+            .expect("static template"),
+    );
+    let mut times = Times { forward: vec![], exchange: vec![], phases: vec![] };
+    for i in 0..iters + 2 {
+        if let Some(c) = &comm {
+            c.barrier()?;
+        }
+        let t0 = Instant::now();
+        let out = layer.forward(b, &x, &fwd)?;
+        b.synchronize()?;
+        let t1 = Instant::now();
+        let grads = layer.backward(b, &out, &dy, &bwd)?;
+        let exchange = out.dispatch.exchange_time();
+        // The forward's activations are freed with the backward (as autograd frees its
+        // graph during backward).
+        drop(out);
+        b.synchronize()?;
+        let t2 = Instant::now();
+        opt.step(b, &mut layer, grads)?;
+        b.synchronize()?;
+        let t3 = Instant::now();
+        if i >= 2 {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            times.forward.push(ms(t3 - t0));
+            times.exchange.push(ms(exchange));
+            times.phases.push([ms(t1 - t0), ms(t2 - t1), ms(t3 - t2)]);
         }
         bar.inc(1);
     }
@@ -324,8 +403,15 @@ fn report(
     let no_times = || moe_engine::Error::Internal("no timed iterations".into());
     let (median, min) = median_min(&mut times.forward).ok_or_else(no_times)?;
     let (exchange, _) = median_min(&mut times.exchange).ok_or_else(no_times)?;
-    // FLOPs of the expert products: 2 · tokens · k · (3 · hidden · ffn).
-    let flops = 2.0 * a.tokens as f64 * a.top_k as f64 * 3.0 * a.hidden as f64 * a.ffn as f64;
+    // FLOPs of the expert products: 2 · tokens · k · (3 · hidden · ffn); a training step
+    // does three times a forward's (the backward's two products per forward product).
+    let passes = if a.train { 3.0 } else { 1.0 };
+    let flops = passes * 2.0 * a.tokens as f64 * a.top_k as f64 * 3.0 * a.hidden as f64 * a.ffn as f64;
+    let phase = |i: usize| {
+        let mut v: Vec<f64> = times.phases.iter().map(|p| p[i]).collect();
+        median_min(&mut v).map_or(0.0, |m| m.0)
+    };
+    let phases = [phase(0), phase(1), phase(2)];
     let tps = a.tokens as f64 / (median / 1e3);
     let gflops = flops / (median / 1e3) / 1e9;
     let dtype = a.dtype.dtype();
@@ -334,6 +420,7 @@ fn report(
             "backend": kind.name(), "device": caps.device, "threads": caps.threads, "ep": a.ep, "dtype": dtype.to_string(),
             "hidden": a.hidden, "ffn": a.ffn, "experts": a.experts, "top_k": a.top_k, "tokens": a.tokens, "iters": a.iters,
             "median_ms": median, "min_ms": min, "tokens_per_s": tps, "gflops": gflops, "exchange_median_ms": exchange,
+            "train": a.train, "forward_ms": phases[0], "backward_ms": phases[1], "step_ms": phases[2],
         });
         out!("{v}")?;
     } else {
@@ -347,7 +434,16 @@ fn report(
             a.top_k,
             a.tokens
         )?;
-        out!("median {median:.2} ms  min {min:.2} ms  {tps:.0} tokens/s  {gflops:.1} GFLOP/s")?;
+        let what = if a.train { "training step" } else { "forward" };
+        out!("{what}: median {median:.2} ms  min {min:.2} ms  {tps:.0} tokens/s  {gflops:.1} GFLOP/s")?;
+        if a.train {
+            out!(
+                "  forward {:.2} ms, backward {:.2} ms, AdamW step {:.2} ms (medians)",
+                phases[0],
+                phases[1],
+                phases[2]
+            )?;
+        }
         if a.ep > 1 || a.nccl {
             let share = 100.0 * exchange / median;
             out!("exchange (count gather, all-to-all both ways, output gather) median {exchange:.2} ms, {share:.0}% of the forward")?;

@@ -316,10 +316,7 @@ impl<B: Backend> Optimizer<B> {
                 StepKind::Sgd if slot.m.is_none() => rule.step = 1,
                 _ => {}
             }
-            let out = b.optim_step(p.tensor, g, slot.m.as_ref(), slot.v.as_ref(), rule)?;
-            *p.tensor = out.param;
-            slot.m = out.m;
-            slot.v = out.v;
+            b.optim_step_in_place(p.tensor, g, &mut slot.m, &mut slot.v, rule)?;
             slot.kind = (slot.m.is_some() || slot.v.is_some()).then_some(StateKind::of(rule.kind));
         }
         for g in &mut self.groups {

@@ -265,6 +265,18 @@ impl Backend for CpuBackend {
         self.pool.install(|| optim::optim_step(op))
     }
 
+    fn run_optim_step_in_place(
+        &self,
+        _params: &moe_engine::kernel_abi::OptimParams,
+        rule: moe_engine::ops::StepRule,
+        param: &mut T,
+        grad: &T,
+        m: Option<&mut T>,
+        v: Option<&mut T>,
+    ) -> Result<bool> {
+        self.pool.install(|| optim::optim_step_in_place(rule, param, grad, m, v))
+    }
+
     fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<T> {
         optim::sum_squares(op)
     }
