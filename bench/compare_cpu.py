@@ -6,8 +6,12 @@ The machine this project is developed on is a noisy 2-core VM, so absolute times
 rounds and report the median of the per-round medians and the ratio, plus the physical
 floor of the case (FLOPs over the peak, weight bytes over memory bandwidth).
 
+With --train the runs time a training step instead (forward, backward of sum(y * dy),
+AdamW step) against transformers' block under autograd, and the FLOP floor is three
+forwards'.
+
 usage: bench/compare_cpu.py [--rounds 5] [--threads 2] [--peak-gflops P] [--mem-gbps B]
-                            [--shape H,F,E,K,T ...]
+                            [--shape H,F,E,K,T ...] [--train] [--python PY]
 """
 import argparse
 import json
@@ -46,29 +50,42 @@ def main():
     ap.add_argument("--mem-gbps", type=float, default=None, help="memory bandwidth for the weight-streaming floor")
     ap.add_argument("--shape", action="append", help="H,F,E,K,T (repeatable); default Mixtral-like 1024,2816,8,2,512")
     ap.add_argument("--moe", default=os.path.join(ROOT, "target", "release", "moe"))
+    ap.add_argument("--train", action="store_true", help="time training steps (forward + backward + AdamW)")
+    ap.add_argument("--python", default=sys.executable, help="the Python with torch and transformers")
     a = ap.parse_args()
     shapes = a.shape or ["1024,2816,8,2,512"]
     peak = a.peak_gflops or peak_gflops_guess()
     print(f"# threads {a.threads}, rounds {a.rounds}, iters {a.iters}, peak {peak:.0f} GFLOP/s (f32)"
           + (f", memory {a.mem_gbps:.1f} GB/s" if a.mem_gbps else ""))
-    print("| H | F | E | k | T | moe cpu ms | transformers ms | torch grouped ms | ratio vs transformers | ratio vs grouped | floor ms | moe / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if a.train:
+        print("| H | F | E | k | T | moe cpu step ms | transformers + autograd step ms | ratio vs transformers | floor ms | moe / floor |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| H | F | E | k | T | moe cpu ms | transformers ms | torch grouped ms | ratio vs transformers | ratio vs grouped | floor ms | moe / floor |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for sh in shapes:
         h, f, e, k, t = (int(v) for v in sh.split(","))
         common = ["--hidden", str(h), "--ffn", str(f), "--experts", str(e), "--top-k", str(k), "--tokens", str(t),
                   "--iters", str(a.iters), "--json"]
         ours, hf, grouped = [], [], []
+        train = ["--train"] if a.train else []
+        peer = [a.python, os.path.join(HERE, "torch_mixtral_cpu.py"), "--threads", str(a.threads)] + common + train
         for _ in range(a.rounds):
-            ours.append(run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads)] + common)["median_ms"])
-            hf.append(run_json([sys.executable, os.path.join(HERE, "torch_mixtral_cpu.py"), "--threads", str(a.threads)] + common)["median_ms"])
-            grouped.append(run_json([sys.executable, os.path.join(HERE, "torch_mixtral_cpu.py"), "--grouped", "--threads", str(a.threads)] + common)["median_ms"])
-        mo, mh, mg = statistics.median(ours), statistics.median(hf), statistics.median(grouped)
-        flops = 2.0 * t * k * 3 * h * f
+            ours.append(run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads)] + common + train)["median_ms"])
+            hf.append(run_json(peer)["median_ms"])
+            if not a.train:
+                grouped.append(run_json(peer + ["--grouped"])["median_ms"])
+        mo, mh = statistics.median(ours), statistics.median(hf)
+        flops = 2.0 * t * k * 3 * h * f * (3 if a.train else 1)
         floor = flops / (peak * 1e9) * 1e3
         if a.mem_gbps:
             touched = min(e, t * k)  # experts that can receive a token
             floor = max(floor, touched * 3 * h * f * 4 / (a.mem_gbps * 1e9) * 1e3)
-        print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mg:.1f} | {mh / mo:.2f} | {mg / mo:.2f} | {floor:.1f} | {mo / floor:.2f} |")
+        if a.train:
+            print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mh / mo:.2f} | {floor:.1f} | {mo / floor:.2f} |")
+        else:
+            mg = statistics.median(grouped)
+            print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mg:.1f} | {mh / mo:.2f} | {mg / mo:.2f} | {floor:.1f} | {mo / floor:.2f} |")
 
 
 if __name__ == "__main__":
