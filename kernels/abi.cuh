@@ -56,7 +56,7 @@ struct CastParams {
 
 // The backward and optimizer families: grad_matmul.cu, grad.cu, route_grad.cu, optim.cu.
 struct GradMatmulParams {
-    u32 rows, n, k, groups, grouped, wdtype, bias, accumulate, g0, g1, c0, c1, _pad0, _pad1, _pad2;
+    u32 rows, n, k, groups, grouped, wdtype, bias, accumulate, g0, g1, c0, c1, _pad0, _pad1, _pad2, _pad3;
 };
 
 struct GradParams {

@@ -307,6 +307,8 @@ abi_struct! {
         _pad1: u32,
         /// Padding.
         _pad2: u32,
+        /// Padding.
+        _pad3: u32,
     }
 }
 
