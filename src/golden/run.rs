@@ -108,8 +108,25 @@ where
             let cause = errors.iter().position(|e| !matches!(e, Error::Communication { .. })).unwrap_or(0);
             return Err(errors.swap_remove(cause));
         }
-        results.into_iter().collect()
+        let results: Vec<CaseResult> = results.into_iter().collect::<Result<_>>()?;
+        if let Loaded::Case(c) = &case {
+            every_gradient_compared(c.as_ref(), &results)?;
+        }
+        Ok(results)
     })
+}
+
+/// Errors unless every reference gradient of `case` was compared on at least one rank
+/// (each rank compares the experts it holds).
+fn every_gradient_compared(case: &Case, ranks: &[CaseResult]) -> Result<()> {
+    let Some(bw) = &case.meta.backward else { return Ok(()) };
+    let compared: std::collections::BTreeSet<&str> =
+        ranks.iter().flat_map(|r| r.outputs.iter().filter(|o| o.backward).map(|o| o.name.as_str())).collect();
+    let expected = std::iter::once("dx").chain(bw.params.keys().map(String::as_str));
+    if let Some(missing) = expected.map(|p| format!("d{p}")).find(|p| !compared.contains(p.as_str())) {
+        return Err(Error::Internal(format!("case {}: gradient `{missing}` was compared on no rank", case.name)));
+    }
+    Ok(())
 }
 
 /// The forward options of a case: its mode, replayed noise (each flattened to
@@ -354,7 +371,6 @@ fn compare(
     let worst = outputs.iter().filter(|o| !o.exact).map(|o| o.error).fold(0.0, f64::max);
     let mut not_compared = Vec::new();
     let mut worst_grad = None;
-    let mut elsewhere = 0usize;
     match (&m.backward, grads) {
         (Some(bw), Some(grads)) => {
             let expected = std::iter::once(("dx", &bw.dx)).chain(bw.params.iter().map(|(p, k)| (p.as_str(), k)));
@@ -362,8 +378,8 @@ fn compare(
                 let want = case.tensor(key)?;
                 let Some(have) = grads.get(name) else {
                     if ep {
-                        // Another rank's expert.
-                        elsewhere += 1;
+                        // Another rank's expert: compared there (run_case_ep checks that
+                        // every gradient was compared on some rank).
                         continue;
                     }
                     return Err(Error::Internal(format!("case {}: the backward produced no `{name}`", case.name)));
@@ -385,9 +401,6 @@ fn compare(
         }
         (None, _) => {}
     }
-    // An expert-parallel rank compares the gradients of the experts it holds; the other
-    // experts' are compared on their own ranks (the case passes when every rank does).
-    let _ = elsewhere;
     let pass = !outputs.is_empty() && outputs.iter().all(|o| o.pass);
     Ok(CaseResult {
         name: case.name.clone(),

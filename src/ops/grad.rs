@@ -345,8 +345,11 @@ impl<'a, B: Device> RouteGradOp<'a, B> {
                 ));
             }
         }
-        if !z_coef.is_finite() || !spec.scale.is_finite() {
+        if !z_coef.is_finite() {
             return Err(Error::config("z_loss_coef", format!("must be finite, got {z_coef}")));
+        }
+        if !spec.scale.is_finite() {
+            return Err(Error::config("routed_scaling_factor", format!("must be finite, got {}", spec.scale)));
         }
         output(b, "logit gradient", &[s, e], DType::F32)?;
         // The backward kernels hold a token's scores as the forward's route kernels do.
