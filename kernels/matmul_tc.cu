@@ -1,6 +1,6 @@
 // Tensor-core products for f16/bf16 weights (sm_80 and later): the grouped expert product
-// of matmul.cu on `mma.sync.m16n8k16` with float32 accumulation, and the cast that feeds
-// cuBLAS's half-precision GEMM. Activations are rounded to the weights' type on their way
+// of matmul.cu on `mma.sync.m16n8k16` with float32 accumulation, the cast that feeds
+// cuBLAS's half-precision GEMM, and `cast_weight` (f32 weights to f16/bf16 storage). Activations are rounded to the weights' type on their way
 // into shared memory (tensor cores take both operands in one type), as PyTorch's bf16
 // models do; f32 weights keep the exact SIMT path in matmul.cu.
 //
@@ -172,4 +172,37 @@ extern "C" __global__ void to_half(const float* x, u16* out, CastParams p) {
 extern "C" __global__ void fill_rows(const float* bias, float* out, CastParams p) {
     u64 i = global_id();
     if (i < p.n) out[i] = bias[i % p.cols];
+}
+
+// cast_weight: the 16-bit pattern of each f32 (read as its bits), by integer arithmetic
+// exactly as the `half` crate rounds (what upload_weight stores), NaN included: to nearest
+// even; past the largest half to an infinity of its sign; NaN to a quiet NaN keeping its
+// sign and the payload's top bits. cvt.rn is not used: it does not promise those NaN bits.
+__device__ __forceinline__ u32 f16_bits_exact(u32 v) {
+    u32 sign = v & 0x80000000u, e = v & 0x7f800000u, man = v & 0x007fffffu;
+    if (e == 0x7f800000u) return (sign >> 16) | 0x7c00u | (man ? 0x0200u : 0u) | (man >> 13);
+    u32 half_sign = sign >> 16;
+    int half_exp = (int)(e >> 23) - 127 + 15;
+    if (half_exp >= 0x1f) return half_sign | 0x7c00u;
+    if (half_exp <= 0) {
+        if (14 - half_exp > 24) return half_sign;
+        u32 m = man | 0x00800000u;
+        u32 half_man = m >> (14 - half_exp);
+        u32 round_bit = 1u << (13 - half_exp);
+        if ((m & round_bit) && (m & (3u * round_bit - 1u))) half_man += 1u;
+        return half_sign | half_man;
+    }
+    u32 r = half_sign | ((u32)half_exp << 10) | (man >> 13);
+    return ((man & 0x1000u) && (man & 0x2fffu)) ? r + 1u : r;
+}
+
+__device__ __forceinline__ u32 bf16_bits_exact(u32 v) {
+    if ((v & 0x7fffffffu) > 0x7f800000u) return (v >> 16) | 0x0040u;
+    return ((v & 0x8000u) && (v & 0x17fffu)) ? (v >> 16) + 1u : v >> 16;
+}
+
+extern "C" __global__ void cast_weight(const u32* x, u16* out, CastParams p) {
+    u64 i = global_id();
+    if (i >= p.n) return;
+    out[i] = (u16)(p.bf16 ? bf16_bits_exact(x[i]) : f16_bits_exact(x[i]));
 }

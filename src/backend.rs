@@ -21,15 +21,16 @@
 //!   order varies; slots follow token order).
 //! - Index tensors are i32. A dropped route has row and slot −1.
 
-use crate::device::{returned, Device, Tensor};
+use crate::device::{returned, Device, Tensor, WeightUploadOp};
 use crate::error::{Error, Result};
 use crate::expert::{Activation, ExpertKind};
 use crate::ops::{
-    ActGradKind, ActGradOp, AuxGrad, BlockTable, Bucket, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp,
-    DevicePlacement, ElementwiseKind, ElementwiseOp, GatedAddGrad, GatedAddGradOp, GroupedLinearOp, GroupedMlpOp,
-    LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, MlpWeights, NoiseOp, Offsets, OptimStepOp, PermuteOp, Plan,
-    PlanOp, PlanParts, PlanSpec, RegroupOp, RouteGradOp, RouteGradSpec, RouteOp, RouteRows, RouteSpec, RouterStatsOp,
-    Routes, RoutesParts, StepOut, StepRule, SumSquaresOp, WeightGrad, WeightGradOp,
+    ActGradKind, ActGradOp, AuxGrad, BlockTable, Bucket, BucketOp, BucketParts, CastWeightOp, CombineGrad,
+    CombineGradOp, CombineOp, DevicePlacement, ElementwiseKind, ElementwiseOp, GatedAddGrad, GatedAddGradOp,
+    GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, MlpWeights, NoiseOp, Offsets,
+    OptimStepOp, PermuteOp, Plan, PlanOp, PlanParts, PlanSpec, RegroupOp, RouteGradOp, RouteGradSpec, RouteOp,
+    RouteRows, RouteSpec, RouterStatsOp, Routes, RoutesParts, StepOut, StepRule, SumSquaresOp, WeightGrad,
+    WeightGradOp,
 };
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
@@ -83,6 +84,13 @@ pub trait Backend: Device {
     fn run_regroup(&self, op: &RegroupOp<'_, Self>) -> Result<Tensor<Self>>;
     /// Router reductions for the losses.
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<Tensor<Self>>;
+    /// An f32 tensor stored as a weight in `op.dtype`, exactly as `upload_weight` of its
+    /// downloaded values stores it. The default is that round trip through the host;
+    /// backends override it to round and lay out the weight on the device.
+    fn run_cast_weight(&self, op: &CastWeightOp<'_, Self>) -> Result<Tensor<Self>> {
+        let host = self.download(op.x)?;
+        self.run_upload_weight(&WeightUploadOp::check(self, &host, op.dtype)?)
+    }
     /// Philox noise. The default draws on the host and uploads; GPU backends generate on
     /// the device with the same counter layout, so one seed gives the same numbers
     /// everywhere.
@@ -160,6 +168,17 @@ pub trait Backend: Device {
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
         let op = LinearOp::check(self, x, w, bias)?;
         returned(self, "linear", self.run_linear(&op)?, &op.out_shape(), DType::F32)
+    }
+
+    /// Stores an f32 matrix `[N, K]` or stack `[G, N, K]` as a weight in `dtype` (f32,
+    /// f16 or bf16) on the device: bit for bit what [`Device::upload_weight`] of its
+    /// downloaded values gives (the same storage layout, rounding to nearest even,
+    /// infinities and NaN kept as the `half` crate keeps them), without the round trip
+    /// through the host where the backend can. What mixed-precision training refreshes
+    /// its half-precision compute copies with after each step.
+    fn cast_weight(&self, x: &Tensor<Self>, dtype: DType) -> Result<Tensor<Self>> {
+        let op = CastWeightOp::check(self, x, dtype)?;
+        returned(self, "cast_weight", self.run_cast_weight(&op)?, x.shape(), dtype)
     }
 
     /// Grouped product over variable-size row groups read from the device: rows

@@ -90,7 +90,7 @@ impl<'a> WeightUploadOp<'a> {
 }
 
 /// Errors unless the device stores `dtype` (i32 index tensors are always stored).
-fn storable<B: Device>(b: &B, dtype: DType) -> Result<()> {
+pub(crate) fn storable<B: Device>(b: &B, dtype: DType) -> Result<()> {
     let caps = b.capabilities();
     if dtype != DType::I32 && !caps.storage_dtypes.contains(&dtype) {
         let list: Vec<String> = caps.storage_dtypes.iter().map(|d| d.to_string()).collect();

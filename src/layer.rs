@@ -51,39 +51,56 @@ pub struct ExpertActivations<B: Backend> {
     pub offsets: Offsets<B>,
 }
 
+/// How a layer's weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Storage {
+    /// For inference: the MLP weights in this dtype, in the device's weight layout.
+    Inference(DType),
+    /// For training in f32: every weight a plain f32 tensor, the layout its gradient and
+    /// optimizer state share.
+    Trainable,
+    /// For mixed-precision training: the MLP weights as compute copies in this dtype (f16
+    /// or bf16), made on the device from f32 masters the layer keeps until an optimizer
+    /// takes them; everything else as [`Storage::Trainable`].
+    Mixed(DType),
+}
+
 impl<B: Backend> DeviceMlp<B> {
     /// Uploads an expert stack (`dense = false`) or a dense block (the E = 1 stack).
     pub fn upload(backend: &B, host: &HostMlp, spec: &ExpertSpec, dense: bool, dtype: DType) -> Result<Self> {
-        Self::upload_with(backend, host, spec, dense, dtype, false)
+        Self::upload_with(backend, host, spec, dense, Storage::Inference(dtype), "", &mut Vec::new())
     }
 
-    /// As [`DeviceMlp::upload`]; `trainable` uploads the weights as plain f32 tensors, the
-    /// layout their gradients and optimizer state share.
+    /// As [`DeviceMlp::upload`] in `storage`; a mixed-precision block adds the f32 masters
+    /// of its weights to `masters`, named `{prefix}.w_in` and `{prefix}.w_out`.
     fn upload_with(
         backend: &B,
         host: &HostMlp,
         spec: &ExpertSpec,
         dense: bool,
-        dtype: DType,
-        trainable: bool,
+        storage: Storage,
+        prefix: &str,
+        masters: &mut Vec<(String, Tensor<B>)>,
     ) -> Result<Self> {
         // A dense block is the E = 1 stack without its leading dimension.
         let squeeze = |t: &HostTensor| if dense { t.clone().reshape(&t.shape()[1..]) } else { Ok(t.clone()) };
-        let weight = |t: &HostTensor| {
-            if trainable {
-                backend.upload(&squeeze(t)?)
-            } else {
-                backend.upload_weight(&squeeze(t)?, dtype)
+        let mut weight = |t: &HostTensor, name: &str| match storage {
+            Storage::Inference(dtype) => backend.upload_weight(&squeeze(t)?, dtype),
+            Storage::Trainable => backend.upload(&squeeze(t)?),
+            Storage::Mixed(dtype) => {
+                let master = backend.upload(&squeeze(t)?)?;
+                let compute = backend.cast_weight(&master, dtype)?;
+                masters.push((format!("{prefix}.{name}"), master));
+                Ok(compute)
             }
         };
-        let bias = |t: &Option<HostTensor>| t.as_ref().map(|t| backend.upload_as(&squeeze(t)?, dtype)).transpose();
-        Ok(DeviceMlp {
-            kind: spec.kind,
-            w_in: weight(&host.w_in)?,
-            b_in: bias(&host.b_in)?,
-            w_out: host.w_out.as_ref().map(weight).transpose()?,
-            b_out: bias(&host.b_out)?,
-        })
+        let w_in = weight(&host.w_in, "w_in")?;
+        let w_out = host.w_out.as_ref().map(|t| weight(t, "w_out")).transpose()?;
+        // Biases beside half-precision inference weights are rounded to their type; a
+        // trained bias is its own f32 master.
+        let bias_dtype = if let Storage::Inference(dtype) = storage { dtype } else { DType::F32 };
+        let bias = |t: &Option<HostTensor>| t.as_ref().map(|t| backend.upload_as(&squeeze(t)?, bias_dtype)).transpose();
+        Ok(DeviceMlp { kind: spec.kind, w_in, b_in: bias(&host.b_in)?, w_out, b_out: bias(&host.b_out)? })
     }
 
     fn w_out(&self) -> Result<&Tensor<B>> {
@@ -212,13 +229,18 @@ pub struct MoeLayer<B: Backend> {
     shared: Option<(DeviceMlp<B>, Option<Tensor<B>>)>,
     dispatcher: Dispatcher<B>,
     trainable: bool,
+    /// The storage dtype of the MLP weights' compute copies (f32 unless mixed precision).
+    compute_dtype: DType,
+    /// A mixed-precision layer's f32 masters of its half-precision weights, until an
+    /// optimizer takes them ([`MoeLayer::take_masters`]).
+    masters: Vec<(String, Tensor<B>)>,
 }
 
 impl<B: Backend> MoeLayer<B> {
     /// Validates spec and weights and uploads the weights (router in f32, the rest in
     /// `dtype`); every expert is on this device.
     pub fn new(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
-        Self::build(backend, spec, weights, dtype, Dispatcher::Local, false)
+        Self::build(backend, spec, weights, Storage::Inference(dtype), Dispatcher::Local)
     }
 
     /// A layer to train: every expert on this device, every weight uploaded as a plain
@@ -226,7 +248,25 @@ impl<B: Backend> MoeLayer<B> {
     /// state share). Run its forward with [`LayerOptions::keep_activations`], then
     /// [`MoeLayer::backward`].
     pub fn new_trainable(backend: &B, spec: LayerSpec, weights: &HostLayerWeights) -> Result<Self> {
-        Self::build(backend, spec, weights, DType::F32, Dispatcher::Local, true)
+        Self::build(backend, spec, weights, Storage::Trainable, Dispatcher::Local)
+    }
+
+    /// A layer to train in mixed precision: the routed experts', residual MLP's and shared
+    /// experts' weight matrices stored in `dtype` (f16 or bf16) for the forward and
+    /// backward, made on the device from f32 copies of `weights` by
+    /// [`Backend::cast_weight`]; the router, coefficient and shared-gate weights and every
+    /// bias are plain f32 tensors, as in [`MoeLayer::new_trainable`] (the router runs in
+    /// f32). The f32 copies are the masters an optimizer steps: the layer keeps them until
+    /// [`crate::train::Optimizer::new`] takes them ([`MoeLayer::take_masters`]), and the
+    /// optimizer refreshes the compute copies from them after every step. `dtype` f32 is
+    /// [`MoeLayer::new_trainable`]; a dtype the device does not store is an error.
+    pub fn new_mixed(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
+        let storage = match dtype {
+            DType::F32 => Storage::Trainable,
+            DType::F16 | DType::BF16 => Storage::Mixed(dtype),
+            DType::I32 => return Err(Error::dtype("mixed-precision weights", "f32, f16 or bf16", dtype)),
+        };
+        Self::build(backend, spec, weights, storage, Dispatcher::Local)
     }
 
     /// As [`MoeLayer::new`] for one rank of an expert-parallel group: the router and the
@@ -241,7 +281,7 @@ impl<B: Backend> MoeLayer<B> {
         ep: ExpertParallel<B>,
     ) -> Result<Self> {
         let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
-        Self::build(backend, spec, weights, dtype, dispatcher, false)
+        Self::build(backend, spec, weights, Storage::Inference(dtype), dispatcher)
     }
 
     /// As [`MoeLayer::new_trainable`] for one rank of an expert-parallel group (see
@@ -254,34 +294,41 @@ impl<B: Backend> MoeLayer<B> {
         ep: ExpertParallel<B>,
     ) -> Result<Self> {
         let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
-        Self::build(backend, spec, weights, DType::F32, dispatcher, true)
+        Self::build(backend, spec, weights, Storage::Trainable, dispatcher)
     }
 
     fn build(
         backend: &B,
         spec: LayerSpec,
         weights: &HostLayerWeights,
-        dtype: DType,
+        storage: Storage,
         dispatcher: Dispatcher<B>,
-        trainable: bool,
     ) -> Result<Self> {
         spec.validate()?;
         weights.validate(&spec)?;
+        let (dtype, trainable) = match storage {
+            Storage::Inference(d) => (d, false),
+            Storage::Trainable => (DType::F32, true),
+            Storage::Mixed(d) => (d, true),
+        };
         if !backend.capabilities().storage_dtypes.contains(&dtype) {
             return Err(Error::unsupported(backend.name(), format!("{dtype} weights")));
         }
         let local_experts = dispatcher.local_experts();
-        check_memory(backend, &spec, local_experts.map_or(spec.num_experts, <[usize]>::len), dtype)?;
+        // Mixed precision: the f32 masters are the larger part (the compute copies add half).
+        let sized = if trainable { DType::F32 } else { dtype };
+        check_memory(backend, &spec, local_experts.map_or(spec.num_experts, <[usize]>::len), sized)?;
         let local = match local_experts {
             Some(ids) => weights.experts.gather_experts(ids)?,
             None => weights.experts.clone(),
         };
-        let experts = DeviceMlp::upload_with(backend, &local, &spec.expert, false, dtype, trainable)?;
+        let mut masters = Vec::new();
+        let experts = DeviceMlp::upload_with(backend, &local, &spec.expert, false, storage, "experts", &mut masters)?;
         let f32_weight =
             |t: &HostTensor| if trainable { backend.upload(t) } else { backend.upload_weight(t, DType::F32) };
         let residual = match &weights.residual {
             Some((mlp, cw, cb)) => Some((
-                DeviceMlp::upload_with(backend, mlp, &spec.expert, true, dtype, trainable)?,
+                DeviceMlp::upload_with(backend, mlp, &spec.expert, true, storage, "residual", &mut masters)?,
                 f32_weight(cw)?,
                 backend.upload(cb)?,
             )),
@@ -289,13 +336,14 @@ impl<B: Backend> MoeLayer<B> {
         };
         let shared = match (&weights.shared, &spec.shared) {
             (Some((mlp, g)), Some(s)) => Some((
-                DeviceMlp::upload_with(backend, mlp, &s.expert, true, dtype, trainable)?,
+                DeviceMlp::upload_with(backend, mlp, &s.expert, true, storage, "shared", &mut masters)?,
                 g.as_ref().map(f32_weight).transpose()?,
             )),
             _ => None,
         };
         let gate = Gate::build(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref(), trainable)?;
-        Ok(MoeLayer { spec, gate, experts, residual, shared, dispatcher, trainable })
+        let compute_dtype = if let Storage::Mixed(d) = storage { d } else { DType::F32 };
+        Ok(MoeLayer { spec, gate, experts, residual, shared, dispatcher, trainable, compute_dtype, masters })
     }
 
     /// The layer's configuration.
@@ -308,10 +356,25 @@ impl<B: Backend> MoeLayer<B> {
         self.dispatcher.local_experts()
     }
 
-    /// Whether the layer was built by [`MoeLayer::new_trainable`] (plain f32 weights an
-    /// optimizer may step).
+    /// Whether the layer was built for training ([`MoeLayer::new_trainable`],
+    /// [`MoeLayer::new_mixed`]): weights an optimizer may step, plain f32 tensors or
+    /// half-precision compute copies of f32 masters.
     pub fn is_trainable(&self) -> bool {
         self.trainable
+    }
+
+    /// The storage dtype of the MLP weights a trainable layer computes with: f16 / bf16
+    /// for a layer from [`MoeLayer::new_mixed`], else f32.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// Hands over the f32 masters of a mixed-precision layer's half-precision weights (the
+    /// weights it was built from, uploaded as f32), named as [`MoeLayer::params_mut`] names
+    /// the parameters; the layer keeps none afterwards, so a second call gives none.
+    /// [`crate::train::Optimizer::new`] takes them.
+    pub fn take_masters(&mut self) -> Vec<(String, Tensor<B>)> {
+        std::mem::take(&mut self.masters)
     }
 
     /// Every trainable parameter, named as [`LayerGrads::into_named`] names their

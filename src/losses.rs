@@ -62,6 +62,19 @@ pub struct LossCoefs {
     pub z_loss: f64,
 }
 
+impl LossCoefs {
+    /// Every coefficient times `factor`: the router losses of a loss scaled by `factor`
+    /// (loss scaling multiplies the whole loss, so its gradient, by the scale).
+    pub fn scaled(self, factor: f64) -> Self {
+        LossCoefs {
+            l_aux: self.l_aux * factor,
+            load_balancing: self.load_balancing * factor,
+            expert_balance: self.expert_balance * factor,
+            z_loss: self.z_loss * factor,
+        }
+    }
+}
+
 /// Which count vector a loss's gradient is proportional to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CountsOf {

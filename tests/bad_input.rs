@@ -590,3 +590,26 @@ fn a_communicator_timeout_near_u64_max_does_not_overflow() {
         }
     });
 }
+
+#[test]
+fn cast_weight_refuses_vectors_integers_i32_storage_and_halves_the_cpu_cannot_store() {
+    let b = cpu(1);
+    let shape = |r: moe_engine::Result<Tensor<CpuBackend>>| match r {
+        Err(Error::Shape { tensor, .. }) => assert_eq!(tensor, "cast_weight input"),
+        Err(e) => panic!("expected a shape error, got {e}"),
+        Ok(_) => panic!("cast a tensor that is no matrix or stack"),
+    };
+    shape(b.cast_weight(&up_f32(&b, &[6], vec![0.0; 6]), DType::F32));
+    shape(b.cast_weight(&up_f32(&b, &[1, 2, 3, 1], vec![0.0; 6]), DType::F32));
+    let ints = b.upload(&HostTensor::i32(&[2, 3], vec![0; 6]).unwrap()).unwrap();
+    assert!(matches!(b.cast_weight(&ints, DType::F32), Err(Error::DType { .. })));
+    let x = up_f32(&b, &[2, 3], vec![1.0; 6]);
+    assert!(matches!(b.cast_weight(&x, DType::I32), Err(Error::DType { .. })));
+    for d in [DType::F16, DType::BF16] {
+        assert!(matches!(b.cast_weight(&x, d), Err(Error::Unsupported { .. })), "{d}");
+    }
+    // f32 is a copy in the weight layout, even of a weight reshaped to other matrices.
+    let w = b.upload_weight(&ht(&[2, 3], (0..6).map(|i| i as f32).collect()), DType::F32).unwrap();
+    let c = b.cast_weight(&w.reshape(&[3, 2]).unwrap(), DType::F32).unwrap();
+    assert_eq!(f32s(&b, &c), (0..6).map(|i| i as f32).collect::<Vec<_>>());
+}

@@ -30,7 +30,7 @@ fn abi() -> Vec<(&'static str, &'static [&'static str], Option<&'static str>)> {
         one::<RegroupParams>(Some("regroup")),
         one::<NoiseParams>(Some("philox")),
         one::<StatsParams>(Some("stats")),
-        one::<CastParams>(None),
+        one::<CastParams>(Some("cast")),
         one::<GradMatmulParams>(Some("grad_matmul")),
         one::<GradParams>(Some("grad")),
         one::<RouteGradParams>(Some("route_grad")),

@@ -153,6 +153,54 @@ fn split_weight_stacks_round_trip_and_pass_golden_and_parity() {
     assert!(bad.is_empty(), "parity with split weights:\n{}", bad.join("\n"));
 }
 
+/// `cast_weight` gives what `upload_weight` gives: the same values back, the same parts
+/// (a stack that upload_weight splits takes the host path), and products over the cast
+/// weight bitwise equal to products over the uploaded one (the layout the shaders read),
+/// empty stacks included.
+#[test]
+fn cast_weights_are_uploaded_weights_split_or_not() {
+    let Some(b) = splitting_backend("cast_weights_are_uploaded_weights_split_or_not") else { return };
+    use moe_engine::DType;
+    for (shape, dtype) in [
+        (vec![8, 100, 30], DType::F32),
+        (vec![3, 300, 80], DType::BF16),
+        (vec![2, 300, 120], DType::F16),
+        (vec![3, 37, 41], DType::F16),
+        (vec![37, 41], DType::BF16),
+        (vec![4, 33, 17], DType::F32),
+        (vec![0, 6, 4], DType::BF16),
+        (vec![2, 5, 0], DType::F16),
+    ] {
+        let n: usize = shape.iter().product();
+        let v = common::lcg(n as u64 + 3, n, 3.0);
+        let h = HostTensor::f32(&shape, v).unwrap();
+        let up = b.upload_weight(&h, dtype).unwrap();
+        let cast = b.cast_weight(&b.upload(&h).unwrap(), dtype).unwrap();
+        assert_eq!(b.buffer_count(&cast), b.buffer_count(&up), "{shape:?} {dtype}: parts");
+        assert_eq!((cast.shape(), cast.dtype()), (up.shape(), up.dtype()), "{shape:?} {dtype}");
+        let (dc, du) = (b.download(&cast).unwrap(), b.download(&up).unwrap());
+        let bits = |t: &HostTensor| t.as_f32("w").unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&dc), bits(&du), "{shape:?} {dtype}: values");
+        if n == 0 {
+            continue;
+        }
+        let (k, nn) = (shape[shape.len() - 1], shape[shape.len() - 2]);
+        let x = common::up_f32(&b, &[5, k], common::lcg(7, 5 * k, 1.0));
+        let product = |w: &moe_engine::Tensor<WgpuBackend>| {
+            let y = if shape.len() == 2 {
+                b.linear(&x, w, None).unwrap()
+            } else {
+                // Rows 0..2 to the first expert, none to the second, 2..5 to the third.
+                let off: Vec<i32> = (0..=shape[0]).map(|g| [0, 2, 2, 5][g.min(3)]).collect();
+                let off = moe_engine::ops::Offsets::from_host(&b, &off).unwrap();
+                b.grouped_linear(&x, &off, w, None).unwrap()
+            };
+            common::f32s(&b, &y).iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(product(&cast), product(&up), "{shape:?} {dtype}: products over [{nn}, {k}] matrices");
+    }
+}
+
 #[test]
 fn empty_weight_stacks_round_trip_as_on_the_cpu() {
     let Some(b) = backend("empty_weight_stacks_round_trip_as_on_the_cpu") else { return };

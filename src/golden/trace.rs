@@ -28,7 +28,7 @@ use crate::options::{GateOptions, LayerOptions, NoiseOverrides};
 use crate::parallel::{ExpertParallel, TokenLayout, Transport};
 use crate::report::Report;
 use crate::tensor::{DType, HostTensor};
-use crate::train::{Grouping, Hyper, Optimizer, OptimizerSpec};
+use crate::train::{Grouping, Hyper, Optimizer, OptimizerSpec, StepReport};
 use crate::weights::HostLayerWeights;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -738,14 +738,35 @@ impl Trace {
         opt: &mut Optimizer<B>,
         t: usize,
     ) -> Result<StepRecord> {
-        let (out, dy, record, coefs) = self.forward(b, layer, t)?;
-        let grads = layer.backward(b, &out, &b.upload(&dy)?, &BackwardOptions { losses: coefs })?;
+        Ok(self.step_reported(b, layer, opt, t)?.0)
+    }
+
+    /// [`Trace::step`], also returning what the optimizer step did. With a loss scaler on
+    /// `opt` the loss gradient is multiplied by its scale before the backward (the
+    /// router losses' coefficients with it, so every gradient carries the scale); a step
+    /// the scaler skips (overflowing gradients) leaves the layer as it was, its bias
+    /// update included.
+    pub fn step_reported<B: Backend>(
+        &self,
+        b: &B,
+        layer: &mut MoeLayer<B>,
+        opt: &mut Optimizer<B>,
+        t: usize,
+    ) -> Result<(StepRecord, StepReport)> {
+        let (out, dy, record, mut coefs) = self.forward(b, layer, t)?;
+        let mut dy = b.upload(&dy)?;
+        let scale = opt.loss_scale();
+        if scale != 1.0 {
+            dy = b.scale(&dy, scale as f32)?;
+            coefs = coefs.scaled(scale);
+        }
+        let grads = layer.backward(b, &out, &dy, &BackwardOptions { losses: coefs })?;
         drop(out);
-        opt.step(b, layer, grads)?;
-        if let Some(bu) = &self.meta.train.bias_update {
+        let report = opt.step(b, layer, grads)?;
+        if let (Some(bu), false) = (&self.meta.train.bias_update, report.skipped) {
             layer.update_correction_bias(b, &record.exp_counts, bu.rate as f32)?;
         }
-        Ok(record)
+        Ok((record, report))
     }
 
     /// Runs the whole trace on `b` (with `ep`, as one rank of an expert-parallel group:

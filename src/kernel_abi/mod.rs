@@ -260,13 +260,15 @@ abi_struct! {
 }
 
 abi_struct! {
-    /// The casts in front of cuBLAS (kernels/matmul_tc.cu `to_half`, `fill_rows`).
+    /// The casts: in front of cuBLAS (kernels/matmul_tc.cu `to_half`, `fill_rows`), and
+    /// `cast_weight`'s rounding to f16/bf16 storage (shaders/cast.wgsl, kernels/matmul_tc.cu
+    /// `cast_weight`).
     CastParams {
         /// Elements.
         n: u64,
         /// Row length (`fill_rows`).
         cols: u32,
-        /// `to_half`: 1 for bf16, 0 for f16.
+        /// `to_half`, `cast_weight`: 1 for bf16, 0 for f16.
         bf16: u32,
     }
 }

@@ -17,6 +17,7 @@
 //! (expert slots) and [`BlockTable`] (row blocks) come from the ops that compute them or
 //! from host data checked on the way in.
 
+mod cast;
 mod dispatch;
 mod elementwise;
 mod exchange;
@@ -29,6 +30,7 @@ mod route;
 mod route_check;
 mod stats;
 
+pub use cast::CastWeightOp;
 pub use dispatch::{CombineOp, PermuteOp, RouteRows};
 pub use elementwise::{ElementwiseKind, ElementwiseOp};
 pub use exchange::{BlockTable, Bucket, BucketOp, BucketParts, DevicePlacement, RegroupOp};

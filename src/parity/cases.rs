@@ -188,6 +188,131 @@ impl OpCase for GroupedMlpCase {
     }
 }
 
+// ------------------------------------------------------------------ weight storage
+
+/// `cast_weight` against `upload_weight`, bitwise: an f32 tensor on the device stored in
+/// `dtype` must download to exactly what `upload_weight` of the same values downloads to.
+/// The values hit every edge of the rounding: ties to even (normal and subnormal), the
+/// largest half and the values that round past it, f32 subnormals, signed zeros, ±inf,
+/// quiet, signalling and negative NaNs with payloads, random bit patterns (every exponent)
+/// and random values in the half range. Both outputs are the downloaded values' f32 bit
+/// patterns (i32), so NaN compares by its bits; a backend that does not store `dtype`
+/// (the cpu reference, for halves) gives the values rounded on the host, which is what
+/// `upload_weight` stores ([`DType::half_bits`]).
+pub struct CastWeightCase {
+    /// `[N, K]` or `[G, N, K]` (an odd count leaves half a packed word).
+    pub shape: Vec<usize>,
+    /// Storage dtype.
+    pub dtype: DType,
+}
+
+impl CastWeightCase {
+    /// The edge values of `dtype`'s rounding (f32 bit patterns).
+    fn edges(dtype: DType) -> Vec<u32> {
+        let f = |x: f32| x.to_bits();
+        let mut v = vec![
+            f(0.0),
+            f(-0.0),
+            f(1.0),
+            f(f32::INFINITY),
+            f(f32::NEG_INFINITY),
+            0x7fc0_0000, // quiet NaN
+            0xffc0_0001, // negative quiet NaN with a payload
+            0x7f80_0001, // signalling NaN, payload in the low bits only
+            0x7fa1_2345, // signalling NaN with a payload in the top bits
+            0x0000_0001, // the smallest f32 subnormal
+            0x8000_8000, // a negative f32 subnormal on a bf16 tie (to even: zero)
+            0x0001_8000, // an f32 subnormal on a bf16 tie (to even: up)
+            0x007f_ffff, // the largest f32 subnormal
+            f(f32::MAX),
+            f(f32::MIN),
+            f(f32::MIN_POSITIVE),
+        ];
+        v.extend(match dtype {
+            DType::F16 => vec![
+                f(1.0 + 2f32.powi(-11)),                     // tie, retained even: down
+                f(1.0 + 3.0 * 2f32.powi(-11)),               // tie, retained odd: up
+                f(-(1.0 + 2f32.powi(-11) + 2f32.powi(-20))), // above the tie: up
+                f(65504.0),                                  // the largest f16
+                f(65519.0),                                  // rounds down to it
+                f(65520.0),                                  // tie past it: to even, infinity
+                f(-1e5),
+                f(2f32.powi(-24)),                  // the smallest f16 subnormal
+                f(2f32.powi(-25)),                  // half of it: tie to even, zero
+                f(3.0 * 2f32.powi(-25)),            // tie between subnormals 1 and 2: up
+                f(2f32.powi(-25) * 1.0001),         // just above half: up
+                f(2f32.powi(-14) - 2f32.powi(-25)), // rounds up to the smallest normal
+                f(2f32.powi(-26)),                  // below half the smallest: zero
+                f(-5.96e-8),
+            ],
+            _ => vec![
+                f(1.0 + 2f32.powi(-8)),
+                f(1.0 + 3.0 * 2f32.powi(-8)),
+                f(-(1.0 + 2f32.powi(-8) + 2f32.powi(-20))),
+                0x7f7f_8000, // tie between the largest bf16 and infinity: to even, infinity
+                0x7f7f_7fff, // just below it: the largest bf16
+                f(3.0e38),
+                f(-1e-39),
+            ],
+        });
+        v
+    }
+
+    /// The case's input: the edge values of its dtype, then random bit patterns and random
+    /// values of every exponent the half type has (the emulated CUDA test casts these too).
+    pub fn values(&self) -> Result<HostTensor> {
+        let n: usize = self.shape.iter().product();
+        let mut bits = Self::edges(self.dtype);
+        let words = philox::words(0xca57, 31, n);
+        // Random bit patterns (every exponent, NaNs included), then random values of every
+        // exponent the half type has.
+        for (i, w) in words.iter().enumerate() {
+            let v = if i % 2 == 0 {
+                *w
+            } else {
+                let max_exp = if self.dtype == DType::F16 { 16 } else { 60 };
+                let e = (w >> 24) as i32 % (2 * max_exp) - max_exp;
+                let m = philox::to_open_unit(w.rotate_left(7)) * 2.0 - 1.0;
+                (m * 2f32.powi(e)).to_bits()
+            };
+            bits.push(v);
+        }
+        bits.truncate(n);
+        HostTensor::f32(&self.shape, bits.into_iter().map(f32::from_bits).collect())
+    }
+
+    /// The downloaded values' bit patterns, as i32 (NaN compared by its bits).
+    fn bits<B: Backend>(b: &B, h: &HostTensor) -> Result<Tensor<B>> {
+        let v = h.as_f32("stored weight")?;
+        b.upload(&HostTensor::i32(h.shape(), v.iter().map(|x| x.to_bits() as i32).collect())?)
+    }
+}
+
+impl OpCase for CastWeightCase {
+    const OP: &'static str = "cast_weight";
+    fn name(&self) -> String {
+        format!("{:?}: ties to even, subnormals, overflow, ±inf, NaN payloads, random bits", self.shape)
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        0.0
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let x = self.values()?;
+        if !b.capabilities().storage_dtypes.contains(&self.dtype) {
+            // The reference without the type: what upload_weight stores, rounded here.
+            let r =
+                HostTensor::f32(x.shape(), self.dtype.from_half_bits(&self.dtype.half_bits(x.as_f32("weight")?)?)?)?;
+            return Ok(vec![("cast_weight", Self::bits(b, &r)?), ("upload_weight", Self::bits(b, &r)?)]);
+        }
+        let cast = b.download(&b.cast_weight(&b.upload(&x)?, self.dtype)?)?;
+        let uploaded = b.download(&b.upload_weight(&x, self.dtype)?)?;
+        Ok(vec![("cast_weight", Self::bits(b, &cast)?), ("upload_weight", Self::bits(b, &uploaded)?)])
+    }
+}
+
 // ------------------------------------------------------------------ elementwise
 
 /// The elementwise ops on random inputs.
@@ -739,6 +864,9 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
             bias,
             dtype,
         }));
+    }
+    for dtype in DTYPES {
+        t.all(&[vec![5, 21], vec![3, 7, 9], vec![1, 1]].map(|shape| CastWeightCase { shape, dtype }));
     }
     let groups: [(&str, Vec<usize>, usize); 4] = [
         ("odd groups, two empty", vec![0, 37, 1, 0, 70], 0),

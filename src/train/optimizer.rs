@@ -1,14 +1,31 @@
 //! The optimizer: parameter groups, per-parameter state on the device, gradient clipping
 //! by global norm, and one step of every parameter through the backend's
 //! [`Backend::optim_step`].
+//!
+//! # Mixed precision
+//!
+//! A parameter whose tensor is f16 or bf16 (the MLP weights of a layer from
+//! [`MoeLayer::new_mixed`]) is a compute copy: the optimizer keeps an f32 master copy of
+//! it, steps the master (its state, like every state, in f32) and after each step replaces
+//! the compute copy with [`Backend::cast_weight`] of the master. f32 parameters are their
+//! own masters. [`Optimizer::new`] starts the masters from the f32 weights the layer was
+//! built from ([`MoeLayer::take_masters`]), so the master trajectory starts where the f32
+//! run's does and the half-precision rounding enters only the forward and backward;
+//! DeepSpeed's `FP16_Optimizer` can only start them from the fp16 parameters
+//! (`fp16_groups_flat[i].clone().float()`), since its model was cast before it was
+//! built. Parameters handed to [`Optimizer::for_params`] have no f32 weights behind them,
+//! so their masters are made as DeepSpeed makes them, from the compute copies, at their
+//! first step. A [`LossScaler`] ([`Optimizer::set_loss_scaler`]) adds loss scaling and
+//! the skipping of overflowing steps (see [`super::loss_scale`]).
 
+use super::loss_scale::LossScaler;
 use super::spec::{Hyper, OptimizerSpec};
 use crate::backend::Backend;
 use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::layer::{LayerGrads, MoeLayer, ParamMut};
 use crate::ops::StepKind;
-use crate::tensor::HostTensor;
+use crate::tensor::{DType, HostTensor};
 
 /// How the parameters are split into groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +116,12 @@ pub(super) struct Slot<B: Backend> {
     pub(super) v: Option<Tensor<B>>,
     /// The rule family `m` and `v` belong to (None while there is no state).
     pub(super) kind: Option<StateKind>,
+    /// The storage dtype of the parameter's tensor: f32, or f16 / bf16 for a compute copy
+    /// of `master`.
+    pub(super) dtype: DType,
+    /// The f32 master copy of an f16 / bf16 parameter (None for f32 parameters, and for a
+    /// half one until its master is made).
+    pub(super) master: Option<Tensor<B>>,
 }
 
 /// A parameter's optimizer state: device tensors, None before its first step or where
@@ -119,6 +142,13 @@ pub struct StepReport {
     /// The factor the gradients were multiplied by: `min(1, max_norm / (norm + 1e-6))`,
     /// or 1 without clipping.
     pub clip_coef: f64,
+    /// The loss scale the step's gradients carried (1 without a [`LossScaler`]); they
+    /// were multiplied by `clip_coef / loss_scale`.
+    pub loss_scale: f64,
+    /// Whether the step was skipped because the gradients overflowed (their global norm
+    /// was not finite): parameters, state and step counts are as before it. Only with a
+    /// [`LossScaler`]; without one such gradients are an error.
+    pub skipped: bool,
 }
 
 /// An optimizer over one layer's parameters, stepping them on the device with the
@@ -129,16 +159,19 @@ pub struct Optimizer<B: Backend> {
     pub(super) groups: Vec<ParamGroup>,
     pub(super) slots: Vec<Slot<B>>,
     gradient_clipping: f64,
+    scaler: Option<LossScaler>,
 }
 
 impl<B: Backend> Optimizer<B> {
-    /// An optimizer over `layer`'s parameters (a layer from [`MoeLayer::new_trainable`]),
-    /// every group starting with `spec`'s hyperparameters. DeepSpeed's grouping needs an
-    /// `ep_size` that divides the layer's experts.
+    /// An optimizer over `layer`'s parameters (a layer from [`MoeLayer::new_trainable`] or
+    /// [`MoeLayer::new_mixed`]), every group starting with `spec`'s hyperparameters.
+    /// DeepSpeed's grouping needs an `ep_size` that divides the layer's experts. The f32
+    /// masters of a mixed-precision layer's half-precision weights are taken from the
+    /// layer (the weights it was built from; see the module docs).
     pub fn new(layer: &mut MoeLayer<B>, spec: &OptimizerSpec, grouping: Grouping) -> Result<Self> {
         if !layer.is_trainable() {
             return Err(Error::Misuse(
-                "an optimizer steps the f32 master weights of a layer from MoeLayer::new_trainable".into(),
+                "an optimizer steps the f32 master weights of a layer from MoeLayer::new_trainable or new_mixed".into(),
             ));
         }
         if let Grouping::DeepSpeed { ep_size } = grouping {
@@ -147,11 +180,26 @@ impl<B: Backend> Optimizer<B> {
                 return Err(Error::config("ep_size", format!("{ep_size} must divide num_experts = {e}")));
             }
         }
-        Self::for_params(&layer.params_mut(), spec, grouping)
+        let mut opt = Self::for_params(&layer.params_mut(), spec, grouping)?;
+        for (name, master) in layer.take_masters() {
+            let slot = opt
+                .slots
+                .iter_mut()
+                .find(|s| s.name == name)
+                .ok_or_else(|| Error::Internal(format!("a master copy of `{name}`, which is no parameter")))?;
+            master.expect_dtype(&format!("master of {name}"), DType::F32)?;
+            master.expect_shape(&format!("master of {name}"), &slot.shape)?;
+            if slot.dtype == DType::F32 {
+                return Err(Error::Internal(format!("a master copy of the f32 parameter `{name}`")));
+            }
+            slot.master = Some(master);
+        }
+        Ok(opt)
     }
 
-    /// An optimizer over `params` (their names, expert flags and shapes; the tensors are
-    /// handed to every [`Optimizer::step_params`]).
+    /// An optimizer over `params` (their names, expert flags, shapes and storage dtypes;
+    /// the tensors are handed to every [`Optimizer::step_params`]). f16 / bf16 tensors are
+    /// compute copies whose f32 masters are made from them at their first step.
     pub fn for_params(params: &[ParamMut<'_, B>], spec: &OptimizerSpec, grouping: Grouping) -> Result<Self> {
         spec.validate()?;
         let group = |name: String, moe: bool| ParamGroup { name, moe, hyper: spec.hyper, step: 0 };
@@ -169,7 +217,10 @@ impl<B: Backend> Optimizer<B> {
             if slots.iter().any(|s| s.name == p.name) {
                 return Err(Error::Internal(format!("two parameters are named `{}`", p.name)));
             }
-            p.tensor.expect_dtype(&p.name, crate::DType::F32)?;
+            let dtype = p.tensor.dtype();
+            if !dtype.is_float() {
+                return Err(Error::dtype(&p.name, "f32, f16 or bf16", dtype));
+            }
             let group = usize::from(p.expert && matches!(grouping, Grouping::DeepSpeed { .. }));
             slots.push(Slot {
                 name: p.name.clone(),
@@ -178,9 +229,11 @@ impl<B: Backend> Optimizer<B> {
                 m: None,
                 v: None,
                 kind: None,
+                dtype,
+                master: None,
             });
         }
-        Ok(Optimizer { groups, slots, gradient_clipping: spec.gradient_clipping })
+        Ok(Optimizer { groups, slots, gradient_clipping: spec.gradient_clipping, scaler: None })
     }
 
     /// The parameter groups, in torch's order (DeepSpeed: the base group, then the
@@ -202,6 +255,38 @@ impl<B: Backend> Optimizer<B> {
     /// The state of parameter `name` (None: no such parameter).
     pub fn state(&self, name: &str) -> Option<ParamState<'_, B>> {
         self.slots.iter().find(|s| s.name == name).map(|s| ParamState { m: s.m.as_ref(), v: s.v.as_ref() })
+    }
+
+    /// The f32 master copy of parameter `name`: its master for an f16 / bf16 parameter
+    /// (None before its first step when it was not given one), None for an f32 parameter
+    /// (its tensor is its master) or no such parameter.
+    pub fn master(&self, name: &str) -> Option<&Tensor<B>> {
+        self.slots.iter().find(|s| s.name == name).and_then(|s| s.master.as_ref())
+    }
+
+    /// The storage dtype of every parameter's tensor, in stepping order (f16 / bf16: a
+    /// compute copy of an f32 master).
+    pub fn param_dtypes(&self) -> impl Iterator<Item = (&str, DType)> {
+        self.slots.iter().map(|s| (s.name.as_str(), s.dtype))
+    }
+
+    /// Sets the loss scaler (None: no loss scaling, and non-finite gradients are an
+    /// error). With one, the gradients handed to a step must carry
+    /// [`Optimizer::loss_scale`] (the caller scales the loss gradient, `b.scale(&dy,
+    /// scale)`), and a step whose gradients overflow is skipped (see
+    /// [`super::loss_scale`]).
+    pub fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) {
+        self.scaler = scaler;
+    }
+
+    /// The loss scaler, if any.
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// The scale the next step's gradients must carry (1 without a loss scaler).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.as_ref().map_or(1.0, LossScaler::loss_scale)
     }
 
     /// `max_norm` of the gradient clipping (0: off).
@@ -239,9 +324,13 @@ impl<B: Backend> Optimizer<B> {
     /// `grads` as [`LayerGrads::into_named`] names them, both in the optimizer's order.
     /// With clipping on, the gradients are first scaled as `torch.nn.utils.clip_grad_norm_`
     /// scales them (through the step's `grad_scale`, never in place); a gradient norm
-    /// that is not finite is an error before anything is stepped. Everything that the
-    /// caller gives is checked before the first parameter changes; only a failure of the
-    /// device itself can leave a step half done.
+    /// that is not finite is an error before anything is stepped. With a loss scaler the
+    /// norm is always taken: not finite, the step is skipped and reported so
+    /// ([`StepReport::skipped`]); finite, the gradients are un-scaled through
+    /// `grad_scale` and clipping is computed on the un-scaled norm. f16 / bf16 parameters
+    /// step their f32 masters and get `cast_weight` of them. Everything that the caller
+    /// gives is checked before the first parameter changes; only a failure of the device
+    /// itself can leave a step half done.
     pub fn step_params(
         &mut self,
         b: &B,
@@ -264,6 +353,7 @@ impl<B: Backend> Optimizer<B> {
                 )));
             }
             p.tensor.expect_shape(&p.name, &slot.shape)?;
+            p.tensor.expect_dtype(&p.name, slot.dtype)?;
             g.expect_shape(&format!("gradient of {}", slot.name), &slot.shape)?;
             g.expect_dtype(&format!("gradient of {}", slot.name), crate::DType::F32)?;
             let kind = StateKind::of(self.groups[slot.group].hyper.kind);
@@ -281,24 +371,40 @@ impl<B: Backend> Optimizer<B> {
             })?;
         }
 
-        let (grad_norm, clip_coef) = if self.gradient_clipping > 0.0 {
-            let norm = Self::grad_norm(b, &grads)?;
-            if !norm.is_finite() {
+        let loss_scale = self.loss_scale();
+        let norm = if self.gradient_clipping > 0.0 || self.scaler.is_some() {
+            // With a loss scaler: the norm of the scaled gradients, un-scaled below.
+            Some(Self::grad_norm(b, &grads)?)
+        } else {
+            None
+        };
+        if let Some(norm) = norm.filter(|n| !n.is_finite()) {
+            let Some(scaler) = &mut self.scaler else {
                 return Err(Error::NonFinite {
                     tensor: "gradients (their global norm)".into(),
                     index: vec![],
                     value: norm as f32,
                 });
-            }
+            };
+            // An overflow: nothing is stepped, and the scaler learns of it.
+            scaler.update(true)?;
+            return Ok(StepReport { grad_norm: Some(f64::INFINITY), clip_coef: 1.0, loss_scale, skipped: true });
+        }
+        if let Some(scaler) = &mut self.scaler {
+            scaler.update(false)?;
+        }
+        let grad_norm = norm.map(|n| n / loss_scale);
+        let clip_coef = match grad_norm {
             // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
-            (Some(norm), (self.gradient_clipping / (norm + 1e-6)).min(1.0))
-        } else {
-            (None, 1.0)
+            Some(n) if self.gradient_clipping > 0.0 => (self.gradient_clipping / (n + 1e-6)).min(1.0),
+            _ => 1.0,
         };
+        // Exactly the clip coefficient without loss scaling (a division by 1).
+        let grad_scale = clip_coef / loss_scale;
 
         for ((slot, p), (_, g)) in self.slots.iter_mut().zip(params.iter_mut()).zip(&grads) {
             let group = &self.groups[slot.group];
-            let mut rule = group.hyper.rule(group.step + 1, clip_coef);
+            let mut rule = group.hyper.rule(group.step + 1, grad_scale);
             if !rule.has_m() {
                 // SGD whose momentum was turned off: torch leaves the old buffer unused.
                 slot.m = None;
@@ -316,12 +422,23 @@ impl<B: Backend> Optimizer<B> {
                 StepKind::Sgd if slot.m.is_none() => rule.step = 1,
                 _ => {}
             }
-            b.optim_step_in_place(p.tensor, g, &mut slot.m, &mut slot.v, rule)?;
+            if slot.dtype == DType::F32 {
+                b.optim_step_in_place(p.tensor, g, &mut slot.m, &mut slot.v, rule)?;
+            } else {
+                let mut master = match slot.master.take() {
+                    Some(m) => m,
+                    // DeepSpeed's start: the compute copy's values in f32.
+                    None => b.upload(&b.download(p.tensor)?)?,
+                };
+                b.optim_step_in_place(&mut master, g, &mut slot.m, &mut slot.v, rule)?;
+                *p.tensor = b.cast_weight(&master, slot.dtype)?;
+                slot.master = Some(master);
+            }
             slot.kind = (slot.m.is_some() || slot.v.is_some()).then_some(StateKind::of(rule.kind));
         }
         for g in &mut self.groups {
             g.step += 1;
         }
-        Ok(StepReport { grad_norm, clip_coef })
+        Ok(StepReport { grad_norm, clip_coef, loss_scale, skipped: false })
     }
 }

@@ -8,13 +8,23 @@
 //! is laid out exactly as the checkpoint's parameters are, so tools that read the
 //! checkpoint read it too. Values are the f32 state bit for bit, so a run resumed from the
 //! file continues exactly as the uninterrupted run would have.
+//!
+//! A mixed-precision optimizer also saves the f32 master of every f16 / bf16 parameter as
+//! `<name>.master` (engine or checkpoint names, as the rest), since the compute copies
+//! saved beside it as the weights are rounded. Loading restores the masters the file
+//! holds; a file without them (saved before the masters were made) leaves each half
+//! parameter to make its master from its compute copy at its next step. A dynamic loss
+//! scaler's running state is saved as `loss_scaler.cur_scale`, `.cur_iter`,
+//! `.last_overflow_iter` and `.cur_hysteresis` (DeepSpeed's names), and restored when the
+//! file has it.
 
+use super::loss_scale::LossScaler;
 use super::optimizer::{Optimizer, StateKind};
 use crate::backend::Backend;
 use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::import::{save_safetensors, Checkpoint, NameMap};
-use crate::tensor::HostTensor;
+use crate::tensor::{DType, HostTensor};
 use crate::weights::HostLayerWeights;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,6 +82,14 @@ impl Which {
 /// buffer, which has no state).
 type CheckpointParam<'m> = (&'m str, Option<Vec<usize>>);
 
+/// The suffix of a master copy.
+const MASTER: &str = "master";
+
+/// A dynamic loss scaler's running state: its scale (f32), iterations seen, last
+/// overflow's iteration and hysteresis left (i32 scalars).
+const SCALER_KEYS: [&str; 4] =
+    ["loss_scaler.cur_scale", "loss_scaler.cur_iter", "loss_scaler.last_overflow_iter", "loss_scaler.cur_hysteresis"];
+
 fn step_key(group: &str) -> String {
     format!("param_groups.{group}.step")
 }
@@ -114,6 +132,9 @@ impl<B: Backend> Optimizer<B> {
                     out.insert(format!("{}.{}", s.name, w.suffix()), b.download(t)?);
                 }
             }
+            if let Some(m) = &s.master {
+                out.insert(format!("{}.{MASTER}", s.name), b.download(m)?);
+            }
         }
         Ok(out)
     }
@@ -125,6 +146,23 @@ impl<B: Backend> Optimizer<B> {
                 Error::too_large(format!("step of group `{}`", g.name()), g.step().to_string(), "2^31 - 1")
             })?;
             out.insert(step_key(g.name()), HostTensor::i32(&[], vec![step])?);
+        }
+        if let Some(LossScaler::Dynamic(d)) = self.loss_scaler() {
+            let scale = d.loss_scale();
+            if (scale as f32) as f64 != scale {
+                return Err(Error::too_large("the loss scale", scale.to_string(), "what an f32 holds exactly"));
+            }
+            let int = |what: &str, v: i64| {
+                i32::try_from(v)
+                    .map_err(|_| Error::too_large(format!("the loss scaler's {what}"), v.to_string(), "2^31 - 1"))
+            };
+            out.insert(SCALER_KEYS[0].into(), HostTensor::f32(&[], vec![scale as f32])?);
+            out.insert(SCALER_KEYS[1].into(), HostTensor::i32(&[], vec![int("iteration", d.iteration() as i64)?])?);
+            out.insert(
+                SCALER_KEYS[2].into(),
+                HostTensor::i32(&[], vec![int("last overflow", d.last_overflow_iteration())?])?,
+            );
+            out.insert(SCALER_KEYS[3].into(), HostTensor::i32(&[], vec![d.hysteresis() as i32])?);
         }
         Ok(out)
     }
@@ -156,12 +194,12 @@ impl<B: Backend> Optimizer<B> {
             None => engine,
             Some(map) => {
                 let mut out = self.steps()?;
-                for w in ALL {
+                for suffix in ALL.iter().map(|w| w.suffix()).chain([MASTER]) {
                     let by_param: BTreeMap<String, HostTensor> = self
                         .slots
                         .iter()
                         .filter_map(|s| {
-                            engine.get(&format!("{}.{}", s.name, w.suffix())).map(|t| (s.name.clone(), t.clone()))
+                            engine.get(&format!("{}.{suffix}", s.name)).map(|t| (s.name.clone(), t.clone()))
                         })
                         .collect();
                     for (name, params) in self.checkpoint_params(map)? {
@@ -172,10 +210,11 @@ impl<B: Backend> Optimizer<B> {
                         }
                         if have != params.len() {
                             return Err(Error::Misuse(format!(
-                                "checkpoint tensor `{name}` spans parameters of groups with different rules"
+                                "checkpoint tensor `{name}` spans parameters with and without `{suffix}` state \
+                                 (groups with different rules, or f32 and half-precision parameters)"
                             )));
                         }
-                        out.insert(format!("{name}.{}", w.suffix()), map.gather(&by_param, name)?);
+                        out.insert(format!("{name}.{suffix}"), map.gather(&by_param, name)?);
                     }
                 }
                 out
@@ -200,6 +239,33 @@ impl<B: Backend> Optimizer<B> {
             };
             steps.push(v);
         }
+        // A dynamic loss scaler's state, where the file has it (else the scaler goes on as
+        // it is); checked on a copy, set with the rest.
+        let scaler = match self.loss_scaler() {
+            Some(LossScaler::Dynamic(d)) if ck.contains(SCALER_KEYS[0]) => {
+                let mut d = d.clone();
+                let mut int = |key: &str| -> Result<i64> {
+                    let t = ck.take(key)?;
+                    match (t.shape(), t.as_i32(key)) {
+                        ([] | [1], Ok([v])) => Ok(*v as i64),
+                        _ => Err(Error::shape(key, "an i32 scalar", t.shape())),
+                    }
+                };
+                let (iter, last, hyst) = (int(SCALER_KEYS[1])?, int(SCALER_KEYS[2])?, int(SCALER_KEYS[3])?);
+                let t = ck.take(SCALER_KEYS[0])?;
+                let scale = match (t.shape(), t.as_f32(SCALER_KEYS[0])) {
+                    ([] | [1], Ok([v])) => *v as f64,
+                    _ => return Err(Error::shape(SCALER_KEYS[0], "an f32 scalar", t.shape())),
+                };
+                let iter = u64::try_from(iter)
+                    .map_err(|_| Error::config(SCALER_KEYS[1], format!("must be >= 0, got {iter}")))?;
+                let hyst = u32::try_from(hyst)
+                    .map_err(|_| Error::config(SCALER_KEYS[3], format!("must be >= 1, got {hyst}")))?;
+                d.restore(scale, iter, last, hyst)?;
+                Some(LossScaler::Dynamic(d))
+            }
+            _ => None,
+        };
         // What each parameter must have after the load: its group's rule after `step` steps.
         let saved: Vec<u64> = self.groups.iter().map(|g| g.step()).collect();
         for (g, &s) in self.groups.iter_mut().zip(&steps) {
@@ -222,13 +288,24 @@ impl<B: Backend> Optimizer<B> {
             None => self.read_engine(&mut ck, &expected),
             Some(n) => self.read_checkpoint(&mut ck, &expected, n),
         };
-        let host = match host.and_then(|h| ck.finish("").map(|_| h)) {
+        let masters = host.and_then(|h| Ok((h, self.read_masters(&mut ck, names)?)));
+        let (host, masters) = match masters.and_then(|h| ck.finish("").map(|_| h)) {
             Ok(h) => h,
             Err(e) => {
                 restore(self);
                 return Err(e);
             }
         };
+        let mut masters_up: Vec<Option<Tensor<B>>> = Vec::with_capacity(masters.len());
+        for m in masters {
+            match m.map(|t| b.upload(&t)).transpose() {
+                Ok(t) => masters_up.push(t),
+                Err(e) => {
+                    restore(self);
+                    return Err(e);
+                }
+            }
+        }
         let mut uploaded: Vec<[Option<Tensor<B>>; 2]> = Vec::with_capacity(self.slots.len());
         for [m, v] in host {
             let up = |t: Option<HostTensor>| t.map(|t| b.upload(&t)).transpose();
@@ -240,7 +317,7 @@ impl<B: Backend> Optimizer<B> {
                 }
             }
         }
-        for ((slot, [m, v]), exp) in self.slots.iter_mut().zip(uploaded).zip(&expected) {
+        for (((slot, [m, v]), exp), master) in self.slots.iter_mut().zip(uploaded).zip(&expected).zip(masters_up) {
             slot.kind = match exp.first() {
                 Some(Which::Momentum) => Some(StateKind::Sgd),
                 Some(_) => Some(StateKind::Adam),
@@ -248,8 +325,70 @@ impl<B: Backend> Optimizer<B> {
             };
             slot.m = m;
             slot.v = v;
+            if slot.dtype != DType::F32 {
+                slot.master = master;
+            }
+        }
+        if scaler.is_some() {
+            self.set_loss_scaler(scaler);
         }
         Ok(())
+    }
+
+    /// The masters of the half-precision parameters that the file holds (None for f32
+    /// parameters and for ones the file has no master of). Under checkpoint names the
+    /// importer puts them back in the engine's layout, as for the state.
+    fn read_masters(
+        &self,
+        ck: &mut Checkpoint,
+        names: Option<&CheckpointNames<'_>>,
+    ) -> Result<Vec<Option<HostTensor>>> {
+        let half = |i: usize| self.slots[i].dtype != DType::F32;
+        let mut out: Vec<Option<HostTensor>> = vec![None; self.slots.len()];
+        let Some(names) = names else {
+            for (i, s) in self.slots.iter().enumerate().filter(|&(i, _)| half(i)) {
+                let key = format!("{}.{MASTER}", s.name);
+                if ck.contains(&key) {
+                    let t = ck.take_shaped(&key, &s.shape)?;
+                    t.as_f32(&key)?;
+                    out[i] = Some(t);
+                }
+            }
+            return Ok(out);
+        };
+        let ck_params = self.checkpoint_params(names.map)?;
+        if !ck_params.iter().any(|(name, _)| ck.contains(&format!("{name}.{MASTER}"))) {
+            return Ok(out);
+        }
+        let mut tensors = BTreeMap::new();
+        for (name, params) in &ck_params {
+            let shape = names.map.shape(name).ok_or_else(|| Error::Internal(format!("the name map lost `{name}`")))?;
+            let key = format!("{name}.{MASTER}");
+            let t = match params {
+                // A file with masters has every half parameter's.
+                Some(p) if p.iter().all(|&i| half(i)) => {
+                    let t = ck.take_shaped(&key, shape)?;
+                    t.as_f32(&key)?;
+                    t
+                }
+                Some(p) if p.iter().any(|&i| half(i)) => {
+                    return Err(Error::Misuse(format!(
+                        "checkpoint tensor `{name}` spans f32 and half-precision parameters"
+                    )))
+                }
+                _ => HostTensor::zeros(shape)?,
+            };
+            tensors.insert(name.to_string(), t);
+        }
+        let mut state = Checkpoint::from_map(tensors, &format!("{} ({MASTER})", ck.source()));
+        let weights = (names.import)(&mut state)?;
+        let engine: BTreeMap<String, &HostTensor> = weights.named().into_iter().collect();
+        for (i, s) in self.slots.iter().enumerate().filter(|&(i, _)| half(i)) {
+            let t =
+                engine.get(&s.name).ok_or_else(|| Error::Internal(format!("the importer produced no `{}`", s.name)))?;
+            out[i] = Some((*t).clone().reshape(&s.shape)?);
+        }
+        Ok(out)
     }
 
     /// The state under the engine's names, per parameter `[m, v]`.

@@ -25,7 +25,7 @@ use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::expert::ExpertKind;
 use moe_engine::ops::{
-    ActGradOp, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
+    ActGradOp, BucketOp, BucketParts, CastWeightOp, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
     GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, OptimStepOp,
     PermuteOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp, RouterStatsOp, RoutesParts, StepOut, SumSquaresOp,
     WeightGrad, WeightGradOp,
@@ -259,6 +259,22 @@ impl Backend for CpuBackend {
 
     fn run_gated_add_grad(&self, op: &GatedAddGradOp<'_, Self>) -> Result<GatedAddGrad<Self>> {
         grad::gated_add_grad(op)
+    }
+
+    /// f32 only (the check refuses halves): the values in the weight layout
+    /// `upload_weight` makes, each matrix transposed to `[K, N]`.
+    fn run_cast_weight(&self, op: &CastWeightOp<'_, Self>) -> Result<T> {
+        let (_, n, k) = op.dims;
+        let data = match op.x.buffer() {
+            CpuBuffer::F32(v) => buffer::transpose_stack(&v[..op.x.numel()], n, k),
+            CpuBuffer::WeightT { data, n: wn, k: wk } if (*wn, *wk) == (n, k) => data.clone(),
+            // A weight handle reshaped to other matrices: back to its logical values first.
+            CpuBuffer::WeightT { data, n: wn, k: wk } => {
+                buffer::transpose_stack(&buffer::transpose_stack(data, *wk, *wn), n, k)
+            }
+            CpuBuffer::I32(_) => return Err(Error::Internal("a checked cast_weight input holds i32".into())),
+        };
+        T::from_parts(CpuBuffer::WeightT { data, n, k }, op.x.shape().to_vec(), DType::F32)
     }
 
     fn run_optim_step(&self, op: &OptimStepOp<'_, Self>) -> Result<StepOut<Self>> {

@@ -16,7 +16,7 @@ use crate::device::{derr, CudaBackend, CudaBuffer, T};
 use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::ops::{
-    ActGradOp, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
+    ActGradOp, BucketOp, BucketParts, CastWeightOp, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
     GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, NoiseOp,
     OptimStepOp, PermuteOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp, RouterStatsOp, RoutesParts, StepOut,
     SumSquaresOp, WeightGrad, WeightGradOp,
@@ -159,5 +159,9 @@ impl Backend for CudaBackend {
 
     fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<T> {
         self.sum_squares(op)
+    }
+
+    fn run_cast_weight(&self, op: &CastWeightOp<'_, Self>) -> Result<T> {
+        self.cast_weight(op)
     }
 }

@@ -10,7 +10,7 @@ use crate::launch;
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 use moe_engine::kernel_abi::{tile_list_words, CastParams, MatmulParams};
-use moe_engine::ops::{GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, Offsets};
+use moe_engine::ops::{CastWeightOp, GroupedLinearOp, GroupedMlpOp, LinearOp, MlpOutput, Offsets};
 use moe_engine::{DType, Error, ExpertKind, Result};
 
 /// The cuBLAS call for out [r, n] = x [r, k] · w [n, k]ᵀ on row-major buffers, with no
@@ -125,6 +125,43 @@ impl CudaBackend {
         let w_out = w.w_out.ok_or_else(|| Error::Internal("checked GLU experts without w_out".into()))?;
         let y = moe_engine::Backend::grouped_linear(self, &h, op.offsets, w_out, w.b_out)?;
         Ok(MlpOutput { pre, y })
+    }
+
+    /// `cast_weight`: f32 a device copy; f16/bf16 the 16-bit patterns by
+    /// kernels/matmul_tc.cu `cast_weight` (the `half` crate's rounding, NaN included), in
+    /// the layout `run_upload_weight` makes.
+    pub(crate) fn cast_weight(&self, op: &CastWeightOp<'_, Self>) -> Result<T> {
+        let n = op.x.numel();
+        let x = Self::f32s(op.x, "cast_weight input")?;
+        let buf = match op.dtype {
+            DType::F32 => {
+                let mut out = self.zeros::<f32>(n)?;
+                if n > 0 {
+                    self.stream.memcpy_dtod(&x.slice(..n), &mut out).map_err(derr)?;
+                }
+                CudaBuffer::F32(out)
+            }
+            _ => {
+                let mut out = self.zeros::<u16>(n)?;
+                if n > 0 {
+                    let f = self.function("matmul_tc.cu", "cast_weight")?;
+                    let p = Param(op.params);
+                    // SAFETY: matches kernels/matmul_tc.cu cast_weight(x bits, out, CastParams):
+                    // x holds n f32 values (read as their bits), out n 16-bit values.
+                    unsafe {
+                        self.stream
+                            .launch_builder(&f)
+                            .arg(x)
+                            .arg(&mut out)
+                            .arg(&p)
+                            .launch(launch::per_element(n).config())
+                    }
+                    .map_err(derr)?;
+                }
+                CudaBuffer::Half(out)
+            }
+        };
+        T::from_parts(buf, op.x.shape().to_vec(), op.dtype)
     }
 
     /// out [r, n] = x [r, k] · w [n, k]ᵀ (+ bias) through cuBLAS, in the layout of

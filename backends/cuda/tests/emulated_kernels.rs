@@ -728,6 +728,34 @@ fn cublas_feeding_kernels_cast_and_fill_as_specified() {
     assert_eq!(got.f32s(fill), want, "bias rows");
 }
 
+/// `cast_weight` (kernels/matmul_tc.cu): the 16-bit patterns `upload_weight` stores (the
+/// `half` crate's rounding), bit for bit, on the parity case's values: ties to even,
+/// subnormals, overflow, ±inf, NaN payloads and random bit patterns. The kernel does the
+/// rounding in integer arithmetic, so the host runs the very code the device does. Its
+/// parameter block is written here: the op's check (`CastWeightOp::check`) refuses f16/bf16
+/// on the cpu backend, which stores f32 only.
+#[test]
+fn cast_weight_rounds_as_upload_weight_bit_for_bit() {
+    let Some(exe) = emulate::driver() else { return };
+    for dtype in [DType::F16, DType::BF16] {
+        let x = parity::cases::CastWeightCase { shape: vec![5, 41], dtype }.values().expect("values");
+        let v = x.as_f32("x").expect("f32");
+        let n = v.len();
+        let mut s = Script::default();
+        let xb = s.f32s(v);
+        let out = s.zeros(n.div_ceil(2));
+        let p = CastParams { n: n as u64, cols: 0, bf16: u32::from(dtype == DType::BF16) };
+        s.launch("cast_weight", launch::per_element(n), &[Arg::Buf(xb), Arg::Buf(out), param(&p)]);
+        let got = s.run(exe, "cast_weight");
+        let bits: Vec<u16> =
+            got.i32s(out).iter().flat_map(|w| [(*w as u32 & 0xffff) as u16, (*w as u32 >> 16) as u16]).collect();
+        let want = dtype.half_bits(v).expect("half bits");
+        for (i, (g, w)) in bits.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{dtype} element {i} ({:#010x}): {g:#06x} against {w:#06x}", v[i].to_bits());
+        }
+    }
+}
+
 // ------------------------------------------------------------------ backward and optimizer
 
 /// `n` NaNs: an output buffer the kernels must write in full (a NaN left over fails every

@@ -48,6 +48,9 @@ pub(crate) const PHILOX: Family =
 pub(crate) const STATS: Family =
     Family { name: "stats", source: include_str!("../../../shaders/stats.wgsl"), reads: 2, writes: 1 };
 
+pub(crate) const CAST: Family =
+    Family { name: "cast", source: include_str!("../../../shaders/cast.wgsl"), reads: 1, writes: 1 };
+
 pub(crate) const GRAD_MATMUL: Family =
     Family { name: "grad_matmul", source: include_str!("../../../shaders/grad_matmul.wgsl"), reads: 3, writes: 2 };
 pub(crate) const GRAD: Family = Family {
@@ -72,6 +75,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("plan", &["plan_count", "plan_capacity", "plan_rank", "plan_slots", "plan_offsets", "plan_finish", "plan_stats"]),
     ("stats", &["router_stats"]),
     ("philox", &["noise"]),
+    ("cast", &["cast_weight"]),
     ("grad_matmul", &["linear_dx", "weight_grad", "bias_grad"]),
     ("grad", &["act_grad", "combine_grad_rows", "combine_grad_weights", "mix_grad", "gated_add_grad"]),
     ("route_grad", &["route_grad"]),
@@ -89,6 +93,7 @@ pub(crate) fn family(name: &str) -> Option<&'static Family> {
         &PLAN,
         &STATS,
         &PHILOX,
+        &CAST,
         &GRAD_MATMUL,
         &GRAD,
         &ROUTE_GRAD,

@@ -14,6 +14,7 @@
 //! Numbers: f32 storage and f32 accumulation in a fixed order, so the same inputs give
 //! bitwise the same outputs on one device; no float atomics anywhere.
 
+mod cast;
 mod device;
 mod elementwise;
 mod exchange;
@@ -31,7 +32,7 @@ use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
-    ActGradOp, BucketOp, BucketParts, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
+    ActGradOp, BucketOp, BucketParts, CastWeightOp, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
     GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, NoiseOp,
     OptimStepOp, PermuteOp, PlanOp, PlanParts, RegroupOp, RouteChecks, RouteGradOp, RouteOp, RouterStatsOp,
     RoutesParts, StepOut, SumSquaresOp, WeightGrad, WeightGradOp,
@@ -593,6 +594,12 @@ impl Backend for WgpuBackend {
 
     fn run_optim_step(&self, op: &OptimStepOp<'_, Self>) -> Result<StepOut<Self>> {
         grad::optim_step(self, op)
+    }
+
+    /// Rounded and packed on the device by `shaders/cast.wgsl` (f32: a buffer copy); a
+    /// stack that `upload_weight` would split into parts takes the host round trip.
+    fn run_cast_weight(&self, op: &CastWeightOp<'_, Self>) -> Result<T> {
+        cast::cast_weight(self, op)
     }
 
     fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<T> {
