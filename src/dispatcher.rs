@@ -14,7 +14,6 @@ use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::ops::{Offsets, Plan, RouteRows};
 use crate::parallel::{EpDispatcher, EpState, ExpertParallel};
-use crate::tensor::HostTensor;
 use std::time::Duration;
 
 /// The exchange of a layer, fixed when it is built.
@@ -135,7 +134,7 @@ impl<B: Backend> Dispatcher<B> {
         match (self, state) {
             (Dispatcher::Local, DispatchState::Local(rows)) => {
                 let (s, k) = (plan.tokens(), plan.k());
-                let ones = b.upload(&HostTensor::f32(&[s, k], vec![1.0; s * k])?)?;
+                let ones = crate::ops::unit_weights(b, s, k)?;
                 b.combine(dxp, rows, &ones, 0..s)
             }
             (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => ep.dispatch_backward(b, dxp, plan, s),

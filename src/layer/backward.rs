@@ -69,11 +69,7 @@ impl<B: Backend> LayerGrads<B> {
     /// whether it is an expert's ([`super::is_expert_param`]): what
     /// [`crate::parallel::GradientSync::reduce`] takes.
     pub fn into_params(self) -> Vec<(String, bool, Tensor<B>)> {
-        self.into_named()
-            .into_iter()
-            .map(|(n, t)| (super::is_expert_param(&n), n, t))
-            .map(|(e, n, t)| (n, e, t))
-            .collect()
+        self.into_named().into_iter().map(|(n, t)| (n.clone(), super::is_expert_param(&n), t)).collect()
     }
 
     /// The parameter gradients named as [`MoeLayer::params_mut`] names the parameters

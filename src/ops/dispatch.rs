@@ -61,6 +61,12 @@ impl<B: Device> RouteRows<B> {
     }
 }
 
+/// `[S, k]` ones: the combine weights of the permute's backward (each token sums its
+/// routes' rows), for the local and the expert-parallel dispatcher alike.
+pub(crate) fn unit_weights<B: Device>(b: &B, s: usize, k: usize) -> Result<Tensor<B>> {
+    b.upload(&crate::tensor::HostTensor::f32(&[s, k], vec![1.0; mul_size("routes", s, k)?])?)
+}
+
 impl<B: Device> Plan<B> {
     /// The compact expert-major row of every route (`rows`), as the permute and combine
     /// ops take them.

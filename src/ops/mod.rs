@@ -31,6 +31,7 @@ mod route_check;
 mod stats;
 
 pub use cast::CastWeightOp;
+pub(crate) use dispatch::unit_weights;
 pub use dispatch::{CombineOp, PermuteOp, RouteRows};
 pub use elementwise::{ElementwiseKind, ElementwiseOp};
 pub use exchange::{BlockTable, Bucket, BucketOp, BucketParts, DevicePlacement, RegroupOp};

@@ -21,7 +21,6 @@ use crate::backend::Backend;
 use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::ops::{BlockTable, DevicePlacement, Offsets, Plan, RouteRows};
-use crate::tensor::HostTensor;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -320,7 +319,7 @@ impl<B: Backend> EpDispatcher<B> {
         let back = b.regroup(dxp, &state.from_experts)?;
         let d_send = self.transport.all_to_all_rows(b, &back, &state.rows.transposed())?;
         let (s, k) = (plan.tokens(), plan.k());
-        let ones = b.upload(&HostTensor::f32(&[s, k], vec![1.0; s * k])?)?;
+        let ones = crate::ops::unit_weights(b, s, k)?;
         let dx = b.combine(&d_send, &state.send_rows, &ones, state.tokens.clone())?;
         match self.tokens {
             TokenLayout::Sharded => Ok(dx),
