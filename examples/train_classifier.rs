@@ -199,6 +199,7 @@ const FFN: usize = 64;
 /// use_residual=True, noisy_gate_policy="Jitter")`.
 fn moe_spec(experts: usize) -> LayerSpec {
     LayerSpec {
+        output_bias: false,
         hidden: HIDDEN,
         num_experts: experts,
         gate: GateSpec::DeepSpeed(DeepSpeedGate {

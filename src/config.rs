@@ -134,6 +134,85 @@ pub enum GateSpec {
         /// Slots per expert per sequence.
         expert_capacity: usize,
     },
+    /// A router assembled from options, as the HF model families combine them (gpt-oss,
+    /// Llama 4, GLM-4.5, ERNIE 4.5, LongCat-Flash, DBRX, PhiMoE, ...): no capacity, every
+    /// route kept.
+    Router(RouterSpec),
+}
+
+/// How router scores come from the logits (in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterScore {
+    /// Softmax over the experts. Top-k of the logits followed by a softmax over the k
+    /// (gpt-oss, Granite-MoE, JetMoE) is this with [`RouterNorm::Sum`]: softmax is
+    /// monotone, so it chooses the same experts, and the chosen probabilities divided by
+    /// their sum are the softmax of the chosen logits.
+    Softmax,
+    /// Elementwise sigmoid. Top-k of the logits followed by a sigmoid of the chosen ones
+    /// (Llama 4, Cohere2-MoE) is this: sigmoid is monotone.
+    Sigmoid,
+    /// `sqrt(softplus(logit))` (DeepSeek-V4 `scoring_func: sqrtsoftplus`).
+    SqrtSoftplus,
+}
+
+/// How the k chosen weights are normalised.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum RouterNorm {
+    /// The chosen scores as they are.
+    None,
+    /// Divided by their sum.
+    Sum,
+    /// Divided by (sum + eps) (DeepSeek-V3 family: 1e-20; LFM2: 1e-6).
+    SumPlus(f32),
+    /// Divided by max(sum, floor) (ERNIE 4.5 `moe_norm_min`).
+    SumFloor(f32),
+    /// Divided by their p-norm (DBRX `moe_normalize_expert_weights`).
+    PNorm(f32),
+}
+
+/// Group-limited routing: experts in `n_group` equal groups, the `topk_group` best kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterGroups {
+    /// Expert groups.
+    pub n_group: usize,
+    /// Groups kept per token.
+    pub topk_group: usize,
+    /// true: a group scores the sum of its two largest biased scores (DeepSeek-V3);
+    /// false: its largest score (DeepSeek-V2).
+    pub sum_top2: bool,
+}
+
+/// The options of [`GateSpec::Router`]. Every option is one of the route op's (or the
+/// layer's) and runs on every backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouterSpec {
+    /// Routes per token.
+    pub k: usize,
+    /// Score function.
+    pub score: RouterScore,
+    /// Group-limited choice.
+    pub groups: Option<RouterGroups>,
+    /// A per-expert selection bias `[E + Z]` added to the scores for the choice only
+    /// (`e_score_correction_bias`, `expert_bias`, `moe_statics`).
+    pub selection_bias: bool,
+    /// Normalisation of the chosen weights.
+    pub normalize: RouterNorm,
+    /// Multiplier of the weights (`routed_scaling_factor`, `route_scale`).
+    pub scale: f32,
+    /// PhiMoE's sparsemixer (eval form) with its `router_jitter_noise`: k = 2, each
+    /// weight from a softmax masked around its own maximum.
+    pub sparse_mixer: Option<f32>,
+    /// The router's linear layer has a bias (gpt-oss): logits = x Wᵀ + b.
+    pub logit_bias: bool,
+    /// The expert input is the token times its route weight, and the outputs are summed
+    /// unweighted (Llama 4): `Σ expert(w · x)` instead of `Σ w · expert(x)`.
+    pub scale_input: bool,
+    /// Zero-compute experts after the E real ones (LongCat-Flash `zero_expert_num`): the
+    /// router scores E + Z experts, and a route to one of these returns the token itself
+    /// times its weight.
+    pub identity_experts: usize,
 }
 
 impl GateSpec {
@@ -143,7 +222,21 @@ impl GateSpec {
             GateSpec::DeepSpeed(g) => g.k,
             GateSpec::SoftmaxTopK { k, .. } | GateSpec::DeepSeekV2 { k, .. } | GateSpec::DeepSeekV3 { k, .. } => *k,
             GateSpec::Switch { .. } => 1,
+            GateSpec::Router(r) => r.k,
         }
+    }
+
+    /// Zero-compute (identity) experts the router scores after the real ones.
+    pub fn identity_experts(&self) -> usize {
+        match self {
+            GateSpec::Router(r) => r.identity_experts,
+            _ => 0,
+        }
+    }
+
+    /// Whether the expert input is the token times its route weight (Llama 4).
+    pub fn scales_input(&self) -> bool {
+        matches!(self, GateSpec::Router(r) if r.scale_input)
     }
 
     /// Checks the gate's fields against `e` experts; errors name the field.
@@ -189,6 +282,50 @@ impl GateSpec {
                 }
             }
             GateSpec::SoftmaxTopK { .. } => {}
+            GateSpec::Router(r) => r.validate(e)?,
+        }
+        Ok(())
+    }
+}
+
+impl RouterSpec {
+    /// Checks the options against the `e` experts the router scores (real and identity).
+    fn validate(&self, e: usize) -> Result<()> {
+        if let Some(g) = &self.groups {
+            check_groups(e, if g.sum_top2 { self.k } else { 0 }, g.n_group, g.topk_group)?;
+            if g.sum_top2 && e / g.n_group < 2 {
+                return Err(Error::config("n_group", "sum-of-top-2 group scores need at least 2 experts per group"));
+            }
+        }
+        check_scale(self.scale)?;
+        match self.normalize {
+            RouterNorm::SumPlus(v) | RouterNorm::SumFloor(v) if !(v.is_finite() && v >= 0.0) => {
+                return Err(Error::config("normalize", format!("eps / floor must be finite and >= 0, got {v}")));
+            }
+            RouterNorm::PNorm(p) if !(p.is_finite() && p > 0.0) => {
+                return Err(Error::config("moe_normalize_expert_weights", format!("must be finite and > 0, got {p}")));
+            }
+            _ => {}
+        }
+        if let Some(eps) = self.sparse_mixer {
+            if self.k != 2 {
+                return Err(Error::config(
+                    "num_experts_per_tok",
+                    format!("sparsemixer routes 2 experts, got {}", self.k),
+                ));
+            }
+            if !(eps.is_finite() && eps >= 0.0) {
+                return Err(Error::config("router_jitter_noise", format!("must be finite and >= 0, got {eps}")));
+            }
+            if self.groups.is_some() {
+                return Err(Error::config("n_group", "sparsemixer routing has no groups"));
+            }
+        }
+        if self.identity_experts >= e {
+            return Err(Error::config(
+                "zero_expert_num",
+                format!("{} of {e} scored experts leaves no real one", self.identity_experts),
+            ));
         }
         Ok(())
     }
@@ -212,6 +349,20 @@ pub struct SharedSpec {
     pub expert: ExpertSpec,
     /// Qwen2-MoE: scale by sigmoid(`shared_expert_gate`(x)).
     pub gated: bool,
+    /// How the shared output joins the routed one.
+    #[serde(default)]
+    pub combine: SharedCombine,
+}
+
+/// How shared experts join the routed output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedCombine {
+    /// routed + shared.
+    #[default]
+    Add,
+    /// (routed + shared) / 2 (Cohere2-MoE `shared_expert_combination_strategy: average`).
+    Average,
 }
 
 /// A complete MoE layer.
@@ -230,6 +381,9 @@ pub struct LayerSpec {
     pub residual: bool,
     /// Shared experts.
     pub shared: Option<SharedSpec>,
+    /// A bias `[M]` added to every token's output (JetMoE's block `bias`).
+    #[serde(default)]
+    pub output_bias: bool,
 }
 
 impl LayerSpec {
@@ -242,7 +396,7 @@ impl LayerSpec {
         if e == 0 {
             return Err(Error::config("num_experts", "must be > 0"));
         }
-        self.gate.validate(e)?;
+        self.gate.validate(e + self.gate.identity_experts())?;
         validate_expert("expert", &self.expert)?;
         if let Some(s) = &self.shared {
             validate_expert("shared_expert", &s.expert)?;
@@ -280,7 +434,16 @@ impl LayerSpec {
             }
             Some(c)
         };
-        let mut total = e.checked_mul(m).ok_or_else(overflow)?;
+        // The router scores the real and the identity experts; gpt-oss adds a logit bias.
+        let scored = e + self.gate.identity_experts() as u64;
+        let logit_bias = matches!(&self.gate, GateSpec::Router(r) if r.logit_bias);
+        let mut total = scored.checked_mul(m).ok_or_else(overflow)?;
+        if logit_bias {
+            total = total.checked_add(scored).ok_or_else(overflow)?;
+        }
+        if self.output_bias {
+            total = total.checked_add(m).ok_or_else(overflow)?;
+        }
         total = total
             .checked_add(mlp(&self.expert).and_then(|c| c.checked_mul(e)).ok_or_else(overflow)?)
             .ok_or_else(overflow)?;

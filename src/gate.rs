@@ -3,7 +3,7 @@
 //! inside [`crate::layer::MoeLayer`].
 
 use crate::backend::Backend;
-use crate::config::{DeepSeekV2Method, DropPolicy, GateSpec, Mode, NoisyGatePolicy};
+use crate::config::{DeepSeekV2Method, DropPolicy, GateSpec, Mode, NoisyGatePolicy, RouterNorm, RouterScore};
 use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::losses::{self, CountsOf, LossCoefs};
@@ -22,7 +22,20 @@ pub struct Gate<B: Backend> {
     num_experts: usize,
     hidden: usize,
     weight: Tensor<B>,
+    /// The selection bias (choice only).
     bias: Option<Tensor<B>>,
+    /// The router's logit bias (gpt-oss).
+    logit_bias: Option<Tensor<B>>,
+}
+
+/// The gate's share of a backward pass.
+pub struct GateGrads<B: Backend> {
+    /// The router weight's gradient `[E, M]`.
+    pub weight: Tensor<B>,
+    /// The logit bias's gradient `[E]` (gpt-oss routers).
+    pub logit_bias: Option<Tensor<B>>,
+    /// The gate's share of the input gradient `[S, M]`.
+    pub x: Tensor<B>,
 }
 
 /// What the gate produced for a batch. Tensors stay on the device.
@@ -105,7 +118,7 @@ impl<B: Backend> Gate<B> {
     /// Uploads the router weight `[E, M]` (and the DeepSeek-V3 correction bias `[E]`);
     /// both must be finite.
     pub fn new(b: &B, spec: GateSpec, weight: &HostTensor, bias: Option<&HostTensor>) -> Result<Self> {
-        Self::build(b, spec, weight, bias, false)
+        Self::build(b, spec, weight, bias, None, false)
     }
 
     /// As [`Gate::new`]; `trainable` uploads the router weight as a plain f32 tensor (the
@@ -116,6 +129,7 @@ impl<B: Backend> Gate<B> {
         spec: GateSpec,
         weight: &HostTensor,
         bias: Option<&HostTensor>,
+        logit_bias: Option<&HostTensor>,
         trainable: bool,
     ) -> Result<Self> {
         let (num_experts, hidden) = match weight.shape()[..] {
@@ -133,6 +147,19 @@ impl<B: Backend> Gate<B> {
             bias.as_f32("gate.e_score_correction_bias")?;
             bias.check_finite("gate.e_score_correction_bias")?;
         }
+        let wants_logit_bias = matches!(&spec, GateSpec::Router(r) if r.logit_bias);
+        match (logit_bias, wants_logit_bias) {
+            (Some(t), true) => {
+                t.expect_shape("router.bias", &[num_experts])?;
+                t.as_f32("router.bias")?;
+                t.check_finite("router.bias")?;
+            }
+            (None, false) => {}
+            (None, true) => return Err(Error::MissingTensor("router.bias (the router has a logit bias)".into())),
+            (Some(_), false) => {
+                return Err(Error::UnexpectedTensors(vec!["router.bias (this router has no logit bias)".into()]))
+            }
+        }
         if let GateSpec::DeepSpeed(g) = &spec {
             if g.k >= 2 && g.noisy_gate_policy == Some(crate::config::NoisyGatePolicy::RSample) {
                 tracing::warn!(
@@ -147,6 +174,7 @@ impl<B: Backend> Gate<B> {
             hidden,
             weight: if trainable { b.upload(weight)? } else { b.upload_weight(weight, DType::F32)? },
             bias: bias.map(|t| b.upload(t)).transpose()?,
+            logit_bias: logit_bias.map(|t| b.upload(t)).transpose()?,
         })
     }
 
@@ -155,14 +183,21 @@ impl<B: Backend> Gate<B> {
         &self.spec
     }
 
-    /// The router weight `[E, M]` and the correction bias, for an optimizer to replace.
-    pub(crate) fn params_mut(&mut self) -> (&mut Tensor<B>, Option<&mut Tensor<B>>) {
-        (&mut self.weight, self.bias.as_mut())
+    /// The router weight `[E, M]`, the correction bias and the logit bias, for an
+    /// optimizer (or the bias update) to replace.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn params_mut(&mut self) -> (&mut Tensor<B>, Option<&mut Tensor<B>>, Option<&mut Tensor<B>>) {
+        (&mut self.weight, self.bias.as_mut(), self.logit_bias.as_mut())
     }
 
     /// The router weight `[E, M]` and the correction bias.
     pub(crate) fn params(&self) -> (&Tensor<B>, Option<&Tensor<B>>) {
         (&self.weight, self.bias.as_ref())
+    }
+
+    /// The router's logit bias `[E]` (gpt-oss), a trainable parameter.
+    pub(crate) fn logit_bias(&self) -> Option<&Tensor<B>> {
+        self.logit_bias.as_ref()
     }
 
     /// The gate's backward from the gradient of the plan's combine weights `[S, k]` and
@@ -177,7 +212,7 @@ impl<B: Backend> Gate<B> {
         out: &GateOutput<B>,
         d_weights: &Tensor<B>,
         coefs: &LossCoefs,
-    ) -> Result<(Tensor<B>, Tensor<B>)> {
+    ) -> Result<GateGrads<B>> {
         let aux = losses::score_grad(&self.spec, coefs, out.tokens, self.num_experts)?.map(|(which, scale)| AuxGrad {
             counts: match which {
                 CountsOf::All => &out.plan.counts,
@@ -191,13 +226,13 @@ impl<B: Backend> Gate<B> {
             Some(j) => b.mul(x, j)?,
             None => x.clone(),
         };
-        let dw = b.weight_grad(&d_logits, &gate_in, None, false)?.dw;
+        let wg = b.weight_grad(&d_logits, &gate_in, None, self.logit_bias.is_some())?;
         let dx = b.linear_dx(&d_logits, &self.weight, None)?;
         let dx = match &out.jitter {
             Some(j) => b.mul(&dx, j)?,
             None => dx,
         };
-        Ok((dw, dx))
+        Ok(GateGrads { weight: wg.dw, logit_bias: wg.db, x: dx })
     }
 
     /// Routes `x [S, M]`; `seq` is the sequence length (Switch capacity groups).
@@ -232,8 +267,8 @@ impl<B: Backend> Gate<B> {
             None
         };
         let logits = match &jitter {
-            Some(j) => b.linear(&b.mul(x, j)?, &self.weight, None)?,
-            None => b.linear(x, &self.weight, None)?,
+            Some(j) => b.linear(&b.mul(x, j)?, &self.weight, self.logit_bias.as_ref())?,
+            None => b.linear(x, &self.weight, self.logit_bias.as_ref())?,
         };
 
         // Gumbel: top-1 RSample in training; top-2 second-expert sampling in both modes,
@@ -247,7 +282,7 @@ impl<B: Backend> Gate<B> {
             }
             _ => None,
         };
-        let route_spec = self.route_spec(gumbel.as_ref());
+        let route_spec = self.route_spec(gumbel.as_ref())?;
         let routes = b.route(&logits, &route_spec)?;
 
         let used = match (&opts.used_token, ds) {
@@ -285,7 +320,7 @@ impl<B: Backend> Gate<B> {
         Ok(GateOutput { logits, routes, plan, router_stats, jitter, grad_spec, gate: self.spec.clone(), tokens: s })
     }
 
-    fn route_spec<'a>(&'a self, gumbel: Option<&'a Tensor<B>>) -> RouteSpec<'a, B> {
+    fn route_spec<'a>(&'a self, gumbel: Option<&'a Tensor<B>>) -> Result<RouteSpec<'a, B>> {
         let base = RouteSpec {
             k: self.spec.k(),
             score: ScoreFn::Softmax,
@@ -296,7 +331,7 @@ impl<B: Backend> Gate<B> {
             scale: 1.0,
         };
         let norm = |n: bool| if n { Normalize::SumPlus(1e-20) } else { Normalize::None };
-        match &self.spec {
+        Ok(match &self.spec {
             GateSpec::DeepSpeed(g) if g.k == 2 => RouteSpec { choice: Choice::DeepSpeedTop2, ..base },
             GateSpec::DeepSpeed(_) | GateSpec::Switch { .. } => base,
             GateSpec::SoftmaxTopK { normalize, .. } => {
@@ -315,6 +350,32 @@ impl<B: Backend> Gate<B> {
                 scale: *routed_scaling_factor,
                 ..base
             },
+            GateSpec::Router(r) => RouteSpec {
+                score: match r.score {
+                    RouterScore::Softmax => ScoreFn::Softmax,
+                    RouterScore::Sigmoid => ScoreFn::Sigmoid,
+                    RouterScore::SqrtSoftplus => return Err(pending("sqrt-softplus scores")),
+                },
+                choice: match (r.sparse_mixer, r.groups) {
+                    (Some(_), _) => return Err(pending("sparsemixer routing")),
+                    (None, Some(g)) => Choice::GroupLimited {
+                        n_group: g.n_group,
+                        topk_group: g.topk_group,
+                        group_score: if g.sum_top2 { GroupScore::SumTop2 } else { GroupScore::Max },
+                    },
+                    (None, None) => Choice::TopK,
+                },
+                bias: if r.selection_bias { self.bias.as_ref() } else { None },
+                normalize: match r.normalize {
+                    RouterNorm::None => Normalize::None,
+                    RouterNorm::Sum => Normalize::Sum,
+                    RouterNorm::SumPlus(eps) => Normalize::SumPlus(eps),
+                    RouterNorm::SumFloor(_) => return Err(pending("floored normalisation")),
+                    RouterNorm::PNorm(_) => return Err(pending("p-norm normalisation")),
+                },
+                scale: r.scale,
+                ..base
+            },
             GateSpec::DeepSeekV3 { n_group, topk_group, normalize, routed_scaling_factor, .. } => RouteSpec {
                 score: ScoreFn::Sigmoid,
                 choice: Choice::GroupLimited {
@@ -327,7 +388,7 @@ impl<B: Backend> Gate<B> {
                 scale: *routed_scaling_factor,
                 ..base
             },
-        }
+        })
     }
 
     fn plan_spec<'a>(
@@ -376,4 +437,9 @@ impl<B: Backend> Gate<B> {
             _ => base,
         })
     }
+}
+
+/// PENDING-ROUTE-OPS: the route op options another change adds.
+fn pending(what: &str) -> Error {
+    Error::Precondition(format!("{what}: not in the route op yet"))
 }

@@ -227,6 +227,8 @@ pub struct MoeLayer<B: Backend> {
     experts: DeviceMlp<B>,
     residual: Option<(DeviceMlp<B>, Tensor<B>, Tensor<B>)>,
     shared: Option<(DeviceMlp<B>, Option<Tensor<B>>)>,
+    /// The bias `[M]` added to every output row (JetMoE).
+    output_bias: Option<Tensor<B>>,
     dispatcher: Dispatcher<B>,
     trainable: bool,
     /// The storage dtype of the MLP weights' compute copies (f32 unless mixed precision).
@@ -341,9 +343,28 @@ impl<B: Backend> MoeLayer<B> {
             )),
             _ => None,
         };
-        let gate = Gate::build(backend, spec.gate.clone(), &weights.gate, weights.gate_bias.as_ref(), trainable)?;
+        let gate = Gate::build(
+            backend,
+            spec.gate.clone(),
+            &weights.gate,
+            weights.gate_bias.as_ref(),
+            weights.router_bias.as_ref(),
+            trainable,
+        )?;
+        let output_bias = weights.output_bias.as_ref().map(|t| backend.upload(t)).transpose()?;
         let compute_dtype = if let Storage::Mixed(d) = storage { d } else { DType::F32 };
-        Ok(MoeLayer { spec, gate, experts, residual, shared, dispatcher, trainable, compute_dtype, masters })
+        Ok(MoeLayer {
+            spec,
+            gate,
+            experts,
+            residual,
+            shared,
+            output_bias,
+            dispatcher,
+            trainable,
+            compute_dtype,
+            masters,
+        })
     }
 
     /// The layer's configuration.
@@ -384,7 +405,11 @@ impl<B: Backend> MoeLayer<B> {
     /// DeepSeek-V3's correction bias is a buffer, not a parameter: see
     /// [`MoeLayer::update_correction_bias`].
     pub fn params_mut(&mut self) -> Vec<ParamMut<'_, B>> {
-        let mut out = vec![ParamMut { name: "gate.weight".into(), expert: false, tensor: self.gate.params_mut().0 }];
+        let (gate_w, _, logit_bias) = self.gate.params_mut();
+        let mut out = vec![ParamMut { name: "gate.weight".into(), expert: false, tensor: gate_w }];
+        if let Some(t) = logit_bias {
+            out.push(ParamMut { name: "gate.logit_bias".into(), expert: false, tensor: t });
+        }
         for (name, t) in self.experts.params_mut() {
             let name = format!("experts.{name}");
             out.push(ParamMut { expert: is_expert_param(&name), name, tensor: t });
@@ -403,6 +428,9 @@ impl<B: Backend> MoeLayer<B> {
             if let Some(g) = g {
                 out.push(ParamMut { name: "shared_gate.weight".into(), expert: false, tensor: g });
             }
+        }
+        if let Some(t) = &mut self.output_bias {
+            out.push(ParamMut { name: "output_bias".into(), expert: false, tensor: t });
         }
         out
     }
@@ -448,6 +476,8 @@ impl<B: Backend> MoeLayer<B> {
         Ok(HostLayerWeights {
             gate: b.download(gw)?,
             gate_bias: gb.map(|t| b.download(t)).transpose()?,
+            router_bias: self.gate.logit_bias().map(|t| b.download(t)).transpose()?,
+            output_bias: self.output_bias.as_ref().map(|t| b.download(t)).transpose()?,
             experts: mlp(&self.experts, false)?,
             residual: match &self.residual {
                 Some((m, cw, cb)) => Some((mlp(m, true)?, b.download(cw)?, b.download(cb)?)),

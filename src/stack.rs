@@ -35,6 +35,7 @@ pub fn specs(shape: &PrMoeShape) -> Vec<LayerSpec> {
         .experts
         .iter()
         .map(|&e| LayerSpec {
+            output_bias: false,
             hidden: shape.hidden,
             num_experts: e,
             gate: GateSpec::DeepSpeed(DeepSpeedGate {
@@ -96,5 +97,5 @@ pub fn random_weights(spec: &LayerSpec, seed: u64) -> Result<HostLayerWeights> {
         GateSpec::DeepSeekV3 { .. } => Some(next(&[e], 16)?),
         _ => None,
     };
-    Ok(HostLayerWeights { gate, gate_bias, experts, residual, shared })
+    Ok(HostLayerWeights { output_bias: None, router_bias: None, gate, gate_bias, experts, residual, shared })
 }

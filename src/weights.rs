@@ -104,10 +104,15 @@ fn check_opt(t: &Option<HostTensor>, want: bool, name: &str, shape: &[usize]) ->
 /// All weights of one MoE layer.
 #[derive(Clone, Debug)]
 pub struct HostLayerWeights {
-    /// Router weight `[E, M]`.
+    /// Router weight `[E + Z, M]` (Z identity experts, usually none).
     pub gate: HostTensor,
-    /// DeepSeek-V3 `e_score_correction_bias` `[E]`.
+    /// The selection bias `[E + Z]` (DeepSeek-V3's `e_score_correction_bias` and its
+    /// namesakes): added to the scores for the choice only.
     pub gate_bias: Option<HostTensor>,
+    /// The router's logit bias `[E + Z]` (gpt-oss `router.bias`).
+    pub router_bias: Option<HostTensor>,
+    /// The bias `[M]` added to every token's output (JetMoE).
+    pub output_bias: Option<HostTensor>,
     /// Routed experts.
     pub experts: HostMlp,
     /// Residual MoE: the dense MLP, then the coefficient weight `[2, M]` and bias `[2]`.
@@ -137,6 +142,12 @@ impl HostLayerWeights {
         if let Some(b) = &self.gate_bias {
             out.push(("gate.bias".into(), b));
         }
+        if let Some(b) = &self.router_bias {
+            out.push(("gate.logit_bias".into(), b));
+        }
+        if let Some(b) = &self.output_bias {
+            out.push(("output_bias".into(), b));
+        }
         self.experts.named("experts", &mut out);
         if let Some((mlp, cw, cb)) = &self.residual {
             mlp.named("residual", &mut out);
@@ -155,10 +166,13 @@ impl HostLayerWeights {
     /// Checks every tensor's presence, shape and finiteness against the spec.
     pub fn validate(&self, spec: &LayerSpec) -> Result<()> {
         let (e, m) = (spec.num_experts, spec.hidden);
-        self.gate.expect_shape("gate.weight", &[e, m])?;
+        let scored = e + spec.gate.identity_experts();
+        self.gate.expect_shape("gate.weight", &[scored, m])?;
         for (name, t) in [
             ("gate.weight", Some(&self.gate)),
             ("gate.e_score_correction_bias", self.gate_bias.as_ref()),
+            ("router.bias", self.router_bias.as_ref()),
+            ("output_bias", self.output_bias.as_ref()),
             ("coefficient.weight", self.residual.as_ref().map(|r| &r.1)),
             ("coefficient.bias", self.residual.as_ref().map(|r| &r.2)),
             ("shared_expert_gate.weight", self.shared.as_ref().and_then(|s| s.1.as_ref())),
@@ -169,13 +183,21 @@ impl HostLayerWeights {
             }
         }
         self.experts.validate("experts", &spec.expert, e, m)?;
-        let needs_bias = matches!(spec.gate, crate::config::GateSpec::DeepSeekV3 { .. });
+        use crate::config::GateSpec;
+        let needs_bias = match &spec.gate {
+            GateSpec::DeepSeekV3 { .. } => true,
+            GateSpec::Router(r) => r.selection_bias,
+            _ => false,
+        };
         match (&self.gate_bias, needs_bias) {
-            (Some(b), true) => b.expect_shape("gate.e_score_correction_bias", &[e])?,
+            (Some(b), true) => b.expect_shape("gate.e_score_correction_bias", &[scored])?,
             (None, true) => return Err(Error::MissingTensor("gate.e_score_correction_bias".into())),
             (Some(_), false) => return Err(Error::UnexpectedTensors(vec!["gate.e_score_correction_bias".into()])),
             (None, false) => {}
         }
+        let logit_bias = matches!(&spec.gate, GateSpec::Router(r) if r.logit_bias);
+        check_opt(&self.router_bias, logit_bias, "router.bias", &[scored])?;
+        check_opt(&self.output_bias, spec.output_bias, "output_bias", &[m])?;
         match (&self.residual, spec.residual) {
             (Some((mlp, cw, cb)), true) => {
                 mlp.validate("mlp", &spec.expert, 1, m)?;

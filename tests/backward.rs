@@ -63,6 +63,7 @@ fn a_reference_gradient_changed_by_one_percent_fails_its_case() {
 /// A small Mixtral-like layer whose router never picks expert `cold`.
 fn layer_with_a_cold_expert(b: &CpuBackend, cold: usize) -> (MoeLayer<CpuBackend>, HostTensor) {
     let spec = LayerSpec {
+        output_bias: false,
         hidden: 16,
         num_experts: 6,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
@@ -190,6 +191,7 @@ fn the_z_loss_and_the_expert_balance_loss_match_finite_differences() {
     // in the router weight check their gradients.
     let b = common::cpu(1);
     let spec = LayerSpec {
+        output_bias: false,
         hidden: 8,
         num_experts: 4,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: false },

@@ -378,6 +378,7 @@ fn a_billion_experts_in_a_config_fails_before_anything_is_allocated() {
 #[test]
 fn sizes_whose_product_overflows_are_errors() {
     let spec = LayerSpec {
+        output_bias: false,
         hidden: usize::MAX / 2,
         num_experts: 4,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
@@ -542,6 +543,7 @@ fn a_router_with_zero_experts_or_width_is_refused() {
 fn a_layer_forward_takes_only_f32_inputs_of_its_width() {
     let b = cpu(1);
     let spec = LayerSpec {
+        output_bias: false,
         hidden: 8,
         num_experts: 4,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },

@@ -30,6 +30,7 @@ fn glu(ffn: usize) -> ExpertSpec {
 
 fn base() -> LayerSpec {
     LayerSpec {
+        output_bias: false,
         hidden: 8,
         num_experts: 8,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
@@ -91,7 +92,7 @@ fn zero_sizes_name_the_field() {
     expect_field(LayerSpec { expert: glu(0), ..base() }.validate(), "expert.ffn_hidden");
     let mlp0 = ExpertSpec { kind: ExpertKind::Mlp { activation: Activation::Relu }, ffn: 0, bias: true };
     expect_field(LayerSpec { expert: mlp0, ..base() }.validate(), "expert.ffn_hidden");
-    let shared = Some(SharedSpec { expert: glu(0), gated: true });
+    let shared = Some(SharedSpec { combine: Default::default(), expert: glu(0), gated: true });
     expect_field(LayerSpec { shared, ..base() }.validate(), "shared_expert.ffn_hidden");
     expect_field(with_gate(GateSpec::Switch { expert_capacity: 0 }).validate(), "expert_capacity");
 }
@@ -149,10 +150,16 @@ fn rsample_with_k_above_one_is_accepted_like_deepspeed() {
 
 #[test]
 fn residual_and_shared_are_exclusive() {
-    let spec = LayerSpec { residual: true, shared: Some(SharedSpec { expert: glu(16), gated: false }), ..base() };
+    let spec = LayerSpec {
+        residual: true,
+        shared: Some(SharedSpec { combine: Default::default(), expert: glu(16), gated: false }),
+        ..base()
+    };
     expect_field(spec.validate(), "use_residual");
     LayerSpec { residual: true, ..base() }.validate().unwrap();
-    LayerSpec { shared: Some(SharedSpec { expert: glu(16), gated: false }), ..base() }.validate().unwrap();
+    LayerSpec { shared: Some(SharedSpec { combine: Default::default(), expert: glu(16), gated: false }), ..base() }
+        .validate()
+        .unwrap();
 }
 
 // ------------------------------------------------------------------------ DeepSpeed importer

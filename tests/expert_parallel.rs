@@ -69,6 +69,7 @@ fn golden_cases_pass_on_two_and_four_ranks() {
 
 fn spec(e: usize, gate: GateSpec) -> LayerSpec {
     LayerSpec {
+        output_bias: false,
         hidden: 24,
         num_experts: e,
         gate,
@@ -512,7 +513,7 @@ fn every_gate_kind_on_two_four_and_eight_ranks_matches_the_single_rank_forward()
         if i < 4 {
             spec.residual = i % 2 == 0;
         } else {
-            spec.shared = Some(SharedSpec { expert: spec.expert, gated: i % 2 == 0 });
+            spec.shared = Some(SharedSpec { combine: Default::default(), expert: spec.expert, gated: i % 2 == 0 });
         }
         // Switch counts capacity per sequence: x is [batch, seq, hidden].
         let switch = matches!(spec.gate, GateSpec::Switch { .. });

@@ -63,6 +63,8 @@ impl SwiGlu {
     fn weights(&self) -> HostLayerWeights {
         let (m, f, e) = (self.m, self.f, self.e);
         HostLayerWeights {
+            output_bias: None,
+            router_bias: None,
             gate: ht(&[e, m], self.router.clone()),
             gate_bias: None,
             experts: HostMlp {
@@ -111,6 +113,7 @@ impl SwiGlu {
 
     fn spec(&self, k: usize, normalize: bool) -> LayerSpec {
         LayerSpec {
+            output_bias: false,
             hidden: self.m,
             num_experts: self.e,
             gate: GateSpec::SoftmaxTopK { k, normalize },
@@ -161,6 +164,7 @@ fn batched_input_matches_flat_input() {
 
 fn linear_layer(e: usize, m: usize, gate: GateSpec, router: Vec<f32>, seed: u64) -> (LayerSpec, HostLayerWeights) {
     let spec = LayerSpec {
+        output_bias: false,
         hidden: m,
         num_experts: e,
         gate,
@@ -169,6 +173,8 @@ fn linear_layer(e: usize, m: usize, gate: GateSpec, router: Vec<f32>, seed: u64)
         shared: None,
     };
     let w = HostLayerWeights {
+        output_bias: None,
+        router_bias: None,
         gate: ht(&[e, m], router),
         gate_bias: None,
         experts: HostMlp { w_in: ht(&[e, m, m], lcg(seed, e * m * m, 0.5)), b_in: None, w_out: None, b_out: None },
@@ -326,6 +332,7 @@ fn residual_moe_mixes_by_the_coefficient_softmax() {
     //   coefficient W = I, b = [0.5, −0.5].
     let g = DeepSpeedGate { k: 1, eval_capacity_factor: 0.5, min_capacity: 0, use_rts: false, ..Default::default() };
     let spec = LayerSpec {
+        output_bias: false,
         hidden: 2,
         num_experts: 2,
         gate: GateSpec::DeepSpeed(g),
@@ -334,6 +341,8 @@ fn residual_moe_mixes_by_the_coefficient_softmax() {
         shared: None,
     };
     let w = HostLayerWeights {
+        output_bias: None,
+        router_bias: None,
         gate: ht(&[2, 2], vec![1.0, 0.0, 0.0, 1.0]),
         gate_bias: None,
         experts: HostMlp {

@@ -94,6 +94,7 @@ pub fn run(w: What) -> CliResult<ExitCode> {
 impl LayerArgs {
     fn spec(&self) -> LayerSpec {
         LayerSpec {
+            output_bias: false,
             hidden: self.hidden as usize,
             num_experts: self.experts as usize,
             gate: GateSpec::SoftmaxTopK { k: self.top_k as usize, normalize: true },

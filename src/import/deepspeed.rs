@@ -99,6 +99,7 @@ pub fn layer_spec(cfg: &Value) -> Result<LayerSpec> {
             .ok_or_else(|| Error::config("expert", "missing: describe the expert module {type, ffn_hidden, bias}"))?,
     )?;
     let spec = LayerSpec {
+        output_bias: false,
         hidden: field(cfg, "hidden_size")?,
         num_experts,
         gate: GateSpec::DeepSpeed(gate_spec(cfg)?),
@@ -230,7 +231,15 @@ pub fn layer_weights(ck: &mut Checkpoint, spec: &LayerSpec, prefix: &str) -> Res
         None
     };
     ck.finish(prefix)?;
-    let w = HostLayerWeights { gate, gate_bias: None, experts, residual, shared: None };
+    let w = HostLayerWeights {
+        output_bias: None,
+        router_bias: None,
+        gate,
+        gate_bias: None,
+        experts,
+        residual,
+        shared: None,
+    };
     w.validate(spec)?;
     Ok(w)
 }

@@ -86,6 +86,7 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
     let glu = |ffn: usize, act: Activation| ExpertSpec { kind: ExpertKind::Glu { activation: act }, ffn, bias: false };
     let spec = match fam {
         Family::Mixtral => LayerSpec {
+            output_bias: false,
             hidden: field(cfg, "hidden_size")?,
             num_experts: field_any(cfg, &["num_local_experts", "num_experts"])?,
             gate: GateSpec::SoftmaxTopK { k: field(cfg, "num_experts_per_tok")?, normalize: true },
@@ -99,11 +100,12 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
             let shared = if fam == Family::Qwen2Moe {
                 // transformers builds the shared expert whether the key is there or not.
                 let n: usize = field_or(cfg, "shared_expert_intermediate_size", 5632)?;
-                (n > 0).then(|| SharedSpec { expert: glu(n, act), gated: true })
+                (n > 0).then(|| SharedSpec { combine: Default::default(), expert: glu(n, act), gated: true })
             } else {
                 None
             };
             LayerSpec {
+                output_bias: false,
                 hidden: field(cfg, "hidden_size")?,
                 num_experts: field_any(cfg, &["num_experts", "num_local_experts"])?,
                 gate: GateSpec::SoftmaxTopK {
@@ -172,18 +174,21 @@ pub fn layer_spec(cfg: &Value) -> Result<(Family, LayerSpec)> {
                 GateSpec::DeepSeekV2 { k, n_group, topk_group, method, normalize: false, routed_scaling_factor: scale }
             };
             LayerSpec {
+                output_bias: false,
                 hidden: field(cfg, "hidden_size")?,
                 num_experts: field(cfg, "n_routed_experts")?,
                 gate,
                 expert: glu(ffn, act),
                 residual: false,
                 shared: (n_shared > 0).then(|| SharedSpec {
+                    combine: Default::default(),
                     expert: ExpertSpec { bias: shared_bias, ..glu(ffn * n_shared, act) },
                     gated: false,
                 }),
             }
         }
         Family::Switch => LayerSpec {
+            output_bias: false,
             hidden: field(cfg, "d_model")?,
             num_experts: field(cfg, "num_experts")?,
             gate: GateSpec::Switch { expert_capacity: field(cfg, "expert_capacity")? },
@@ -310,7 +315,7 @@ pub fn layer_weights(ck: &mut Checkpoint, fam: Family, spec: &LayerSpec, prefix:
         }
     };
     ck.finish(prefix)?;
-    let w = HostLayerWeights { gate, gate_bias, experts, residual: None, shared };
+    let w = HostLayerWeights { output_bias: None, router_bias: None, gate, gate_bias, experts, residual: None, shared };
     w.validate(spec)?;
     Ok(w)
 }

@@ -56,12 +56,16 @@ pub struct LayerGrads<B: Backend> {
     pub dx: Tensor<B>,
     /// Of the router weight `[E, M]` (the correction bias takes none).
     pub gate: Tensor<B>,
+    /// Of the router's logit bias `[E]` (gpt-oss).
+    pub gate_logit_bias: Option<Tensor<B>>,
     /// Of the routed experts this layer holds.
     pub experts: MlpGrads<B>,
     /// Of the residual MLP, the coefficient weight `[2, M]` and bias `[2]`.
     pub residual: Option<(MlpGrads<B>, Tensor<B>, Tensor<B>)>,
     /// Of the shared experts and their gate `[1, M]`.
     pub shared: Option<(MlpGrads<B>, Option<Tensor<B>>)>,
+    /// Of the output bias `[M]` (JetMoE).
+    pub output_bias: Option<Tensor<B>>,
 }
 
 impl<B: Backend> LayerGrads<B> {
@@ -76,6 +80,9 @@ impl<B: Backend> LayerGrads<B> {
     /// (`gate.weight`, `experts.w_in`, ...), in the same order.
     pub fn into_named(self) -> Vec<(String, Tensor<B>)> {
         let mut out = vec![("gate.weight".to_string(), self.gate)];
+        if let Some(t) = self.gate_logit_bias {
+            out.push(("gate.logit_bias".into(), t));
+        }
         self.experts.into_named("experts", &mut out);
         if let Some((mlp, cw, cb)) = self.residual {
             mlp.into_named("residual", &mut out);
@@ -87,6 +94,9 @@ impl<B: Backend> LayerGrads<B> {
             if let Some(g) = g {
                 out.push(("shared_gate.weight".into(), g));
             }
+        }
+        if let Some(t) = self.output_bias {
+            out.push(("output_bias".into(), t));
         }
         out
     }
@@ -152,6 +162,16 @@ impl<B: Backend> MoeLayer<B> {
         dy.expect_dtype("dy", crate::DType::F32)?;
         let dy = dy.reshape(&[s, m])?;
         let mut dx_parts = Vec::new();
+        // The output bias: y = y' + bias, so d bias = Σ_tokens dy: the bias gradient of
+        // a product whose input is a column of ones.
+        let output_bias = match &self.output_bias {
+            Some(_) => {
+                let ones = crate::ops::unit_weights(b, s, 1)?;
+                let g = b.weight_grad(&dy, &ones, None, true)?;
+                Some(g.db.ok_or_else(|| Error::Internal("weight_grad without the bias asked".into()))?)
+            }
+            None => None,
+        };
 
         // Shared experts: y = y' + sigmoid(g) · shared(x), or y' + shared(x).
         let shared = match (&self.shared, &out.dense.shared) {
@@ -205,11 +225,19 @@ impl<B: Backend> MoeLayer<B> {
         let mut dx = self.dispatcher.dispatch_backward(b, &dxp, plan, &out.dispatch)?;
 
         // The gate.
-        let (gate, dx_gate) = self.gate.backward(b, x, &out.gate, &d_weights, &opts.losses)?;
-        dx = b.add_gated(&dx, &dx_gate, None)?;
+        let gg = self.gate.backward(b, x, &out.gate, &d_weights, &opts.losses)?;
+        dx = b.add_gated(&dx, &gg.x, None)?;
         for part in dx_parts {
             dx = b.add_gated(&dx, &part, None)?;
         }
-        Ok(LayerGrads { dx: dx.reshape(out.y.shape())?, gate, experts, residual, shared })
+        Ok(LayerGrads {
+            dx: dx.reshape(out.y.shape())?,
+            gate: gg.weight,
+            gate_logit_bias: gg.logit_bias,
+            experts,
+            residual,
+            shared,
+            output_bias,
+        })
     }
 }
