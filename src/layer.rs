@@ -12,7 +12,7 @@
 //! per-expert tensors afterwards and computes the losses.
 
 use crate::backend::Backend;
-use crate::config::{ExpertSpec, LayerSpec};
+use crate::config::{ExpertSpec, LayerSpec, SharedCombine};
 use crate::device::Tensor;
 use crate::dispatcher::{DispatchState, Dispatched, Dispatcher};
 use crate::error::{human_bytes, Error, Result};
@@ -367,6 +367,11 @@ impl<B: Backend> MoeLayer<B> {
         })
     }
 
+    /// How the shared experts join the routed output.
+    fn shared_combine(&self) -> SharedCombine {
+        self.spec.shared.as_ref().map_or(SharedCombine::Add, |s| s.combine)
+    }
+
     /// The layer's configuration.
     pub fn spec(&self) -> &LayerSpec {
         &self.spec
@@ -524,6 +529,9 @@ impl<B: Backend> MoeLayer<B> {
             let dense = mlp.dense_kept(b, x2, keep)?;
             let g = gate_w.as_ref().map(|g| b.linear(x2, g, None)).transpose()?;
             y = b.add_gated(&y, &dense.y, g.as_ref())?;
+            if self.shared_combine() == SharedCombine::Average {
+                y = b.scale(&y, 0.5)?;
+            }
             kept.shared = Some(DenseKept { out: dense.y, pre: dense.pre, mix: g });
         }
         Ok((y, kept))

@@ -25,7 +25,8 @@ fn mixtral_block_loads_from_sharded_model_folder() {
     let dir = tmpdir("mixtral");
     let cfg = serde_json::json!({
         "model_type": "mixtral", "hidden_size": 16, "intermediate_size": 24,
-        "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_act": "silu"
+        "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_act": "silu",
+        "num_hidden_layers": 2
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).expect("write config");
     // Layer 1's block, split over two shards, next to unrelated tensors of the model.

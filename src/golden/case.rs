@@ -23,6 +23,8 @@ pub enum CaseKind {
     DeepSpeedMoe,
     /// An HF transformers MoE block (`hf.<model_type>`).
     Hf(Family),
+    /// The MoE block of one layer of a model folder transformers wrote (`hf.model`).
+    HfModel,
 }
 
 impl TryFrom<String> for CaseKind {
@@ -31,10 +33,11 @@ impl TryFrom<String> for CaseKind {
         match s.as_str() {
             "deepspeed.gate" => Ok(CaseKind::DeepSpeedGate),
             "deepspeed.moe" => Ok(CaseKind::DeepSpeedMoe),
+            "hf.model" => Ok(CaseKind::HfModel),
             _ => match s.strip_prefix("hf.").map(Family::from_model_type) {
                 Some(Ok(f)) => Ok(CaseKind::Hf(f)),
                 _ => Err(format!(
-                    "unknown case kind `{s}` (deepspeed.gate, deepspeed.moe, hf.<model_type> of a supported family)"
+                    "unknown case kind `{s}` (deepspeed.gate, deepspeed.moe, hf.model, hf.<model_type> of a supported family)"
                 )),
             },
         }
@@ -54,6 +57,7 @@ impl CaseKind {
             CaseKind::DeepSpeedGate => "deepspeed.gate".into(),
             CaseKind::DeepSpeedMoe => "deepspeed.moe".into(),
             CaseKind::Hf(f) => format!("hf.{}", f.model_type()),
+            CaseKind::HfModel => "hf.model".into(),
         }
     }
 
@@ -63,6 +67,7 @@ impl CaseKind {
             CaseKind::DeepSpeedGate => {
                 &[Output::Indices, Output::Locations, Output::Gates, Output::Capacity, Output::ExpCounts, Output::LAux]
             }
+            CaseKind::HfModel => &[Output::Y, Output::RouterLogits],
             _ => &[Output::Y, Output::RouterLogits, Output::LAux, Output::ExpCounts],
         }
     }
@@ -171,9 +176,9 @@ pub struct Backward {
     pub params: BTreeMap<String, String>,
 }
 
-/// `case.json`, every key typed. Unknown keys are errors.
+/// `case.json`, every key typed. Unknown keys are errors, except in `hf.model` cases,
+/// whose other keys describe the model (family, notes, tensor lists) for people.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CaseMeta {
     /// The format version ([`FORMAT`]).
     pub format: u32,
@@ -209,6 +214,15 @@ pub struct CaseMeta {
     /// How the case's weights are laid out (documentation only).
     #[serde(default)]
     pub weights_layout: Option<String>,
+    /// `hf.model`: the model folder, relative to the case's.
+    #[serde(default)]
+    pub model_dir: Option<String>,
+    /// `hf.model`: the decoder layer whose MoE block runs.
+    #[serde(default)]
+    pub layer: Option<usize>,
+    /// Every other key: descriptions in `hf.model` cases, an error elsewhere.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 impl CaseMeta {
@@ -218,6 +232,20 @@ impl CaseMeta {
         let bad = |msg: String| Err(Error::case(case, msg));
         if self.format != FORMAT {
             return bad(format!("format {} is not the format {FORMAT} this engine reads", self.format));
+        }
+        let model_case = self.kind == CaseKind::HfModel;
+        if let Some(k) = self.other.keys().next().filter(|_| !model_case) {
+            return bad(format!(
+                "unknown key `{k}` in case.json (FORMAT.md lists the keys of a {} case)",
+                self.kind.name()
+            ));
+        }
+        match (model_case, &self.model_dir, self.layer) {
+            (true, Some(_), Some(_)) | (false, None, None) => {}
+            (true, _, _) => return bad("an hf.model case needs `model_dir` and `layer`".into()),
+            (false, _, _) => {
+                return bad(format!("`model_dir` / `layer` belong to hf.model cases, not {}", self.kind.name()))
+            }
         }
         if self.expected.is_empty() {
             return bad("`expected` names no outputs: nothing would be compared".into());
@@ -258,6 +286,8 @@ impl CaseMeta {
 pub struct Case {
     /// Case name.
     pub name: String,
+    /// The case's folder.
+    pub dir: std::path::PathBuf,
     /// The metadata.
     pub meta: CaseMeta,
     /// Every tensor of `tensors.safetensors`.
@@ -288,7 +318,7 @@ impl Case {
         let name = meta.name.clone().unwrap_or_else(|| folder.clone());
         meta.validate(&name)?;
         let tensors = Checkpoint::load(&dir.join("tensors.safetensors"))?;
-        let case = Case { name, meta, tensors };
+        let case = Case { name, dir: dir.to_path_buf(), meta, tensors };
         case.check_tensors()?;
         Ok(case)
     }

@@ -169,6 +169,12 @@ fn options(case: &Case) -> Result<LayerOptions> {
 fn import_layer(case: &Case, kind: CaseKind, ck: &mut Checkpoint) -> Result<(LayerSpec, HostLayerWeights)> {
     let cfg = &case.meta.config;
     match kind {
+        CaseKind::HfModel => {
+            let (Some(dir), Some(layer)) = (&case.meta.model_dir, case.meta.layer) else {
+                return Err(Error::case(&case.name, "an hf.model case needs `model_dir` and `layer`"));
+            };
+            hf::HfModel::open(&case.dir.join(dir))?.load_layer(layer)
+        }
         CaseKind::Hf(family) => {
             let (fam, spec) = hf::layer_spec(cfg)?;
             if fam != family {

@@ -12,6 +12,7 @@
 
 use super::{DeviceMlp, LayerOutput, MoeLayer};
 use crate::backend::Backend;
+use crate::config::SharedCombine;
 use crate::device::Tensor;
 use crate::error::{Error, Result};
 use crate::expert::ExpertKind;
@@ -162,6 +163,8 @@ impl<B: Backend> MoeLayer<B> {
         dy.expect_dtype("dy", crate::DType::F32)?;
         let dy = dy.reshape(&[s, m])?;
         let mut dx_parts = Vec::new();
+        // Cohere2-MoE averages: y = (routed + shared) / 2 (the output bias comes after).
+        let dy_parts = if self.shared_combine() == SharedCombine::Average { b.scale(&dy, 0.5)? } else { dy.clone() };
         // The output bias: y = y' + bias, so d bias = Σ_tokens dy: the bias gradient of
         // a product whose input is a column of ones.
         let output_bias = match &self.output_bias {
@@ -178,10 +181,10 @@ impl<B: Backend> MoeLayer<B> {
             (Some((mlp, gate_w)), Some(kept)) => {
                 let (d_sh, d_g) = match (gate_w, &kept.mix) {
                     (Some(_), Some(g)) => {
-                        let gg = b.gated_add_grad(&dy, &kept.out, g)?;
+                        let gg = b.gated_add_grad(&dy_parts, &kept.out, g)?;
                         (gg.d_shared, Some(gg.d_gate))
                     }
-                    (None, None) => (dy.clone(), None),
+                    (None, None) => (dy_parts.clone(), None),
                     _ => return Err(Error::Internal("shared experts' gate kept inconsistently".into())),
                 };
                 let (grads, dx_sh) = mlp.backward(b, x, kept.pre.as_ref(), &d_sh, None)?;
@@ -203,7 +206,7 @@ impl<B: Backend> MoeLayer<B> {
         let (d_routed, residual) = match (&self.residual, &out.dense.residual) {
             (Some((mlp, cw, _)), Some(kept)) => {
                 let coef = kept.mix.as_ref().ok_or_else(|| not_kept("residual coefficient"))?;
-                let mg = b.mix_grad(&dy, &out.dense.routed, &kept.out, coef)?;
+                let mg = b.mix_grad(&dy_parts, &out.dense.routed, &kept.out, coef)?;
                 let (grads, dx_r) = mlp.backward(b, x, kept.pre.as_ref(), &mg.d_mlp, None)?;
                 dx_parts.push(dx_r);
                 let cg = b.weight_grad(&mg.d_coef, x, None, true)?;
@@ -211,7 +214,7 @@ impl<B: Backend> MoeLayer<B> {
                 let db = cg.db.ok_or_else(|| Error::Internal("weight_grad without the bias asked".into()))?;
                 (mg.d_moe, Some((grads, cg.dw, db)))
             }
-            (None, None) => (dy, None),
+            (None, None) => (dy_parts, None),
             _ => return Err(not_kept("residual MLP's output")),
         };
 

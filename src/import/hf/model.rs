@@ -1,0 +1,170 @@
+//! A model folder as transformers writes it (`config.json` beside safetensors, sharded or
+//! not): its family, which decoder layers are MoE, and each MoE layer's block.
+
+use super::families::{self, LayerKind};
+use super::{layer_weights_in, text_config, Family};
+use crate::config::LayerSpec;
+use crate::error::{Error, Result};
+use crate::import::Checkpoint;
+use crate::weights::HostLayerWeights;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// A model folder: `config.json` read, the tensors left on disk until a layer is loaded.
+#[derive(Clone, Debug)]
+pub struct HfModel {
+    dir: PathBuf,
+    config: Value,
+    family: Family,
+    kinds: Vec<LayerKind>,
+}
+
+impl HfModel {
+    /// Reads `dir/config.json`; the family and the MoE layers come from it.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Error::Io { path: cfg_path.display().to_string(), source: e })?;
+        let config: Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: cfg_path.display().to_string(),
+            msg: "not valid JSON".into(),
+            source: Some(Box::new(e)),
+        })?;
+        let family = super::family(&config)?;
+        let kinds = families::layer_kinds(family, text_config(&config))?;
+        Ok(HfModel { dir: dir.to_path_buf(), config, family, kinds })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The whole `config.json`.
+    pub fn config(&self) -> &Value {
+        &self.config
+    }
+
+    /// The text model's config (the whole config unless it nests a `text_config`).
+    pub fn text_config(&self) -> &Value {
+        text_config(&self.config)
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.kinds.len()
+    }
+
+    /// What each decoder layer's feed-forward is.
+    pub fn layer_kinds(&self) -> &[LayerKind] {
+        &self.kinds
+    }
+
+    /// The layers whose feed-forward is an MoE block the engine runs.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        self.kinds.iter().enumerate().filter(|(_, k)| **k == LayerKind::Moe).map(|(l, _)| l).collect()
+    }
+
+    /// The MoE block's spec (the same for every MoE layer of a model).
+    pub fn spec(&self) -> Result<LayerSpec> {
+        Ok(super::layer_spec(&self.config)?.1)
+    }
+
+    /// Checks that layer `layer` is an MoE layer the engine runs; the error says which are.
+    pub fn check_moe_layer(&self, layer: usize) -> Result<()> {
+        let moe = self.moe_layers();
+        let which = || {
+            if moe.is_empty() {
+                "the model has none".to_string()
+            } else {
+                format!("the MoE layers are {}", ranges(&moe))
+            }
+        };
+        match self.kinds.get(layer) {
+            None => Err(Error::config("layer", format!("{layer} is past the model's {} layers", self.kinds.len()))),
+            Some(LayerKind::Moe) => Ok(()),
+            Some(LayerKind::Dense) => {
+                Err(Error::config("layer", format!("layer {layer} is a dense MLP layer, not an MoE one: {}", which())))
+            }
+            Some(LayerKind::Unsupported(why)) => {
+                Err(Error::config("layer", format!("layer {layer} is {why}; not supported: {}", which())))
+            }
+        }
+    }
+
+    /// The tensors of the folder's safetensors files: the index's shards, or every
+    /// `*.safetensors` file.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        Checkpoint::load_dir(&self.dir)
+    }
+
+    /// The prefix of layer `layer`'s block in `ck`: the family's path (`model.layers.{L}.mlp.`)
+    /// or, in a checkpoint that nests the text model (multimodal models), the one name
+    /// ending in the same `layers.{L}.<block>` path that holds the router.
+    pub fn block_prefix(&self, ck: &Checkpoint, layer: usize) -> Result<String> {
+        let direct = super::block_prefix(self.family, layer);
+        if self.family == Family::Switch {
+            return Ok(direct);
+        }
+        let (block, layout) = families::layout(self.family, self.text_config())?;
+        if ck.contains(&format!("{direct}{}", layout.router)) {
+            return Ok(direct);
+        }
+        let tail = format!("layers.{layer}.{block}{}", layout.router);
+        let found: Vec<&str> = ck.names().filter(|n| n.ends_with(&tail)).collect();
+        match found[..] {
+            [one] => Ok(one[..one.len() - layout.router.len()].to_string()),
+            [] => Err(Error::MissingTensor(format!(
+                "{direct}{} (layer {layer}'s router, in {})",
+                layout.router,
+                ck.source()
+            ))),
+            _ => Err(Error::Checkpoint {
+                path: ck.source().to_string(),
+                msg: format!("more than one block of layer {layer}: {}", found.join(", ")),
+                source: None,
+            }),
+        }
+    }
+
+    /// Loads layer `layer`'s block: its spec and weights. Only that block's tensors are
+    /// read; a dense layer is an error that says which layers are MoE.
+    pub fn load_layer(&self, layer: usize) -> Result<(LayerSpec, HostLayerWeights)> {
+        self.check_moe_layer(layer)?;
+        let spec = self.spec()?;
+        let mut ck = self.checkpoint()?;
+        let prefix = self.block_prefix(&ck, layer)?;
+        let w = layer_weights_in(&mut ck, self.family, self.text_config(), &spec, &prefix)?;
+        tracing::debug!(family = ?self.family, layer, experts = spec.num_experts, "loaded HF MoE block");
+        Ok((spec, w))
+    }
+}
+
+/// `[1, 2, 3, 5]` as `1-3, 5`.
+fn ranges(v: &[usize]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i { format!("{}-{}", v[i], v[j]) } else { v[i].to_string() });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn layer_ranges_read_as_people_write_them() {
+        assert_eq!(super::ranges(&[1, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
+        assert_eq!(super::ranges(&[0]), "0");
+    }
+}
