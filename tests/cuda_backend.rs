@@ -16,6 +16,13 @@ fn all_golden_cases_pass_on_cuda() {
 }
 
 #[test]
+fn all_model_family_cases_pass_on_cuda() {
+    let Some(b) = common::cuda("all_model_family_cases_pass_on_cuda") else { return };
+    let (failures, _) = common::run_golden_models(&b);
+    assert!(failures.is_empty(), "model-family failures on {}:\n{}", b.capabilities().device, failures.join("\n"));
+}
+
+#[test]
 fn cuda_matches_cpu_on_every_op() {
     let Some(b) = common::cuda("cuda_matches_cpu_on_every_op") else { return };
     let results = parity::run(&common::cpu(2), &b);

@@ -12,6 +12,12 @@ fn all_golden_cases_pass_on_cpu() {
 }
 
 #[test]
+fn all_model_family_cases_pass_on_cpu() {
+    let (failures, _) = common::run_golden_models(&common::cpu(2));
+    assert!(failures.is_empty(), "model-family failures:\n{}", failures.join("\n"));
+}
+
+#[test]
 fn golden_comparison_rejects_nan_and_wrong_values() {
     assert_eq!(golden::rel_l2(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
     assert!(golden::rel_l2(&[f64::NAN, 2.0], &[1.0, 2.0]).is_infinite());

@@ -39,6 +39,16 @@ fn all_golden_cases_pass_on_wgpu() {
 }
 
 #[test]
+fn all_model_family_cases_pass_on_wgpu() {
+    let Some(b) = backend("all_model_family_cases_pass_on_wgpu") else { return };
+    let (failures, passed) = common::run_golden_models(&b);
+    assert!(failures.is_empty(), "model-family failures on {}:\n{}", b.capabilities().device, failures.join("\n"));
+    for r in passed {
+        assert!(r.worst_rel_l2 <= 1e-5, "{}: rel L2 {} above the bound", r.name, r.worst_rel_l2);
+    }
+}
+
+#[test]
 fn golden_cases_pass_on_four_wgpu_ranks_in_two_nodes() {
     // Every rank opens its own device; the exchange (bucket, regroup, ranged combine)
     // runs in the shaders, the rows move through the in-process transport.

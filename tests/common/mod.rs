@@ -60,8 +60,13 @@ pub fn golden_dir() -> PathBuf {
 /// Runs every golden case on `b`; the descriptions of the ones that failed, and the
 /// results of the ones that passed.
 pub fn run_golden<B: Backend>(b: &B) -> (Vec<String>, Vec<golden::CaseResult>) {
-    let cases = golden::discover(&golden_dir()).expect("tests/golden holds the cases");
-    assert_eq!(cases.len(), 35, "expected the 28 reference cases and 7 training traces in {}", golden_dir().display());
+    run_cases(b, &golden_dir(), 37, "the 28 reference cases, 2 DeepSpeed checkpoints and 7 training traces")
+}
+
+/// Runs every case folder under `dir` (there must be `count`, as `what` describes).
+fn run_cases<B: Backend>(b: &B, dir: &Path, count: usize, what: &str) -> (Vec<String>, Vec<golden::CaseResult>) {
+    let cases = golden::discover(dir).expect("the case folder holds the cases");
+    assert_eq!(cases.len(), count, "expected {what} in {}", dir.display());
     let (mut failures, mut passed) = (Vec::new(), Vec::new());
     for dir in &cases {
         match golden::run_case(b, dir) {
@@ -164,4 +169,14 @@ pub fn write_st(path: &Path, entries: &[Entry]) {
         .map(|e| (e.name.clone(), TensorView::new(e.dtype, e.shape.clone(), &e.bytes).expect("view")))
         .collect();
     safetensors::serialize_to_file(views, None, path).expect("write safetensors");
+}
+
+/// The HF model-family cases of the project (`hf.model`, one per family).
+pub fn golden_models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden-models")
+}
+
+/// Runs every model-family case on `b`: the failures' descriptions and the passes.
+pub fn run_golden_models<B: Backend>(b: &B) -> (Vec<String>, Vec<golden::CaseResult>) {
+    run_cases(b, &golden_models_dir(), 33, "30 families and 3 checkpoint formats")
 }
