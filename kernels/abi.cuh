@@ -6,7 +6,9 @@
 struct RouteParams {
     u32 s, e, k, score_fn, choice, has_bias, has_noise, normalize;
     float eps, scale;
-    u32 n_group, topk_group, group_score, _pad0, _pad1, _pad2;
+    u32 n_group, topk_group, group_score;
+    float p_norm, jitter_eps;
+    u32 _pad0;
 };
 
 struct PlanParams {
@@ -64,8 +66,9 @@ struct GradParams {
 };
 
 struct RouteGradParams {
-    u32 s, e, k, score_fn, normalize, renorm_kept, has_aux, _pad0;
-    float eps, scale, aux_scale, z_coef;
+    u32 s, e, k, score_fn, normalize, renorm_kept, has_aux, choice;
+    float eps, scale, aux_scale, z_coef, p_norm, jitter_eps;
+    u32 _pad0, _pad1;
 };
 
 struct OptimParams {

@@ -49,6 +49,48 @@ __device__ __forceinline__ float act(float x, u32 kind) {
     }
 }
 
+// Routing helpers of route.cu and its backward route_grad.cu.
+
+// sqrt(softplus(x)) as torch's F.softplus(x).sqrt() (threshold 20: softplus(x) = x past
+// it); below -20 softplus(x) = e^x to f32 precision, so e^(x/2), a normal number where e^x
+// would be subnormal (the cpu's sqrt_softplus).
+__device__ __forceinline__ float sqrt_softplus(float x) {
+    if (x > 20.0f) return sqrtf(x);
+    if (x < -20.0f) return expf(0.5f * x);
+    return sqrtf(log1pf(expf(x)));
+}
+
+// d sqrt(softplus(x)) / dx from x and its score s: sigmoid(x) / 2s, 1 / 2s past torch's
+// threshold, s / 2 below -20 where sigmoid = softplus = s² to f32 precision (the cpu's
+// sqrt_softplus_grad).
+__device__ __forceinline__ float sqrt_softplus_grad(float x, float s) {
+    if (x > 20.0f) return 0.5f / s;
+    if (x < -20.0f) return 0.5f * s;
+    return 1.0f / (1.0f + expf(-x)) / (2.0f * s);
+}
+
+// Whether sparsemixer keeps logit x around the max m: PhiMoE masks
+// (m - x) / max(|x|, m) > 2 jitter_eps; a zero factor (x = m = 0) is 0/0 in torch, which
+// compares false: kept.
+__device__ __forceinline__ bool mixer_kept(float x, float m, float jitter_eps) {
+    float f = fmaxf(fabsf(x), m);
+    return !(f > 0.0f && (m - x) / f > 2.0f * jitter_eps);
+}
+
+// w^p of a weight (>= 0) for the p-norm: exact for p = 1 and 2, 0 for a zero weight.
+__device__ __forceinline__ float pow_p(float w, float p) {
+    if (p == 1.0f) return w;
+    if (p == 2.0f) return w * w;
+    return w == 0.0f ? 0.0f : powf(w, p);
+}
+
+// (Σ w^p)^(1/p) from Σ w^p.
+__device__ __forceinline__ float root_p(float sp, float p) {
+    if (p == 1.0f) return sp;
+    if (p == 2.0f) return sqrtf(sp);
+    return sp == 0.0f ? 0.0f : powf(sp, 1.0f / p);
+}
+
 __device__ __forceinline__ u64 global_id() {
     return (u64)blockIdx.x * blockDim.x + threadIdx.x + (u64)blockIdx.y * gridDim.x * blockDim.x;
 }

@@ -1,8 +1,10 @@
 // Fused gating, one warp per token (as shaders/route.wgsl, which runs one invocation per
-// token): scores (softmax or sigmoid of the f32 logits), correction bias, group-limited
-// top-k, the choice, renormalisation and route scale. Every selection is a warp argmax
-// that prefers the larger value and, on equal values, the lower index, so ties go to the
-// lower expert index as on every backend. Up to 1024 experts and 64 groups.
+// token): scores (softmax, sigmoid or sqrt-softplus of the f32 logits), correction bias,
+// group-limited top-k, the choice (top-k, DeepSpeed top-2, group-limited, PhiMoE's
+// sparsemixer), normalisation (Σ, Σ + eps, max(Σ, floor), p-norm) and route scale. Every
+// selection is a warp argmax that prefers the larger value and, on equal values, the
+// lower index, so ties go to the lower expert index as on every backend. Up to 1024
+// experts and 64 groups. backends/cpu/src/route.rs is the reference.
 
 // Reduces (value, index) across the warp: larger value wins, then lower index.
 __device__ __forceinline__ void warp_best(float& v, int& idx) {
@@ -42,8 +44,10 @@ extern "C" __global__ void route(const float* logits, const float* bias, const f
         for (u32 i = lane; i < p.e; i += 32) { float v = expf(l[i] - mx); sc[i] = v; sum += v; }
         for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
         for (u32 i = lane; i < p.e; i += 32) sc[i] = sc[i] / sum;
-    } else {
+    } else if (p.score_fn == 1) {
         for (u32 i = lane; i < p.e; i += 32) sc[i] = 1.0f / (1.0f + expf(-l[i]));
+    } else {
+        for (u32 i = lane; i < p.e; i += 32) sc[i] = sqrt_softplus(l[i]);
     }
     __syncwarp();
 
@@ -109,6 +113,36 @@ extern "C" __global__ void route(const float* logits, const float* bias, const f
         warp_best(sv, si);
         if (lane == 0) { ex[0] = fi; if (p.k > 1) ex[1] = si; }
         chosen[fi >> 5] |= 1u << (fi & 31);
+    } else if (p.choice == 3) {
+        // Sparsemixer (k = 2): the argmax of the logits, then the argmax of the others;
+        // each weight is the softmax of the logits its mask keeps around its max, at the
+        // max: 1 / Σ exp(x − m) (expert 1 excluded for the second).
+        float fv = NEG_INF; int fi = -1;
+        for (u32 i = lane; i < p.e; i += 32) if (fi < 0 || l[i] > fv) { fv = l[i]; fi = (int)i; }
+        warp_best(fv, fi);
+        float sv = NEG_INF; int si = -1;
+        for (u32 i = lane; i < p.e; i += 32) {
+            if ((int)i == fi) continue;
+            if (si < 0 || l[i] > sv) { sv = l[i]; si = (int)i; }
+        }
+        warp_best(sv, si);
+        float s1 = 0.0f, s2 = 0.0f;
+        for (u32 i = lane; i < p.e; i += 32) {
+            if (mixer_kept(l[i], fv, p.jitter_eps)) s1 += expf(l[i] - fv);
+            if ((int)i != fi && mixer_kept(l[i], sv, p.jitter_eps)) s2 += expf(l[i] - sv);
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+            s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+        }
+        if (lane == 0) {
+            ex[0] = fi;
+            ex[1] = si;
+            // The weights' pass below reads these for choice 3.
+            float* w = weights + (u64)t * p.k;
+            w[0] = 1.0f / s1;
+            w[1] = 1.0f / s2;
+        }
     } else {
         for (u32 j = 0; j < p.k; j++) {
             float bv = NEG_INF; int bi = -1;
@@ -126,14 +160,19 @@ extern "C" __global__ void route(const float* logits, const float* bias, const f
     __syncwarp();
     if (lane == 0) {
         float* w = weights + (u64)t * p.k;
-        float sum = 0.0f;
+        float sum = 0.0f, sum_p = 0.0f;
         for (u32 j = 0; j < p.k; j++) {
             u32 c = (u32)ex[j];
-            float v = bit(masked, c) ? 0.0f : sc[c];
+            float v = p.choice == 3 ? w[j] : (bit(masked, c) ? 0.0f : sc[c]);
             w[j] = v;
             sum += v;
+            if (p.normalize == 4) sum_p += pow_p(v, p.p_norm);
         }
-        float denom = p.normalize == 1 ? sum : (p.normalize == 2 ? sum + p.eps : 1.0f);
+        float denom = 1.0f;
+        if (p.normalize == 1) denom = sum;
+        if (p.normalize == 2) denom = sum + p.eps;
+        if (p.normalize == 3) denom = fmaxf(sum, p.eps);
+        if (p.normalize == 4) denom = root_p(sum_p, p.p_norm);
         for (u32 j = 0; j < p.k; j++) {
             float v = w[j];
             if (p.normalize != 0) v = v / denom;

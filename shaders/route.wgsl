@@ -1,7 +1,8 @@
-// Routing, one invocation per token: scores (softmax or sigmoid of the f32 logits), the
-// choice (top-k, DeepSpeed top-2, group-limited top-k), and the route weights
-// (renormalised or not, then scaled). Ties go to the lower expert index everywhere: a
-// candidate replaces the best only when strictly greater.
+// Routing, one invocation per token: scores (softmax, sigmoid or sqrt-softplus of the f32
+// logits), the choice (top-k, DeepSpeed top-2, group-limited top-k, PhiMoE's sparsemixer),
+// and the route weights (normalised by Σ, Σ + eps, max(Σ, floor), the p-norm, or not,
+// then scaled). Ties go to the lower expert index everywhere: a candidate replaces the
+// best only when strictly greater.
 //
 // Bindings: 0 params, 1 logits [S, E], 2 bias [E], 3 choice noise [S, E], 4 scores
 // [S, E], 5 experts [S, k] i32, 6 weights [S, k], 7 status (atomic u32, zeroed: u32 max −
@@ -12,19 +13,19 @@ struct RouteParams {
     s: u32,
     e: u32,
     k: u32,
-    score_fn: u32,     // 0 softmax, 1 sigmoid
-    choice: u32,       // 0 top-k, 1 DeepSpeed top-2, 2 group-limited
+    score_fn: u32,     // 0 softmax, 1 sigmoid, 2 sqrt(softplus)
+    choice: u32,       // 0 top-k, 1 DeepSpeed top-2, 2 group-limited, 3 sparsemixer
     has_bias: u32,
     has_noise: u32,
-    normalize: u32,    // 0 none, 1 sum, 2 sum + eps
+    normalize: u32,    // 0 none, 1 sum, 2 sum + eps, 3 max(sum, eps), 4 p-norm
     eps: f32,
     scale: f32,
     n_group: u32,
     topk_group: u32,
     group_score: u32,  // 0 max (masked groups read 0), 1 sum of top 2 (masked read -inf)
+    p_norm: f32,
+    jitter_eps: f32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: RouteParams;
@@ -55,6 +56,63 @@ fn has(bits: ptr<function, array<u32, 32>>, i: u32) -> bool {
 
 fn put(bits: ptr<function, array<u32, 32>>, i: u32) {
     (*bits)[i / 32u] |= 1u << (i % 32u);
+}
+
+// ln(1 + y) for y in [0, 1], as 2·atanh(y / (2 + y)) by its series: z ≤ 1/3, so eight
+// terms leave a relative error near 1e-9, and no log (whose error near 1 the APIs bound
+// only absolutely) is taken.
+fn log1p_unit(y: f32) -> f32 {
+    let z = y / (2.0 + y);
+    let t = z * z;
+    let series = 1.0 + t * (1.0 / 3.0 + t * (1.0 / 5.0 + t * (1.0 / 7.0 + t * (1.0 / 9.0
+        + t * (1.0 / 11.0 + t * (1.0 / 13.0 + t * (1.0 / 15.0)))))));
+    return 2.0 * z * series;
+}
+
+// sqrt(softplus(x)) as torch's F.softplus(x).sqrt() (threshold 20: softplus(x) = x past
+// it); softplus(x) = max(x, 0) + ln(1 + e^-|x|). Below -20 it is e^x to f32 precision, so
+// the score is e^(x/2), a normal number where e^x would be subnormal (see the cpu's
+// sqrt_softplus).
+fn sqrt_softplus(x: f32) -> f32 {
+    if x > 20.0 { return sqrt(x); }
+    if x < -20.0 { return exp(0.5 * x); }
+    return sqrt(max(x, 0.0) + log1p_unit(exp(-abs(x))));
+}
+
+// Whether sparsemixer keeps logit x around the max m: PhiMoE masks
+// (m - x) / max(|x|, m) > 2 jitter_eps; a zero factor (x = m = 0) is 0/0 in torch, which
+// compares false: kept.
+fn mixer_kept(x: f32, m: f32) -> bool {
+    let f = max(abs(x), m);
+    return !(f > 0.0 && (m - x) / f > 2.0 * p.jitter_eps);
+}
+
+// Sparsemixer's weight for the expert whose logit is m: the softmax of the logits its mask
+// keeps, `skip` excluded, at its max, 1 / Σ exp(x - m).
+fn mixer_weight(row: u32, m: f32, skip: u32) -> f32 {
+    var sum = 0.0;
+    for (var i = 0u; i < p.e; i++) {
+        let x = logits[row + i];
+        if i != skip && mixer_kept(x, m) { sum += exp(x - m); }
+    }
+    return 1.0 / sum;
+}
+
+// w^p of a weight (>= 0) for the p-norm: exact for p = 1 and 2, and 0 for 0 (pow of 0 is
+// not defined in WGSL).
+fn pow_p(w: f32) -> f32 {
+    if p.p_norm == 1.0 { return w; }
+    if p.p_norm == 2.0 { return w * w; }
+    if w == 0.0 { return 0.0; }
+    return pow(w, p.p_norm);
+}
+
+// (Σ w^p)^(1/p) from Σ w^p.
+fn root_p(sp: f32) -> f32 {
+    if p.p_norm == 1.0 { return sp; }
+    if p.p_norm == 2.0 { return sqrt(sp); }
+    if sp == 0.0 { return 0.0; }
+    return pow(sp, 1.0 / p.p_norm);
 }
 
 // The quantity top-k chooses on: scores + bias, or logits + noise when noise is given.
@@ -102,9 +160,13 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         for (var i = 0u; i < p.e; i++) {
             scores[row + i] = scores[row + i] / sum;
         }
-    } else {
+    } else if p.score_fn == 1u {
         for (var i = 0u; i < p.e; i++) {
             scores[row + i] = 1.0 / (1.0 + exp(-logits[row + i]));
+        }
+    } else {
+        for (var i = 0u; i < p.e; i++) {
+            scores[row + i] = sqrt_softplus(logits[row + i]);
         }
     }
 
@@ -184,6 +246,18 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         experts[out] = i32(first);
         if p.k > 1u { experts[out + 1u] = i32(second); }
         put(&chosen, first);
+    } else if p.choice == 3u {
+        // Sparsemixer (k = 2): the argmax of the logits, then the argmax of the others.
+        var first = 0u;
+        for (var i = 1u; i < p.e; i++) {
+            if logits[row + i] > logits[row + first] { first = i; }
+        }
+        var second = select(0u, 1u, first == 0u);
+        for (var i = 0u; i < p.e; i++) {
+            if i != first && logits[row + i] > logits[row + second] { second = i; }
+        }
+        experts[out] = i32(first);
+        experts[out + 1u] = i32(second);
     } else {
         for (var j = 0u; j < p.k; j++) {
             var best = 0xffffffffu;
@@ -202,18 +276,27 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         }
     }
 
-    // Weights: the chosen scores (0 on a masked expert), normalised, scaled.
+    // Weights: the chosen scores (0 on a masked expert; sparsemixer's masked softmaxes),
+    // normalised, scaled.
     var sum = 0.0;
+    var sum_p = 0.0;
     for (var j = 0u; j < p.k; j++) {
         let c = u32(experts[out + j]);
         var v = scores[row + c];
         if has(&masked, c) { v = 0.0; }
+        if p.choice == 3u {
+            let skip = select(0xffffffffu, u32(experts[out]), j == 1u);
+            v = mixer_weight(row, logits[row + c], skip);
+        }
         weights[out + j] = v;
         sum += v;
+        if p.normalize == 4u { sum_p += pow_p(v); }
     }
     var denom = 1.0;
     if p.normalize == 1u { denom = sum; }
     if p.normalize == 2u { denom = sum + p.eps; }
+    if p.normalize == 3u { denom = max(sum, p.eps); }
+    if p.normalize == 4u { denom = root_p(sum_p); }
     for (var j = 0u; j < p.k; j++) {
         var v = weights[out + j];
         if p.normalize != 0u { v = v / denom; }

@@ -311,6 +311,7 @@ impl<B: Backend> Gate<B> {
         let plan_spec = self.plan_spec(s, seq, opts.mode, rts.as_ref(), &routes, used.as_ref())?;
         let grad_spec = RouteGradSpec {
             score: route_spec.score,
+            choice: route_spec.choice,
             normalize: route_spec.normalize,
             scale: route_spec.scale,
             renormalize_kept: plan_spec.renormalize_kept,

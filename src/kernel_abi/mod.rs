@@ -50,17 +50,17 @@ abi_struct! {
         e: u32,
         /// Routes per token.
         k: u32,
-        /// 0 softmax, 1 sigmoid.
+        /// 0 softmax, 1 sigmoid, 2 sqrt(softplus).
         score_fn: u32,
-        /// 0 top-k, 1 DeepSpeed top-2, 2 group-limited.
+        /// 0 top-k, 1 DeepSpeed top-2, 2 group-limited, 3 sparsemixer.
         choice: u32,
         /// 1 when a correction bias is bound.
         has_bias: u32,
         /// 1 when choice noise is bound.
         has_noise: u32,
-        /// 0 none, 1 sum, 2 sum + eps.
+        /// 0 none, 1 sum, 2 sum + eps, 3 max(sum, eps), 4 p-norm.
         normalize: u32,
-        /// The eps of `normalize = 2`.
+        /// The eps of `normalize = 2`, the floor of `normalize = 3`.
         eps: f32,
         /// Route scale.
         scale: f32,
@@ -70,12 +70,12 @@ abi_struct! {
         topk_group: u32,
         /// 0 max (masked groups read 0), 1 sum of the top 2 (masked read −inf).
         group_score: u32,
+        /// The p of `normalize = 4`.
+        p_norm: f32,
+        /// Sparsemixer's jitter eps (`choice = 3`).
+        jitter_eps: f32,
         /// Padding.
         _pad0: u32,
-        /// Padding.
-        _pad1: u32,
-        /// Padding.
-        _pad2: u32,
     }
 }
 
@@ -347,17 +347,18 @@ abi_struct! {
         e: u32,
         /// Routes per token.
         k: u32,
-        /// 0 softmax, 1 sigmoid.
+        /// 0 softmax, 1 sigmoid, 2 sqrt(softplus).
         score_fn: u32,
-        /// Route normalisation: 0 none, 1 sum, 2 sum + eps.
+        /// Route normalisation: 0 none, 1 sum, 2 sum + eps, 3 max(sum, eps), 4 p-norm.
         normalize: u32,
         /// 1 when the plan renormalised the kept weights by max(Σ, f32 eps).
         renorm_kept: u32,
         /// 1 when a router loss's counts are bound.
         has_aux: u32,
-        /// Padding.
-        _pad0: u32,
-        /// The eps of `normalize` = 2.
+        /// The forward's choice code (`RouteParams::choice`); 3 (sparsemixer) makes the
+        /// weights masked softmaxes of the logits.
+        choice: u32,
+        /// The eps of `normalize` = 2, the floor of `normalize` = 3.
         eps: f32,
         /// Route scale.
         scale: f32,
@@ -365,6 +366,14 @@ abi_struct! {
         aux_scale: f32,
         /// Switch z-loss coefficient.
         z_coef: f32,
+        /// The p of `normalize` = 4.
+        p_norm: f32,
+        /// Sparsemixer's jitter eps (`choice` = 3).
+        jitter_eps: f32,
+        /// Padding.
+        _pad0: u32,
+        /// Padding.
+        _pad1: u32,
     }
 }
 
@@ -477,6 +486,7 @@ mod tests {
         check::<RouteGradParams>();
         check::<OptimParams>();
         assert_eq!(RouteParams::FIELDS.len() * 4, std::mem::size_of::<RouteParams>());
+        assert_eq!(RouteGradParams::FIELDS.len() * 4, std::mem::size_of::<RouteGradParams>());
     }
 
     #[test]

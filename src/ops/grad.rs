@@ -11,7 +11,7 @@ use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::Activation;
 use crate::kernel_abi::{GradMatmulParams, GradParams, RouteGradParams};
-use crate::ops::{Normalize, ScoreFn};
+use crate::ops::{Choice, Normalize, ScoreFn};
 use crate::tensor::DType;
 use std::ops::Range;
 
@@ -273,6 +273,9 @@ pub struct AuxGrad<'a, B: Device> {
 pub struct RouteGradSpec {
     /// Score function.
     pub score: ScoreFn,
+    /// The forward's choice rule: sparsemixer weights are masked softmaxes of the logits,
+    /// differentiated as such; the other rules only choose.
+    pub choice: Choice,
     /// Normalisation of the chosen weights (route op).
     pub normalize: Normalize,
     /// Route scale.
@@ -284,9 +287,11 @@ pub struct RouteGradSpec {
 /// The router's backward, in f32: from the gradient of the plan's combine weights (and
 /// a router loss) to the gradient of the logits `[S, E]`. Through DeepSpeed's kept-route
 /// renormalisation (`/ max(Σ, eps)`), the route scale, the route normalisation
-/// (`/ Σ` or `/ (Σ + eps)`), the top-k gather and the softmax or sigmoid. Routes the plan
-/// dropped, and masked routes (weight 0), take no gradient; the correction bias and the
-/// choice noise are not differentiated (they only choose).
+/// (`/ Σ`, `/ (Σ + eps)`, `/ max(Σ, floor)`, `/ ‖w‖ₚ`), the top-k gather and the softmax,
+/// sigmoid or sqrt-softplus; for sparsemixer, through each weight's masked softmax of the
+/// logits (the masks are piecewise constant: a masked logit takes no gradient from it).
+/// Routes the plan dropped, and masked routes (weight 0), take no gradient; the
+/// correction bias and the choice noise are not differentiated (they only choose).
 #[non_exhaustive]
 pub struct RouteGradOp<'a, B: Device> {
     /// Gradient of the plan's combine weights `[S, k]`.
@@ -314,8 +319,9 @@ pub struct RouteGradOp<'a, B: Device> {
 }
 
 impl<'a, B: Device> RouteGradOp<'a, B> {
-    /// Checks the shapes; a router loss with sigmoid scores is refused (the losses are
-    /// defined on the softmax).
+    /// Checks the shapes and the spec (as the forward checks it: the normalisation's
+    /// constant, what sparsemixer takes); a router loss on other scores than the softmax
+    /// is refused (the losses are defined on the softmax).
     #[allow(clippy::too_many_arguments)]
     pub fn check(
         b: &B,
@@ -338,10 +344,13 @@ impl<'a, B: Device> RouteGradOp<'a, B> {
             if !a.scale.is_finite() {
                 return Err(Error::config("aux_coef", format!("must be finite, got {}", a.scale)));
             }
-            if spec.score == ScoreFn::Sigmoid {
+            if spec.score != ScoreFn::Softmax {
                 return Err(Error::unsupported(
                     b.name(),
-                    "a router loss on sigmoid scores (the load-balancing losses are defined on the softmax)",
+                    format!(
+                        "a router loss on {:?} scores (the load-balancing losses are defined on the softmax)",
+                        spec.score
+                    ),
                 ));
             }
         }
@@ -358,17 +367,18 @@ impl<'a, B: Device> RouteGradOp<'a, B> {
                 return Err(Error::unsupported(b.name(), format!("{e} experts (its route kernel takes up to {max})")));
             }
         }
-        let (normalize, eps) = match spec.normalize {
-            Normalize::None => (0, 0.0),
-            Normalize::Sum => (1, 0.0),
-            Normalize::SumPlus(eps) => (2, eps),
-        };
+        spec.normalize.check()?;
+        super::route::check_sparse_mixer(spec.choice, k, spec.score, spec.normalize)?;
+        let (normalize, eps, p_norm) = spec.normalize.codes();
         let params = RouteGradParams {
             s: to_u32("tokens", s)?,
             e: to_u32("experts", e)?,
             k: to_u32("k", k)?,
-            score_fn: (spec.score == ScoreFn::Sigmoid) as u32,
+            score_fn: spec.score.code(),
             normalize,
+            choice: spec.choice.code(),
+            p_norm,
+            jitter_eps: spec.choice.jitter_eps(),
             renorm_kept: spec.renormalize_kept as u32,
             has_aux: aux.is_some() as u32,
             eps,

@@ -13,6 +13,22 @@ pub enum ScoreFn {
     Softmax,
     /// elementwise sigmoid (DeepSeek-V3).
     Sigmoid,
+    /// elementwise `sqrt(softplus(x))` (DeepSeek-V4 `scoring_func = "sqrtsoftplus"`, torch's
+    /// `F.softplus(x).sqrt()`): softplus keeps torch's threshold, `softplus(x) = x` for
+    /// x > 20. Below −20, where `softplus(x) = eˣ` to f32 precision, the score is computed
+    /// as `e^(x/2)`, which stays a normal number where eˣ would be subnormal or 0.
+    SqrtSoftplus,
+}
+
+impl ScoreFn {
+    /// The kernels' `score_fn` code.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            ScoreFn::Softmax => 0,
+            ScoreFn::Sigmoid => 1,
+            ScoreFn::SqrtSoftplus => 2,
+        }
+    }
 }
 
 /// How a group of experts is scored for group-limited routing.
@@ -27,7 +43,7 @@ pub enum GroupScore {
 }
 
 /// How experts are chosen from scores. Ties always go to the lower expert index.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Choice {
     /// The k largest of `scores + bias`; with choice noise, of `logits + noise` instead
     /// (DeepSpeed top-1 RSample).
@@ -45,6 +61,38 @@ pub enum Choice {
         /// How a group is scored.
         group_score: GroupScore,
     },
+    /// PhiMoE's `sparsemixer` in eval mode, k = 2, on the logits x (the scores stay the
+    /// softmax over all experts, for losses and reports). Expert 1 is argmax x, with m its
+    /// logit; every expert with `(m − xᵢ) / max(|xᵢ|, m) > 2 · jitter_eps` is masked, and
+    /// weight 1 is the softmax of the unmasked logits at expert 1. Expert 2 is the argmax
+    /// of the others, and its weight the same masked softmax with expert 1 excluded and m
+    /// its logit (the masks still read the logits of every expert). The weights take no
+    /// normalisation (the spec's must be [`Normalize::None`]); the route scale applies.
+    SparseMixer {
+        /// PhiMoE `router_jitter_noise`: the relative distance from the max past which an
+        /// expert is masked is twice this.
+        jitter_eps: f32,
+    },
+}
+
+impl Choice {
+    /// The kernels' `choice` code.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Choice::TopK => 0,
+            Choice::DeepSpeedTop2 => 1,
+            Choice::GroupLimited { .. } => 2,
+            Choice::SparseMixer { .. } => 3,
+        }
+    }
+
+    /// Sparsemixer's jitter eps (0 for the other rules), for the kernels' `jitter_eps`.
+    pub(crate) fn jitter_eps(self) -> f32 {
+        match self {
+            Choice::SparseMixer { jitter_eps } => jitter_eps,
+            _ => 0.0,
+        }
+    }
 }
 
 /// How the chosen routes' weights are normalised before capacity is applied.
@@ -56,6 +104,61 @@ pub enum Normalize {
     Sum,
     /// Divided by (sum + eps) (DeepSeek-V3 uses 1e-20).
     SumPlus(f32),
+    /// Divided by max(sum, floor) (ERNIE-4.5 `moe_norm_min`, torch's `clamp(min=...)` of
+    /// the sum).
+    SumFloor(f32),
+    /// Divided by the p-norm `(Σ wⱼᵖ)^(1/p)` of the k chosen weights (DBRX
+    /// `moe_normalize_expert_weights`, `torch.norm(w, p)`); p = 1 is [`Normalize::Sum`].
+    PNorm(f32),
+}
+
+impl Normalize {
+    /// Checks the normalisation's constant: an eps or floor finite and ≥ 0, a p finite
+    /// and > 0. The error names the constant.
+    pub(crate) fn check(self) -> Result<()> {
+        match self {
+            Normalize::SumPlus(eps) if !(eps.is_finite() && eps >= 0.0) => {
+                Err(Error::config("normalize eps", format!("must be finite and >= 0, got {eps}")))
+            }
+            Normalize::SumFloor(floor) if !(floor.is_finite() && floor >= 0.0) => {
+                Err(Error::config("normalize floor", format!("must be finite and >= 0, got {floor}")))
+            }
+            Normalize::PNorm(p) if !(p.is_finite() && p > 0.0) => {
+                Err(Error::config("normalize p", format!("must be finite and > 0, got {p}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The kernels' `normalize` code, its `eps` (the eps or the floor) and `p_norm`.
+    pub(crate) fn codes(self) -> (u32, f32, f32) {
+        match self {
+            Normalize::None => (0, 0.0, 0.0),
+            Normalize::Sum => (1, 0.0, 0.0),
+            Normalize::SumPlus(eps) => (2, eps, 0.0),
+            Normalize::SumFloor(floor) => (3, floor, 0.0),
+            Normalize::PNorm(p) => (4, 0.0, p),
+        }
+    }
+}
+
+/// Checks what sparsemixer routing takes, the same for the route op and its backward: k =
+/// 2, softmax scores, no normalisation, a jitter eps finite and ≥ 0. Other choices pass.
+pub(crate) fn check_sparse_mixer(choice: Choice, k: usize, score: ScoreFn, normalize: Normalize) -> Result<()> {
+    let Choice::SparseMixer { jitter_eps } = choice else { return Ok(()) };
+    if k != 2 {
+        return Err(Error::config("k", format!("sparsemixer routing takes k = 2, got {k}")));
+    }
+    if !(jitter_eps.is_finite() && jitter_eps >= 0.0) {
+        return Err(Error::config("jitter_eps", format!("must be finite and >= 0, got {jitter_eps}")));
+    }
+    if score != ScoreFn::Softmax {
+        return Err(Error::config("score", format!("sparsemixer scores are the softmax, got {score:?}")));
+    }
+    if normalize != Normalize::None {
+        return Err(Error::config("normalize", format!("sparsemixer weights are not normalised, got {normalize:?}")));
+    }
+    Ok(())
 }
 
 /// Everything the route op needs. Tensors are on the same backend.
@@ -96,7 +199,9 @@ impl<B: Device> RouteSpec<'_, B> {
     /// Checks the spec against `e` experts, the same way on every backend: k in 1..=E,
     /// DeepSpeed top-2 takes k = 2, group-limited routing needs groups that divide E, a
     /// kept-group count within them, and (sum-of-top-2 scoring) two experts per group and
-    /// k reachable inside the kept groups; the scale and eps are finite.
+    /// k reachable inside the kept groups; sparsemixer takes k = 2, softmax scores, no
+    /// normalisation, bias or noise; the scale and the normalisation's constant are finite
+    /// (eps and floor ≥ 0, p > 0).
     pub fn validate(&self, e: usize) -> Result<()> {
         let k = self.k;
         if k == 0 || k > e {
@@ -120,9 +225,16 @@ impl<B: Device> RouteSpec<'_, B> {
         if !self.scale.is_finite() {
             return Err(Error::config("routed_scaling_factor", format!("must be finite, got {}", self.scale)));
         }
-        if let Normalize::SumPlus(eps) = self.normalize {
-            if !(eps.is_finite() && eps >= 0.0) {
-                return Err(Error::config("normalize eps", format!("must be finite and >= 0, got {eps}")));
+        self.normalize.check()?;
+        check_sparse_mixer(self.choice, k, self.score, self.normalize)?;
+        if matches!(self.choice, Choice::SparseMixer { .. }) {
+            // PhiMoE's eval-mode sparsemixer reads neither: a bias would change nothing it
+            // computes, and its noise (Gumbel sampling) is the training branch, not this one.
+            if self.bias.is_some() {
+                return Err(Error::config("e_score_correction_bias", "sparsemixer routing takes no correction bias"));
+            }
+            if self.choice_noise.is_some() {
+                return Err(Error::config("choice noise", "sparsemixer routing takes no choice noise"));
             }
         }
         Ok(())
@@ -138,7 +250,8 @@ pub struct Routes<B: Device> {
     pub experts: Tensor<B>,
     /// Weight per route, `[S, k]` f32 (before capacity).
     pub weights: Tensor<B>,
-    /// Scores (softmax or sigmoid of the logits), `[S, E]` f32: for losses and backward.
+    /// Scores (the score function of the logits; the softmax for sparsemixer), `[S, E]`
+    /// f32: for losses and backward.
     pub scores: Tensor<B>,
 }
 
@@ -237,9 +350,8 @@ impl<'a, B: Device> RouteOp<'a, B> {
         if let Some(noise) = spec.choice_noise {
             f32_shaped("choice noise (gumbel)", noise, &[s, e])?;
         }
-        let (choice, n_group, topk_group, group_score) = match spec.choice {
-            Choice::TopK => (0, 0, 0, 0),
-            Choice::DeepSpeedTop2 => (1, 0, 0, 0),
+        let (n_group, topk_group, group_score) = match spec.choice {
+            Choice::TopK | Choice::DeepSpeedTop2 | Choice::SparseMixer { .. } => (0, 0, 0),
             Choice::GroupLimited { n_group, topk_group, group_score } => {
                 if let Some(max) = caps.max_route_groups {
                     if n_group > max {
@@ -249,14 +361,10 @@ impl<'a, B: Device> RouteOp<'a, B> {
                         ));
                     }
                 }
-                (2, n_group as u32, topk_group as u32, (group_score == GroupScore::SumTop2) as u32)
+                (n_group as u32, topk_group as u32, (group_score == GroupScore::SumTop2) as u32)
             }
         };
-        let (normalize, eps) = match spec.normalize {
-            Normalize::None => (0, 0.0),
-            Normalize::Sum => (1, 0.0),
-            Normalize::SumPlus(eps) => (2, eps),
-        };
+        let (normalize, eps, p_norm) = spec.normalize.codes();
         output(b, "scores", &[s, e], DType::F32)?;
         super::fits_i32("routes (tokens × k)", crate::tensor::mul_size("routes", s, spec.k)?)?;
         // The status words hold a flat logit index below u32::MAX (route_check).
@@ -268,8 +376,8 @@ impl<'a, B: Device> RouteOp<'a, B> {
             s: to_u32("tokens", s)?,
             e: to_u32("experts", e)?,
             k: spec.k as u32,
-            score_fn: (spec.score == ScoreFn::Sigmoid) as u32,
-            choice,
+            score_fn: spec.score.code(),
+            choice: spec.choice.code(),
             has_bias: spec.bias.is_some() as u32,
             has_noise: spec.choice_noise.is_some() as u32,
             normalize,
@@ -278,6 +386,8 @@ impl<'a, B: Device> RouteOp<'a, B> {
             n_group,
             topk_group,
             group_score,
+            p_norm,
+            jitter_eps: spec.choice.jitter_eps(),
             ..Default::default()
         };
         Ok(RouteOp { logits, spec, tokens: s, experts: e, params })

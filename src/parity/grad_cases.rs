@@ -208,6 +208,7 @@ impl OpCase for RouteGradCase {
         let d_w = b.upload(&rand(&[s, k], 50, 1.0))?;
         let grad_spec = RouteGradSpec {
             score: self.score,
+            choice: self.choice,
             normalize: self.normalize,
             scale: self.scale,
             renormalize_kept: self.renorm,

@@ -3,10 +3,11 @@
 //! rows keeps one order and a backward is bitwise repeatable); the rest are row loops.
 
 use crate::matmul::{gemm_raw, offsets, tiles, SharedOut, COL_BLOCK, SERIAL_WORK};
+use crate::route::{mixer_kept, mixer_sum, normaliser, sqrt_softplus_grad};
 use crate::{f32s, i32s, tf32, weight_data, CpuBackend, T};
 use moe_engine::ops::{
-    ActGradKind, ActGradOp, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad, MixGradOp,
-    Normalize, RouteGradOp, ScoreFn, WeightGrad, WeightGradOp,
+    ActGradKind, ActGradOp, Choice, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad,
+    MixGradOp, Normalize, RouteGradOp, ScoreFn, WeightGrad, WeightGradOp,
 };
 use moe_engine::{Activation, Result};
 use rayon::prelude::*;
@@ -246,20 +247,26 @@ pub(crate) fn route_grad(op: &RouteGradOp<'_, CpuBackend>) -> Result<T> {
                 g[j] *= spec.scale;
                 w1[j] = if rw[base + j] != 0.0 { p[experts[base + j] as usize] } else { 0.0 };
             }
-            let denom = match spec.normalize {
-                Normalize::None => None,
-                Normalize::Sum => Some(w1.iter().sum::<f32>()),
-                Normalize::SumPlus(eps) => Some(w1.iter().sum::<f32>() + eps),
-            };
-            if let Some(d) = denom {
+            // w / d(w): dL/dwⱼ = gⱼ / d − (Σ gᵢ wᵢ) / d² · ∂d/∂wⱼ.
+            if spec.normalize != Normalize::None {
+                let d = normaliser(spec.normalize, w1);
                 let dot: f32 = (0..k).map(|i| g[i] * w1[i]).sum();
-                for gj in g.iter_mut() {
-                    *gj = *gj / d - dot / (d * d);
+                let sum: f32 = w1.iter().sum();
+                for (gj, &wj) in g.iter_mut().zip(w1.iter()) {
+                    *gj = *gj / d - dot / (d * d) * norm_slope(spec.normalize, wj, sum, d);
                 }
             }
-            for j in 0..k {
-                if rw[base + j] != 0.0 {
-                    dsc[experts[base + j] as usize] += g[j];
+            // Sparsemixer's weights are not gathered scores: they go back through their
+            // own softmax below.
+            let mixer = match spec.choice {
+                Choice::SparseMixer { jitter_eps } => Some(jitter_eps),
+                _ => None,
+            };
+            if mixer.is_none() {
+                for j in 0..k {
+                    if rw[base + j] != 0.0 {
+                        dsc[experts[base + j] as usize] += g[j];
+                    }
                 }
             }
             if let Some((counts, scale)) = aux {
@@ -279,6 +286,34 @@ pub(crate) fn route_grad(op: &RouteGradOp<'_, CpuBackend>) -> Result<T> {
                         dl[i] = dsc[i] * p[i] * (1.0 - p[i]);
                     }
                 }
+                ScoreFn::SqrtSoftplus => {
+                    let l = &logits[t * e..(t + 1) * e];
+                    for i in 0..e {
+                        dl[i] = dsc[i] * sqrt_softplus_grad(l[i], p[i]);
+                    }
+                }
+            }
+            if let Some(jitter_eps) = mixer {
+                // Weight j is qⱼ[eⱼ], q the softmax of the logits its mask keeps around
+                // m = x[eⱼ] (expert 1 excluded for the second); the masks are constant
+                // under a small change, so d x_i += gⱼ · wⱼ · (δᵢ,ₑⱼ − qᵢ) over the kept.
+                let l = &logits[t * e..(t + 1) * e];
+                for j in 0..k {
+                    if rw[base + j] == 0.0 {
+                        continue;
+                    }
+                    let c = experts[base + j] as usize;
+                    let skip = (j == 1).then_some(experts[base] as usize);
+                    let m = l[c];
+                    let sum = mixer_sum(l, m, skip, jitter_eps);
+                    let wj = 1.0 / sum;
+                    for i in 0..e {
+                        if Some(i) != skip && mixer_kept(l[i], m, jitter_eps) {
+                            let q = (l[i] - m).exp() / sum;
+                            dl[i] += g[j] * wj * (if i == c { 1.0 } else { 0.0 } - q);
+                        }
+                    }
+                }
             }
             if op.z_coef != 0.0 {
                 // z = mean_s lse², so d z / d logits = 2 · lse · softmax / S.
@@ -294,6 +329,35 @@ pub(crate) fn route_grad(op: &RouteGradOp<'_, CpuBackend>) -> Result<T> {
         },
     );
     tf32(&[s, e], out)
+}
+
+/// ∂d/∂wⱼ of the normaliser d of the live weights (sum `sum`, d itself `d`): 1 for the
+/// sums; for the floored sum 1 where the sum reaches the floor and 0 where the floor is
+/// the constant divisor (torch's clamp passes the gradient at equality too); for the
+/// p-norm `(wⱼ / d)^(p−1)`, 0 for a zero weight (as torch's norm backward masks it).
+fn norm_slope(normalize: Normalize, wj: f32, sum: f32, d: f32) -> f32 {
+    match normalize {
+        Normalize::None => 0.0,
+        Normalize::Sum | Normalize::SumPlus(_) => 1.0,
+        Normalize::SumFloor(floor) => {
+            if sum >= floor {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Normalize::PNorm(p) => {
+            if p == 1.0 {
+                1.0
+            } else if wj == 0.0 {
+                0.0
+            } else if p == 2.0 {
+                wj / d
+            } else {
+                (wj / d).powf(p - 1.0)
+            }
+        }
+    }
 }
 
 /// The gradient of the residual mix.

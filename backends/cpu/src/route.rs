@@ -1,4 +1,5 @@
-//! Routing on the cpu: scores, choice (top-k, DeepSpeed top-2, group-limited) and weights.
+//! Routing on the cpu: scores, choice (top-k, DeepSpeed top-2, group-limited, sparsemixer)
+//! and weights.
 //! This is the reference the GPU route kernels are checked against.
 
 use crate::{f32s, tf32, ti32, CpuBackend, T};
@@ -38,6 +39,82 @@ pub(crate) fn top_k(key: &[f32], k: usize, out: &mut Vec<usize>) {
     out.extend_from_slice(&idx[..k]);
 }
 
+/// torch's softplus threshold: `softplus(x) = x` past it (`F.softplus`, beta 1).
+pub(crate) const SOFTPLUS_THRESHOLD: f32 = 20.0;
+
+/// `sqrt(softplus(x))` as torch's `F.softplus(x).sqrt()`: `sqrt(x)` past the threshold,
+/// `sqrt(ln(1 + eˣ))` up to it. Below −20, `ln(1 + eˣ) = eˣ` to f32 precision (the next
+/// term is eˣ/2 relative), so the score is `e^(x/2)`: the same value, and a normal number
+/// down to x ≈ −174 where eˣ is subnormal (which GPUs may flush to 0) from x ≈ −87.
+pub(crate) fn sqrt_softplus(x: f32) -> f32 {
+    if x > SOFTPLUS_THRESHOLD {
+        x.sqrt()
+    } else if x < -SOFTPLUS_THRESHOLD {
+        (0.5 * x).exp()
+    } else {
+        x.exp().ln_1p().sqrt()
+    }
+}
+
+/// d sqrt(softplus(x)) / dx from x and its score s = sqrt(softplus(x)): `sigmoid(x) / 2s`,
+/// with torch's threshold (softplus' slope is 1 past 20, so `1 / 2s`); below −20, where
+/// sigmoid(x) = softplus(x) = s² to f32 precision, `s / 2`, which needs no division by a
+/// score that may be 0.
+pub(crate) fn sqrt_softplus_grad(x: f32, s: f32) -> f32 {
+    if x > SOFTPLUS_THRESHOLD {
+        0.5 / s
+    } else if x < -SOFTPLUS_THRESHOLD {
+        0.5 * s
+    } else {
+        1.0 / (1.0 + (-x).exp()) / (2.0 * s)
+    }
+}
+
+/// Whether PhiMoE's sparsemixer keeps logit `x` around the max `m`: it masks
+/// `(m − x) / max(|x|, m) > 2 · jitter_eps`. A zero factor (x = m = 0) gives 0/0 in torch,
+/// which compares false: kept.
+pub(crate) fn mixer_kept(x: f32, m: f32, jitter_eps: f32) -> bool {
+    let f = x.abs().max(m);
+    !(f > 0.0 && (m - x) / f > 2.0 * jitter_eps)
+}
+
+/// `Σ exp(xᵢ − m)` over the experts sparsemixer keeps around `m`, `skip` excluded: the
+/// masked softmax's denominator, whose value at the max (x = m) is its inverse.
+pub(crate) fn mixer_sum(row: &[f32], m: f32, skip: Option<usize>, jitter_eps: f32) -> f32 {
+    let mut sum = 0f32;
+    for (i, &x) in row.iter().enumerate() {
+        if Some(i) != skip && mixer_kept(x, m, jitter_eps) {
+            sum += (x - m).exp();
+        }
+    }
+    sum
+}
+
+/// The p-norm of the chosen weights (all ≥ 0), as `torch.norm(w, p)`: p = 1 and 2 as the
+/// sum and the root of the sum of squares (exact where a general power would round), and
+/// zero weights add nothing (0ᵖ without the power).
+pub(crate) fn p_norm(w: &[f32], p: f32) -> f32 {
+    if p == 1.0 {
+        w.iter().sum()
+    } else if p == 2.0 {
+        w.iter().map(|&v| v * v).sum::<f32>().sqrt()
+    } else {
+        w.iter().map(|&v| if v == 0.0 { 0.0 } else { v.powf(p) }).sum::<f32>().powf(1.0 / p)
+    }
+}
+
+/// The normaliser of the chosen weights `w` (1 for none).
+pub(crate) fn normaliser(normalize: Normalize, w: &[f32]) -> f32 {
+    let sum = || w.iter().sum::<f32>();
+    match normalize {
+        Normalize::None => 1.0,
+        Normalize::Sum => sum(),
+        Normalize::SumPlus(eps) => sum() + eps,
+        Normalize::SumFloor(floor) => sum().max(floor),
+        Normalize::PNorm(p) => p_norm(w, p),
+    }
+}
+
 fn scores_row(row: &[f32], score: ScoreFn, out: &mut [f32]) {
     match score {
         ScoreFn::Softmax => {
@@ -54,6 +131,11 @@ fn scores_row(row: &[f32], score: ScoreFn, out: &mut [f32]) {
         ScoreFn::Sigmoid => {
             for (o, &x) in out.iter_mut().zip(row) {
                 *o = 1.0 / (1.0 + (-x).exp());
+            }
+        }
+        ScoreFn::SqrtSoftplus => {
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = sqrt_softplus(x);
             }
         }
     }
@@ -135,19 +217,28 @@ pub(crate) fn route(op: &RouteOp<'_, CpuBackend>) -> Result<RoutesParts<CpuBacke
                     }
                     top_k(&masked, k, chosen);
                 }
+                Choice::SparseMixer { .. } => {
+                    chosen.clear();
+                    let first = argmax(row.iter().copied(), None);
+                    chosen.push(first);
+                    chosen.push(argmax(row.iter().copied(), Some(first)));
+                }
             }
             for (j, &c) in chosen.iter().enumerate() {
                 ex[j] = c as i32;
-                // A route that fell on a masked expert (V2 with k beyond the kept groups)
-                // carries the masked score, 0.
-                w[j] = if masked_out[c] { 0.0 } else { sc[c] };
+                w[j] = match spec.choice {
+                    // The masked softmax at its max, expert 1 excluded for the second.
+                    Choice::SparseMixer { jitter_eps } => {
+                        let skip = (j == 1).then_some(chosen[0]);
+                        1.0 / mixer_sum(row, row[c], skip, jitter_eps)
+                    }
+                    // A route that fell on a masked expert (V2 with k beyond the kept
+                    // groups) carries the masked score, 0.
+                    _ if masked_out[c] => 0.0,
+                    _ => sc[c],
+                };
             }
-            let sum: f32 = w.iter().sum();
-            let denom = match spec.normalize {
-                Normalize::None => 1.0,
-                Normalize::Sum => sum,
-                Normalize::SumPlus(eps) => sum + eps,
-            };
+            let denom = normaliser(spec.normalize, w);
             for wj in w.iter_mut() {
                 if !matches!(spec.normalize, Normalize::None) {
                     *wj /= denom;

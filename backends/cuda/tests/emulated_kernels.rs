@@ -1091,7 +1091,13 @@ fn route_grad_kernel_matches_the_cpu_backend_under_emulation() {
         let dw = rand(c.s * c.k, st + 2);
         let dwt = up(&cpu, &[c.s, c.k], dw.clone());
         let grad_spec =
-            RouteGradSpec { score: c.score, normalize: c.normalize, scale: c.scale, renormalize_kept: c.renorm };
+            RouteGradSpec {
+                score: c.score,
+                choice: c.choice,
+                normalize: c.normalize,
+                scale: c.scale,
+                renormalize_kept: c.renorm,
+            };
         let aux = || c.aux.then(|| AuxGrad { counts: &plan.counts, scale: 0.37 / (c.s * c.s) as f32 });
         let want = cpu.route_grad(&dwt, &routes, &plan, &lt, grad_spec, aux(), c.z_coef).expect("cpu route_grad");
         let op = RouteGradOp::check(&cpu, &dwt, &routes, &plan, &lt, grad_spec, aux(), c.z_coef).expect("checked");
