@@ -850,6 +850,63 @@ fn route_cases() -> Vec<RouteCase> {
             logits: Logits::Given(vec![0.0, 0.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 2.0, 7.0, 7.0, 2.0]),
             ..topk("exact ties go to the lower index", 3, 4, 2, Normalize::Sum)
         },
+        RouteCase { bias: true, ..topk("softmax, correction bias in the choice only", 13, 8, 3, Normalize::None) },
+        RouteCase {
+            score: ScoreFn::SqrtSoftplus,
+            bias: true,
+            scale: 1.5,
+            ..topk("DeepSeek-V4: sqrt-softplus, bias, Σ + 1e-20, scale 1.5", 13, 16, 6, Normalize::SumPlus(1e-20))
+        },
+        RouteCase {
+            score: ScoreFn::SqrtSoftplus,
+            // Rows: both sides of ±20 (torch's softplus threshold, and where the score
+            // switches to e^(x/2)); logits down to −170, the top 3 near −90 (eˣ subnormal
+            // from −87, the score still normal) so their normalised weights are of order
+            // 1; exact ties at the k-th place.
+            logits: Logits::Given(vec![
+                -25.0, -20.5, -20.0, -19.5, 19.5, 20.0, 20.5, 30.0, //
+                -170.0, -150.0, -120.0, -100.0, -95.0, -90.0, -91.0, -92.0, //
+                0.0, 0.0, 2.0, 2.0, -1.0, -1.0, 100.0, 1e6,
+            ]),
+            ..topk("sqrt-softplus past ±20, very negative logits, ties", 3, 8, 3, Normalize::Sum)
+        },
+        RouteCase {
+            score: ScoreFn::SqrtSoftplus,
+            choice: Choice::GroupLimited { n_group: 4, topk_group: 2, group_score: GroupScore::SumTop2 },
+            bias: true,
+            ..topk("sqrt-softplus with sum-of-top-2 groups", 9, 16, 4, Normalize::Sum)
+        },
+        RouteCase {
+            bias: true,
+            ..topk("ERNIE-4.5: softmax, bias, Σ floored at 1e-12", 13, 8, 2, Normalize::SumFloor(1e-12))
+        },
+        // Top-2 sums of these softmaxes fall on both sides of 0.6.
+        topk("a floor that binds for some tokens (0.6)", 17, 8, 2, Normalize::SumFloor(0.6)),
+        topk("DBRX: p-norm, p = 1 (as Σ)", 13, 16, 4, Normalize::PNorm(1.0)),
+        topk("p-norm, p = 2", 13, 16, 4, Normalize::PNorm(2.0)),
+        topk("p-norm, p = 1.5", 13, 16, 4, Normalize::PNorm(1.5)),
+        topk("p-norm, p = 0.5, k = 1", 13, 16, 1, Normalize::PNorm(0.5)),
+        RouteCase {
+            choice: Choice::SparseMixer { jitter_eps: 0.01 },
+            ..topk("PhiMoE sparsemixer, jitter 0.01 (most masks keep one expert)", 17, 16, 2, Normalize::None)
+        },
+        RouteCase {
+            choice: Choice::SparseMixer { jitter_eps: 0.4 },
+            scale: 0.5,
+            ..topk("sparsemixer, jitter 0.4 (several kept), scale 0.5", 17, 16, 2, Normalize::None)
+        },
+        RouteCase {
+            choice: Choice::SparseMixer { jitter_eps: 0.01 },
+            // Rows: a tie at the max (expert 2 is the tied one); a negative max; all zeros
+            // (0/0 factors keep every expert, as torch's NaN compares false); one far max.
+            logits: Logits::Given(vec![
+                2.0, 2.0, 1.99, 0.5, 0.0, //
+                -3.0, -2.0, -2.01, -10.0, -2.03, //
+                0.0, 0.0, 0.0, 0.0, 0.0, //
+                9.0, 1.0, 0.99, 1.0, -4.0,
+            ]),
+            ..topk("sparsemixer: ties, negative max, zero logits", 4, 5, 2, Normalize::None)
+        },
     ]
 }
 

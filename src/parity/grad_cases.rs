@@ -160,10 +160,14 @@ pub struct RouteGradCase {
     pub score: ScoreFn,
     /// Choice rule.
     pub choice: Choice,
+    /// With a correction bias in the choice.
+    pub bias: bool,
     /// Route normalisation.
     pub normalize: Normalize,
     /// Route scale.
     pub scale: f32,
+    /// The logits are uniform in [-logit_scale, logit_scale).
+    pub logit_scale: f32,
     /// Capacity (drops routes when limited).
     pub capacity: CapacityRule,
     /// DeepSpeed's kept-route renormalisation.
@@ -182,14 +186,13 @@ impl OpCase for RouteGradCase {
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
         let (s, e, k) = self.shape;
-        let logits = b.upload(&rand(&[s, e], 48, 3.0))?;
+        let logits = b.upload(&rand(&[s, e], 48, self.logit_scale))?;
         let bias = b.upload(&rand(&[e], 49, 0.5))?;
-        let sigmoid = self.score == ScoreFn::Sigmoid;
         let spec = RouteSpec {
             k,
             score: self.score,
             choice: self.choice,
-            bias: sigmoid.then_some(&bias),
+            bias: self.bias.then_some(&bias),
             choice_noise: None,
             normalize: self.normalize,
             scale: self.scale,
@@ -213,7 +216,9 @@ impl OpCase for RouteGradCase {
             scale: self.scale,
             renormalize_kept: self.renorm,
         };
-        let aux = (self.losses && !sigmoid).then_some(AuxGrad { counts: &plan.counts, scale: 0.01 });
+        // The router losses are defined on the softmax (the backward refuses others).
+        let aux =
+            (self.losses && self.score == ScoreFn::Softmax).then_some(AuxGrad { counts: &plan.counts, scale: 0.01 });
         let z = if self.losses { 0.001 } else { 0.0 };
         Ok(vec![("d_logits", b.route_grad(&d_w, &routes, &plan, &logits, grad_spec, aux, z)?)])
     }
@@ -348,8 +353,10 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
         shape: (19, 8, 2),
         score: ScoreFn::Softmax,
         choice: Choice::TopK,
+        bias: false,
         normalize: Normalize::Sum,
         scale: 1.0,
+        logit_scale: 3.0,
         capacity: CapacityRule::Unlimited,
         renorm: false,
         losses: false,
@@ -388,6 +395,7 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
             shape: (9, 16, 4),
             score: ScoreFn::Sigmoid,
             choice: Choice::GroupLimited { n_group: 4, topk_group: 2, group_score: GroupScore::SumTop2 },
+            bias: true,
             normalize: Normalize::SumPlus(1e-20),
             scale: 2.5,
             ..base
@@ -398,6 +406,78 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
             choice: Choice::GroupLimited { n_group: 4, topk_group: 2, group_score: GroupScore::Max },
             normalize: Normalize::None,
             scale: 16.0,
+            ..base
+        },
+        RouteGradCase {
+            what: "softmax with a correction bias, top-3, Σ",
+            shape: (19, 8, 3),
+            bias: true,
+            losses: true,
+            ..base
+        },
+        RouteGradCase {
+            what: "DeepSeek-V4: sqrt-softplus, bias, Σ + 1e-20, scale 1.5",
+            shape: (19, 16, 6),
+            score: ScoreFn::SqrtSoftplus,
+            bias: true,
+            normalize: Normalize::SumPlus(1e-20),
+            scale: 1.5,
+            ..base
+        },
+        RouteGradCase {
+            what: "sqrt-softplus, logits in ±30 (both thresholds), drops, kept renormalised",
+            shape: (19, 8, 3),
+            score: ScoreFn::SqrtSoftplus,
+            logit_scale: 30.0,
+            capacity: ds(3),
+            renorm: true,
+            ..base
+        },
+        RouteGradCase {
+            what: "ERNIE-4.5: softmax, bias, Σ floored at 1e-12",
+            shape: (19, 8, 2),
+            bias: true,
+            normalize: Normalize::SumFloor(1e-12),
+            losses: true,
+            ..base
+        },
+        // Top-2 sums of these softmaxes fall on both sides of the floor.
+        RouteGradCase {
+            what: "a floor that binds for some tokens (0.6)",
+            shape: (19, 8, 2),
+            normalize: Normalize::SumFloor(0.6),
+            ..base
+        },
+        RouteGradCase {
+            what: "DBRX: p-norm, p = 1 (as Σ)",
+            shape: (19, 16, 4),
+            normalize: Normalize::PNorm(1.0),
+            ..base
+        },
+        RouteGradCase { what: "p-norm, p = 2", shape: (19, 16, 4), normalize: Normalize::PNorm(2.0), ..base },
+        RouteGradCase {
+            what: "p-norm, p = 1.5, drops",
+            shape: (19, 16, 4),
+            normalize: Normalize::PNorm(1.5),
+            capacity: ds(4),
+            ..base
+        },
+        RouteGradCase {
+            what: "PhiMoE sparsemixer, jitter 0.01",
+            shape: (19, 16, 2),
+            choice: Choice::SparseMixer { jitter_eps: 0.01 },
+            normalize: Normalize::None,
+            ..base
+        },
+        RouteGradCase {
+            what: "sparsemixer, jitter 0.4, drops, kept renormalised, scale 0.5",
+            shape: (19, 8, 2),
+            choice: Choice::SparseMixer { jitter_eps: 0.4 },
+            normalize: Normalize::None,
+            scale: 0.5,
+            capacity: ds(2),
+            renorm: true,
+            losses: true,
             ..base
         },
     ];

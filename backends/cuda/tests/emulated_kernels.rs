@@ -252,6 +252,8 @@ struct RouteCase {
     scale: f32,
     /// Logits rounded to 1/4 so that equal values (ties) are common.
     coarse: bool,
+    /// Logits are uniform in [-spread, spread).
+    spread: f32,
 }
 
 #[test]
@@ -272,6 +274,7 @@ fn route_kernel_matches_the_cpu_backend_under_emulation() {
         normalize: Normalize::Sum,
         scale: 1.0,
         coarse: false,
+        spread: 3.0,
     };
     let cases = [
         RouteCase { ..base },
@@ -311,10 +314,64 @@ fn route_kernel_matches_the_cpu_backend_under_emulation() {
             ..base
         },
         RouteCase { name: "noisy_topk_300", s: 10, e: 300, k: 3, noise: true, ..base },
+        // ±30: both sides of softplus' threshold 20 and of the e^(x/2) branch below -20.
+        RouteCase {
+            name: "sqrt_softplus_bias_sum_eps_wide",
+            s: 21,
+            e: 64,
+            k: 6,
+            score: ScoreFn::SqrtSoftplus,
+            bias: true,
+            normalize: Normalize::SumPlus(1e-20),
+            scale: 1.5,
+            spread: 30.0,
+            ..base
+        },
+        RouteCase {
+            name: "sqrt_softplus_group_top2_256",
+            s: 9,
+            e: 256,
+            k: 8,
+            score: ScoreFn::SqrtSoftplus,
+            choice: group_top2,
+            bias: true,
+            coarse: true,
+            ..base
+        },
+        RouteCase {
+            name: "softmax_bias_floor_ties",
+            s: 19,
+            e: 40,
+            k: 4,
+            bias: true,
+            normalize: Normalize::SumFloor(0.3),
+            coarse: true,
+            ..base
+        },
+        RouteCase { name: "p_norm_2", s: 37, e: 16, k: 3, normalize: Normalize::PNorm(2.0), ..base },
+        RouteCase { name: "p_norm_1_5_300", s: 10, e: 300, k: 5, normalize: Normalize::PNorm(1.5), ..base },
+        RouteCase {
+            name: "sparsemixer_0_01",
+            s: 33,
+            e: 16,
+            choice: Choice::SparseMixer { jitter_eps: 0.01 },
+            normalize: Normalize::None,
+            ..base
+        },
+        RouteCase {
+            name: "sparsemixer_0_5_ties_70",
+            s: 19,
+            e: 70,
+            choice: Choice::SparseMixer { jitter_eps: 0.5 },
+            normalize: Normalize::None,
+            scale: 0.5,
+            coarse: true,
+            ..base
+        },
     ];
     for (i, c) in cases.iter().enumerate() {
         let st = 100 + 10 * i as u32;
-        let mut logits: Vec<f32> = rand(c.s * c.e, st).into_iter().map(|v| 3.0 * v).collect();
+        let mut logits: Vec<f32> = rand(c.s * c.e, st).into_iter().map(|v| c.spread * v).collect();
         if c.coarse {
             logits.iter_mut().for_each(|v| *v = (*v * 4.0).round() / 4.0);
         }
@@ -972,6 +1029,8 @@ struct RouteGradCase {
     renorm: bool,
     aux: bool,
     z_coef: f32,
+    /// Logits are uniform in [-spread, spread) (plus 1 on the first two experts).
+    spread: f32,
 }
 
 #[test]
@@ -992,6 +1051,7 @@ fn route_grad_kernel_matches_the_cpu_backend_under_emulation() {
         renorm: true,
         aux: true,
         z_coef: 0.01,
+        spread: 3.0,
     };
     let group_top2 = Choice::GroupLimited { n_group: 8, topk_group: 3, group_score: GroupScore::SumTop2 };
     // 4 groups of 2, one kept: the third route of every token lands on a masked expert,
@@ -1059,13 +1119,77 @@ fn route_grad_kernel_matches_the_cpu_backend_under_emulation() {
             z_coef: 0.0,
             ..base
         },
+        RouteGradCase {
+            name: "sqrt_softplus_bias_wide_renorm",
+            s: 37,
+            e: 40,
+            k: 4,
+            score: ScoreFn::SqrtSoftplus,
+            bias: true,
+            normalize: Normalize::SumPlus(1e-20),
+            scale: 1.5,
+            capacity: CapacityRule::DeepSpeed { factor: 1.0, k_prime: 4, min_capacity: 1 },
+            aux: false,
+            spread: 30.0,
+            ..base
+        },
+        RouteGradCase {
+            name: "softmax_bias_floor_binding",
+            s: 37,
+            e: 8,
+            k: 2,
+            bias: true,
+            normalize: Normalize::SumFloor(0.6),
+            capacity: CapacityRule::Unlimited,
+            renorm: false,
+            ..base
+        },
+        RouteGradCase {
+            name: "p_norm_1_5_fixed_capacity",
+            s: 29,
+            e: 16,
+            k: 4,
+            normalize: Normalize::PNorm(1.5),
+            capacity: CapacityRule::Fixed(3),
+            renorm: false,
+            ..base
+        },
+        RouteGradCase {
+            name: "p_norm_0_5_300",
+            s: 10,
+            e: 300,
+            k: 6,
+            normalize: Normalize::PNorm(0.5),
+            capacity: CapacityRule::Unlimited,
+            renorm: false,
+            ..base
+        },
+        RouteGradCase {
+            name: "sparsemixer_0_01_renorm_aux_z",
+            s: 48,
+            e: 16,
+            k: 2,
+            choice: Choice::SparseMixer { jitter_eps: 0.01 },
+            ..base
+        },
+        RouteGradCase {
+            name: "sparsemixer_0_5_70",
+            s: 19,
+            e: 70,
+            k: 2,
+            choice: Choice::SparseMixer { jitter_eps: 0.5 },
+            scale: 0.5,
+            capacity: CapacityRule::Unlimited,
+            renorm: false,
+            ..base
+        },
     ];
     for (i, c) in cases.iter().enumerate() {
         let st = 1300 + 10 * i as u32;
         let logits: Vec<f32> = rand(c.s * c.e, st)
             .into_iter()
             .enumerate()
-            .map(|(j, v)| 3.0 * v + if j % c.e < 2 { 1.0 } else { 0.0 })
+            .map(|(j, v)| c.spread * v + if j % c.e < 2 { 1.0 } else { 0.0 })
             .collect();
         let lt = up(&cpu, &[c.s, c.e], logits.clone());
         let bt = up(&cpu, &[c.e], rand(c.e, st + 1).into_iter().map(|v| 0.1 * v).collect());
@@ -1090,14 +1214,13 @@ fn route_grad_kernel_matches_the_cpu_backend_under_emulation() {
         let plan = cpu.plan(&routes, &plan_spec).expect("cpu plan");
         let dw = rand(c.s * c.k, st + 2);
         let dwt = up(&cpu, &[c.s, c.k], dw.clone());
-        let grad_spec =
-            RouteGradSpec {
-                score: c.score,
-                choice: c.choice,
-                normalize: c.normalize,
-                scale: c.scale,
-                renormalize_kept: c.renorm,
-            };
+        let grad_spec = RouteGradSpec {
+            score: c.score,
+            choice: c.choice,
+            normalize: c.normalize,
+            scale: c.scale,
+            renormalize_kept: c.renorm,
+        };
         let aux = || c.aux.then(|| AuxGrad { counts: &plan.counts, scale: 0.37 / (c.s * c.s) as f32 });
         let want = cpu.route_grad(&dwt, &routes, &plan, &lt, grad_spec, aux(), c.z_coef).expect("cpu route_grad");
         let op = RouteGradOp::check(&cpu, &dwt, &routes, &plan, &lt, grad_spec, aux(), c.z_coef).expect("checked");
