@@ -10,7 +10,10 @@ use moe_cpu::{CpuBackend, CpuBuffer};
 use moe_engine::config::{DeepSpeedGate, ExpertSpec, GateSpec, LayerSpec};
 use moe_engine::gate::Gate;
 use moe_engine::import::{hf, save_safetensors, Checkpoint};
-use moe_engine::ops::{BlockTable, CapacityRule, DevicePlacement, KeepPolicy, Offsets, PlanSpec, RouteSpec, Routes};
+use moe_engine::ops::{
+    AuxGrad, BlockTable, CapacityRule, Choice, DevicePlacement, KeepPolicy, Normalize, Offsets, PlanSpec,
+    RouteGradSpec, RouteSpec, Routes, ScoreFn,
+};
 use moe_engine::{
     golden, stack, Activation, Backend, DType, Device, Error, ExpertKind, GateOptions, HostTensor, LayerOptions,
     MoeLayer, NoiseOverrides, Tensor,
@@ -428,6 +431,86 @@ fn top2_routes(b: &CpuBackend, s: usize, e: usize) -> (Routes<CpuBackend>, PlanS
         renormalize_kept: false,
     };
     (routes, spec)
+}
+
+/// Asserts a config error naming `field`.
+#[track_caller]
+fn config_error<T>(r: moe_engine::Result<T>, field: &str, what: &str) {
+    match r {
+        Err(Error::Config { field: f, .. }) => assert_eq!(f, field, "{what}"),
+        Err(e) => panic!("{what}: expected a config error naming `{field}`, got: {e}"),
+        Ok(_) => panic!("{what}: expected a config error naming `{field}`, got success"),
+    }
+}
+
+#[test]
+fn route_options_outside_their_domain_are_errors_naming_the_field() {
+    let b = cpu(1);
+    let (s, e) = (5, 8);
+    let logits = up_f32(&b, &[s, e], common::lcg(4, s * e, 2.0));
+    let bt = up_f32(&b, &[e], vec![0.1; e]);
+    let nt = up_f32(&b, &[s, e], vec![0.0; s * e]);
+    let mixer = |jitter_eps| RouteSpec { choice: Choice::SparseMixer { jitter_eps }, ..RouteSpec::softmax_top_k(2) };
+    let norm = |normalize| RouteSpec { normalize, ..RouteSpec::softmax_top_k(2) };
+    let refused = [
+        ("p = 0", norm(Normalize::PNorm(0.0)), "normalize p"),
+        ("p < 0", norm(Normalize::PNorm(-2.0)), "normalize p"),
+        ("p NaN", norm(Normalize::PNorm(f32::NAN)), "normalize p"),
+        ("p infinite", norm(Normalize::PNorm(f32::INFINITY)), "normalize p"),
+        ("negative floor", norm(Normalize::SumFloor(-1e-12)), "normalize floor"),
+        ("NaN floor", norm(Normalize::SumFloor(f32::NAN)), "normalize floor"),
+        ("sparsemixer with k = 3", RouteSpec { k: 3, ..mixer(0.01) }, "k"),
+        ("sparsemixer with k = 1", RouteSpec { k: 1, ..mixer(0.01) }, "k"),
+        ("negative jitter", mixer(-0.01), "jitter_eps"),
+        ("NaN jitter", mixer(f32::NAN), "jitter_eps"),
+        ("sparsemixer on sigmoid scores", RouteSpec { score: ScoreFn::Sigmoid, ..mixer(0.01) }, "score"),
+        ("sparsemixer renormalised", RouteSpec { normalize: Normalize::Sum, ..mixer(0.01) }, "normalize"),
+        ("sparsemixer with a bias", RouteSpec { bias: Some(&bt), ..mixer(0.01) }, "e_score_correction_bias"),
+        ("sparsemixer with noise", RouteSpec { choice_noise: Some(&nt), ..mixer(0.01) }, "choice noise"),
+    ];
+    for (what, spec, field) in refused {
+        config_error(b.route(&logits, &spec), field, what);
+    }
+    // The edges of each domain are taken.
+    for spec in [norm(Normalize::PNorm(1e-3)), norm(Normalize::SumFloor(0.0)), mixer(0.0)] {
+        b.route(&logits, &spec).unwrap_or_else(|e| panic!("{:?} / {:?}: {e}", spec.choice, spec.normalize));
+    }
+}
+
+#[test]
+fn the_route_backward_refuses_what_the_forward_refuses_and_losses_on_other_scores_than_softmax() {
+    let b = cpu(1);
+    let (s, e) = (6, 5);
+    let (routes, plan_spec) = top2_routes(&b, s, e);
+    let plan = b.plan(&routes, &plan_spec).unwrap();
+    let logits = up_f32(&b, &[s, e], common::lcg(5, s * e, 1.0));
+    let d_w = up_f32(&b, &[s, 2], vec![1.0; s * 2]);
+    let base = RouteGradSpec {
+        score: ScoreFn::Softmax,
+        choice: Choice::TopK,
+        normalize: Normalize::None,
+        scale: 1.0,
+        renormalize_kept: false,
+    };
+    let refused = [
+        ("p = 0", RouteGradSpec { normalize: Normalize::PNorm(0.0), ..base }, "normalize p"),
+        ("negative floor", RouteGradSpec { normalize: Normalize::SumFloor(-1.0), ..base }, "normalize floor"),
+        ("negative jitter", RouteGradSpec { choice: Choice::SparseMixer { jitter_eps: -1.0 }, ..base }, "jitter_eps"),
+        (
+            "sparsemixer renormalised",
+            RouteGradSpec { choice: Choice::SparseMixer { jitter_eps: 0.01 }, normalize: Normalize::Sum, ..base },
+            "normalize",
+        ),
+    ];
+    for (what, spec, field) in refused {
+        config_error(b.route_grad(&d_w, &routes, &plan, &logits, spec, None, 0.0), field, what);
+    }
+    // The load-balancing losses are defined on the softmax.
+    for score in [ScoreFn::Sigmoid, ScoreFn::SqrtSoftplus] {
+        let aux = AuxGrad { counts: &plan.counts, scale: 0.01 };
+        let r = b.route_grad(&d_w, &routes, &plan, &logits, RouteGradSpec { score, ..base }, Some(aux), 0.0);
+        assert!(matches!(r, Err(Error::Unsupported { .. })), "a router loss on {score:?} scores");
+    }
 }
 
 #[test]
