@@ -10,7 +10,7 @@
 //   route:     g ·= scale; normalisation by d of w_j = p[e_j] over live routes (weight
 //              != 0): Σ w, Σ w + eps, max(Σ w, floor) or (Σ w^p)^(1/p):
 //              g = g / d − (Σ g · w) / d² · ∂d/∂w_j (1 for the sums, 1 or 0 as the floored
-//              sum reaches the floor or not, (w_j / d)^(p−1) for the p-norm);
+//              sum is past the floor or not, (w_j / d)^(p−1) for the p-norm);
 //   gather:    d_scores[e_j] += g_j for live routes, then + aux_scale · counts[e];
 //   scores:    softmax p ⊙ (ds − p · ds), sigmoid ds · p · (1 − p), or sqrt-softplus
 //              ds · sigmoid(x) / 2p (1 / 2p past 20, p / 2 below −20);
@@ -35,10 +35,10 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // ∂d/∂w of the normaliser d for a live weight w (sum of the live weights `sum`); see the
-// cpu's norm_slope: torch's clamp passes the gradient at sum = floor, and its norm
+// cpu's norm_slope: torch's clamp(min=) passes no gradient at sum = floor, and its norm
 // backward gives a zero weight 0.
 __device__ __forceinline__ float norm_slope(const RouteGradParams& p, float w, float sum, float d) {
-    if (p.normalize == 3) return sum >= p.eps ? 1.0f : 0.0f;
+    if (p.normalize == 3) return sum > p.eps ? 1.0f : 0.0f;
     if (p.normalize == 4) {
         if (p.p_norm == 1.0f) return 1.0f;
         if (w == 0.0f) return 0.0f;

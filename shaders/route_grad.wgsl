@@ -73,11 +73,11 @@ fn root_p(sp: f32) -> f32 {
 }
 
 // ∂d/∂w of the normaliser d for a live weight w (sum of the live weights `sum`): 1 for the
-// sums; for the floored sum 1 where the sum reaches the floor (torch's clamp passes the
-// gradient at equality) and 0 where the floor divides; for the p-norm (w / d)^(p-1), 0 for
-// a zero weight as torch's norm backward.
+// sums; for the floored sum 1 where the sum is past the floor and 0 where the floor
+// divides (at sum = floor too: torch's clamp(min=) passes no gradient there); for the
+// p-norm (w / d)^(p-1), 0 for a zero weight as torch's norm backward.
 fn norm_slope(w: f32, sum: f32, d: f32) -> f32 {
-    if p.normalize == 3u { return select(0.0, 1.0, sum >= p.eps); }
+    if p.normalize == 3u { return select(0.0, 1.0, sum > p.eps); }
     if p.normalize == 4u {
         if p.p_norm == 1.0 { return 1.0; }
         if w == 0.0 { return 0.0; }

@@ -105,7 +105,8 @@ pub enum Normalize {
     /// Divided by (sum + eps) (DeepSeek-V3 uses 1e-20).
     SumPlus(f32),
     /// Divided by max(sum, floor) (ERNIE-4.5 `moe_norm_min`, torch's `clamp(min=...)` of
-    /// the sum).
+    /// the sum). Backward as torch's clamp: where the sum does not pass the floor (equal
+    /// included), the floor is a constant divisor.
     SumFloor(f32),
     /// Divided by the p-norm `(Σ wⱼᵖ)^(1/p)` of the k chosen weights (DBRX
     /// `moe_normalize_expert_weights`, `torch.norm(w, p)`); p = 1 is [`Normalize::Sum`].

@@ -448,6 +448,16 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
             normalize: Normalize::SumFloor(0.6),
             ..base
         },
+        // All-zero logits: softmax scores of exactly 1/8, top-2 sums exactly the floor,
+        // where the floor is a constant divisor (torch's clamp); the bias breaks the ties.
+        RouteGradCase {
+            what: "a floor equal to every sum (all-zero logits)",
+            shape: (7, 8, 2),
+            bias: true,
+            normalize: Normalize::SumFloor(0.25),
+            logit_scale: 0.0,
+            ..base
+        },
         RouteGradCase {
             what: "DBRX: p-norm, p = 1 (as Σ)",
             shape: (19, 16, 4),

@@ -92,6 +92,23 @@ for name, floor in [("ERNIE_FLOOR_06", 0.6), ("ERNIE_FLOOR_1E12", 1e-12)]:
     rust(f"{name}_WEIGHTS", w)
     rust(f"{name}_D_LOGITS", r.weight.grad.t())
 
+# ERNIE-4.5 at the floor: all-zero logits give softmax scores of exactly 1/8 (in float32,
+# as the engine's), so the top-2 sum is exactly the floor 0.25, where torch's clamp(min=)
+# passes no gradient to the sum.
+ERNIE_EQ_LOGITS = torch.tensor([[0.0] * 8, [0.2, -1.0, 1.3, 0.4, -0.6, 0.9, -2.0, 0.1]])
+ERNIE_EQ_DW = torch.tensor([[0.5, -1.0], [1.5, 0.75]])
+cfg = types.SimpleNamespace(num_experts=8, hidden_size=2, num_experts_per_tok=2, moe_norm_min=0.25)
+r = Ernie4_5_MoeTopKRouter(cfg)
+with torch.no_grad():
+    r.moe_statics.e_score_correction_bias.copy_(ERNIE_BIAS[None])
+_, w, idx = r(through_weight(r, ERNIE_EQ_LOGITS))
+(w * ERNIE_EQ_DW).sum().backward()
+print(f"// ERNIE-4.5, moe_norm_min 0.25; top-2 sums "
+      f"{torch.softmax(ERNIE_EQ_LOGITS, 1).gather(1, idx).sum(1).tolist()}")
+rust("ERNIE_FLOOR_EQ_EXPERTS", idx, "i32")
+rust("ERNIE_FLOOR_EQ_WEIGHTS", w)
+rust("ERNIE_FLOOR_EQ_D_LOGITS", r.weight.grad.t())
+
 # DBRX: softmax top-3, / torch.norm(w, p).
 DBRX_LOGITS = f32_exact([[0.2, -1.0, 1.3, 0.4, -0.6, 0.9],
                             [2.5, 2.1, -0.3, 0.0, -1.5, 0.6],

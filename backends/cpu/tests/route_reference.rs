@@ -89,6 +89,9 @@ fn close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
     }
 }
 
+/// A router's constant (p, jitter eps) and torch's experts, weights and d logits with it.
+type Expected = (f32, &'static [i32], &'static [f32], &'static [f32]);
+
 /// Experts exact, weights and d logits close, as torch computed them.
 fn check(what: &str, c: &Case, experts: &[i32], weights: &[f32], d_logits: &[f32]) -> Got {
     let got = run(c);
@@ -229,6 +232,27 @@ const ERNIE_FLOOR_1E12_D_LOGITS: [f32; 32] = [
     1.790008e-09,
     -0.32086456,
     5.9584193e-10,
+];
+// ERNIE-4.5, moe_norm_min 0.25; top-2 sums [0.25, 0.557206928730011]
+const ERNIE_FLOOR_EQ_EXPERTS: [i32; 4] = [6, 2, 2, 5];
+const ERNIE_FLOOR_EQ_WEIGHTS: [f32; 4] = [0.5, 0.5, 0.59868765, 0.40131235];
+const ERNIE_FLOOR_EQ_D_LOGITS: [f32; 16] = [
+    0.03125,
+    0.03125,
+    -0.46875,
+    0.03125,
+    0.03125,
+    0.03125,
+    0.28125,
+    0.03125,
+    6.618705e-09,
+    1.9935156e-09,
+    0.18019554,
+    8.084104e-09,
+    2.9739757e-09,
+    -0.18019557,
+    7.3337336e-10,
+    5.9888525e-09,
 ];
 // DBRX, moe_normalize_expert_weights 1.0
 const DBRX_P1_EXPERTS: [i32; 9] = [2, 5, 3, 0, 1, 5, 4, 1, 2];
@@ -404,6 +428,11 @@ const ERNIE_LOGITS: [f32; 32] = [
 ];
 const ERNIE_BIAS: [f32; 8] = [0.02, -0.01, 0.03, 0.0, -0.02, 0.01, 0.04, -0.03];
 const ERNIE_DW: [f32; 8] = [0.5, -1.0, 1.5, 0.75, -0.3, 0.8, 0.9, -0.6];
+const ERNIE_EQ_LOGITS: [f32; 16] = [
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, //
+    0.2, -1.0, 1.3, 0.4, -0.6, 0.9, -2.0, 0.1,
+];
+const ERNIE_EQ_DW: [f32; 4] = [0.5, -1.0, 1.5, 0.75];
 const DBRX_LOGITS: [f32; 18] = [
     0.2, -1.0, 1.3, 0.4, -0.6, 0.9, //
     2.5, 2.1, -0.3, 0.0, -1.5, 0.6, //
@@ -464,8 +493,28 @@ fn ernie_softmax_router_with_a_floored_sum_matches_transformers() {
 }
 
 #[test]
+fn at_the_floor_the_sum_takes_no_gradient_as_torch_clamp() {
+    // Token 0's top-2 softmax scores are exactly 1/8 each, their sum exactly the floor
+    // 0.25: torch's clamp(min=) passes nothing to the sum there, so the weights' gradient
+    // is d_w / 0.25 (not the sum's quotient rule).
+    let c = Case {
+        s: 2,
+        e: 8,
+        k: 2,
+        score: ScoreFn::Softmax,
+        choice: Choice::TopK,
+        normalize: Normalize::SumFloor(0.25),
+        scale: 1.0,
+        bias: Some(&ERNIE_BIAS),
+        logits: &ERNIE_EQ_LOGITS,
+        d_w: &ERNIE_EQ_DW,
+    };
+    check("ERNIE, floor 0.25", &c, &ERNIE_FLOOR_EQ_EXPERTS, &ERNIE_FLOOR_EQ_WEIGHTS, &ERNIE_FLOOR_EQ_D_LOGITS);
+}
+
+#[test]
 fn dbrx_p_norm_router_matches_transformers() {
-    let cases: [(f32, &[i32], &[f32], &[f32]); 4] = [
+    let cases: [Expected; 4] = [
         (1.0, &DBRX_P1_EXPERTS, &DBRX_P1_WEIGHTS, &DBRX_P1_D_LOGITS),
         (2.0, &DBRX_P2_EXPERTS, &DBRX_P2_WEIGHTS, &DBRX_P2_D_LOGITS),
         (1.5, &DBRX_P15_EXPERTS, &DBRX_P15_WEIGHTS, &DBRX_P15_D_LOGITS),
@@ -490,7 +539,7 @@ fn dbrx_p_norm_router_matches_transformers() {
 
 #[test]
 fn phimoe_sparsemixer_matches_transformers() {
-    let cases: [(f32, &[i32], &[f32], &[f32]); 2] = [
+    let cases: [Expected; 2] = [
         (0.01, &PHI_EPS001_EXPERTS, &PHI_EPS001_WEIGHTS, &PHI_EPS001_D_LOGITS),
         (0.3, &PHI_EPS03_EXPERTS, &PHI_EPS03_WEIGHTS, &PHI_EPS03_D_LOGITS),
     ];
