@@ -334,8 +334,8 @@ pub(crate) fn route_grad(op: &RouteGradOp<'_, CpuBackend>) -> Result<T> {
 /// ∂d/∂wⱼ of the normaliser d of the live weights (sum `sum`, d itself `d`): 1 for the
 /// sums; for the floored sum 1 where the sum is past the floor and 0 where the floor is
 /// the divisor, a constant (at sum = floor too: torch's `clamp(min=)` passes no gradient
-/// there); for the
-/// p-norm `(wⱼ / d)^(p−1)`, 0 for a zero weight (as torch's norm backward masks it).
+/// there); for the p-norm `(wⱼ / d)^(p−1)`, 0 for a zero weight (as torch's norm
+/// backward masks it).
 fn norm_slope(normalize: Normalize, wj: f32, sum: f32, d: f32) -> f32 {
     match normalize {
         Normalize::None => 0.0,

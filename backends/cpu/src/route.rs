@@ -40,7 +40,7 @@ pub(crate) fn top_k(key: &[f32], k: usize, out: &mut Vec<usize>) {
 }
 
 /// torch's softplus threshold: `softplus(x) = x` past it (`F.softplus`, beta 1).
-pub(crate) const SOFTPLUS_THRESHOLD: f32 = 20.0;
+const SOFTPLUS_THRESHOLD: f32 = 20.0;
 
 /// `sqrt(softplus(x))` as torch's `F.softplus(x).sqrt()`: `sqrt(x)` past the threshold,
 /// `sqrt(ln(1 + eˣ))` up to it. Below −20, `ln(1 + eˣ) = eˣ` to f32 precision (the next
