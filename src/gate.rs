@@ -282,7 +282,7 @@ impl<B: Backend> Gate<B> {
             }
             _ => None,
         };
-        let route_spec = self.route_spec(gumbel.as_ref())?;
+        let route_spec = self.route_spec(gumbel.as_ref());
         let routes = b.route(&logits, &route_spec)?;
 
         let used = match (&opts.used_token, ds) {
@@ -321,7 +321,7 @@ impl<B: Backend> Gate<B> {
         Ok(GateOutput { logits, routes, plan, router_stats, jitter, grad_spec, gate: self.spec.clone(), tokens: s })
     }
 
-    fn route_spec<'a>(&'a self, gumbel: Option<&'a Tensor<B>>) -> Result<RouteSpec<'a, B>> {
+    fn route_spec<'a>(&'a self, gumbel: Option<&'a Tensor<B>>) -> RouteSpec<'a, B> {
         let base = RouteSpec {
             k: self.spec.k(),
             score: ScoreFn::Softmax,
@@ -332,7 +332,7 @@ impl<B: Backend> Gate<B> {
             scale: 1.0,
         };
         let norm = |n: bool| if n { Normalize::SumPlus(1e-20) } else { Normalize::None };
-        Ok(match &self.spec {
+        match &self.spec {
             GateSpec::DeepSpeed(g) if g.k == 2 => RouteSpec { choice: Choice::DeepSpeedTop2, ..base },
             GateSpec::DeepSpeed(_) | GateSpec::Switch { .. } => base,
             GateSpec::SoftmaxTopK { normalize, .. } => {
@@ -355,10 +355,10 @@ impl<B: Backend> Gate<B> {
                 score: match r.score {
                     RouterScore::Softmax => ScoreFn::Softmax,
                     RouterScore::Sigmoid => ScoreFn::Sigmoid,
-                    RouterScore::SqrtSoftplus => return Err(pending("sqrt-softplus scores")),
+                    RouterScore::SqrtSoftplus => ScoreFn::SqrtSoftplus,
                 },
                 choice: match (r.sparse_mixer, r.groups) {
-                    (Some(_), _) => return Err(pending("sparsemixer routing")),
+                    (Some(jitter_eps), _) => Choice::SparseMixer { jitter_eps },
                     (None, Some(g)) => Choice::GroupLimited {
                         n_group: g.n_group,
                         topk_group: g.topk_group,
@@ -371,8 +371,8 @@ impl<B: Backend> Gate<B> {
                     RouterNorm::None => Normalize::None,
                     RouterNorm::Sum => Normalize::Sum,
                     RouterNorm::SumPlus(eps) => Normalize::SumPlus(eps),
-                    RouterNorm::SumFloor(_) => return Err(pending("floored normalisation")),
-                    RouterNorm::PNorm(_) => return Err(pending("p-norm normalisation")),
+                    RouterNorm::SumFloor(floor) => Normalize::SumFloor(floor),
+                    RouterNorm::PNorm(p) => Normalize::PNorm(p),
                 },
                 scale: r.scale,
                 ..base
@@ -389,7 +389,7 @@ impl<B: Backend> Gate<B> {
                 scale: *routed_scaling_factor,
                 ..base
             },
-        })
+        }
     }
 
     fn plan_spec<'a>(
@@ -438,9 +438,4 @@ impl<B: Backend> Gate<B> {
             _ => base,
         })
     }
-}
-
-/// PENDING-ROUTE-OPS: the route op options another change adds.
-fn pending(what: &str) -> Error {
-    Error::Precondition(format!("{what}: not in the route op yet"))
 }
