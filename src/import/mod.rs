@@ -1,10 +1,12 @@
 //! Importers: DeepSpeed `MoE(...)` keyword arguments and state dicts, HF `config.json`
 //! files and safetensors checkpoints (per-expert hub layout and transformers-5 fused
 //! layout). Every missing, unexpected or mis-shaped tensor is an error that names it.
+//! [`hub`] finds a model folder from a path or a repo id in the local HF hub cache.
 
 pub mod checkpoint;
 pub mod deepspeed;
 pub mod hf;
+pub mod hub;
 pub mod names;
 
 pub use checkpoint::{save_safetensors, Checkpoint};
