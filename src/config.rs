@@ -331,6 +331,135 @@ impl RouterSpec {
     }
 }
 
+/// The routing in words, one line (`moe info --model` prints it beside the top-k): how
+/// scores come from the logits, how the k experts are chosen, how their weights are
+/// normalised and scaled, and, for DeepSpeed and Switch, the capacity rules.
+impl std::fmt::Display for GateSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let renorm = |n: bool| if n { "weights renormalised" } else { "weights as scored (not renormalised)" };
+        match self {
+            GateSpec::DeepSpeed(g) => {
+                let which = match g.k {
+                    1 => "top1gating",
+                    2 => "top2gating",
+                    _ => "topkgating",
+                };
+                write!(
+                    f,
+                    "softmax scores (DeepSpeed {which}); capacity factor {} (eval {}), min capacity {}; ",
+                    g.capacity_factor, g.eval_capacity_factor, g.min_capacity
+                )?;
+                if g.drop_tokens {
+                    f.write_str("routes past capacity dropped")?;
+                    if g.k >= 3 {
+                        let keep = match g.drop_policy {
+                            DropPolicy::Probs => "highest probability",
+                            DropPolicy::Position => "first in token order",
+                        };
+                        write!(f, " (kept: {keep})")?;
+                    }
+                } else {
+                    f.write_str("dropless")?;
+                }
+                if g.k == 1 && g.use_rts {
+                    f.write_str("; random token selection")?;
+                }
+                if g.k == 2 && g.top2_2nd_expert_sampling {
+                    f.write_str("; second expert sampled with Gumbel noise in training")?;
+                }
+                match g.noisy_gate_policy {
+                    Some(NoisyGatePolicy::Jitter) => f.write_str("; input jitter in training")?,
+                    Some(NoisyGatePolicy::RSample) if g.k == 1 => f.write_str("; Gumbel-noised choice in training")?,
+                    _ => {}
+                }
+                Ok(())
+            }
+            GateSpec::SoftmaxTopK { normalize, .. } => {
+                write!(f, "softmax scores; top-k choice; {}", renorm(*normalize))
+            }
+            GateSpec::DeepSeekV2 { n_group, topk_group, method, normalize, routed_scaling_factor, .. } => {
+                f.write_str("softmax scores; ")?;
+                match method {
+                    DeepSeekV2Method::Greedy => f.write_str("greedy top-k choice")?,
+                    DeepSeekV2Method::GroupLimitedGreedy => write!(
+                        f,
+                        "choice within the {topk_group} best of {n_group} groups (a group scores its best expert)"
+                    )?,
+                }
+                write!(f, "; {}", renorm(*normalize))?;
+                scale(f, *routed_scaling_factor)
+            }
+            GateSpec::DeepSeekV3 { n_group, topk_group, normalize, routed_scaling_factor, .. } => {
+                write!(
+                    f,
+                    "sigmoid scores; choice on score + selection bias within the {topk_group} best of {n_group} groups \
+                     (a group scores the sum of its top 2); "
+                )?;
+                f.write_str(if *normalize { "weights renormalised (+1e-20)" } else { renorm(false) })?;
+                scale(f, *routed_scaling_factor)
+            }
+            GateSpec::Switch { expert_capacity } => write!(
+                f,
+                "softmax scores; top-1 choice; at most {expert_capacity} tokens per expert per sequence, \
+                 the rest dropped (their output 0)"
+            ),
+            GateSpec::Router(r) => r.fmt(f),
+        }
+    }
+}
+
+/// The router's options in words, in the order the route applies them (see
+/// [`GateSpec`]'s `Display`).
+impl std::fmt::Display for RouterSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.logit_bias {
+            f.write_str("logits with a bias; ")?;
+        }
+        f.write_str(match self.score {
+            RouterScore::Softmax => "softmax scores",
+            RouterScore::Sigmoid => "sigmoid scores",
+            RouterScore::SqrtSoftplus => "sqrt(softplus) scores",
+        })?;
+        if let Some(eps) = self.sparse_mixer {
+            // The sparse mixer makes its own weights: the norm and groups do not apply.
+            write!(f, "; sparsemixer choice of 2, each weight a softmax masked around its maximum (jitter eps {eps})")?;
+        } else {
+            f.write_str(if self.selection_bias { "; choice on score + selection bias" } else { "; top-k choice" })?;
+            if let Some(g) = &self.groups {
+                let score = if g.sum_top2 { "the sum of its top 2" } else { "its best expert" };
+                write!(f, " within the {} best of {} groups (a group scores {score})", g.topk_group, g.n_group)?;
+            }
+            match self.normalize {
+                RouterNorm::None => f.write_str("; weights as scored (not renormalised)")?,
+                RouterNorm::Sum => f.write_str("; weights renormalised")?,
+                RouterNorm::SumPlus(eps) => write!(f, "; weights renormalised (+{eps:e})")?,
+                RouterNorm::SumFloor(m) => write!(f, "; weights divided by max(sum, {m})")?,
+                RouterNorm::PNorm(p) => write!(f, "; weights divided by their {p}-norm")?,
+            }
+        }
+        scale(f, self.scale)?;
+        if self.identity_experts > 0 {
+            write!(
+                f,
+                "; {} zero-compute experts after the real ones (a route there returns the token × its weight)",
+                self.identity_experts
+            )?;
+        }
+        if self.scale_input {
+            f.write_str("; experts see the token × its weight, outputs summed unweighted")?;
+        }
+        Ok(())
+    }
+}
+
+/// ` × s` where the route scale is not 1.
+fn scale(f: &mut std::fmt::Formatter<'_>, s: f32) -> std::fmt::Result {
+    if s != 1.0 {
+        write!(f, " × {s}")?;
+    }
+    Ok(())
+}
+
 /// Shape of every expert of a layer (experts are identical in form).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpertSpec {
@@ -492,4 +621,41 @@ fn check_scale(s: f32) -> Result<()> {
         return Err(Error::config("routed_scaling_factor", format!("must be finite, got {s}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_reads_as_one_line_of_words() {
+        let v3 = GateSpec::DeepSeekV3 { k: 8, n_group: 8, topk_group: 4, normalize: true, routed_scaling_factor: 2.5 };
+        assert_eq!(
+            v3.to_string(),
+            "sigmoid scores; choice on score + selection bias within the 4 best of 8 groups \
+             (a group scores the sum of its top 2); weights renormalised (+1e-20) × 2.5"
+        );
+        let mixtral = GateSpec::SoftmaxTopK { k: 2, normalize: true };
+        assert_eq!(mixtral.to_string(), "softmax scores; top-k choice; weights renormalised");
+        let ds = GateSpec::DeepSpeed(DeepSpeedGate { k: 2, drop_tokens: false, ..Default::default() });
+        assert!(ds.to_string().starts_with("softmax scores (DeepSpeed top2gating)"), "{ds}");
+        assert!(ds.to_string().contains("dropless"), "{ds}");
+        let longcat = GateSpec::Router(RouterSpec {
+            k: 2,
+            score: RouterScore::Softmax,
+            groups: None,
+            selection_bias: true,
+            normalize: RouterNorm::None,
+            scale: 6.0,
+            sparse_mixer: None,
+            logit_bias: false,
+            scale_input: false,
+            identity_experts: 2,
+        });
+        assert_eq!(
+            longcat.to_string(),
+            "softmax scores; choice on score + selection bias; weights as scored (not renormalised) × 6; \
+             2 zero-compute experts after the real ones (a route there returns the token × its weight)"
+        );
+    }
 }
