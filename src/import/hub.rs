@@ -126,6 +126,8 @@ pub fn resolve_model_in(spec: &str, cache: Option<&Path>) -> Result<PathBuf> {
     let dir = cache.join(repo.folder_name());
     if !dir.is_dir() {
         let _ = write!(looked, "\n  - {}: no such folder (the repo is not in the HF hub cache)", dir.display());
+        let refs = dir.join("refs").join(repo.revision_or_main());
+        let _ = write!(looked, "\n  - {}: absent with it", refs.display());
         return Err(not_found(spec, looked, Some(&repo)));
     }
     let rev = repo.revision_or_main();
@@ -282,6 +284,7 @@ mod tests {
         let e = resolve_model_in("org/absent@v2", Some(&cache)).unwrap_err().to_string();
         assert!(e.contains("`org/absent@v2`: no such file or folder"), "{e}");
         assert!(e.contains(&cache.join("models--org--absent").display().to_string()), "{e}");
+        assert!(e.contains(&cache.join("models--org--absent/refs/v2").display().to_string()), "{e}");
         assert!(e.contains("huggingface-cli download org/absent --revision v2"), "{e}");
         // The repo folder is there but its refs file and snapshot are not.
         std::fs::create_dir_all(cache.join("models--org--absent/snapshots")).unwrap();
