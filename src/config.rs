@@ -422,7 +422,11 @@ impl std::fmt::Display for RouterSpec {
         })?;
         if let Some(eps) = self.sparse_mixer {
             // The sparse mixer makes its own weights: the norm and groups do not apply.
-            write!(f, "; sparsemixer choice of 2, each weight a softmax masked around its maximum (jitter eps {eps})")?;
+            write!(
+                f,
+                "; sparsemixer choice of 2, each weight a softmax masked around its maximum (jitter eps {})",
+                Num(eps)
+            )?;
         } else {
             f.write_str(if self.selection_bias { "; choice on score + selection bias" } else { "; top-k choice" })?;
             if let Some(g) = &self.groups {
@@ -432,9 +436,9 @@ impl std::fmt::Display for RouterSpec {
             match self.normalize {
                 RouterNorm::None => f.write_str("; weights as scored (not renormalised)")?,
                 RouterNorm::Sum => f.write_str("; weights renormalised")?,
-                RouterNorm::SumPlus(eps) => write!(f, "; weights renormalised (+{eps:e})")?,
-                RouterNorm::SumFloor(m) => write!(f, "; weights divided by max(sum, {m})")?,
-                RouterNorm::PNorm(p) => write!(f, "; weights divided by their {p}-norm")?,
+                RouterNorm::SumPlus(eps) => write!(f, "; weights renormalised (+{})", Num(eps))?,
+                RouterNorm::SumFloor(m) => write!(f, "; weights divided by max(sum, {})", Num(m))?,
+                RouterNorm::PNorm(p) => write!(f, "; weights divided by their {}-norm", Num(p))?,
             }
         }
         scale(f, self.scale)?;
@@ -455,9 +459,23 @@ impl std::fmt::Display for RouterSpec {
 /// ` × s` where the route scale is not 1.
 fn scale(f: &mut std::fmt::Formatter<'_>, s: f32) -> std::fmt::Result {
     if s != 1.0 {
-        write!(f, " × {s}")?;
+        write!(f, " × {}", Num(s))?;
     }
     Ok(())
+}
+
+/// A config number as people write it: `2.5`, `1e-12` (not `0.000000000001`).
+struct Num(f32);
+
+impl std::fmt::Display for Num {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.0;
+        if v == 0.0 || (1e-4..1e6).contains(&v.abs()) {
+            write!(f, "{v}")
+        } else {
+            write!(f, "{v:e}")
+        }
+    }
 }
 
 /// Shape of every expert of a layer (experts are identical in form).
@@ -637,6 +655,22 @@ mod tests {
         );
         let mixtral = GateSpec::SoftmaxTopK { k: 2, normalize: true };
         assert_eq!(mixtral.to_string(), "softmax scores; top-k choice; weights renormalised");
+        let ernie = GateSpec::Router(RouterSpec {
+            k: 2,
+            score: RouterScore::Softmax,
+            groups: None,
+            selection_bias: true,
+            normalize: RouterNorm::SumFloor(1e-12),
+            scale: 1.0,
+            sparse_mixer: None,
+            logit_bias: false,
+            scale_input: false,
+            identity_experts: 0,
+        });
+        assert_eq!(
+            ernie.to_string(),
+            "softmax scores; choice on score + selection bias; weights divided by max(sum, 1e-12)"
+        );
         let ds = GateSpec::DeepSpeed(DeepSpeedGate { k: 2, drop_tokens: false, ..Default::default() });
         assert!(ds.to_string().starts_with("softmax scores (DeepSpeed top2gating)"), "{ds}");
         assert!(ds.to_string().contains("dropless"), "{ds}");
