@@ -30,7 +30,8 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
-    fn dtype(self) -> DType {
+    /// The engine's dtype.
+    pub fn dtype(self) -> DType {
         match self {
             WeightDtype::F32 => DType::F32,
             WeightDtype::F16 => DType::F16,

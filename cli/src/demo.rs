@@ -1,11 +1,15 @@
-//! `moe run`: the built-in PR-MoE demo stack.
+//! `moe run`: the built-in PR-MoE demo stack, or with `--model` a model folder's MoE
+//! layers (`crate::model_run`).
 
 use crate::backends::{dispatch, BackendArgs, BackendKind, OnBackend};
+use crate::bench::WeightDtype;
 use crate::error::CliResult;
+use crate::model_run::LayerSel;
 use crate::out;
 use moe_engine::error::human_bytes;
 use moe_engine::stack::{self, PrMoeShape};
 use moe_engine::{Backend, DType, HostTensor, LayerOptions, MoeLayer, Result};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -27,26 +31,48 @@ pub enum RunBackend {
 /// Arguments of `moe run`.
 #[derive(clap::Args)]
 pub struct Args {
+    /// A model folder (`config.json` and safetensors, as transformers saves it) or a hub
+    /// repo id `org/name[@revision]` already in the local HF hub cache: run its MoE layers
+    /// instead of the demo stack.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<String>,
+    /// With --model: the decoder layer to run (an MoE one), or `all` MoE layers.
+    #[arg(long, default_value = "all", value_parser = crate::model_run::parse_layer, requires = "model")]
+    pub layer: LayerSel,
     /// Backend.
     #[arg(long, value_enum, default_value = "auto")]
-    backend: RunBackend,
+    pub backend: RunBackend,
     /// Device of the backend (see `moe info`).
     #[arg(long)]
-    device: Option<String>,
+    pub device: Option<String>,
     /// cpu worker threads (default: every core).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    threads: Option<u64>,
+    pub threads: Option<u64>,
     /// Tokens per forward.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
-    tokens: u64,
-    /// Forward passes through the whole stack.
+    pub tokens: u64,
+    /// Forward passes through the whole stack; with --model, timed forwards per layer
+    /// (after one warm-up).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    steps: u64,
+    pub steps: u64,
+    /// With --model: storage dtype of the expert weights (the router is always f32).
+    #[arg(long, value_enum, default_value = "f32", requires = "model")]
+    pub dtype: WeightDtype,
+    /// With --model: the hidden states to run instead of seeded ones, a safetensors file
+    /// holding `hidden_states` (or a golden case's `input/x`) shaped [tokens, hidden].
+    #[arg(long, value_name = "FILE.safetensors", requires = "model", conflicts_with = "tokens")]
+    pub input: Option<PathBuf>,
+    /// With --model: seed of the hidden states (uniform in [-1, 1), Philox).
+    #[arg(long, default_value_t = 0, requires = "model")]
+    pub seed: u64,
+    /// Write the expert load of every layer (routes per expert) as an SVG chart.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
 }
 
-/// Runs the stack and prints throughput, per-layer expert load and dropped tokens.
-pub fn run(a: Args) -> CliResult<ExitCode> {
-    let kind = match a.backend {
+/// The backend `--backend` names, `auto` resolved on this machine.
+pub fn backend_kind(b: RunBackend) -> BackendKind {
+    match b {
         RunBackend::Cpu => BackendKind::Cpu,
         RunBackend::Wgpu => BackendKind::Wgpu,
         RunBackend::Cuda => BackendKind::Cuda,
@@ -59,7 +85,16 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
                 BackendKind::Cpu
             }
         }
-    };
+    }
+}
+
+/// Runs the stack (or with `--model`, the model's MoE layers) and prints throughput,
+/// per-layer expert load and dropped tokens.
+pub fn run(a: Args) -> CliResult<ExitCode> {
+    if let Some(spec) = &a.model {
+        return crate::model_run::run(&a, spec);
+    }
+    let kind = backend_kind(a.backend);
     // Activations of one pass through a layer, f32: input, routing, permuted rows, the
     // expert intermediate and outputs (k = 1), the residual MLP.
     let shape = PrMoeShape::default();
@@ -158,6 +193,20 @@ impl OnBackend for Demo<'_> {
             )?;
         }
         out!("dropped tokens in the last pass, all layers: {total_dropped} (their MoE output is 0; the residual MLP still carries them)")?;
+        if let Some(path) = &a.svg {
+            let loads: Vec<crate::chart::LayerLoad> = reports
+                .iter()
+                .enumerate()
+                .map(|(i, r)| crate::chart::LayerLoad {
+                    name: format!("layer {i}"),
+                    counts: r.exp_counts.clone(),
+                    real: r.exp_counts.len(),
+                })
+                .collect();
+            let title = format!("PR-MoE demo stack: routes per expert before capacity, last pass of {tokens} tokens");
+            crate::chart::write(path, &title, &loads)?;
+            out!("wrote the expert-load chart to {}", path.display())?;
+        }
         Ok(ExitCode::SUCCESS)
     }
 }

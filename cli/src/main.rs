@@ -1,12 +1,16 @@
-//! `moe`: run golden cases, benchmark a layer, list backends and devices, and run the
-//! built-in PR-MoE demo stack.
+//! `moe`: run golden cases, benchmark a layer, list backends and devices (or describe a
+//! model folder's MoE layers), and run a model's MoE layers or the built-in PR-MoE demo
+//! stack.
 
 mod backends;
 mod bench;
+mod chart;
 mod check;
 mod demo;
 mod error;
 mod info;
+mod model;
+mod model_run;
 mod output;
 mod parity;
 
@@ -30,16 +34,23 @@ enum Cmd {
         #[command(subcommand)]
         what: bench::What,
     },
-    /// The backends compiled in and the devices each one sees.
+    /// The backends compiled in and the devices each one sees; with --model, a model's
+    /// MoE layers.
     Info {
         /// Compile every CUDA kernel with NVRTC for sm_80 and sm_90 (no GPU needed; needs
         /// libnvrtc) and report registers and spills; exit status 0 only when all compile.
         #[arg(long)]
         compile_kernels: bool,
+        /// Describe this model instead: a model folder or a hub repo id
+        /// `org/name[@revision]` in the local HF hub cache. Reads `config.json` and the
+        /// safetensors headers only.
+        #[arg(long, value_name = "DIR", conflicts_with = "compile_kernels")]
+        model: Option<String>,
     },
     /// Op-level parity: every trait op on the cpu and on another backend, as a support matrix.
     Parity(parity::Args),
-    /// Run the built-in PR-MoE demo stack and print throughput, expert load and drops.
+    /// Run a model's MoE layers (--model) or the built-in PR-MoE demo stack and print
+    /// throughput, expert load and drops.
     Run(demo::Args),
 }
 
@@ -52,13 +63,11 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Check(a) => check::run(a),
         Cmd::Bench { what } => bench::run(what),
-        Cmd::Info { compile_kernels } => {
-            if compile_kernels {
-                info::compile_kernels()
-            } else {
-                info::info()
-            }
-        }
+        Cmd::Info { compile_kernels, model } => match model {
+            Some(m) => model::info(&m),
+            None if compile_kernels => info::compile_kernels(),
+            None => info::info(),
+        },
         Cmd::Parity(a) => parity::run(a),
         Cmd::Run(a) => demo::run(a),
     };
