@@ -3,7 +3,10 @@
 //! machine is refused before it allocates, and `moe check` on broken cases (a corpus made
 //! here from the golden cases: bad JSON and configs, absurd sizes, forged or truncated
 //! safetensors, wrong dtypes and shapes, NaN/Inf in inputs, weights and noise) exits 0 or
-//! 1 for every one of them, never panicking, aborting or hanging, and passes none.
+//! 1 for every one of them, never panicking, aborting or hanging, and passes none. Model
+//! folders (tests/golden-models, and copies of them in a hub-cache layout made here) are
+//! described by `moe info --model` and run by `moe run --model`; a missing repo id, a dense
+//! layer, a bad `--input` and a layer that cannot load are errors naming what is wrong.
 
 use moe_engine::import::{save_safetensors, Checkpoint};
 use moe_engine::HostTensor;
@@ -179,6 +182,277 @@ fn a_folder_with_one_bad_case_runs_the_others_and_reports_it_failed() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("2 passed, 1 failed"), "{stdout}");
     assert!(stdout.contains("10_broken") && stdout.contains("caused by"), "the error and its cause:\n{stdout}");
+}
+
+// ------------------------------------------------------------------ model folders
+
+fn golden_model(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden-models").join(case).join("model")
+}
+
+/// Runs `moe` with `args` (and `env`), expecting exit status `code`; returns (stdout, stderr).
+#[track_caller]
+fn moe_ok(args: &[&str], env: &[(&str, &Path)], code: i32) -> (String, String) {
+    let mut c = moe();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = run(c, Duration::from_secs(120));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(code), "{args:?}:\n{stdout}{stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}:\n{stderr}");
+    (stdout, stderr)
+}
+
+/// The number after `key` in `s` (thousands separators dropped).
+#[track_caller]
+fn number_after(s: &str, key: &str) -> u64 {
+    let at = s.find(key).unwrap_or_else(|| panic!("no `{key}` in:\n{s}")) + key.len();
+    let digits: String =
+        s[at..].chars().take_while(|c| c.is_ascii_digit() || *c == ',').filter(|c| *c != ',').collect();
+    digits.parse().unwrap_or_else(|_| panic!("no number after `{key}` in:\n{s}"))
+}
+
+#[test]
+fn info_describes_a_model_folders_moe_layers_and_its_bytes_on_disk() {
+    for (case, family, layers, experts, topk, routing) in [
+        (
+            "01_mixtral",
+            "Mixtral (model_type mixtral)",
+            "MoE: 2 layers (0-1)",
+            "8 routed (GLU (silu)",
+            "top-k: 3 of 8",
+            "softmax scores; top-k choice; weights renormalised",
+        ),
+        (
+            "06_deepseek_v3",
+            "DeepSeek-V3 (model_type deepseek_v3)",
+            "MoE: layer 1; dense: layer 0",
+            "shared: one block (GLU (silu), intermediate 16), added to the routed output",
+            "top-k: 4 of 16",
+            "sigmoid scores; choice on score + selection bias within the 2 best of 4 groups",
+        ),
+        (
+            "18_granitemoeshared",
+            "Granite-MoE shared (model_type granitemoeshared)",
+            "MoE: 2 layers (0-1)",
+            "shared: one block (GLU (silu), intermediate 40)",
+            "top-k: 3 of 8",
+            "softmax scores",
+        ),
+    ] {
+        let dir = golden_model(case);
+        let (out, _) = moe_ok(&["info", "--model", dir.to_str().unwrap()], &[], 0);
+        for want in [family, layers, experts, topk, routing] {
+            assert!(out.contains(want), "{case}: no `{want}` in:\n{out}");
+        }
+        // These checkpoints are plain f32 with no zero-compute experts: every tensor of the
+        // MoE blocks is a parameter, so the headers' count is the spec's.
+        let params = number_after(&out[out.find("parameters in the ").expect("a parameter line")..], ": ");
+        let disk = &out[out.find("safetensors headers): ").expect("an on-disk line")..];
+        assert_eq!(number_after(disk, "tensors, "), params, "{case}:\n{out}");
+        assert!(out.contains(": F32 "), "{case}:\n{out}");
+        assert!(number_after(&out, "active per token: ") < params, "{case}:\n{out}");
+    }
+}
+
+#[test]
+fn info_of_a_bf16_checkpoint_counts_its_bytes_by_dtype() {
+    let dir = golden_model("33_qwen3_moe_bf16");
+    let (out, _) = moe_ok(&["info", "--model", dir.to_str().unwrap()], &[], 0);
+    // 25,088 parameters in bf16: 2 bytes each.
+    assert!(out.contains("25,088 elements, 49.0 KiB: BF16 49.0 KiB"), "{out}");
+}
+
+#[test]
+fn run_runs_every_moe_layer_of_a_model_folder_on_cpu_and_charts_the_load() {
+    // (case, its MoE layers, the mean routes per expert: 8 tokens · k / E, dropless).
+    for (case, layers, mean) in [
+        ("01_mixtral", &[0, 1][..], "3.00"),
+        ("06_deepseek_v3", &[1], "2.00"),
+        ("18_granitemoeshared", &[0, 1], "3.00"),
+    ] {
+        let dir = golden_model(case);
+        let svg = tmp(&format!("run_{case}")).join("load.svg");
+        let args = ["run", "--model", dir.to_str().unwrap(), "--tokens", "8", "--backend", "cpu"];
+        let (out, _) = moe_ok(&[&args[..], &["--svg", svg.to_str().unwrap()]].concat(), &[], 0);
+        for l in layers {
+            let line = out
+                .lines()
+                .find(|x| x.starts_with(&format!("layer {l}: ")))
+                .unwrap_or_else(|| panic!("{case}: no layer {l}:\n{out}"));
+            assert!(line.contains("tokens/s") && line.contains("dropped tokens 0"), "{case}: {line}");
+            assert!(line.contains(&format!(" / mean {mean} / max ")), "{case}: {line}");
+        }
+        assert_eq!(out.lines().filter(|x| x.starts_with("layer ")).count(), layers.len(), "{case}:\n{out}");
+        let chart = std::fs::read_to_string(&svg).unwrap_or_else(|e| panic!("{case}: {e}\n{out}"));
+        assert!(chart.starts_with("<svg") && layers.iter().all(|l| chart.contains(&format!("layer {l}: "))), "{case}");
+    }
+    // One layer, seeded: the same seed routes the same.
+    let dir = golden_model("01_mixtral");
+    let one =
+        ["run", "--model", dir.to_str().unwrap(), "--layer", "1", "--tokens", "8", "--backend", "cpu", "--seed", "5"];
+    let loads =
+        |out: &str| out.lines().filter(|l| l.starts_with("  routes per expert")).map(String::from).collect::<Vec<_>>();
+    let (a, _) = moe_ok(&one, &[], 0);
+    let (b, _) = moe_ok(&one, &[], 0);
+    assert!(a.contains("1 MoE layer(s)") && !a.contains("layer 0: "), "{a}");
+    assert_eq!(loads(&a), loads(&b));
+    assert_eq!(loads(&a).len(), 1, "{a}");
+}
+
+#[test]
+fn run_stores_weights_in_the_dtype_asked_where_the_backend_has_it() {
+    let dir = golden_model("06_deepseek_v3");
+    let base = ["run", "--model", dir.to_str().unwrap(), "--tokens", "8", "--steps", "1"];
+    let cpu = moe_cpu::CpuBackend::new(Some(1)).unwrap();
+    let (code, want) = if moe_engine::Device::capabilities(&cpu).storage_dtypes.contains(&moe_engine::DType::BF16) {
+        (0, "bf16 weights")
+    } else {
+        (1, "--dtype: backend cpu stores")
+    };
+    let (out, err) = moe_ok(&[&base[..], &["--backend", "cpu", "--dtype", "bf16"]].concat(), &[], code);
+    assert!(out.contains(want) || err.contains(want), "{out}{err}");
+    if moe_wgpu::list_adapters().is_empty() {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI=true and no wgpu adapter");
+        eprintln!("SKIP the wgpu half of run_stores_weights_in_the_dtype_asked: no adapter");
+        return;
+    }
+    let (out, _) = moe_ok(&[&base[..], &["--backend", "wgpu", "--dtype", "bf16"]].concat(), &[], 0);
+    assert!(out.contains("on wgpu") && out.contains("bf16 weights"), "{out}");
+    // 8 tokens, k = 4 of 16 experts, dropless: 2 routes per expert on average.
+    assert!(out.contains("layer 1: ") && out.contains(" / mean 2.00 / ") && out.contains("dropped tokens 0"), "{out}");
+}
+
+/// A hub cache holding `case`'s model folder as `tiny-org/<case>`: `refs/main` naming a
+/// snapshot whose files are symlinks into `blobs/`, as huggingface_hub writes them.
+fn hub_cache(root: &Path, case: &str) -> PathBuf {
+    let hash = "4f1c0e7d2b9a8c6e5d4f3a2b1c0d9e8f7a6b5c4d";
+    let repo = root.join(format!("models--tiny-org--{case}"));
+    let snap = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), hash).unwrap();
+    for f in std::fs::read_dir(golden_model(case)).unwrap() {
+        let f = f.unwrap().path();
+        let blob = repo.join("blobs").join(format!("blob-{}", f.file_name().unwrap().to_str().unwrap()));
+        std::fs::copy(&f, &blob).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(
+            Path::new("../../blobs").join(blob.file_name().unwrap()),
+            snap.join(f.file_name().unwrap()),
+        )
+        .unwrap();
+        #[cfg(not(unix))]
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    snap
+}
+
+#[test]
+fn a_repo_id_is_found_in_the_hub_cache_through_hf_hub_cache_or_hf_home() {
+    let root = tmp("hub_cache");
+    let cache = root.join("hub");
+    let snap = hub_cache(&cache, "06_deepseek_v3");
+    let id = "tiny-org/06_deepseek_v3";
+    for env in [("HF_HUB_CACHE", cache.as_path()), ("HF_HOME", root.as_path())] {
+        let (out, _) = moe_ok(&["info", "--model", id], &[env], 0);
+        assert!(out.contains(&format!("model: {}", snap.display())), "{env:?}:\n{out}");
+        assert!(out.contains("DeepSeek-V3 (model_type deepseek_v3)"), "{out}");
+    }
+    let (out, _) = moe_ok(&["run", "--model", id, "--tokens", "8", "--backend", "cpu"], &[("HF_HUB_CACHE", &cache)], 0);
+    assert!(out.contains("layer 1: ") && out.contains("dropped tokens 0"), "{out}");
+}
+
+#[test]
+fn a_missing_repo_id_says_where_it_looked_and_how_to_get_it() {
+    let cache = tmp("empty_hub_cache");
+    let (_, err) = moe_ok(&["info", "--model", "nobody/nothing"], &[("HF_HUB_CACHE", &cache)], 1);
+    for want in [
+        "`nobody/nothing`: no such file or folder".to_string(),
+        cache.join("models--nobody--nothing").display().to_string(),
+        cache.join("models--nobody--nothing/refs/main").display().to_string(),
+        "huggingface-cli download nobody/nothing".to_string(),
+    ] {
+        assert!(err.contains(&want), "no `{want}` in:\n{err}");
+    }
+    let (_, err) = moe_ok(&["run", "--model", "nobody/nothing@v1", "--backend", "cpu"], &[("HF_HUB_CACHE", &cache)], 1);
+    assert!(err.contains("huggingface-cli download nobody/nothing --revision v1"), "{err}");
+}
+
+#[test]
+fn a_dense_layer_is_refused_naming_the_moe_layers() {
+    let dir = golden_model("02_qwen2_moe");
+    let (_, err) = moe_ok(&["run", "--model", dir.to_str().unwrap(), "--layer", "0", "--backend", "cpu"], &[], 1);
+    assert!(
+        err.contains("--layer") && err.contains("layer 0 is a dense MLP layer") && err.contains("the MoE layers are 1"),
+        "{err}"
+    );
+    let (_, err) = moe_ok(&["run", "--model", dir.to_str().unwrap(), "--layer", "9", "--backend", "cpu"], &[], 1);
+    assert!(err.contains("--layer") && err.contains("past the model's 2 layers"), "{err}");
+    refused(&["run", "--model", dir.to_str().unwrap(), "--layer", "first"], "--layer");
+    // The model flags mean nothing to the demo stack.
+    refused(&["run", "--layer", "1"], "--model");
+    refused(&["run", "--input", "x.safetensors"], "--model");
+}
+
+#[test]
+fn run_takes_hidden_states_from_a_safetensors_file_and_checks_their_name_and_shape() {
+    // A golden case's tensors hold its input as `input/x` [11, 48].
+    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden-models/01_mixtral/tensors.safetensors");
+    let dir = golden_model("01_mixtral");
+    let base = ["run", "--model", dir.to_str().unwrap(), "--backend", "cpu", "--steps", "1", "--input"];
+    let (out, _) = moe_ok(&[&base[..], &[case.to_str().unwrap()]].concat(), &[], 0);
+    assert!(out.contains("11 tokens of given hidden states"), "{out}");
+    let d = tmp("bad_input");
+    let wrong = d.join("wrong_shape.safetensors");
+    let m: Tensors = [("hidden_states".to_string(), HostTensor::zeros(&[4, 7]).unwrap())].into();
+    save_safetensors(&wrong, &m).unwrap();
+    let (_, err) = moe_ok(&[&base[..], &[wrong.to_str().unwrap()]].concat(), &[], 1);
+    assert!(
+        err.contains("--input")
+            && err.contains("`hidden_states`")
+            && err.contains("[tokens, 48]")
+            && err.contains("[4, 7]"),
+        "{err}"
+    );
+    let other = d.join("other_name.safetensors");
+    let m: Tensors = [("h".to_string(), HostTensor::zeros(&[4, 48]).unwrap())].into();
+    save_safetensors(&other, &m).unwrap();
+    let (_, err) = moe_ok(&[&base[..], &[other.to_str().unwrap()]].concat(), &[], 1);
+    assert!(
+        err.contains("--input") && err.contains("no tensor `hidden_states`") && err.contains("it holds: h"),
+        "{err}"
+    );
+    let (_, err) = moe_ok(&[&base[..], &[d.join("absent.safetensors").to_str().unwrap()]].concat(), &[], 1);
+    assert!(err.contains("absent.safetensors"), "{err}");
+}
+
+#[test]
+fn a_layer_that_cannot_load_is_an_error_naming_it_after_the_layers_before_it_ran() {
+    let dir = tmp("layer_missing_tensor");
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(golden_model("01_mixtral").join(f), dir.join(f)).unwrap();
+    }
+    let ck = Checkpoint::load(&golden_model("01_mixtral").join("model.safetensors")).unwrap();
+    let mut m: Tensors = ck.iter().map(|(k, v)| (k.into(), v.clone())).collect();
+    let gone = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    assert!(m.remove(gone).is_some(), "01_mixtral has no {gone}");
+    save_safetensors(&dir.join("model.safetensors"), &m).unwrap();
+    let (out, err) = moe_ok(&["run", "--model", dir.to_str().unwrap(), "--tokens", "8", "--backend", "cpu"], &[], 1);
+    assert!(out.contains("layer 0: "), "{out}");
+    assert!(err.contains(&format!("layer 1 of {}", dir.display())) && err.contains(gone), "{err}");
+}
+
+#[test]
+fn run_without_a_model_still_runs_the_demo_stack() {
+    let svg = tmp("demo_svg").join("demo.svg");
+    let (out, _) =
+        moe_ok(&["run", "--backend", "cpu", "--tokens", "32", "--steps", "1", "--svg", svg.to_str().unwrap()], &[], 0);
+    assert!(out.contains("PR-MoE demo stack on cpu") && out.contains("throughput:"), "{out}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("layer 0: "));
 }
 
 // ------------------------------------------------------------------ the broken corpus
