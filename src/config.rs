@@ -601,9 +601,11 @@ impl LayerSpec {
                 .ok_or_else(overflow)?;
         }
         if let Some(s) = &self.shared {
+            // The sigmoid gate `[1, M]` only where the shared experts are gated.
+            let gate = if s.gated { m } else { 0 };
             total = total
                 .checked_add(mlp(&s.expert).ok_or_else(overflow)?)
-                .and_then(|t| t.checked_add(m))
+                .and_then(|t| t.checked_add(gate))
                 .ok_or_else(overflow)?;
         }
         Ok(total)
