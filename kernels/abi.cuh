@@ -16,19 +16,23 @@ struct PlanParams {
 };
 
 struct MatmulParams {
-    u32 rows, n, k, groups, has_bias, max_tiles, y_stride, wdtype, g0, g1, c0, c1, glu, act, keep_pre, _pad0;
+    u32 rows, n, k, groups, has_bias, max_tiles, y_stride, wdtype, g0, g1, c0, c1, glu, act, keep_pre, clamp;
+    float limit, alpha, up_offset;
+    u32 _pad0;
 };
 
 struct ElementwiseParams {
     u64 n;
     u32 cols, act, gated;
     float alpha;
-    u32 _pad1, _pad2;
+    u32 clamp;
+    float limit, glu_alpha, up_offset;
+    u32 _pad0, _pad1;
 };
 
 struct PermuteParams {
     u64 n;
-    u32 cols, k, t0, _pad0, _pad1, _pad2;
+    u32 cols, k, t0, from_group, groups, _pad0;
 };
 
 struct BucketParams {
@@ -62,7 +66,8 @@ struct GradMatmulParams {
 };
 
 struct GradParams {
-    u32 rows, cols, k, t0, t1, act, glu, bound;
+    u32 rows, cols, k, t0, t1, act, glu, bound, clamp;
+    float limit, alpha, up_offset;
 };
 
 struct RouteGradParams {

@@ -91,6 +91,25 @@ __device__ __forceinline__ float root_p(float sp, float p) {
     return sp == 0.0f ? 0.0f : powf(sp, 1.0f / p);
 }
 
+// The clamped GLU (moe_engine::GluClamp, as shaders/activation.wgsl): g = min(gate, limit),
+// u = clamp(up, −limit, limit), act_α(g) · (u + up_offset), silu's act_α(g) = g / (1 +
+// exp(−α·g)). Comparisons rather than fminf / fmaxf, which drop a NaN: a NaN passes
+// through as it does through torch's clamp.
+__device__ __forceinline__ float clamp_gate(float g, float limit) { return g > limit ? limit : g; }
+
+__device__ __forceinline__ float clamp_up(float u, float limit) {
+    return u > limit ? limit : (u < -limit ? -limit : u);
+}
+
+__device__ __forceinline__ float act_scaled(float x, u32 kind, float alpha) {
+    return kind == 3 ? x / (1.0f + expf(-alpha * x)) : act(x, kind);
+}
+
+__device__ __forceinline__ float glu_clamped(float gate, float up, u32 kind, float limit, float alpha,
+                                             float up_offset) {
+    return act_scaled(clamp_gate(gate, limit), kind, alpha) * (clamp_up(up, limit) + up_offset);
+}
+
 __device__ __forceinline__ u64 global_id() {
     return (u64)blockIdx.x * blockDim.x + threadIdx.x + (u64)blockIdx.y * gridDim.x * blockDim.x;
 }

@@ -13,13 +13,21 @@ extern "C" __global__ void scale(const float* a, const float* b, const float* c,
     if (i < p.n) out[i] = p.alpha * a[i];
 }
 
-// a [rows, 2·cols] (gate columns, then up) → out [rows, cols] = act(gate) · up.
+// a [rows, 2·cols] (gate columns, then up) → out [rows, cols] = act(gate) · up, or with
+// the clamp (common.cuh `glu_clamped`) act_α(min(gate, l)) · (clamp(up, −l, l) + off).
 extern "C" __global__ void glu(const float* a, const float* b, const float* c, float* out, ElementwiseParams p) {
     u64 i = global_id();
     if (i >= p.n) return;
     u64 row = i / p.cols, col = i % p.cols;
     const float* r = a + row * 2 * p.cols;
-    out[i] = act(r[col], p.act) * r[p.cols + col];
+    float gate = r[col], up = r[p.cols + col];
+    out[i] = p.clamp ? glu_clamped(gate, up, p.act, p.limit, p.glu_alpha, p.up_offset) : act(gate, p.act) * up;
+}
+
+// a [rows, cols] + b [cols] on every row (JetMoE's output bias).
+extern "C" __global__ void add_bias(const float* a, const float* b, const float* c, float* out, ElementwiseParams p) {
+    u64 i = global_id();
+    if (i < p.n) out[i] = a[i] + b[i % p.cols];
 }
 
 extern "C" __global__ void mul(const float* a, const float* b, const float* c, float* out, ElementwiseParams p) {

@@ -36,9 +36,18 @@ __device__ __forceinline__ float act_deriv(float x, u32 kind) {
     }
 }
 
+// act_α'(x) = s · (1 + α·x · (1 − s)), s = σ(α·x), for silu; the others as act_deriv.
+__device__ __forceinline__ float act_scaled_deriv(float x, u32 kind, float alpha) {
+    if (kind != 3) return act_deriv(x, kind);
+    float s = 1.0f / (1.0f + expf(-alpha * x));
+    return s * (1.0f + alpha * x * (1.0f - s));
+}
+
 // One thread per element of the pre-activation gradient [rows, N]: N = cols, or 2·cols
 // for GLU, whose pre-activation is [gate | up] and whose output act(gate) · up gives
-// d_gate = dy · up · act'(gate), d_up = dy · act(gate).
+// d_gate = dy · up · act'(gate), d_up = dy · act(gate). A clamped GLU (`clamp`): d_gate =
+// dy · (u + off) · act_α'(g) where gate < limit, d_up = dy · act_α(g) where −limit < up <
+// limit (g, u the clamped values; torch's clamp passes no gradient at or past a bound).
 extern "C" __global__ void act_grad(const float* dy, const float* pre, float* out, GradParams p) {
     u64 i = global_id();
     u64 cols = p.cols;
@@ -50,6 +59,18 @@ extern "C" __global__ void act_grad(const float* dy, const float* pre, float* ou
     if (i >= (u64)p.rows * width) return;
     u64 row = i / width, c = i % width;
     const float* r = pre + row * width;
+    if (p.clamp) {
+        u64 j = c < cols ? c : c - cols;
+        float gate = r[j], up = r[cols + j], d = dy[row * cols + j];
+        float g = clamp_gate(gate, p.limit);
+        if (c < cols) {
+            out[i] = gate < p.limit ? d * (clamp_up(up, p.limit) + p.up_offset) * act_scaled_deriv(g, p.act, p.alpha)
+                                    : 0.0f;
+        } else {
+            out[i] = (up > -p.limit && up < p.limit) ? d * act_scaled(g, p.act, p.alpha) : 0.0f;
+        }
+        return;
+    }
     if (c < cols) {
         out[i] = dy[row * cols + c] * r[cols + c] * act_deriv(r[c], p.act);
     } else {

@@ -29,7 +29,8 @@ extern "C" __global__ void tile_map(const int* offsets, int* tiles, MatmulParams
 }
 
 // glu: 0 plain product; 1 GLU experts (w rows [gate F | up F]), writing act(gate) · up
-// [R, F] and, when `pre` is given, the pre-activation [R, 2F].
+// [R, F] (with `clamp`, common.cuh `glu_clamped`) and, when `pre` is given, the
+// pre-activation [R, 2F], unclamped.
 extern "C" __global__ void __launch_bounds__(256) grouped(const float* x, const void* w, const float* bias,
                                                           const int* tiles, float* out, float* pre, MatmulParams p) {
     __shared__ float xs[BK][BM];
@@ -79,7 +80,8 @@ extern "C" __global__ void __launch_bounds__(256) grouped(const float* x, const 
             if (!glu) { out[(u64)row * n + col] = v; continue; }
             float u = accu[i][j] + (p.has_bias ? bias[wbase + f + col] : 0.0f);
             if (p.keep_pre) { pre[(u64)row * n + col] = v; pre[(u64)row * n + f + col] = u; }
-            out[(u64)row * f + col] = act(v, act_kind) * u;
+            out[(u64)row * f + col] =
+                p.clamp ? glu_clamped(v, u, act_kind, p.limit, p.alpha, p.up_offset) : act(v, act_kind) * u;
         }
     }
 }

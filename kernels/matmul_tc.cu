@@ -144,7 +144,8 @@ __device__ void grouped_tc_body(const float* x, const u16* w, const float* bias,
                         pre[(u64)row * n + col] = v;
                         pre[(u64)row * n + f + col] = u;
                     }
-                    out[(u64)row * f + col] = act(v, act_kind) * u;
+                    out[(u64)row * f + col] = p.clamp ? glu_clamped(v, u, act_kind, p.limit, p.alpha, p.up_offset)
+                                                      : act(v, act_kind) * u;
                 }
         }
 }

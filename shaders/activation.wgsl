@@ -51,3 +51,35 @@ fn act_deriv(x: f32, kind: u32) -> f32 {
         default: { return 1.0; }
     }
 }
+
+// The clamped GLU (moe_engine::GluClamp, gpt-oss and DeepSeek-V4): g = min(gate, limit),
+// u = clamp(up, −limit, limit), out = act_α(g) · (u + up_offset), with silu's act_α(g) =
+// g / (1 + exp(−α·g)) and every other activation taking α = 1 (the front door checks).
+// The clamps are selects rather than min / max, whose NaN behaviour WGSL leaves open: a
+// NaN passes through them as it does through torch's clamp.
+fn clamp_gate(g: f32, limit: f32) -> f32 {
+    return select(g, limit, g > limit);
+}
+
+fn clamp_up(u: f32, limit: f32) -> f32 {
+    return select(select(u, -limit, u < -limit), limit, u > limit);
+}
+
+// act_α(x): silu with its sigmoid scaled by α; the others as `act`.
+fn act_scaled(x: f32, kind: u32, alpha: f32) -> f32 {
+    if kind == 3u { return x / (1.0 + exp(-alpha * x)); }
+    return act(x, kind);
+}
+
+// act_α'(x): s · (1 + α·x · (1 − s)) with s = σ(α·x) for silu; the others as `act_deriv`.
+fn act_scaled_deriv(x: f32, kind: u32, alpha: f32) -> f32 {
+    if kind == 3u {
+        let s = 1.0 / (1.0 + exp(-alpha * x));
+        return s * (1.0 + alpha * x * (1.0 - s));
+    }
+    return act_deriv(x, kind);
+}
+
+fn glu_clamped(gate: f32, up: f32, kind: u32, limit: f32, alpha: f32, up_offset: f32) -> f32 {
+    return act_scaled(clamp_gate(gate, limit), kind, alpha) * (clamp_up(up, limit) + up_offset);
+}

@@ -10,8 +10,12 @@ struct ElementwiseParams {
     act: u32,     // 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity
     gated: u32,   // add_gated: 1 when a gate column is bound
     alpha: f32,   // scale: the factor
+    clamp: u32,   // glu: 1 for a clamped GLU (limit, glu_alpha, up_offset)
+    limit: f32,
+    glu_alpha: f32,
+    up_offset: f32,
+    _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: ElementwiseParams;
@@ -33,7 +37,8 @@ fn activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     out[i] = act(a[i], p.act);
 }
 
-// a [rows, 2·cols] (gate columns, then up) → out [rows, cols] = act(gate) · up.
+// a [rows, 2·cols] (gate columns, then up) → out [rows, cols] = act(gate) · up, or with
+// the clamp (activation.wgsl `glu_clamped`) act_α(min(gate, l)) · (clamp(up, −l, l) + off).
 @compute @workgroup_size(256)
 fn glu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
@@ -41,7 +46,21 @@ fn glu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     let row = i / p.cols;
     let col = i % p.cols;
     let base = row * 2u * p.cols;
-    out[i] = act(a[base + col], p.act) * a[base + p.cols + col];
+    let gate = a[base + col];
+    let up = a[base + p.cols + col];
+    if p.clamp == 1u {
+        out[i] = glu_clamped(gate, up, p.act, p.limit, p.glu_alpha, p.up_offset);
+    } else {
+        out[i] = act(gate, p.act) * up;
+    }
+}
+
+// a [rows, cols] + b [cols] on every row (JetMoE's output bias).
+@compute @workgroup_size(256)
+fn add_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if i >= p.n.x { return; }
+    out[i] = a[i] + b[i % p.cols];
 }
 
 @compute @workgroup_size(256)

@@ -16,6 +16,10 @@ struct GradParams {
     act: u32,
     glu: u32,
     bound: u32,
+    clamp: u32,     // act_grad of a GLU: 1 for a clamped one (limit, alpha, up_offset)
+    limit: f32,
+    alpha: f32,
+    up_offset: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: GradParams;
@@ -34,7 +38,9 @@ fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
 }
 
-// a = d(output) [rows, I], b = pre-activation [rows, N]; out0 = d(pre) [rows, N].
+// a = d(output) [rows, I], b = pre-activation [rows, N]; out0 = d(pre) [rows, N]. A
+// clamped GLU (`clamp` = 1): d_gate = dy · (u + off) · act_α'(g) where gate < limit (0
+// beyond), d_up = dy · act_α(g) where −limit < up < limit, g and u the clamped values.
 @compute @workgroup_size(256)
 fn act_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
@@ -50,6 +56,18 @@ fn act_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let gate = b[r * n + inner];
     let up = b[r * n + p.cols + inner];
     let g = a[r * p.cols + inner];
+    if p.clamp == 1u {
+        // The clamps pass the gradient strictly inside their bounds, as torch's clamp.
+        let gc = clamp_gate(gate, p.limit);
+        if col < p.cols {
+            let d = g * (clamp_up(up, p.limit) + p.up_offset) * act_scaled_deriv(gc, p.act, p.alpha);
+            out0[i] = select(0.0, d, gate < p.limit);
+        } else {
+            let d = g * act_scaled(gc, p.act, p.alpha);
+            out0[i] = select(0.0, d, up > -p.limit && up < p.limit);
+        }
+        return;
+    }
     out0[i] = select(g * act(gate, p.act), g * up * act_deriv(gate, p.act), col < p.cols);
 }
 

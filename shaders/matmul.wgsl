@@ -18,7 +18,9 @@
 // workgroup accumulates a gate tile and the matching up tile (weight rows c and F + c of
 // w_in [G, 2F, K]) and writes h = act(gate + b) · (up + b) [R, F], plus the
 // pre-activation [R, 2F] when asked, so the intermediate never makes a round trip
-// through memory. It needs each part to hold whole experts (gate and up rows together).
+// through memory; a clamped GLU (`clamp` = 1) writes activation.wgsl's `glu_clamped`
+// instead, the pre-activation still unclamped. It needs each part to hold whole experts
+// (gate and up rows together).
 //
 // Bindings: 0 params, 1 x, 2 w (this part, as u32 words), 3 bias, 4 offsets [G + 1] i32,
 // 5 tiles (1 + 3·max) i32, 6 out, 7 pre-activation (grouped_glu with keep_pre).
@@ -39,6 +41,10 @@ struct MatmulParams {
     glu: u32,        // 1 for grouped_glu (GLU experts); the entry point decides here
     act: u32,        // grouped_glu: 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity
     keep_pre: u32,   // grouped_glu: write the pre-activation too
+    clamp: u32,      // grouped_glu: 1 for a clamped GLU (limit, alpha, up_offset)
+    limit: f32,
+    alpha: f32,
+    up_offset: f32,
     _pad0: u32,
 }
 
@@ -256,7 +262,11 @@ fn glu_tile(g: u32, r0: u32, r1: u32, c0: u32, lid: vec3<u32>) {
                 pre[row * p.n + col] = gv;
                 pre[row * p.n + f + col] = uv;
             }
-            out[row * f + col] = act(gv, p.act) * uv;
+            if p.clamp == 1u {
+                out[row * f + col] = glu_clamped(gv, uv, p.act, p.limit, p.alpha, p.up_offset);
+            } else {
+                out[row * f + col] = act(gv, p.act) * uv;
+            }
         }
     }
 }

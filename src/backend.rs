@@ -23,14 +23,14 @@
 
 use crate::device::{returned, Device, Tensor, WeightUploadOp};
 use crate::error::{Error, Result};
-use crate::expert::{Activation, ExpertKind};
+use crate::expert::{Activation, ExpertKind, GluClamp};
 use crate::ops::{
     ActGradKind, ActGradOp, AuxGrad, BlockTable, Bucket, BucketOp, BucketParts, CastWeightOp, CombineGrad,
     CombineGradOp, CombineOp, DevicePlacement, ElementwiseKind, ElementwiseOp, GatedAddGrad, GatedAddGradOp,
     GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, MlpWeights, NoiseOp, Offsets,
-    OptimStepOp, PermuteOp, Plan, PlanOp, PlanParts, PlanSpec, RegroupOp, RouteGradOp, RouteGradSpec, RouteOp,
-    RouteRows, RouteSpec, RouterStatsOp, Routes, RoutesParts, StepOut, StepRule, SumSquaresOp, WeightGrad,
-    WeightGradOp,
+    OptimStepOp, PassRowsOp, PermuteOp, PermuteScaledOp, Plan, PlanOp, PlanParts, PlanSpec, RegroupOp, RouteGradOp,
+    RouteGradSpec, RouteOp, RouteRows, RouteSpec, RouterStatsOp, Routes, RoutesParts, StepOut, StepRule, SumRowsOp,
+    SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use crate::philox::{self, NoiseKind};
 use crate::tensor::{DType, HostTensor};
@@ -61,7 +61,7 @@ pub trait Backend: Device {
         let a = match w.kind {
             ExpertKind::Linear => return Ok(MlpOutput { pre: None, y: h }),
             ExpertKind::Mlp { activation } => self.activation(&h, activation)?,
-            ExpertKind::Glu { activation } => self.glu(&h, activation)?,
+            ExpertKind::Glu { activation, clamp } => self.glu_clamped(&h, activation, clamp)?,
         };
         let w_out = w.w_out.ok_or_else(|| Error::Internal("checked MLP without w_out".into()))?;
         let y = self.grouped_linear(&a, op.offsets, w_out, w.b_out)?;
@@ -76,6 +76,10 @@ pub trait Backend: Device {
     fn run_plan(&self, op: &PlanOp<'_, Self>) -> Result<PlanParts<Self>>;
     /// Gathers token rows into a grouped layout (compact expert-major, or a send buffer).
     fn run_permute(&self, op: &PermuteOp<'_, Self>) -> Result<Tensor<Self>>;
+    /// Gathers token rows into a grouped layout, each scaled by its route's weight.
+    fn run_permute_scaled(&self, op: &PermuteScaledOp<'_, Self>) -> Result<Tensor<Self>>;
+    /// Replaces a range of grouped rows (the offsets' last groups) by another tensor's.
+    fn run_pass_rows(&self, op: &PassRowsOp<'_, Self>) -> Result<Tensor<Self>>;
     /// Weighted sum of expert outputs back to token order.
     fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<Tensor<Self>>;
     /// Destination slot and send row of every kept route (expert parallelism).
@@ -115,6 +119,11 @@ pub trait Backend: Device {
     fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<Tensor<Self>> {
         let _ = op;
         Err(Error::unsupported(self.name(), "act_grad (backward)"))
+    }
+    /// The column sum of a matrix (the gradient of an output bias).
+    fn run_sum_rows(&self, op: &SumRowsOp<'_, Self>) -> Result<Tensor<Self>> {
+        let _ = op;
+        Err(Error::unsupported(self.name(), "sum_rows (backward)"))
     }
     /// The gradient of `combine`.
     fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {
@@ -183,7 +192,9 @@ pub trait Backend: Device {
 
     /// Grouped product over variable-size row groups read from the device: rows
     /// `offsets[g]..offsets[g + 1]` of `x [R, K]` are multiplied by `w[g] [N, K]ᵀ`
-    /// (+ `bias[g]`). Rows past the last group are zero in the output.
+    /// (+ `bias[g]`). Rows past the last group are zero in the output, as are the rows of
+    /// a tail of weightless groups ([`Offsets::with_tail`]: `w` has G experts, the offsets
+    /// G + tail groups).
     fn grouped_linear(
         &self,
         x: &Tensor<Self>,
@@ -231,6 +242,21 @@ pub trait Backend: Device {
     fn glu(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
         self.elementwise(ElementwiseKind::Glu(act), x, None, None)
     }
+    /// [`Backend::glu`] with an optional clamp ([`GluClamp`], `ExpertKind::Glu`'s
+    /// fields): `act_α(min(gate, limit)) · (clamp(up, −limit, limit) + up_offset)`. A bad
+    /// clamp is an error naming its field.
+    fn glu_clamped(&self, x: &Tensor<Self>, act: Activation, clamp: Option<GluClamp>) -> Result<Tensor<Self>> {
+        let kind = match clamp {
+            Some(c) => ElementwiseKind::GluClamped(act, c),
+            None => ElementwiseKind::Glu(act),
+        };
+        self.elementwise(kind, x, None, None)
+    }
+    /// `y [R, M] + bias [M]` on every row (JetMoE's per-block output bias). Its backward:
+    /// `dy` passes to `y` unchanged, and the bias gradient is [`Backend::sum_rows`]`(dy)`.
+    fn add_bias(&self, y: &Tensor<Self>, bias: &Tensor<Self>) -> Result<Tensor<Self>> {
+        self.elementwise(ElementwiseKind::AddBias, y, Some(bias), None)
+    }
     /// Elementwise product of equal-shape tensors (multiplicative jitter).
     fn mul(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         self.elementwise(ElementwiseKind::Mul, a, Some(b), None)
@@ -277,6 +303,31 @@ pub trait Backend: Device {
     fn permute(&self, x: &Tensor<Self>, rows: &RouteRows<Self>) -> Result<Tensor<Self>> {
         let op = PermuteOp::check(self, x, rows)?;
         returned(self, "permute", self.run_permute(&op)?, &op.out_shape, DType::F32)
+    }
+    /// [`Backend::permute`] with every route's row scaled by its weight (Llama 4 weights
+    /// the expert input): row `rows[t, j]` of the output `[rows.bound(), M]` is
+    /// `weights[t, j] · x[t]` (weights `[S, k]` f32); rows no route names are zero. Its
+    /// backward is two existing ops: `dx = combine(dxp, rows, weights, 0..S)`, and
+    /// `d_weights = combine_grad(x, dxp, rows, weights, 0..S).d_weights` (`d_weights[t, j]
+    /// = x[t] · dxp[rows[t, j]]`).
+    fn permute_scaled(&self, x: &Tensor<Self>, rows: &RouteRows<Self>, weights: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = PermuteScaledOp::check(self, x, rows, weights)?;
+        returned(self, "permute_scaled", self.run_permute_scaled(&op)?, &op.out_shape, DType::F32)
+    }
+    /// `y` (`[R, M]` f32) with rows `offsets[from_group]..offsets[G]` replaced by those of
+    /// `x` (`[R, M]` f32): the rows of identity experts grouped last (LongCat-Flash's
+    /// zero-compute experts return their input; see [`Offsets::with_tail`]). Its backward
+    /// is itself: for the output's gradient `d`, `d_x = pass_rows(0, d, ..)` and `d_y =
+    /// pass_rows(d, 0, ..)` with the same offsets and `from_group`.
+    fn pass_rows(
+        &self,
+        y: &Tensor<Self>,
+        x: &Tensor<Self>,
+        offsets: &Offsets<Self>,
+        from_group: usize,
+    ) -> Result<Tensor<Self>> {
+        let op = PassRowsOp::check(self, y, x, offsets, from_group)?;
+        returned(self, "pass_rows", self.run_pass_rows(&op)?, &op.out_shape, DType::F32)
     }
     /// Weighted sum back to token order for the tokens in `tokens`: `y[t − t0] = Σⱼ
     /// weights[t, j] · yp[rows[t, j]]`, f32 accumulation in route order; routes with row −1
@@ -351,6 +402,12 @@ pub trait Backend: Device {
     fn act_grad(&self, kind: ActGradKind, dy: &Tensor<Self>, pre: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = ActGradOp::check(self, kind, dy, pre)?;
         returned(self, "act_grad", self.run_act_grad(&op)?, &op.out_shape, DType::F32)
+    }
+    /// The column sum `dy [S, M]` → `[M]`, in row order: the bias gradient of
+    /// [`Backend::add_bias`].
+    fn sum_rows(&self, dy: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = SumRowsOp::check(self, dy)?;
+        returned(self, "sum_rows", self.run_sum_rows(&op)?, &[op.cols], DType::F32)
     }
     /// The gradient of [`Backend::combine`]: of the expert outputs and of the weights.
     fn combine_grad(

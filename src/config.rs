@@ -479,7 +479,7 @@ impl std::fmt::Display for Num {
 }
 
 /// Shape of every expert of a layer (experts are identical in form).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExpertSpec {
     /// The form.
     pub kind: ExpertKind,
@@ -490,7 +490,7 @@ pub struct ExpertSpec {
 }
 
 /// Shared experts added to the routed output (DeepSeek, Qwen2-MoE).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SharedSpec {
     /// The shared MLP (one expert-shaped block; n shared experts are one block of n·ffn).
     pub expert: ExpertSpec,

@@ -119,7 +119,7 @@ impl<B: Backend> DeviceMlp<B> {
         let a = match self.kind {
             ExpertKind::Linear => return Ok(MlpOutput { pre: None, y: h }),
             ExpertKind::Mlp { activation } => b.activation(&h, activation)?,
-            ExpertKind::Glu { activation } => b.glu(&h, activation)?,
+            ExpertKind::Glu { activation, .. } => b.glu(&h, activation)?,
         };
         let y = b.linear(&a, self.w_out()?, self.b_out.as_ref())?;
         Ok(MlpOutput { pre: keep_pre.then_some(h), y })

@@ -39,7 +39,7 @@ pub use config::{GateSpec, LayerSpec, Mode};
 pub use device::{Capabilities, Device, Tensor};
 pub use device_tensor::{DeviceBuffer, DeviceTensor};
 pub use error::{Error, ErrorKind, Result};
-pub use expert::{Activation, ExpertKind};
+pub use expert::{Activation, ExpertKind, GluClamp};
 pub use layer::{is_expert_param, BackwardOptions, LayerGrads, LayerOutput, MoeLayer, ParamMut};
 pub use options::{GateOptions, LayerOptions, NoiseOverrides};
 pub use report::Report;

@@ -67,7 +67,11 @@ fn layer_with_a_cold_expert(b: &CpuBackend, cold: usize) -> (MoeLayer<CpuBackend
         hidden: 16,
         num_experts: 6,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
-        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: 20, bias: false },
+        expert: ExpertSpec {
+            kind: ExpertKind::Glu { activation: Activation::Silu, clamp: None },
+            ffn: 20,
+            bias: false,
+        },
         residual: false,
         shared: None,
     };

@@ -385,7 +385,11 @@ fn sizes_whose_product_overflows_are_errors() {
         hidden: usize::MAX / 2,
         num_experts: 4,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
-        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: usize::MAX / 3, bias: false },
+        expert: ExpertSpec {
+            kind: ExpertKind::Glu { activation: Activation::Silu, clamp: None },
+            ffn: usize::MAX / 3,
+            bias: false,
+        },
         residual: false,
         shared: None,
     };
@@ -630,7 +634,11 @@ fn a_layer_forward_takes_only_f32_inputs_of_its_width() {
         hidden: 8,
         num_experts: 4,
         gate: GateSpec::SoftmaxTopK { k: 2, normalize: true },
-        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: 16, bias: false },
+        expert: ExpertSpec {
+            kind: ExpertKind::Glu { activation: Activation::Silu, clamp: None },
+            ffn: 16,
+            bias: false,
+        },
         residual: false,
         shared: None,
     };

@@ -25,7 +25,7 @@ fn expect_field<T: std::fmt::Debug>(r: Result<T>, field: &str) {
 }
 
 fn glu(ffn: usize) -> ExpertSpec {
-    ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn, bias: false }
+    ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu, clamp: None }, ffn, bias: false }
 }
 
 fn base() -> LayerSpec {

@@ -73,7 +73,11 @@ fn spec(e: usize, gate: GateSpec) -> LayerSpec {
         hidden: 24,
         num_experts: e,
         gate,
-        expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: 40, bias: false },
+        expert: ExpertSpec {
+            kind: ExpertKind::Glu { activation: Activation::Silu, clamp: None },
+            ffn: 40,
+            bias: false,
+        },
         residual: false,
         shared: None,
     }

@@ -117,7 +117,11 @@ impl SwiGlu {
             hidden: self.m,
             num_experts: self.e,
             gate: GateSpec::SoftmaxTopK { k, normalize },
-            expert: ExpertSpec { kind: ExpertKind::Glu { activation: Activation::Silu }, ffn: self.f, bias: false },
+            expert: ExpertSpec {
+                kind: ExpertKind::Glu { activation: Activation::Silu, clamp: None },
+                ffn: self.f,
+                bias: false,
+            },
             residual: false,
             shared: None,
         }

@@ -100,7 +100,7 @@ impl LayerArgs {
             num_experts: self.experts as usize,
             gate: GateSpec::SoftmaxTopK { k: self.top_k as usize, normalize: true },
             expert: ExpertSpec {
-                kind: ExpertKind::Glu { activation: Activation::Silu },
+                kind: ExpertKind::Glu { activation: Activation::Silu, clamp: None },
                 ffn: self.ffn as usize,
                 bias: false,
             },

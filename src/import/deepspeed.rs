@@ -32,7 +32,7 @@ pub fn expert_spec(v: &Value) -> Result<ExpertSpec> {
     } else if let Some(a) = ty.strip_prefix("mlp_") {
         ExpertKind::Mlp { activation: act(a)? }
     } else if let Some(a) = ty.strip_prefix("glu_") {
-        ExpertKind::Glu { activation: act(a)? }
+        ExpertKind::Glu { activation: act(a)?, clamp: None }
     } else {
         return Err(Error::config("expert.type", format!("unknown expert type `{ty}` (linear, mlp_<act>, glu_<act>)")));
     };

@@ -143,6 +143,15 @@ abi_struct! {
         act: u32,
         /// 1: also write the pre-activation [R, 2F].
         keep_pre: u32,
+        /// 1: a clamped GLU epilogue (`crate::GluClamp`): act_α(min(gate, limit)) ·
+        /// (clamp(up, −limit, limit) + up_offset).
+        clamp: u32,
+        /// The clamp's limit.
+        limit: f32,
+        /// The clamp's silu scale α.
+        alpha: f32,
+        /// The clamp's offset added to up.
+        up_offset: f32,
         /// Padding.
         _pad0: u32,
     }
@@ -162,17 +171,27 @@ abi_struct! {
         gated: u32,
         /// scale: the factor.
         alpha: f32,
+        /// glu: 1 for a clamped GLU (`crate::GluClamp`).
+        clamp: u32,
+        /// Clamped glu: the limit.
+        limit: f32,
+        /// Clamped glu: the silu scale α.
+        glu_alpha: f32,
+        /// Clamped glu: the offset added to up.
+        up_offset: f32,
+        /// Padding.
+        _pad0: u32,
         /// Padding.
         _pad1: u32,
-        /// Padding.
-        _pad2: u32,
     }
 }
 
 abi_struct! {
-    /// Permute and combine (shaders/permute.wgsl, kernels/permute.cu).
+    /// Permute, permute_scaled, combine and pass_rows (shaders/permute.wgsl,
+    /// kernels/permute.cu).
     PermuteParams {
-        /// Invocations: routes × M (permute), combined tokens × M (combine).
+        /// Invocations: routes × M (permute, permute_scaled), combined tokens × M
+        /// (combine), rows × M (pass_rows).
         n: u64,
         /// Row length M.
         cols: u32,
@@ -180,12 +199,12 @@ abi_struct! {
         k: u32,
         /// combine: the first token of the range combined (output row 0).
         t0: u32,
+        /// pass_rows: the first group whose rows are passed through.
+        from_group: u32,
+        /// pass_rows: groups G of the offsets (rows up to offsets[G] are passed).
+        groups: u32,
         /// Padding.
         _pad0: u32,
-        /// Padding.
-        _pad1: u32,
-        /// Padding.
-        _pad2: u32,
     }
 }
 
@@ -315,7 +334,8 @@ abi_struct! {
 }
 
 abi_struct! {
-    /// The backward's row ops (shaders/grad.wgsl, kernels/grad.cu): `act_grad`,
+    /// The backward's row ops (shaders/grad.wgsl, kernels/grad.cu): `act_grad` (with a
+    /// GLU's clamp),
     /// `combine_grad_rows`, `combine_grad_weights`, `mix_grad`, `gated_add_grad`.
     GradParams {
         /// Rows: of the pre-activation (act_grad), tokens S (combine_grad), R (mix, add).
@@ -334,6 +354,14 @@ abi_struct! {
         glu: u32,
         /// Rows of the grouped layout (combine_grad).
         bound: u32,
+        /// act_grad of a GLU: 1 for a clamped one (`crate::GluClamp`).
+        clamp: u32,
+        /// Clamped GLU: the limit.
+        limit: f32,
+        /// Clamped GLU: the silu scale α.
+        alpha: f32,
+        /// Clamped GLU: the offset added to up.
+        up_offset: f32,
     }
 }
 

@@ -128,7 +128,7 @@ impl<B: Backend> DeviceMlp<B> {
                 return Ok((MlpGrads { w_in: g.dw, b_in: g.db, w_out: None, b_out: None }, dx));
             }
             ExpertKind::Mlp { activation } => (activation, false),
-            ExpertKind::Glu { activation } => (activation, true),
+            ExpertKind::Glu { activation, .. } => (activation, true),
         };
         let pre = pre.ok_or_else(|| not_kept("pre-activations"))?;
         // The activation's output is recomputed from the kept pre-activation (one

@@ -4,7 +4,7 @@
 //! local dispatcher); the expert-parallel send buffer, ordered by destination rank, is
 //! another (`crate::ops::BucketOp`).
 
-use super::{f32_matrix, f32_shaped, output, to_u32, Plan};
+use super::{f32_matrix, f32_shaped, fits_i32, i32_shaped, output, to_u32, Offsets, Plan};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::kernel_abi::PermuteParams;
@@ -102,6 +102,96 @@ impl<'a, B: Device> PermuteOp<'a, B> {
         let params =
             PermuteParams { n: n as u64, cols: to_u32("hidden size", m)?, k: to_u32("k", k)?, ..Default::default() };
         Ok(PermuteOp { x, rows, out_shape: [rows.bound, m], params })
+    }
+}
+
+/// [`PermuteOp`] with every route's row scaled by its weight (Llama 4 multiplies the
+/// expert input, not the output, by the route weight): row `rows[t, j]` of the output
+/// `[rows.bound, M]` is `weights[t, j] · x[t]`; rows no route names are zero. Checked.
+///
+/// Its backward needs no kernel of its own: `dx = combine(dxp, rows, weights, 0..S)` and
+/// `d_weights[t, j] = x[t] · dxp[rows[t, j]]`, which `combine_grad(x, dxp, rows, weights,
+/// 0..S).d_weights` computes (its `dy` is `x`, its `yp` is `dxp`).
+#[non_exhaustive]
+pub struct PermuteScaledOp<'a, B: Device> {
+    /// Token rows `[S, M]`, f32.
+    pub x: &'a Tensor<B>,
+    /// The row of every route.
+    pub rows: &'a RouteRows<B>,
+    /// The weight of every route `[S, k]`, f32.
+    pub weights: &'a Tensor<B>,
+    /// Output shape `[rows.bound, M]`.
+    pub out_shape: [usize; 2],
+    /// Kernel parameters (as [`PermuteOp`]'s: one invocation per route and column).
+    pub params: PermuteParams,
+}
+
+impl<'a, B: Device> PermuteScaledOp<'a, B> {
+    /// Checks `x` as [`PermuteOp`] does, and the weights `[S, k]`.
+    pub fn check(b: &B, x: &'a Tensor<B>, rows: &'a RouteRows<B>, weights: &'a Tensor<B>) -> Result<Self> {
+        let plain = PermuteOp::check(b, x, rows)?;
+        f32_shaped("route weights", weights, &[rows.tokens(), rows.k()])?;
+        Ok(PermuteScaledOp { x, rows, weights, out_shape: plain.out_shape, params: plain.params })
+    }
+}
+
+/// Rows `[offsets[from_group], offsets[G])` of `y [R, M]` replaced by those of `x [R, M]`:
+/// the rows of LongCat-Flash's zero-compute experts, grouped last ([`Offsets::with_tail`]),
+/// return their input. Checked.
+///
+/// Its backward is itself: for the gradient `d` of the output, `d_x = pass_rows(0, d,
+/// offsets, from_group)` (`d`'s rows in the range, zero elsewhere) and `d_y =
+/// pass_rows(d, 0, offsets, from_group)` (`d` with zeros in the range).
+#[non_exhaustive]
+pub struct PassRowsOp<'a, B: Device> {
+    /// The rows kept outside the range `[R, M]`, f32.
+    pub y: &'a Tensor<B>,
+    /// The rows passed through in the range `[R, M]`, f32.
+    pub x: &'a Tensor<B>,
+    /// The group offsets `[G + 1]` whose groups `from_group..G` are the range.
+    pub offsets: &'a Offsets<B>,
+    /// The first group of the range.
+    pub from_group: usize,
+    /// Output shape `[R, M]`.
+    pub out_shape: [usize; 2],
+    /// Kernel parameters (`n` = R·M, `cols` M, `from_group`, `groups` G).
+    pub params: PermuteParams,
+}
+
+impl<'a, B: Device> PassRowsOp<'a, B> {
+    /// Checks `y` and `x` (the same `[R, M]`), the offsets (within the R rows) and
+    /// `from_group` (at most G).
+    pub fn check(
+        b: &B,
+        y: &'a Tensor<B>,
+        x: &'a Tensor<B>,
+        offsets: &'a Offsets<B>,
+        from_group: usize,
+    ) -> Result<Self> {
+        let (r, m) = f32_matrix("pass_rows y", y)?;
+        f32_shaped("pass_rows x", x, &[r, m])?;
+        let groups = offsets.groups();
+        i32_shaped("offsets", offsets.tensor(), &[groups + 1])?;
+        if offsets.bound() > r {
+            return Err(Error::shape(
+                "pass_rows y",
+                format!("at least the {} rows the groups cover", offsets.bound()),
+                y.shape(),
+            ));
+        }
+        if from_group > groups {
+            return Err(Error::config("from_group", format!("{from_group} is past the offsets' {groups} groups")));
+        }
+        fits_i32("pass_rows rows", r)?;
+        let n = output(b, "pass_rows output", &[r, m], DType::F32)?;
+        let params = PermuteParams {
+            n: n as u64,
+            cols: to_u32("hidden size", m.max(1))?,
+            from_group: to_u32("from_group", from_group)?,
+            groups: to_u32("groups", groups)?,
+            ..Default::default()
+        };
+        Ok(PassRowsOp { y, x, offsets, from_group, out_shape: [r, m], params })
     }
 }
 

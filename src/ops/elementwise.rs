@@ -5,7 +5,7 @@
 use super::{f32_matrix, f32_shaped, f32_tensor, output};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
-use crate::expert::Activation;
+use crate::expert::{Activation, GluClamp};
 use crate::kernel_abi::ElementwiseParams;
 use crate::tensor::DType;
 
@@ -16,6 +16,11 @@ pub enum ElementwiseKind {
     Activation(Activation),
     /// `a [R, 2I]` (gate columns first) → `act(gate) · up`, `[R, I]`.
     Glu(Activation),
+    /// The clamped GLU ([`GluClamp`]): `a [R, 2I]` → `act_α(min(gate, limit)) ·
+    /// (clamp(up, −limit, limit) + up_offset)`, `[R, I]`. The same entry point as `Glu`.
+    GluClamped(Activation, GluClamp),
+    /// `a [R, M] + b [M]` on every row (JetMoE's output bias).
+    AddBias,
     /// `a · b`, equal shapes (multiplicative jitter).
     Mul,
     /// `a + sigmoid(c) · b` with the gate `c [R, 1]`, or `a + b` without it.
@@ -32,7 +37,8 @@ impl ElementwiseKind {
     pub fn entry(self) -> &'static str {
         match self {
             ElementwiseKind::Activation(_) => "activation",
-            ElementwiseKind::Glu(_) => "glu",
+            ElementwiseKind::Glu(_) | ElementwiseKind::GluClamped(..) => "glu",
+            ElementwiseKind::AddBias => "add_bias",
             ElementwiseKind::Mul => "mul",
             ElementwiseKind::AddGated => "add_gated",
             ElementwiseKind::ResidualMix => "residual_mix",
@@ -48,7 +54,7 @@ pub struct ElementwiseOp<'a, B: Device> {
     pub kind: ElementwiseKind,
     /// First input.
     pub a: &'a Tensor<B>,
-    /// Second input (mul, add_gated, residual_mix).
+    /// Second input (mul, add_gated, residual_mix, add_bias).
     pub b: Option<&'a Tensor<B>>,
     /// Third input: the gate logits of add_gated, the coefficient logits of residual_mix.
     pub c: Option<&'a Tensor<B>>,
@@ -70,14 +76,24 @@ impl<'a, B: Device> ElementwiseOp<'a, B> {
         let need = |t: Option<&'a Tensor<B>>, name: &str| {
             t.ok_or_else(|| Error::Internal(format!("{} without its `{name}` operand", kind.entry())))
         };
+        let mut clamp = None;
         let (out_shape, act, gated) = match kind {
             ElementwiseKind::Activation(act) => (f32_tensor("activation input", a)?.to_vec(), act, 0),
-            ElementwiseKind::Glu(act) => {
+            ElementwiseKind::Glu(act) | ElementwiseKind::GluClamped(act, _) => {
+                if let ElementwiseKind::GluClamped(_, c) = kind {
+                    c.check(act)?;
+                    clamp = Some(c);
+                }
                 let (r, two_i) = f32_matrix("glu input", a)?;
                 if two_i % 2 != 0 {
                     return Err(Error::shape("glu input", "[rows, 2·ffn] (gate columns, then up)", a.shape()));
                 }
                 (vec![r, two_i / 2], act, 0)
+            }
+            ElementwiseKind::AddBias => {
+                let (r, m) = f32_matrix("add_bias input", a)?;
+                f32_shaped("output bias", need(b, "bias")?, &[m])?;
+                (vec![r, m], Activation::Identity, 0)
             }
             ElementwiseKind::Mul => {
                 f32_tensor("mul lhs", a)?;
@@ -113,6 +129,10 @@ impl<'a, B: Device> ElementwiseOp<'a, B> {
             act: act.kernel_code(),
             gated,
             alpha: if let ElementwiseKind::Scale(alpha) = kind { alpha } else { 0.0 },
+            clamp: clamp.is_some() as u32,
+            limit: clamp.map_or(0.0, |c| c.limit),
+            glu_alpha: clamp.map_or(0.0, |c| c.alpha),
+            up_offset: clamp.map_or(0.0, |c| c.up_offset),
             ..Default::default()
         };
         Ok(ElementwiseOp { kind, a, b, c, out_shape, params })

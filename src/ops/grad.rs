@@ -9,7 +9,7 @@
 use super::{f32_matrix, f32_shaped, i32_shaped, output, to_u32, Offsets, Plan, RouteRows, Routes};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
-use crate::expert::Activation;
+use crate::expert::{Activation, GluClamp};
 use crate::kernel_abi::{GradMatmulParams, GradParams, RouteGradParams};
 use crate::ops::{Choice, Normalize, ScoreFn};
 use crate::tensor::DType;
@@ -29,10 +29,11 @@ fn weight_dims<Buf: crate::device_tensor::DeviceBuffer>(
     }
 }
 
-/// Checks optional group offsets against `rows` and the weight's groups.
+/// Checks optional group offsets against `rows` and the weight's groups (the offsets may
+/// add a tail, [`Offsets::with_tail`]).
 fn check_offsets<B: Device>(offsets: Option<&Offsets<B>>, groups: usize, rows: usize, what: &str) -> Result<()> {
     if let Some(o) = offsets {
-        i32_shaped("offsets", o.tensor(), &[groups + 1])?;
+        o.check_experts(groups)?;
         if o.bound() > rows {
             return Err(Error::shape(what, format!("at least the {} rows the groups cover", o.bound()), &[rows]));
         }
@@ -41,8 +42,8 @@ fn check_offsets<B: Device>(offsets: Option<&Offsets<B>>, groups: usize, rows: u
 }
 
 /// The input gradient of a (grouped) linear product `y = x · w[g]ᵀ`: `dx = dy · w[g]`
-/// for the rows of group g, `[R, K]`; rows past the last group are zero. Dense without
-/// offsets (w `[N, K]`), grouped with them (w `[G, N, K]`). Checked.
+/// for the rows of group g, `[R, K]`; rows past the last expert group (a tail's too) are
+/// zero. Dense without offsets (w `[N, K]`), grouped with them (w `[G, N, K]`). Checked.
 #[non_exhaustive]
 pub struct LinearDxOp<'a, B: Device> {
     /// Upstream gradient `[R, N]`, f32.
@@ -95,6 +96,8 @@ impl<'a, B: Device> LinearDxOp<'a, B> {
 /// The weight gradient of a (grouped) linear product: `dw[g] = Σ_{r ∈ g} dy[r]ᵀ · x[r]`
 /// (`[G, N, K]`, or `[N, K]` dense), and with `bias` the bias gradient `db[g] = Σ_{r ∈ g}
 /// dy[r]` (`[G, N]` or `[N]`). A group with no row gets zeros. Rows sum in row order.
+/// Offsets with a tail ([`Offsets::with_tail`]) give the G expert groups' gradients only
+/// (the tail has no weights).
 #[non_exhaustive]
 pub struct WeightGradOp<'a, B: Device> {
     /// Upstream gradient `[R, N]`, f32.
@@ -143,7 +146,7 @@ impl<'a, B: Device> WeightGradOp<'a, B> {
         if xr != rows {
             return Err(Error::shape("forward input", format!("[{rows}, in] (the rows of dy)"), x.shape()));
         }
-        let groups = offsets.map_or(1, |o| o.groups());
+        let groups = offsets.map_or(1, |o| o.groups().saturating_sub(o.tail()));
         check_offsets(offsets, groups, rows, "output gradient rows")?;
         let (w_shape, b_shape) =
             if offsets.is_some() { (vec![groups, n, k], vec![groups, n]) } else { (vec![n, k], vec![n]) };
@@ -154,13 +157,28 @@ impl<'a, B: Device> WeightGradOp<'a, B> {
 }
 
 /// Which activation a gradient goes through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ActGradKind {
     /// `y = act(pre)`: `d_pre = dy · act'(pre)`.
     Activation(Activation),
     /// `y = act(gate) · up` with `pre = [gate | up]`: `d_gate = dy · up · act'(gate)`,
     /// `d_up = dy · act(gate)`.
     Glu(Activation),
+    /// The clamped GLU `y = act_α(g) · (u + up_offset)`, `g = min(gate, limit)`, `u =
+    /// clamp(up, −limit, limit)` ([`GluClamp`]): `d_gate = dy · (u + up_offset) ·
+    /// act_α'(g)` where `gate < limit`, `d_up = dy · act_α(g)` where `−limit < up < limit`,
+    /// 0 elsewhere (torch's clamp passes no gradient at or past its bounds).
+    GluClamped(Activation, GluClamp),
+}
+
+impl ActGradKind {
+    /// The gradient kind of a GLU with an optional clamp (`ExpertKind::Glu`'s fields).
+    pub fn glu(activation: Activation, clamp: Option<GluClamp>) -> Self {
+        match clamp {
+            Some(c) => ActGradKind::GluClamped(activation, c),
+            None => ActGradKind::Glu(activation),
+        }
+    }
 }
 
 /// The gradient through an activation or GLU, from the kept pre-activation. Checked.
@@ -174,7 +192,7 @@ pub struct ActGradOp<'a, B: Device> {
     pub pre: &'a Tensor<B>,
     /// Output shape `[R, N]`.
     pub out_shape: [usize; 2],
-    /// Kernel parameters (`rows` R, `cols` I, `act`, `glu`).
+    /// Kernel parameters (`rows` R, `cols` I, `act`, `glu`, and a GLU's clamp).
     pub params: GradParams,
 }
 
@@ -182,11 +200,15 @@ impl<'a, B: Device> ActGradOp<'a, B> {
     /// Checks the shapes.
     pub fn check(b: &B, kind: ActGradKind, dy: &'a Tensor<B>, pre: &'a Tensor<B>) -> Result<Self> {
         let (r, n) = f32_matrix("pre-activation", pre)?;
-        let (i, act, glu) = match kind {
-            ActGradKind::Activation(a) => (n, a, 0),
-            ActGradKind::Glu(a) if n % 2 == 0 => (n / 2, a, 1),
-            ActGradKind::Glu(_) => {
+        let (i, act, glu, clamp) = match kind {
+            ActGradKind::Activation(a) => (n, a, 0, None),
+            ActGradKind::Glu(_) | ActGradKind::GluClamped(..) if n % 2 != 0 => {
                 return Err(Error::shape("pre-activation", "[rows, 2·ffn] (gate, then up)", pre.shape()));
+            }
+            ActGradKind::Glu(a) => (n / 2, a, 1, None),
+            ActGradKind::GluClamped(a, c) => {
+                c.check(a)?;
+                (n / 2, a, 1, Some(c))
             }
         };
         f32_shaped("activation output gradient", dy, &[r, i])?;
@@ -197,9 +219,41 @@ impl<'a, B: Device> ActGradOp<'a, B> {
             cols: to_u32("activation width", i)?,
             act: act.kernel_code(),
             glu,
+            clamp: clamp.is_some() as u32,
+            limit: clamp.map_or(0.0, |c| c.limit),
+            alpha: clamp.map_or(0.0, |c| c.alpha),
+            up_offset: clamp.map_or(0.0, |c| c.up_offset),
             ..Default::default()
         };
         Ok(ActGradOp { kind, dy, pre, out_shape: [r, n], params })
+    }
+}
+
+/// The column sum `dy [S, M]` → `[M]`, `Σ_s dy[s]` in row order: the gradient of
+/// `add_bias`'s bias. No other op computes it alone: `weight_grad` with `bias` of a dense
+/// product computes this same sum (its `db`) but beside a weight gradient that needs the
+/// forward's input, so this op runs only that sum, on the same kernels (`bias_grad` of
+/// shaders/grad_matmul.wgsl and kernels/grad_matmul.cu, one dense group). Checked.
+#[non_exhaustive]
+pub struct SumRowsOp<'a, B: Device> {
+    /// The rows to sum `[S, M]`, f32.
+    pub dy: &'a Tensor<B>,
+    /// Rows S.
+    pub rows: usize,
+    /// Columns M (the output's length).
+    pub cols: usize,
+    /// Kernel parameters of `bias_grad` (dense: one group of all rows, `n` = M).
+    pub params: GradMatmulParams,
+}
+
+impl<'a, B: Device> SumRowsOp<'a, B> {
+    /// Checks that `dy` is an f32 matrix whose sum fits the device.
+    pub fn check(b: &B, dy: &'a Tensor<B>) -> Result<Self> {
+        let (rows, cols) = f32_matrix("row sum input", dy)?;
+        output(b, "row sum", &[cols], DType::F32)?;
+        super::fits_i32("row sum rows", rows)?;
+        let params = GradMatmulParams { bias: 1, ..grad_matmul(rows, cols, 0, 1, false)? };
+        Ok(SumRowsOp { dy, rows, cols, params })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Matrix products: dense (`linear`), grouped by expert offsets (`grouped_linear`), and
 //! the whole expert MLP over grouped rows (`grouped_mlp`).
 
-use super::{f32_matrix, f32_shaped, fits_i32, i32_shaped, output, to_u32};
+use super::{f32_matrix, f32_shaped, fits_i32, output, to_u32};
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::expert::ExpertKind;
@@ -23,14 +23,21 @@ pub struct MatDims {
 /// prefix sum from 0, whose last value is at most [`Offsets::bound`]. Made by the plan op
 /// (the compact expert-major layout) or from host values checked on the way in, so a
 /// kernel that walks the groups never leaves its rows.
+///
+/// The last [`Offsets::tail`] groups may be marked as a tail ([`Offsets::with_tail`]):
+/// groups with no weights (LongCat-Flash's zero-compute experts, which return their input).
+/// The grouped ops (`grouped_linear`, `grouped_mlp`, grouped `linear_dx`, `weight_grad`)
+/// then take a weight stack of `G − tail` experts, compute only those groups' rows and
+/// leave the tail's rows zero, for `Backend::pass_rows` to fill.
 pub struct Offsets<B: Device> {
     tensor: Tensor<B>,
     bound: usize,
+    tail: usize,
 }
 
 impl<B: Device> Clone for Offsets<B> {
     fn clone(&self) -> Self {
-        Offsets { tensor: self.tensor.clone(), bound: self.bound }
+        Offsets { tensor: self.tensor.clone(), bound: self.bound, tail: self.tail }
     }
 }
 
@@ -40,12 +47,22 @@ impl<B: Device> Offsets<B> {
         Self::check_values(offsets, None)?;
         let bound = *offsets.last().unwrap_or(&0) as usize;
         let t = HostTensor::i32(&[offsets.len()], offsets.to_vec())?;
-        Ok(Offsets { tensor: b.upload(&t)?, bound })
+        Ok(Offsets { tensor: b.upload(&t)?, bound, tail: 0 })
     }
 
     /// Offsets the plan computed: `tensor` `[E + 1]`, its last value at most `bound` (S·k).
     pub(crate) fn from_plan(tensor: Tensor<B>, bound: usize) -> Self {
-        Offsets { tensor, bound }
+        Offsets { tensor, bound, tail: 0 }
+    }
+
+    /// The same offsets with their last `z` groups marked as a tail of weightless groups
+    /// (replacing any earlier mark): the grouped ops then take `groups() − z` experts'
+    /// weights and leave the tail's rows zero. A plan over E real and Z identity experts
+    /// gives offsets `[E + Z + 1]`; `with_tail(Z)` runs its E-expert stack. A `z` above
+    /// the groups is refused by the ops that take the offsets (no stack has as many
+    /// groups fewer).
+    pub fn with_tail(&self, z: usize) -> Offsets<B> {
+        Offsets { tensor: self.tensor.clone(), bound: self.bound, tail: z }
     }
 
     /// Checks offsets values: at least one, the first 0, non-decreasing, and (with
@@ -74,9 +91,29 @@ impl<B: Device> Offsets<B> {
         &self.tensor
     }
 
-    /// Groups G.
+    /// Groups G, the tail included.
     pub fn groups(&self) -> usize {
         self.tensor.numel().saturating_sub(1)
+    }
+
+    /// Groups of the tail (0 unless marked by [`Offsets::with_tail`]).
+    pub fn tail(&self) -> usize {
+        self.tail
+    }
+
+    /// Checks that these offsets group rows for a weight stack of `experts` matrices:
+    /// exactly `experts + tail` groups, so `[experts + tail + 1]` i32.
+    pub(crate) fn check_experts(&self, experts: usize) -> Result<()> {
+        let want = experts.checked_add(self.tail).and_then(|g| g.checked_add(1));
+        if self.tensor.dtype() != DType::I32 || Some(self.tensor.numel()) != want || self.tensor.shape().len() != 1 {
+            let what = match (self.tail, want) {
+                (0, Some(n)) => format!("[{n}] i32 (one group per expert, + 1)"),
+                (z, Some(n)) => format!("[{n}] i32 ({experts} expert groups, then the {z} tail groups, + 1)"),
+                (z, None) => format!("{experts} expert groups and {z} tail groups (too many)"),
+            };
+            return Err(Error::shape("offsets", what, self.tensor.shape()));
+        }
+        Ok(())
     }
 
     /// An upper bound of the last offset: the rows the groups cover at most.
@@ -172,7 +209,8 @@ impl<'a, B: Device> LinearOp<'a, B> {
 }
 
 /// The grouped product: rows `offsets[g]..offsets[g + 1]` of `x [R, K]` times
-/// `w[g] [N, K]ᵀ` (+ `bias[g]`); rows past the last group are zero. Checked.
+/// `w[g] [N, K]ᵀ` (+ `bias[g]`); rows past the last expert group (the offsets' tail
+/// included) are zero. Checked.
 #[non_exhaustive]
 pub struct GroupedLinearOp<'a, B: Device> {
     /// Input rows, f32.
@@ -185,7 +223,7 @@ pub struct GroupedLinearOp<'a, B: Device> {
     pub bias: Option<&'a Tensor<B>>,
     /// Sizes.
     pub dims: MatDims,
-    /// Groups G.
+    /// Expert groups G (the weight stack's; the offsets may add a tail).
     pub groups: usize,
     /// Kernel parameters (plain product; `max_tiles` = ceil(R / 64) + G).
     pub params: MatmulParams,
@@ -206,7 +244,7 @@ impl<'a, B: Device> GroupedLinearOp<'a, B> {
             return Err(Error::shape("expert weights", format!("[experts, out, {k}]"), w.shape()));
         }
         let wdtype = weight_code("expert weights", w.dtype())?;
-        i32_shaped("offsets", offsets.tensor(), &[groups + 1])?;
+        offsets.check_experts(groups)?;
         if offsets.bound() > rows {
             return Err(Error::shape(
                 "grouped input",
@@ -254,7 +292,7 @@ pub struct MlpOutput<B: Device> {
 }
 
 /// The whole expert MLP over grouped rows, checked: `w_out · act(w_in · x)` (GLU:
-/// `w_out · (act(gate) · up)`), with biases.
+/// `w_out · (act(gate) · up)`, clamped as the kind's `GluClamp` says), with biases.
 #[non_exhaustive]
 pub struct GroupedMlpOp<'a, B: Device> {
     /// Compact expert-major input rows `[R, K]`.
@@ -271,7 +309,8 @@ pub struct GroupedMlpOp<'a, B: Device> {
     pub inner: usize,
     /// Output width K'.
     pub out_cols: usize,
-    /// Kernel parameters of the first product, with the GLU epilogue for GLU experts.
+    /// Kernel parameters of the first product, with the GLU epilogue (and its clamp) for
+    /// GLU experts.
     pub params: MatmulParams,
 }
 
@@ -295,7 +334,8 @@ impl<'a, B: Device> GroupedMlpOp<'a, B> {
                 (n, n)
             }
             kind => {
-                let inner = if let ExpertKind::Glu { activation } = kind {
+                kind.check()?;
+                let inner = if let ExpertKind::Glu { activation, clamp } = kind {
                     if n % 2 != 0 {
                         return Err(Error::shape(
                             "GLU expert weights",
@@ -306,6 +346,12 @@ impl<'a, B: Device> GroupedMlpOp<'a, B> {
                     params.glu = 1;
                     params.act = activation.kernel_code();
                     params.keep_pre = keep_pre as u32;
+                    if let Some(c) = clamp {
+                        params.clamp = 1;
+                        params.limit = c.limit;
+                        params.alpha = c.alpha;
+                        params.up_offset = c.up_offset;
+                    }
                     n / 2
                 } else {
                     n

@@ -32,12 +32,12 @@ mod stats;
 
 pub use cast::CastWeightOp;
 pub(crate) use dispatch::unit_weights;
-pub use dispatch::{CombineOp, PermuteOp, RouteRows};
+pub use dispatch::{CombineOp, PassRowsOp, PermuteOp, PermuteScaledOp, RouteRows};
 pub use elementwise::{ElementwiseKind, ElementwiseOp};
 pub use exchange::{BlockTable, Bucket, BucketOp, BucketParts, DevicePlacement, RegroupOp};
 pub use grad::{
     ActGradKind, ActGradOp, AuxGrad, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad,
-    MixGradOp, RouteGradOp, RouteGradSpec, WeightGrad, WeightGradOp,
+    MixGradOp, RouteGradOp, RouteGradSpec, SumRowsOp, WeightGrad, WeightGradOp,
 };
 pub use matmul::{GroupedLinearOp, GroupedMlpOp, LinearOp, MatDims, MlpOutput, MlpWeights, Offsets};
 pub use noise::NoiseOp;

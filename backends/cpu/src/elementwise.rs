@@ -1,8 +1,8 @@
 //! Activations, GLU, permute / combine, residual and shared-expert mixing on the cpu.
 
 use crate::{f32s, i32s, tf32, CpuBackend, T};
-use moe_engine::ops::{CombineOp, ElementwiseKind, ElementwiseOp, PermuteOp};
-use moe_engine::{Activation, Error, Result};
+use moe_engine::ops::{CombineOp, ElementwiseKind, ElementwiseOp, PassRowsOp, PermuteOp, PermuteScaledOp};
+use moe_engine::{Activation, Error, GluClamp, Result};
 use rayon::prelude::*;
 
 const PAR_CHUNK: usize = 1 << 14;
@@ -95,12 +95,19 @@ pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
             out.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|y| *y = act(*y, act_kind)));
             out
         }
-        ElementwiseKind::Glu(act_kind) => {
+        ElementwiseKind::Glu(act_kind) | ElementwiseKind::GluClamped(act_kind, _) => {
+            let clamp = if let ElementwiseKind::GluClamped(_, c) = op.kind { Some(c) } else { None };
             let mut out = vec![0f32; op.params.n as usize];
             out.par_chunks_mut(cols).enumerate().for_each(|(row, o)| {
                 let (gate, up) = a[row * 2 * cols..(row + 1) * 2 * cols].split_at(cols);
-                glu_row(o, gate, up, act_kind);
+                glu_row(o, gate, up, act_kind, clamp);
             });
+            out
+        }
+        ElementwiseKind::AddBias => {
+            let bias = second("add_bias")?;
+            let mut out = a.to_vec();
+            out.par_chunks_mut(cols).for_each(|o| o.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
             out
         }
         ElementwiseKind::Mul => a.iter().zip(second("mul")?).map(|(p, q)| p * q).collect(),
@@ -135,17 +142,62 @@ pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
     tf32(&op.out_shape, out)
 }
 
-/// `o = act(gate) · up` for one row.
-pub(crate) fn glu_row(o: &mut [f32], gate: &[f32], up: &[f32], a: Activation) {
+/// `o = act(gate) · up` for one row, or with a clamp [`glu_clamped`] of each pair.
+pub(crate) fn glu_row(o: &mut [f32], gate: &[f32], up: &[f32], a: Activation, clamp: Option<GluClamp>) {
     // One loop per activation, so the common SwiGLU loop has no branch and vectorises.
-    match a {
-        Activation::Silu => swiglu_row(o, gate, up),
+    match (a, clamp) {
+        (_, Some(c)) => {
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = glu_clamped(g, u, a, c);
+            }
+        }
+        (Activation::Silu, None) => swiglu_row(o, gate, up),
         _ => {
             for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
                 *o = act(g, a) * u;
             }
         }
     }
+}
+
+/// `min(g, limit)` as torch's `clamp(max=limit)`: a NaN stays NaN (`f32::min` would drop
+/// it), so every backend writes the comparison the same way.
+#[inline]
+pub(crate) fn clamp_gate(g: f32, limit: f32) -> f32 {
+    if g > limit {
+        limit
+    } else {
+        g
+    }
+}
+
+/// `clamp(u, −limit, limit)` as torch's, NaN kept.
+#[inline]
+pub(crate) fn clamp_up(u: f32, limit: f32) -> f32 {
+    if u > limit {
+        limit
+    } else if u < -limit {
+        -limit
+    } else {
+        u
+    }
+}
+
+/// act_α(x): silu with its sigmoid scaled by α, `x / (1 + e^(−α·x))` (gpt-oss's `gate ·
+/// sigmoid(gate · alpha)`); every other activation takes α = 1 (the front door checks).
+#[inline]
+pub(crate) fn act_scaled(x: f32, a: Activation, alpha: f32) -> f32 {
+    match a {
+        Activation::Silu => x / (1.0 + exp_fast(-alpha * x)),
+        _ => act(x, a),
+    }
+}
+
+/// The clamped GLU of one (gate, up) pair: `act_α(min(gate, l)) · (clamp(up, −l, l) +
+/// up_offset)`.
+#[inline]
+pub(crate) fn glu_clamped(gate: f32, up: f32, a: Activation, c: GluClamp) -> f32 {
+    act_scaled(clamp_gate(gate, c.limit), a, c.alpha) * (clamp_up(up, c.limit) + c.up_offset)
 }
 
 pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
@@ -167,6 +219,40 @@ pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
             o.copy_from_slice(&v[t * m..(t + 1) * m]);
         }
     });
+    tf32(&op.out_shape, out)
+}
+
+/// permute with every route's row scaled by its weight.
+pub(crate) fn permute_scaled(op: &PermuteScaledOp<'_, CpuBackend>) -> Result<T> {
+    let [rows_out, m] = op.out_shape;
+    let rows = i32s(op.rows.tensor(), "route rows")?;
+    let w = f32s(op.weights, "route weights")?;
+    let v = f32s(op.x, "x")?;
+    let k = op.rows.k();
+    // Inverse map: grouped row → route (the route names its token and weight).
+    let mut src = vec![usize::MAX; rows_out];
+    for (r, &row) in rows.iter().enumerate() {
+        if row >= 0 {
+            src[row as usize] = r;
+        }
+    }
+    let mut out = vec![0f32; rows_out * m];
+    out.par_chunks_mut(m.max(1)).zip(src.par_iter()).for_each(|(o, &route)| {
+        if route != usize::MAX {
+            let (t, wr) = (route / k, w[route]);
+            o.iter_mut().zip(&v[t * m..(t + 1) * m]).for_each(|(o, &x)| *o = wr * x);
+        }
+    });
+    tf32(&op.out_shape, out)
+}
+
+/// y with the rows of groups `from_group..G` taken from x.
+pub(crate) fn pass_rows(op: &PassRowsOp<'_, CpuBackend>) -> Result<T> {
+    let [r, m] = op.out_shape;
+    let off = crate::matmul::offsets(op.offsets, r)?;
+    let (r0, r1) = (off[op.from_group] as usize, off[off.len() - 1] as usize);
+    let mut out = f32s(op.y, "pass_rows y")?[..r * m].to_vec();
+    out[r0 * m..r1 * m].copy_from_slice(&f32s(op.x, "pass_rows x")?[r0 * m..r1 * m]);
     tf32(&op.out_shape, out)
 }
 

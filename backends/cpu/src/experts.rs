@@ -7,7 +7,7 @@ use crate::elementwise::glu_row;
 use crate::matmul::{fill_tile, gemm_raw, offsets, rhs_block, tiles, SharedOut, Tile, SERIAL_WORK};
 use crate::{f32s, tf32, weight_data, CpuBackend, T};
 use moe_engine::ops::{GroupedMlpOp, MatDims};
-use moe_engine::{Activation, Result};
+use moe_engine::{Activation, GluClamp, Result};
 use rayon::prelude::*;
 
 /// GLU columns per tile: the tile's product covers twice as many weight columns (gate
@@ -16,12 +16,19 @@ const GLU_BLOCK: usize = 128;
 
 /// `act(x · w_gateᵀ + b_gate) · (x · w_upᵀ + b_up)` over expert groups: `w [G, 2I, K]`
 /// holds the gate rows first, then the up rows. Returns `h [R, I]` and, with `keep_pre`,
-/// the pre-activation `[R, 2I]` as the unfused first product would have produced it.
-pub(crate) fn grouped_glu(op: &GroupedMlpOp<'_, CpuBackend>, a: Activation, threads: usize) -> Result<(T, Option<T>)> {
+/// the pre-activation `[R, 2I]` as the unfused first product would have produced it. With
+/// a clamp, `h` is the clamped GLU of each tile (the pre-activation stays unclamped).
+pub(crate) fn grouped_glu(
+    op: &GroupedMlpOp<'_, CpuBackend>,
+    a: Activation,
+    clamp: Option<GluClamp>,
+    threads: usize,
+) -> Result<(T, Option<T>)> {
     let MatDims { rows: r, n, k: kk } = op.first;
     let keep_pre = op.keep_pre;
-    let off = offsets(op.offsets, r)?;
-    let g = off.len() - 1;
+    // A tail of weightless groups (Offsets::with_tail) is left alone: its rows stay zero.
+    let g = op.offsets.groups() - op.offsets.tail();
+    let off = &offsets(op.offsets, r)?[..=g];
     let b = op.weights.b_in.map(|b| f32s(b, "expert biases")).transpose()?;
     let i = op.inner;
     let xs = f32s(op.xp, "grouped input")?;
@@ -62,7 +69,7 @@ pub(crate) fn grouped_glu(op: &GroupedMlpOp<'_, CpuBackend>, a: Activation, thre
                 let gr = std::slice::from_raw_parts(gate.add(row * rs), cols);
                 let ur = std::slice::from_raw_parts(up.add(row * rs), cols);
                 let o = std::slice::from_raw_parts_mut(hp.get().add((t.r0 + row) * i + t.c0), cols);
-                glu_row(o, gr, ur, a);
+                glu_row(o, gr, ur, a, clamp);
             }
         }
     };

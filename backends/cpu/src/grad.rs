@@ -7,15 +7,17 @@ use crate::route::{mixer_kept, mixer_sum, normaliser, sqrt_softplus_grad};
 use crate::{f32s, i32s, tf32, weight_data, CpuBackend, T};
 use moe_engine::ops::{
     ActGradKind, ActGradOp, Choice, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad,
-    MixGradOp, Normalize, RouteGradOp, ScoreFn, WeightGrad, WeightGradOp,
+    MixGradOp, Normalize, RouteGradOp, ScoreFn, SumRowsOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::{Activation, Result};
 use rayon::prelude::*;
 
-/// Group offsets of an op, or the one group of all rows.
-fn groups_of(o: Option<&moe_engine::ops::Offsets<CpuBackend>>, rows: usize) -> Result<Vec<i32>> {
+/// Group offsets of an op's `groups` expert groups (a tail of weightless groups past them,
+/// `Offsets::with_tail`, is left out: its rows take no gradient), or the one group of all
+/// rows.
+fn groups_of(o: Option<&moe_engine::ops::Offsets<CpuBackend>>, groups: usize, rows: usize) -> Result<Vec<i32>> {
     match o {
-        Some(o) => Ok(offsets(o, rows)?.to_vec()),
+        Some(o) => Ok(offsets(o, rows)?[..=groups].to_vec()),
         None => Ok(vec![0, rows as i32]),
     }
 }
@@ -23,7 +25,7 @@ fn groups_of(o: Option<&moe_engine::ops::Offsets<CpuBackend>>, rows: usize) -> R
 /// `dx [R, K] = dy [R, N] · w[g] [N, K]` per group.
 pub(crate) fn linear_dx(op: &LinearDxOp<'_, CpuBackend>, threads: usize) -> Result<T> {
     let (r, n, kk) = (op.rows, op.n, op.k);
-    let off = groups_of(op.offsets, r)?;
+    let off = groups_of(op.offsets, op.params.groups as usize, r)?;
     let dy = f32s(op.dy, "output gradient")?;
     let (ws, w_t) = weight_data(op.w, "weight", n, kk)?;
     let mut out = vec![0f32; r * kk];
@@ -64,7 +66,7 @@ const DW_ROWS: usize = 64;
 /// `dw[g] = dyᵀ · x` over the rows of group g, and `db[g] = Σ dy` in row order.
 pub(crate) fn weight_grad(op: &WeightGradOp<'_, CpuBackend>, threads: usize) -> Result<WeightGrad<CpuBackend>> {
     let (r, n, kk, g) = (op.rows, op.n, op.k, op.groups);
-    let off = groups_of(op.offsets, r)?;
+    let off = groups_of(op.offsets, g, r)?;
     let dy = f32s(op.dy, "output gradient")?;
     let x = f32s(op.x, "forward input")?;
     let mut dw = vec![0f32; g * n * kk];
@@ -178,8 +180,48 @@ pub(crate) fn act_grad(op: &ActGradOp<'_, CpuBackend>) -> Result<T> {
                 }
             });
         }
+        ActGradKind::GluClamped(a, cl) => {
+            use crate::elementwise::{act_scaled, clamp_gate, clamp_up};
+            let i = n / 2;
+            out.par_chunks_mut(n.max(1)).enumerate().for_each(|(row, o)| {
+                let (g, u) = pre[row * n..(row + 1) * n].split_at(i);
+                let d = &dy[row * i..(row + 1) * i];
+                for c in 0..i {
+                    let (gc, uc) = (clamp_gate(g[c], cl.limit), clamp_up(u[c], cl.limit));
+                    // torch's clamp passes the gradient only strictly inside its bounds.
+                    let gate_in = g[c] < cl.limit;
+                    let up_in = u[c] > -cl.limit && u[c] < cl.limit;
+                    o[c] = if gate_in { d[c] * (uc + cl.up_offset) * act_scaled_deriv(gc, a, cl.alpha) } else { 0.0 };
+                    o[i + c] = if up_in { d[c] * act_scaled(gc, a, cl.alpha) } else { 0.0 };
+                }
+            });
+        }
     }
     tf32(&[r, n], out)
+}
+
+/// act_α'(x) for the clamped GLU: silu with its sigmoid scaled by α, `s · (1 + α·x · (1 −
+/// s))` with `s = σ(α·x)` (α = 1 is [`act_deriv`]'s silu exactly); others as [`act_deriv`].
+#[inline]
+pub(crate) fn act_scaled_deriv(x: f32, a: Activation, alpha: f32) -> f32 {
+    match a {
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-alpha * x).exp());
+            s * (1.0 + alpha * x * (1.0 - s))
+        }
+        _ => act_deriv(x, a),
+    }
+}
+
+/// The column sum of `dy [S, M]`, rows in order (as `weight_grad`'s bias gradient).
+pub(crate) fn sum_rows(op: &SumRowsOp<'_, CpuBackend>) -> Result<T> {
+    let dy = f32s(op.dy, "row sum input")?;
+    let m = op.cols;
+    let mut acc = vec![0f32; m];
+    for row in 0..op.rows {
+        acc.iter_mut().zip(&dy[row * m..(row + 1) * m]).for_each(|(a, &d)| *a += d);
+    }
+    tf32(&[m], acc)
 }
 
 /// The gradient of combine: scattered weighted rows and per-route dot products.

@@ -27,8 +27,8 @@ use moe_engine::expert::ExpertKind;
 use moe_engine::ops::{
     ActGradOp, BucketOp, BucketParts, CastWeightOp, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
     GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, OptimStepOp,
-    PermuteOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp, RouterStatsOp, RoutesParts, StepOut, SumSquaresOp,
-    WeightGrad, WeightGradOp,
+    PassRowsOp, PermuteOp, PermuteScaledOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp, RouterStatsOp,
+    RoutesParts, StepOut, SumRowsOp, SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
@@ -192,10 +192,10 @@ impl Backend for CpuBackend {
 
     fn run_grouped_mlp(&self, op: &GroupedMlpOp<'_, Self>) -> Result<MlpOutput<Self>> {
         let w = op.weights;
-        let ExpertKind::Glu { activation } = w.kind else {
+        let ExpertKind::Glu { activation, clamp } = w.kind else {
             return self.grouped_mlp_unfused(op);
         };
-        let (h, pre) = self.pool.install(|| experts::grouped_glu(op, activation, self.threads()))?;
+        let (h, pre) = self.pool.install(|| experts::grouped_glu(op, activation, clamp, self.threads()))?;
         let w_out = w.w_out.ok_or_else(|| Error::Internal("checked GLU experts without w_out".into()))?;
         let y = self.grouped_linear(&h, op.offsets, w_out, w.b_out)?;
         Ok(MlpOutput { pre, y })
@@ -221,6 +221,14 @@ impl Backend for CpuBackend {
         self.pool.install(|| elementwise::combine(op))
     }
 
+    fn run_permute_scaled(&self, op: &PermuteScaledOp<'_, Self>) -> Result<T> {
+        self.pool.install(|| elementwise::permute_scaled(op))
+    }
+
+    fn run_pass_rows(&self, op: &PassRowsOp<'_, Self>) -> Result<T> {
+        elementwise::pass_rows(op)
+    }
+
     fn run_bucket(&self, op: &BucketOp<'_, Self>) -> Result<BucketParts<Self>> {
         exchange::bucket(op)
     }
@@ -243,6 +251,10 @@ impl Backend for CpuBackend {
 
     fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<T> {
         self.pool.install(|| grad::act_grad(op))
+    }
+
+    fn run_sum_rows(&self, op: &SumRowsOp<'_, Self>) -> Result<T> {
+        grad::sum_rows(op)
     }
 
     fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {

@@ -64,7 +64,8 @@ pub(crate) unsafe fn fill_tile(d: *mut f32, rs: usize, rows: usize, b: &[f32]) {
 
 pub(crate) fn grouped_linear(op: &GroupedLinearOp<'_, CpuBackend>, threads: usize) -> Result<T> {
     let MatDims { rows: r, n, k: kk } = op.dims;
-    let off = offsets(op.offsets, r)?;
+    // The expert groups only: a tail of weightless groups (Offsets::with_tail) stays zero.
+    let off = &offsets(op.offsets, r)?[..=op.groups];
     let b = op.bias.map(|b| f32s(b, "expert biases")).transpose()?;
     let out = tiled_product(
         f32s(op.x, "grouped input")?,

@@ -112,7 +112,7 @@ fn fused_glu_experts_match_the_unfused_composition() {
     for activation in [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
         for with_bias in [false, true] {
             let w = MlpWeights {
-                kind: ExpertKind::Glu { activation },
+                kind: ExpertKind::Glu { activation, clamp: None },
                 w_in: &w_in,
                 b_in: with_bias.then_some(&b_in),
                 w_out: Some(&w_out),

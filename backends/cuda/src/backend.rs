@@ -18,8 +18,8 @@ use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
 use moe_engine::ops::{
     ActGradOp, BucketOp, BucketParts, CastWeightOp, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
     GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, NoiseOp,
-    OptimStepOp, PermuteOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp, RouterStatsOp, RoutesParts, StepOut,
-    SumSquaresOp, WeightGrad, WeightGradOp,
+    OptimStepOp, PassRowsOp, PermuteOp, PermuteScaledOp, PlanOp, PlanParts, RegroupOp, RouteGradOp, RouteOp,
+    RouterStatsOp, RoutesParts, StepOut, SumRowsOp, SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, HostTensor, Result};
@@ -109,6 +109,14 @@ impl Backend for CudaBackend {
         self.combine(op)
     }
 
+    fn run_permute_scaled(&self, op: &PermuteScaledOp<'_, Self>) -> Result<T> {
+        self.permute_scaled(op)
+    }
+
+    fn run_pass_rows(&self, op: &PassRowsOp<'_, Self>) -> Result<T> {
+        self.pass_rows(op)
+    }
+
     fn run_bucket(&self, op: &BucketOp<'_, Self>) -> Result<BucketParts<Self>> {
         self.bucket(op)
     }
@@ -135,6 +143,10 @@ impl Backend for CudaBackend {
 
     fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<T> {
         self.act_grad(op)
+    }
+
+    fn run_sum_rows(&self, op: &SumRowsOp<'_, Self>) -> Result<T> {
+        self.sum_rows(op)
     }
 
     fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {

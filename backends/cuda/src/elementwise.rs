@@ -4,7 +4,7 @@
 use crate::device::{derr, CudaBackend, Param, T};
 use crate::launch;
 use cudarc::driver::{CudaSlice, PushKernelArg};
-use moe_engine::ops::{CombineOp, ElementwiseOp, PermuteOp};
+use moe_engine::ops::{CombineOp, ElementwiseOp, PassRowsOp, PermuteOp, PermuteScaledOp};
 use moe_engine::Result;
 
 impl CudaBackend {
@@ -52,7 +52,9 @@ impl CudaBackend {
             let p = Param(params);
             // SAFETY: matches kernels/permute.cu (src, rows, weights, out, PermuteParams);
             // route rows come from the ops that compute them, so each indexes a row of the
-            // layout (the output of permute, `src` of combine), named once.
+            // layout (the output of permute, `src` of combine), named once; for pass_rows
+            // `rows` holds checked group offsets (G + 1 values, non-decreasing, within the
+            // R rows) and src, weights and out all hold [R, M].
             unsafe {
                 self.stream
                     .launch_builder(&f)
@@ -70,6 +72,19 @@ impl CudaBackend {
 
     pub(crate) fn permute(&self, op: &PermuteOp<'_, Self>) -> Result<T> {
         self.rows_op("permute", op.x, op.rows.tensor(), &self.dummy, op.params, &op.out_shape)
+    }
+
+    pub(crate) fn permute_scaled(&self, op: &PermuteScaledOp<'_, Self>) -> Result<T> {
+        let w = Self::f32s(op.weights, "route weights")?;
+        self.rows_op("permute_scaled", op.x, op.rows.tensor(), w, op.params, &op.out_shape)
+    }
+
+    /// pass_rows on the permute family's arguments: x as the source rows, the group offsets
+    /// as the route rows, y as the weights (kernels/permute.cu says so). Every output
+    /// element is written (from x or from y).
+    pub(crate) fn pass_rows(&self, op: &PassRowsOp<'_, Self>) -> Result<T> {
+        let y = Self::f32s(op.y, "pass_rows y")?;
+        self.rows_op("pass_rows", op.x, op.offsets.tensor(), y, op.params, &op.out_shape)
     }
 
     pub(crate) fn combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {

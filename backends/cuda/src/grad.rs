@@ -15,7 +15,7 @@ use crate::launch;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use moe_engine::ops::{
     ActGradOp, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad, MixGradOp, OptimStepOp,
-    RouteGradOp, StepOut, SumSquaresOp, WeightGrad, WeightGradOp,
+    RouteGradOp, StepOut, SumRowsOp, SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::{Error, Result};
 
@@ -90,6 +90,32 @@ impl CudaBackend {
             None
         };
         Ok(WeightGrad { dw: Self::out(&op.w_shape, dw)?, db })
+    }
+
+    /// The column sum: kernels/grad_matmul.cu `bias_grad` over one dense group (x and the
+    /// offsets unread).
+    pub(crate) fn sum_rows(&self, op: &SumRowsOp<'_, Self>) -> Result<T> {
+        let mut out = self.zeros::<f32>(op.cols)?;
+        if op.cols > 0 {
+            let f = self.function("grad_matmul.cu", "bias_grad")?;
+            let null = 0u64;
+            let p = Param(op.params);
+            // SAFETY: matches kernels/grad_matmul.cu bias_grad(dy, x, offsets, db,
+            // GradMatmulParams): dy holds [rows, cols], db cols values; `grouped` is 0, so x
+            // and the offsets are not read.
+            unsafe {
+                self.stream
+                    .launch_builder(&f)
+                    .arg(Self::f32s(op.dy, "row sum input")?)
+                    .arg(&null)
+                    .arg(&null)
+                    .arg(&mut out)
+                    .arg(&p)
+                    .launch(launch::bias_grad(&op.params).config())
+            }
+            .map_err(derr)?;
+        }
+        Self::out(&[op.cols], out)
     }
 
     pub(crate) fn act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<T> {

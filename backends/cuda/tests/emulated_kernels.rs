@@ -171,7 +171,7 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
         let f = c.n / 2;
         let w_out = up(&cpu, &[g, c.k, f.max(1)], vec![0.0; g * c.k * f.max(1)]);
         let mlp = MlpWeights {
-            kind: ExpertKind::Glu { activation: c.glu.unwrap_or(Activation::Silu) },
+            kind: ExpertKind::Glu { activation: c.glu.unwrap_or(Activation::Silu), clamp: None },
             w_in: &wt,
             b_in: bt.as_ref(),
             w_out: Some(&w_out),

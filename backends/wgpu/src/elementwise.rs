@@ -3,7 +3,7 @@
 use crate::kernels::{ELEMENTWISE, PERMUTE};
 use crate::{WgpuBackend, T};
 use moe_engine::kernel_abi::{grid_1d, WG_ELEMENTWISE};
-use moe_engine::ops::{CombineOp, ElementwiseOp, PermuteOp};
+use moe_engine::ops::{CombineOp, ElementwiseOp, PassRowsOp, PermuteOp, PermuteScaledOp};
 use moe_engine::{DType, Error, Result};
 
 pub(crate) fn f32buf<'a>(t: &'a T, name: &str) -> Result<&'a wgpu::Buffer> {
@@ -39,6 +39,30 @@ pub(crate) fn permute(b: &WgpuBackend, op: &PermuteOp<'_, WgpuBackend>) -> Resul
         let rows = WgpuBackend::buf(op.rows.tensor(), "route rows", DType::I32)?;
         let bufs = [f32buf(op.x, "x")?, rows, &b.dummy, &out.buffer().buf];
         b.dispatch(&PERMUTE, "permute", &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;
+    }
+    Ok(out)
+}
+
+pub(crate) fn permute_scaled(b: &WgpuBackend, op: &PermuteScaledOp<'_, WgpuBackend>) -> Result<T> {
+    let out = b.tensor(&op.out_shape, DType::F32, "permuted rows")?;
+    let n = count(op.params.n)?;
+    if n > 0 {
+        let rows = WgpuBackend::buf(op.rows.tensor(), "route rows", DType::I32)?;
+        let bufs = [f32buf(op.x, "x")?, rows, f32buf(op.weights, "route weights")?, &out.buffer().buf];
+        b.dispatch(&PERMUTE, "permute_scaled", &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;
+    }
+    Ok(out)
+}
+
+/// pass_rows on the permute family's bindings: x as the source rows, the group offsets
+/// as the route rows, y as the weights (shaders/permute.wgsl says so).
+pub(crate) fn pass_rows(b: &WgpuBackend, op: &PassRowsOp<'_, WgpuBackend>) -> Result<T> {
+    let out = b.tensor(&op.out_shape, DType::F32, "pass_rows output")?;
+    let n = count(op.params.n)?;
+    if n > 0 {
+        let offsets = WgpuBackend::buf(op.offsets.tensor(), "offsets", DType::I32)?;
+        let bufs = [f32buf(op.x, "pass_rows x")?, offsets, f32buf(op.y, "pass_rows y")?, &out.buffer().buf];
+        b.dispatch(&PERMUTE, "pass_rows", &op.params, &bufs, grid_1d(n, WG_ELEMENTWISE))?;
     }
     Ok(out)
 }

@@ -8,7 +8,7 @@ use crate::{WgpuBackend, T};
 use moe_engine::kernel_abi::{grid_1d, GradMatmulParams, WG_ELEMENTWISE};
 use moe_engine::ops::{
     ActGradOp, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad, MixGradOp, OptimStepOp,
-    RouteGradOp, StepOut, SumSquaresOp, WeightGrad, WeightGradOp,
+    RouteGradOp, StepOut, SumRowsOp, SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::{DType, Result};
 
@@ -57,6 +57,16 @@ pub(crate) fn weight_grad(b: &WgpuBackend, op: &WeightGradOp<'_, WgpuBackend>) -
         b.dispatch(&GRAD_MATMUL, "bias_grad", &op.params, &bufs, grid_1d(op.groups * op.n, WG_ELEMENTWISE))?;
     }
     Ok(WeightGrad { dw, db })
+}
+
+/// The column sum: grad_matmul.wgsl's `bias_grad` over one dense group (x unbound).
+pub(crate) fn sum_rows(b: &WgpuBackend, op: &SumRowsOp<'_, WgpuBackend>) -> Result<T> {
+    let out = b.tensor(&[op.cols], DType::F32, "row sum")?;
+    if op.cols > 0 {
+        let bufs = [f32buf(op.dy, "row sum input")?, &b.dummy, &b.dummy, &b.dummy_rw, &out.buffer().buf];
+        b.dispatch(&GRAD_MATMUL, "bias_grad", &op.params, &bufs, grid_1d(op.cols, WG_ELEMENTWISE))?;
+    }
+    Ok(out)
 }
 
 pub(crate) fn act_grad(b: &WgpuBackend, op: &ActGradOp<'_, WgpuBackend>) -> Result<T> {

@@ -66,8 +66,8 @@ pub(crate) const OPTIM: Family =
 
 /// Every family, for `moe info` and the compile test.
 pub const FAMILIES: &[(&str, &[&str])] = &[
-    ("elementwise", &["activation", "glu", "mul", "add_gated", "residual_mix", "scale"]),
-    ("permute", &["permute", "combine"]),
+    ("elementwise", &["activation", "glu", "mul", "add_gated", "residual_mix", "scale", "add_bias"]),
+    ("permute", &["permute", "permute_scaled", "pass_rows", "combine"]),
     ("bucket", &["bucket_clear", "bucket_invert", "bucket_rank", "bucket_offsets", "bucket_rows"]),
     ("regroup", &["regroup"]),
     ("matmul", &["tile_map", "linear", "grouped", "grouped_glu"]),

@@ -34,8 +34,8 @@ use moe_engine::kernel_abi::{self, Abi, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
     ActGradOp, BucketOp, BucketParts, CastWeightOp, CombineGrad, CombineGradOp, CombineOp, ElementwiseOp, GatedAddGrad,
     GatedAddGradOp, GroupedLinearOp, GroupedMlpOp, LinearDxOp, LinearOp, MixGrad, MixGradOp, MlpOutput, NoiseOp,
-    OptimStepOp, PermuteOp, PlanOp, PlanParts, RegroupOp, RouteChecks, RouteGradOp, RouteOp, RouterStatsOp,
-    RoutesParts, StepOut, SumSquaresOp, WeightGrad, WeightGradOp,
+    OptimStepOp, PassRowsOp, PermuteOp, PermuteScaledOp, PlanOp, PlanParts, RegroupOp, RouteChecks, RouteGradOp,
+    RouteOp, RouterStatsOp, RoutesParts, StepOut, SumRowsOp, SumSquaresOp, WeightGrad, WeightGradOp,
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, ExpertKind, HostTensor, Result, Tensor};
@@ -552,6 +552,14 @@ impl Backend for WgpuBackend {
         elementwise::combine(self, op)
     }
 
+    fn run_permute_scaled(&self, op: &PermuteScaledOp<'_, Self>) -> Result<T> {
+        elementwise::permute_scaled(self, op)
+    }
+
+    fn run_pass_rows(&self, op: &PassRowsOp<'_, Self>) -> Result<T> {
+        elementwise::pass_rows(self, op)
+    }
+
     fn run_bucket(&self, op: &BucketOp<'_, Self>) -> Result<BucketParts<Self>> {
         exchange::bucket(self, op)
     }
@@ -574,6 +582,10 @@ impl Backend for WgpuBackend {
 
     fn run_act_grad(&self, op: &ActGradOp<'_, Self>) -> Result<T> {
         grad::act_grad(self, op)
+    }
+
+    fn run_sum_rows(&self, op: &SumRowsOp<'_, Self>) -> Result<T> {
+        grad::sum_rows(self, op)
     }
 
     fn run_combine_grad(&self, op: &CombineGradOp<'_, Self>) -> Result<CombineGrad<Self>> {
