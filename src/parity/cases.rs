@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::device::Capabilities;
 use crate::device::Tensor;
 use crate::error::{Error, Result};
-use crate::expert::{Activation, ExpertKind};
+use crate::expert::{Activation, ExpertKind, GluClamp};
 use crate::ops::{
     BlockTable, CapacityRule, Choice, DevicePlacement, GroupScore, GroupedMlpOp, KeepPolicy, MlpWeights, Normalize,
     Offsets, PlanSpec, RouteSpec, Routes, ScoreFn,
@@ -107,6 +107,9 @@ pub struct GroupedLinearCase {
     pub counts: Vec<usize>,
     /// Extra rows past the last group (their output is zero).
     pub rows_past: usize,
+    /// The last `tail` groups are weightless ([`Offsets::with_tail`]): the weight stack
+    /// has `counts.len() − tail` experts and the tail's rows come out zero.
+    pub tail: usize,
     /// Weight storage.
     pub dtype: DType,
 }
@@ -123,23 +126,28 @@ impl OpCase for GroupedLinearCase {
         product_tolerance(self.dtype, caps)
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
-        let (g, k, n) = (self.counts.len(), 23, 67);
+        let (g, k, n) = (self.counts.len() - self.tail, 23, 67);
         let rows = self.counts.iter().sum::<usize>() + self.rows_past;
         let x = if rows == 0 { HostTensor::f32(&[0, k], vec![])? } else { rand(&[rows, k], 4, 1.0) };
         let (w, bb) = (rand(&[g, n, k], 5, 0.3), rand(&[g, n], 6, 1.0));
-        let off = Offsets::from_host(b, &offsets_of(&self.counts))?;
+        let off = Offsets::from_host(b, &offsets_of(&self.counts))?.with_tail(self.tail);
         let y = b.grouped_linear(&b.upload(&x)?, &off, &weight(b, &w, self.dtype)?, Some(&b.upload(&bb)?))?;
         Ok(vec![("y", y)])
     }
 }
 
-/// `grouped_mlp` on GLU experts over groups of rows 3, 0, 40, 1; outputs the result, the
-/// pre-activation and, where asked, the unfused composition for comparison.
+/// `grouped_mlp` on GLU experts over groups of rows 3, 0, 40, 1 (and with `tail`, two
+/// groups of identity experts after them, whose rows come out zero); outputs the result,
+/// the pre-activation and, where asked, the unfused composition for comparison.
 pub struct GroupedMlpCase {
     /// What the case exercises.
     pub what: &'static str,
     /// The GLU activation.
     pub act: Activation,
+    /// The GLU's clamp (gpt-oss, DeepSeek-V4).
+    pub clamp: Option<GluClamp>,
+    /// Two weightless tail groups of 5 and 2 rows ([`Offsets::with_tail`]).
+    pub tail: bool,
     /// With biases on both projections.
     pub biases: bool,
     /// Also return the unfused composition of the same weights.
@@ -160,8 +168,8 @@ impl OpCase for GroupedMlpCase {
         product_tolerance(self.dtype, caps)
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
-        let counts = [3usize, 0, 40, 1];
-        let (g, h, f) = (counts.len(), 24, 36);
+        let counts: &[usize] = if self.tail { &[3, 0, 40, 1, 5, 2] } else { &[3, 0, 40, 1] };
+        let (g, h, f) = (4, 24, 36);
         let rows: usize = counts.iter().sum();
         let (x, w_in, w_out) = (rand(&[rows, h], 7, 1.0), rand(&[g, 2 * f, h], 8, 0.3), rand(&[g, h, f], 9, 0.3));
         let (wi, wo) = (weight(b, &w_in, self.dtype)?, weight(b, &w_out, self.dtype)?);
@@ -171,13 +179,14 @@ impl OpCase for GroupedMlpCase {
             (None, None)
         };
         let w = MlpWeights {
-            kind: ExpertKind::Glu { activation: self.act },
+            kind: ExpertKind::Glu { activation: self.act, clamp: self.clamp },
             w_in: &wi,
             b_in: bi.as_ref(),
             w_out: Some(&wo),
             b_out: bo.as_ref(),
         };
-        let (xt, off) = (b.upload(&x)?, Offsets::from_host(b, &offsets_of(&counts))?);
+        let off = Offsets::from_host(b, &offsets_of(counts))?.with_tail(counts.len() - g);
+        let xt = b.upload(&x)?;
         let out = b.grouped_mlp(&xt, &off, &w, true)?;
         let mut outs = vec![("y", out.y), ("pre", out.pre.ok_or_else(missing_pre)?)];
         if self.unfused {
@@ -321,6 +330,10 @@ pub enum ElementwiseCase {
     Activation(Activation),
     /// `glu` on `[7, 142]`.
     Glu(Activation),
+    /// The clamped `glu` on `[7, 142]` (values in [-6, 6), so the clamps bite).
+    GluClamped(Activation, GluClamp),
+    /// `add_bias` of a `[33]` bias to a `[9, 33]`.
+    AddBias,
     /// `mul` of two `[9, 33]`.
     Mul,
     /// `add_gated`, with a sigmoid gate or plain.
@@ -338,6 +351,10 @@ impl ElementwiseCase {
     fn name(&self) -> String {
         match self {
             ElementwiseCase::Activation(a) | ElementwiseCase::Glu(a) => a.name().into(),
+            ElementwiseCase::GluClamped(a, c) => {
+                format!("{} clamped to {} (α {}, up + {})", a.name(), c.limit, c.alpha, c.up_offset)
+            }
+            ElementwiseCase::AddBias => "[9, 33] + [33]".into(),
             ElementwiseCase::Mul => "9x33".into(),
             ElementwiseCase::AddGated { gated } => if *gated { "sigmoid gate" } else { "plain" }.into(),
             ElementwiseCase::ResidualMix => "softmax coefficient".into(),
@@ -351,6 +368,8 @@ impl ElementwiseCase {
         let y = match self {
             ElementwiseCase::Activation(a) => b.activation(&up(&rand(&[7, 143], 10, 6.0))?, *a)?,
             ElementwiseCase::Glu(a) => b.glu(&up(&rand(&[7, 2 * 71], 11, 6.0))?, *a)?,
+            ElementwiseCase::GluClamped(a, c) => b.glu_clamped(&up(&rand(&[7, 2 * 71], 11, 6.0))?, *a, Some(*c))?,
+            ElementwiseCase::AddBias => b.add_bias(&up(&ya)?, &up(&rand(&[33], 18, 1.0))?)?,
             ElementwiseCase::Mul => b.mul(&up(&ya)?, &up(&yb)?)?,
             ElementwiseCase::AddGated { gated } => {
                 let g = if *gated { Some(up(&rand(&[9, 1], 14, 3.0))?) } else { None };
@@ -387,6 +406,7 @@ elementwise_op!(MulCase, "mul");
 elementwise_op!(AddGatedCase, "add_gated");
 elementwise_op!(ResidualMixCase, "residual_mix");
 elementwise_op!(ScaleCase, "scale");
+elementwise_op!(AddBiasCase, "add_bias");
 
 // ------------------------------------------------------------------ noise
 
@@ -627,6 +647,53 @@ impl OpCase for PermuteCase {
     fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
         let x = b.upload(&rand(&[self.0.s, 10], 32, 1.0))?;
         self.0.with_plan(b, |p| Ok(vec![("permute", b.permute(&x, &p.route_rows())?)]))
+    }
+}
+
+/// `permute_scaled` of random rows by the plan and its weights (Llama 4's weighted expert
+/// input): one product per element, so exact.
+pub struct PermuteScaledCase(pub PlanInputs);
+
+impl OpCase for PermuteScaledCase {
+    const OP: &'static str = "permute_scaled";
+    fn name(&self) -> String {
+        self.0.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        0.0
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let x = b.upload(&rand(&[self.0.s, 10], 32, 1.0))?;
+        self.0.with_plan(b, |p| Ok(vec![("permute_scaled", b.permute_scaled(&x, &p.route_rows(), &p.weights)?)]))
+    }
+}
+
+/// `pass_rows`: grouped rows `[R, 9]` whose groups `from_group..` take another tensor's
+/// rows (LongCat-Flash's identity experts, grouped last). A copy, so exact.
+pub struct PassRowsCase {
+    /// What the case exercises.
+    pub what: &'static str,
+    /// Rows per group.
+    pub counts: Vec<usize>,
+    /// Rows past the last group (kept from y).
+    pub rows_past: usize,
+    /// The first group passed through.
+    pub from_group: usize,
+}
+
+impl OpCase for PassRowsCase {
+    const OP: &'static str = "pass_rows";
+    fn name(&self) -> String {
+        self.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        0.0
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let rows = self.counts.iter().sum::<usize>() + self.rows_past;
+        let (y, x) = (rand(&[rows, 9], 36, 1.0), rand(&[rows, 9], 37, 1.0));
+        let off = Offsets::from_host(b, &offsets_of(&self.counts))?;
+        Ok(vec![("y", b.pass_rows(&b.upload(&y)?, &b.upload(&x)?, &off, self.from_group)?)])
     }
 }
 
@@ -933,19 +1000,74 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
     ];
     for (what, counts, rows_past) in groups {
         for dtype in DTYPES {
-            t.check(&GroupedLinearCase { what, counts: counts.clone(), rows_past, dtype });
+            t.check(&GroupedLinearCase { what, counts: counts.clone(), rows_past, tail: 0, dtype });
         }
     }
-    let mlp = |what, act, biases, unfused, dtype| GroupedMlpCase { what, act, biases, unfused, dtype };
+    for dtype in DTYPES {
+        let counts = vec![4, 0, 66, 7, 0, 9];
+        let what = "3 experts, then 3 identity groups (one empty) in the tail";
+        t.check(&GroupedLinearCase { what, counts, rows_past: 3, tail: 3, dtype });
+    }
+    let mlp = |what, act, biases, unfused, dtype| GroupedMlpCase {
+        what,
+        act,
+        clamp: None,
+        tail: false,
+        biases,
+        unfused,
+        dtype,
+    };
+    let gpt_oss = GluClamp::gpt_oss(0.9, 1.702);
     t.all(&[
         mlp("gelu_tanh GLU experts with biases", Activation::GeluTanh, true, false, DType::F32),
         mlp("swiglu experts, fused where the backend fuses", Activation::Silu, false, true, DType::F32),
         mlp("geglu experts, fused where the backend fuses", Activation::Gelu, false, true, DType::F32),
         mlp("swiglu experts, fused where the backend fuses", Activation::Silu, false, true, DType::F16),
         mlp("swiglu experts, fused where the backend fuses", Activation::Silu, false, true, DType::BF16),
+        GroupedMlpCase {
+            clamp: Some(gpt_oss),
+            ..mlp(
+                "gpt-oss clamped swiglu (limit 0.9, α 1.702, up + 1) with biases, fused",
+                Activation::Silu,
+                true,
+                true,
+                DType::F32,
+            )
+        },
+        GroupedMlpCase {
+            clamp: Some(GluClamp::deepseek_v4(0.6)),
+            ..mlp("DeepSeek-V4 clamped swiglu (limit 0.6), fused", Activation::Silu, false, true, DType::F32)
+        },
+        GroupedMlpCase {
+            clamp: Some(GluClamp::deepseek_v4(0.5)),
+            ..mlp("clamped geglu (limit 0.5), fused", Activation::Gelu, false, true, DType::F32)
+        },
+        GroupedMlpCase {
+            clamp: Some(gpt_oss),
+            ..mlp("gpt-oss clamped swiglu, fused", Activation::Silu, true, true, DType::F16)
+        },
+        GroupedMlpCase {
+            clamp: Some(gpt_oss),
+            ..mlp("gpt-oss clamped swiglu, fused", Activation::Silu, true, true, DType::BF16)
+        },
+        GroupedMlpCase {
+            tail: true,
+            ..mlp("swiglu experts and 2 identity groups in the tail", Activation::Silu, true, true, DType::F32)
+        },
     ]);
     t.all(&Activation::ALL.map(|a| ActivationCase(ElementwiseCase::Activation(a))));
     t.all(&Activation::ALL.map(|a| GluCase(ElementwiseCase::Glu(a))));
+    t.all(&[
+        GluCase(ElementwiseCase::GluClamped(Activation::Silu, GluClamp::gpt_oss(3.5, 1.702))),
+        GluCase(ElementwiseCase::GluClamped(Activation::Silu, GluClamp::deepseek_v4(3.0))),
+        GluCase(ElementwiseCase::GluClamped(Activation::Gelu, GluClamp::deepseek_v4(2.5))),
+        GluCase(ElementwiseCase::GluClamped(
+            Activation::GeluTanh,
+            GluClamp { limit: 4.0, alpha: 1.0, up_offset: -0.5 },
+        )),
+        GluCase(ElementwiseCase::GluClamped(Activation::Relu, GluClamp { limit: 1.5, alpha: 1.0, up_offset: 2.0 })),
+    ]);
+    t.check(&AddBiasCase(ElementwiseCase::AddBias));
     t.check(&MulCase(ElementwiseCase::Mul));
     t.all(&[false, true].map(|gated| AddGatedCase(ElementwiseCase::AddGated { gated })));
     t.check(&ResidualMixCase(ElementwiseCase::ResidualMix));
@@ -959,6 +1081,20 @@ pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
     t.check(&RouterStatsCase);
     t.all(&plan_inputs().into_iter().map(PlanCase).collect::<Vec<_>>());
     t.all(&plan_inputs().into_iter().map(PermuteCase).collect::<Vec<_>>());
+    t.all(&plan_inputs().into_iter().map(PermuteScaledCase).collect::<Vec<_>>());
+    let pass = |what, counts: &[usize], rows_past, from_group| PassRowsCase {
+        what,
+        counts: counts.to_vec(),
+        rows_past,
+        from_group,
+    };
+    t.all(&[
+        pass("2 identity groups of 4 experts, rows past the last group", &[3, 0, 5, 2], 4, 2),
+        pass("every group, one empty", &[0, 6, 1], 0, 0),
+        pass("no group (from G)", &[4, 4], 2, 2),
+        pass("an empty tail", &[7, 3, 0, 0], 1, 2),
+        pass("no rows", &[0, 0], 0, 1),
+    ]);
     for share in [false, true] {
         t.all(&plan_inputs().into_iter().map(|plan| CombineCase { plan, share }).collect::<Vec<_>>());
     }

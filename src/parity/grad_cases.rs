@@ -8,7 +8,7 @@ use super::{OpCase, Runner};
 use crate::backend::Backend;
 use crate::device::Capabilities;
 use crate::error::Result;
-use crate::expert::Activation;
+use crate::expert::{Activation, GluClamp};
 use crate::ops::{
     ActGradKind, AuxGrad, CapacityRule, Choice, GroupScore, KeepPolicy, Normalize, Offsets, PlanSpec, RouteGradSpec,
     RouteSpec, ScoreFn, StepKind, StepRule,
@@ -31,7 +31,8 @@ fn matrix(rows: usize, cols: usize, stream: u32, scale: f32) -> Result<HostTenso
     Ok(rand(&[rows, cols], stream, scale))
 }
 
-/// `linear_dx`: `dy · w[g]`, dense or grouped (with empty groups and rows past the last).
+/// `linear_dx`: `dy · w[g]`, dense or grouped (with empty groups, rows past the last and a
+/// tail of weightless groups).
 pub struct LinearDxCase {
     /// What the groups exercise.
     pub what: &'static str,
@@ -39,6 +40,8 @@ pub struct LinearDxCase {
     pub counts: Option<Vec<usize>>,
     /// Rows past the last group (dense: all rows).
     pub rows_past: usize,
+    /// The last groups without weights ([`Offsets::with_tail`]): their rows get zeros.
+    pub tail: usize,
     /// Weight storage.
     pub dtype: DType,
 }
@@ -60,8 +63,9 @@ impl OpCase for LinearDxCase {
         let dy = b.upload(&matrix(rows, n, 40, 1.0)?)?;
         let y = match off {
             Some(off) => {
-                let w = rand(&[off.len() - 1, n, k], 41, 0.3);
-                b.linear_dx(&dy, &weight(b, &w, self.dtype)?, Some(&Offsets::from_host(b, &off)?))?
+                let w = rand(&[off.len() - 1 - self.tail, n, k], 41, 0.3);
+                let off = Offsets::from_host(b, &off)?.with_tail(self.tail);
+                b.linear_dx(&dy, &weight(b, &w, self.dtype)?, Some(&off))?
             }
             None => b.linear_dx(&dy, &weight(b, &rand(&[n, k], 41, 0.3), self.dtype)?, None)?,
         };
@@ -77,6 +81,8 @@ pub struct WeightGradCase {
     pub counts: Option<Vec<usize>>,
     /// Rows past the last group (dense: all rows).
     pub rows_past: usize,
+    /// The last groups without weights: no gradient of theirs, their rows unread.
+    pub tail: usize,
 }
 
 impl OpCase for WeightGradCase {
@@ -92,7 +98,7 @@ impl OpCase for WeightGradCase {
         let (rows, off) = groups_of(&self.counts, self.rows_past);
         let dy = b.upload(&matrix(rows, n, 42, 1.0)?)?;
         let x = b.upload(&matrix(rows, k, 43, 1.0)?)?;
-        let off = off.map(|o| Offsets::from_host(b, &o)).transpose()?;
+        let off = off.map(|o| Offsets::from_host(b, &o).map(|o| o.with_tail(self.tail))).transpose()?;
         let g = b.weight_grad(&dy, &x, off.as_ref(), true)?;
         let db = g.db.ok_or_else(|| crate::Error::Internal("no bias gradient".into()))?;
         Ok(vec![("dw", g.dw), ("db", db)])
@@ -108,6 +114,9 @@ impl OpCase for ActGradCase {
         match self.0 {
             ActGradKind::Activation(a) => a.name().into(),
             ActGradKind::Glu(a) => format!("{} GLU", a.name()),
+            ActGradKind::GluClamped(a, c) => {
+                format!("{} GLU clamped to {} (α {}, up + {})", a.name(), c.limit, c.alpha, c.up_offset)
+            }
         }
     }
     fn tolerance(&self, _: &Capabilities) -> f64 {
@@ -115,10 +124,73 @@ impl OpCase for ActGradCase {
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
         let (r, i) = (23, 35);
-        let n = if matches!(self.0, ActGradKind::Glu(_)) { 2 * i } else { i };
+        let n = if matches!(self.0, ActGradKind::Activation(_)) { i } else { 2 * i };
         let pre = b.upload(&rand(&[r, n], 44, 4.0))?;
         let dy = b.upload(&rand(&[r, i], 45, 1.0))?;
         Ok(vec![("d_pre", b.act_grad(self.0, &dy, &pre)?)])
+    }
+}
+
+/// `sum_rows`: the column sum of `[rows, cols]` (the gradient of `add_bias`'s bias).
+pub struct SumRowsCase(pub usize, pub usize);
+
+impl OpCase for SumRowsCase {
+    const OP: &'static str = "sum_rows";
+    fn name(&self) -> String {
+        format!("[{}, {}]", self.0, self.1)
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        PRODUCT_TOL
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        Ok(vec![("sum", b.sum_rows(&b.upload(&matrix(self.0, self.1, 63, 1.0)?)?)?)])
+    }
+}
+
+/// The backward of `permute_scaled` from the existing ops: `dx = combine(dxp, rows, w)`
+/// and `d_weights = combine_grad(x, dxp, rows, w).d_weights` (x[t] · dxp[rows[t, j]]).
+pub struct PermuteScaledGradCase(pub PlanInputs);
+
+impl OpCase for PermuteScaledGradCase {
+    const OP: &'static str = "permute_scaled (backward)";
+    fn name(&self) -> String {
+        self.0.what.into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        PRODUCT_TOL
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let (s, m) = (self.0.s, 10);
+        let x = b.upload(&rand(&[s, m], 64, 1.0))?;
+        let dxp = b.upload(&rand(&[s * self.0.k, m], 65, 1.0))?;
+        self.0.with_plan(b, |p| {
+            let rows = p.route_rows();
+            let dx = b.combine(&dxp, &rows, &p.weights, 0..s)?;
+            let d_w = b.combine_grad(&x, &dxp, &rows, &p.weights, 0..s)?.d_weights;
+            Ok(vec![("dx", dx), ("d_weights", d_w)])
+        })
+    }
+}
+
+/// The backward of `pass_rows` is itself: `d_x = pass_rows(0, d)` (the range's rows of the
+/// output gradient) and `d_y = pass_rows(d, 0)` (the others).
+pub struct PassRowsGradCase;
+
+impl OpCase for PassRowsGradCase {
+    const OP: &'static str = "pass_rows (backward)";
+    fn name(&self) -> String {
+        "4 experts and 2 identity groups, rows past the last".into()
+    }
+    fn tolerance(&self, _: &Capabilities) -> f64 {
+        0.0
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Outputs<B>> {
+        let (counts, m) = ([3usize, 0, 5, 2, 4, 1], 9);
+        let rows = counts.iter().sum::<usize>() + 2;
+        let d = b.upload(&rand(&[rows, m], 66, 1.0))?;
+        let zero = b.upload(&HostTensor::f32(&[rows, m], vec![0.0; rows * m])?)?;
+        let off = Offsets::from_host(b, &offsets_of(&counts))?;
+        Ok(vec![("d_x", b.pass_rows(&zero, &d, &off, 4)?), ("d_y", b.pass_rows(&d, &zero, &off, 4)?)])
     }
 }
 
@@ -330,20 +402,32 @@ fn rule(kind: StepKind, step: u64) -> StepRule {
 
 /// Runs every backward and optimizer case.
 pub fn run_all<R: Backend, C: Backend>(t: &mut Runner<'_, R, C>) {
-    let products: [(&str, Option<Vec<usize>>, usize); 4] = [
-        ("dense", None, 37),
-        ("odd groups, two empty", Some(vec![0, 37, 1, 0, 70]), 0),
-        ("rows past the last group", Some(vec![5, 9]), 6),
-        ("no rows", Some(vec![0, 0, 0]), 0),
+    let products: [(&str, Option<Vec<usize>>, usize, usize); 5] = [
+        ("dense", None, 37, 0),
+        ("odd groups, two empty", Some(vec![0, 37, 1, 0, 70]), 0, 0),
+        ("rows past the last group", Some(vec![5, 9]), 6, 0),
+        ("no rows", Some(vec![0, 0, 0]), 0, 0),
+        ("3 experts, then 2 identity groups in the tail", Some(vec![6, 0, 40, 11, 3]), 4, 2),
     ];
-    for (what, counts, rows_past) in &products {
+    for (what, counts, rows_past, tail) in &products {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            t.check(&LinearDxCase { what, counts: counts.clone(), rows_past: *rows_past, dtype });
+            t.check(&LinearDxCase { what, counts: counts.clone(), rows_past: *rows_past, tail: *tail, dtype });
         }
-        t.check(&WeightGradCase { what, counts: counts.clone(), rows_past: *rows_past });
+        t.check(&WeightGradCase { what, counts: counts.clone(), rows_past: *rows_past, tail: *tail });
     }
     t.all(&Activation::ALL.map(|a| ActGradCase(ActGradKind::Activation(a))));
     t.all(&Activation::ALL.map(|a| ActGradCase(ActGradKind::Glu(a))));
+    // Pre-activations in [-4, 4): the clamps bite on both sides.
+    t.all(&[
+        ActGradCase(ActGradKind::GluClamped(Activation::Silu, GluClamp::gpt_oss(2.5, 1.702))),
+        ActGradCase(ActGradKind::GluClamped(Activation::Silu, GluClamp::deepseek_v4(3.0))),
+        ActGradCase(ActGradKind::GluClamped(Activation::Gelu, GluClamp::deepseek_v4(2.0))),
+        ActGradCase(ActGradKind::GluClamped(Activation::GeluTanh, GluClamp { limit: 1.5, alpha: 1.0, up_offset: 0.5 })),
+        ActGradCase(ActGradKind::GluClamped(Activation::Relu, GluClamp { limit: 3.5, alpha: 1.0, up_offset: -1.0 })),
+    ]);
+    t.all(&[SumRowsCase(0, 7), SumRowsCase(1, 33), SumRowsCase(37, 70), SumRowsCase(300, 5)]);
+    t.all(&plan_inputs().into_iter().map(PermuteScaledGradCase).collect::<Vec<_>>());
+    t.check(&PassRowsGradCase);
     for share in [false, true] {
         t.all(&plan_inputs().into_iter().map(|plan| CombineGradCase { plan, share }).collect::<Vec<_>>());
     }
