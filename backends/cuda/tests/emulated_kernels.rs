@@ -2,15 +2,18 @@
 //! for `__syncthreads`/`__syncwarp`, shuffles and `mma.sync` exchanged through the warp),
 //! launched as the cuda backend launches them, and are compared with the cpu backend:
 //! routing (every choice rule, ties, >256 experts, non-finite inputs), the dispatch plan
-//! (capacity rules, keep policies, masks, groups), permute/combine, the expert-parallel
-//! bucketing, regrouping and ranged combine, Philox noise, router
-//! statistics, and the grouped products (tiles that span group ends, empty groups, K and N
-//! off the tile size, GLU experts, f32/f16/bf16 weights, the tensor-core kernels); and the
-//! backward and optimizer kernels: input, weight and bias gradients of grouped and dense
-//! products, every activation's and GLU's gradient, combine's gradient over a dropped
-//! route and a token range, the router's backward (both score functions, every
-//! normalisation, kept-route renormalisation, masked routes, router loss and z-loss), the
-//! residual mix and gated add, every optimizer rule (bit for bit) and the sum of squares.
+//! (capacity rules, keep policies, masks, groups), permute/combine and the weighted
+//! permute, the expert-parallel bucketing, regrouping and ranged combine, Philox noise,
+//! router statistics, the elementwise ops (clamped GLUs and the output bias among them),
+//! and the grouped products (tiles that span group ends, empty groups, K and N off the
+//! tile size, GLU experts with and without a clamp, identity-expert tails, f32/f16/bf16
+//! weights, the tensor-core kernels); and the backward and optimizer kernels: input,
+//! weight and bias gradients of grouped (identity tails included) and dense products,
+//! pass_rows and sum_rows, every activation's and (clamped) GLU's gradient, combine's
+//! gradient over a dropped route and a token range, the router's backward (both score
+//! functions, every normalisation, kept-route renormalisation, masked routes, router loss
+//! and z-loss), the residual mix and gated add, every optimizer rule (bit for bit) and the
+//! sum of squares.
 //! Outputs the backend does not zero-fill start as NaN, so an element a kernel leaves
 //! unwritten fails the comparison.
 //!
@@ -34,12 +37,12 @@ use moe_engine::kernel_abi::{tile_list_words, CastParams, ROUTE_STATUS_WORDS};
 use moe_engine::ops::{
     ActGradKind, ActGradOp, AuxGrad, BlockTable, BucketOp, CapacityRule, Choice, CombineGradOp, CombineOp,
     DevicePlacement, ElementwiseKind, ElementwiseOp, GatedAddGradOp, GroupScore, GroupedLinearOp, GroupedMlpOp,
-    KeepPolicy, LinearDxOp, MixGradOp, MlpWeights, NoiseOp, Normalize, Offsets, OptimStepOp, PlanOp, PlanSpec,
-    RegroupOp, RouteGradOp, RouteGradSpec, RouteOp, RouteSpec, RouterStatsOp, ScoreFn, StepKind, StepRule,
-    SumSquaresOp, WeightGradOp,
+    KeepPolicy, LinearDxOp, MixGradOp, MlpWeights, NoiseOp, Normalize, Offsets, OptimStepOp, PassRowsOp,
+    PermuteScaledOp, PlanOp, PlanSpec, RegroupOp, RouteGradOp, RouteGradSpec, RouteOp, RouteSpec, RouterStatsOp,
+    ScoreFn, StepKind, StepRule, SumRowsOp, SumSquaresOp, WeightGradOp,
 };
 use moe_engine::philox::NoiseKind;
-use moe_engine::{parity, philox, Activation, Backend, DType, Device, ExpertKind, HostTensor, Tensor};
+use moe_engine::{parity, philox, Activation, Backend, DType, Device, ExpertKind, GluClamp, HostTensor, Tensor};
 
 type Cpu = Tensor<CpuBackend>;
 
@@ -92,6 +95,10 @@ struct MatmulCase {
     /// Output columns of the first product (2·F for GLU experts).
     n: usize,
     glu: Option<Activation>,
+    /// The GLU's clamp (gpt-oss, DeepSeek-V4), applied in the kernels' epilogue.
+    clamp: Option<GluClamp>,
+    /// The last `tail` groups are weightless identity experts (`Offsets::with_tail`).
+    tail: usize,
     dtype: DType,
     tensor_cores: bool,
     bias: bool,
@@ -107,6 +114,8 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
             k: 40,
             n: 72,
             glu: None,
+            clamp: None,
+            tail: 0,
             dtype: DType::BF16,
             tensor_cores: true,
             bias: true,
@@ -117,6 +126,8 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
             k: 64,
             n: 80,
             glu: Some(Activation::Silu),
+            clamp: None,
+            tail: 0,
             dtype: DType::F16,
             tensor_cores: true,
             bias: false,
@@ -127,6 +138,8 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
             k: 96,
             n: 192,
             glu: Some(Activation::Gelu),
+            clamp: None,
+            tail: 0,
             dtype: DType::BF16,
             tensor_cores: true,
             bias: true,
@@ -137,6 +150,8 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
             k: 24,
             n: 40,
             glu: Some(Activation::Silu),
+            clamp: None,
+            tail: 0,
             dtype: DType::F32,
             tensor_cores: false,
             bias: true,
@@ -147,21 +162,60 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
             k: 17,
             n: 65,
             glu: None,
+            clamp: None,
+            tail: 0,
             dtype: DType::BF16,
             tensor_cores: false,
             bias: false,
         },
+        MatmulCase {
+            name: "tc_bf16_gpt_oss_clamped",
+            counts: &[70, 0, 5, 130],
+            k: 40,
+            n: 72,
+            glu: Some(Activation::Silu),
+            clamp: Some(GluClamp::gpt_oss(0.5, 1.702)),
+            tail: 0,
+            dtype: DType::BF16,
+            tensor_cores: true,
+            bias: true,
+        },
+        MatmulCase {
+            name: "simt_f32_deepseek_v4_clamped_identity_tail",
+            counts: &[3, 70, 0, 9, 4],
+            k: 24,
+            n: 40,
+            glu: Some(Activation::Silu),
+            clamp: Some(GluClamp::deepseek_v4(0.4)),
+            tail: 2,
+            dtype: DType::F32,
+            tensor_cores: false,
+            bias: true,
+        },
+        MatmulCase {
+            name: "tc_f16_plain_identity_tail",
+            counts: &[33, 31, 12],
+            k: 17,
+            n: 65,
+            glu: None,
+            clamp: None,
+            tail: 1,
+            dtype: DType::F16,
+            tensor_cores: true,
+            bias: true,
+        },
     ];
     let cpu = cpu();
     for (i, c) in cases.iter().enumerate() {
-        let (r, g) = (c.counts.iter().sum::<usize>(), c.counts.len());
+        // g: the weighted experts; the offsets carry the tail's groups after them.
+        let (r, g) = (c.counts.iter().sum::<usize>(), c.counts.len() - c.tail);
         let s = 10 * i as u32;
         let (x, w, bias) = (rand(r * c.k, s), rand(g * c.n * c.k, s + 1), rand(g * c.n, s + 2));
         // The reference: the cpu backend on the values the kernel multiplies (weights in
         // their storage type; on tensor cores, activations rounded to it as well).
         let xr = if c.tensor_cores { round(&x, c.dtype) } else { x.clone() };
         let xt = up(&cpu, &[r, c.k], xr);
-        let ot = Offsets::from_host(&cpu, &offsets_of(c.counts)).expect("offsets");
+        let ot = Offsets::from_host(&cpu, &offsets_of(c.counts)).expect("offsets").with_tail(c.tail);
         let wt = cpu.upload_weight(&HostTensor::f32(&[g, c.n, c.k], round(&w, c.dtype)).expect("w"), DType::F32);
         let wt = wt.expect("weights");
         let bt = c.bias.then(|| up(&cpu, &[g, c.n], bias.clone()));
@@ -171,7 +225,7 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
         let f = c.n / 2;
         let w_out = up(&cpu, &[g, c.k, f.max(1)], vec![0.0; g * c.k * f.max(1)]);
         let mlp = MlpWeights {
-            kind: ExpertKind::Glu { activation: c.glu.unwrap_or(Activation::Silu), clamp: None },
+            kind: ExpertKind::Glu { activation: c.glu.unwrap_or(Activation::Silu), clamp: c.clamp },
             w_in: &wt,
             b_in: bt.as_ref(),
             w_out: Some(&w_out),
@@ -207,7 +261,7 @@ fn matrix_kernels_match_the_cpu_backend_under_emulation() {
 
         let full = cpu.grouped_linear(&xt, &ot, &wt, bt.as_ref()).expect("cpu product");
         let (out_ref, pre_ref) = match c.glu {
-            Some(a) => (cpu.glu(&full, a).expect("cpu glu"), Some(full)),
+            Some(a) => (cpu.glu_clamped(&full, a, c.clamp).expect("cpu glu"), Some(full)),
             None => (full, None),
         };
         close_f32(&format!("{}: out", c.name), &host(&cpu, &out_ref), got.f32s(out), 1e-5);
@@ -561,6 +615,10 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
         let b = Arg::Buf;
         s.launch("permute", launch::per_element(s_ * k * m), &[b(xb), b(rowsb), b(pwb), b(xpb), param(&permute)]);
         s.launch("combine", launch::per_element(s_ * m), &[b(ypb), b(rowsb), b(pwb), b(yb), param(&combine)]);
+        // The weighted permute (Llama 4) by the plan's combine weights.
+        let scaled = PermuteScaledOp::check(&cpu, &xt, &route_rows, &want.weights).expect("checked").params;
+        let xsb = s.zeros(s_ * k * m);
+        s.launch("permute_scaled", launch::per_element(s_ * k * m), &[b(xb), b(rowsb), b(pwb), b(xsb), param(&scaled)]);
         let got = s.run(exe, c.name);
 
         let (info_v, sr_v) = (got.i32s(info), got.i32s(sr));
@@ -579,6 +637,8 @@ fn plan_permute_and_combine_kernels_match_the_cpu_backend_under_emulation() {
         close_f32(&name("weights"), &host(&cpu, &want.weights), got.f32s(pw), 1e-6);
         close_f32(&name("permute"), &host(&cpu, &xp), got.f32s(xpb), 0.0);
         close_f32(&name("combine"), &host(&cpu, &y), got.f32s(yb), 1e-6);
+        let xs = cpu.permute_scaled(&xt, &route_rows, &want.weights).expect("cpu permute_scaled");
+        close_f32(&name("permute_scaled"), &host(&cpu, &xs), got.f32s(xsb), 0.0);
         let dropped = host(&cpu, &want.stats).as_i32("stats").expect("i32")[1];
         if c.name == "deepspeed_token_order" {
             assert!(dropped > 0, "the skewed case should drop routes, dropped {dropped}");
@@ -724,6 +784,17 @@ fn elementwise_kernels_match_the_cpu_backend_under_emulation() {
         ops.push((format!("{act:?}"), ElementwiseKind::Activation(act), &at, None, None));
         ops.push((format!("glu {act:?}"), ElementwiseKind::Glu(act), &b2t, None, None));
     }
+    let clamps = [
+        (Activation::Silu, GluClamp::gpt_oss(0.6, 1.702)),
+        (Activation::Silu, GluClamp::deepseek_v4(0.5)),
+        (Activation::GeluTanh, GluClamp { limit: 0.7, alpha: 1.0, up_offset: -0.25 }),
+    ];
+    for (act, clamp) in clamps {
+        ops.push((format!("glu {act:?} {clamp:?}"), ElementwiseKind::GluClamped(act, clamp), &b2t, None, None));
+    }
+    let bias = rand(c, 705);
+    let biast = up(&cpu, &[c], bias.clone());
+    ops.push(("add_bias".into(), ElementwiseKind::AddBias, &at, Some(&biast), None));
     ops.push(("mul".into(), ElementwiseKind::Mul, &at, Some(&bt), None));
     ops.push(("scale".into(), ElementwiseKind::Scale(-0.75), &at, None, None));
     ops.push(("add".into(), ElementwiseKind::AddGated, &at, Some(&bt), None));
@@ -732,8 +803,9 @@ fn elementwise_kernels_match_the_cpu_backend_under_emulation() {
 
     let mut s = Script::default();
     let (ab, b2b, bb, gb, cb) = (s.f32s(&a), s.f32s(&b2), s.f32s(&b), s.f32s(&gate), s.f32s(&coef));
+    let biasb = s.f32s(&bias);
     let dev = |t: &Cpu| -> usize {
-        [(&at, ab), (&b2t, b2b), (&bt, bb), (&gt, gb), (&ct, cb)]
+        [(&at, ab), (&b2t, b2b), (&bt, bb), (&gt, gb), (&ct, cb), (&biast, biasb)]
             .iter()
             .find(|(h, _)| std::ptr::eq(*h, t))
             .map(|&(_, d)| d)
@@ -847,6 +919,8 @@ struct GradMatmulCase {
     k: usize,
     dtype: DType,
     grouped: bool,
+    /// The last groups are weightless identity experts: no gradient, their rows zero in dx.
+    tail: usize,
 }
 
 #[test]
@@ -861,6 +935,7 @@ fn backward_product_kernels_match_the_cpu_backend_under_emulation() {
         k: 70,
         dtype: DType::F32,
         grouped: true,
+        tail: 0,
     };
     let cases = [
         GradMatmulCase { ..base },
@@ -883,9 +958,19 @@ fn backward_product_kernels_match_the_cpu_backend_under_emulation() {
             ..base
         },
         GradMatmulCase { name: "dense_f32", counts: &[83], extra_rows: 0, n: 21, k: 66, grouped: false, ..base },
+        GradMatmulCase {
+            name: "grouped_f16_identity_tail",
+            counts: &[9, 70, 0, 13, 5],
+            extra_rows: 3,
+            n: 33,
+            k: 20,
+            dtype: DType::F16,
+            tail: 2,
+            ..base
+        },
     ];
     for (i, c) in cases.iter().enumerate() {
-        let (g, n, k) = (c.counts.len(), c.n, c.k);
+        let (g, n, k) = (c.counts.len() - c.tail, c.n, c.k);
         let rows = c.counts.iter().sum::<usize>() + c.extra_rows;
         let st = 1000 + 10 * i as u32;
         let (dy, x, w) = (rand(rows * n, st), rand(rows * k, st + 1), rand(g * n * k, st + 2));
@@ -895,7 +980,7 @@ fn backward_product_kernels_match_the_cpu_backend_under_emulation() {
         // The reference multiplies the weights in their storage type, as the kernel reads them.
         let wt = cpu.upload_weight(&HostTensor::f32(&w_shape, round(&w, c.dtype)).expect("w"), DType::F32);
         let wt = wt.expect("weights");
-        let ot = Offsets::from_host(&cpu, &offsets_of(c.counts)).expect("offsets");
+        let ot = Offsets::from_host(&cpu, &offsets_of(c.counts)).expect("offsets").with_tail(c.tail);
         let off = c.grouped.then_some(&ot);
         let mut dx_params = LinearDxOp::check(&cpu, &dyt, &wt, off).expect("checked").params;
         dx_params.wdtype = weight_code(c.dtype);
@@ -935,6 +1020,9 @@ fn act_grad_kernel_matches_the_cpu_backend_under_emulation() {
     // Pre-activations over [-3, 3], zero included (relu's kink).
     let mut pre: Vec<f32> = rand(r * 2 * i, 1100).into_iter().map(|v| 3.0 * v).collect();
     pre[5] = 0.0;
+    // On the bounds of the first clamp below (gate = limit, up = −limit).
+    pre[0] = 1.5;
+    pre[i] = -1.5;
     let dy = rand(r * i, 1101);
     let (pre1t, pre2t) = (up(&cpu, &[r, i], pre[..r * i].to_vec()), up(&cpu, &[r, 2 * i], pre.clone()));
     let dyt = up(&cpu, &[r, i], dy.clone());
@@ -943,11 +1031,17 @@ fn act_grad_kernel_matches_the_cpu_backend_under_emulation() {
         kinds.push(ActGradKind::Activation(act));
         kinds.push(ActGradKind::Glu(act));
     }
+    // Pre-activations over [-3, 3]: the clamps bite on both sides, and the first row's first
+    // gate and up sit on gpt-oss's bounds, where torch's clamp passes no gradient.
+    kinds.push(ActGradKind::GluClamped(Activation::Silu, GluClamp::gpt_oss(1.5, 1.702)));
+    kinds.push(ActGradKind::GluClamped(Activation::Silu, GluClamp::deepseek_v4(2.0)));
+    kinds.push(ActGradKind::GluClamped(Activation::Gelu, GluClamp { limit: 1.0, alpha: 1.0, up_offset: 0.5 }));
     let mut s = Script::default();
     let (dyb, pre1b, pre2b) = (s.f32s(&dy), s.f32s(&pre[..r * i]), s.f32s(&pre));
     let mut outs = Vec::new();
     for kind in &kinds {
-        let (pre_t, pre_b) = if matches!(kind, ActGradKind::Glu(_)) { (&pre2t, pre2b) } else { (&pre1t, pre1b) };
+        let glu = !matches!(kind, ActGradKind::Activation(_));
+        let (pre_t, pre_b) = if glu { (&pre2t, pre2b) } else { (&pre1t, pre1b) };
         let op = ActGradOp::check(&cpu, *kind, &dyt, pre_t).expect("checked");
         let out = poisoned(&mut s, op.out_shape[0] * op.out_shape[1]);
         let args = [Arg::Buf(dyb), Arg::Buf(pre_b), Arg::Buf(out), param(&op.params)];
@@ -956,7 +1050,7 @@ fn act_grad_kernel_matches_the_cpu_backend_under_emulation() {
     }
     let got = s.run(exe, "act_grad");
     for (kind, out) in kinds.iter().zip(outs) {
-        let pre_t = if matches!(kind, ActGradKind::Glu(_)) { &pre2t } else { &pre1t };
+        let pre_t = if matches!(kind, ActGradKind::Activation(_)) { &pre1t } else { &pre2t };
         let want = host(&cpu, &cpu.act_grad(*kind, &dyt, pre_t).expect("cpu act_grad"));
         close_f32(&format!("act_grad {kind:?}"), &want, got.f32s(out), 1e-5);
     }
@@ -1389,5 +1483,48 @@ fn sum_squares_kernels_match_the_cpu_backend_under_emulation() {
         let got = s.run(exe, "sum_squares");
         let want = cpu.sum_squares(&xt).expect("cpu sum_squares");
         close_f32(&format!("sum_squares of {n}"), &host(&cpu, &want), got.f32s(out), 1e-5);
+    }
+}
+
+/// `pass_rows` (kernels/permute.cu: identity experts' rows from x, the rest from y) and
+/// `sum_rows` (grad_matmul.cu `bias_grad` over one dense group: the bias gradient of
+/// `add_bias`), against the cpu. Both outputs start poisoned: every element is written.
+#[test]
+fn pass_rows_and_sum_rows_kernels_match_the_cpu_backend_under_emulation() {
+    let Some(exe) = emulate::driver() else { return };
+    let cpu = cpu();
+    let (counts, m) = ([5usize, 0, 64, 7, 0, 3], 9usize);
+    let rows = counts.iter().sum::<usize>() + 4;
+    let off = offsets_of(&counts);
+    let ot = Offsets::from_host(&cpu, &off).expect("offsets");
+    let (y, x) = (rand(rows * m, 1300), rand(rows * m, 1301));
+    let (yt, xt) = (up(&cpu, &[rows, m], y.clone()), up(&cpu, &[rows, m], x.clone()));
+    let mut s = Script::default();
+    let (yb, xb, ob) = (s.f32s(&y), s.f32s(&x), s.i32s(&off));
+    let b = Arg::Buf;
+    let mut outs = Vec::new();
+    for from in [0, 3, 4, 6] {
+        let op = PassRowsOp::check(&cpu, &yt, &xt, &ot, from).expect("checked");
+        let out = poisoned(&mut s, rows * m);
+        s.launch("pass_rows", launch::per_element(rows * m), &[b(xb), b(ob), b(yb), b(out), param(&op.params)]);
+        outs.push((from, out));
+    }
+    let mut sums = Vec::new();
+    for (r, c) in [(1usize, 5usize), (rows, m), (300, 70)] {
+        let v = rand(r * c, 1302 + r as u32);
+        let vt = up(&cpu, &[r, c], v.clone());
+        let op = SumRowsOp::check(&cpu, &vt).expect("checked");
+        let (vb, out) = (s.f32s(&v), poisoned(&mut s, c));
+        s.launch("bias_grad", launch::bias_grad(&op.params), &[b(vb), Arg::Null, Arg::Null, b(out), param(&op.params)]);
+        sums.push((vt, out));
+    }
+    let got = s.run(exe, "pass_rows_sum_rows");
+    for (from, out) in outs {
+        let want = cpu.pass_rows(&yt, &xt, &ot, from).expect("cpu pass_rows");
+        close_f32(&format!("pass_rows from group {from}"), &host(&cpu, &want), got.f32s(out), 0.0);
+    }
+    for (vt, out) in sums {
+        // Rows in row order, as the cpu: the same bits.
+        same_bits(&format!("sum_rows {:?}", vt.shape()), &host(&cpu, &cpu.sum_rows(&vt).expect("cpu")), got.f32s(out));
     }
 }
