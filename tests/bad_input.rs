@@ -534,6 +534,68 @@ fn a_combine_with_the_wrong_rows_is_refused() {
     assert!(matches!(b.plan(&routes, &spec), Err(Error::Shape { .. })), "routes over 3 experts, a plan for 5");
 }
 
+/// Asserts an error of the given kind naming `name` (a tensor, or a config field).
+#[track_caller]
+fn names<T>(r: moe_engine::Result<T>, name: &str) {
+    match r {
+        Err(Error::Shape { tensor, .. } | Error::DType { tensor, .. }) => assert_eq!(tensor, name),
+        Err(Error::Config { field, .. }) => assert_eq!(field, name),
+        Err(e) => panic!("expected an error naming `{name}`, got: {e}"),
+        Ok(_) => panic!("expected an error naming `{name}`, got success"),
+    }
+}
+
+#[test]
+fn the_expert_side_ops_refuse_operands_that_do_not_fit_naming_them() {
+    use moe_engine::ops::{ActGradKind, MlpWeights};
+    use moe_engine::GluClamp;
+    let b = cpu(1);
+    let (routes, spec) = top2_routes(&b, 4, 3);
+    let plan = b.plan(&routes, &spec).unwrap();
+    let rows = plan.route_rows();
+    let (x, x5) = (up_f32(&b, &[4, 2], vec![0.5; 8]), up_f32(&b, &[5, 2], vec![0.5; 10]));
+    let ints = b.upload(&HostTensor::i32(&[4, 2], vec![1; 8]).unwrap()).unwrap();
+    // The weighted permute: one weight per route, f32; one token row per route's token.
+    names(b.permute_scaled(&x, &rows, &x5), "route weights");
+    names(b.permute_scaled(&x, &rows, &ints), "route weights");
+    names(b.permute_scaled(&x5, &rows, &plan.weights), "x");
+    assert_eq!(b.permute_scaled(&x, &rows, &plan.weights).unwrap().shape(), &[8, 2]);
+    // pass_rows: y and x alike, rows for every group, a first group within the groups.
+    let off = Offsets::from_host(&b, &[0, 2, 3, 5]).unwrap();
+    let (y5, y4) = (up_f32(&b, &[5, 3], vec![0.0; 15]), up_f32(&b, &[4, 3], vec![0.0; 12]));
+    names(b.pass_rows(&y5, &x5, &off, 1), "pass_rows x");
+    names(b.pass_rows(&y4, &y4, &off, 1), "pass_rows y");
+    names(b.pass_rows(&y5, &y5, &off, 4), "from_group");
+    assert_eq!(b.pass_rows(&y5, &y5, &off, 3).unwrap().shape(), &[5, 3]);
+    // The output bias: one value per column; its gradient takes a matrix.
+    names(b.add_bias(&y5, &up_f32(&b, &[2], vec![0.0; 2])), "output bias");
+    names(b.add_bias(&up_f32(&b, &[3], vec![0.0; 3]), &up_f32(&b, &[3], vec![0.0; 3])), "add_bias input");
+    names(b.sum_rows(&up_f32(&b, &[2, 2, 2], vec![0.0; 8])), "row sum input");
+    names(b.sum_rows(&ints), "row sum input");
+    // Identity-expert tails: the stack's experts plus the tail must be the offsets' groups.
+    let w = b.upload_weight(&ht(&[2, 3, 3], vec![0.0; 18]), DType::F32).unwrap();
+    names(b.grouped_linear(&y5, &off, &w, None), "offsets");
+    assert!(b.grouped_linear(&y5, &off.with_tail(1), &w, None).is_ok());
+    names(b.grouped_linear(&y5, &off.with_tail(2), &w, None), "offsets");
+    names(b.linear_dx(&y5, &w, Some(&off.with_tail(5))), "offsets");
+    // A clamp the activation cannot take, or a limit that is no bound.
+    let pre = up_f32(&b, &[5, 6], vec![0.0; 30]);
+    names(b.glu_clamped(&pre, Activation::Gelu, Some(GluClamp::gpt_oss(7.0, 1.702))), "clamp.alpha");
+    names(b.glu_clamped(&pre, Activation::Silu, Some(GluClamp::deepseek_v4(-1.0))), "clamp.limit");
+    let bad = ActGradKind::glu(Activation::Silu, Some(GluClamp::deepseek_v4(f32::NAN)));
+    names(b.act_grad(bad, &y5, &pre), "clamp.limit");
+    let w_in = b.upload_weight(&ht(&[3, 6, 3], vec![0.0; 54]), DType::F32).unwrap();
+    let w_out = b.upload_weight(&ht(&[3, 3, 3], vec![0.0; 27]), DType::F32).unwrap();
+    let mlp = MlpWeights {
+        kind: ExpertKind::Glu { activation: Activation::Relu, clamp: Some(GluClamp::gpt_oss(7.0, 0.5)) },
+        w_in: &w_in,
+        b_in: None,
+        w_out: Some(&w_out),
+        b_out: None,
+    };
+    names(b.grouped_mlp(&y5, &off, &mlp, false), "clamp.alpha");
+}
+
 #[test]
 fn expert_parallel_ops_refuse_placements_tokens_and_tables_that_do_not_fit() {
     let b = cpu(1);
