@@ -186,6 +186,7 @@ impl<'a, B: Device> PassRowsOp<'a, B> {
         let n = output(b, "pass_rows output", &[r, m], DType::F32)?;
         let params = PermuteParams {
             n: n as u64,
+            // The kernels divide by it; with M = 0 there is nothing to launch anyway.
             cols: to_u32("hidden size", m.max(1))?,
             from_group: to_u32("from_group", from_group)?,
             groups: to_u32("groups", groups)?,

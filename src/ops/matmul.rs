@@ -58,9 +58,8 @@ impl<B: Device> Offsets<B> {
     /// The same offsets with their last `z` groups marked as a tail of weightless groups
     /// (replacing any earlier mark): the grouped ops then take `groups() − z` experts'
     /// weights and leave the tail's rows zero. A plan over E real and Z identity experts
-    /// gives offsets `[E + Z + 1]`; `with_tail(Z)` runs its E-expert stack. A `z` above
-    /// the groups is refused by the ops that take the offsets (no stack has as many
-    /// groups fewer).
+    /// gives offsets `[E + Z + 1]`; `with_tail(Z)` runs its E-expert stack. No weight
+    /// stack fits a `z` above the groups, so the ops that take such offsets refuse them.
     pub fn with_tail(&self, z: usize) -> Offsets<B> {
         Offsets { tensor: self.tensor.clone(), bound: self.bound, tail: z }
     }
