@@ -613,6 +613,7 @@ impl LayerSpec {
 }
 
 fn validate_expert(field: &str, s: &ExpertSpec) -> Result<()> {
+    s.kind.check()?;
     if !matches!(s.kind, ExpertKind::Linear) && s.ffn == 0 {
         return Err(Error::config(format!("{field}.ffn_hidden"), "must be > 0"));
     }

@@ -82,6 +82,71 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
+    /// As [`Dispatcher::dispatch`], each route's row multiplied by its combine weight
+    /// (Llama 4 scales the expert input, not its output): local only.
+    pub fn dispatch_scaled(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>) -> Result<Dispatched<B>> {
+        match self {
+            Dispatcher::Local => {
+                let rows = plan.route_rows();
+                let xp = b.permute_scaled(x, &rows, &plan.weights)?;
+                Ok(Dispatched { xp, offsets: plan.offsets.clone(), state: DispatchState::Local(rows) })
+            }
+            Dispatcher::ExpertParallel(_) => Err(scaled_ep()),
+        }
+    }
+
+    /// Sums each token's expert outputs unweighted (their inputs carried the weights):
+    /// the combine of [`Dispatcher::dispatch_scaled`].
+    pub fn combine_unweighted(
+        &self,
+        b: &B,
+        yp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &DispatchState<B>,
+    ) -> Result<Tensor<B>> {
+        match (self, state) {
+            (Dispatcher::Local, DispatchState::Local(rows)) => {
+                let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
+                b.combine(yp, rows, &ones, 0..plan.tokens())
+            }
+            (Dispatcher::ExpertParallel(_), _) => Err(scaled_ep()),
+            _ => Err(Error::Misuse("combine with the state of another dispatcher".into())),
+        }
+    }
+
+    /// The backward of [`Dispatcher::combine_unweighted`]: each route's row takes its
+    /// token's gradient.
+    pub fn combine_unweighted_backward(&self, b: &B, dy: &Tensor<B>, state: &DispatchState<B>) -> Result<Tensor<B>> {
+        match (self, state) {
+            (Dispatcher::Local, DispatchState::Local(rows)) => b.permute(dy, rows),
+            (Dispatcher::ExpertParallel(_), _) => Err(scaled_ep()),
+            _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
+        }
+    }
+
+    /// The backward of [`Dispatcher::dispatch_scaled`]: the tokens' gradient `[S, M]`
+    /// (`Σ_j w[t, j] · dxp[row(t, j)]`) and the combine weights' `[S, k]`
+    /// (`x[t] · dxp[row(t, j)]`).
+    pub fn dispatch_scaled_backward(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        dxp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &DispatchState<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        match (self, state) {
+            (Dispatcher::Local, DispatchState::Local(rows)) => {
+                let s = plan.tokens();
+                let dx = b.combine(dxp, rows, &plan.weights, 0..s)?;
+                let dw = b.combine_grad(x, dxp, rows, &plan.weights, 0..s)?.d_weights;
+                Ok((dx, dw))
+            }
+            (Dispatcher::ExpertParallel(_), _) => Err(scaled_ep()),
+            _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
+        }
+    }
+
     /// Brings the expert outputs `yp` (in the dispatched layout) back and sums each
     /// token's routes by their combine weights: `[S, M]`.
     pub fn combine(
@@ -141,4 +206,13 @@ impl<B: Backend> Dispatcher<B> {
             _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }
     }
+}
+
+/// Why a layer that scales its expert input (Llama 4) or has identity experts
+/// (LongCat-Flash) does not run expert-parallel yet.
+fn scaled_ep() -> Error {
+    Error::unsupported(
+        "expert parallelism",
+        "expert inputs scaled by their route weights (Llama 4): the exchange carries unscaled rows",
+    )
 }

@@ -119,7 +119,7 @@ impl<B: Backend> DeviceMlp<B> {
         let a = match self.kind {
             ExpertKind::Linear => return Ok(MlpOutput { pre: None, y: h }),
             ExpertKind::Mlp { activation } => b.activation(&h, activation)?,
-            ExpertKind::Glu { activation, .. } => b.glu(&h, activation)?,
+            ExpertKind::Glu { activation, clamp } => b.glu_clamped(&h, activation, clamp)?,
         };
         let y = b.linear(&a, self.w_out()?, self.b_out.as_ref())?;
         Ok(MlpOutput { pre: keep_pre.then_some(h), y })
@@ -317,6 +317,13 @@ impl<B: Backend> MoeLayer<B> {
             return Err(Error::unsupported(backend.name(), format!("{dtype} weights")));
         }
         let local_experts = dispatcher.local_experts();
+        if local_experts.is_some() && (spec.gate.scales_input() || spec.gate.identity_experts() > 0) {
+            return Err(Error::unsupported(
+                "expert parallelism",
+                "routers that scale the expert input (Llama 4) or route to identity experts (LongCat-Flash): \
+                 run them on one device",
+            ));
+        }
         // Mixed precision: the f32 masters are the larger part (the compute copies add half).
         let sized = if trainable { DType::F32 } else { dtype };
         check_memory(backend, &spec, local_experts.map_or(spec.num_experts, <[usize]>::len), sized)?;
@@ -544,10 +551,30 @@ impl<B: Backend> MoeLayer<B> {
         let Flat { x: x2, seq, shape } = self.flatten_input(x)?;
         let gate = self.gate.forward(b, &x2, seq, &opts.gate)?;
         let timed = opts.time_exchange;
-        let Dispatched { xp, offsets, mut state } = self.dispatcher.dispatch(b, &x2, &gate.plan, timed)?;
-        let acts = self.experts.grouped(b, xp, &offsets, opts.keep_activations)?;
-        let y = self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state, timed)?;
+        let scaled = self.spec.gate.scales_input();
+        let Dispatched { xp, offsets, mut state } = if scaled {
+            self.dispatcher.dispatch_scaled(b, &x2, &gate.plan)?
+        } else {
+            self.dispatcher.dispatch(b, &x2, &gate.plan, timed)?
+        };
+        // Identity experts (LongCat-Flash): the plan's last groups run no weights; their
+        // rows come back as they went.
+        let z = self.spec.gate.identity_experts();
+        let offsets = if z > 0 { offsets.with_tail(z) } else { offsets };
+        let mut acts = self.experts.grouped(b, xp, &offsets, opts.keep_activations)?;
+        if z > 0 {
+            acts.yp = b.pass_rows(&acts.yp, &acts.xp, &offsets, self.spec.num_experts)?;
+        }
+        let y = if scaled {
+            self.dispatcher.combine_unweighted(b, &acts.yp, &gate.plan, &state)?
+        } else {
+            self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state, timed)?
+        };
         let (y, dense) = self.add_dense_parts(b, &x2, y, opts.keep_activations)?;
+        let y = match &self.output_bias {
+            Some(bias) => b.add_bias(&y, bias)?,
+            None => y,
+        };
         Ok(LayerOutput { y: y.reshape(&shape)?, input: x2, dense, gate, experts: acts, dispatch: state })
     }
 }

@@ -154,7 +154,18 @@ fn expert_words(s: &ExpertSpec) -> String {
     match s.kind {
         ExpertKind::Linear => format!("linear{bias}"),
         ExpertKind::Mlp { activation } => format!("MLP ({}), intermediate {}{bias}", activation.name(), s.ffn),
-        ExpertKind::Glu { activation } => format!("GLU ({}), intermediate {}{bias}", activation.name(), s.ffn),
+        ExpertKind::Glu { activation, clamp: None } => {
+            format!("GLU ({}), intermediate {}{bias}", activation.name(), s.ffn)
+        }
+        ExpertKind::Glu { activation, clamp: Some(c) } => format!(
+            "GLU ({}, gate ≤ {}, up in ±{}{}{}), intermediate {}{bias}",
+            activation.name(),
+            c.limit,
+            c.limit,
+            if c.alpha != 1.0 { format!(", σ(α = {} · gate)", c.alpha) } else { String::new() },
+            if c.up_offset != 0.0 { format!(", up + {}", c.up_offset) } else { String::new() },
+            s.ffn
+        ),
     }
 }
 

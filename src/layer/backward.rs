@@ -127,16 +127,22 @@ impl<B: Backend> DeviceMlp<B> {
                 let dx = b.linear_dx(dy, &self.w_in, offsets)?;
                 return Ok((MlpGrads { w_in: g.dw, b_in: g.db, w_out: None, b_out: None }, dx));
             }
-            ExpertKind::Mlp { activation } => (activation, false),
-            ExpertKind::Glu { activation, .. } => (activation, true),
+            ExpertKind::Mlp { activation } => (activation, None),
+            ExpertKind::Glu { activation, clamp } => (activation, Some(clamp)),
         };
         let pre = pre.ok_or_else(|| not_kept("pre-activations"))?;
         // The activation's output is recomputed from the kept pre-activation (one
         // elementwise pass) rather than kept beside it.
-        let a = if glu { b.glu(pre, act)? } else { b.activation(pre, act)? };
+        let a = match glu {
+            Some(clamp) => b.glu_clamped(pre, act, clamp)?,
+            None => b.activation(pre, act)?,
+        };
         let out = b.weight_grad(dy, &a, offsets, self.b_out.is_some())?;
         let da = b.linear_dx(dy, self.w_out()?, offsets)?;
-        let kind = if glu { ActGradKind::Glu(act) } else { ActGradKind::Activation(act) };
+        let kind = match glu {
+            Some(clamp) => ActGradKind::glu(act, clamp),
+            None => ActGradKind::Activation(act),
+        };
         let dpre = b.act_grad(kind, &da, pre)?;
         let inp = b.weight_grad(&dpre, x, offsets, self.b_in.is_some())?;
         let dx = b.linear_dx(&dpre, &self.w_in, offsets)?;
@@ -165,16 +171,8 @@ impl<B: Backend> MoeLayer<B> {
         let mut dx_parts = Vec::new();
         // Cohere2-MoE averages: y = (routed + shared) / 2 (the output bias comes after).
         let dy_parts = if self.shared_combine() == SharedCombine::Average { b.scale(&dy, 0.5)? } else { dy.clone() };
-        // The output bias: y = y' + bias, so d bias = Σ_tokens dy: the bias gradient of
-        // a product whose input is a column of ones.
-        let output_bias = match &self.output_bias {
-            Some(_) => {
-                let ones = crate::ops::unit_weights(b, s, 1)?;
-                let g = b.weight_grad(&dy, &ones, None, true)?;
-                Some(g.db.ok_or_else(|| Error::Internal("weight_grad without the bias asked".into()))?)
-            }
-            None => None,
-        };
+        // The output bias: y = y' + bias, so d bias = Σ_tokens dy.
+        let output_bias = self.output_bias.as_ref().map(|_| b.sum_rows(&dy)).transpose()?;
 
         // Shared experts: y = y' + sigmoid(g) · shared(x), or y' + shared(x).
         let shared = match (&self.shared, &out.dense.shared) {
@@ -222,10 +220,23 @@ impl<B: Backend> MoeLayer<B> {
         // back to the experts' ranks and home again).
         let plan = &out.gate.plan;
         let acts = &out.experts;
-        let (d_yp, d_weights) = self.dispatcher.combine_backward(b, &d_routed, &acts.yp, plan, &out.dispatch)?;
-        let (experts, dxp) =
+        let scaled = self.spec.gate.scales_input();
+        let (d_yp, d_weights) = if scaled {
+            (self.dispatcher.combine_unweighted_backward(b, &d_routed, &out.dispatch)?, None)
+        } else {
+            let (d_yp, d_w) = self.dispatcher.combine_backward(b, &d_routed, &acts.yp, plan, &out.dispatch)?;
+            (d_yp, Some(d_w))
+        };
+        let (experts, mut dxp) =
             self.experts.backward(b, &acts.xp, acts.pre_activation.as_ref(), &d_yp, Some(&acts.offsets))?;
-        let mut dx = self.dispatcher.dispatch_backward(b, &dxp, plan, &out.dispatch)?;
+        if self.spec.gate.identity_experts() > 0 {
+            // An identity expert's rows pass their gradient straight through.
+            dxp = b.pass_rows(&dxp, &d_yp, &acts.offsets, self.spec.num_experts)?;
+        }
+        let (mut dx, d_weights) = match d_weights {
+            Some(d_w) => (self.dispatcher.dispatch_backward(b, &dxp, plan, &out.dispatch)?, d_w),
+            None => self.dispatcher.dispatch_scaled_backward(b, x, &dxp, plan, &out.dispatch)?,
+        };
 
         // The gate.
         let gg = self.gate.backward(b, x, &out.gate, &d_weights, &opts.losses)?;

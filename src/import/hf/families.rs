@@ -10,26 +10,8 @@ use crate::config::{
     DeepSeekV2Method, ExpertSpec, GateSpec, LayerSpec, RouterNorm, RouterScore, RouterSpec, SharedCombine, SharedSpec,
 };
 use crate::error::{Error, Result};
-use crate::expert::{Activation, ExpertKind};
+use crate::expert::{Activation, ExpertKind, GluClamp};
 
-/// PENDING-EXPERT-OPS: the clamped GLU lands with the expert ops; until then a clamped
-/// expert is refused rather than run unclamped.
-#[derive(Clone, Copy, Debug)]
-struct GluClamp {
-    limit: f32,
-    alpha: f32,
-    up_offset: f32,
-}
-
-fn clamped_glu(activation: Activation, clamp: Option<GluClamp>) -> Result<ExpertKind> {
-    match clamp {
-        None => Ok(ExpertKind::Glu { activation }),
-        Some(c) => Err(Error::Precondition(format!(
-            "a clamped GLU (limit {}, alpha {}, offset {}): not in the expert ops yet",
-            c.limit, c.alpha, c.up_offset
-        ))),
-    }
-}
 use crate::import::{field, field_any, field_opt, field_or};
 use serde_json::Value;
 
@@ -51,7 +33,7 @@ fn activation(cfg: &Value, key: &str, default: &str) -> Result<Activation> {
 }
 
 fn glu(ffn: usize, act: Activation) -> ExpertSpec {
-    ExpertSpec { kind: ExpertKind::Glu { activation: act }, ffn, bias: false }
+    ExpertSpec { kind: ExpertKind::Glu { activation: act, clamp: None }, ffn, bias: false }
 }
 
 /// A router with every option off but those given.
@@ -349,13 +331,9 @@ pub(crate) fn layer_spec(fam: Family, cfg: &Value) -> Result<LayerSpec> {
         // `(up + 1) · gate · σ(α · gate)`.
         Family::GptOss => {
             let r = RouterSpec { logit_bias: true, ..router(k()?, RouterScore::Softmax, RouterNorm::Sum, 1.0) };
-            let clamp = GluClamp {
-                limit: field_or(cfg, "swiglu_limit", 7.0)?,
-                alpha: field_or(cfg, "swiglu_alpha", 1.702)?,
-                up_offset: 1.0,
-            };
+            let clamp = GluClamp::gpt_oss(field_or(cfg, "swiglu_limit", 7.0)?, field_or(cfg, "swiglu_alpha", 1.702)?);
             let expert = ExpertSpec {
-                kind: clamped_glu(Activation::Silu, Some(clamp))?,
+                kind: ExpertKind::Glu { activation: Activation::Silu, clamp: Some(clamp) },
                 ffn: field(cfg, "intermediate_size")?,
                 bias: true,
             };
@@ -443,7 +421,7 @@ pub(crate) fn layer_spec(fam: Family, cfg: &Value) -> Result<LayerSpec> {
             let ffn: usize = field_any(cfg, &["moe_intermediate_size", "intermediate_size"])?;
             let clamp =
                 field_opt::<f32>(cfg, "swiglu_limit")?.map(|limit| GluClamp { limit, alpha: 1.0, up_offset: 0.0 });
-            let expert = ExpertSpec { kind: clamped_glu(act()?, clamp)?, ffn, bias: false };
+            let expert = ExpertSpec { kind: ExpertKind::Glu { activation: act()?, clamp }, ffn, bias: false };
             let mut s = spec(
                 hidden()?,
                 field_any(cfg, &["n_routed_experts", "num_local_experts"])?,
