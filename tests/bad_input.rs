@@ -48,7 +48,7 @@ fn broken_case(
     meta(&mut m);
     std::fs::write(dir.join("case.json"), serde_json::to_string_pretty(&m).unwrap()).unwrap();
     let ck = Checkpoint::load(&from.join("tensors.safetensors")).unwrap();
-    let mut map: BTreeMap<String, HostTensor> = ck.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let mut map: BTreeMap<String, HostTensor> = ck.iter().unwrap().map(|(k, v)| (k.to_string(), v.clone())).collect();
     tensors(&mut map);
     save_safetensors(&dir.join("tensors.safetensors"), &map).unwrap();
     dir

@@ -65,7 +65,7 @@ fn copy_case(from: &Path, to: &Path) {
 /// Rewrites `dir`'s tensors with `edit` applied.
 fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, HostTensor>)) {
     let ck = Checkpoint::load(&dir.join("tensors.safetensors")).unwrap();
-    let mut all: BTreeMap<String, HostTensor> = ck.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let mut all: BTreeMap<String, HostTensor> = ck.iter().unwrap().map(|(k, v)| (k.to_string(), v.clone())).collect();
     edit(&mut all);
     save_safetensors(&dir.join("tensors.safetensors"), &all).unwrap();
 }
@@ -332,7 +332,7 @@ fn bad_state_files_are_errors_that_leave_the_optimizer_as_it_was() {
     let path = dir.join("layer.optim.safetensors");
     opt.save(&b, &path, None).unwrap();
     let good = Checkpoint::load(&path).unwrap();
-    let all: BTreeMap<String, HostTensor> = good.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let all: BTreeMap<String, HostTensor> = good.iter().unwrap().map(|(k, v)| (k.to_string(), v.clone())).collect();
     assert!(all.contains_key("experts.w_in.momentum_buffer"), "{:?}", all.keys());
     let before = opt.state("experts.w_in").unwrap().m.map(|t| b.download(t).unwrap().into_f32("m").unwrap());
 

@@ -741,7 +741,7 @@ fn write_corpus() -> PathBuf {
             }
             Break::Tensors(f) => {
                 let ck = Checkpoint::load(&dir.join("tensors.safetensors")).unwrap();
-                let mut map: Tensors = ck.iter().map(|(k, v)| (k.into(), v.clone())).collect();
+                let mut map: Tensors = ck.iter().unwrap().map(|(k, v)| (k.into(), v.clone())).collect();
                 f(&mut map);
                 save_safetensors(&dir.join("tensors.safetensors"), &map).unwrap();
             }

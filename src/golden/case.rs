@@ -399,11 +399,6 @@ impl Case {
 
     /// The case's parameters under their reference names (without `param/`).
     pub fn params(&self) -> Checkpoint {
-        let map: BTreeMap<String, HostTensor> = self
-            .tensors
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix("param/").map(|p| (p.to_string(), t.clone())))
-            .collect();
-        Checkpoint::from_map(map, &format!("{} params", self.name))
+        self.tensors.renamed(|n| n.strip_prefix("param/").map(str::to_string), &format!("{} params", self.name))
     }
 }

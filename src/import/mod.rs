@@ -1,16 +1,22 @@
-//! Importers: DeepSpeed `MoE(...)` keyword arguments and state dicts, HF `config.json`
-//! files and safetensors checkpoints (per-expert hub layout and transformers-5 fused
-//! layout). Every missing, unexpected or mis-shaped tensor is an error that names it.
+//! Importers: DeepSpeed `MoE(...)` keyword arguments, state dicts and checkpoint folders,
+//! HF `config.json` files and safetensors checkpoints (per-expert hub layout and
+//! transformers-5 fused layout, FP8 and MXFP4 quantized weights), read lazily. Every
+//! missing, unexpected or mis-shaped tensor is an error that names it.
 //! [`hub`] finds a model folder from a path or a repo id in the local HF hub cache.
 
 pub mod checkpoint;
 pub mod deepspeed;
+pub mod ds_checkpoint;
 pub mod hf;
 pub mod hub;
 pub mod names;
+pub mod quant;
+pub mod torch_pt;
 
 pub use checkpoint::{save_safetensors, Checkpoint};
+pub use ds_checkpoint::DeepSpeedCheckpoint;
 pub use names::NameMap;
+pub use quant::Quantization;
 
 use crate::error::{Error, Result};
 use serde_json::Value;

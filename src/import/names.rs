@@ -35,7 +35,7 @@ impl NameMap {
         let mut tagged = BTreeMap::new();
         let mut start = Vec::new();
         let mut next = 0usize;
-        for (name, t) in ck.iter() {
+        for (name, t) in ck.iter()? {
             let n = t.numel();
             if next + n >= MAX_ELEMENTS {
                 return Err(Error::too_large("a name map", format!("{} elements", next + n), "2^24 elements"));
