@@ -21,6 +21,9 @@ pub enum CaseKind {
     DeepSpeedGate,
     /// A DeepSpeed `MoE` layer (`deepspeed.moe`).
     DeepSpeedMoe,
+    /// A DeepSpeed `MoE` layer read from a DeepSpeed checkpoint folder
+    /// (`deepspeed.checkpoint`, see [`super::ds_checkpoint`]).
+    DeepSpeedCheckpoint,
     /// An HF transformers MoE block (`hf.<model_type>`).
     Hf(Family),
     /// The MoE block of one layer of a model folder transformers wrote (`hf.model`).
@@ -34,10 +37,11 @@ impl TryFrom<String> for CaseKind {
             "deepspeed.gate" => Ok(CaseKind::DeepSpeedGate),
             "deepspeed.moe" => Ok(CaseKind::DeepSpeedMoe),
             "hf.model" => Ok(CaseKind::HfModel),
+            "deepspeed.checkpoint" => Ok(CaseKind::DeepSpeedCheckpoint),
             _ => match s.strip_prefix("hf.").map(Family::from_model_type) {
                 Some(Ok(f)) => Ok(CaseKind::Hf(f)),
                 _ => Err(format!(
-                    "unknown case kind `{s}` (deepspeed.gate, deepspeed.moe, hf.model, hf.<model_type> of a supported family)"
+                    "unknown case kind `{s}` (deepspeed.gate, deepspeed.moe, deepspeed.checkpoint, hf.model, hf.<model_type> of a supported family)"
                 )),
             },
         }
@@ -56,6 +60,7 @@ impl CaseKind {
         match self {
             CaseKind::DeepSpeedGate => "deepspeed.gate".into(),
             CaseKind::DeepSpeedMoe => "deepspeed.moe".into(),
+            CaseKind::DeepSpeedCheckpoint => "deepspeed.checkpoint".into(),
             CaseKind::Hf(f) => format!("hf.{}", f.model_type()),
             CaseKind::HfModel => "hf.model".into(),
         }
@@ -214,6 +219,9 @@ pub struct CaseMeta {
     /// How the case's weights are laid out (documentation only).
     #[serde(default)]
     pub weights_layout: Option<String>,
+    /// Where a `deepspeed.checkpoint` case's weights are.
+    #[serde(default)]
+    pub checkpoint: Option<super::ds_checkpoint::CheckpointRef>,
     /// `hf.model`: the model folder, relative to the case's.
     #[serde(default)]
     pub model_dir: Option<String>,
@@ -272,6 +280,7 @@ impl CaseMeta {
                 return bad("`backward.params` names no parameters".into());
             }
         }
+        super::ds_checkpoint::validate(self, case)?;
         let masked = [Output::Locations, Output::Gates].iter().any(|o| self.expected.contains_key(o));
         if masked && !self.expected.contains_key(&Output::Indices) {
             return bad(
@@ -314,7 +323,8 @@ impl Case {
                 return Err(Error::case(&folder, format!("`{key}` must be a JSON object")));
             }
         }
-        let meta: CaseMeta = serde_json::from_value(value).map_err(not_format)?;
+        let mut meta: CaseMeta = serde_json::from_value(value).map_err(not_format)?;
+        super::ds_checkpoint::set_case_dir(&mut meta, dir);
         let name = meta.name.clone().unwrap_or_else(|| folder.clone());
         meta.validate(&name)?;
         let tensors = Checkpoint::load(&dir.join("tensors.safetensors"))?;

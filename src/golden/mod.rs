@@ -5,6 +5,7 @@
 //! ([`trace`], kinds `*.train`) is replayed step by step with the optimizer.
 
 pub mod case;
+pub mod ds_checkpoint;
 mod run;
 pub mod trace;
 

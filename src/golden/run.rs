@@ -175,6 +175,7 @@ fn import_layer(case: &Case, kind: CaseKind, ck: &mut Checkpoint) -> Result<(Lay
             };
             hf::HfModel::open(&case.dir.join(dir))?.load_layer(layer)
         }
+        CaseKind::DeepSpeedCheckpoint => super::ds_checkpoint::import_layer(case),
         CaseKind::Hf(family) => {
             let (fam, spec) = hf::layer_spec(cfg)?;
             if fam != family {
