@@ -528,9 +528,9 @@ impl Checkpoint {
         }
     }
 
-    /// A subset of the tensors under new names: those `rename` maps to `Some`, nothing read
-    /// (tensors already read are shared, others stay in their files); `source` names the
-    /// result in errors. No tensor is marked used.
+    /// A subset of the tensors under new names: those `rename` maps to `Some`. Nothing is
+    /// read: tensors still in their files stay there (the files are shared), tensors in
+    /// memory are copied. `source` names the result in errors; no tensor is marked used.
     pub fn renamed(&self, rename: impl Fn(&str) -> Option<String>, source: &str) -> Checkpoint {
         let entries = self.entries.iter().filter_map(|(k, e)| rename(k).map(|n| (n, e.clone()))).collect();
         Checkpoint { entries, source: source.into(), quant: self.quant, ..Default::default() }

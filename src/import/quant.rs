@@ -26,7 +26,10 @@ use serde_json::Value;
 /// A quantized-weights decoding failure, in words (the index and value where one is bad).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct DecodeError(pub String);
+pub struct DecodeError(
+    /// What is wrong, in words.
+    pub String,
+);
 
 /// How a checkpoint's weights are quantized: `config.json`'s `quantization_config`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
