@@ -31,7 +31,7 @@ fn write_with_hole(path: &Path, small: &[(String, Vec<usize>, Vec<f32>)], big: &
     }
     header.insert(big.into(), json!({"dtype": "F32", "shape": [big_len], "data_offsets": [at, at + 4 * big_len]}));
     let mut text = serde_json::to_string(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut f = std::fs::File::create(path).unwrap();
