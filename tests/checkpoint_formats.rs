@@ -8,7 +8,7 @@ mod common;
 
 use common::{f32_entry, write_st, Entry};
 use moe_engine::golden;
-use moe_engine::import::{Checkpoint, DeepSpeedCheckpoint, Quantization};
+use moe_engine::import::{deepspeed, Checkpoint, DeepSpeedCheckpoint, Quantization};
 use moe_engine::{Error, HostTensor};
 use safetensors::Dtype;
 use serde_json::json;
@@ -468,6 +468,20 @@ fn deepspeed_folders_give_one_moe_layer_under_the_importers_names() {
         "moe.1.coefficient.weight",
     ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // Through the importer: the residual MoE's weights, and an error for a spec that
+    // leaves some of them unused.
+    let cfg = |residual: bool| {
+        let c = json!({"hidden_size": 16, "num_experts": 4, "k": 2, "use_residual": residual,
+                       "expert": {"type": "mlp_gelu", "ffn_hidden": 32}});
+        deepspeed::layer_spec(&c).unwrap()
+    };
+    let w = ds.layer_weights(1, "moe.1.", &cfg(true)).unwrap();
+    assert_eq!((w.experts.w_in.shape(), w.gate.shape()), (&[4usize, 32, 16][..], &[4usize, 16][..]));
+    assert!(w.residual.is_some());
+    match err(ds.layer_weights(1, "moe.1.", &cfg(false)), "residual weights unused") {
+        Error::UnexpectedTensors(names) => assert!(names.iter().any(|n| n == "moe.1.coefficient.weight"), "{names:?}"),
+        other => panic!("{other:?}"),
     }
     // Layer 0's expert files hold `moe.0.` tensors: not the experts of `moe.1.`.
     let e = err(ds.moe_layer(0, "moe.1."), "layer and prefix apart");

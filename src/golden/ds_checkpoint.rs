@@ -71,8 +71,8 @@ pub(super) fn set_case_dir(meta: &mut CaseMeta, dir: &Path) {
 }
 
 /// The layer of a `deepspeed.checkpoint` case: its spec from `config`, its weights from the
-/// checkpoint folder through [`deepspeed::layer_weights`] (which refuses any tensor under
-/// the prefix it does not use).
+/// checkpoint folder ([`DeepSpeedCheckpoint::layer_weights`], which refuses any tensor
+/// under the prefix it does not use).
 pub(super) fn import_layer(case: &Case) -> Result<(LayerSpec, HostLayerWeights)> {
     let c = case.meta.checkpoint.as_ref().ok_or_else(|| Error::case(&case.name, "no `checkpoint` block"))?;
     let spec = deepspeed::layer_spec(&case.meta.config)?;
@@ -83,7 +83,6 @@ pub(super) fn import_layer(case: &Case) -> Result<(LayerSpec, HostLayerWeights)>
             format!("`checkpoint.tag` is `{t}` but the tag file names `{}`", ds.tag()),
         ));
     }
-    let mut ck = ds.moe_layer(c.moe_layer_index, &c.module_prefix)?;
-    let w = deepspeed::layer_weights(&mut ck, &spec, &c.module_prefix)?;
+    let w = ds.layer_weights(c.moe_layer_index, &c.module_prefix, &spec)?;
     Ok((spec, w))
 }

@@ -20,7 +20,9 @@
 //! when the importer takes them.
 
 use super::checkpoint::Checkpoint;
+use crate::config::LayerSpec;
 use crate::error::{Error, Result};
+use crate::weights::HostLayerWeights;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -181,5 +183,14 @@ impl DeepSpeedCheckpoint {
             out.absorb(expert)?;
         }
         Ok(out)
+    }
+
+    /// The weights of MoE layer `layer` at module path `prefix`, for the layer `spec`
+    /// (from its `MoE(...)` keyword arguments, [`super::deepspeed::layer_spec`]): the
+    /// tensors of [`DeepSpeedCheckpoint::moe_layer`] through
+    /// [`super::deepspeed::layer_weights`], which refuses any it does not use.
+    pub fn layer_weights(&self, layer: usize, prefix: &str, spec: &LayerSpec) -> Result<HostLayerWeights> {
+        let mut ck = self.moe_layer(layer, prefix)?;
+        super::deepspeed::layer_weights(&mut ck, spec, prefix)
     }
 }
