@@ -195,8 +195,11 @@ fn a_multimodal_checkpoint_nests_the_text_block_and_still_loads() {
         "vision_config": {"model_type": "qwen3_5_moe_vision"}});
     std::fs::write(dir.join("config.json"), cfg.to_string()).expect("write config");
     let ck = Checkpoint::load_dir(&src).expect("tensors");
-    let renamed: BTreeMap<String, HostTensor> =
-        ck.iter().map(|(n, t)| (n.replacen("model.", "model.language_model.", 1), t.clone())).collect();
+    let renamed: BTreeMap<String, HostTensor> = ck
+        .iter()
+        .expect("tensors")
+        .map(|(n, t)| (n.replacen("model.", "model.language_model.", 1), t.clone()))
+        .collect();
     save_safetensors(&dir.join("model.safetensors"), &renamed).expect("save");
     let nested = HfModel::open(&dir).expect("nested config");
     assert_eq!(nested.family(), hf::Family::Qwen3_5Moe);
