@@ -7,33 +7,16 @@ use crate::error::CliResult;
 use crate::out;
 use moe_engine::config::{ExpertSpec, GateSpec, LayerSpec};
 use moe_engine::error::human_bytes;
-use moe_engine::import::hf::{Family, HfModel, LayerKind};
-use moe_engine::import::{hub, Checkpoint};
-use moe_engine::{Error, ExpertKind, HostTensor};
+use moe_engine::import::hf::{HfModel, LayerKind};
+use moe_engine::import::hub;
+use moe_engine::ExpertKind;
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Opens `spec`: a model folder, or a repo id in the local HF hub cache.
 pub fn open(spec: &str) -> CliResult<HfModel> {
     let dir = hub::resolve_model(spec)?;
     Ok(HfModel::open(&dir)?)
-}
-
-/// `[1, 2, 3, 5]` as `1-3, 5`.
-pub fn ranges(v: &[usize]) -> String {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < v.len() {
-        let mut j = i;
-        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
-            j += 1;
-        }
-        out.push(if j > i { format!("{}-{}", v[i], v[j]) } else { v[i].to_string() });
-        i = j + 1;
-    }
-    out.join(", ")
 }
 
 /// The layers of each kind, in words: `MoE: 3 layers (1-3); dense: layer 0`.
@@ -63,7 +46,7 @@ pub fn layer_summary(model: &HfModel) -> String {
 fn layers(v: &[usize]) -> String {
     match v {
         [one] => format!("layer {one}"),
-        _ => format!("{} layers ({})", v.len(), ranges(v)),
+        _ => format!("{} layers ({})", v.len(), moe_engine::import::hf::layer_ranges(v)),
     }
 }
 
@@ -182,101 +165,6 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-/// One tensor as its file's safetensors header describes it (the data is not read).
-#[derive(Clone, Debug)]
-pub struct TensorHeader {
-    /// Its name.
-    pub name: String,
-    /// Its dtype as stored.
-    pub dtype: safetensors::Dtype,
-    /// Its shape.
-    pub shape: Vec<usize>,
-}
-
-impl TensorHeader {
-    /// Elements.
-    pub fn numel(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
-    }
-
-    /// Bytes on disk (sub-byte dtypes such as F4 pack several elements in a byte).
-    pub fn bytes(&self) -> u64 {
-        (self.numel() * self.dtype.bitsize() as u64).div_ceil(8)
-    }
-}
-
-/// The headers of every `*.safetensors` file of `dir` (the files `Checkpoint::load_dir`
-/// reads), from the first bytes of each: the 8-byte header length, then the JSON header,
-/// parsed and checked (offsets, sizes) by the safetensors crate. A header that claims more
-/// data than the file holds is an error naming the file. Kept apart so it can move beside
-/// `Checkpoint` when the checkpoint reads lazily.
-pub fn read_headers(dir: &Path) -> moe_engine::Result<Vec<TensorHeader>> {
-    let io = |p: &Path, e| Error::Io { path: p.display().to_string(), source: e };
-    let bad = |p: &Path, msg: String, source: Option<moe_engine::error::Source>| Error::Checkpoint {
-        path: p.display().to_string(),
-        msg,
-        source,
-    };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(bad(dir, "no .safetensors files".into(), None));
-    }
-    // The safetensors crate's own bound on a header.
-    const MAX_HEADER: u64 = 100_000_000;
-    let mut out = Vec::new();
-    for f in files {
-        let mut file = std::fs::File::open(&f).map_err(|e| io(&f, e))?;
-        let len = file.metadata().map_err(|e| io(&f, e))?.len();
-        let mut n8 = [0u8; 8];
-        file.read_exact(&mut n8).map_err(|e| bad(&f, "shorter than a safetensors header".into(), Some(Box::new(e))))?;
-        let n = u64::from_le_bytes(n8);
-        if n > MAX_HEADER || n + 8 > len {
-            return Err(bad(&f, format!("header length {n} past the file's {len} bytes (or the 100 MB bound)"), None));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(|e| io(&f, e))?;
-        let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
-            .map_err(|e| bad(&f, "not a valid safetensors header".into(), Some(Box::new(e))))?;
-        if 8 + n + meta.data_len() as u64 > len {
-            return Err(bad(
-                &f,
-                format!("the header describes {} bytes of data, the file holds {}", meta.data_len(), len - 8 - n),
-                None,
-            ));
-        }
-        for (name, info) in meta.tensors() {
-            out.push(TensorHeader { name, dtype: info.dtype, shape: info.shape.clone() });
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
-/// The names of MoE layer `layer`'s tensors among `headers`: those under its block's
-/// prefix, and Granite-MoE-shared's `shared_mlp` beside the block (the one family whose
-/// MoE output includes a module outside the block).
-fn block_tensors<'a>(
-    model: &HfModel,
-    names: &Checkpoint,
-    headers: &'a [TensorHeader],
-    layer: usize,
-) -> moe_engine::Result<Vec<&'a TensorHeader>> {
-    let prefix = model.block_prefix(names, layer)?;
-    let beside = match model.family() {
-        Family::GraniteMoeShared => prefix.strip_suffix("block_sparse_moe.").map(|p| format!("{p}shared_mlp.")),
-        _ => None,
-    };
-    Ok(headers
-        .iter()
-        .filter(|h| h.name.starts_with(&prefix) || beside.as_ref().is_some_and(|b| h.name.starts_with(b)))
-        .collect())
-}
-
 /// `moe info --model SPEC`.
 pub fn info(spec: &str) -> CliResult<ExitCode> {
     let model = open(spec)?;
@@ -342,24 +230,22 @@ pub fn info(spec: &str) -> CliResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Tensors, elements and bytes per dtype of the MoE blocks' tensors, as stored.
+/// Tensors, elements and bytes per dtype of the MoE blocks' tensors, as stored (from the
+/// files' headers: nothing is read).
 fn disk_line(model: &HfModel, moe: &[usize]) -> CliResult<()> {
-    let headers = read_headers(model.dir())?;
-    // `HfModel::block_prefix` finds a nested block by tensor names alone: a checkpoint of
-    // empty placeholders with the real names answers it without reading any data.
-    let names = Checkpoint::from_map(
-        headers.iter().map(|h| Ok((h.name.clone(), HostTensor::f32(&[0], Vec::new())?))).collect::<CliResult<_>>()?,
-        &model.dir().display().to_string(),
-    );
+    let ck = model.checkpoint()?;
     let mut by_dtype: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let (mut tensors, mut elements) = (0u64, 0u64);
     for &l in moe {
-        for h in block_tensors(model, &names, &headers, l)? {
-            tensors += 1;
-            elements += h.numel();
-            let e = by_dtype.entry(h.dtype.to_string()).or_default();
-            e.0 += h.numel();
-            e.1 += h.bytes();
+        for name in model.block_tensor_names(&ck, l)? {
+            for t in ck.stored(&name) {
+                let n: u64 = t.shape.iter().map(|&d| d as u64).product();
+                tensors += 1;
+                elements += n;
+                let e = by_dtype.entry(t.dtype).or_default();
+                e.0 += n;
+                e.1 += t.bytes;
+            }
         }
     }
     let total: u64 = by_dtype.values().map(|v| v.1).sum();
@@ -378,7 +264,6 @@ fn disk_line(model: &HfModel, moe: &[usize]) -> CliResult<()> {
 mod tests {
     #[test]
     fn numbers_and_ranges_read_as_people_write_them() {
-        assert_eq!(super::ranges(&[1, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
         assert_eq!(super::thousands(1234567), "1,234,567");
         assert_eq!(super::thousands(999), "999");
     }

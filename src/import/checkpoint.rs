@@ -302,6 +302,19 @@ fn decode(path: &str, name: &str, elem: &Elem, shape: &[usize], data: &[u8]) -> 
     }
 }
 
+/// A tensor as its file stores it ([`Checkpoint::stored`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTensor {
+    /// Its name in the file.
+    pub name: String,
+    /// Its dtype as safetensors names it (`F32`, `BF16`, `F8_E4M3`, `U8`, ...).
+    pub dtype: String,
+    /// Its shape in the file.
+    pub shape: Vec<usize>,
+    /// Its bytes in the file.
+    pub bytes: u64,
+}
+
 /// Named tensors with use tracking, read lazily from their files.
 #[derive(Clone, Debug, Default)]
 pub struct Checkpoint {
@@ -526,6 +539,32 @@ impl Checkpoint {
             Stored::Mxfp4 { blocks, scales } => quant::mxfp4_shape(blocks.1.disk_shape(), scales.1.disk_shape()).ok(),
             s => Some(s.disk_shape().to_vec()),
         }
+    }
+
+    /// What the files hold for tensor `name`, without reading it: each stored tensor's
+    /// own name, dtype (as safetensors names it), shape and bytes. One entry, or two for
+    /// an MXFP4 pair (`P_blocks`, `P_scales`); empty when `name` is absent. An FP8 weight's
+    /// `weight_scale_inv` is a tensor of its own name.
+    pub fn stored(&self, name: &str) -> Vec<StoredTensor> {
+        fn one(name: &str, s: &Stored) -> Vec<StoredTensor> {
+            let (dtype, shape) = match s {
+                Stored::Memory(t) => (format!("{:?}", t.dtype()).to_uppercase(), t.shape().to_vec()),
+                Stored::Safetensors { elem, shape, .. } => (elem.to_string(), shape.clone()),
+                Stored::Torch { elem, tensor, .. } => (elem.to_string(), tensor.shape().to_vec()),
+                Stored::Mxfp4 { blocks, scales } => {
+                    let mut v = one(&blocks.0, &blocks.1);
+                    v.extend(one(&scales.0, &scales.1));
+                    return v;
+                }
+            };
+            let numel: u64 = shape.iter().map(|&d| d as u64).product();
+            let size = match s {
+                Stored::Safetensors { elem, .. } | Stored::Torch { elem, .. } => elem.size().unwrap_or(0) as u64,
+                _ => 4,
+            };
+            vec![StoredTensor { name: name.to_string(), dtype, shape, bytes: numel * size }]
+        }
+        self.entries.get(name).map_or_else(Vec::new, |e| one(name, &e.stored))
     }
 
     /// A subset of the tensors under new names: those `rename` maps to `Some`. Nothing is

@@ -13,7 +13,7 @@ pub mod names;
 pub mod quant;
 pub mod torch_pt;
 
-pub use checkpoint::{save_safetensors, Checkpoint};
+pub use checkpoint::{save_safetensors, Checkpoint, StoredTensor};
 pub use ds_checkpoint::DeepSpeedCheckpoint;
 pub use names::NameMap;
 pub use quant::Quantization;

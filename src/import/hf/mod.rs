@@ -12,7 +12,7 @@ mod layout;
 mod model;
 
 pub use families::LayerKind;
-pub use model::HfModel;
+pub use model::{layer_ranges, HfModel};
 
 use super::checkpoint::{stack, Checkpoint};
 use crate::config::LayerSpec;

@@ -82,7 +82,7 @@ impl HfModel {
             if moe.is_empty() {
                 "the model has none".to_string()
             } else {
-                format!("the MoE layers are {}", ranges(&moe))
+                format!("the MoE layers are {}", layer_ranges(&moe))
             }
         };
         match self.kinds.get(layer) {
@@ -97,8 +97,8 @@ impl HfModel {
         }
     }
 
-    /// The tensors of the folder's safetensors files: the index's shards, or every
-    /// `*.safetensors` file.
+    /// The tensors of the folder's safetensors files (the index's shards, or every
+    /// `*.safetensors` file), read lazily: headers now, a tensor's data when it is taken.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
         Checkpoint::load_dir(&self.dir)
     }
@@ -132,6 +132,24 @@ impl HfModel {
         }
     }
 
+    /// The names of layer `layer`'s MoE tensors in `ck`: those under its block's prefix,
+    /// and the shared MLP a family keeps beside the block (Granite-MoE shared).
+    pub fn block_tensor_names(&self, ck: &Checkpoint, layer: usize) -> Result<Vec<String>> {
+        let prefix = self.block_prefix(ck, layer)?;
+        let beside = match families::layout(self.family, self.text_config()) {
+            Ok((block, layout)) => layout
+                .shared
+                .filter(|s| s.outside)
+                .and_then(|s| prefix.strip_suffix(block).map(|p| format!("{p}{}", s.dir))),
+            Err(_) => None,
+        };
+        Ok(ck
+            .names()
+            .filter(|n| n.starts_with(&prefix) || beside.as_ref().is_some_and(|b| n.starts_with(b.as_str())))
+            .map(String::from)
+            .collect())
+    }
+
     /// Loads layer `layer`'s block: its spec and weights. Only that block's tensors are
     /// read; a dense layer is an error that says which layers are MoE.
     pub fn load_layer(&self, layer: usize) -> Result<(LayerSpec, HostLayerWeights)> {
@@ -145,8 +163,8 @@ impl HfModel {
     }
 }
 
-/// `[1, 2, 3, 5]` as `1-3, 5`.
-fn ranges(v: &[usize]) -> String {
+/// Layer numbers as people write them: `[1, 2, 3, 5]` as `1-3, 5`.
+pub fn layer_ranges(v: &[usize]) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < v.len() {
@@ -164,7 +182,7 @@ fn ranges(v: &[usize]) -> String {
 mod tests {
     #[test]
     fn layer_ranges_read_as_people_write_them() {
-        assert_eq!(super::ranges(&[1, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
-        assert_eq!(super::ranges(&[0]), "0");
+        assert_eq!(super::layer_ranges(&[1, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
+        assert_eq!(super::layer_ranges(&[0]), "0");
     }
 }
