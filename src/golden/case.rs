@@ -323,8 +323,7 @@ impl Case {
                 return Err(Error::case(&folder, format!("`{key}` must be a JSON object")));
             }
         }
-        let mut meta: CaseMeta = serde_json::from_value(value).map_err(not_format)?;
-        super::ds_checkpoint::set_case_dir(&mut meta, dir);
+        let meta: CaseMeta = serde_json::from_value(value).map_err(not_format)?;
         let name = meta.name.clone().unwrap_or_else(|| folder.clone());
         meta.validate(&name)?;
         let tensors = Checkpoint::load(&dir.join("tensors.safetensors"))?;

@@ -9,7 +9,6 @@ use crate::error::{Error, Result};
 use crate::import::{deepspeed, DeepSpeedCheckpoint};
 use crate::weights::HostLayerWeights;
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
 
 /// `case.json`'s `checkpoint` block: which folder, tag and layer to read.
 #[derive(Clone, Debug, Deserialize)]
@@ -30,16 +29,6 @@ pub struct CheckpointRef {
     /// What the files hold (documentation only).
     #[serde(default)]
     pub files: Option<String>,
-    /// The case folder `dir` is relative to (set when the case loads).
-    #[serde(skip)]
-    pub case_dir: PathBuf,
-}
-
-impl CheckpointRef {
-    /// The checkpoint folder.
-    pub fn path(&self) -> PathBuf {
-        self.case_dir.join(&self.dir)
-    }
 }
 
 /// Checks what `case.json`'s types cannot: a `deepspeed.checkpoint` case has a
@@ -63,20 +52,14 @@ pub(super) fn validate(meta: &CaseMeta, case: &str) -> Result<()> {
     }
 }
 
-/// Points a loaded case's `checkpoint.dir` at its folder.
-pub(super) fn set_case_dir(meta: &mut CaseMeta, dir: &Path) {
-    if let Some(c) = &mut meta.checkpoint {
-        c.case_dir = dir.to_path_buf();
-    }
-}
-
 /// The layer of a `deepspeed.checkpoint` case: its spec from `config`, its weights from the
 /// checkpoint folder ([`DeepSpeedCheckpoint::layer_weights`], which refuses any tensor
 /// under the prefix it does not use).
 pub(super) fn import_layer(case: &Case) -> Result<(LayerSpec, HostLayerWeights)> {
     let c = case.meta.checkpoint.as_ref().ok_or_else(|| Error::case(&case.name, "no `checkpoint` block"))?;
     let spec = deepspeed::layer_spec(&case.meta.config)?;
-    let ds = DeepSpeedCheckpoint::open_with_tag_file(&c.path(), c.tag_file.as_deref().unwrap_or("latest"))?;
+    let ds =
+        DeepSpeedCheckpoint::open_with_tag_file(&case.dir.join(&c.dir), c.tag_file.as_deref().unwrap_or("latest"))?;
     if let Some(t) = c.tag.as_deref().filter(|&t| t != ds.tag()) {
         return Err(Error::case(
             &case.name,

@@ -196,7 +196,7 @@ pub(crate) fn read_block(
             let dir = if sl.outside { format!("{layer_prefix}{}", sl.dir) } else { format!("{prefix}{}", sl.dir) };
             let empty: Vec<String> = ck
                 .names()
-                .filter(|n| n.starts_with(&dir) && ck.get(n).is_ok_and(|t| t.numel() == 0))
+                .filter(|n| n.starts_with(&dir) && ck.shape(n).is_some_and(|s| s.contains(&0)))
                 .map(String::from)
                 .collect();
             for n in &empty {
