@@ -79,40 +79,15 @@ fn sqrt_softplus(x: f32) -> f32 {
     return sqrt(max(x, 0.0) + log1p_unit(exp(-abs(x))));
 }
 
-// Whether sparsemixer keeps logit x around the max m: PhiMoE masks
-// (m - x) / max(|x|, m) > 2 jitter_eps; a zero factor (x = m = 0) is 0/0 in torch, which
-// compares false: kept.
-fn mixer_kept(x: f32, m: f32) -> bool {
-    let f = max(abs(x), m);
-    return !(f > 0.0 && (m - x) / f > 2.0 * p.jitter_eps);
-}
-
 // Sparsemixer's weight for the expert whose logit is m: the softmax of the logits its mask
 // keeps, `skip` excluded, at its max, 1 / Σ exp(x - m).
 fn mixer_weight(row: u32, m: f32, skip: u32) -> f32 {
     var sum = 0.0;
     for (var i = 0u; i < p.e; i++) {
         let x = logits[row + i];
-        if i != skip && mixer_kept(x, m) { sum += exp(x - m); }
+        if i != skip && mixer_kept(x, m, p.jitter_eps) { sum += exp(x - m); }
     }
     return 1.0 / sum;
-}
-
-// w^p of a weight (>= 0) for the p-norm: exact for p = 1 and 2, and 0 for 0 (pow of 0 is
-// not defined in WGSL).
-fn pow_p(w: f32) -> f32 {
-    if p.p_norm == 1.0 { return w; }
-    if p.p_norm == 2.0 { return w * w; }
-    if w == 0.0 { return 0.0; }
-    return pow(w, p.p_norm);
-}
-
-// (Σ w^p)^(1/p) from Σ w^p.
-fn root_p(sp: f32) -> f32 {
-    if p.p_norm == 1.0 { return sp; }
-    if p.p_norm == 2.0 { return sqrt(sp); }
-    if sp == 0.0 { return 0.0; }
-    return pow(sp, 1.0 / p.p_norm);
 }
 
 // The quantity top-k chooses on: scores + bias, or logits + noise when noise is given.
@@ -290,13 +265,13 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         }
         weights[out + j] = v;
         sum += v;
-        if p.normalize == 4u { sum_p += pow_p(v); }
+        if p.normalize == 4u { sum_p += pow_p(v, p.p_norm); }
     }
     var denom = 1.0;
     if p.normalize == 1u { denom = sum; }
     if p.normalize == 2u { denom = sum + p.eps; }
     if p.normalize == 3u { denom = max(sum, p.eps); }
-    if p.normalize == 4u { denom = root_p(sum_p); }
+    if p.normalize == 4u { denom = root_p(sum_p, p.p_norm); }
     for (var j = 0u; j < p.k; j++) {
         var v = weights[out + j];
         if p.normalize != 0u { v = v / denom; }

@@ -57,21 +57,6 @@ fn w_raw(t: u32, j: u32) -> f32 {
     return select(0.0, scores[t * p.e + u32(experts[r])], rw[r] != 0.0);
 }
 
-// w^p of a weight (>= 0) and the root of Σ w^p, as route.wgsl's: exact for p = 1 and 2.
-fn pow_p(w: f32) -> f32 {
-    if p.p_norm == 1.0 { return w; }
-    if p.p_norm == 2.0 { return w * w; }
-    if w == 0.0 { return 0.0; }
-    return pow(w, p.p_norm);
-}
-
-fn root_p(sp: f32) -> f32 {
-    if p.p_norm == 1.0 { return sp; }
-    if p.p_norm == 2.0 { return sqrt(sp); }
-    if sp == 0.0 { return 0.0; }
-    return pow(sp, 1.0 / p.p_norm);
-}
-
 // ∂d/∂w of the normaliser d for a live weight w (sum of the live weights `sum`): 1 for the
 // sums; for the floored sum 1 where the sum is past the floor and 0 where the floor
 // divides (at sum = floor too: torch's clamp(min=) passes no gradient there); for the
@@ -85,12 +70,6 @@ fn norm_slope(w: f32, sum: f32, d: f32) -> f32 {
         return pow(w / d, p.p_norm - 1.0);
     }
     return 1.0;
-}
-
-// Sparsemixer's mask, as route.wgsl's: kept unless (m - x) / max(|x|, m) > 2 jitter_eps.
-fn mixer_kept(x: f32, m: f32) -> bool {
-    let f = max(abs(x), m);
-    return !(f > 0.0 && (m - x) / f > 2.0 * p.jitter_eps);
 }
 
 // d sqrt(softplus(x)) / dx from x and its score s: sigmoid(x) / 2s, 1 / 2s past torch's
@@ -126,13 +105,13 @@ fn route_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         var sum_p = 0.0;
         for (var j = 0u; j < p.k; j++) {
             sum += w_raw(t, j);
-            sum_p += pow_p(w_raw(t, j));
+            sum_p += pow_p(w_raw(t, j), p.p_norm);
             dot2 += g_plan(t, j, dc, through) * w_raw(t, j);
         }
         denom = sum;
         if p.normalize == 2u { denom = sum + p.eps; }
         if p.normalize == 3u { denom = max(sum, p.eps); }
-        if p.normalize == 4u { denom = root_p(sum_p); }
+        if p.normalize == 4u { denom = root_p(sum_p, p.p_norm); }
     }
     // Score gradient: the router loss first, then the routes (sparsemixer's weights are
     // not gathered scores: they go back through their own softmax below).
@@ -181,12 +160,12 @@ fn route_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
             var msum = 0.0;
             for (var i = 0u; i < p.e; i++) {
                 let x = logits[row0 + i];
-                if i != skip && mixer_kept(x, m) { msum += exp(x - m); }
+                if i != skip && mixer_kept(x, m, p.jitter_eps) { msum += exp(x - m); }
             }
             let wj = 1.0 / msum;
             for (var i = 0u; i < p.e; i++) {
                 let x = logits[row0 + i];
-                if i != skip && mixer_kept(x, m) {
+                if i != skip && mixer_kept(x, m, p.jitter_eps) {
                     let q = exp(x - m) / msum;
                     out[row0 + i] += g * wj * (select(0.0, 1.0, i == c) - q);
                 }

@@ -40,7 +40,12 @@ pub(crate) const MATMUL: Family = Family {
     writes: 3,
 };
 pub(crate) const ROUTE: Family =
-    Family { name: "route", source: include_str!("../../../shaders/route.wgsl"), reads: 3, writes: 4 };
+    Family {
+    name: "route",
+    source: concat!(include_str!("../../../shaders/route_common.wgsl"), include_str!("../../../shaders/route.wgsl")),
+    reads: 3,
+    writes: 4,
+};
 pub(crate) const PLAN: Family =
     Family { name: "plan", source: include_str!("../../../shaders/plan.wgsl"), reads: 4, writes: 4 };
 pub(crate) const PHILOX: Family =
@@ -60,7 +65,12 @@ pub(crate) const GRAD: Family = Family {
     writes: 3,
 };
 pub(crate) const ROUTE_GRAD: Family =
-    Family { name: "route_grad", source: include_str!("../../../shaders/route_grad.wgsl"), reads: 7, writes: 1 };
+    Family {
+    name: "route_grad",
+    source: concat!(include_str!("../../../shaders/route_common.wgsl"), include_str!("../../../shaders/route_grad.wgsl")),
+    reads: 7,
+    writes: 1,
+};
 pub(crate) const OPTIM: Family =
     Family { name: "optim", source: include_str!("../../../shaders/optim.wgsl"), reads: 4, writes: 3 };
 
