@@ -76,22 +76,26 @@ impl<B: Backend> Dispatcher<B> {
                 Ok(Dispatched { xp, offsets: plan.offsets.clone(), state: DispatchState::Local(rows) })
             }
             Dispatcher::ExpertParallel(ep) => {
-                let (xp, offsets, state) = ep.dispatch(b, x, plan, time_exchange)?;
+                let (xp, offsets, state) = ep.dispatch(b, x, plan, time_exchange, false)?;
                 Ok(Dispatched { xp, offsets, state: DispatchState::ExpertParallel(Box::new(state)) })
             }
         }
     }
 
     /// As [`Dispatcher::dispatch`], each route's row multiplied by its combine weight
-    /// (Llama 4 scales the expert input, not its output): local only.
-    pub fn dispatch_scaled(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>) -> Result<Dispatched<B>> {
+    /// (Llama 4 scales the expert input, not its output); combine with
+    /// [`Dispatcher::combine_unweighted`].
+    pub fn dispatch_scaled(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>, time_exchange: bool) -> Result<Dispatched<B>> {
         match self {
             Dispatcher::Local => {
                 let rows = plan.route_rows();
                 let xp = b.permute_scaled(x, &rows, &plan.weights)?;
                 Ok(Dispatched { xp, offsets: plan.offsets.clone(), state: DispatchState::Local(rows) })
             }
-            Dispatcher::ExpertParallel(_) => Err(scaled_ep()),
+            Dispatcher::ExpertParallel(ep) => {
+                let (xp, offsets, state) = ep.dispatch(b, x, plan, time_exchange, true)?;
+                Ok(Dispatched { xp, offsets, state: DispatchState::ExpertParallel(Box::new(state)) })
+            }
         }
     }
 
@@ -102,24 +106,35 @@ impl<B: Backend> Dispatcher<B> {
         b: &B,
         yp: &Tensor<B>,
         plan: &Plan<B>,
-        state: &DispatchState<B>,
+        state: &mut DispatchState<B>,
+        time_exchange: bool,
     ) -> Result<Tensor<B>> {
         match (self, state) {
             (Dispatcher::Local, DispatchState::Local(rows)) => {
                 let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
                 b.combine(yp, rows, &ones, 0..plan.tokens())
             }
-            (Dispatcher::ExpertParallel(_), _) => Err(scaled_ep()),
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
+                ep.combine_unweighted(b, yp, plan, s, time_exchange)
+            }
             _ => Err(Error::Misuse("combine with the state of another dispatcher".into())),
         }
     }
 
     /// The backward of [`Dispatcher::combine_unweighted`]: each route's row takes its
     /// token's gradient.
-    pub fn combine_unweighted_backward(&self, b: &B, dy: &Tensor<B>, state: &DispatchState<B>) -> Result<Tensor<B>> {
+    pub fn combine_unweighted_backward(
+        &self,
+        b: &B,
+        dy: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &DispatchState<B>,
+    ) -> Result<Tensor<B>> {
         match (self, state) {
             (Dispatcher::Local, DispatchState::Local(rows)) => b.permute(dy, rows),
-            (Dispatcher::ExpertParallel(_), _) => Err(scaled_ep()),
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
+                ep.combine_unweighted_backward(b, dy, plan, s)
+            }
             _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }
     }
@@ -142,7 +157,9 @@ impl<B: Backend> Dispatcher<B> {
                 let dw = b.combine_grad(x, dxp, rows, &plan.weights, 0..s)?.d_weights;
                 Ok((dx, dw))
             }
-            (Dispatcher::ExpertParallel(_), _) => Err(scaled_ep()),
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
+                ep.dispatch_scaled_backward(b, x, dxp, plan, s)
+            }
             _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }
     }
@@ -206,13 +223,4 @@ impl<B: Backend> Dispatcher<B> {
             _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }
     }
-}
-
-/// Why a layer that scales its expert input (Llama 4) or has identity experts
-/// (LongCat-Flash) does not run expert-parallel yet.
-fn scaled_ep() -> Error {
-    Error::unsupported(
-        "expert parallelism",
-        "expert inputs scaled by their route weights (Llama 4): the exchange carries unscaled rows",
-    )
 }

@@ -317,11 +317,10 @@ impl<B: Backend> MoeLayer<B> {
             return Err(Error::unsupported(backend.name(), format!("{dtype} weights")));
         }
         let local_experts = dispatcher.local_experts();
-        if local_experts.is_some() && (spec.gate.scales_input() || spec.gate.identity_experts() > 0) {
+        if local_experts.is_some() && spec.gate.identity_experts() > 0 {
             return Err(Error::unsupported(
                 "expert parallelism",
-                "routers that scale the expert input (Llama 4) or route to identity experts (LongCat-Flash): \
-                 run them on one device",
+                "routers with identity experts (LongCat-Flash): run them on one device",
             ));
         }
         // Mixed precision: the f32 masters are the larger part (the compute copies add half).
@@ -553,7 +552,7 @@ impl<B: Backend> MoeLayer<B> {
         let timed = opts.time_exchange;
         let scaled = self.spec.gate.scales_input();
         let Dispatched { xp, offsets, mut state } = if scaled {
-            self.dispatcher.dispatch_scaled(b, &x2, &gate.plan)?
+            self.dispatcher.dispatch_scaled(b, &x2, &gate.plan, timed)?
         } else {
             self.dispatcher.dispatch(b, &x2, &gate.plan, timed)?
         };
@@ -566,7 +565,7 @@ impl<B: Backend> MoeLayer<B> {
             acts.yp = b.pass_rows(&acts.yp, &acts.xp, &offsets, self.spec.num_experts)?;
         }
         let y = if scaled {
-            self.dispatcher.combine_unweighted(b, &acts.yp, &gate.plan, &state)?
+            self.dispatcher.combine_unweighted(b, &acts.yp, &gate.plan, &mut state, timed)?
         } else {
             self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state, timed)?
         };

@@ -668,3 +668,55 @@ fn data_parallel_gradients_are_the_mean_of_the_ranks_single_device_gradients() {
         });
     }
 }
+
+#[test]
+fn scaled_expert_inputs_on_two_ranks_match_the_single_device_forward_and_backward() {
+    // Llama 4 multiplies each expert's input by its route weight: the rows leave their rank
+    // scaled, come back unweighted, and the weights' gradient is x · d(row) on the sending
+    // rank, gathered over the tensor-parallel ranks.
+    let case = common::golden_models_dir().join("11_llama4/model");
+    let (spec, w) = moe_engine::import::hf::HfModel::open(&case).unwrap().load_layer(1).unwrap();
+    assert!(spec.gate.scales_input());
+    let (s, m) = (10, spec.hidden);
+    let x = HostTensor::f32(&[s, m], common::lcg(31, s * m, 1.0)).unwrap();
+    let dy = HostTensor::f32(&[s, m], common::lcg(32, s * m, 1.0)).unwrap();
+    let opts = LayerOptions { keep_activations: true, ..Default::default() };
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let single = MoeLayer::new_trainable(&b, spec.clone(), &w).unwrap();
+    let out = single.forward(&b, &b.upload(&x).unwrap(), &opts).unwrap();
+    let y0 = b.download(&out.y).unwrap().to_f64();
+    let g = single.backward(&b, &out, &b.upload(&dy).unwrap(), &Default::default()).unwrap();
+    let dx0 = b.download(&g.dx).unwrap().to_f64();
+    let g0: std::collections::BTreeMap<String, Vec<f64>> =
+        g.into_named().into_iter().map(|(n, t)| (n, b.download(&t).unwrap().to_f64())).collect();
+    let comms = in_process(2, Duration::from_secs(60));
+    std::thread::scope(|scope| {
+        for comm in comms {
+            let (spec, w, x, dy, y0, g0, dx0, opts) = (spec.clone(), &w, &x, &dy, &y0, &g0, &dx0, opts.clone());
+            scope.spawn(move || {
+                let b = CpuBackend::new(Some(1)).unwrap();
+                let ep = ExpertParallel::deepspeed(Arc::new(comm), spec.num_experts, TokenLayout::Replicated).unwrap();
+                let layer = MoeLayer::new_ep_trainable(&b, spec, w, ep).unwrap();
+                let out = layer.forward(&b, &b.upload(x).unwrap(), &opts).unwrap();
+                let y = b.download(&out.y).unwrap().to_f64();
+                assert!(golden::rel_l2(&y, y0) < 1e-6, "y: {}", golden::rel_l2(&y, y0));
+                let g = layer.backward(&b, &out, &b.upload(dy).unwrap(), &Default::default()).unwrap();
+                let dx = b.download(&g.dx).unwrap().to_f64();
+                assert!(golden::rel_l2(&dx, dx0) < 1e-6, "dx: {}", golden::rel_l2(&dx, dx0));
+                let local = layer.local_experts().expect("expert parallel").to_vec();
+                for (name, t) in g.into_named() {
+                    let v = b.download(&t).unwrap().to_f64();
+                    let want = &g0[&name];
+                    let want: Vec<f64> = if name.starts_with("experts.") {
+                        let per = want.len() / 8;
+                        local.iter().flat_map(|&e| want[e * per..(e + 1) * per].iter().copied()).collect()
+                    } else {
+                        want.clone()
+                    };
+                    let e = golden::rel_l2(&v, &want);
+                    assert!(e < 1e-6, "{name}: rel L2 {e:.2e}");
+                }
+            });
+        }
+    });
+}

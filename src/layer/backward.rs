@@ -222,7 +222,7 @@ impl<B: Backend> MoeLayer<B> {
         let acts = &out.experts;
         let scaled = self.spec.gate.scales_input();
         let (d_yp, d_weights) = if scaled {
-            (self.dispatcher.combine_unweighted_backward(b, &d_routed, &out.dispatch)?, None)
+            (self.dispatcher.combine_unweighted_backward(b, &d_routed, plan, &out.dispatch)?, None)
         } else {
             let (d_yp, d_w) = self.dispatcher.combine_backward(b, &d_routed, &acts.yp, plan, &out.dispatch)?;
             (d_yp, Some(d_w))

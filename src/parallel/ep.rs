@@ -178,12 +178,15 @@ impl<B: Backend> EpDispatcher<B> {
     /// Sends the kept routes of this rank's tokens to their experts' ranks; returns the
     /// rows this rank's experts run (grouped by local slot), their group offsets, and the
     /// state the combine needs.
+    /// With `scale_input` each row leaves multiplied by its route's combine weight (Llama 4
+    /// weights the expert input): combine those with [`EpDispatcher::combine_unweighted`].
     pub fn dispatch(
         &self,
         b: &B,
         x: &Tensor<B>,
         plan: &Plan<B>,
         time_exchange: bool,
+        scale_input: bool,
     ) -> Result<(Tensor<B>, Offsets<B>, EpState<B>)> {
         let (me, n) = (self.rank(), self.transport.size());
         let (spr, slots) = (self.placement.slots_per_rank(), self.device.slots());
@@ -206,7 +209,8 @@ impl<B: Backend> EpDispatcher<B> {
         let send_rows = bucket.rows.with_bound(rows.sent_by(me));
         let counted = t0.elapsed();
         // The send buffer holds exactly the rows sent, by destination rank.
-        let send = b.permute(x, &send_rows)?;
+        let send =
+            if scale_input { b.permute_scaled(x, &send_rows, &plan.weights)? } else { b.permute(x, &send_rows)? };
         let t1 = start_timer(b, time_exchange)?;
         let recv = self.transport.all_to_all_rows(b, &send, &rows)?;
         let exchange_time = counted + t1.elapsed();
@@ -252,11 +256,37 @@ impl<B: Backend> EpDispatcher<B> {
         state: &mut EpState<B>,
         time_exchange: bool,
     ) -> Result<Tensor<B>> {
+        self.combine_by(b, yp, plan, &plan.weights, state, time_exchange)
+    }
+
+    /// As [`EpDispatcher::combine`], every route weighted 1: the combine of a dispatch
+    /// that scaled the rows it sent.
+    pub fn combine_unweighted(
+        &self,
+        b: &B,
+        yp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &mut EpState<B>,
+        time_exchange: bool,
+    ) -> Result<Tensor<B>> {
+        let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
+        self.combine_by(b, yp, plan, &ones, state, time_exchange)
+    }
+
+    fn combine_by(
+        &self,
+        b: &B,
+        yp: &Tensor<B>,
+        plan: &Plan<B>,
+        weights: &Tensor<B>,
+        state: &mut EpState<B>,
+        time_exchange: bool,
+    ) -> Result<Tensor<B>> {
         let back = b.regroup(yp, &state.from_experts)?;
         let t0 = start_timer(b, time_exchange)?;
         let returned = self.transport.all_to_all_rows(b, &back, &state.rows.transposed())?;
         state.exchange_time += t0.elapsed();
-        let y = b.combine(&returned, &state.send_rows, &plan.weights, state.tokens.clone())?;
+        let y = b.combine(&returned, &state.send_rows, weights, state.tokens.clone())?;
         state.returned = Some(returned);
         match self.tokens {
             TokenLayout::Sharded => Ok(y),
@@ -289,38 +319,108 @@ impl<B: Backend> EpDispatcher<B> {
         plan: &Plan<B>,
         state: &EpState<B>,
     ) -> Result<(Tensor<B>, Tensor<B>)> {
+        let (d_yp, d_weights) = self.combine_backward_by(b, dy, &plan.weights, state)?;
+        Ok((d_yp, self.gather_weights_grad(b, d_weights, plan, state)?))
+    }
+
+    /// The backward of [`EpDispatcher::combine_unweighted`]: the expert outputs' gradient.
+    pub fn combine_unweighted_backward(
+        &self,
+        b: &B,
+        dy: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &EpState<B>,
+    ) -> Result<Tensor<B>> {
+        let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
+        Ok(self.combine_backward_by(b, dy, &ones, state)?.0)
+    }
+
+    /// A tensor-parallel rank's share of the combine weights' gradient, gathered from
+    /// every rank (data-parallel ranks hold only their own tokens').
+    fn gather_weights_grad(
+        &self,
+        b: &B,
+        d_weights: Tensor<B>,
+        plan: &Plan<B>,
+        state: &EpState<B>,
+    ) -> Result<Tensor<B>> {
+        match self.tokens {
+            TokenLayout::Sharded => Ok(d_weights),
+            TokenLayout::Replicated => {
+                let (n, s) = (self.transport.size(), plan.tokens());
+                let shares: Vec<usize> = (0..n).map(|r| share(s, r, n).len()).collect();
+                let mine = Self::rows_of(b, &d_weights, state.tokens.clone())?;
+                self.transport.all_gather_rows(b, &mine, &shares)
+            }
+        }
+    }
+
+    /// The combine's backward with the routes weighted by `weights`: the expert outputs'
+    /// gradient (in the experts' layout) and this rank's combine weights' (`[S, k]`, rows
+    /// of other ranks' tokens zero).
+    fn combine_backward_by(
+        &self,
+        b: &B,
+        dy: &Tensor<B>,
+        weights: &Tensor<B>,
+        state: &EpState<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
         let returned = state
             .returned
             .as_ref()
             .ok_or_else(|| Error::Misuse("backward of an expert-parallel forward that did not combine".into()))?;
-        let (n, s) = (self.transport.size(), plan.tokens());
         let dy_mine = match self.tokens {
             TokenLayout::Sharded => dy.clone(),
             TokenLayout::Replicated => Self::rows_of(b, dy, state.tokens.clone())?,
         };
-        let g = b.combine_grad(&dy_mine, returned, &state.send_rows, &plan.weights, state.tokens.clone())?;
-        let d_weights = match self.tokens {
-            TokenLayout::Sharded => g.d_weights,
-            TokenLayout::Replicated => {
-                let shares: Vec<usize> = (0..n).map(|r| share(s, r, n).len()).collect();
-                let mine = Self::rows_of(b, &g.d_weights, state.tokens.clone())?;
-                self.transport.all_gather_rows(b, &mine, &shares)?
-            }
-        };
+        let g = b.combine_grad(&dy_mine, returned, &state.send_rows, weights, state.tokens.clone())?;
         // The returned rows' gradients go where the rows came from: the experts' ranks.
         let recv = self.transport.all_to_all_rows(b, &g.d_yp, &state.rows)?;
-        Ok((b.regroup(&recv, &state.to_experts)?, d_weights))
+        Ok((b.regroup(&recv, &state.to_experts)?, g.d_weights))
     }
 
     /// The dispatch's backward: the input gradient of the experts' rows goes back to the
     /// ranks that sent them, and each token sums its routes' (a combine with unit
     /// weights); tensor-parallel ranks gather every rank's tokens. `[S, M]`.
     pub fn dispatch_backward(&self, b: &B, dxp: &Tensor<B>, plan: &Plan<B>, state: &EpState<B>) -> Result<Tensor<B>> {
-        let back = b.regroup(dxp, &state.from_experts)?;
-        let d_send = self.transport.all_to_all_rows(b, &back, &state.rows.transposed())?;
+        let d_send = self.sent_rows_grad(b, dxp, state)?;
         let (s, k) = (plan.tokens(), plan.k());
         let ones = crate::ops::unit_weights(b, s, k)?;
         let dx = b.combine(&d_send, &state.send_rows, &ones, state.tokens.clone())?;
+        self.gather_tokens(b, dx, s)
+    }
+
+    /// The backward of a dispatch with `scale_input`: the input's gradient `[S, M]`
+    /// (`Σ_j w · d_row`) and the combine weights' `[S, k]` (`x[t] · d_row`), both gathered
+    /// over tensor-parallel ranks.
+    pub fn dispatch_scaled_backward(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        dxp: &Tensor<B>,
+        plan: &Plan<B>,
+        state: &EpState<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        let d_send = self.sent_rows_grad(b, dxp, state)?;
+        let s = plan.tokens();
+        let dx = b.combine(&d_send, &state.send_rows, &plan.weights, state.tokens.clone())?;
+        let x_mine = match self.tokens {
+            TokenLayout::Sharded => x.clone(),
+            TokenLayout::Replicated => Self::rows_of(b, x, state.tokens.clone())?,
+        };
+        let dw = b.combine_grad(&x_mine, &d_send, &state.send_rows, &plan.weights, state.tokens.clone())?.d_weights;
+        Ok((self.gather_tokens(b, dx, s)?, self.gather_weights_grad(b, dw, plan, state)?))
+    }
+
+    /// The gradient of the rows this rank sent, back from the experts' ranks.
+    fn sent_rows_grad(&self, b: &B, dxp: &Tensor<B>, state: &EpState<B>) -> Result<Tensor<B>> {
+        let back = b.regroup(dxp, &state.from_experts)?;
+        self.transport.all_to_all_rows(b, &back, &state.rows.transposed())
+    }
+
+    /// This rank's tokens' rows `[share, M]`, gathered into every token's when the tokens
+    /// are replicated.
+    fn gather_tokens(&self, b: &B, dx: Tensor<B>, s: usize) -> Result<Tensor<B>> {
         match self.tokens {
             TokenLayout::Sharded => Ok(dx),
             TokenLayout::Replicated => {

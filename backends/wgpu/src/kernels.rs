@@ -39,8 +39,7 @@ pub(crate) const MATMUL: Family = Family {
     reads: 4,
     writes: 3,
 };
-pub(crate) const ROUTE: Family =
-    Family {
+pub(crate) const ROUTE: Family = Family {
     name: "route",
     source: concat!(include_str!("../../../shaders/route_common.wgsl"), include_str!("../../../shaders/route.wgsl")),
     reads: 3,
@@ -64,10 +63,12 @@ pub(crate) const GRAD: Family = Family {
     reads: 5,
     writes: 3,
 };
-pub(crate) const ROUTE_GRAD: Family =
-    Family {
+pub(crate) const ROUTE_GRAD: Family = Family {
     name: "route_grad",
-    source: concat!(include_str!("../../../shaders/route_common.wgsl"), include_str!("../../../shaders/route_grad.wgsl")),
+    source: concat!(
+        include_str!("../../../shaders/route_common.wgsl"),
+        include_str!("../../../shaders/route_grad.wgsl")
+    ),
     reads: 7,
     writes: 1,
 };
