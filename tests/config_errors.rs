@@ -369,3 +369,45 @@ fn hf_unsupported_activation_names_the_field() {
     let switch = with(with(switch, "dense_act_fn", json!("relu")), "router_bias", json!(true));
     expect_field(hf::layer_spec(&switch), "router_bias");
 }
+
+/// The config.json of a golden model-family case.
+fn case_config(case: &str) -> Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden-models")
+        .join(case)
+        .join("model/config.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("config")).expect("json")
+}
+
+#[test]
+fn model_family_configs_name_the_field_they_cannot_use() {
+    // Values the families' own code refuses, or the engine cannot run, name their key.
+    let v4 = case_config("23_deepseek_v4");
+    expect_field(hf::layer_spec(&with(v4.clone(), "scoring_func", json!("tanh"))), "scoring_func");
+    expect_field(hf::layer_spec(&with(v4, "swiglu_limit", json!(-1.0))), "clamp.limit");
+    let cohere = case_config("29_cohere2_moe");
+    expect_field(hf::layer_spec(&with(cohere.clone(), "expert_selection_fn", json!("relu"))), "expert_selection_fn");
+    expect_field(
+        hf::layer_spec(&with(cohere, "shared_expert_combination_strategy", json!("max"))),
+        "shared_expert_combination_strategy",
+    );
+    expect_field(hf::layer_spec(&without(case_config("20_dbrx"), "ffn_config")), "ffn_config");
+    let mut dbrx = case_config("20_dbrx");
+    dbrx["ffn_config"]["moe_normalize_expert_weights"] = json!(-2.0);
+    expect_field(hf::layer_spec(&dbrx), "moe_normalize_expert_weights");
+    expect_field(
+        hf::layer_spec(&with(case_config("21_phimoe"), "num_experts_per_tok", json!(3))),
+        "num_experts_per_tok",
+    );
+    expect_field(hf::layer_spec(&with(case_config("15_ernie4_5_moe"), "moe_norm_min", json!(-1.0))), "normalize");
+    expect_field(
+        hf::layer_spec(&with(case_config("24_longcat_flash"), "zero_expert_num", json!(-1))),
+        "zero_expert_num",
+    );
+    expect_field(hf::layer_spec(&with(case_config("10_gpt_oss"), "model_type", json!("gpt_neo"))), "model_type");
+    // A multimodal config: the text config is read (the family from the outer type when
+    // the text config names none), and its missing keys are named.
+    let nested = json!({"model_type": "llama4", "text_config": {"hidden_size": 8}});
+    expect_field(hf::layer_spec(&nested), "intermediate_size");
+    expect_field(hf::layer_spec(&json!({"text_config": {"hidden_size": 8}})), "model_type");
+}

@@ -128,14 +128,16 @@ impl Family {
 /// the config itself.
 pub fn text_config(cfg: &Value) -> &Value {
     match cfg.get("text_config") {
-        Some(t) if t.is_object() && t.get("model_type").is_some() => t,
+        Some(t) if t.is_object() => t,
         _ => cfg,
     }
 }
 
-/// The family of a `config.json` (its text model's, for a multimodal one).
+/// The family of a `config.json`: its text model's `model_type` (`llama4_text`), else its
+/// own (`llama4`).
 pub fn family(cfg: &Value) -> Result<Family> {
-    let mt: String = crate::import::field(text_config(cfg), "model_type")?;
+    let text = text_config(cfg);
+    let mt: String = crate::import::field(if text.get("model_type").is_some() { text } else { cfg }, "model_type")?;
     Family::from_model_type(&mt)
 }
 
