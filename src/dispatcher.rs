@@ -67,52 +67,53 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Moves the kept routes' token rows of `x [S, M]` to their experts. `time_exchange`:
-    /// see [`crate::LayerOptions::time_exchange`].
-    pub fn dispatch(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>, time_exchange: bool) -> Result<Dispatched<B>> {
+    /// see [`crate::LayerOptions::time_exchange`]. With `scale_input` each row leaves
+    /// multiplied by its route's combine weight (Llama 4 weights the expert input, not its
+    /// output): combine those unweighted.
+    pub fn dispatch(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        plan: &Plan<B>,
+        time_exchange: bool,
+        scale_input: bool,
+    ) -> Result<Dispatched<B>> {
         match self {
             Dispatcher::Local => {
                 let rows = plan.route_rows();
-                let xp = b.permute(x, &rows)?;
+                let xp = if scale_input { b.permute_scaled(x, &rows, &plan.weights)? } else { b.permute(x, &rows)? };
                 Ok(Dispatched { xp, offsets: plan.offsets.clone(), state: DispatchState::Local(rows) })
             }
             Dispatcher::ExpertParallel(ep) => {
-                let (xp, offsets, state) = ep.dispatch(b, x, plan, time_exchange, false)?;
+                let (xp, offsets, state) = ep.dispatch(b, x, plan, time_exchange, scale_input)?;
                 Ok(Dispatched { xp, offsets, state: DispatchState::ExpertParallel(Box::new(state)) })
             }
         }
     }
 
-    /// As [`Dispatcher::dispatch`], each route's row multiplied by its combine weight
-    /// (Llama 4 scales the expert input, not its output); combine with
-    /// [`Dispatcher::combine_unweighted`].
-    pub fn dispatch_scaled(&self, b: &B, x: &Tensor<B>, plan: &Plan<B>, time_exchange: bool) -> Result<Dispatched<B>> {
-        match self {
-            Dispatcher::Local => {
-                let rows = plan.route_rows();
-                let xp = b.permute_scaled(x, &rows, &plan.weights)?;
-                Ok(Dispatched { xp, offsets: plan.offsets.clone(), state: DispatchState::Local(rows) })
-            }
-            Dispatcher::ExpertParallel(ep) => {
-                let (xp, offsets, state) = ep.dispatch(b, x, plan, time_exchange, true)?;
-                Ok(Dispatched { xp, offsets, state: DispatchState::ExpertParallel(Box::new(state)) })
-            }
-        }
-    }
-
-    /// Sums each token's expert outputs unweighted (their inputs carried the weights):
-    /// the combine of [`Dispatcher::dispatch_scaled`].
-    pub fn combine_unweighted(
+    /// Brings the expert outputs `yp` (in the dispatched layout) back and sums each
+    /// token's routes by their combine weights (`weighted`), or unweighted after a
+    /// dispatch that scaled the rows: `[S, M]`.
+    pub fn combine(
         &self,
         b: &B,
         yp: &Tensor<B>,
         plan: &Plan<B>,
         state: &mut DispatchState<B>,
         time_exchange: bool,
+        weighted: bool,
     ) -> Result<Tensor<B>> {
         match (self, state) {
             (Dispatcher::Local, DispatchState::Local(rows)) => {
-                let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
-                b.combine(yp, rows, &ones, 0..plan.tokens())
+                let s = plan.tokens();
+                if weighted {
+                    b.combine(yp, rows, &plan.weights, 0..s)
+                } else {
+                    b.combine(yp, rows, &crate::ops::unit_weights(b, s, plan.k())?, 0..s)
+                }
+            }
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) if weighted => {
+                ep.combine(b, yp, plan, s, time_exchange)
             }
             (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
                 ep.combine_unweighted(b, yp, plan, s, time_exchange)
@@ -121,71 +122,9 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
-    /// The backward of [`Dispatcher::combine_unweighted`]: each route's row takes its
-    /// token's gradient.
-    pub fn combine_unweighted_backward(
-        &self,
-        b: &B,
-        dy: &Tensor<B>,
-        plan: &Plan<B>,
-        state: &DispatchState<B>,
-    ) -> Result<Tensor<B>> {
-        match (self, state) {
-            (Dispatcher::Local, DispatchState::Local(rows)) => b.permute(dy, rows),
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
-                ep.combine_unweighted_backward(b, dy, plan, s)
-            }
-            _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
-        }
-    }
-
-    /// The backward of [`Dispatcher::dispatch_scaled`]: the tokens' gradient `[S, M]`
-    /// (`Σ_j w[t, j] · dxp[row(t, j)]`) and the combine weights' `[S, k]`
-    /// (`x[t] · dxp[row(t, j)]`).
-    pub fn dispatch_scaled_backward(
-        &self,
-        b: &B,
-        x: &Tensor<B>,
-        dxp: &Tensor<B>,
-        plan: &Plan<B>,
-        state: &DispatchState<B>,
-    ) -> Result<(Tensor<B>, Tensor<B>)> {
-        match (self, state) {
-            (Dispatcher::Local, DispatchState::Local(rows)) => {
-                let s = plan.tokens();
-                let dx = b.combine(dxp, rows, &plan.weights, 0..s)?;
-                let dw = b.combine_grad(x, dxp, rows, &plan.weights, 0..s)?.d_weights;
-                Ok((dx, dw))
-            }
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
-                ep.dispatch_scaled_backward(b, x, dxp, plan, s)
-            }
-            _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
-        }
-    }
-
-    /// Brings the expert outputs `yp` (in the dispatched layout) back and sums each
-    /// token's routes by their combine weights: `[S, M]`.
-    pub fn combine(
-        &self,
-        b: &B,
-        yp: &Tensor<B>,
-        plan: &Plan<B>,
-        state: &mut DispatchState<B>,
-        time_exchange: bool,
-    ) -> Result<Tensor<B>> {
-        match (self, state) {
-            (Dispatcher::Local, DispatchState::Local(rows)) => b.combine(yp, rows, &plan.weights, 0..plan.tokens()),
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
-                ep.combine(b, yp, plan, s, time_exchange)
-            }
-            _ => Err(Error::Misuse("combine with the state of another dispatcher".into())),
-        }
-    }
-
     /// The combine's backward: the gradient of the expert outputs `yp` (in the
-    /// dispatched layout) and of the plan's combine weights `[S, k]`, from the gradient
-    /// of the combined output `dy [S, M]`.
+    /// dispatched layout) and, for a `weighted` combine, of the plan's combine weights
+    /// `[S, k]`, from the gradient of the combined output `dy [S, M]`.
     pub fn combine_backward(
         &self,
         b: &B,
@@ -193,33 +132,57 @@ impl<B: Backend> Dispatcher<B> {
         yp: &Tensor<B>,
         plan: &Plan<B>,
         state: &DispatchState<B>,
-    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        weighted: bool,
+    ) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
         match (self, state) {
-            (Dispatcher::Local, DispatchState::Local(rows)) => {
+            (Dispatcher::Local, DispatchState::Local(rows)) if weighted => {
                 let g = b.combine_grad(dy, yp, rows, &plan.weights, 0..plan.tokens())?;
-                Ok((g.d_yp, g.d_weights))
+                Ok((g.d_yp, Some(g.d_weights)))
             }
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => ep.combine_backward(b, dy, plan, s),
+            // Unweighted: each route's row takes its token's gradient.
+            (Dispatcher::Local, DispatchState::Local(rows)) => Ok((b.permute(dy, rows)?, None)),
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) if weighted => {
+                let (d_yp, d_w) = ep.combine_backward(b, dy, plan, s)?;
+                Ok((d_yp, Some(d_w)))
+            }
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
+                Ok((ep.combine_unweighted_backward(b, dy, plan, s)?, None))
+            }
             _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }
     }
 
     /// The dispatch's backward: from the gradient of the dispatched rows to the tokens'
-    /// `[S, M]` (each token sums its routes').
+    /// `[S, M]` (each token sums its routes'). After a dispatch that scaled the rows,
+    /// `scaled_from` is its input `x`: the rows' gradients are summed by the combine
+    /// weights, and the weights' gradient `[S, k]` (`x[t] · d(row)`) comes too.
     pub fn dispatch_backward(
         &self,
         b: &B,
         dxp: &Tensor<B>,
         plan: &Plan<B>,
         state: &DispatchState<B>,
-    ) -> Result<Tensor<B>> {
-        match (self, state) {
-            (Dispatcher::Local, DispatchState::Local(rows)) => {
+        scaled_from: Option<&Tensor<B>>,
+    ) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
+        match (self, state, scaled_from) {
+            (Dispatcher::Local, DispatchState::Local(rows), None) => {
                 let (s, k) = (plan.tokens(), plan.k());
                 let ones = crate::ops::unit_weights(b, s, k)?;
-                b.combine(dxp, rows, &ones, 0..s)
+                Ok((b.combine(dxp, rows, &ones, 0..s)?, None))
             }
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => ep.dispatch_backward(b, dxp, plan, s),
+            (Dispatcher::Local, DispatchState::Local(rows), Some(x)) => {
+                let s = plan.tokens();
+                let dx = b.combine(dxp, rows, &plan.weights, 0..s)?;
+                let dw = b.combine_grad(x, dxp, rows, &plan.weights, 0..s)?.d_weights;
+                Ok((dx, Some(dw)))
+            }
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s), None) => {
+                Ok((ep.dispatch_backward(b, dxp, plan, s)?, None))
+            }
+            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s), Some(x)) => {
+                let (dx, dw) = ep.dispatch_scaled_backward(b, x, dxp, plan, s)?;
+                Ok((dx, Some(dw)))
+            }
             _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }
     }

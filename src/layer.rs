@@ -551,11 +551,7 @@ impl<B: Backend> MoeLayer<B> {
         let gate = self.gate.forward(b, &x2, seq, &opts.gate)?;
         let timed = opts.time_exchange;
         let scaled = self.spec.gate.scales_input();
-        let Dispatched { xp, offsets, mut state } = if scaled {
-            self.dispatcher.dispatch_scaled(b, &x2, &gate.plan, timed)?
-        } else {
-            self.dispatcher.dispatch(b, &x2, &gate.plan, timed)?
-        };
+        let Dispatched { xp, offsets, mut state } = self.dispatcher.dispatch(b, &x2, &gate.plan, timed, scaled)?;
         // Identity experts (LongCat-Flash): the plan's last groups run no weights; their
         // rows come back as they went.
         let z = self.spec.gate.identity_experts();
@@ -564,11 +560,8 @@ impl<B: Backend> MoeLayer<B> {
         if z > 0 {
             acts.yp = b.pass_rows(&acts.yp, &acts.xp, &offsets, self.spec.num_experts)?;
         }
-        let y = if scaled {
-            self.dispatcher.combine_unweighted(b, &acts.yp, &gate.plan, &mut state, timed)?
-        } else {
-            self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state, timed)?
-        };
+        // Scaled inputs carried the weights: the outputs are summed unweighted.
+        let y = self.dispatcher.combine(b, &acts.yp, &gate.plan, &mut state, timed, !scaled)?;
         let (y, dense) = self.add_dense_parts(b, &x2, y, opts.keep_activations)?;
         let y = match &self.output_bias {
             Some(bias) => b.add_bias(&y, bias)?,

@@ -221,22 +221,21 @@ impl<B: Backend> MoeLayer<B> {
         let plan = &out.gate.plan;
         let acts = &out.experts;
         let scaled = self.spec.gate.scales_input();
-        let (d_yp, d_weights) = if scaled {
-            (self.dispatcher.combine_unweighted_backward(b, &d_routed, plan, &out.dispatch)?, None)
-        } else {
-            let (d_yp, d_w) = self.dispatcher.combine_backward(b, &d_routed, &acts.yp, plan, &out.dispatch)?;
-            (d_yp, Some(d_w))
-        };
+        let (d_yp, d_weights) =
+            self.dispatcher.combine_backward(b, &d_routed, &acts.yp, plan, &out.dispatch, !scaled)?;
         let (experts, mut dxp) =
             self.experts.backward(b, &acts.xp, acts.pre_activation.as_ref(), &d_yp, Some(&acts.offsets))?;
         if self.spec.gate.identity_experts() > 0 {
             // An identity expert's rows pass their gradient straight through.
             dxp = b.pass_rows(&dxp, &d_yp, &acts.offsets, self.spec.num_experts)?;
         }
-        let (mut dx, d_weights) = match d_weights {
-            Some(d_w) => (self.dispatcher.dispatch_backward(b, &dxp, plan, &out.dispatch)?, d_w),
-            None => self.dispatcher.dispatch_scaled_backward(b, x, &dxp, plan, &out.dispatch)?,
-        };
+        // The combine weights' gradient comes from the combine, or (scaled inputs) from the
+        // dispatch.
+        let (mut dx, d_dispatch) =
+            self.dispatcher.dispatch_backward(b, &dxp, plan, &out.dispatch, scaled.then_some(x))?;
+        let d_weights = d_weights
+            .or(d_dispatch)
+            .ok_or_else(|| Error::Internal("neither the combine nor the dispatch gave the weights' gradient".into()))?;
 
         // The gate.
         let gg = self.gate.backward(b, x, &out.gate, &d_weights, &opts.losses)?;
