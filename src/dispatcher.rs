@@ -112,11 +112,8 @@ impl<B: Backend> Dispatcher<B> {
                     b.combine(yp, rows, &crate::ops::unit_weights(b, s, plan.k())?, 0..s)
                 }
             }
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) if weighted => {
-                ep.combine(b, yp, plan, s, time_exchange)
-            }
             (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
-                ep.combine_unweighted(b, yp, plan, s, time_exchange)
+                ep.combine(b, yp, plan, s, time_exchange, weighted)
             }
             _ => Err(Error::Misuse("combine with the state of another dispatcher".into())),
         }
@@ -141,12 +138,8 @@ impl<B: Backend> Dispatcher<B> {
             }
             // Unweighted: each route's row takes its token's gradient.
             (Dispatcher::Local, DispatchState::Local(rows)) => Ok((b.permute(dy, rows)?, None)),
-            (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) if weighted => {
-                let (d_yp, d_w) = ep.combine_backward(b, dy, plan, s)?;
-                Ok((d_yp, Some(d_w)))
-            }
             (Dispatcher::ExpertParallel(ep), DispatchState::ExpertParallel(s)) => {
-                Ok((ep.combine_unweighted_backward(b, dy, plan, s)?, None))
+                ep.combine_backward(b, dy, plan, s, weighted)
             }
             _ => Err(Error::Misuse("backward with the state of another dispatcher".into())),
         }

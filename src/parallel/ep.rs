@@ -179,7 +179,7 @@ impl<B: Backend> EpDispatcher<B> {
     /// rows this rank's experts run (grouped by local slot), their group offsets, and the
     /// state the combine needs.
     /// With `scale_input` each row leaves multiplied by its route's combine weight (Llama 4
-    /// weights the expert input): combine those with [`EpDispatcher::combine_unweighted`].
+    /// weights the expert input): combine those unweighted ([`EpDispatcher::combine`]).
     pub fn dispatch(
         &self,
         b: &B,
@@ -246,8 +246,9 @@ impl<B: Backend> EpDispatcher<B> {
         Ok((xp, offsets, state))
     }
 
-    /// Sends the expert outputs back and combines this rank's tokens; tensor-parallel
-    /// ranks then gather every rank's tokens.
+    /// Sends the expert outputs back and combines this rank's tokens by their combine
+    /// weights (`weighted`), or unweighted after a dispatch with `scale_input`;
+    /// tensor-parallel ranks then gather every rank's tokens.
     pub fn combine(
         &self,
         b: &B,
@@ -255,22 +256,14 @@ impl<B: Backend> EpDispatcher<B> {
         plan: &Plan<B>,
         state: &mut EpState<B>,
         time_exchange: bool,
+        weighted: bool,
     ) -> Result<Tensor<B>> {
-        self.combine_by(b, yp, plan, &plan.weights, state, time_exchange)
-    }
-
-    /// As [`EpDispatcher::combine`], every route weighted 1: the combine of a dispatch
-    /// that scaled the rows it sent.
-    pub fn combine_unweighted(
-        &self,
-        b: &B,
-        yp: &Tensor<B>,
-        plan: &Plan<B>,
-        state: &mut EpState<B>,
-        time_exchange: bool,
-    ) -> Result<Tensor<B>> {
-        let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
-        self.combine_by(b, yp, plan, &ones, state, time_exchange)
+        if weighted {
+            self.combine_by(b, yp, plan, &plan.weights, state, time_exchange)
+        } else {
+            let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
+            self.combine_by(b, yp, plan, &ones, state, time_exchange)
+        }
     }
 
     fn combine_by(
@@ -310,29 +303,23 @@ impl<B: Backend> EpDispatcher<B> {
     /// The combine's backward, the forward's combine in reverse: from the gradient of the
     /// layer's routed output (every token when tensor-parallel, this rank's when data
     /// parallel) to the gradient of the expert outputs in the experts' layout (sent back
-    /// over the forward's dispatch exchange) and of the plan's combine weights `[S, k]`
-    /// (tensor-parallel ranks gather every rank's share, so each holds them all).
+    /// over the forward's dispatch exchange) and, for a `weighted` combine, of the plan's
+    /// combine weights `[S, k]` (tensor-parallel ranks gather every rank's share, so each
+    /// holds them all).
     pub fn combine_backward(
         &self,
         b: &B,
         dy: &Tensor<B>,
         plan: &Plan<B>,
         state: &EpState<B>,
-    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        weighted: bool,
+    ) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
+        if !weighted {
+            let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
+            return Ok((self.combine_backward_by(b, dy, &ones, state)?.0, None));
+        }
         let (d_yp, d_weights) = self.combine_backward_by(b, dy, &plan.weights, state)?;
-        Ok((d_yp, self.gather_weights_grad(b, d_weights, plan, state)?))
-    }
-
-    /// The backward of [`EpDispatcher::combine_unweighted`]: the expert outputs' gradient.
-    pub fn combine_unweighted_backward(
-        &self,
-        b: &B,
-        dy: &Tensor<B>,
-        plan: &Plan<B>,
-        state: &EpState<B>,
-    ) -> Result<Tensor<B>> {
-        let ones = crate::ops::unit_weights(b, plan.tokens(), plan.k())?;
-        Ok(self.combine_backward_by(b, dy, &ones, state)?.0)
+        Ok((d_yp, Some(self.gather_weights_grad(b, d_weights, plan, state)?)))
     }
 
     /// A tensor-parallel rank's share of the combine weights' gradient, gathered from
