@@ -242,7 +242,7 @@ impl<B: Backend> MoeLayer<B> {
     /// Validates spec and weights and uploads the weights (router in f32, the rest in
     /// `dtype`); every expert is on this device.
     pub fn new(backend: &B, spec: LayerSpec, weights: &HostLayerWeights, dtype: DType) -> Result<Self> {
-        Self::build(backend, spec, weights, Storage::Inference(dtype), Dispatcher::Local)
+        Self::build(backend, spec, weights, Storage::Inference(dtype), Dispatcher::Local, false)
     }
 
     /// A layer to train: every expert on this device, every weight uploaded as a plain
@@ -250,7 +250,7 @@ impl<B: Backend> MoeLayer<B> {
     /// state share). Run its forward with [`LayerOptions::keep_activations`], then
     /// [`MoeLayer::backward`].
     pub fn new_trainable(backend: &B, spec: LayerSpec, weights: &HostLayerWeights) -> Result<Self> {
-        Self::build(backend, spec, weights, Storage::Trainable, Dispatcher::Local)
+        Self::build(backend, spec, weights, Storage::Trainable, Dispatcher::Local, false)
     }
 
     /// A layer to train in mixed precision: the routed experts', residual MLP's and shared
@@ -268,7 +268,7 @@ impl<B: Backend> MoeLayer<B> {
             DType::F16 | DType::BF16 => Storage::Mixed(dtype),
             DType::I32 => return Err(Error::dtype("mixed-precision weights", "f32, f16 or bf16", dtype)),
         };
-        Self::build(backend, spec, weights, storage, Dispatcher::Local)
+        Self::build(backend, spec, weights, storage, Dispatcher::Local, false)
     }
 
     /// As [`MoeLayer::new`] for one rank of an expert-parallel group: the router and the
@@ -283,7 +283,7 @@ impl<B: Backend> MoeLayer<B> {
         ep: ExpertParallel<B>,
     ) -> Result<Self> {
         let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
-        Self::build(backend, spec, weights, Storage::Inference(dtype), dispatcher)
+        Self::build(backend, spec, weights, Storage::Inference(dtype), dispatcher, false)
     }
 
     /// As [`MoeLayer::new_trainable`] for one rank of an expert-parallel group (see
@@ -296,7 +296,23 @@ impl<B: Backend> MoeLayer<B> {
         ep: ExpertParallel<B>,
     ) -> Result<Self> {
         let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
-        Self::build(backend, spec, weights, Storage::Trainable, dispatcher)
+        Self::build(backend, spec, weights, Storage::Trainable, dispatcher, false)
+    }
+
+    /// As [`MoeLayer::new_ep`] (`trainable` false) or [`MoeLayer::new_ep_trainable`]
+    /// (true) from weights whose routed experts are only this rank's, in its local slot
+    /// order ([`crate::parallel::Placement::local`]): what a DeepSpeed rank's state dict
+    /// holds (`deepspeed_experts.0 ..` are its own experts), so no rank needs the others'.
+    pub fn new_ep_local(
+        backend: &B,
+        spec: LayerSpec,
+        local_weights: &HostLayerWeights,
+        trainable: bool,
+        ep: ExpertParallel<B>,
+    ) -> Result<Self> {
+        let dispatcher = Dispatcher::expert_parallel(backend, ep, spec.num_experts)?;
+        let storage = if trainable { Storage::Trainable } else { Storage::Inference(DType::F32) };
+        Self::build(backend, spec, local_weights, storage, dispatcher, true)
     }
 
     fn build(
@@ -305,9 +321,17 @@ impl<B: Backend> MoeLayer<B> {
         weights: &HostLayerWeights,
         storage: Storage,
         dispatcher: Dispatcher<B>,
+        weights_are_local: bool,
     ) -> Result<Self> {
         spec.validate()?;
-        weights.validate(&spec)?;
+        let local_experts = dispatcher.local_experts();
+        match (local_experts, weights_are_local) {
+            (Some(ids), true) => weights.validate_holding(&spec, ids.len())?,
+            (None, true) => {
+                return Err(Error::Internal("local expert weights for a layer without a dispatcher".into()))
+            }
+            (_, false) => weights.validate(&spec)?,
+        }
         let (dtype, trainable) = match storage {
             Storage::Inference(d) => (d, false),
             Storage::Trainable => (DType::F32, true),
@@ -316,7 +340,6 @@ impl<B: Backend> MoeLayer<B> {
         if !backend.capabilities().storage_dtypes.contains(&dtype) {
             return Err(Error::unsupported(backend.name(), format!("{dtype} weights")));
         }
-        let local_experts = dispatcher.local_experts();
         if local_experts.is_some() && spec.gate.identity_experts() > 0 {
             return Err(Error::unsupported(
                 "expert parallelism",
@@ -327,8 +350,8 @@ impl<B: Backend> MoeLayer<B> {
         let sized = if trainable { DType::F32 } else { dtype };
         check_memory(backend, &spec, local_experts.map_or(spec.num_experts, <[usize]>::len), sized)?;
         let local = match local_experts {
-            Some(ids) => weights.experts.gather_experts(ids)?,
-            None => weights.experts.clone(),
+            Some(ids) if !weights_are_local => weights.experts.gather_experts(ids)?,
+            _ => weights.experts.clone(),
         };
         let mut masters = Vec::new();
         let experts = DeviceMlp::upload_with(backend, &local, &spec.expert, false, storage, "experts", &mut masters)?;

@@ -165,6 +165,12 @@ impl HostLayerWeights {
 
     /// Checks every tensor's presence, shape and finiteness against the spec.
     pub fn validate(&self, spec: &LayerSpec) -> Result<()> {
+        self.validate_holding(spec, spec.num_experts)
+    }
+
+    /// [`HostLayerWeights::validate`] for weights whose routed experts are `experts` of
+    /// the spec's (one expert-parallel rank's share); the router still scores them all.
+    pub fn validate_holding(&self, spec: &LayerSpec, experts: usize) -> Result<()> {
         let (e, m) = (spec.num_experts, spec.hidden);
         let scored = e + spec.gate.identity_experts();
         self.gate.expect_shape("gate.weight", &[scored, m])?;
@@ -182,7 +188,7 @@ impl HostLayerWeights {
                 t.check_finite(name)?;
             }
         }
-        self.experts.validate("experts", &spec.expert, e, m)?;
+        self.experts.validate("experts", &spec.expert, experts, m)?;
         use crate::config::GateSpec;
         let needs_bias = match &spec.gate {
             GateSpec::DeepSeekV3 { .. } => true,

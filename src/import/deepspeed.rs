@@ -16,6 +16,7 @@ use crate::expert::{Activation, ExpertKind};
 use crate::tensor::HostTensor;
 use crate::weights::{HostLayerWeights, HostMlp};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// Parses the `expert` description `{type, ffn_hidden, bias}`.
 pub fn expert_spec(v: &Value) -> Result<ExpertSpec> {
@@ -214,13 +215,24 @@ pub(crate) fn read_blocks(
 /// Reads a DeepSpeed `MoE` state dict (keys under `prefix`, e.g. `""` or
 /// `"layers.3.mlp."`). Unused keys under the prefix are an error.
 pub fn layer_weights(ck: &mut Checkpoint, spec: &LayerSpec, prefix: &str) -> Result<HostLayerWeights> {
+    layer_weights_holding(ck, spec, prefix, spec.num_experts)
+}
+
+/// [`layer_weights`] of one expert-parallel rank's state dict, which holds `experts` of
+/// the layer's experts (`deepspeed_experts.0 ..` are the rank's own, DeepSpeed's local
+/// numbering) beside the whole router.
+pub fn layer_weights_holding(
+    ck: &mut Checkpoint,
+    spec: &LayerSpec,
+    prefix: &str,
+    holding: usize,
+) -> Result<HostLayerWeights> {
     spec.validate()?;
     let (e, m) = (spec.num_experts, spec.hidden);
     // The router first: its [E, M] shape checks the config's expert count against the
     // checkpoint before any per-expert name is built.
     let gate = ck.take_shaped(&format!("{prefix}deepspeed_moe.gate.wg.weight"), &[e, m])?;
-    let prefixes: Vec<String> =
-        (0..e).map(|i| format!("{prefix}deepspeed_moe.experts.deepspeed_experts.{i}.")).collect();
+    let prefixes: Vec<String> = (0..holding).map(|i| expert_prefix(prefix, i)).collect();
     let experts = read_blocks(ck, &spec.expert, &prefixes, m)?;
     let residual = if spec.residual {
         let mlp = read_blocks(ck, &spec.expert, &[format!("{prefix}mlp.")], m)?;
@@ -240,6 +252,66 @@ pub fn layer_weights(ck: &mut Checkpoint, spec: &LayerSpec, prefix: &str) -> Res
         residual,
         shared: None,
     };
-    w.validate(spec)?;
+    w.validate_holding(spec, holding)?;
     Ok(w)
+}
+
+fn expert_prefix(prefix: &str, i: usize) -> String {
+    format!("{prefix}deepspeed_moe.experts.deepspeed_experts.{i}.")
+}
+
+/// One expert's (or the dense block's) matrices of a stacked [`HostMlp`], under its
+/// DeepSpeed names: the inverse of [`read_blocks`] for expert `i`.
+fn write_block(
+    mlp: &HostMlp,
+    spec: &ExpertSpec,
+    i: usize,
+    prefix: &str,
+    out: &mut BTreeMap<String, HostTensor>,
+) -> Result<()> {
+    let pick = |t: &HostTensor, what: &str| -> Result<HostTensor> {
+        let per: usize = t.shape()[1..].iter().product();
+        let v = t.as_f32(what)?;
+        let part = v.get(i * per..(i + 1) * per).ok_or_else(|| Error::Internal(format!("{what}: no expert {i}")))?;
+        HostTensor::f32(&t.shape()[1..], part.to_vec())
+    };
+    let glu = matches!(spec.kind, ExpertKind::Glu { .. });
+    for (role, name) in block_names(spec.kind, prefix) {
+        let t = match role {
+            Role::In | Role::Gate | Role::Up => Some(&mlp.w_in),
+            Role::InBias | Role::GateBias | Role::UpBias => mlp.b_in.as_ref(),
+            Role::Out => mlp.w_out.as_ref(),
+            Role::OutBias => mlp.b_out.as_ref(),
+        };
+        let Some(t) = t else { continue };
+        let mut one = pick(t, &name)?;
+        if glu && role != Role::Out && role != Role::OutBias {
+            // The fused input projection (and its bias) holds the gate rows, then the up rows.
+            let v = one.as_f32(&name)?;
+            let half = v.len() / 2;
+            let part = if matches!(role, Role::Gate | Role::GateBias) { &v[..half] } else { &v[half..] };
+            one = HostTensor::f32(&role.shape(spec, mlp.w_in.shape()[2]), part.to_vec())?;
+        }
+        out.insert(name, one);
+    }
+    Ok(())
+}
+
+/// A DeepSpeed `MoE` state dict (keys under `prefix`) from the engine's weights: the
+/// inverse of [`layer_weights_holding`], so the gradients or trained weights of a layer
+/// read back under the names the torch module gives its parameters. `weights.experts`
+/// holds `experts` of the layer's experts (all of them, or one rank's own).
+pub fn state_dict(spec: &LayerSpec, weights: &HostLayerWeights, prefix: &str) -> Result<BTreeMap<String, HostTensor>> {
+    let experts = weights.experts.w_in.shape().first().copied().unwrap_or(0);
+    let mut out = BTreeMap::new();
+    out.insert(format!("{prefix}deepspeed_moe.gate.wg.weight"), weights.gate.clone());
+    for i in 0..experts {
+        write_block(&weights.experts, &spec.expert, i, &expert_prefix(prefix, i), &mut out)?;
+    }
+    if let Some((mlp, cw, cb)) = &weights.residual {
+        write_block(mlp, &spec.expert, 0, &format!("{prefix}mlp."), &mut out)?;
+        out.insert(format!("{prefix}coefficient.weight"), cw.clone());
+        out.insert(format!("{prefix}coefficient.bias"), cb.clone());
+    }
+    Ok(out)
 }

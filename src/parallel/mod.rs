@@ -23,4 +23,4 @@ pub use grad_sync::GradientSync;
 pub use hierarchical::Hierarchical;
 pub use placement::Placement;
 pub use rendezvous::{share_token, LaunchEnv};
-pub use transport::{ExchangeOp, RowCounts, Segment, Transport};
+pub use transport::{exchange_via_host, ExchangeOp, RowCounts, Segment, Transport};

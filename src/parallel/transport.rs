@@ -229,54 +229,76 @@ fn check_segments(size: usize, what: &str, segs: &[Segment], rows: usize, disjoi
     Ok(())
 }
 
-/// The in-process communicator stages through the host: the rows are downloaded, moved
-/// as bytes between the threads, and the received rows uploaded. The only transport that
-/// reads rows on the host.
+/// One round of transfers staged through the host: `x`'s rows are downloaded, each peer's
+/// send segments packed into one message, `all_to_all_v(messages, expected)` moves them
+/// (`expected[p]`: the bytes this rank's receives from `p` add up to), and the received
+/// rows are uploaded into place. For transports whose wire is host bytes: the in-process
+/// communicator, and a host process group (torch.distributed's gloo, through the Python
+/// package).
+pub fn exchange_via_host<B: Backend>(
+    b: &B,
+    op: &ExchangeOp<'_, B>,
+    rank: usize,
+    size: usize,
+    all_to_all_v: impl FnOnce(Vec<Vec<u8>>, Vec<usize>) -> Result<Vec<Vec<u8>>>,
+) -> Result<Tensor<B>> {
+    let (x, sends, recvs) = (op.x, op.sends, op.recvs);
+    let [recv_rows, cols] = op.out_shape;
+    let host = b.download(x)?;
+    let row = cols * 4;
+    let mut expected = vec![0usize; size];
+    for r in recvs {
+        expected[r.peer] += r.rows * row;
+    }
+    let got = {
+        let bytes: &[u8] = match host.data() {
+            HostData::F32(v) => bytemuck::cast_slice(v),
+            HostData::I32(v) => bytemuck::cast_slice(v),
+        };
+        let mut msgs = vec![Vec::new(); size];
+        for s in sends {
+            msgs[s.peer].extend_from_slice(&bytes[s.start * row..(s.start + s.rows) * row]);
+        }
+        all_to_all_v(msgs, expected)?
+    };
+    if got.len() != size {
+        return Err(Error::Communication { rank, msg: format!("{} messages from a group of {size}", got.len()) });
+    }
+    // Received rows go straight into the values of the tensor uploaded.
+    let shape = [recv_rows, cols];
+    let mut out = match x.dtype() {
+        DType::I32 => HostData::I32(vec![0; recv_rows * cols]),
+        _ => HostData::F32(vec![0.0; recv_rows * cols]),
+    };
+    let dst: &mut [u8] = match &mut out {
+        HostData::F32(v) => bytemuck::cast_slice_mut(v),
+        HostData::I32(v) => bytemuck::cast_slice_mut(v),
+    };
+    let mut read = vec![0usize; size];
+    let short = |peer: usize| Error::Communication {
+        rank,
+        msg: format!("rank {peer} sent {} bytes, which do not match the rows agreed", got[peer].len()),
+    };
+    for r in recvs {
+        let n = r.rows * row;
+        let piece = got[r.peer].get(read[r.peer]..read[r.peer] + n).ok_or_else(|| short(r.peer))?;
+        dst[r.start * row..r.start * row + n].copy_from_slice(piece);
+        read[r.peer] += n;
+    }
+    if let Some(p) = (0..size).find(|&p| read[p] != got[p].len()) {
+        return Err(short(p));
+    }
+    let t = match out {
+        HostData::I32(v) => HostTensor::i32(&shape, v)?,
+        HostData::F32(v) => HostTensor::f32(&shape, v)?,
+    };
+    b.upload(&t)
+}
+
+/// The in-process communicator stages through the host ([`exchange_via_host`]): the only
+/// transport of the engine itself that reads rows on the host.
 impl<B: Backend> Transport<B> for InProcessComm {
     fn run_exchange(&self, b: &B, op: &ExchangeOp<'_, B>) -> Result<Tensor<B>> {
-        let (x, sends, recvs) = (op.x, op.sends, op.recvs);
-        let [recv_rows, cols] = op.out_shape;
-        let host = b.download(x)?;
-        let row = cols * 4;
-        let got = {
-            let bytes: &[u8] = match host.data() {
-                HostData::F32(v) => bytemuck::cast_slice(v),
-                HostData::I32(v) => bytemuck::cast_slice(v),
-            };
-            let mut msgs = vec![Vec::new(); self.size()];
-            for s in sends {
-                msgs[s.peer].extend_from_slice(&bytes[s.start * row..(s.start + s.rows) * row]);
-            }
-            self.all_to_all_v(msgs)?
-        };
-        // Received rows go straight into the values of the tensor uploaded.
-        let shape = [recv_rows, cols];
-        let mut out = match x.dtype() {
-            DType::I32 => HostData::I32(vec![0; recv_rows * cols]),
-            _ => HostData::F32(vec![0.0; recv_rows * cols]),
-        };
-        let dst: &mut [u8] = match &mut out {
-            HostData::F32(v) => bytemuck::cast_slice_mut(v),
-            HostData::I32(v) => bytemuck::cast_slice_mut(v),
-        };
-        let mut read = vec![0usize; self.size()];
-        let short = |peer: usize| Error::Communication {
-            rank: self.rank(),
-            msg: format!("rank {peer} sent {} bytes, which do not match the rows agreed", got[peer].len()),
-        };
-        for r in recvs {
-            let n = r.rows * row;
-            let piece = got[r.peer].get(read[r.peer]..read[r.peer] + n).ok_or_else(|| short(r.peer))?;
-            dst[r.start * row..r.start * row + n].copy_from_slice(piece);
-            read[r.peer] += n;
-        }
-        if let Some(p) = (0..self.size()).find(|&p| read[p] != got[p].len()) {
-            return Err(short(p));
-        }
-        let t = match out {
-            HostData::I32(v) => HostTensor::i32(&shape, v)?,
-            HostData::F32(v) => HostTensor::f32(&shape, v)?,
-        };
-        b.upload(&t)
+        exchange_via_host(b, op, self.rank(), self.size(), |msgs, _| self.all_to_all_v(msgs))
     }
 }

@@ -30,9 +30,18 @@ impl HfModel {
             msg: "not valid JSON".into(),
             source: Some(Box::new(e)),
         })?;
+        let mut model = Self::from_config(config)?;
+        model.dir = dir.to_path_buf();
+        Ok(model)
+    }
+
+    /// A model known by its `config.json` alone (a transformers model in memory, whose
+    /// blocks' tensors come as a [`Checkpoint`] to [`HfModel::load_layer_from`]); its
+    /// folder is empty.
+    pub fn from_config(config: Value) -> Result<Self> {
         let family = super::family(&config)?;
         let kinds = families::layer_kinds(family, text_config(&config))?;
-        Ok(HfModel { dir: dir.to_path_buf(), config, family, kinds })
+        Ok(HfModel { dir: PathBuf::new(), config, family, kinds })
     }
 
     /// The folder.
@@ -154,10 +163,23 @@ impl HfModel {
     /// read; a dense layer is an error that says which layers are MoE.
     pub fn load_layer(&self, layer: usize) -> Result<(LayerSpec, HostLayerWeights)> {
         self.check_moe_layer(layer)?;
-        let spec = self.spec()?;
         let mut ck = self.checkpoint()?;
         let prefix = self.block_prefix(&ck, layer)?;
-        let w = layer_weights_in(&mut ck, self.family, self.text_config(), &spec, &prefix)?;
+        self.load_block_at(&mut ck, layer, &prefix)
+    }
+
+    /// Layer `layer`'s block from the tensors of `ck` under `prefix`: the folder's, or a
+    /// transformers model's in memory under its module's state-dict names (`""` for a
+    /// block's own `state_dict()`, whose fused expert stacks the family layouts read).
+    pub fn load_block_at(
+        &self,
+        ck: &mut Checkpoint,
+        layer: usize,
+        prefix: &str,
+    ) -> Result<(LayerSpec, HostLayerWeights)> {
+        self.check_moe_layer(layer)?;
+        let spec = self.spec()?;
+        let w = layer_weights_in(ck, self.family, self.text_config(), &spec, prefix)?;
         tracing::debug!(family = ?self.family, layer, experts = spec.num_experts, "loaded HF MoE block");
         Ok((spec, w))
     }
