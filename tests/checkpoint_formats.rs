@@ -545,3 +545,32 @@ fn checkpoint_cases_check_their_checkpoint_block() {
     let e = err(with(&|m| m["kind"] = json!("deepspeed.moe")), "block on another kind");
     assert!(e.to_string().contains("only read by deepspeed.checkpoint"), "{e}");
 }
+
+#[test]
+fn deepspeed_state_dict_is_the_inverse_of_the_importer() {
+    for (ty, bias, residual) in [("linear", true, false), ("mlp_gelu", false, true), ("glu_silu", true, true)] {
+        let cfg = json!({"hidden_size": 6, "num_experts": 4, "k": 2, "use_residual": residual,
+                         "expert": {"type": ty, "ffn_hidden": if ty == "linear" { json!(null) } else { json!(5) }, "bias": bias}});
+        let spec = deepspeed::layer_spec(&cfg).unwrap();
+        let w = moe_engine::stack::random_weights(&spec, 11).unwrap();
+        let sd = deepspeed::state_dict(&spec, &w, "moe.").unwrap();
+        let expect_one = |name: &str| assert!(sd.contains_key(name), "{ty}: {name} missing from {:?}", sd.keys());
+        expect_one("moe.deepspeed_moe.gate.wg.weight");
+        match ty {
+            "linear" => expect_one("moe.deepspeed_moe.experts.deepspeed_experts.3.bias"),
+            "mlp_gelu" => expect_one("moe.mlp.2.weight"),
+            _ => expect_one("moe.deepspeed_moe.experts.deepspeed_experts.0.up_proj.bias"),
+        }
+        let back = deepspeed::layer_weights(&mut Checkpoint::from_map(sd.clone(), "sd"), &spec, "moe.").unwrap();
+        for ((n, a), (_, b)) in w.named().into_iter().zip(back.named()) {
+            assert_eq!(a.as_f32(&n).unwrap(), b.as_f32(&n).unwrap(), "{ty}: {n}");
+        }
+        // One rank's share: its experts numbered from 0, the router whole.
+        let mut share = w.clone();
+        share.experts = w.experts.slice_experts(2..4).unwrap();
+        let sd = deepspeed::state_dict(&spec, &share, "").unwrap();
+        assert!(!sd.keys().any(|k| k.contains("deepspeed_experts.2.")), "{:?}", sd.keys());
+        let got = deepspeed::layer_weights_holding(&mut Checkpoint::from_map(sd, "share"), &spec, "", 2).unwrap();
+        assert_eq!(got.experts.w_in.as_f32("w_in").unwrap(), share.experts.w_in.as_f32("w_in").unwrap());
+    }
+}

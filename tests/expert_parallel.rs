@@ -119,6 +119,45 @@ fn data_parallel_shards_match_single_rank_runs_on_each_shard() {
 }
 
 #[test]
+fn a_rank_built_from_its_own_experts_equals_one_built_from_all() {
+    // What a DeepSpeed rank's state dict holds: the router whole, its experts only.
+    let g = GateSpec::DeepSpeed(DeepSpeedGate { k: 2, use_rts: false, min_capacity: 2, ..Default::default() });
+    let spec = spec(4, g);
+    let weights = stack::random_weights(&spec, 7).unwrap();
+    let opts = LayerOptions::mode(Mode::Eval);
+    let comms = in_process(2, Duration::from_secs(30));
+    let all_comms = in_process(2, Duration::from_secs(30));
+    std::thread::scope(|s| {
+        for (c, c_all) in comms.into_iter().zip(all_comms) {
+            let (spec, weights, opts) = (spec.clone(), &weights, &opts);
+            s.spawn(move || {
+                let b = CpuBackend::new(Some(1)).unwrap();
+                let rank = c.rank();
+                let mut local = weights.clone();
+                local.experts = weights.experts.slice_experts(rank * 2..rank * 2 + 2).unwrap();
+                let ep = ExpertParallel::deepspeed(Arc::new(c), 4, TokenLayout::Sharded).unwrap();
+                let mine = MoeLayer::new_ep_local(&b, spec.clone(), &local, false, ep).unwrap();
+                let whole = ep_layer(&b, spec.clone(), weights, c_all, TokenLayout::Sharded).unwrap();
+                let x = b.upload(&tokens(9 + rank, 24, rank as u32)).unwrap();
+                let y = b.download(&mine.forward(&b, &x, opts).unwrap().y).unwrap();
+                let w = b.download(&whole.forward(&b, &x, opts).unwrap().y).unwrap();
+                assert_eq!(y.as_f32("y").unwrap(), w.as_f32("y").unwrap(), "rank {rank}");
+                // Weights holding all experts are not one rank's share.
+                let ep = ExpertParallel::deepspeed(
+                    Arc::new(in_process(2, Duration::from_millis(50)).remove(rank)),
+                    4,
+                    TokenLayout::Sharded,
+                )
+                .unwrap();
+                let err =
+                    MoeLayer::new_ep_local(&b, spec, weights, false, ep).err().expect("4 experts for a share of 2");
+                assert!(err.to_string().contains("experts.w_in"), "{err}");
+            });
+        }
+    });
+}
+
+#[test]
 fn expert_count_not_divisible_by_ranks_is_a_config_error() {
     let err = Placement::contiguous(8, 3).unwrap_err();
     assert!(matches!(err, Error::Config { ref field, .. } if field == "ep_size"), "{err}");

@@ -33,7 +33,7 @@ pub fn host_from_torch(t: &Bound<'_, PyAny>, name: &str) -> PyResult<HostTensor>
         Vec::new()
     } else {
         let ptr: usize = t.call_method0("data_ptr")?.extract()?;
-        if ptr == 0 || ptr % std::mem::align_of::<f32>() != 0 {
+        if ptr == 0 || !ptr.is_multiple_of(std::mem::align_of::<f32>()) {
             return Err(value_error(format!("`{name}`: its data pointer {ptr:#x} is not an f32 array")));
         }
         // SAFETY: `t` is a contiguous float32 CPU tensor of `n` elements (checked above),
