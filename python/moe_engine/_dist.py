@@ -2,11 +2,14 @@
 
 The engine exchanges rows through a ``TorchGroup``: two collectives on one process group
 (gloo between CPU processes and nodes). The groups are DeepSpeed's own when DeepSpeed made
-them (``deepspeed.utils.groups``, named ``ep_size_<n>``), else the same layout made here:
-expert-parallel groups are contiguous blocks of ``ep_size`` ranks.
+them (``deepspeed.utils.groups``, named ``ep_size_<n>``) or can make them (deepspeed.comm
+initialised), else the same layout made here: expert-parallel groups are contiguous
+blocks of ``ep_size`` ranks.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.distributed as dist
@@ -49,9 +52,31 @@ class TorchGroup:
         return out
 
 
+def _deepspeed_group(name: str, ep_size: int):
+    """DeepSpeed's expert-parallel group ``name`` when DeepSpeed's groups are in use: made
+    already, or deepspeed.comm initialised (``deepspeed.init_distributed``) so that
+    DeepSpeed can make them. None otherwise: a program on plain torch.distributed (which
+    may still have imported deepspeed) gets groups made here, since DeepSpeed's group
+    constructors assert that deepspeed.comm is initialised."""
+    if "deepspeed" not in sys.modules:
+        return None  # nobody imported DeepSpeed: none of its groups exist
+    try:
+        import deepspeed.comm as ds_comm
+        from deepspeed.utils import groups as ds_groups
+    except ImportError:
+        return None
+    if name in ds_groups._get_expert_parallel_group_dict():
+        return ds_groups._get_expert_parallel_group(name)
+    if not ds_comm.is_initialized():
+        return None
+    ds_groups._create_expert_and_data_parallel(ep_size)
+    return ds_groups._get_expert_parallel_group(name)
+
+
 def expert_parallel_group(ep_size: int):
     """This rank's expert-parallel group of ``ep_size`` ranks: DeepSpeed's when its groups
-    exist, else one made with the same layout (collective: every rank must call it)."""
+    exist or deepspeed.comm is initialised, else one made with the same layout
+    (collective: every rank must call it)."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             f"ep_size = {ep_size} needs torch.distributed initialised (torchrun, then "
@@ -61,14 +86,9 @@ def expert_parallel_group(ep_size: int):
     if world % ep_size:
         raise ValueError(f"ep_size = {ep_size} does not divide the world size {world}")
     name = f"ep_size_{ep_size}"
-    try:
-        from deepspeed.utils import groups as ds_groups
-
-        if name not in ds_groups._get_expert_parallel_group_dict():
-            ds_groups._create_expert_and_data_parallel(ep_size)
-        return TorchGroup(ds_groups._get_expert_parallel_group(name))
-    except ImportError:
-        pass
+    group = _deepspeed_group(name, ep_size)
+    if group is not None:
+        return TorchGroup(group)
     if name not in _GROUPS:
         rank = dist.get_rank()
         mine = None

@@ -17,12 +17,14 @@ from . import _native
 _JITTER_EPS = 1e-2
 
 
-def _uniform(low: float, high: float, shape):
-    return torch.distributions.uniform.Uniform(low=torch.tensor(low), high=torch.tensor(high)).rsample(shape)
+def _uniform(low: float, high: float, shape, device):
+    lo, hi = torch.tensor(low, device=device), torch.tensor(high, device=device)
+    return torch.distributions.uniform.Uniform(low=lo, high=hi).rsample(shape).cpu()
 
 
-def _gumbel(shape):
-    return torch.distributions.gumbel.Gumbel(torch.tensor(0.0), torch.tensor(1.0)).rsample(shape)
+def _gumbel(shape, device):
+    zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
+    return torch.distributions.gumbel.Gumbel(zero, one).rsample(shape).cpu()
 
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}
@@ -71,9 +73,18 @@ class _Gate(nn.Module):
 
 
 class _Experts(nn.Module):
-    def __init__(self, expert: nn.Module, num_local_experts: int):
+    def __init__(self, expert: nn.Module, num_local_experts: int, expert_group_name: str):
         super().__init__()
         self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
+        self.num_local_experts = num_local_experts
+        # Marked as DeepSpeed's Experts marks them: deepspeed.moe.utils.is_moe_param, the
+        # optimizer's MoE parameter groups and DeepSpeed's engine (it all-reduces these
+        # gradients over the expert-data-parallel group, not the data-parallel one) read
+        # the marks.
+        for e in self.deepspeed_experts:
+            for param in e.parameters():
+                param.allreduce = False
+                param.group_name = expert_group_name
 
 
 class _MOELayer(nn.Module):
@@ -90,16 +101,19 @@ class _EngineFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, call, x, *params):
-        out = module._engine().forward(x.detach().float().contiguous(), **call)
+        # The engine reads host memory: a CUDA tensor is staged through the host (the
+        # engine's own cuda backend, if chosen, uploads it again).
+        out = module._engine().forward(x.detach().float().cpu().contiguous(), **call)
         ctx.saved = out.get("saved")
         ctx.module = module
         ctx.in_dtype = x.dtype
+        ctx.in_device = x.device
         ctx.names = module._param_names
         ctx.y_shape = out["y"].shape
-        y = out["y"].to(x.dtype)
-        l_aux = torch.tensor(out["l_aux"], dtype=torch.float32)
+        y = out["y"].to(device=x.device, dtype=x.dtype)
+        l_aux = torch.tensor(out["l_aux"], dtype=torch.float32, device=x.device)
         out.pop("saved", None)
-        module._last_report = out
+        module.last_report = out
         return y, l_aux
 
     @staticmethod
@@ -109,13 +123,13 @@ class _EngineFunction(torch.autograd.Function):
         coef = 0.0 if dl_aux is None else float(dl_aux)
         if dy is None:
             dy = torch.zeros(ctx.y_shape)
-        dx, grads = ctx.saved.backward(dy.detach().float().contiguous(), coef)
+        dx, grads = ctx.saved.backward(dy.detach().float().cpu().contiguous(), coef)
         ctx.saved = None
         pgrads = []
         for name, p in ctx.names:
             g = grads.get(name)
-            pgrads.append(None if g is None else g.to(p.dtype).reshape(p.shape))
-        return (None, None, dx.to(ctx.in_dtype), *pgrads)
+            pgrads.append(None if g is None else g.to(device=p.device, dtype=p.dtype).reshape(p.shape))
+        return (None, None, dx.to(device=ctx.in_device, dtype=ctx.in_dtype), *pgrads)
 
 
 class MoE(nn.Module):
@@ -126,7 +140,9 @@ class MoE(nn.Module):
     dict uses DeepSpeed's names, so a DeepSpeed checkpoint loads as it is. With
     ``ep_size > 1`` the layer holds ``num_experts / ep_size`` experts and exchanges rows
     with the other ranks of its expert-parallel group over torch.distributed.
-    ``forward(hidden_states, used_token=None)`` returns ``(output, l_aux, exp_counts)``.
+    ``forward(hidden_states, used_token=None)`` returns ``(output, l_aux, exp_counts)``;
+    ``last_report`` then holds the forward's capacity, routes kept per expert, dropped
+    routes and tokens, and the other router losses (nothing dropped goes unreported).
     """
 
     def __init__(
@@ -163,6 +179,7 @@ class MoE(nn.Module):
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.num_local_experts = num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
         self.use_residual = use_residual
         self.enable_expert_tensor_parallelism = enable_expert_tensor_parallelism
         self.backend = backend
@@ -183,11 +200,14 @@ class MoE(nn.Module):
             "top2_2nd_expert_sampling": top2_2nd_expert_sampling,
             "expert": self.expert_description,
         }
-        self.deepspeed_moe = _MOELayer(_Gate(hidden_size, num_experts), _Experts(expert, self.num_local_experts))
+        self.deepspeed_moe = _MOELayer(
+            _Gate(hidden_size, num_experts), _Experts(expert, self.num_local_experts, self.expert_group_name)
+        )
         if use_residual:
             self.mlp = copy.deepcopy(expert)
             self.coefficient = nn.Linear(hidden_size, 2)
         self._group = None
+        self.last_report = None
         self._layer = None
         self._layer_key = None
         # Checks the configuration once now, so a bad one fails at construction.
@@ -226,11 +246,11 @@ class MoE(nn.Module):
         c = self.config
         out = {}
         if train and c["noisy_gate_policy"] == "Jitter":
-            out["jitter"] = _uniform(1.0 - _JITTER_EPS, 1.0 + _JITTER_EPS, (s, self.hidden_size))
+            out["jitter"] = _uniform(1.0 - _JITTER_EPS, 1.0 + _JITTER_EPS, (s, self.hidden_size), x2.device)
         if (k == 1 and train and c["noisy_gate_policy"] == "RSample") or (k == 2 and c["top2_2nd_expert_sampling"]):
-            out["gumbel"] = _gumbel((s, e))
+            out["gumbel"] = _gumbel((s, e), x2.device)
         if k == 1 and c["use_rts"]:
-            out["rts"] = _uniform(0.0, 1.0, (s, e))
+            out["rts"] = _uniform(0.0, 1.0, (s, e), x2.device)
         return out
 
     def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor = None):
@@ -248,7 +268,7 @@ class MoE(nn.Module):
             call["used_token"] = used_token.detach().reshape(-1).float().cpu().contiguous()
         params = [p for _, p in self.named_parameters()]
         y, l_aux = _EngineFunction.apply(self, call, hidden_states, *params)
-        report = self._last_report
+        report = self.last_report
         exp_counts = torch.tensor(report["exp_counts"], dtype=torch.int64)
         return y, l_aux, exp_counts
 

@@ -127,18 +127,24 @@ fn host_grads<B: Backend>(b: &B, g: LayerGrads<B>) -> Result<HostLayerWeights> {
         named.insert(name, b.download(&t)?);
     }
     let mut take = |n: &str| named.remove(n);
-    let mlp = |take: &mut dyn FnMut(&str) -> Option<HostTensor>, p: &str| -> Result<Option<HostMlp>> {
-        let Some(w_in) = take(&format!("{p}.w_in")) else { return Ok(None) };
-        Ok(Some(HostMlp {
-            w_in,
-            b_in: take(&format!("{p}.b_in")),
-            w_out: take(&format!("{p}.w_out")),
-            b_out: take(&format!("{p}.b_out")),
-        }))
+    // A dense block's gradients (the residual MLP) come without the expert dimension its
+    // weights are read with ([1, ..]): put it back, so the importer's inverse reads them.
+    let mlp = |take: &mut dyn FnMut(&str) -> Option<HostTensor>, p: &str, dense: bool| -> Result<Option<HostMlp>> {
+        let mut get = |n: &str| -> Result<Option<HostTensor>> {
+            match take(&format!("{p}.{n}")) {
+                Some(t) if dense => {
+                    let shape: Vec<usize> = std::iter::once(1).chain(t.shape().iter().copied()).collect();
+                    Ok(Some(t.reshape(&shape)?))
+                }
+                other => Ok(other),
+            }
+        };
+        let Some(w_in) = get("w_in")? else { return Ok(None) };
+        Ok(Some(HostMlp { w_in, b_in: get("b_in")?, w_out: get("w_out")?, b_out: get("b_out")? }))
     };
     let gate = take("gate.weight").ok_or_else(|| Error::Internal("no router gradient".into()))?;
-    let experts = mlp(&mut take, "experts")?.ok_or_else(|| Error::Internal("no expert gradients".into()))?;
-    let residual = match mlp(&mut take, "residual")? {
+    let experts = mlp(&mut take, "experts", false)?.ok_or_else(|| Error::Internal("no expert gradients".into()))?;
+    let residual = match mlp(&mut take, "residual", true)? {
         Some(m) => {
             let cw = take("coefficient.weight").ok_or_else(|| Error::Internal("no coefficient gradient".into()))?;
             let cb = take("coefficient.bias").ok_or_else(|| Error::Internal("no coefficient bias gradient".into()))?;
