@@ -16,6 +16,7 @@ capacity 4 keep tokens 9..12), while the engine keeps tokens in order (first com
 ``use_rts=False`` configurations below therefore run with ``drop_tokens=False``.
 """
 
+import os
 import warnings
 
 import pytest
@@ -382,3 +383,39 @@ def test_bad_inputs_raise():
         warnings.simplefilter("error")
         y, l_aux, counts = me(torch.randn(2, 8, M))
     assert y.shape == (2, 8, M) and torch.isfinite(y).all() and int(counts.sum()) == 16
+
+
+def test_backends_other_than_cpu():
+    """A backend the machine lacks is a RuntimeError naming it (a device failure, not bad
+    input); where wgpu has an adapter (lavapipe in CI), the drop-in agrees with the cpu."""
+    import moe_engine
+
+    kw = dict(hidden_size=M, expert=EXPERTS["gelu"](), num_experts=E, k=2)
+    if moe_engine.auto_backend() != "cuda":
+        with pytest.raises(RuntimeError, match="(?i)cuda"):
+            MoE(**kw, backend="cuda")
+    try:
+        me_gpu = MoE(**kw, backend="wgpu")
+    except RuntimeError as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no wgpu adapter here: {e}")
+    me = MoE(**kw)
+    with torch.no_grad():  # distinct experts (all start as copies of one)
+        for p in me.parameters():
+            p.normal_(0.0, 0.3)
+    me_gpu.load_state_dict(me.state_dict())
+    x = tokens(7)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    # The same draws for the second-expert sampling on both.
+    torch.manual_seed(3)
+    ya, la, ca = me.eval()(xa)
+    torch.manual_seed(3)
+    yb, lb, cb = me_gpu.eval()(xb)
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+    assert torch.equal(ca, cb) and abs(float(la) - float(lb)) < 1e-5
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    for (n, p), (_, q) in zip(me.named_parameters(), me_gpu.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
