@@ -413,7 +413,7 @@ def test_backends_other_than_cpu():
     torch.manual_seed(3)
     yb, lb, cb = me_gpu.eval()(xb)
     torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
-    assert torch.equal(ca, cb) and abs(float(la) - float(lb)) < 1e-5
+    assert torch.equal(ca, cb) and abs(la.item() - lb.item()) < 1e-5
     ya.sum().backward()
     yb.sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
