@@ -13,7 +13,9 @@ backend), interleaved over --rounds rounds in one run:
 
 Each is the median of --iters forwards after 2 warm-ups; the report gives the median over
 rounds, GFLOP/s with FLOPs = 2 · T · k · 3 · H · F (the expert products, as
-``moe bench layer`` counts them) and each path's time over the CLI's.
+``moe bench layer`` counts them), each path's time over the CLI's, and over the floor:
+max(FLOPs at the rate torch's sgemm reaches here, the experts' weight bytes at the rate
+a 256 MiB copy reaches here), both measured in the same run.
 
 usage: python bench/python_overhead.py [--tokens 512] [--rounds 5] [--json]
   (needs the package installed, or PYTHONPATH=python with a built extension; --moe is the
@@ -99,11 +101,23 @@ def main():
             runs["torch"].append(median_ms(lambda: block(x), a.iters))
     flops = 2 * a.tokens * a.top_k * 3 * a.hidden * a.ffn
     med = {k: statistics.median(v) for k, v in runs.items()}
+    # The compute floor at the rate this machine's torch sgemm reaches (MKL, 2048³ f32):
+    # a measured peak rather than a datasheet one.
+    n = 2048
+    ma, mb = torch.randn(n, n), torch.randn(n, n)
+    sgemm = 2 * n**3 / (median_ms(lambda: ma @ mb, 5) * 1e6)
+    # And the memory floor: every expert weight read once, at the rate a 256 MiB copy
+    # (read + write) runs here.
+    big, dst = torch.empty(64 << 20), torch.empty(64 << 20)
+    gbps = 2 * big.numel() * 4 / (median_ms(lambda: dst.copy_(big), 5) * 1e6)
+    weight_bytes = a.experts * 3 * a.hidden * a.ffn * 4
+    floor_ms = max(flops / (sgemm * 1e6), weight_bytes / (gbps * 1e6))
     report = {
         "shape": {"hidden": a.hidden, "ffn": a.ffn, "experts": a.experts, "top_k": a.top_k, "tokens": a.tokens},
         "torch_threads": torch.get_num_threads(), "rounds": a.rounds, "iters": a.iters, "patched_rel_l2": err,
         "median_ms": med, "gflops": {k: flops / (v * 1e6) for k, v in med.items()},
         "over_cli": {k: v / med["cli"] for k, v in med.items()},
+        "sgemm_gflops": sgemm, "copy_gbps": gbps, "floor_ms": floor_ms, "over_floor": {k: v / floor_ms for k, v in med.items()},
         "rounds_ms": runs,
     }
     if a.json:
@@ -111,8 +125,11 @@ def main():
         return
     print(f"H {a.hidden} F {a.ffn} E {a.experts} k {a.top_k} T {a.tokens} f32, torch threads {torch.get_num_threads()}, "
           f"{a.rounds} rounds x {a.iters} iters; patched block rel L2 {err:.1e} against transformers'")
+    print(f"  floor {floor_ms:.2f} ms: max(expert FLOPs at torch's sgemm rate here, {sgemm:.1f} GFLOP/s; "
+          f"expert weights at the copy rate here, {gbps:.1f} GB/s)")
     for k in ("cli", "native", "patched", "torch"):
-        print(f"  {k:8s} median {med[k]:8.2f} ms  {report['gflops'][k]:6.1f} GFLOP/s  x{report['over_cli'][k]:.3f} of the CLI")
+        print(f"  {k:8s} median {med[k]:8.2f} ms  {report['gflops'][k]:6.1f} GFLOP/s  x{report['over_cli'][k]:.3f} of the CLI"
+              f"  x{report['over_floor'][k]:.2f} of the floor")
 
 
 if __name__ == "__main__":
