@@ -32,7 +32,12 @@ def _free_port() -> int:
 
 def test_expert_parallel_matches_deepspeed(diffs):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(HERE.parent), env.get("PYTHONPATH", "")] if p)
+    # The ranks import the moe_engine this process imported (the installed package, or a
+    # source folder holding a built extension), not whatever sits beside the tests.
+    import moe_engine
+
+    pkg_root = str(Path(moe_engine.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_root, env.get("PYTHONPATH", "")] if p)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env["EP_WORKER_TIMEOUT"] = str(WORKER_TIMEOUT_S)
     env.setdefault("OMP_NUM_THREADS", "1")
