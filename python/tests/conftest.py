@@ -22,14 +22,7 @@ except ImportError:  # the tests that need torch skip themselves
 else:
     torch.set_num_threads(1)
 
-_DIFFS: dict = {}
-
-
-def record_diff(name: str, value: float) -> None:
-    value = float(value)
-    if value > _DIFFS.get(name, (-1.0, ""))[0]:
-        where = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
-        _DIFFS[name] = (value, where)
+from _report import _DIFFS, record_diff  # noqa: E402
 
 
 @pytest.fixture

@@ -35,26 +35,16 @@ from moe_engine import _native  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
 
+from _report import record_diff  # noqa: E402
+
 ROOT = Path(__file__).parents[2] / "tests/golden-models"
 CASES = sorted(p.parent for p in ROOT.glob("[0-9][0-9]_*/model") if p.is_dir())
 REL = 1e-5  # the cases' tolerance (rel_l2), and the logits' (max |diff| / max |ref|)
 NEW_TOKENS = 6
 
-_record = None
-
-
-@pytest.fixture(autouse=True)
-def _diffs(diffs):
-    """conftest's ``record_diff``: the largest differences are printed at the end."""
-    global _record
-    _record = diffs
-    yield
-    _record = None
-
 
 def record(key, value):
-    if _record is not None:
-        _record(f"fam.{key}", value)
+    record_diff(f"fam.{key}", value)
 
 
 def load(folder: Path):

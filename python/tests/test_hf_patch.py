@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import moe_engine.torch as met  # noqa: E402
+from _report import record_diff  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
@@ -97,24 +98,12 @@ def maxdiff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-_record = None
-
-
-@pytest.fixture(autouse=True)
-def _diffs(diffs):
-    """conftest's ``record_diff``: the largest differences are printed at the end."""
-    global _record
-    _record = diffs
-    yield
-    _record = None
-
-
 def close(actual, expected, what, key=None):
     """``actual`` is ``expected`` to the tolerance; ``key`` names the recorded max diff."""
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    if key is not None and _record is not None:
-        _record(f"hf.{key}", maxdiff(actual, expected))
+    if key is not None:
+        record_diff(f"hf.{key}", maxdiff(actual, expected))
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL,
                                msg=lambda m: f"{what}: max diff {maxdiff(actual, expected):.3g}\n{m}")
 
