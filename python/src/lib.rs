@@ -116,7 +116,10 @@ impl Layer {
             keep_activations: keep,
             time_exchange: false,
         };
-        let (f, saved) = self.inner.forward(&x, &opts).py()?;
+        // The GIL is released while the engine computes (torch's other threads run on); an
+        // expert-parallel exchange takes it back for its collectives.
+        let inner = &self.inner;
+        let (f, saved) = py.detach(|| inner.forward(&x, &opts)).py()?;
         forward_result(py, f, saved)
     }
 }
@@ -140,7 +143,7 @@ impl Saved {
             .map_err(|_| value_error("a backward of this forward failed"))?
             .take()
             .ok_or_else(|| value_error("this forward's backward already ran (retain_graph is not supported)"))?;
-        let (dx, grads) = saved.backward(&dy, l_aux_coef).py()?;
+        let (dx, grads) = py.detach(move || saved.backward(&dy, l_aux_coef)).py()?;
         let out = PyDict::new(py);
         for (name, g) in grads {
             out.set_item(name, torch_from_host(py, &g)?)?;
