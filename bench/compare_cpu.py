@@ -52,6 +52,9 @@ def main():
     ap.add_argument("--moe", default=os.path.join(ROOT, "target", "release", "moe"))
     ap.add_argument("--train", action="store_true", help="time training steps (forward + backward + AdamW)")
     ap.add_argument("--python", default=sys.executable, help="the Python with torch and transformers")
+    ap.add_argument("--fresh-inputs", action="store_true",
+                    help="a new input every forward on both sides (what decoding does: the experts hit change, their "
+                         "weights come from memory); the memory floor then counts the experts each forward touched")
     a = ap.parse_args()
     shapes = a.shape or ["1024,2816,8,2,512"]
     peak = a.peak_gflops or peak_gflops_guess()
@@ -67,11 +70,15 @@ def main():
         h, f, e, k, t = (int(v) for v in sh.split(","))
         common = ["--hidden", str(h), "--ffn", str(f), "--experts", str(e), "--top-k", str(k), "--tokens", str(t),
                   "--iters", str(a.iters), "--json"]
-        ours, hf, grouped = [], [], []
+        ours, hf, grouped, touched_seen = [], [], [], []
         train = ["--train"] if a.train else []
+        train += ["--fresh-inputs"] if a.fresh_inputs else []
         peer = [a.python, os.path.join(HERE, "torch_mixtral_cpu.py"), "--threads", str(a.threads)] + common + train
         for _ in range(a.rounds):
-            ours.append(run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads)] + common + train)["median_ms"])
+            r = run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads)] + common + train)
+            ours.append(r["median_ms"])
+            if r.get("experts_touched") is not None:
+                touched_seen.append(r["experts_touched"])
             hf.append(run_json(peer)["median_ms"])
             if not a.train:
                 grouped.append(run_json(peer + ["--grouped"])["median_ms"])
@@ -79,7 +86,9 @@ def main():
         flops = 2.0 * t * k * 3 * h * f * (3 if a.train else 1)
         floor = flops / (peak * 1e9) * 1e3
         if a.mem_gbps:
-            touched = min(e, t * k)  # experts that can receive a token
+            # The experts the engine's forwards actually routed to (their mean), else every
+            # expert that can receive a route.
+            touched = statistics.mean(touched_seen) if touched_seen else min(e, t * k)
             floor = max(floor, touched * 3 * h * f * 4 / (a.mem_gbps * 1e9) * 1e3)
         if a.train:
             print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mh / mo:.2f} | {floor:.1f} | {mo / floor:.2f} |")

@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--grouped", action="store_true",
                    help="time the plain-torch sort-by-expert implementation instead of transformers' block")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of human-readable text")
+    p.add_argument("--fresh-inputs", action="store_true",
+                   help="a new seeded input for every forward (warm-ups included), as `moe bench layer --fresh-inputs`: "
+                        "a decode-sized forward then routes to other experts each time and reads them from memory")
     p.add_argument("--train", action="store_true",
                    help="time a training step instead: forward, autograd backward of sum(y * dy), "
                         "torch.optim.AdamW step (FLOPs counted as three forwards)")
@@ -151,16 +154,28 @@ def make_grouped_forward(gate_up, down, router, top_k):
     return forward
 
 
-def time_forward(fn, x, warmup, iters):
+def time_forward(fn, xs, warmup, iters):
+    """Times ``fn`` on ``xs[i]`` for each forward (one tensor repeated, or a new one each)."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn(x)
+        for i in range(warmup):
+            fn(xs[i % len(xs)])
         times = []
-        for _ in range(iters):
+        for i in range(iters):
+            x = xs[(warmup + i) % len(xs)]
             t0 = time.perf_counter()
             fn(x)
             times.append(time.perf_counter() - t0)
     return times
+
+
+def experts_touched(block, xs, top_k):
+    """Mean number of experts that receive a route per forward (the memory floor's bytes)."""
+    w = getattr(block.gate, "weight", None)
+    if w is None:
+        return None
+    with torch.inference_mode():
+        n = [torch.topk(x.reshape(-1, x.shape[-1]) @ w.T, top_k, dim=-1).indices.unique().numel() for x in xs]
+    return sum(n) / len(n)
 
 
 def time_train_step(block, fwd, x, warmup, iters, seed):
@@ -223,10 +238,20 @@ def main(argv=None):
         fn = hf_forward
         impl = "transformers-MixtralSparseMoeBlock"
 
+    if args.fresh_inputs and args.train:
+        print("error: --fresh-inputs times forwards; drop --train", file=sys.stderr)
+        return 2
+    if args.fresh_inputs:
+        g = torch.Generator().manual_seed(args.seed + 100)
+        xs = [torch.randn(1, args.tokens, args.hidden, generator=g) for _ in range(args.warmup + args.iters)]
+    else:
+        xs = [x]
+    touched = None
     if args.train:
         times = time_train_step(block, hf_forward, x, args.warmup, args.iters, args.seed)
     else:
-        times = time_forward(fn, x, args.warmup, args.iters)
+        times = time_forward(fn, xs, args.warmup, args.iters)
+        touched = experts_touched(block, xs[args.warmup:] if args.fresh_inputs else xs, args.top_k)
     median_s = statistics.median(times)
     min_s = min(times)
     flops = 2.0 * args.tokens * args.top_k * (3.0 * args.hidden * args.ffn) * (3.0 if args.train else 1.0)
@@ -238,6 +263,8 @@ def main(argv=None):
         "tokens_per_s": args.tokens / median_s,
         "gflops": flops / median_s / 1e9,
         "torch_version": torch.__version__,
+        "fresh_inputs": args.fresh_inputs,
+        "experts_touched": touched,
         "transformers_version": tf_version,
         "threads": args.threads,
         "hidden": args.hidden,

@@ -80,6 +80,11 @@ pub struct LayerArgs {
     /// parameter groups. The FLOP count is three forwards'.
     #[arg(long)]
     train: bool,
+    /// A new seeded input every iteration (uploaded before the timer starts), so that a
+    /// decode-sized forward routes to other experts each time and reads their weights from
+    /// memory, as decoding does, rather than from the cache the last iteration filled.
+    #[arg(long)]
+    fresh_inputs: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -146,6 +151,9 @@ fn layer(a: LayerArgs) -> CliResult<ExitCode> {
     if a.nccl && kind != BackendKind::Cuda {
         return Err(CliError::flag("--nccl", "needs --backend cuda"));
     }
+    if a.train && a.fresh_inputs {
+        return Err(CliError::flag("--fresh-inputs", "times forwards; a --train step runs on one fixed input"));
+    }
     if a.train && a.dtype != WeightDtype::F32 {
         return Err(CliError::flag(
             "--dtype",
@@ -180,6 +188,9 @@ fn layer(a: LayerArgs) -> CliResult<ExitCode> {
 struct Times {
     forward: Vec<f64>,
     exchange: Vec<f64>,
+    /// Experts that received at least one route, per timed forward: the weights the
+    /// forward had to read (the memory floor's bytes).
+    touched: Vec<f64>,
     /// `--train`: (forward, backward, optimizer step) of every step.
     phases: Vec<[f64; 3]>,
 }
@@ -308,17 +319,21 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<Arc<dyn Transport<B
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} forwards (2 warm-up)").expect("static template"),
     );
-    let mut times = Times { forward: Vec::with_capacity(iters), exchange: Vec::with_capacity(iters), phases: vec![] };
+    let mut times = Times { forward: Vec::with_capacity(iters), exchange: vec![], touched: vec![], phases: vec![] };
     for i in 0..iters + 2 {
+        let fresh = if a.fresh_inputs { Some(bench_input(b, a, 100 + i as u32)?) } else { None };
+        b.synchronize()?;
         if let Some(c) = &comm {
             c.barrier()?;
         }
         let t0 = Instant::now();
-        let out = layer.forward(b, &x, &opts)?;
+        let out = layer.forward(b, fresh.as_ref().unwrap_or(&x), &opts)?;
         b.download(&out.y)?;
         if i >= 2 {
             times.forward.push(t0.elapsed().as_secs_f64() * 1e3);
             times.exchange.push(out.dispatch.exchange_time().as_secs_f64() * 1e3);
+            let counts = out.report(b)?.exp_counts;
+            times.touched.push(counts.iter().filter(|&&c| c > 0).count() as f64);
         }
         bar.inc(1);
     }
@@ -357,7 +372,7 @@ fn time_train<B: Backend>(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} training steps (2 warm-up)")
             .expect("static template"),
     );
-    let mut times = Times { forward: vec![], exchange: vec![], phases: vec![] };
+    let mut times = Times { forward: vec![], exchange: vec![], touched: vec![], phases: vec![] };
     for i in 0..iters + 2 {
         if let Some(c) = &comm {
             c.barrier()?;
@@ -405,6 +420,8 @@ fn report(
     let no_times = || moe_engine::Error::Internal("no timed iterations".into());
     let (median, min) = median_min(&mut times.forward).ok_or_else(no_times)?;
     let (exchange, _) = median_min(&mut times.exchange).ok_or_else(no_times)?;
+    // A training step's routes are not counted (its forward keeps every expert's weights busy).
+    let touched = (!times.touched.is_empty()).then(|| times.touched.iter().sum::<f64>() / times.touched.len() as f64);
     // FLOPs of the expert products: 2 · tokens · k · (3 · hidden · ffn); a training step
     // does three times a forward's (the backward's two products per forward product).
     let passes = if a.train { 3.0 } else { 1.0 };
@@ -423,6 +440,7 @@ fn report(
             "hidden": a.hidden, "ffn": a.ffn, "experts": a.experts, "top_k": a.top_k, "tokens": a.tokens, "iters": a.iters,
             "median_ms": median, "min_ms": min, "tokens_per_s": tps, "gflops": gflops, "exchange_median_ms": exchange,
             "train": a.train, "forward_ms": phases[0], "backward_ms": phases[1], "step_ms": phases[2],
+            "fresh_inputs": a.fresh_inputs, "experts_touched": touched,
         });
         out!("{v}")?;
     } else {
@@ -438,6 +456,10 @@ fn report(
         )?;
         let what = if a.train { "training step" } else { "forward" };
         out!("{what}: median {median:.2} ms  min {min:.2} ms  {tps:.0} tokens/s  {gflops:.1} GFLOP/s")?;
+        if let Some(t) = touched {
+            let input = if a.fresh_inputs { "a new input each forward" } else { "the same input each forward" };
+            out!("experts touched per forward: {t:.1} of {} ({input})", a.experts)?;
+        }
         if a.train {
             out!(
                 "  forward {:.2} ms, backward {:.2} ms, AdamW step {:.2} ms (medians)",

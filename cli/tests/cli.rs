@@ -88,6 +88,7 @@ fn zero_counts_and_out_of_range_flags_are_refused_naming_the_flag() {
     refused(&["bench", "layer", "--ep", "3", "--experts", "8"], "--ep");
     refused(&["bench", "layer", "--backend", "tpu"], "--backend");
     refused(&["bench", "layer", "--dtype", "f64"], "--dtype");
+    refused(&["bench", "layer", "--fresh-inputs", "--train"], "--fresh-inputs");
     refused(&["run", "--steps", "0"], "--steps");
     refused(&["run", "--tokens", "0"], "--tokens");
     refused(&["check", "--ep", "0", "x"], "--ep");
@@ -145,6 +146,27 @@ fn a_deepseek_v3_shaped_bench_on_a_small_machine_is_refused_naming_the_size() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}: it allocated first", start.elapsed());
     assert!(err.contains("GiB") && err.contains("available on this host"), "{err}");
+}
+
+#[test]
+fn a_bench_with_fresh_inputs_counts_the_experts_each_forward_touched() {
+    // One token, top-1 of 64 experts: a new input each forward routes one token to one
+    // expert (so one touched), as the same input does; over many tokens most are touched.
+    for (tokens, fresh, lo, hi) in [("1", true, 1.0, 1.0), ("1", false, 1.0, 1.0), ("256", true, 40.0, 64.0)] {
+        let mut c = moe();
+        c.args(["bench", "layer", "--hidden", "32", "--ffn", "64", "--experts", "64", "--top-k", "1"]);
+        c.args(["--tokens", tokens, "--iters", "3", "--json"]);
+        if fresh {
+            c.arg("--fresh-inputs");
+        }
+        let out = run(c, Duration::from_secs(60));
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(v["fresh_inputs"], fresh, "{stdout}");
+        let touched = v["experts_touched"].as_f64().unwrap_or_else(|| panic!("{stdout}"));
+        assert!((lo..=hi).contains(&touched), "T {tokens}: {touched} experts touched, expected {lo}..={hi}");
+    }
 }
 
 #[test]
