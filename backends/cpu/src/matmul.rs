@@ -92,7 +92,7 @@ fn tiled_product(
     let g = off.len() - 1;
     let mut out = vec![0f32; r * n];
     let dst = SharedOut(out.as_mut_ptr());
-    let tiles = tiles(off, n, COL_BLOCK);
+    let tiles = tiles(off, n, col_block(off, n, COL_BLOCK, threads));
     let run = |t: &Tile| {
         let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
         let be = b.map(|b| &b[t.e * n + t.c0..t.e * n + t.c1]);
@@ -128,6 +128,24 @@ fn tiled_product(
 /// noise of one product for 48-128 rows), and 256 columns of K = 1024 weights (1 MiB)
 /// stay in a core's L2 while the tile's rows pass.
 pub(crate) const COL_BLOCK: usize = 256;
+
+/// Groups of at most this many rows are matrix-vector work: their products stream the
+/// weights once, and what bounds them is how long a stretch of memory each tile reads.
+pub(crate) const DECODE_ROWS: usize = 4;
+
+/// Output columns per tile for groups `off` of an `n`-column output: `base`, or for
+/// decode-sized groups as wide as leaves every thread about two tiles, so that each
+/// weight row a tile reads is a long contiguous run (a 128-column tile of a K-major
+/// weight reads 512 bytes per row, a new prefetch stream every row).
+pub(crate) fn col_block(off: &[i32], n: usize, base: usize, threads: usize) -> usize {
+    let sizes = off.windows(2).map(|w| (w[1] - w[0]).max(0) as usize);
+    let (groups, max_rows) = sizes.fold((0, 0), |(g, m), r| (g + usize::from(r > 0), m.max(r)));
+    if groups == 0 || max_rows > DECODE_ROWS {
+        return base;
+    }
+    let per_group = (2 * threads.max(1)).div_ceil(groups).max(1);
+    n.div_ceil(per_group).div_ceil(16).saturating_mul(16).max(base)
+}
 
 /// Rows per tile: bounds a tile's share of the input and of any scratch beside it.
 pub(crate) const ROW_BLOCK: usize = 256;
@@ -227,4 +245,39 @@ pub(crate) unsafe fn gemm_raw(
         false,
         Parallelism::None,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{col_block, tiles, COL_BLOCK};
+
+    #[test]
+    fn decode_sized_groups_get_wide_tiles_that_still_cover_every_column_once() {
+        // Two experts of one row each (T = 1, k = 2) on two threads: two tiles per expert.
+        let off = [0, 0, 1, 1, 2];
+        let w = col_block(&off, 5632, COL_BLOCK, 2);
+        assert_eq!(w, 2816);
+        // Larger groups keep the base width; so does a product with no rows.
+        assert_eq!(col_block(&[0, 5, 40], 5632, COL_BLOCK, 2), COL_BLOCK);
+        assert_eq!(col_block(&[0, 0, 0], 5632, COL_BLOCK, 2), COL_BLOCK);
+        // Enough groups for every thread: one whole-width tile each (rounded up to 16).
+        assert_eq!(col_block(&[0, 1, 2, 3, 4, 5, 6, 7, 8], 1000, COL_BLOCK, 2), 1008);
+        // Never narrower than the base.
+        assert_eq!(col_block(&[0, 1], 300, COL_BLOCK, 2), COL_BLOCK);
+        for (off, n) in [(&off[..], 5632usize), (&[0, 1][..], 1000), (&[0, 3, 4][..], 777)] {
+            let t = tiles(off, n, col_block(off, n, COL_BLOCK, 2));
+            for e in 0..off.len() - 1 {
+                let mut cols: Vec<(usize, usize)> = t.iter().filter(|t| t.e == e).map(|t| (t.c0, t.c1)).collect();
+                cols.sort();
+                let rows = (off[e + 1] - off[e]) as usize;
+                if rows == 0 {
+                    assert!(cols.is_empty());
+                    continue;
+                }
+                assert_eq!(cols.first().map(|c| c.0), Some(0));
+                assert_eq!(cols.last().map(|c| c.1), Some(n));
+                assert!(cols.windows(2).all(|w| w[0].1 == w[1].0), "{cols:?}");
+            }
+        }
+    }
 }
