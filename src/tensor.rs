@@ -47,8 +47,8 @@ impl DType {
         }
     }
 
-    /// The 16-bit patterns of `v` in this type (f16 or bf16): how GPU backends store
-    /// half-precision weights.
+    /// The 16-bit patterns of `v` in this type (f16 or bf16), rounded to nearest even: how
+    /// the backends store half-precision weights.
     pub fn half_bits(self, v: &[f32]) -> Result<Vec<u16>> {
         match self {
             DType::F16 => Ok(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),

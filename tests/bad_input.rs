@@ -747,7 +747,7 @@ fn a_communicator_timeout_near_u64_max_does_not_overflow() {
 }
 
 #[test]
-fn cast_weight_refuses_vectors_integers_i32_storage_and_halves_the_cpu_cannot_store() {
+fn cast_weight_refuses_vectors_integers_i32_storage_and_halves_a_backend_cannot_store() {
     let b = cpu(1);
     let shape = |r: moe_engine::Result<Tensor<CpuBackend>>| match r {
         Err(Error::Shape { tensor, .. }) => assert_eq!(tensor, "cast_weight input"),
@@ -760,8 +760,18 @@ fn cast_weight_refuses_vectors_integers_i32_storage_and_halves_the_cpu_cannot_st
     assert!(matches!(b.cast_weight(&ints, DType::F32), Err(Error::DType { .. })));
     let x = up_f32(&b, &[2, 3], vec![1.0; 6]);
     assert!(matches!(b.cast_weight(&x, DType::I32), Err(Error::DType { .. })));
+    let f32_only = CpuBackend::f32_reference(Some(1)).unwrap();
+    let xr = up_f32(&f32_only, &[2, 3], vec![1.0; 6]);
     for d in [DType::F16, DType::BF16] {
-        assert!(matches!(b.cast_weight(&x, d), Err(Error::Unsupported { .. })), "{d}");
+        assert!(matches!(f32_only.cast_weight(&xr, d), Err(Error::Unsupported { .. })), "{d}");
+    }
+    // The cpu itself stores halves: rounded to nearest even, read back as their values.
+    let v: Vec<f32> = vec![1.0 + 2f32.powi(-10), -3.3, 65504.0, 1e-8, 0.0, 7.0];
+    let x = up_f32(&b, &[2, 3], v.clone());
+    for d in [DType::F16, DType::BF16] {
+        let c = b.cast_weight(&x, d).unwrap();
+        assert_eq!(c.dtype(), d);
+        assert_eq!(f32s(&b, &c), v.iter().map(|&x| d.round(x)).collect::<Vec<_>>(), "{d}");
     }
     // f32 is a copy in the weight layout, even of a weight reshaped to other matrices.
     let w = b.upload_weight(&ht(&[2, 3], (0..6).map(|i| i as f32).collect()), DType::F32).unwrap();

@@ -1,11 +1,12 @@
-//! Mixed-precision training on wgpu (lavapipe in CI): golden training traces replayed with
+//! Mixed-precision training on the cpu and on wgpu (lavapipe in CI): golden training traces replayed with
 //! the MLP weights in bf16 and in f16 (f16 with DeepSpeed's dynamic loss scaling), f32
 //! master weights and optimizer state; the losses stay within the half-precision
 //! tolerances of the f32 run; the compute copies are `cast_weight` of the masters; and an
 //! injected overflow (an infinity in the loss gradient) skips the step, leaving every
 //! parameter, master and state tensor bitwise as it was while the scaler follows
-//! DeepSpeed's rules. The cpu stores f32 only, so these run on wgpu: without an adapter
-//! they say so and return, and with `CI=true` a missing adapter fails.
+//! DeepSpeed's rules. Each runs on the cpu (half weights widened in its kernels) and on
+//! wgpu: without an adapter the wgpu half says so and returns, and with `CI=true` a
+//! missing adapter fails.
 
 mod common;
 
@@ -135,7 +136,13 @@ fn rel(a: &[f64], r: &[f64]) -> f64 {
 /// against the f32 run's final parameters.
 #[test]
 fn half_precision_training_stays_within_the_half_tolerances_of_f32() {
-    let Some(b) = common::wgpu("half_precision_training_stays_within_the_half_tolerances_of_f32") else { return };
+    half_precision_training_stays_within_the_half_tolerances_of_f32_on(common::cpu(2));
+    if let Some(b) = common::wgpu("half_precision_training_stays_within_the_half_tolerances_of_f32") {
+        half_precision_training_stays_within_the_half_tolerances_of_f32_on(b);
+    }
+}
+
+fn half_precision_training_stays_within_the_half_tolerances_of_f32_on<B: Backend>(b: B) {
     for name in ["t01_ds_top2_residual_adam", "t05_hf_mixtral_aux_adamw"] {
         let tr = trace(name);
         let steps = tr.steps();
@@ -201,7 +208,13 @@ fn step_with_dy<B: Backend>(
 /// new scale. bf16 (no loss scaling) skips the same way with its scale fixed at 1.
 #[test]
 fn an_overflow_skips_the_step_and_leaves_everything_bitwise_unchanged() {
-    let Some(b) = common::wgpu("an_overflow_skips_the_step_and_leaves_everything_bitwise_unchanged") else { return };
+    an_overflow_skips_the_step_and_leaves_everything_bitwise_unchanged_on(common::cpu(2));
+    if let Some(b) = common::wgpu("an_overflow_skips_the_step_and_leaves_everything_bitwise_unchanged") {
+        an_overflow_skips_the_step_and_leaves_everything_bitwise_unchanged_on(b);
+    }
+}
+
+fn an_overflow_skips_the_step_and_leaves_everything_bitwise_unchanged_on<B: Backend>(b: B) {
     let tr = trace("t01_ds_top2_residual_adam");
     for p in [fp16(), bf16()] {
         let (mut layer, mut opt) = mixed(&b, &tr, &p);
@@ -266,17 +279,18 @@ fn a_power_of_two_loss_scale_is_exact_on_f32_layers() {
     assert_eq!(params(&scaled), params(&plain));
 }
 
-/// The cpu stores f32 only: a mixed-precision layer is refused there, naming the dtype.
+/// A backend that stores f32 only (the cpu's parity reference) refuses a mixed-precision
+/// layer, naming the dtype.
 #[test]
-fn the_cpu_refuses_half_precision_compute_copies() {
-    let cpu = common::cpu(1);
+fn a_backend_without_half_storage_refuses_half_precision_compute_copies() {
+    let cpu = common::cpu_reference(1);
     let tr = trace("t01_ds_top2_residual_adam");
     let (spec, w) = tr.import(&mut tr.params()).unwrap();
     for dtype in [DType::F16, DType::BF16] {
         match MoeLayer::new_mixed(&cpu, spec.clone(), &w, dtype) {
             Err(Error::Unsupported { what, .. }) => assert!(what.contains(&dtype.to_string()), "{what}"),
             Err(e) => panic!("{e}"),
-            Ok(_) => panic!("the cpu built {dtype} weights"),
+            Ok(_) => panic!("the f32-only backend built {dtype} weights"),
         }
         let x = cpu.upload(&HostTensor::f32(&[2, 3], vec![0.0; 6]).unwrap()).unwrap();
         assert!(matches!(cpu.cast_weight(&x, dtype), Err(Error::Unsupported { .. })));
@@ -290,7 +304,13 @@ fn the_cpu_refuses_half_precision_compute_copies() {
 /// with the state under the engine's names and under the reference's.
 #[test]
 fn a_mixed_precision_run_resumes_bit_for_bit() {
-    let Some(b) = common::wgpu("a_mixed_precision_run_resumes_bit_for_bit") else { return };
+    a_mixed_precision_run_resumes_bit_for_bit_on(common::cpu(2));
+    if let Some(b) = common::wgpu("a_mixed_precision_run_resumes_bit_for_bit") {
+        a_mixed_precision_run_resumes_bit_for_bit_on(b);
+    }
+}
+
+fn a_mixed_precision_run_resumes_bit_for_bit_on<B: Backend>(b: B) {
     for (name, p, checkpoint_names) in [
         ("t01_ds_top2_residual_adam", fp16(), false),
         ("t05_hf_mixtral_aux_adamw", bf16(), true),
@@ -338,7 +358,13 @@ fn a_mixed_precision_run_resumes_bit_for_bit() {
 /// follows the f32 run as closely as one that started from the f32 weights.
 #[test]
 fn masters_missing_at_the_start_are_made_from_the_compute_copies() {
-    let Some(b) = common::wgpu("masters_missing_at_the_start_are_made_from_the_compute_copies") else { return };
+    masters_missing_at_the_start_are_made_from_the_compute_copies_on(common::cpu(2));
+    if let Some(b) = common::wgpu("masters_missing_at_the_start_are_made_from_the_compute_copies") {
+        masters_missing_at_the_start_are_made_from_the_compute_copies_on(b);
+    }
+}
+
+fn masters_missing_at_the_start_are_made_from_the_compute_copies_on<B: Backend>(b: B) {
     let tr = trace("t01_ds_top2_residual_adam");
     let (spec, w) = tr.import(&mut tr.params()).unwrap();
     let mut layer = MoeLayer::new_mixed(&b, spec, &w, DType::BF16).unwrap();

@@ -8,7 +8,7 @@ use moe_engine::parity::{self, Outcome};
 #[test]
 fn wgpu_matches_cpu_on_every_op() {
     let Some(wgpu) = common::wgpu("wgpu_matches_cpu_on_every_op") else { return };
-    let cpu = common::cpu(2);
+    let cpu = common::cpu_reference(2);
     let results = parity::run(&cpu, &wgpu);
     assert!(results.len() >= 40, "the harness ran {} cases", results.len());
     let table = parity::markdown(&[("wgpu".to_string(), results.clone())]);
@@ -18,12 +18,12 @@ fn wgpu_matches_cpu_on_every_op() {
 
 #[test]
 fn the_reference_against_itself_is_exact() {
-    let cpu = common::cpu(1);
+    let cpu = common::cpu_reference(1);
     let results = parity::run(&cpu, &cpu);
     for r in &results {
         match (r.dtype, &r.outcome) {
             (moe_engine::DType::F32, Outcome::Pass(e)) => assert_eq!(*e, 0.0, "{} {}", r.op, r.case),
-            // The cpu stores f32 only: its half-precision cases are reported, not faked.
+            // The reference stores f32 only: its half-precision cases are reported, not faked.
             (_, Outcome::Unsupported(_)) if r.dtype != moe_engine::DType::F32 => {}
             other => panic!("{} {}: {other:?}", r.op, r.case),
         }

@@ -21,11 +21,11 @@ pub enum What {
 /// Storage dtypes of the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightDtype {
-    /// f32: every backend.
+    /// f32.
     F32,
-    /// f16: wgpu and cuda.
+    /// f16 (IEEE half), f32 accumulation.
     F16,
-    /// bf16: wgpu and cuda.
+    /// bf16, f32 accumulation.
     Bf16,
 }
 

@@ -3,6 +3,7 @@
 //! the run.
 
 use crate::backends::{dispatch, BackendArgs, BackendKind, OnBackend};
+use crate::bench::WeightDtype;
 use crate::error::{CliError, CliResult};
 use crate::out;
 use moe_engine::golden::{self, CaseResult};
@@ -28,6 +29,11 @@ pub struct Args {
     /// 604800 (a week).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     ep_timeout: u64,
+    /// Storage dtype of the expert weights (the router stays f32). With f16 or bf16 the
+    /// float outputs are held to that type's product tolerance; routing stays exact;
+    /// training traces are skipped (they replay in f32). Not with --ep.
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    weights: WeightDtype,
     /// Print every compared output, not just the worst error.
     #[arg(long, short)]
     verbose: bool,
@@ -43,6 +49,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "--ep-per-node",
             format!("{} ranks per node must divide --ep {} (and --ep must be above 1)", a.ep_per_node, a.ep),
         ));
+    }
+    if a.ep > 1 && a.weights != WeightDtype::F32 {
+        return Err(CliError::flag("--weights", "expert-parallel runs check f32 weights only; drop --ep or --weights"));
     }
     let threads = (a.ep > 1).then_some(1);
     dispatch(&a.backend, BackendKind::Cpu, threads, Check { a: &a })
@@ -82,10 +91,17 @@ impl OnBackend for Check<'_> {
                     continue;
                 }
             };
+            let weights = a.weights.dtype();
             for dir in &cases {
                 let shown = dir.display().to_string();
+                if weights != moe_engine::DType::F32 && golden::is_trace(dir) {
+                    out!(
+                        "SKIP {shown:<40} a training trace: it replays in f32 (--weights {weights} checks inference)"
+                    )?;
+                    continue;
+                }
                 let outcome = guarded(|| match &single {
-                    Some(b) => golden::run_case(b, dir).map(|r| vec![r]),
+                    Some(b) => golden::run_case_in(b, dir, weights).map(|r| vec![r]),
                     None => golden::run_case_ep(
                         open,
                         dir,

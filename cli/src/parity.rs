@@ -28,7 +28,7 @@ struct Parity;
 impl OnBackend for Parity {
     type Out = (String, String, Vec<parity::CaseResult>);
     fn run<B: Backend>(self, kind: BackendKind, open: &(dyn Fn(usize) -> Result<B> + Sync)) -> CliResult<Self::Out> {
-        let cpu = moe_cpu::CpuBackend::new(None)?;
+        let cpu = moe_cpu::CpuBackend::f32_reference(None)?;
         let b = open(0)?;
         Ok((kind.name().to_string(), b.capabilities().device.clone(), parity::run(&cpu, &b)))
     }

@@ -10,7 +10,7 @@ mod run;
 pub mod trace;
 
 pub use case::{Backward, Case, CaseKind, CaseMeta, Loss, Output};
-pub use run::{run_case, run_case_ep};
+pub use run::{run_case, run_case_ep, run_case_in};
 pub use trace::{is_trace, run_trace, StepRecord, Trace, TraceKind, TraceMeta};
 
 use crate::error::{Error, Result};

@@ -30,8 +30,8 @@ pub struct CastWeightOp<'a, B: Device> {
 
 impl<'a, B: Device> CastWeightOp<'a, B> {
     /// Checks the input (f32, `[N, K]` or `[G, N, K]`) and that the device stores `dtype`
-    /// (the cpu stores f32 only: halves are [`Error::Unsupported`] there, as for
-    /// `upload_weight`).
+    /// (a backend without the half type, such as `CpuBackend::f32_reference`, gets
+    /// [`Error::Unsupported`], as for `upload_weight`).
     pub fn check(b: &B, x: &'a Tensor<B>, dtype: DType) -> Result<Self> {
         let dims = match x.shape()[..] {
             [n, k] => (1, n, k),

@@ -27,9 +27,8 @@ pub(super) const ELEMENTWISE_TOL: f64 = 2e-6;
 /// (f16) or 2⁻⁸ (bf16) on every input gives a relative L2 near u/√3 per product, two
 /// products for an MLP, with room to spare. Otherwise the f32 bound.
 pub(super) fn product_tolerance(dtype: DType, caps: &Capabilities) -> f64 {
-    match (caps.half_inputs, dtype) {
-        (true, DType::BF16) => 1e-2,
-        (true, DType::F16) => 2e-3,
+    match (caps.half_inputs, super::half_tolerance(dtype)) {
+        (true, Some(tol)) => tol,
         _ => PRODUCT_TOL,
     }
 }

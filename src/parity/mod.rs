@@ -94,6 +94,18 @@ pub struct Runner<'a, R: Backend, C: Backend> {
     pub results: Vec<CaseResult>,
 }
 
+/// The relative L2 bound of products with `dtype` weights where the inputs are rounded to
+/// that type too: unit roundoff 2⁻¹¹ (f16) or 2⁻⁸ (bf16) on every input gives a relative
+/// L2 near u/√3 per product, two products for an MLP, with room to spare. `None` for f32
+/// (and i32), whose bounds are the f32 ones of each comparison.
+pub fn half_tolerance(dtype: DType) -> Option<f64> {
+    match dtype {
+        DType::BF16 => Some(1e-2),
+        DType::F16 => Some(2e-3),
+        DType::F32 | DType::I32 => None,
+    }
+}
+
 impl<'a, R: Backend, C: Backend> Runner<'a, R, C> {
     /// A runner comparing `candidate` with `reference`.
     pub fn new(reference: &'a R, candidate: &'a C) -> Self {

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use moe_cpu::CpuBackend;
-use moe_engine::{golden, Backend, HostTensor, Tensor};
+use moe_engine::{golden, Backend, DType, HostTensor, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::io::Write;
@@ -23,6 +23,11 @@ pub fn skip(test: &str, why: &str) {
 /// The cpu backend with `threads` workers.
 pub fn cpu(threads: usize) -> CpuBackend {
     CpuBackend::new(Some(threads)).expect("cpu backend")
+}
+
+/// The cpu backend storing f32 weights only: the parity harness's reference.
+pub fn cpu_reference(threads: usize) -> CpuBackend {
+    CpuBackend::f32_reference(Some(threads)).expect("cpu backend")
 }
 
 /// The wgpu backend, or `None` after printing why the test is skipped; with `CI=true` a
@@ -60,16 +65,34 @@ pub fn golden_dir() -> PathBuf {
 /// Runs every golden case on `b`; the descriptions of the ones that failed, and the
 /// results of the ones that passed.
 pub fn run_golden<B: Backend>(b: &B) -> (Vec<String>, Vec<golden::CaseResult>) {
-    run_cases(b, &golden_dir(), 37, "the 28 reference cases, 2 DeepSpeed checkpoints and 7 training traces")
+    run_golden_in(b, DType::F32)
 }
 
-/// Runs every case folder under `dir` (there must be `count`, as `what` describes).
-fn run_cases<B: Backend>(b: &B, dir: &Path, count: usize, what: &str) -> (Vec<String>, Vec<golden::CaseResult>) {
+/// As [`run_golden`] with the expert weights stored in `weights` (training traces, which
+/// replay in f32, are skipped with a line saying so).
+pub fn run_golden_in<B: Backend>(b: &B, weights: DType) -> (Vec<String>, Vec<golden::CaseResult>) {
+    let what = "the 28 reference cases, 2 DeepSpeed checkpoints and 7 training traces";
+    run_cases(b, &golden_dir(), 37, what, weights)
+}
+
+/// Runs every case folder under `dir` (there must be `count`, as `what` describes) with
+/// the expert weights in `weights`.
+fn run_cases<B: Backend>(
+    b: &B,
+    dir: &Path,
+    count: usize,
+    what: &str,
+    weights: DType,
+) -> (Vec<String>, Vec<golden::CaseResult>) {
     let cases = golden::discover(dir).expect("the case folder holds the cases");
     assert_eq!(cases.len(), count, "expected {what} in {}", dir.display());
     let (mut failures, mut passed) = (Vec::new(), Vec::new());
     for dir in &cases {
-        match golden::run_case(b, dir) {
+        if weights != DType::F32 && golden::is_trace(dir) {
+            eprintln!("skip {}: a training trace replays in f32, not with {weights} weights", dir.display());
+            continue;
+        }
+        match golden::run_case_in(b, dir, weights) {
             Ok(r) if r.pass => passed.push(r),
             Ok(r) => {
                 failures.push(format!("{}: {:?}", r.name, r.outputs.iter().filter(|o| !o.pass).collect::<Vec<_>>()))
@@ -178,5 +201,10 @@ pub fn golden_models_dir() -> PathBuf {
 
 /// Runs every model-family case on `b`: the failures' descriptions and the passes.
 pub fn run_golden_models<B: Backend>(b: &B) -> (Vec<String>, Vec<golden::CaseResult>) {
-    run_cases(b, &golden_models_dir(), 33, "30 families and 3 checkpoint formats")
+    run_golden_models_in(b, DType::F32)
+}
+
+/// As [`run_golden_models`] with the expert weights stored in `weights`.
+pub fn run_golden_models_in<B: Backend>(b: &B, weights: DType) -> (Vec<String>, Vec<golden::CaseResult>) {
+    run_cases(b, &golden_models_dir(), 33, "30 families and 3 checkpoint formats", weights)
 }

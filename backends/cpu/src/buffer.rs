@@ -1,5 +1,50 @@
 //! Host memory standing in for device memory.
 
+use half::{bf16, f16};
+
+/// The 16-bit float formats the cpu stores weights in (bits kept as `u16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    /// IEEE binary16.
+    F16,
+    /// bfloat16: the top half of an f32.
+    Bf16,
+}
+
+impl Half {
+    /// The tensor dtype of this format.
+    pub fn dtype(self) -> moe_engine::DType {
+        match self {
+            Half::F16 => moe_engine::DType::F16,
+            Half::Bf16 => moe_engine::DType::BF16,
+        }
+    }
+
+    /// The format of a half dtype.
+    pub(crate) fn of(d: moe_engine::DType) -> Option<Half> {
+        match d {
+            moe_engine::DType::F16 => Some(Half::F16),
+            moe_engine::DType::BF16 => Some(Half::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Widens `src` into `dst` (the same length): exact, both formats being subsets of f32.
+    pub(crate) fn decode_into(self, src: &[u16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        // The `half` crate converts with the cpu's own instructions where it has them (F16C).
+        match self {
+            Half::F16 => bytemuck_cast::<f16>(src).convert_to_f32_slice(dst),
+            Half::Bf16 => bytemuck_cast::<bf16>(src).convert_to_f32_slice(dst),
+        }
+    }
+}
+
+/// `u16` bits viewed as a 16-bit float type of the same layout.
+fn bytemuck_cast<H: bytemuck::Pod>(v: &[u16]) -> &[H] {
+    bytemuck::cast_slice(v)
+}
+
 /// A cpu "device" buffer.
 #[derive(Clone, Debug)]
 pub enum CpuBuffer {
@@ -19,21 +64,34 @@ pub enum CpuBuffer {
         /// Columns K of each logical matrix.
         k: usize,
     },
+    /// A weight stored in a 16-bit format, each matrix transposed to `[K, N]` as
+    /// [`CpuBuffer::WeightT`]: half the bytes to hold and to stream; the products widen
+    /// it to f32 as they read it and accumulate in f32.
+    WeightHalf {
+        /// The transposed matrices' bits.
+        data: Vec<u16>,
+        /// Their format.
+        half: Half,
+        /// Rows N of each logical matrix.
+        n: usize,
+        /// Columns K of each logical matrix.
+        k: usize,
+    },
 }
 
 impl moe_engine::DeviceBuffer for CpuBuffer {
     fn bytes(&self) -> u64 {
-        let elems = match self {
-            CpuBuffer::F32(v) | CpuBuffer::WeightT { data: v, .. } => v.len(),
-            CpuBuffer::I32(v) => v.len(),
-        };
-        elems as u64 * 4
+        match self {
+            CpuBuffer::F32(v) | CpuBuffer::WeightT { data: v, .. } => v.len() as u64 * 4,
+            CpuBuffer::I32(v) => v.len() as u64 * 4,
+            CpuBuffer::WeightHalf { data, .. } => data.len() as u64 * 2,
+        }
     }
 }
 
 /// Transposes every `[n, k]` matrix of a stack to `[k, n]`.
-pub(crate) fn transpose_stack(v: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
+pub(crate) fn transpose_stack<E: Copy + Default>(v: &[E], n: usize, k: usize) -> Vec<E> {
+    let mut out = vec![E::default(); v.len()];
     let mat = n * k;
     if mat == 0 {
         return out;

@@ -4,8 +4,9 @@
 //! keeps it for a backward pass.
 
 use crate::elementwise::glu_row;
-use crate::matmul::{fill_tile, gemm_raw, offsets, rhs_block, tiles, SharedOut, Tile, SERIAL_WORK};
-use crate::{f32s, tf32, weight_data, CpuBackend, T};
+use crate::matmul::{fill_tile, offsets, tiles, SharedOut, Tile, SERIAL_WORK};
+use crate::weights::{weight_data, TileOp};
+use crate::{f32s, tf32, CpuBackend, T};
 use moe_engine::ops::{GroupedMlpOp, MatDims};
 use moe_engine::{Activation, GluClamp, Result};
 use rayon::prelude::*;
@@ -32,15 +33,16 @@ pub(crate) fn grouped_glu(
     let b = op.weights.b_in.map(|b| f32s(b, "expert biases")).transpose()?;
     let i = op.inner;
     let xs = f32s(op.xp, "grouped input")?;
-    let (ws, w_t) = weight_data(op.weights.w_in, "expert weights", n, kk)?;
+    let w = weight_data(op.weights.w_in, "expert weights", n, kk)?;
     let mut h = vec![0f32; r * i];
     let mut pre = if keep_pre { vec![0f32; r * n] } else { Vec::new() };
     let (hp, pp) = (SharedOut(h.as_mut_ptr()), SharedOut(pre.as_mut_ptr()));
     let tiles = tiles(off, i, crate::matmul::col_block(off, i, GLU_BLOCK, threads));
-    let run = |scratch: &mut Vec<f32>, t: &Tile| {
+    let run = |(scratch, widened): &mut (Vec<f32>, Vec<f32>), t: &Tile| {
         let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
         // Where the gate and up tiles go: into `pre` when it is kept, else a scratch
-        // tile [rows, 2·cols] that stays in this thread's cache.
+        // tile [rows, 2·cols] that stays in this thread's cache. (`widened`: the half
+        // weights the product widens, a block at a time.)
         let (gate, up, rs) = if keep_pre {
             // SAFETY: rows r0..r1 and columns c0..c1 (gate) and i + c0..i + c1 (up) of
             // `pre` [r, 2i] belong to this tile alone.
@@ -54,7 +56,7 @@ pub(crate) fn grouped_glu(
             // SAFETY: both halves of each scratch row are inside the scratch buffer.
             (p, unsafe { p.add(cols) }, 2 * cols)
         };
-        let lhs = (xs[t.r0 * kk..].as_ptr(), kk as isize);
+        let x = xs[t.r0 * kk..].as_ptr();
         // SAFETY: the gate and up tiles are disjoint, owned by this task and inside their
         // buffers; the operands stay inside `xs` (rows r0..r1) and expert e's weights.
         unsafe {
@@ -63,7 +65,9 @@ pub(crate) fn grouped_glu(
                 if let Some(be) = be {
                     fill_tile(dst, rs, rows, be);
                 }
-                gemm_raw((dst, rs as isize), lhs, rhs_block(ws, w_t, (t.e, c0), n, kk), (rows, cols, kk), be.is_some());
+                let op =
+                    TileOp { dst, dst_rs: rs, x, x_rs: kk, e: t.e, c0, rows, cols, n, kk, accumulate: be.is_some() };
+                w.tile_product(op, widened);
             }
             for row in 0..rows {
                 let gr = std::slice::from_raw_parts(gate.add(row * rs), cols);
@@ -75,9 +79,9 @@ pub(crate) fn grouped_glu(
     };
     let work = off[g] as usize * n * kk;
     if threads > 1 && work >= SERIAL_WORK && tiles.len() > 1 {
-        tiles.par_iter().with_max_len(1).for_each_init(Vec::new, run);
+        tiles.par_iter().with_max_len(1).for_each_init(Default::default, run);
     } else {
-        let mut scratch = Vec::new();
+        let mut scratch = Default::default();
         tiles.iter().for_each(|t| run(&mut scratch, t));
     }
     Ok((tf32(&[r, i], h)?, if keep_pre { Some(tf32(&[r, n], pre)?) } else { None }))

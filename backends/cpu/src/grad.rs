@@ -4,7 +4,8 @@
 
 use crate::matmul::{gemm_raw, offsets, tiles, SharedOut, COL_BLOCK, SERIAL_WORK};
 use crate::route::{mixer_kept, mixer_sum, normaliser, sqrt_softplus_grad};
-use crate::{f32s, i32s, tf32, weight_data, CpuBackend, T};
+use crate::weights::{weight_data, widen_block, Stored};
+use crate::{f32s, i32s, tf32, CpuBackend, T};
 use moe_engine::ops::{
     ActGradKind, ActGradOp, Choice, CombineGrad, CombineGradOp, GatedAddGrad, GatedAddGradOp, LinearDxOp, MixGrad,
     MixGradOp, Normalize, RouteGradOp, ScoreFn, SumRowsOp, WeightGrad, WeightGradOp,
@@ -27,17 +28,21 @@ pub(crate) fn linear_dx(op: &LinearDxOp<'_, CpuBackend>, threads: usize) -> Resu
     let (r, n, kk) = (op.rows, op.n, op.k);
     let off = groups_of(op.offsets, op.params.groups as usize, r)?;
     let dy = f32s(op.dy, "output gradient")?;
-    let (ws, w_t) = weight_data(op.w, "weight", n, kk)?;
+    let w = weight_data(op.w, "weight", n, kk)?;
     let mut out = vec![0f32; r * kk];
     let dst = SharedOut(out.as_mut_ptr());
     let tiles = tiles(&off, kk, COL_BLOCK);
-    let run = |t: &crate::matmul::Tile| {
-        // rhs = w[g] as [N (inner), K (columns)]: row-major [N, K], or stored [K, N].
+    let run = |scratch: &mut Vec<f32>, t: &crate::matmul::Tile| {
+        // rhs = w[g] as [N (inner), K (columns)]: row-major [N, K], or stored [K, N]
+        // (half weights: their stored rows c0..c1 widened into the scratch).
         let base = t.e * n * kk;
-        let (rhs, cs, rs) = if w_t {
-            (ws[base + t.c0 * n..].as_ptr(), n as isize, 1)
-        } else {
-            (ws[base + t.c0..].as_ptr(), 1, kk as isize)
+        let (rhs, cs, rs) = match w {
+            Stored::F32T(ws) => (ws[base + t.c0 * n..].as_ptr(), n as isize, 1),
+            Stored::Rows(ws) => (ws[base + t.c0..].as_ptr(), 1, kk as isize),
+            Stored::HalfT(ws, half) => {
+                widen_block(ws, half, base + t.c0 * n, n, (t.c1 - t.c0, n), scratch);
+                (scratch.as_ptr(), n as isize, 1)
+            }
         };
         // SAFETY: tiles are disjoint and inside `out` ([r, kk]); dy rows r0..r1 and the
         // weight block of group e, columns c0..c1, are inside their buffers.
@@ -52,9 +57,10 @@ pub(crate) fn linear_dx(op: &LinearDxOp<'_, CpuBackend>, threads: usize) -> Resu
         }
     };
     if threads > 1 && off[off.len() - 1] as usize * n * kk >= SERIAL_WORK && tiles.len() > 1 {
-        tiles.par_iter().with_max_len(1).for_each(run);
+        tiles.par_iter().with_max_len(1).for_each_init(Vec::new, run);
     } else {
-        tiles.iter().for_each(run);
+        let mut scratch = Vec::new();
+        tiles.iter().for_each(|t| run(&mut scratch, t));
     }
     tf32(&[r, kk], out)
 }

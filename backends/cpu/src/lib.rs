@@ -2,9 +2,12 @@
 //!
 //! The reference backend: every other backend is checked against it, and it is the laptop
 //! fallback when no GPU is present. Routing and planning are written for clarity and
-//! exactness (they are O(S·E) and never the bottleneck); the matrix products go through the
-//! `gemm` crate and run on a rayon pool, grouped over compact expert-major rows without
-//! padding.
+//! exactness (they are O(S·E) and never the bottleneck); the matrix products run on a
+//! rayon pool, grouped over compact expert-major rows without padding: expert groups of a
+//! few rows (decode) through the matrix-vector kernels of `matvec` (AVX-512F, AVX2 or
+//! portable, found at run time), larger ones through the `gemm` crate. Weights are stored
+//! K-major in f32, f16 or bf16; half weights stay 16-bit in memory and are widened to f32
+//! inside the products, which accumulate in f32.
 //!
 //! Operands arrive checked by the trait's front doors (`moe_engine::ops`); this crate does
 //! only the cpu's work.
@@ -15,11 +18,13 @@ mod exchange;
 mod experts;
 mod grad;
 mod matmul;
+mod matvec;
 mod optim;
 mod plan;
 mod route;
+mod weights;
 
-pub use buffer::CpuBuffer;
+pub use buffer::{CpuBuffer, Half};
 
 use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
@@ -71,7 +76,8 @@ impl CpuBackend {
         let caps = Capabilities {
             backend: "cpu".into(),
             device: cpu_name(),
-            storage_dtypes: vec![DType::F32],
+            // Half weights are stored as halves and widened in the products' kernels.
+            storage_dtypes: vec![DType::F32, DType::F16, DType::BF16],
             // One tensor can take at most what the host has free: an op whose output is
             // larger is refused before it allocates, instead of ending in the OOM killer.
             max_buffer_bytes: moe_engine::memory::host_available().unwrap_or(u64::MAX).min(isize::MAX as u64),
@@ -82,6 +88,20 @@ impl CpuBackend {
             max_route_groups: None,
         };
         Ok(CpuBackend { pool, caps, downloads: Default::default() })
+    }
+
+    /// As [`CpuBackend::new`], storing f32 weights only: the reference that the parity
+    /// harness compares the cpu's own half-precision paths with (it multiplies the same
+    /// values, rounded to the half type and held in f32).
+    pub fn f32_reference(threads: Option<usize>) -> Result<Self> {
+        let mut b = Self::new(threads)?;
+        b.caps.storage_dtypes = vec![DType::F32];
+        Ok(b)
+    }
+
+    /// The instruction set the cpu's matrix-vector kernels run with (found at run time).
+    pub fn simd(&self) -> &'static str {
+        matvec::Level::detected().name()
     }
 
     /// Worker threads.
@@ -101,22 +121,9 @@ pub(crate) fn f32s<'a>(t: &'a T, name: &str) -> Result<&'a [f32]> {
     match t.buffer() {
         CpuBuffer::F32(v) => Ok(v),
         CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
-        CpuBuffer::WeightT { .. } => {
+        CpuBuffer::WeightT { .. } | CpuBuffer::WeightHalf { .. } => {
             Err(Error::Misuse(format!("tensor `{name}` is an uploaded weight; only matrix products read it")))
         }
-    }
-}
-
-/// The data of a matrix-product weight of logical matrices `[n, k]` and whether it is
-/// stored transposed (`[k, n]`).
-pub(crate) fn weight_data<'a>(t: &'a T, name: &str, n: usize, k: usize) -> Result<(&'a [f32], bool)> {
-    match t.buffer() {
-        CpuBuffer::F32(v) => Ok((v, false)),
-        CpuBuffer::WeightT { data, n: wn, k: wk } if (*wn, *wk) == (n, k) => Ok((data, true)),
-        CpuBuffer::WeightT { n: wn, k: wk, .. } => Err(Error::Misuse(format!(
-            "`{name}` holds [{wn}, {wk}] weight matrices, reshaped to take [{n}, {k}]: reshape weights on the host"
-        ))),
-        CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
     }
 }
 
@@ -124,6 +131,7 @@ pub(crate) fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a [i32]> {
     match t.buffer() {
         CpuBuffer::I32(v) => Ok(v),
         CpuBuffer::F32(_) | CpuBuffer::WeightT { .. } => Err(Error::dtype(name, "i32", "f32")),
+        CpuBuffer::WeightHalf { half, .. } => Err(Error::dtype(name, "i32", half.dtype())),
     }
 }
 
@@ -161,8 +169,7 @@ impl Device for CpuBackend {
     fn run_upload_weight(&self, op: &WeightUploadOp<'_>) -> Result<T> {
         let (_, n, k) = op.dims;
         let v = op.tensor.as_f32("weight")?;
-        let data = buffer::transpose_stack(v, n, k);
-        T::from_parts(CpuBuffer::WeightT { data, n, k }, op.tensor.shape().to_vec(), DType::F32)
+        weight_buffer(buffer::transpose_stack(v, n, k), op.dtype, (n, k), op.tensor.shape())
     }
 
     fn run_download(&self, t: &T) -> Result<HostTensor> {
@@ -173,6 +180,12 @@ impl Device for CpuBackend {
             // Transposing the stored [k, n] matrices gives back [n, k], whatever the
             // handle's shape says.
             CpuBuffer::WeightT { data, n, k } => HostTensor::f32(t.shape(), buffer::transpose_stack(data, *k, *n)),
+            // Half weights come back as their f32 values (exact), in the logical layout.
+            CpuBuffer::WeightHalf { data, half, n, k } => {
+                let mut wide = vec![0f32; data.len()];
+                half.decode_into(data, &mut wide);
+                HostTensor::f32(t.shape(), buffer::transpose_stack(&wide, *k, *n))
+            }
         }
     }
 
@@ -273,8 +286,8 @@ impl Backend for CpuBackend {
         grad::gated_add_grad(op)
     }
 
-    /// f32 only (the check refuses halves): the values in the weight layout
-    /// `upload_weight` makes, each matrix transposed to `[K, N]`.
+    /// The values in the weight layout `upload_weight` makes, each matrix transposed to
+    /// `[K, N]`, in the op's storage dtype.
     fn run_cast_weight(&self, op: &CastWeightOp<'_, Self>) -> Result<T> {
         let (_, n, k) = op.dims;
         let data = match op.x.buffer() {
@@ -284,9 +297,11 @@ impl Backend for CpuBackend {
             CpuBuffer::WeightT { data, n: wn, k: wk } => {
                 buffer::transpose_stack(&buffer::transpose_stack(data, *wk, *wn), n, k)
             }
-            CpuBuffer::I32(_) => return Err(Error::Internal("a checked cast_weight input holds i32".into())),
+            CpuBuffer::I32(_) | CpuBuffer::WeightHalf { .. } => {
+                return Err(Error::Internal("a checked cast_weight input is not f32".into()))
+            }
         };
-        T::from_parts(CpuBuffer::WeightT { data, n, k }, op.x.shape().to_vec(), DType::F32)
+        weight_buffer(data, op.dtype, (n, k), op.x.shape())
     }
 
     fn run_optim_step(&self, op: &OptimStepOp<'_, Self>) -> Result<StepOut<Self>> {
@@ -308,6 +323,16 @@ impl Backend for CpuBackend {
     fn run_sum_squares(&self, op: &SumSquaresOp<'_, Self>) -> Result<T> {
         optim::sum_squares(op)
     }
+}
+
+/// A weight tensor of logical `shape` from its matrices already transposed to `[K, N]`
+/// (`data`, f32), stored in `dtype`: f32 as is, f16 / bf16 rounded to nearest even.
+fn weight_buffer(data: Vec<f32>, dtype: DType, (n, k): (usize, usize), shape: &[usize]) -> Result<T> {
+    let buf = match Half::of(dtype) {
+        None => CpuBuffer::WeightT { data, n, k },
+        Some(half) => CpuBuffer::WeightHalf { data: dtype.half_bits(&data)?, half, n, k },
+    };
+    T::from_parts(buf, shape.to_vec(), dtype)
 }
 
 /// The processor's model name from /proc/cpuinfo, or a generic name.

@@ -1,7 +1,8 @@
 //! Matrix products on the cpu through the `gemm` crate: plain and grouped by expert
 //! offsets over compact rows (no padding to capacity).
 
-use crate::{f32s, i32s, tf32, weight_data, CpuBackend, T};
+use crate::weights::{weight_data, Stored, TileOp};
+use crate::{f32s, i32s, tf32, CpuBackend, T};
 use gemm::Parallelism;
 use moe_engine::ops::{GroupedLinearOp, LinearOp, MatDims, Offsets};
 use moe_engine::{Error, Result};
@@ -35,23 +36,6 @@ pub(crate) fn offsets(o: &Offsets<CpuBackend>, rows: usize) -> Result<&[i32]> {
     Ok(off)
 }
 
-/// The `[kk, cols]` block of `wᵀ` for output columns `c0..` of group `e`, as gemm's rhs:
-/// pointer, column stride, row stride. `w_t`: the weights are stored K-major `[G, K, N]`.
-pub(crate) fn rhs_block(
-    ws: &[f32],
-    w_t: bool,
-    (e, c0): (usize, usize),
-    n: usize,
-    kk: usize,
-) -> (*const f32, isize, isize) {
-    let base = e * n * kk;
-    if w_t {
-        (ws[base + c0..].as_ptr(), 1, n as isize)
-    } else {
-        (ws[base + c0 * kk..].as_ptr(), kk as isize, 1)
-    }
-}
-
 /// Fills the rows of a tile (`rows` rows of `cols`, row stride `rs`) with a bias row.
 ///
 /// # Safety
@@ -79,12 +63,12 @@ pub(crate) fn grouped_linear(op: &GroupedLinearOp<'_, CpuBackend>, threads: usiz
 }
 
 /// The grouped product on checked operands: `xs [R, K]`, group offsets `off`, weights
-/// `[G, N, K]` (or K-major), bias `[G, N]`. Output `[R, N]`, zero past the last group.
-/// Tiles are spread over the pool's threads, one single-threaded gemm each.
+/// `[G, N, K]` as stored, bias `[G, N]`. Output `[R, N]`, zero past the last group.
+/// Tiles are spread over the pool's threads, one single-threaded product each.
 fn tiled_product(
     xs: &[f32],
     off: &[i32],
-    (ws, w_t): (&[f32], bool),
+    w: Stored<'_>,
     b: Option<&[f32]>,
     (r, n, kk): (usize, usize, usize),
     threads: usize,
@@ -93,30 +77,39 @@ fn tiled_product(
     let mut out = vec![0f32; r * n];
     let dst = SharedOut(out.as_mut_ptr());
     let tiles = tiles(off, n, col_block(off, n, COL_BLOCK, threads));
-    let run = |t: &Tile| {
+    let run = |scratch: &mut Vec<f32>, t: &Tile| {
         let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
         let be = b.map(|b| &b[t.e * n + t.c0..t.e * n + t.c1]);
-        // SAFETY: tiles are disjoint and inside `out` ([r, n]); the operand pointers and
-        // strides stay inside `xs` (rows r0..r1) and expert e's weights (columns c0..c1).
+        // SAFETY: tiles are disjoint and inside `out` ([r, n]); the input rows r0..r1 are
+        // inside `xs` and expert e's columns c0..c1 inside its weights.
         unsafe {
             let d = dst.get().add(t.r0 * n + t.c0);
             if let Some(be) = be {
                 fill_tile(d, n, rows, be);
             }
-            gemm_raw(
-                (d, n as isize),
-                (xs[t.r0 * kk..].as_ptr(), kk as isize),
-                rhs_block(ws, w_t, (t.e, t.c0), n, kk),
-                (rows, cols, kk),
-                be.is_some(),
-            );
+            let x = xs[t.r0 * kk..].as_ptr();
+            let op = TileOp {
+                dst: d,
+                dst_rs: n,
+                x,
+                x_rs: kk,
+                e: t.e,
+                c0: t.c0,
+                rows,
+                cols,
+                n,
+                kk,
+                accumulate: be.is_some(),
+            };
+            w.tile_product(op, scratch);
         }
     };
     let work = off[g] as usize * n * kk;
     if threads > 1 && work >= SERIAL_WORK && tiles.len() > 1 {
-        tiles.par_iter().with_max_len(1).for_each(run);
+        tiles.par_iter().with_max_len(1).for_each_init(Vec::new, run);
     } else {
-        tiles.iter().for_each(run);
+        let mut scratch = Vec::new();
+        tiles.iter().for_each(|t| run(&mut scratch, t));
     }
     out
 }

@@ -861,8 +861,7 @@ fn cublas_feeding_kernels_cast_and_fill_as_specified() {
 /// `half` crate's rounding), bit for bit, on the parity case's values: ties to even,
 /// subnormals, overflow, ±inf, NaN payloads and random bit patterns. The kernel does the
 /// rounding in integer arithmetic, so the host runs the very code the device does. Its
-/// parameter block is written here: the op's check (`CastWeightOp::check`) refuses f16/bf16
-/// on the cpu backend, which stores f32 only.
+/// parameter block is written here, as `CastWeightOp::check` encodes it.
 #[test]
 fn cast_weight_rounds_as_upload_weight_bit_for_bit() {
     let Some(exe) = emulate::driver() else { return };
