@@ -176,7 +176,7 @@ pub trait Backend: Device {
     /// `x [R, K] · w [N, K]ᵀ (+ bias [N])` → `[R, N]`.
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
         let op = LinearOp::check(self, x, w, bias)?;
-        returned(self, "linear", self.run_linear(&op)?, &op.out_shape(), DType::F32)
+        returned(self, "linear", crate::profile::time("linear", || self.run_linear(&op))?, &op.out_shape(), DType::F32)
     }
 
     /// Stores an f32 matrix `[N, K]` or stack `[G, N, K]` as a weight in `dtype` (f32,
@@ -187,7 +187,13 @@ pub trait Backend: Device {
     /// its half-precision compute copies with after each step.
     fn cast_weight(&self, x: &Tensor<Self>, dtype: DType) -> Result<Tensor<Self>> {
         let op = CastWeightOp::check(self, x, dtype)?;
-        returned(self, "cast_weight", self.run_cast_weight(&op)?, x.shape(), dtype)
+        returned(
+            self,
+            "cast_weight",
+            crate::profile::time("cast_weight", || self.run_cast_weight(&op))?,
+            x.shape(),
+            dtype,
+        )
     }
 
     /// Grouped product over variable-size row groups read from the device: rows
@@ -203,7 +209,13 @@ pub trait Backend: Device {
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
         let op = GroupedLinearOp::check(self, x, offsets, w, bias)?;
-        returned(self, "grouped_linear", self.run_grouped_linear(&op)?, &op.out_shape(), DType::F32)
+        returned(
+            self,
+            "grouped_linear",
+            crate::profile::time("grouped_linear", || self.run_grouped_linear(&op))?,
+            &op.out_shape(),
+            DType::F32,
+        )
     }
 
     /// The whole expert MLP over compact expert-major rows grouped by `offsets`:
@@ -217,7 +229,7 @@ pub trait Backend: Device {
         keep_pre: bool,
     ) -> Result<MlpOutput<Self>> {
         let op = GroupedMlpOp::check(self, xp, offsets, w, keep_pre)?;
-        let out = self.run_grouped_mlp(&op)?;
+        let out = crate::profile::time("grouped_mlp", || self.run_grouped_mlp(&op))?;
         let rows = op.first.rows;
         let y = returned(self, "grouped_mlp", out.y, &[rows, op.out_cols], DType::F32)?;
         let pre = match (out.pre, keep_pre && !matches!(w.kind, ExpertKind::Linear)) {
@@ -282,7 +294,13 @@ pub trait Backend: Device {
         c: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
         let op = ElementwiseOp::check(self, kind, a, b, c)?;
-        returned(self, kind.entry(), self.run_elementwise(&op)?, &op.out_shape, DType::F32)
+        returned(
+            self,
+            kind.entry(),
+            crate::profile::time(kind.entry(), || self.run_elementwise(&op))?,
+            &op.out_shape,
+            DType::F32,
+        )
     }
 
     /// Scores, choice and weights of every token. Non-finite logits, correction bias or
@@ -290,19 +308,19 @@ pub trait Backend: Device {
     /// the next download on GPU backends).
     fn route(&self, logits: &Tensor<Self>, spec: &RouteSpec<'_, Self>) -> Result<Routes<Self>> {
         let op = RouteOp::check(self, logits, spec)?;
-        Routes::seal(self, self.run_route(&op)?, op.tokens, spec.k, op.experts)
+        Routes::seal(self, crate::profile::time("route", || self.run_route(&op))?, op.tokens, spec.k, op.experts)
     }
     /// Counts, capacity, slots, compact rows and combine weights of every route.
     fn plan(&self, routes: &Routes<Self>, spec: &PlanSpec<'_, Self>) -> Result<Plan<Self>> {
         let op = PlanOp::check(self, routes, spec)?;
-        Plan::seal(self, &op, self.run_plan(&op)?)
+        Plan::seal(self, &op, crate::profile::time("plan", || self.run_plan(&op))?)
     }
     /// Gathers token rows into a grouped layout: row `rows[s, j]` of the output
     /// `[rows.bound(), M]` is `x[s]`; rows no route names are zero. With
     /// [`Plan::route_rows`], the compact expert-major layout the experts run on.
     fn permute(&self, x: &Tensor<Self>, rows: &RouteRows<Self>) -> Result<Tensor<Self>> {
         let op = PermuteOp::check(self, x, rows)?;
-        returned(self, "permute", self.run_permute(&op)?, &op.out_shape, DType::F32)
+        returned(self, "permute", crate::profile::time("permute", || self.run_permute(&op))?, &op.out_shape, DType::F32)
     }
     /// [`Backend::permute`] with every route's row scaled by its weight (Llama 4 weights
     /// the expert input): row `rows[t, j]` of the output `[rows.bound(), M]` is
@@ -312,7 +330,13 @@ pub trait Backend: Device {
     /// = x[t] · dxp[rows[t, j]]`).
     fn permute_scaled(&self, x: &Tensor<Self>, rows: &RouteRows<Self>, weights: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = PermuteScaledOp::check(self, x, rows, weights)?;
-        returned(self, "permute_scaled", self.run_permute_scaled(&op)?, &op.out_shape, DType::F32)
+        returned(
+            self,
+            "permute_scaled",
+            crate::profile::time("permute_scaled", || self.run_permute_scaled(&op))?,
+            &op.out_shape,
+            DType::F32,
+        )
     }
     /// `y` (`[R, M]` f32) with rows `offsets[from_group]..offsets[G]` replaced by those of
     /// `x` (`[R, M]` f32): the rows of identity experts grouped last (LongCat-Flash's
@@ -327,7 +351,13 @@ pub trait Backend: Device {
         from_group: usize,
     ) -> Result<Tensor<Self>> {
         let op = PassRowsOp::check(self, y, x, offsets, from_group)?;
-        returned(self, "pass_rows", self.run_pass_rows(&op)?, &op.out_shape, DType::F32)
+        returned(
+            self,
+            "pass_rows",
+            crate::profile::time("pass_rows", || self.run_pass_rows(&op))?,
+            &op.out_shape,
+            DType::F32,
+        )
     }
     /// Weighted sum back to token order for the tokens in `tokens`: `y[t − t0] = Σⱼ
     /// weights[t, j] · yp[rows[t, j]]`, f32 accumulation in route order; routes with row −1
@@ -340,7 +370,7 @@ pub trait Backend: Device {
         tokens: Range<usize>,
     ) -> Result<Tensor<Self>> {
         let op = CombineOp::check(self, yp, rows, weights, tokens)?;
-        returned(self, "combine", self.run_combine(&op)?, &op.out_shape, DType::F32)
+        returned(self, "combine", crate::profile::time("combine", || self.run_combine(&op))?, &op.out_shape, DType::F32)
     }
     /// Expert parallelism's bucketing by destination: for every kept route of the tokens
     /// in `tokens`, its physical slot (replica `token % replicas` of its expert) and its row
@@ -353,23 +383,29 @@ pub trait Backend: Device {
         tokens: Range<usize>,
     ) -> Result<Bucket<Self>> {
         let op = BucketOp::check(self, plan, placement, tokens)?;
-        Bucket::seal(self, &op, self.run_bucket(&op)?)
+        Bucket::seal(self, &op, crate::profile::time("bucket", || self.run_bucket(&op))?)
     }
     /// Gathers row blocks: output block j is the table's input rows `in_start[j]..`.
     fn regroup(&self, x: &Tensor<Self>, table: &BlockTable<Self>) -> Result<Tensor<Self>> {
         let op = RegroupOp::check(self, x, table)?;
-        returned(self, "regroup", self.run_regroup(&op)?, &op.out_shape, DType::F32)
+        returned(self, "regroup", crate::profile::time("regroup", || self.run_regroup(&op))?, &op.out_shape, DType::F32)
     }
     /// Reductions for the losses: `[E + 1]` f32 holding the mean score of each expert over
     /// tokens, then the mean of `logsumexp(logits)²` (Switch z-loss).
     fn router_stats(&self, logits: &Tensor<Self>, scores: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = RouterStatsOp::check(self, logits, scores)?;
-        returned(self, "router_stats", self.run_router_stats(&op)?, &[op.experts + 1], DType::F32)
+        returned(
+            self,
+            "router_stats",
+            crate::profile::time("router_stats", || self.run_router_stats(&op))?,
+            &[op.experts + 1],
+            DType::F32,
+        )
     }
     /// Philox 4x32-10 noise of `kind` for `shape`, stream `stream` of `seed`.
     fn noise(&self, kind: NoiseKind, seed: u64, stream: u32, shape: &[usize]) -> Result<Tensor<Self>> {
         let op = NoiseOp::check(self, kind, seed, stream, shape)?;
-        returned(self, "noise", self.run_noise(&op)?, shape, DType::F32)
+        returned(self, "noise", crate::profile::time("noise", || self.run_noise(&op))?, shape, DType::F32)
     }
 
     // ------------------------------------------------------------ backward front doors
@@ -377,7 +413,13 @@ pub trait Backend: Device {
     /// `[G, N, K]`): `dy [R, N] · w[g]` → `[R, K]`, zero past the last group.
     fn linear_dx(&self, dy: &Tensor<Self>, w: &Tensor<Self>, offsets: Option<&Offsets<Self>>) -> Result<Tensor<Self>> {
         let op = LinearDxOp::check(self, dy, w, offsets)?;
-        returned(self, "linear_dx", self.run_linear_dx(&op)?, &[op.rows, op.k], DType::F32)
+        returned(
+            self,
+            "linear_dx",
+            crate::profile::time("linear_dx", || self.run_linear_dx(&op))?,
+            &[op.rows, op.k],
+            DType::F32,
+        )
     }
     /// The weight (and with `bias`, bias) gradient of a (grouped) product: `Σ_{r ∈ g}
     /// dy[r]ᵀ x[r]` per group (`[G, N, K]`, or `[N, K]` without offsets).
@@ -389,7 +431,7 @@ pub trait Backend: Device {
         bias: bool,
     ) -> Result<WeightGrad<Self>> {
         let op = WeightGradOp::check(self, dy, x, offsets, bias)?;
-        let out = self.run_weight_grad(&op)?;
+        let out = crate::profile::time("weight_grad", || self.run_weight_grad(&op))?;
         let dw = returned(self, "weight_grad", out.dw, &op.w_shape, DType::F32)?;
         let db = match (out.db, bias) {
             (Some(db), true) => Some(returned(self, "weight_grad", db, &op.b_shape, DType::F32)?),
@@ -401,13 +443,19 @@ pub trait Backend: Device {
     /// The gradient of an activation (or GLU) output back to its kept pre-activation.
     fn act_grad(&self, kind: ActGradKind, dy: &Tensor<Self>, pre: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = ActGradOp::check(self, kind, dy, pre)?;
-        returned(self, "act_grad", self.run_act_grad(&op)?, &op.out_shape, DType::F32)
+        returned(
+            self,
+            "act_grad",
+            crate::profile::time("act_grad", || self.run_act_grad(&op))?,
+            &op.out_shape,
+            DType::F32,
+        )
     }
     /// The column sum `dy [S, M]` → `[M]`, in row order: the bias gradient of
     /// [`Backend::add_bias`].
     fn sum_rows(&self, dy: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = SumRowsOp::check(self, dy)?;
-        returned(self, "sum_rows", self.run_sum_rows(&op)?, &[op.cols], DType::F32)
+        returned(self, "sum_rows", crate::profile::time("sum_rows", || self.run_sum_rows(&op))?, &[op.cols], DType::F32)
     }
     /// The gradient of [`Backend::combine`]: of the expert outputs and of the weights.
     fn combine_grad(
@@ -419,7 +467,7 @@ pub trait Backend: Device {
         tokens: Range<usize>,
     ) -> Result<CombineGrad<Self>> {
         let op = CombineGradOp::check(self, dy, yp, rows, weights, tokens)?;
-        let out = self.run_combine_grad(&op)?;
+        let out = crate::profile::time("combine_grad", || self.run_combine_grad(&op))?;
         Ok(CombineGrad {
             d_yp: returned(self, "combine_grad", out.d_yp, yp.shape(), DType::F32)?,
             d_weights: returned(self, "combine_grad", out.d_weights, weights.shape(), DType::F32)?,
@@ -439,7 +487,13 @@ pub trait Backend: Device {
         z_coef: f32,
     ) -> Result<Tensor<Self>> {
         let op = RouteGradOp::check(self, d_weights, routes, plan, logits, spec, aux, z_coef)?;
-        returned(self, "route_grad", self.run_route_grad(&op)?, &[op.tokens, op.experts], DType::F32)
+        returned(
+            self,
+            "route_grad",
+            crate::profile::time("route_grad", || self.run_route_grad(&op))?,
+            &[op.tokens, op.experts],
+            DType::F32,
+        )
     }
     /// The gradient of [`Backend::residual_mix`].
     fn mix_grad(
@@ -450,7 +504,7 @@ pub trait Backend: Device {
         coef: &Tensor<Self>,
     ) -> Result<MixGrad<Self>> {
         let op = MixGradOp::check(self, dy, moe, mlp, coef)?;
-        let out = self.run_mix_grad(&op)?;
+        let out = crate::profile::time("mix_grad", || self.run_mix_grad(&op))?;
         Ok(MixGrad {
             d_moe: returned(self, "mix_grad", out.d_moe, dy.shape(), DType::F32)?,
             d_mlp: returned(self, "mix_grad", out.d_mlp, dy.shape(), DType::F32)?,
@@ -465,7 +519,7 @@ pub trait Backend: Device {
         gate: &Tensor<Self>,
     ) -> Result<GatedAddGrad<Self>> {
         let op = GatedAddGradOp::check(self, dy, shared, gate)?;
-        let out = self.run_gated_add_grad(&op)?;
+        let out = crate::profile::time("gated_add_grad", || self.run_gated_add_grad(&op))?;
         Ok(GatedAddGrad {
             d_shared: returned(self, "gated_add_grad", out.d_shared, dy.shape(), DType::F32)?,
             d_gate: returned(self, "gated_add_grad", out.d_gate, gate.shape(), DType::F32)?,
@@ -481,7 +535,7 @@ pub trait Backend: Device {
         rule: StepRule,
     ) -> Result<StepOut<Self>> {
         let op = OptimStepOp::check(self, param, grad, m, v, rule)?;
-        let out = self.run_optim_step(&op)?;
+        let out = crate::profile::time("optim_step", || self.run_optim_step(&op))?;
         let shape = param.shape();
         let state = |t: Option<Tensor<Self>>, want: bool, what: &str| match (t, want) {
             (Some(t), true) => returned(self, "optim_step", t, shape, DType::F32).map(Some),
@@ -520,6 +574,12 @@ pub trait Backend: Device {
     /// Σ x² over an f32 tensor, `[1]` (gradient clipping by global norm).
     fn sum_squares(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = SumSquaresOp::check(x)?;
-        returned(self, "sum_squares", self.run_sum_squares(&op)?, &[1], DType::F32)
+        returned(
+            self,
+            "sum_squares",
+            crate::profile::time("sum_squares", || self.run_sum_squares(&op))?,
+            &[1],
+            DType::F32,
+        )
     }
 }

@@ -176,7 +176,13 @@ pub trait Device: Send + Sync + Sized + 'static {
     /// [`Device::download`] returns the original layout.
     fn upload_weight(&self, t: &HostTensor, dtype: DType) -> Result<Tensor<Self>> {
         let op = WeightUploadOp::check(self, t, dtype)?;
-        returned(self, "upload_weight", self.run_upload_weight(&op)?, t.shape(), dtype)
+        returned(
+            self,
+            "upload_weight",
+            crate::profile::time("upload_weight", || self.run_upload_weight(&op))?,
+            t.shape(),
+            dtype,
+        )
     }
 
     /// Copies a device tensor to the host (f16/bf16 come back as f32); waits for the queue.

@@ -28,6 +28,7 @@ pub mod options;
 pub mod parallel;
 pub mod parity;
 pub mod philox;
+pub mod profile;
 pub mod report;
 pub mod stack;
 pub mod tensor;

@@ -16,6 +16,9 @@ use std::time::Instant;
 pub enum What {
     /// One MoE layer: SwiGLU experts, softmax top-k renormalised, no dropping (Mixtral).
     Layer(LayerArgs),
+    /// The read bandwidth from memory of the cpu's threads (the weight-streaming floor's
+    /// denominator).
+    Memory(crate::membw::MemoryArgs),
 }
 
 /// Storage dtypes of the weights.
@@ -85,6 +88,11 @@ pub struct LayerArgs {
     /// memory, as decoding does, rather than from the cache the last iteration filled.
     #[arg(long)]
     fresh_inputs: bool,
+    /// Print where each forward's time went: the wall time of every op the layer called
+    /// (`moe_engine::profile`), per forward, and its share (the JSON always has it). On
+    /// wgpu and cuda an op's time is the time to enqueue it.
+    #[arg(long)]
+    profile: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -94,6 +102,7 @@ pub struct LayerArgs {
 pub fn run(w: What) -> CliResult<ExitCode> {
     match w {
         What::Layer(a) => layer(a),
+        What::Memory(a) => crate::membw::run(a),
     }
 }
 
@@ -193,6 +202,8 @@ struct Times {
     touched: Vec<f64>,
     /// `--train`: (forward, backward, optimizer step) of every step.
     phases: Vec<[f64; 3]>,
+    /// The ops of the timed forwards and their summed wall time (ms).
+    ops: Vec<(&'static str, f64)>,
 }
 
 /// What a rank of `--ep` returns: rank 0 its times and device, the others nothing.
@@ -319,18 +330,29 @@ fn time_layer<B: Backend>(b: &B, a: &LayerArgs, comm: Option<Arc<dyn Transport<B
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} forwards (2 warm-up)").expect("static template"),
     );
-    let mut times = Times { forward: Vec::with_capacity(iters), exchange: vec![], touched: vec![], phases: vec![] };
+    let mut times =
+        Times { forward: Vec::with_capacity(iters), exchange: vec![], touched: vec![], phases: vec![], ops: vec![] };
     for i in 0..iters + 2 {
         let fresh = if a.fresh_inputs { Some(bench_input(b, a, 100 + i as u32)?) } else { None };
         b.synchronize()?;
         if let Some(c) = &comm {
             c.barrier()?;
         }
+        moe_engine::profile::start();
         let t0 = Instant::now();
         let out = layer.forward(b, fresh.as_ref().unwrap_or(&x), &opts)?;
         b.download(&out.y)?;
+        let elapsed = t0.elapsed();
+        let ops = moe_engine::profile::finish();
         if i >= 2 {
-            times.forward.push(t0.elapsed().as_secs_f64() * 1e3);
+            times.forward.push(elapsed.as_secs_f64() * 1e3);
+            for o in ops {
+                let ms = o.total.as_secs_f64() * 1e3;
+                match times.ops.iter_mut().find(|(n, _)| *n == o.op) {
+                    Some((_, t)) => *t += ms,
+                    None => times.ops.push((o.op, ms)),
+                }
+            }
             times.exchange.push(out.dispatch.exchange_time().as_secs_f64() * 1e3);
             let counts = out.report(b)?.exp_counts;
             times.touched.push(counts.iter().filter(|&&c| c > 0).count() as f64);
@@ -372,7 +394,7 @@ fn time_train<B: Backend>(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} training steps (2 warm-up)")
             .expect("static template"),
     );
-    let mut times = Times { forward: vec![], exchange: vec![], touched: vec![], phases: vec![] };
+    let mut times = Times { forward: vec![], exchange: vec![], touched: vec![], phases: vec![], ops: vec![] };
     for i in 0..iters + 2 {
         if let Some(c) = &comm {
             c.barrier()?;
@@ -418,6 +440,10 @@ fn report(
     setup: &str,
 ) -> CliResult<ExitCode> {
     let no_times = || moe_engine::Error::Internal("no timed iterations".into());
+    let timed = times.forward.len().max(1) as f64;
+    let mean = times.forward.iter().sum::<f64>() / timed;
+    // Per forward: each op's mean time and its share of the mean forward.
+    let ops: Vec<(&str, f64, f64)> = times.ops.iter().map(|&(op, t)| (op, t / timed, t / timed / mean)).collect();
     let (median, min) = median_min(&mut times.forward).ok_or_else(no_times)?;
     let (exchange, _) = median_min(&mut times.exchange).ok_or_else(no_times)?;
     // A training step's routes are not counted (its forward keeps every expert's weights busy).
@@ -441,6 +467,8 @@ fn report(
             "median_ms": median, "min_ms": min, "tokens_per_s": tps, "gflops": gflops, "exchange_median_ms": exchange,
             "train": a.train, "forward_ms": phases[0], "backward_ms": phases[1], "step_ms": phases[2],
             "fresh_inputs": a.fresh_inputs, "experts_touched": touched,
+            "ops": ops.iter().map(|(op, ms, share)| serde_json::json!({"op": op, "ms": ms, "share": share}))
+                .collect::<Vec<_>>(),
         });
         out!("{v}")?;
     } else {
@@ -467,6 +495,14 @@ fn report(
                 phases[1],
                 phases[2]
             )?;
+        }
+        if a.profile && !ops.is_empty() {
+            out!("where a forward's time went (mean of the timed forwards, {mean:.2} ms):")?;
+            for (op, ms, share) in &ops {
+                out!("  {op:<16} {ms:>9.3} ms  {:>5.1}%", 100.0 * share)?;
+            }
+            let rest = mean - ops.iter().map(|o| o.1).sum::<f64>();
+            out!("  {:<16} {rest:>9.3} ms  {:>5.1}%", "(outside ops)", 100.0 * rest / mean)?;
         }
         if a.ep > 1 || a.nccl {
             let share = 100.0 * exchange / median;

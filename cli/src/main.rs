@@ -9,6 +9,7 @@ mod check;
 mod demo;
 mod error;
 mod info;
+mod membw;
 mod model;
 mod model_run;
 mod output;

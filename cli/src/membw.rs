@@ -1,0 +1,95 @@
+//! `moe bench memory`: the read bandwidth the cpu's threads reach from memory, the
+//! denominator of the weight-streaming floor `bench/compare_cpu.py` puts beside each
+//! decode row. A buffer far larger than the last-level cache is read once per pass by
+//! every thread, each its own contiguous share, as the expert products stream weights.
+
+use crate::error::{CliError, CliResult};
+use crate::out;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Arguments of `moe bench memory`.
+#[derive(clap::Args)]
+pub struct MemoryArgs {
+    /// Reading threads (default: every core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    threads: Option<u64>,
+    /// Buffer size in MiB: several times the last-level cache, so that every pass reads
+    /// from memory.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    mib: u64,
+    /// Timed passes over the buffer (after one warm-up pass).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    passes: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Sums `v` (wrapping) in eight independent lanes, so the compiler vectorises the loads.
+fn read_all(v: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: u64 = chunks.remainder().iter().fold(0, |a, &x| a.wrapping_add(x));
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(x);
+        }
+    }
+    acc.iter().fold(tail, |a, &x| a.wrapping_add(x))
+}
+
+/// Measures and prints the read bandwidth.
+pub fn run(a: MemoryArgs) -> CliResult<ExitCode> {
+    let threads = a.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize);
+    let bytes = a.mib.saturating_mul(1 << 20);
+    if let Some(free) = moe_engine::memory::host_available() {
+        if bytes > free / 2 {
+            return Err(CliError::flag("--mib", format!("{} MiB is more than half the {} MiB free", a.mib, free >> 20)));
+        }
+    }
+    let words = (bytes / 8) as usize;
+    let share = words.div_ceil(threads);
+    let mut buf = vec![0u64; words];
+    // First touch by the reading threads, so each thread's pages are where it runs.
+    std::thread::scope(|s| {
+        for (i, part) in buf.chunks_mut(share.max(1)).enumerate() {
+            s.spawn(move || part.iter_mut().enumerate().for_each(|(j, w)| *w = (i * share + j) as u64));
+        }
+    });
+    let mut gbps = Vec::with_capacity(a.passes as usize);
+    let mut check = 0u64;
+    for pass in 0..=a.passes {
+        let t0 = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = buf.chunks(share.max(1)).map(|part| s.spawn(move || read_all(part))).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+        });
+        let dt = t0.elapsed().as_secs_f64();
+        check = sums.iter().fold(check, |a, &x| a.wrapping_add(x));
+        if pass > 0 {
+            gbps.push(bytes as f64 / dt / 1e9);
+        }
+    }
+    // Keeps the sums (and so the reads) from being optimised away.
+    std::hint::black_box(check);
+    gbps.sort_by(f64::total_cmp);
+    let (best, median) = (gbps[gbps.len() - 1], gbps[gbps.len() / 2]);
+    if a.json {
+        let v = serde_json::json!({"threads": threads, "mib": a.mib, "passes": a.passes, "best_gbps": best, "median_gbps": median});
+        out!("{v}")?;
+    } else {
+        out!("read bandwidth, {threads} threads over {} MiB: best {best:.1} GB/s, median {median:.1} GB/s ({} passes)", a.mib, a.passes)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_read_sums_every_word() {
+        let v: Vec<u64> = (0..1003).collect();
+        assert_eq!(super::read_all(&v), 1003 * 1002 / 2);
+        assert_eq!(super::read_all(&[]), 0);
+    }
+}
