@@ -2,7 +2,7 @@
 """PyTorch CPU peer benchmark for the Mixtral sparse-MoE block.
 
 Times one forward pass of a Mixtral MoE block (router + top-k experts) in
-float32 on the CPU, so that `moe bench layer --backend cpu` can be compared
+float32 (or bf16 / f16 with --dtype) on the CPU, so that `moe bench layer --backend cpu` can be compared
 against a well-known reference.
 
 Two implementations are available:
@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
@@ -45,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--grouped", action="store_true",
                    help="time the plain-torch sort-by-expert implementation instead of transformers' block")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of human-readable text")
+    p.add_argument("--dtype", choices=list(DTYPES), default="f32",
+                   help="parameter and activation dtype of the block (a bf16 model runs in bf16 in transformers; "
+                        "the weights are drawn in f32 and rounded, as `moe bench layer --dtype` stores them)")
     p.add_argument("--fresh-inputs", action="store_true",
                    help="a new seeded input for every forward (warm-ups included), as `moe bench layer --fresh-inputs`: "
                         "a decode-sized forward then routes to other experts each time and reads them from memory")
@@ -63,7 +69,7 @@ def parse_args(argv=None):
 
 
 def build_hf_block(args):
-    """Build transformers' MixtralSparseMoeBlock with random float32 weights."""
+    """Build transformers' MixtralSparseMoeBlock with random weights (drawn in float32, then in --dtype)."""
     import transformers
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -91,6 +97,7 @@ def build_hf_block(args):
         for name, p in block.named_parameters():
             fan_in = p.shape[-1]
             p.normal_(0.0, fan_in ** -0.5)
+    block = block.to(DTYPES[args.dtype])
     block.eval()
     return block, transformers.__version__
 
@@ -207,7 +214,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     block, tf_version = build_hf_block(args)
-    x = torch.randn(1, args.tokens, args.hidden, dtype=torch.float32)
+    dtype = DTYPES[args.dtype]
+    x = torch.randn(1, args.tokens, args.hidden, dtype=torch.float32).to(dtype)
 
     def hf_forward(inp):
         out = block(inp)
@@ -228,7 +236,9 @@ def main(argv=None):
             ref = hf_forward(x)
             got = fn(x)
         max_abs_diff = (ref - got).abs().max().item()
-        tol = 1e-3 * max(1.0, ref.abs().max().item())
+        # Two orders of summation in the block's dtype: its rounding, with room.
+        rel = {"f32": 1e-3, "bf16": 3e-2, "f16": 5e-3}[args.dtype]
+        tol = rel * max(1.0, ref.abs().max().item())
         if not max_abs_diff <= tol:
             print(f"error: grouped output differs from transformers block: max|diff|={max_abs_diff:g} > {tol:g}",
                   file=sys.stderr)
@@ -238,12 +248,15 @@ def main(argv=None):
         fn = hf_forward
         impl = "transformers-MixtralSparseMoeBlock"
 
+    if args.train and args.dtype != "f32":
+        print("error: --train times f32 training; drop --dtype", file=sys.stderr)
+        return 2
     if args.fresh_inputs and args.train:
         print("error: --fresh-inputs times forwards; drop --train", file=sys.stderr)
         return 2
     if args.fresh_inputs:
         g = torch.Generator().manual_seed(args.seed + 100)
-        xs = [torch.randn(1, args.tokens, args.hidden, generator=g) for _ in range(args.warmup + args.iters)]
+        xs = [torch.randn(1, args.tokens, args.hidden, generator=g).to(dtype) for _ in range(args.warmup + args.iters)]
     else:
         xs = [x]
     touched = None
@@ -274,7 +287,7 @@ def main(argv=None):
         "tokens": args.tokens,
         "iters": args.iters,
         "warmup": args.warmup,
-        "dtype": "float32",
+        "dtype": args.dtype,
         "train": args.train,
     }
     if max_abs_diff is not None:
@@ -285,7 +298,7 @@ def main(argv=None):
     else:
         print(f"impl            {impl}")
         print(f"shape           hidden={args.hidden} ffn={args.ffn} experts={args.experts} "
-              f"top_k={args.top_k} tokens={args.tokens} (float32)")
+              f"top_k={args.top_k} tokens={args.tokens} ({args.dtype})")
         print(f"versions        torch {torch.__version__}, transformers {tf_version}")
         print(f"threads         {args.threads}  (iters={args.iters}, warmup={args.warmup})")
         print(f"median_ms       {result['median_ms']:.3f}")

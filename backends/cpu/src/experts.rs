@@ -60,7 +60,13 @@ pub(crate) fn grouped_glu(
         // SAFETY: the gate and up tiles are disjoint, owned by this task and inside their
         // buffers; the operands stay inside `xs` (rows r0..r1) and expert e's weights.
         unsafe {
-            for (dst, c0) in [(gate, t.c0), (up, i + t.c0)] {
+            // A tile of every GLU column is one product over the whole [gate | up] row
+            // (its gate and up halves lie side by side in `pre` and in the scratch): the
+            // weights then stream as one contiguous run per input row.
+            let whole = [(gate, 0, 2 * cols)];
+            let halves = [(gate, t.c0, cols), (up, i + t.c0, cols)];
+            let parts: &[(*mut f32, usize, usize)] = if cols == i { &whole } else { &halves };
+            for &(dst, c0, cols) in parts {
                 let be = b.map(|b| &b[t.e * n + c0..t.e * n + c0 + cols]);
                 if let Some(be) = be {
                     fill_tile(dst, rs, rows, be);

@@ -127,17 +127,29 @@ pub(crate) const COL_BLOCK: usize = 256;
 pub(crate) const DECODE_ROWS: usize = 4;
 
 /// Output columns per tile for groups `off` of an `n`-column output: `base`, or for
-/// decode-sized groups as wide as leaves every thread about two tiles, so that each
-/// weight row a tile reads is a long contiguous run (a 128-column tile of a K-major
-/// weight reads 512 bytes per row, a new prefetch stream every row).
+/// decode-sized groups as wide as gives every thread the same number of tiles (whole
+/// experts where the groups divide evenly over the threads), so that each weight row a tile reads is a long
+/// contiguous run (a 128-column tile of a K-major weight reads 512 bytes per row, a new
+/// prefetch stream every row) and a whole expert is one sequential read.
 pub(crate) fn col_block(off: &[i32], n: usize, base: usize, threads: usize) -> usize {
     let sizes = off.windows(2).map(|w| (w[1] - w[0]).max(0) as usize);
     let (groups, max_rows) = sizes.fold((0, 0), |(g, m), r| (g + usize::from(r > 0), m.max(r)));
     if groups == 0 || max_rows > DECODE_ROWS {
         return base;
     }
-    let per_group = (2 * threads.max(1)).div_ceil(groups).max(1);
+    // Tiles per group so that groups x tiles is a multiple of the threads: the tiles of a
+    // decode-sized product cost about the same (their weights' bytes), so the threads
+    // finish together.
+    let threads = threads.max(1);
+    let per_group = threads / gcd(groups, threads);
     n.div_ceil(per_group).div_ceil(16).saturating_mul(16).max(base)
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Rows per tile: bounds a tile's share of the input and of any scratch beside it.
@@ -246,14 +258,17 @@ mod tests {
 
     #[test]
     fn decode_sized_groups_get_wide_tiles_that_still_cover_every_column_once() {
-        // Two experts of one row each (T = 1, k = 2) on two threads: two tiles per expert.
+        // Two experts of one row each (T = 1, k = 2) on two threads: one whole expert each;
+        // one expert on two threads: two halves.
         let off = [0, 0, 1, 1, 2];
-        let w = col_block(&off, 5632, COL_BLOCK, 2);
-        assert_eq!(w, 2816);
+        assert_eq!(col_block(&off, 5632, COL_BLOCK, 2), 5632);
+        assert_eq!(col_block(&[0, 0, 1], 5632, COL_BLOCK, 2), 2816);
+        // Three experts on two threads: halves, three per thread.
+        assert_eq!(col_block(&[0, 1, 2, 3], 5632, COL_BLOCK, 2), 2816);
         // Larger groups keep the base width; so does a product with no rows.
         assert_eq!(col_block(&[0, 5, 40], 5632, COL_BLOCK, 2), COL_BLOCK);
         assert_eq!(col_block(&[0, 0, 0], 5632, COL_BLOCK, 2), COL_BLOCK);
-        // Enough groups for every thread: one whole-width tile each (rounded up to 16).
+        // Groups that divide over the threads: one whole-width tile each (rounded up to 16).
         assert_eq!(col_block(&[0, 1, 2, 3, 4, 5, 6, 7, 8], 1000, COL_BLOCK, 2), 1008);
         // Never narrower than the base.
         assert_eq!(col_block(&[0, 1], 300, COL_BLOCK, 2), COL_BLOCK);
