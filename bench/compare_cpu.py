@@ -6,12 +6,23 @@ The machine this project is developed on is a noisy 2-core VM, so absolute times
 rounds and report the median of the per-round medians and the ratio, plus the physical
 floor of the case (FLOPs over the peak, weight bytes over memory bandwidth).
 
-With --train the runs time a training step instead (forward, backward of sum(y * dy),
-AdamW step) against transformers' block under autograd, and the FLOP floor is three
-forwards'.
+The memory floor's bandwidth is measured in the same run (`moe bench memory`, every
+thread reading a buffer far past the last-level cache, before each round; the best pass
+of all is the floor's, so the floor is the fastest the machine was seen to read) unless
+--mem-gbps gives it, and so is the f32 FMA peak (every thread running independent FMA
+chains with the kernels' instructions) unless --peak-gflops gives it. The floor of a row is the larger of its FLOPs over the FMA peak and
+the bytes of the experts its forwards touched (in the storage dtype) over that bandwidth.
+The last column checks the goal of each row: at least 1.2x the faster PyTorch peer, or at
+least 90% of the floor.
+
+With --dtype bf16 (or f16) both sides store the expert weights in that type: the engine
+widens them to f32 in its kernels, the PyTorch block runs in that type. With --train the
+runs time a training step instead (forward, backward of sum(y * dy), AdamW step) against
+transformers' block under autograd, and the FLOP floor is three forwards'.
 
 usage: bench/compare_cpu.py [--rounds 5] [--threads 2] [--peak-gflops P] [--mem-gbps B]
-                            [--shape H,F,E,K,T ...] [--train] [--python PY]
+                            [--shape H,F,E,K,T ...] [--dtype f32|bf16|f16]
+                            [--fresh-inputs | --fresh-upto T] [--train] [--python PY]
 """
 import argparse
 import json
@@ -29,16 +40,10 @@ def run_json(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def peak_gflops_guess():
-    """cores x GHz x 32 FLOP/cycle/FMA-unit-pair (AVX-512: 16 lanes x 2 FMA units x 2)."""
-    try:
-        info = open("/proc/cpuinfo").read()
-        mhz = max(float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz"))
-        cores = os.cpu_count() or 1
-        lanes = 16 if "avx512f" in info else 8
-        return cores * mhz / 1e3 * lanes * 2 * 2
-    except Exception:
-        return float("nan")
+def measure_machine(moe, threads):
+    """(best read bandwidth GB/s, f32 FMA peak GFLOP/s) of one `moe bench machine` run."""
+    r = run_json([moe, "bench", "machine", "--threads", str(threads), "--passes", "5", "--json"])
+    return r["best_gbps"], r["fma_gflops"]
 
 
 def main():
@@ -46,55 +51,79 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--peak-gflops", type=float, default=None)
-    ap.add_argument("--mem-gbps", type=float, default=None, help="memory bandwidth for the weight-streaming floor")
+    ap.add_argument("--peak-gflops", type=float, default=None,
+                    help="f32 FMA peak for the compute floor (default: measured in this run)")
+    ap.add_argument("--mem-gbps", type=float, default=None,
+                    help="memory bandwidth for the weight-streaming floor (default: measured in this run)")
     ap.add_argument("--shape", action="append", help="H,F,E,K,T (repeatable); default Mixtral-like 1024,2816,8,2,512")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
+                    help="storage dtype of the expert weights on both sides")
     ap.add_argument("--moe", default=os.path.join(ROOT, "target", "release", "moe"))
     ap.add_argument("--train", action="store_true", help="time training steps (forward + backward + AdamW)")
     ap.add_argument("--python", default=sys.executable, help="the Python with torch and transformers")
     ap.add_argument("--fresh-inputs", action="store_true",
                     help="a new input every forward on both sides (what decoding does: the experts hit change, their "
                          "weights come from memory); the memory floor then counts the experts each forward touched")
+    ap.add_argument("--fresh-upto", type=int, default=0, metavar="T",
+                    help="--fresh-inputs for the rows of at most T tokens only")
     a = ap.parse_args()
     shapes = a.shape or ["1024,2816,8,2,512"]
-    peak = a.peak_gflops or peak_gflops_guess()
-    print(f"# threads {a.threads}, rounds {a.rounds}, iters {a.iters}, peak {peak:.0f} GFLOP/s (f32)"
-          + (f", memory {a.mem_gbps:.1f} GB/s" if a.mem_gbps else ""))
-    if a.train:
-        print("| H | F | E | k | T | moe cpu step ms | transformers + autograd step ms | ratio vs transformers | floor ms | moe / floor |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-    else:
-        print("| H | F | E | k | T | moe cpu ms | transformers ms | torch grouped ms | ratio vs transformers | ratio vs grouped | floor ms | moe / floor |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    elem = {"f32": 4, "bf16": 2, "f16": 2}[a.dtype]
+    gbps_seen, peaks_seen = [], []
+    rows = []
     for sh in shapes:
         h, f, e, k, t = (int(v) for v in sh.split(","))
+        fresh = a.fresh_inputs or t <= a.fresh_upto
         common = ["--hidden", str(h), "--ffn", str(f), "--experts", str(e), "--top-k", str(k), "--tokens", str(t),
                   "--iters", str(a.iters), "--json"]
         ours, hf, grouped, touched_seen = [], [], [], []
         train = ["--train"] if a.train else []
-        train += ["--fresh-inputs"] if a.fresh_inputs else []
-        peer = [a.python, os.path.join(HERE, "torch_mixtral_cpu.py"), "--threads", str(a.threads)] + common + train
+        train += ["--fresh-inputs"] if fresh else []
+        peer = [a.python, os.path.join(HERE, "torch_mixtral_cpu.py"), "--threads", str(a.threads),
+                "--dtype", a.dtype] + common + train
         for _ in range(a.rounds):
-            r = run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads)] + common + train)
+            if a.mem_gbps is None or a.peak_gflops is None:
+                g, p = measure_machine(a.moe, a.threads)
+                gbps_seen.append(g)
+                peaks_seen.append(p)
+            r = run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads),
+                          "--dtype", a.dtype] + common + train)
             ours.append(r["median_ms"])
             if r.get("experts_touched") is not None:
                 touched_seen.append(r["experts_touched"])
             hf.append(run_json(peer)["median_ms"])
             if not a.train:
                 grouped.append(run_json(peer + ["--grouped"])["median_ms"])
+        rows.append((h, f, e, k, t, fresh, ours, hf, grouped, touched_seen))
+    gbps = a.mem_gbps or max(gbps_seen)
+    peak = a.peak_gflops or max(peaks_seen)
+    seen = (f" (the best of {len(gbps_seen)} measurements in this run: {min(gbps_seen):.1f}-{max(gbps_seen):.1f} GB/s, "
+            f"{min(peaks_seen):.0f}-{max(peaks_seen):.0f} GFLOP/s)") if gbps_seen else ""
+    print(f"# threads {a.threads}, rounds {a.rounds}, iters {a.iters}, {a.dtype} expert weights, "
+          f"f32 FMA peak {peak:.0f} GFLOP/s, memory {gbps:.1f} GB/s{seen}")
+    if a.train:
+        print("| H | F | E | k | T | moe cpu step ms | transformers + autograd step ms | ratio vs transformers | floor ms | floor / moe |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| H | F | E | k | T | inputs | moe cpu ms | transformers ms | torch grouped ms | ratio vs transformers "
+              "| ratio vs grouped | floor ms | floor / moe | goal |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for h, f, e, k, t, fresh, ours, hf, grouped, touched_seen in rows:
         mo, mh = statistics.median(ours), statistics.median(hf)
         flops = 2.0 * t * k * 3 * h * f * (3 if a.train else 1)
         floor = flops / (peak * 1e9) * 1e3
-        if a.mem_gbps:
-            # The experts the engine's forwards actually routed to (their mean), else every
-            # expert that can receive a route.
-            touched = statistics.mean(touched_seen) if touched_seen else min(e, t * k)
-            floor = max(floor, touched * 3 * h * f * 4 / (a.mem_gbps * 1e9) * 1e3)
+        # The experts the engine's forwards actually routed to (their mean), else every
+        # expert that can receive a route.
+        touched = statistics.mean(touched_seen) if touched_seen else min(e, t * k)
+        floor = max(floor, touched * 3 * h * f * elem / (gbps * 1e9) * 1e3)
         if a.train:
-            print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mh / mo:.2f} | {floor:.1f} | {mo / floor:.2f} |")
+            print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mh / mo:.2f} | {floor:.2f} | {floor / mo:.0%} |")
         else:
             mg = statistics.median(grouped)
-            print(f"| {h} | {f} | {e} | {k} | {t} | {mo:.1f} | {mh:.1f} | {mg:.1f} | {mh / mo:.2f} | {mg / mo:.2f} | {floor:.1f} | {mo / floor:.2f} |")
+            best_peer = min(mh, mg)
+            ok = best_peer / mo >= 1.2 or floor / mo >= 0.9
+            print(f"| {h} | {f} | {e} | {k} | {t} | {'fresh' if fresh else 'fixed'} | {mo:.2f} | {mh:.2f} | {mg:.2f} "
+                  f"| {mh / mo:.2f} | {mg / mo:.2f} | {floor:.2f} | {floor / mo:.0%} | {'yes' if ok else 'no'} |")
 
 
 if __name__ == "__main__":

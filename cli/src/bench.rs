@@ -16,9 +16,8 @@ use std::time::Instant;
 pub enum What {
     /// One MoE layer: SwiGLU experts, softmax top-k renormalised, no dropping (Mixtral).
     Layer(LayerArgs),
-    /// The read bandwidth from memory of the cpu's threads (the weight-streaming floor's
-    /// denominator).
-    Memory(crate::membw::MemoryArgs),
+    /// The cpu's read bandwidth from memory and f32 FMA peak (the floors' denominators).
+    Machine(crate::machine::MachineArgs),
 }
 
 /// Storage dtypes of the weights.
@@ -102,7 +101,7 @@ pub struct LayerArgs {
 pub fn run(w: What) -> CliResult<ExitCode> {
     match w {
         What::Layer(a) => layer(a),
-        What::Memory(a) => crate::membw::run(a),
+        What::Machine(a) => crate::machine::run(a),
     }
 }
 

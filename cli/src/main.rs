@@ -9,7 +9,7 @@ mod check;
 mod demo;
 mod error;
 mod info;
-mod membw;
+mod machine;
 mod model;
 mod model_run;
 mod output;

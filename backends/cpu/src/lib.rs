@@ -104,6 +104,29 @@ impl CpuBackend {
         matvec::Level::detected().name()
     }
 
+    /// The f32 FMA rate (GFLOP/s) every worker thread together reaches with the
+    /// instructions the kernels run with, over about `seconds`: the denominator of a
+    /// compute floor. Each thread runs independent FMA chains from registers.
+    pub fn fma_peak_gflops(&self, seconds: f64) -> f64 {
+        let level = matvec::Level::detected();
+        // Calibrate the rounds per thread on one short run, then time all threads.
+        let t0 = std::time::Instant::now();
+        let (flops, _) = matvec::fma_probe(level, 1 << 16);
+        let rate = flops / t0.elapsed().as_secs_f64().max(1e-9);
+        let iters = ((rate * seconds.max(1e-3)) / flops * f64::from(1 << 16)) as usize;
+        let t0 = std::time::Instant::now();
+        let total: f64 = self
+            .pool
+            .broadcast(|_| {
+                let (f, check) = matvec::fma_probe(level, iters.max(1));
+                std::hint::black_box(check);
+                f
+            })
+            .into_iter()
+            .sum();
+        total / t0.elapsed().as_secs_f64() / 1e9
+    }
+
     /// Worker threads.
     pub fn threads(&self) -> usize {
         self.caps.threads

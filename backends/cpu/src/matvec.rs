@@ -244,6 +244,53 @@ unsafe fn body<L: Lanes, E: Elem, const R: usize>(op: Operands<E>, widen: impl F
     }
 }
 
+/// Independent accumulators of the FMA probe: enough to cover the FMA latency times the
+/// units on current cores (4 cycles x 2 units = 8 in flight).
+const PROBE_CHAINS: usize = 12;
+
+/// Runs `iters` rounds of [`PROBE_CHAINS`] independent vector FMAs at `level` and returns
+/// the FLOPs done (2 per lane per FMA) and a value that depends on every one of them.
+/// The denominator of a compute floor: the FMA rate the kernels' instructions reach.
+pub(crate) fn fma_probe(level: Level, iters: usize) -> (f64, f32) {
+    #[inline(always)]
+    unsafe fn probe<L: Lanes>(iters: usize) -> (f64, f32) {
+        let mut acc: [L::V; PROBE_CHAINS] = std::array::from_fn(|i| L::splat(i as f32 * 1e-3));
+        let (a, b) = (L::splat(0.999_999), L::splat(1e-7));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = L::fma(*v, a, b);
+            }
+        }
+        let mut out = [0f32; 16];
+        let mut sum = 0f32;
+        for v in acc {
+            L::store(out.as_mut_ptr(), v);
+            sum += out[..L::W].iter().sum::<f32>();
+        }
+        ((iters * PROBE_CHAINS * L::W * 2) as f64, sum)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn avx512(iters: usize) -> (f64, f32) {
+        probe::<x86::Avx512>(iters)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2(iters: usize) -> (f64, f32) {
+        probe::<x86::Avx2>(iters)
+    }
+    // SAFETY: each entry runs only at a level this cpu has (Level::available).
+    unsafe {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => avx512(iters),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => avx2(iters),
+            _ => probe::<Portable>(iters),
+        }
+    }
+}
+
 /// Lanes of the portable body: eight f32s the compiler vectorises.
 pub(crate) const PORTABLE_W: usize = 8;
 

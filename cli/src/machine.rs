@@ -1,16 +1,17 @@
-//! `moe bench memory`: the read bandwidth the cpu's threads reach from memory, the
-//! denominator of the weight-streaming floor `bench/compare_cpu.py` puts beside each
-//! decode row. A buffer far larger than the last-level cache is read once per pass by
-//! every thread, each its own contiguous share, as the expert products stream weights.
+//! `moe bench machine`: the denominators of the floors `bench/compare_cpu.py` puts beside
+//! each row. The read bandwidth: a buffer far larger than the last-level cache is read
+//! once per pass by every thread, each its own contiguous share, as the expert products
+//! stream weights. The FMA peak: every cpu backend thread running independent f32 FMA
+//! chains with the instructions the kernels use (`CpuBackend::fma_peak_gflops`).
 
 use crate::error::{CliError, CliResult};
 use crate::out;
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// Arguments of `moe bench memory`.
+/// Arguments of `moe bench machine`.
 #[derive(clap::Args)]
-pub struct MemoryArgs {
+pub struct MachineArgs {
     /// Reading threads (default: every core).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
     threads: Option<u64>,
@@ -39,13 +40,16 @@ fn read_all(v: &[u64]) -> u64 {
     acc.iter().fold(tail, |a, &x| a.wrapping_add(x))
 }
 
-/// Measures and prints the read bandwidth.
-pub fn run(a: MemoryArgs) -> CliResult<ExitCode> {
+/// Measures and prints the read bandwidth and the FMA peak.
+pub fn run(a: MachineArgs) -> CliResult<ExitCode> {
     let threads = a.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize);
     let bytes = a.mib.saturating_mul(1 << 20);
     if let Some(free) = moe_engine::memory::host_available() {
         if bytes > free / 2 {
-            return Err(CliError::flag("--mib", format!("{} MiB is more than half the {} MiB free", a.mib, free >> 20)));
+            return Err(CliError::flag(
+                "--mib",
+                format!("{} MiB is more than half the {} MiB free", a.mib, free >> 20),
+            ));
         }
     }
     let words = (bytes / 8) as usize;
@@ -74,12 +78,23 @@ pub fn run(a: MemoryArgs) -> CliResult<ExitCode> {
     // Keeps the sums (and so the reads) from being optimised away.
     std::hint::black_box(check);
     gbps.sort_by(f64::total_cmp);
+    drop(buf);
     let (best, median) = (gbps[gbps.len() - 1], gbps[gbps.len() / 2]);
+    let cpu = moe_cpu::CpuBackend::new(Some(threads))?;
+    // The best of three short runs: the peak is what the cores can do, noise only lowers it.
+    let fma = (0..3).map(|_| cpu.fma_peak_gflops(0.2)).fold(0.0, f64::max);
+    let simd = cpu.simd();
     if a.json {
-        let v = serde_json::json!({"threads": threads, "mib": a.mib, "passes": a.passes, "best_gbps": best, "median_gbps": median});
+        let v = serde_json::json!({"threads": threads, "mib": a.mib, "passes": a.passes, "best_gbps": best,
+            "median_gbps": median, "fma_gflops": fma, "simd": simd});
         out!("{v}")?;
     } else {
-        out!("read bandwidth, {threads} threads over {} MiB: best {best:.1} GB/s, median {median:.1} GB/s ({} passes)", a.mib, a.passes)?;
+        out!(
+            "read bandwidth, {threads} threads over {} MiB: best {best:.1} GB/s, median {median:.1} GB/s ({} passes)",
+            a.mib,
+            a.passes
+        )?;
+        out!("f32 FMA peak, {threads} threads ({simd}): {fma:.0} GFLOP/s")?;
     }
     Ok(ExitCode::SUCCESS)
 }
