@@ -7,8 +7,9 @@ rounds and report the median of the per-round medians and the ratio, plus the ph
 floor of the case (FLOPs over the peak, weight bytes over memory bandwidth).
 
 The memory floor's bandwidth is measured in the same run (`moe bench memory`, every
-thread reading a buffer far past the last-level cache, before each round; the best pass
-of all is the floor's, so the floor is the fastest the machine was seen to read) unless
+thread reading a buffer far past the last-level cache, before each round, the best of
+five passes each time; the floor takes the median of those, the rate the machine gave
+while the rows ran, an outlier neither way) unless
 --mem-gbps gives it, and so is the f32 FMA peak (every thread running independent FMA
 chains with the kernels' instructions) unless --peak-gflops gives it. The floor of a row is the larger of its FLOPs over the FMA peak and
 the bytes of the experts its forwards touched (in the storage dtype) over that bandwidth.
@@ -95,9 +96,9 @@ def main():
             if not a.train:
                 grouped.append(run_json(peer + ["--grouped"])["median_ms"])
         rows.append((h, f, e, k, t, fresh, ours, hf, grouped, touched_seen))
-    gbps = a.mem_gbps or max(gbps_seen)
-    peak = a.peak_gflops or max(peaks_seen)
-    seen = (f" (the best of {len(gbps_seen)} measurements in this run: {min(gbps_seen):.1f}-{max(gbps_seen):.1f} GB/s, "
+    gbps = a.mem_gbps or statistics.median(gbps_seen)
+    peak = a.peak_gflops or statistics.median(peaks_seen)
+    seen = (f" (the median of {len(gbps_seen)} measurements in this run: {min(gbps_seen):.1f}-{max(gbps_seen):.1f} GB/s, "
             f"{min(peaks_seen):.0f}-{max(peaks_seen):.0f} GFLOP/s)") if gbps_seen else ""
     print(f"# threads {a.threads}, rounds {a.rounds}, iters {a.iters}, {a.dtype} expert weights, "
           f"f32 FMA peak {peak:.0f} GFLOP/s, memory {gbps:.1f} GB/s{seen}")

@@ -37,7 +37,8 @@ pub(crate) fn grouped_glu(
     let mut h = vec![0f32; r * i];
     let mut pre = if keep_pre { vec![0f32; r * n] } else { Vec::new() };
     let (hp, pp) = (SharedOut(h.as_mut_ptr()), SharedOut(pre.as_mut_ptr()));
-    let tiles = tiles(off, i, crate::matmul::col_block(off, i, GLU_BLOCK, threads));
+    let widths = crate::matmul::col_widths(off, i, GLU_BLOCK, threads);
+    let tiles = tiles(off, i, |rows| widths.of(rows));
     let run = |(scratch, widened): &mut (Vec<f32>, Vec<f32>), t: &Tile| {
         let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
         // Where the gate and up tiles go: into `pre` when it is kept, else a scratch

@@ -31,7 +31,7 @@ pub(crate) fn linear_dx(op: &LinearDxOp<'_, CpuBackend>, threads: usize) -> Resu
     let w = weight_data(op.w, "weight", n, kk)?;
     let mut out = vec![0f32; r * kk];
     let dst = SharedOut(out.as_mut_ptr());
-    let tiles = tiles(&off, kk, COL_BLOCK);
+    let tiles = tiles(&off, kk, |_| COL_BLOCK);
     let run = |scratch: &mut Vec<f32>, t: &crate::matmul::Tile| {
         // rhs = w[g] as [N (inner), K (columns)]: row-major [N, K], or stored [K, N]
         // (half weights: their stored rows c0..c1 widened into the scratch).

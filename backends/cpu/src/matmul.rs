@@ -1,6 +1,7 @@
 //! Matrix products on the cpu through the `gemm` crate: plain and grouped by expert
 //! offsets over compact rows (no padding to capacity).
 
+use crate::matvec::MATVEC_ROWS;
 use crate::weights::{weight_data, Stored, TileOp};
 use crate::{f32s, i32s, tf32, CpuBackend, T};
 use gemm::Parallelism;
@@ -76,7 +77,8 @@ fn tiled_product(
     let g = off.len() - 1;
     let mut out = vec![0f32; r * n];
     let dst = SharedOut(out.as_mut_ptr());
-    let tiles = tiles(off, n, col_block(off, n, COL_BLOCK, threads));
+    let widths = col_widths(off, n, COL_BLOCK, threads);
+    let tiles = tiles(off, n, |rows| widths.of(rows));
     let run = |scratch: &mut Vec<f32>, t: &Tile| {
         let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
         let be = b.map(|b| &b[t.e * n + t.c0..t.e * n + t.c1]);
@@ -122,27 +124,42 @@ fn tiled_product(
 /// stay in a core's L2 while the tile's rows pass.
 pub(crate) const COL_BLOCK: usize = 256;
 
-/// Groups of at most this many rows are matrix-vector work: their products stream the
-/// weights once, and what bounds them is how long a stretch of memory each tile reads.
-pub(crate) const DECODE_ROWS: usize = 4;
+/// Output columns per tile, by group size: the groups the matrix-vector kernels take
+/// (at most [`MATVEC_ROWS`] rows) get `small`, the others `base`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Widths {
+    pub(crate) small: usize,
+    pub(crate) base: usize,
+}
 
-/// Output columns per tile for groups `off` of an `n`-column output: `base`, or for
-/// decode-sized groups as wide as gives every thread the same number of tiles (whole
-/// experts where the groups divide evenly over the threads), so that each weight row a tile reads is a long
-/// contiguous run (a 128-column tile of a K-major weight reads 512 bytes per row, a new
-/// prefetch stream every row) and a whole expert is one sequential read.
-pub(crate) fn col_block(off: &[i32], n: usize, base: usize, threads: usize) -> usize {
-    let sizes = off.windows(2).map(|w| (w[1] - w[0]).max(0) as usize);
-    let (groups, max_rows) = sizes.fold((0, 0), |(g, m), r| (g + usize::from(r > 0), m.max(r)));
-    if groups == 0 || max_rows > DECODE_ROWS {
-        return base;
+impl Widths {
+    /// The tile width of a group of `rows` rows.
+    pub(crate) fn of(self, rows: usize) -> usize {
+        if rows <= MATVEC_ROWS {
+            self.small
+        } else {
+            self.base
+        }
+    }
+}
+
+/// Tile widths for groups `off` of an `n`-column output: `base` for gemm's groups, and
+/// for matrix-vector groups as wide as gives every thread the same number of them (whole
+/// experts where those groups divide evenly over the threads), so that each weight row a
+/// tile reads is a long contiguous run (a 128-column tile of a K-major weight reads 512
+/// bytes per row, a new prefetch stream every row) and a whole expert is one sequential
+/// read.
+pub(crate) fn col_widths(off: &[i32], n: usize, base: usize, threads: usize) -> Widths {
+    let small = off.windows(2).filter(|w| (1..=MATVEC_ROWS as i32).contains(&(w[1] - w[0]))).count();
+    if small == 0 {
+        return Widths { small: base, base };
     }
     // Tiles per group so that groups x tiles is a multiple of the threads: the tiles of a
-    // decode-sized product cost about the same (their weights' bytes), so the threads
+    // matrix-vector product cost about the same (their weights' bytes), so the threads
     // finish together.
     let threads = threads.max(1);
-    let per_group = threads / gcd(groups, threads);
-    n.div_ceil(per_group).div_ceil(16).saturating_mul(16).max(base)
+    let per_group = threads / gcd(small, threads);
+    Widths { small: n.div_ceil(per_group).div_ceil(16).saturating_mul(16).max(base), base }
 }
 
 fn gcd(mut a: usize, mut b: usize) -> usize {
@@ -181,14 +198,15 @@ pub(crate) struct Tile {
     pub(crate) c1: usize,
 }
 
-/// Cuts every non-empty group into tiles of at most [`ROW_BLOCK`] rows by `col_block`
-/// columns of an `n`-column output. Each tile is one single-threaded gemm: the threads
+/// Cuts every non-empty group into tiles of at most [`ROW_BLOCK`] rows by `width(rows)`
+/// columns (`rows`: the group's) of an `n`-column output. Each tile is one single-threaded gemm: the threads
 /// share the tiles rather than splitting every small product, which for the small row
 /// counts of expert groups costs more in synchronisation and repacking than it saves.
-pub(crate) fn tiles(off: &[i32], n: usize, col_block: usize) -> Vec<Tile> {
+pub(crate) fn tiles(off: &[i32], n: usize, width: impl Fn(usize) -> usize) -> Vec<Tile> {
     let mut v = Vec::new();
     for e in 0..off.len().saturating_sub(1) {
         let (s, end) = (off[e] as usize, off[e + 1] as usize);
+        let col_block = width(end.saturating_sub(s)).max(1);
         let mut r0 = s;
         while r0 < end {
             let r1 = (r0 + ROW_BLOCK).min(end);
@@ -254,29 +272,32 @@ pub(crate) unsafe fn gemm_raw(
 
 #[cfg(test)]
 mod tests {
-    use super::{col_block, tiles, COL_BLOCK};
+    use super::{col_widths, tiles, COL_BLOCK, MATVEC_ROWS};
 
     #[test]
-    fn decode_sized_groups_get_wide_tiles_that_still_cover_every_column_once() {
+    fn matrix_vector_groups_get_wide_tiles_that_still_cover_every_column_once() {
+        let small = |off: &[i32], n| col_widths(off, n, COL_BLOCK, 2).small;
         // Two experts of one row each (T = 1, k = 2) on two threads: one whole expert each;
-        // one expert on two threads: two halves.
+        // one expert on two threads: two halves; three on two: halves, three per thread.
         let off = [0, 0, 1, 1, 2];
-        assert_eq!(col_block(&off, 5632, COL_BLOCK, 2), 5632);
-        assert_eq!(col_block(&[0, 0, 1], 5632, COL_BLOCK, 2), 2816);
-        // Three experts on two threads: halves, three per thread.
-        assert_eq!(col_block(&[0, 1, 2, 3], 5632, COL_BLOCK, 2), 2816);
-        // Larger groups keep the base width; so does a product with no rows.
-        assert_eq!(col_block(&[0, 5, 40], 5632, COL_BLOCK, 2), COL_BLOCK);
-        assert_eq!(col_block(&[0, 0, 0], 5632, COL_BLOCK, 2), COL_BLOCK);
+        assert_eq!(small(&off, 5632), 5632);
+        assert_eq!(small(&[0, 0, 1], 5632), 2816);
+        assert_eq!(small(&[0, 1, 2, 3], 5632), 2816);
+        // Groups past the kernels' rows keep the base width, beside wide small ones.
+        let mixed = col_widths(&[0, 5, 40], 5632, COL_BLOCK, 2);
+        assert_eq!((mixed.of(5), mixed.of(MATVEC_ROWS + 1)), (2816, COL_BLOCK));
+        assert_eq!(small(&[0, 0, 0], 5632), COL_BLOCK);
         // Groups that divide over the threads: one whole-width tile each (rounded up to 16).
-        assert_eq!(col_block(&[0, 1, 2, 3, 4, 5, 6, 7, 8], 1000, COL_BLOCK, 2), 1008);
+        assert_eq!(small(&[0, 1, 2, 3, 4, 5, 6, 7, 8], 1000), 1008);
         // Never narrower than the base.
-        assert_eq!(col_block(&[0, 1], 300, COL_BLOCK, 2), COL_BLOCK);
-        for (off, n) in [(&off[..], 5632usize), (&[0, 1][..], 1000), (&[0, 3, 4][..], 777)] {
-            let t = tiles(off, n, col_block(off, n, COL_BLOCK, 2));
+        assert_eq!(small(&[0, 1], 300), COL_BLOCK);
+        for (off, n) in [(&off[..], 5632usize), (&[0, 1][..], 1000), (&[0, 3, 4][..], 777), (&[0, 30, 31][..], 777)] {
+            let w = col_widths(off, n, COL_BLOCK, 2);
+            let t = tiles(off, n, |rows| w.of(rows));
             for e in 0..off.len() - 1 {
                 let mut cols: Vec<(usize, usize)> = t.iter().filter(|t| t.e == e).map(|t| (t.c0, t.c1)).collect();
                 cols.sort();
+                cols.dedup();
                 let rows = (off[e + 1] - off[e]) as usize;
                 if rows == 0 {
                     assert!(cols.is_empty());

@@ -21,10 +21,12 @@
 
 use half::{bf16, f16};
 
-/// Rows up to which a group's product runs here rather than through gemm: up to this
-/// many rows the product is still bound by the weight stream (R fused multiply-adds per
-/// weight vector loaded), and gemm's packing and micro-kernel tiling only pay above it.
-pub(crate) const MATVEC_ROWS: usize = 8;
+/// Rows up to which a group's product runs here rather than through gemm. Each weight
+/// vector loaded feeds R fused multiply-adds from registers; at 16 rows that is about the
+/// FMA rate the cores have for the weights memory can deliver, so up to here the kernel
+/// is bound by the weight stream or close to the FMA peak, and gemm's packing and
+/// micro-kernel tiling only pay above it.
+pub(crate) const MATVEC_ROWS: usize = 16;
 
 /// Weight rows read per pass over the tile's columns: the number of sequential streams.
 const K_BLOCK: usize = 8;
@@ -159,7 +161,15 @@ pub(crate) unsafe fn matvec_at<E: Elem + Widen>(level: Level, op: Operands<E>) {
                 5 => $f::<E, 5>(op),
                 6 => $f::<E, 6>(op),
                 7 => $f::<E, 7>(op),
-                _ => $f::<E, 8>(op),
+                8 => $f::<E, 8>(op),
+                9 => $f::<E, 9>(op),
+                10 => $f::<E, 10>(op),
+                11 => $f::<E, 11>(op),
+                12 => $f::<E, 12>(op),
+                13 => $f::<E, 13>(op),
+                14 => $f::<E, 14>(op),
+                15 => $f::<E, 15>(op),
+                _ => $f::<E, 16>(op),
             }
         };
     }
