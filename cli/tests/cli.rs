@@ -89,6 +89,9 @@ fn zero_counts_and_out_of_range_flags_are_refused_naming_the_flag() {
     refused(&["bench", "layer", "--backend", "tpu"], "--backend");
     refused(&["bench", "layer", "--dtype", "f64"], "--dtype");
     refused(&["bench", "layer", "--fresh-inputs", "--train"], "--fresh-inputs");
+    refused(&["bench", "machine", "--mib", "0"], "--mib");
+    refused(&["bench", "machine", "--passes", "0"], "--passes");
+    refused(&["bench", "machine", "--mib", "1048576"], "--mib");
     refused(&["run", "--steps", "0"], "--steps");
     refused(&["run", "--tokens", "0"], "--tokens");
     refused(&["check", "--ep", "0", "x"], "--ep");
@@ -814,4 +817,40 @@ fn the_broken_corpus_as_one_folder_fails_every_case_on_cpu_and_wgpu() {
         assert!(stdout.contains(&format!("0 passed, {n} failed")), "{backend}:\n{stdout}");
         assert!(!stderr.contains("panicked"), "{backend}:\n{stderr}");
     }
+}
+
+/// `moe bench machine` measures a read bandwidth and an FMA peak, both positive and
+/// finite; `moe bench layer --profile` accounts for the forward op by op.
+#[test]
+fn the_floors_and_the_profile_are_measured_and_reported() {
+    let (out, _) = moe_ok(&["bench", "machine", "--threads", "1", "--mib", "64", "--passes", "2", "--json"], &[], 0);
+    let v: Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    for key in ["best_gbps", "median_gbps", "fma_gflops"] {
+        let x = v[key].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x > 0.0, "{key}: {out}");
+    }
+    let small = ["--hidden", "64", "--ffn", "96", "--experts", "8", "--top-k", "2", "--tokens", "4", "--iters", "3"];
+    let (out, _) = moe_ok(&[&["bench", "layer", "--threads", "1", "--profile"][..], &small].concat(), &[], 0);
+    for op in ["route", "permute", "grouped_mlp", "combine", "(outside ops)"] {
+        assert!(out.contains(op), "{op} missing from the profile:\n{out}");
+    }
+    let (out, _) =
+        moe_ok(&[&["bench", "layer", "--threads", "1", "--dtype", "bf16", "--json"][..], &small].concat(), &[], 0);
+    let v: Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(v["dtype"], "bf16");
+    let ops = v["ops"].as_array().unwrap();
+    let share: f64 = ops.iter().map(|o| o["share"].as_f64().unwrap()).sum();
+    assert!(ops.iter().any(|o| o["op"] == "grouped_mlp") && share > 0.0 && share <= 1.0 + 1e-9, "{out}");
+}
+
+/// `moe check --weights bf16` runs a case with half expert weights (and says when it
+/// skips a training trace); with --ep it is refused, naming the flag.
+#[test]
+fn check_runs_cases_with_half_weights() {
+    let case = golden().join("22_hf_mixtral");
+    let trace = golden().join("t05_hf_mixtral_aux_adamw");
+    let (out, _) = moe_ok(&["check", "--weights", "bf16", case.to_str().unwrap(), trace.to_str().unwrap()], &[], 0);
+    assert!(out.contains("PASS 22_hf_mixtral") && out.contains("SKIP") && out.contains("1 passed, 0 failed"), "{out}");
+    refused(&["check", "--weights", "f16", "--ep", "2", case.to_str().unwrap()], "--weights");
+    refused(&["check", "--weights", "f64", case.to_str().unwrap()], "--weights");
 }
