@@ -23,9 +23,8 @@ pub(super) const PRODUCT_TOL: f64 = 1e-5;
 pub(super) const ELEMENTWISE_TOL: f64 = 2e-6;
 
 /// Products with `dtype` weights on a candidate that rounds product inputs to that type
-/// ([`Capabilities::half_inputs`]) agree to that type's precision: unit roundoff 2⁻¹¹
-/// (f16) or 2⁻⁸ (bf16) on every input gives a relative L2 near u/√3 per product, two
-/// products for an MLP, with room to spare. Otherwise the f32 bound.
+/// ([`Capabilities::half_inputs`]) are held to [`super::half_tolerance`]; otherwise
+/// (f32 inputs, whatever the weights' storage) to the f32 bound.
 pub(super) fn product_tolerance(dtype: DType, caps: &Capabilities) -> f64 {
     match (caps.half_inputs, super::half_tolerance(dtype)) {
         (true, Some(tol)) => tol,

@@ -98,7 +98,7 @@ impl Elem for f32 {
 impl Elem for bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+        self.to_f32()
     }
 }
 
@@ -344,12 +344,12 @@ impl Widen for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn lanes_avx2(p: *const Self) -> std::arch::x86_64::__m256 {
-        x86::load_f32_avx2(p)
+        <x86::Avx2 as Lanes>::load(p)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn lanes_avx512(p: *const Self) -> std::arch::x86_64::__m512 {
-        x86::load_f32_avx512(p)
+        <x86::Avx512 as Lanes>::load(p)
     }
 }
 
@@ -407,8 +407,8 @@ mod x86 {
     use super::Lanes;
     use std::arch::x86_64::*;
 
-    pub(super) struct Avx2;
-    pub(super) struct Avx512;
+    pub(crate) struct Avx2;
+    pub(crate) struct Avx512;
 
     impl Lanes for Avx2 {
         type V = __m256;
@@ -460,14 +460,6 @@ mod x86 {
         }
     }
 
-    #[inline(always)]
-    pub(super) unsafe fn load_f32_avx2(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    pub(super) unsafe fn load_f32_avx512(p: *const f32) -> __m512 {
-        _mm512_loadu_ps(p)
-    }
     /// bf16 is the top half of an f32: zero-extend to 32 bits and shift up.
     #[inline(always)]
     pub(super) unsafe fn load_bf16_avx2(p: *const u16) -> __m256 {
