@@ -27,9 +27,10 @@ pub struct Capabilities {
     pub subgroups: bool,
     /// Worker threads (cpu) or 0 where not meaningful.
     pub threads: usize,
-    /// Products with f16/bf16 weights round their f32 inputs to the weights' type first
-    /// (tensor cores take both operands in one type, as in PyTorch's bf16 models), so they
-    /// agree with f32-input products to that type's precision rather than to f32's.
+    /// Products with f16/bf16 weights may round their f32 inputs to the weights' type first
+    /// (tensor cores and AVX-512 BF16 take both operands in one type, as in PyTorch's bf16
+    /// models), so they agree with f32-input products to that type's precision rather than
+    /// to f32's.
     pub half_inputs: bool,
     /// Most experts the route op takes (`None`: no limit).
     pub max_route_experts: Option<usize>,

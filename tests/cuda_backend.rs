@@ -25,7 +25,7 @@ fn all_model_family_cases_pass_on_cuda() {
 #[test]
 fn cuda_matches_cpu_on_every_op() {
     let Some(b) = common::cuda("cuda_matches_cpu_on_every_op") else { return };
-    let results = parity::run(&common::cpu(2), &b);
+    let results = parity::run(&common::cpu_reference(2), &b);
     let table = parity::markdown(&[("cuda".to_string(), results.clone())]);
     assert!(results.iter().all(|r| matches!(r.outcome, Outcome::Pass(_))), "parity failures:\n{table}");
 }

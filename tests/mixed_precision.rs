@@ -124,9 +124,10 @@ fn rel(a: &[f64], r: &[f64]) -> f64 {
 /// The bounds are the parity harness's half-precision product tolerances
 /// (`parity::cases::product_tolerance`: 1e-2 for bf16, 2e-3 for f16), the relative L2 of
 /// an MLP's output when every product input is rounded to the type (unit roundoff u =
-/// 2⁻⁸ or 2⁻¹¹, about u/√3 per rounded input, two products). Here only the weights are
-/// rounded (wgpu multiplies f32 activations by the stored halves), a subset of those
-/// roundings; the squared error `mean((y − t)²)` turns a relative output error ε into a
+/// 2⁻⁸ or 2⁻¹¹, about u/√3 per rounded input, two products). On wgpu only the weights
+/// are rounded (it multiplies f32 activations by the stored halves), a subset of those
+/// roundings; the cpu rounds bf16 products' activations too (as PyTorch's bf16 models
+/// do), which is the bound's own case, and f16 ones like wgpu; the squared error `mean((y − t)²)` turns a relative output error ε into a
 /// loss error of at most 2ε‖y‖/‖y − t‖, and the traces' targets keep ‖y − t‖ of the
 /// order of ‖y‖; the masters follow the f32 trajectory (they start from the f32 weights
 /// and take f32 steps), so the rounding does not accumulate over the steps. On lavapipe

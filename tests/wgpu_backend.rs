@@ -154,7 +154,7 @@ fn split_weight_stacks_round_trip_and_pass_golden_and_parity() {
         let r = golden::run_case(&b, &dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         assert!(r.pass, "{} fails with split weights", r.name);
     }
-    let cpu = common::cpu(2);
+    let cpu = common::cpu_reference(2);
     let bad: Vec<_> = moe_engine::parity::run(&cpu, &b)
         .into_iter()
         .filter(|r| !matches!(r.outcome, moe_engine::parity::Outcome::Pass(_)))

@@ -32,8 +32,9 @@ pub(crate) fn grouped_glu(
     let off = &offsets(op.offsets, r)?[..=g];
     let b = op.weights.b_in.map(|b| f32s(b, "expert biases")).transpose()?;
     let i = op.inner;
-    let xs = f32s(op.xp, "grouped input")?;
     let w = weight_data(op.weights.w_in, "expert weights", n, kk)?;
+    let inputs = w.inputs(&f32s(op.xp, "grouped input")?[..off[g] as usize * kk], kk);
+    let xs = inputs.f32();
     let mut h = vec![0f32; r * i];
     let mut pre = if keep_pre { vec![0f32; r * n] } else { Vec::new() };
     let (hp, pp) = (SharedOut(h.as_mut_ptr()), SharedOut(pre.as_mut_ptr()));
@@ -72,8 +73,20 @@ pub(crate) fn grouped_glu(
                 if let Some(be) = be {
                     fill_tile(dst, rs, rows, be);
                 }
-                let op =
-                    TileOp { dst, dst_rs: rs, x, x_rs: kk, e: t.e, c0, rows, cols, n, kk, accumulate: be.is_some() };
+                let op = TileOp {
+                    dst,
+                    dst_rs: rs,
+                    x,
+                    x_rs: kk,
+                    e: t.e,
+                    c0,
+                    rows,
+                    cols,
+                    n,
+                    kk,
+                    accumulate: be.is_some(),
+                    xh: inputs.bf16_row(t.r0, kk),
+                };
                 w.tile_product(op, widened);
             }
             for row in 0..rows {

@@ -12,6 +12,7 @@
 //! Operands arrive checked by the trait's front doors (`moe_engine::ops`); this crate does
 //! only the cpu's work.
 
+mod bf16dot;
 mod buffer;
 mod elementwise;
 mod exchange;
@@ -83,7 +84,9 @@ impl CpuBackend {
             max_buffer_bytes: moe_engine::memory::host_available().unwrap_or(u64::MAX).min(isize::MAX as u64),
             subgroups: false,
             threads,
-            half_inputs: false,
+            // Products with bf16 weights multiply bf16-rounded activations (weights.rs,
+            // `Inputs`); f16 ones take f32 activations, which the f16 bound also holds.
+            half_inputs: true,
             max_route_experts: None,
             max_route_groups: None,
         };
@@ -109,16 +112,30 @@ impl CpuBackend {
     /// compute floor. Each thread runs independent FMA chains from registers.
     pub fn fma_peak_gflops(&self, seconds: f64) -> f64 {
         let level = matvec::Level::detected();
+        self.peak_gflops(&|iters| matvec::fma_probe(level, iters), seconds)
+    }
+
+    /// As [`CpuBackend::fma_peak_gflops`] for AVX-512 BF16's pair dot products, which the
+    /// products with bf16 weights run with (4 FLOPs per lane per instruction): the compute
+    /// floor's denominator for them. `None` where the cpu lacks the instruction.
+    pub fn bf16_dot_peak_gflops(&self, seconds: f64) -> Option<f64> {
+        bf16dot::dot_probe(1)?;
+        Some(self.peak_gflops(&|iters| bf16dot::dot_probe(iters).unwrap_or((0.0, 0.0)), seconds))
+    }
+
+    /// The rate of `probe` (FLOPs done, a value depending on them) on every worker thread
+    /// at once, over about `seconds`.
+    fn peak_gflops(&self, probe: &(dyn Fn(usize) -> (f64, f32) + Sync), seconds: f64) -> f64 {
         // Calibrate the rounds per thread on one short run, then time all threads.
         let t0 = std::time::Instant::now();
-        let (flops, _) = matvec::fma_probe(level, 1 << 16);
+        let (flops, _) = probe(1 << 16);
         let rate = flops / t0.elapsed().as_secs_f64().max(1e-9);
         let iters = ((rate * seconds.max(1e-3)) / flops * f64::from(1 << 16)) as usize;
         let t0 = std::time::Instant::now();
         let total: f64 = self
             .pool
             .broadcast(|_| {
-                let (f, check) = matvec::fma_probe(level, iters.max(1));
+                let (f, check) = probe(iters.max(1));
                 std::hint::black_box(check);
                 f
             })

@@ -79,6 +79,8 @@ fn tiled_product(
     let dst = SharedOut(out.as_mut_ptr());
     let widths = col_widths(off, n, COL_BLOCK, threads);
     let tiles = tiles(off, n, |rows| widths.of(rows));
+    let inputs = w.inputs(&xs[..off[g] as usize * kk], kk);
+    let xs = inputs.f32();
     let run = |scratch: &mut Vec<f32>, t: &Tile| {
         let (rows, cols) = (t.r1 - t.r0, t.c1 - t.c0);
         let be = b.map(|b| &b[t.e * n + t.c0..t.e * n + t.c1]);
@@ -102,6 +104,7 @@ fn tiled_product(
                 n,
                 kk,
                 accumulate: be.is_some(),
+                xh: inputs.bf16_row(t.r0, kk),
             };
             w.tile_product(op, scratch);
         }

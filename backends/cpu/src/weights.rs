@@ -3,6 +3,7 @@
 //! kernels for decode-sized groups ([`crate::matvec`]), gemm above that, with half weights
 //! widened a block at a time into the thread's scratch (never the whole stack up front).
 
+use crate::bf16dot;
 use crate::buffer::{CpuBuffer, Half};
 use crate::matmul::gemm_raw;
 use crate::matvec::{matvec, Operands, MATVEC_ROWS};
@@ -39,6 +40,66 @@ pub(crate) fn weight_data<'a>(t: &'a T, name: &str, n: usize, k: usize) -> Resul
     }
 }
 
+/// A product's activations as its weights' kernels take them. Products with bf16 weights
+/// multiply bf16 activations, as PyTorch's bf16 models and tensor cores do
+/// ([`moe_engine::device::Capabilities::half_inputs`]): rounded once per product, then
+/// either taken in bf16 pairs by AVX-512 BF16 ([`bf16dot`]) or, on cpus without it, held
+/// in f32 for the widening kernels, so every cpu multiplies the same values. f32 and f16
+/// weights take the f32 activations as they are.
+pub(crate) enum Inputs<'a> {
+    /// The f32 activations as given.
+    F32(&'a [f32]),
+    /// Rounded to bf16, held in f32.
+    Rounded(Vec<f32>),
+    /// Rounded to bf16: held in f32 (for the matrix-vector kernels) and as bf16 bits,
+    /// rows padded to [`bf16dot::pair_stride`] (for the pair-dot kernels).
+    Bf16 { x: Vec<f32>, bits: Vec<u16> },
+}
+
+impl<'a> Inputs<'a> {
+    /// The f32 activations the f32-input kernels read.
+    pub(crate) fn f32(&self) -> &[f32] {
+        match self {
+            Inputs::F32(x) => x,
+            Inputs::Rounded(x) | Inputs::Bf16 { x, .. } => x,
+        }
+    }
+
+    /// Row `r` of the bf16 bits with its stride, where the pair-dot kernels take them.
+    pub(crate) fn bf16_row(&self, r: usize, kk: usize) -> Option<(*const u16, usize)> {
+        match self {
+            Inputs::Bf16 { bits, .. } => {
+                let rs = bf16dot::pair_stride(kk);
+                Some((bits[r * rs..].as_ptr(), rs))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Stored<'_> {
+    /// The activations `xs` (rows of `kk`) as this weight's products take them.
+    pub(crate) fn inputs(self, xs: &[f32], kk: usize) -> Inputs<'_> {
+        match self {
+            Stored::HalfT(_, Half::Bf16) if kk > 0 => {
+                if bf16dot::available() {
+                    let rows = xs.len() / kk;
+                    let bits = bf16dot::round_rows(xs, rows, kk);
+                    let rs = bf16dot::pair_stride(kk);
+                    let mut x = Vec::with_capacity(rows * kk);
+                    for row in bits.chunks_exact(rs) {
+                        x.extend(row[..kk].iter().map(|&b| bf16::from_bits(b).to_f32()));
+                    }
+                    Inputs::Bf16 { x, bits }
+                } else {
+                    Inputs::Rounded(xs.iter().map(|&v| bf16::from_f32(v).to_f32()).collect())
+                }
+            }
+            _ => Inputs::F32(xs),
+        }
+    }
+}
+
 /// Weight rows widened per gemm call when half weights meet more rows than the
 /// matrix-vector kernels take: 256 rows of a 256-column tile is 256 KiB of f32 scratch,
 /// which stays in L2 while gemm reads it.
@@ -60,6 +121,9 @@ pub(crate) struct TileOp {
     pub(crate) kk: usize,
     /// Add to `dst` (a bias already there) rather than overwrite it.
     pub(crate) accumulate: bool,
+    /// The same rows of `x` rounded to bf16 and their stride ([`Inputs::bf16_row`]),
+    /// which bf16 weights take where the cpu has AVX-512 BF16.
+    pub(crate) xh: Option<(*const u16, usize)>,
 }
 
 impl Stored<'_> {
@@ -69,12 +133,20 @@ impl Stored<'_> {
     /// The tile must be inside `dst`'s allocation and owned by the caller; `x` rows must be
     /// inside their buffer; `e`, `c0 + cols <= n` and `kk` must describe this weight.
     pub(crate) unsafe fn tile_product(self, t: TileOp, scratch: &mut Vec<f32>) {
-        let TileOp { dst, dst_rs, x, x_rs, e, c0, rows, cols, n, kk, accumulate } = t;
+        let TileOp { dst, dst_rs, x, x_rs, e, c0, rows, cols, n, kk, accumulate, xh } = t;
         if rows == 0 || cols == 0 {
             return;
         }
         let base = e * n * kk + c0;
         match self {
+            Stored::HalfT(ws, Half::Bf16) if xh.is_some() && rows >= bf16dot::MIN_ROWS => {
+                let (x, x_rs) = xh.expect("matched Some");
+                let w = ws[base..].as_ptr();
+                bf16dot::product(
+                    bf16dot::Operands { dst, dst_rs, x, x_rs, w, w_rs: n, rows, cols, kk, accumulate },
+                    scratch,
+                )
+            }
             Stored::F32T(ws) if rows <= MATVEC_ROWS => matvec(t.operands(ws[base..].as_ptr())),
             Stored::HalfT(ws, Half::Bf16) if rows <= MATVEC_ROWS => {
                 matvec(t.operands(bytemuck::cast_slice::<u16, bf16>(&ws[base..]).as_ptr()))
@@ -147,27 +219,34 @@ pub(crate) fn widen_block(
 mod tests {
     use super::*;
 
-    /// Half weights give the f32 path's result on the same rounded values, for groups the
+    /// Half weights give the f32 path's result on the same rounded values (bf16 weights
+    /// on bf16-rounded activations, f16 weights on the f32 ones), for groups the
     /// matrix-vector kernels take and for larger ones (gemm over weights widened in
-    /// blocks, K past one block), with and without a bias already in the tile.
+    /// blocks, K past one block; the pair-dot kernels where the cpu has them), with and
+    /// without a bias already in the tile.
     #[test]
     fn half_tiles_match_f32_tiles_of_the_rounded_values() {
-        let (g, n, kk) = (2, 40, WIDEN_ROWS + 44);
+        let (g, n, kk) = (2, 40, WIDEN_ROWS + 45);
         let v: Vec<f32> = (0..g * n * kk).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
         for half in [Half::Bf16, Half::F16] {
             let bits = half.dtype().half_bits(&v).unwrap();
             let mut rounded = vec![0f32; v.len()];
             half.decode_into(&bits, &mut rounded);
-            for rows in [1, MATVEC_ROWS, MATVEC_ROWS + 1, 33] {
+            for rows in [1, 5, MATVEC_ROWS, MATVEC_ROWS + 1, 33] {
                 let x: Vec<f32> = (0..rows * kk).map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5).collect();
+                let xr: Vec<f32> = match half {
+                    Half::Bf16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+                    Half::F16 => x.clone(),
+                };
                 for accumulate in [false, true] {
                     let (c0, cols) = (8, 24);
-                    let run = |w: Stored<'_>| {
+                    let run = |w: Stored<'_>, x: &[f32]| {
+                        let inputs = w.inputs(x, kk);
                         let mut dst = vec![0.25f32; rows * n];
                         let op = TileOp {
                             dst: dst[c0..].as_mut_ptr(),
                             dst_rs: n,
-                            x: x.as_ptr(),
+                            x: inputs.f32().as_ptr(),
                             x_rs: kk,
                             e: 1,
                             c0,
@@ -176,13 +255,14 @@ mod tests {
                             n,
                             kk,
                             accumulate,
+                            xh: inputs.bf16_row(0, kk),
                         };
                         // SAFETY: rows x (c0..c0 + cols) of dst, rows x kk of x and
                         // expert 1's [kk, n] weights are inside their vectors.
                         unsafe { w.tile_product(op, &mut Vec::new()) };
                         dst
                     };
-                    let (h, f) = (run(Stored::HalfT(&bits, half)), run(Stored::F32T(&rounded)));
+                    let (h, f) = (run(Stored::HalfT(&bits, half), &x), run(Stored::F32T(&rounded), &xr));
                     for (i, (a, b)) in h.iter().zip(&f).enumerate() {
                         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{half:?} rows {rows} [{i}]: {a} vs {b}");
                     }
