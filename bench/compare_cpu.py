@@ -6,18 +6,22 @@ The machine this project is developed on is a noisy 2-core VM, so absolute times
 rounds and report the median of the per-round medians and the ratio, plus the physical
 floor of the case (FLOPs over the peak, weight bytes over memory bandwidth).
 
-The memory floor's bandwidth is measured in the same run (`moe bench memory`, every
+The memory floor's bandwidth is measured in the same run (`moe bench machine`, every
 thread reading a buffer far past the last-level cache, before each round, the best of
 five passes each time; the floor takes the median of those, the rate the machine gave
 while the rows ran, an outlier neither way) unless
---mem-gbps gives it, and so is the f32 FMA peak (every thread running independent FMA
-chains with the kernels' instructions) unless --peak-gflops gives it. The floor of a row is the larger of its FLOPs over the FMA peak and
+--mem-gbps gives it, and so is the compute peak unless --peak-gflops gives it: the f32 FMA
+peak (every thread running independent FMA chains with the kernels' instructions), or with
+--dtype bf16 on a cpu with AVX-512 BF16 the pair-dot peak (`vdpbf16ps`, which the bf16
+products run with). The floor of a row is the larger of its FLOPs over that peak and
 the bytes of the experts its forwards touched (in the storage dtype) over that bandwidth.
 The last column checks the goal of each row: at least 1.2x the faster PyTorch peer, or at
 least 90% of the floor.
 
-With --dtype bf16 (or f16) both sides store the expert weights in that type: the engine
-widens them to f32 in its kernels, the PyTorch block runs in that type. With --train the
+With --dtype bf16 (or f16) both sides store the expert weights in that type, and the
+PyTorch block runs in that type. The engine's bf16 products multiply bf16-rounded
+activations (AVX-512 BF16 pair dots past 16 rows, f32 FMAs on the widened weights below),
+its f16 products f32 activations by widened weights; both accumulate in f32. With --train the
 runs time a training step instead (forward, backward of sum(y * dy), AdamW step) against
 transformers' block under autograd, and the FLOP floor is three forwards'.
 
@@ -41,10 +45,15 @@ def run_json(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure_machine(moe, threads):
-    """(best read bandwidth GB/s, f32 FMA peak GFLOP/s) of one `moe bench machine` run."""
+def measure_machine(moe, threads, dtype):
+    """(best read bandwidth GB/s, compute peak GFLOP/s) of one `moe bench machine` run: the
+    f32 FMA peak, or for bf16 weights on a cpu with AVX-512 BF16 the pair-dot peak that
+    their products run at."""
     r = run_json([moe, "bench", "machine", "--threads", str(threads), "--passes", "5", "--json"])
-    return r["best_gbps"], r["fma_gflops"]
+    peak = r["fma_gflops"]
+    if dtype == "bf16" and r.get("bf16_dot_gflops"):
+        peak = r["bf16_dot_gflops"]
+    return r["best_gbps"], peak
 
 
 def main():
@@ -53,7 +62,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--peak-gflops", type=float, default=None,
-                    help="f32 FMA peak for the compute floor (default: measured in this run)")
+                    help="compute peak for the compute floor (default: measured in this run: the f32 FMA "
+                         "peak, or with --dtype bf16 the AVX-512 BF16 pair-dot peak where the cpu has it)")
     ap.add_argument("--mem-gbps", type=float, default=None,
                     help="memory bandwidth for the weight-streaming floor (default: measured in this run)")
     ap.add_argument("--shape", action="append", help="H,F,E,K,T (repeatable); default Mixtral-like 1024,2816,8,2,512")
@@ -84,7 +94,7 @@ def main():
                 "--dtype", a.dtype] + common + train
         for _ in range(a.rounds):
             if a.mem_gbps is None or a.peak_gflops is None:
-                g, p = measure_machine(a.moe, a.threads)
+                g, p = measure_machine(a.moe, a.threads, a.dtype)
                 gbps_seen.append(g)
                 peaks_seen.append(p)
             r = run_json([a.moe, "bench", "layer", "--backend", "cpu", "--threads", str(a.threads),
@@ -101,7 +111,7 @@ def main():
     seen = (f" (the median of {len(gbps_seen)} measurements in this run: {min(gbps_seen):.1f}-{max(gbps_seen):.1f} GB/s, "
             f"{min(peaks_seen):.0f}-{max(peaks_seen):.0f} GFLOP/s)") if gbps_seen else ""
     print(f"# threads {a.threads}, rounds {a.rounds}, iters {a.iters}, {a.dtype} expert weights, "
-          f"f32 FMA peak {peak:.0f} GFLOP/s, memory {gbps:.1f} GB/s{seen}")
+          f"compute peak {peak:.0f} GFLOP/s, memory {gbps:.1f} GB/s{seen}")
     if a.train:
         print("| H | F | E | k | T | moe cpu step ms | transformers + autograd step ms | ratio vs transformers | floor ms | floor / moe |")
         print("|---|---|---|---|---|---|---|---|---|---|")

@@ -2,7 +2,9 @@
 //! each row. The read bandwidth: a buffer far larger than the last-level cache is read
 //! once per pass by every thread, each its own contiguous share, as the expert products
 //! stream weights. The FMA peak: every cpu backend thread running independent f32 FMA
-//! chains with the instructions the kernels use (`CpuBackend::fma_peak_gflops`).
+//! chains with the instructions the kernels use (`CpuBackend::fma_peak_gflops`), and where
+//! the cpu has AVX-512 BF16 the pair-dot peak the bf16 products run at
+//! (`CpuBackend::bf16_dot_peak_gflops`).
 
 use crate::error::{CliError, CliResult};
 use crate::out;
@@ -83,10 +85,11 @@ pub fn run(a: MachineArgs) -> CliResult<ExitCode> {
     let cpu = moe_cpu::CpuBackend::new(Some(threads))?;
     // The best of three short runs: the peak is what the cores can do, noise only lowers it.
     let fma = (0..3).map(|_| cpu.fma_peak_gflops(0.2)).fold(0.0, f64::max);
+    let dot = (0..3).filter_map(|_| cpu.bf16_dot_peak_gflops(0.2)).reduce(f64::max);
     let simd = cpu.simd();
     if a.json {
         let v = serde_json::json!({"threads": threads, "mib": a.mib, "passes": a.passes, "best_gbps": best,
-            "median_gbps": median, "fma_gflops": fma, "simd": simd});
+            "median_gbps": median, "fma_gflops": fma, "bf16_dot_gflops": dot, "simd": simd});
         out!("{v}")?;
     } else {
         out!(
@@ -95,6 +98,10 @@ pub fn run(a: MachineArgs) -> CliResult<ExitCode> {
             a.passes
         )?;
         out!("f32 FMA peak, {threads} threads ({simd}): {fma:.0} GFLOP/s")?;
+        match dot {
+            Some(d) => out!("bf16 pair-dot peak, {threads} threads (avx512_bf16 vdpbf16ps): {d:.0} GFLOP/s")?,
+            None => out!("bf16 pair-dot peak: none (this cpu lacks AVX-512 BF16; bf16 products use f32 FMAs)")?,
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

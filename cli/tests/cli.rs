@@ -829,6 +829,9 @@ fn the_floors_and_the_profile_are_measured_and_reported() {
         let x = v[key].as_f64().unwrap_or(f64::NAN);
         assert!(x.is_finite() && x > 0.0, "{key}: {out}");
     }
+    // The bf16 pair-dot peak: measured where the cpu has AVX-512 BF16, null elsewhere.
+    let dot = &v["bf16_dot_gflops"];
+    assert!(dot.is_null() || dot.as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "bf16_dot_gflops: {out}");
     let small = ["--hidden", "64", "--ffn", "96", "--experts", "8", "--top-k", "2", "--tokens", "4", "--iters", "3"];
     let (out, _) = moe_ok(&[&["bench", "layer", "--threads", "1", "--profile"][..], &small].concat(), &[], 0);
     for op in ["route", "permute", "grouped_mlp", "combine", "(outside ops)"] {
