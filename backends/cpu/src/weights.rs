@@ -1,7 +1,9 @@
 //! A product's weight operand as the cpu stores it (row-major f32, K-major f32, K-major
 //! f16/bf16), and the one tile product every forward product goes through: matrix-vector
-//! kernels for decode-sized groups ([`crate::matvec`]), gemm above that, with half weights
-//! widened a block at a time into the thread's scratch (never the whole stack up front).
+//! kernels for decode-sized groups ([`crate::matvec`]); above that gemm, with half weights
+//! widened a block at a time into the thread's scratch (never the whole stack up front),
+//! or, for bf16 weights on a cpu with AVX-512 BF16, its pair dot products
+//! ([`crate::bf16dot`]). bf16 weights take the activations as [`Inputs`] rounds them.
 
 use crate::bf16dot;
 use crate::buffer::{CpuBuffer, Half};
