@@ -99,10 +99,7 @@ pub(crate) unsafe fn product(op: Operands, scratch: &mut Vec<f32>) {
     let _ = (op, scratch);
 }
 
-/// Independent accumulators of the dot-product probe (as the FMA probe's).
-const PROBE_CHAINS: usize = 12;
-
-/// Runs `iters` rounds of [`PROBE_CHAINS`] independent `vdpbf16ps` from registers and
+/// Runs `iters` rounds of [`crate::matvec::PROBE_CHAINS`] independent `vdpbf16ps` from registers and
 /// returns the FLOPs done (4 per lane per instruction: two multiplies, two adds) and a
 /// value that depends on every one of them: the denominator of a bf16 product's compute
 /// floor. `None` where the cpu lacks the instruction.
@@ -122,7 +119,8 @@ pub(crate) fn dot_probe(iters: usize) -> Option<(f64, f32)> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Operands, PROBE_CHAINS};
+    use super::Operands;
+    use crate::matvec::PROBE_CHAINS;
     use std::arch::x86_64::*;
 
     /// Rows per call at most: 12 rows x 2 accumulators leave registers for the weights.
@@ -161,58 +159,31 @@ mod x86 {
         }
     }
 
-    /// Where a strip call reads its weight pairs from.
-    trait Pairs {
-        /// The interleaved pairs of input rows `2p, 2p + 1` for chunk `j` of the call (its
-        /// 32 columns split over two registers in the interleave's order).
-        unsafe fn pair(&self, p: usize, j: usize) -> (__m512bh, __m512bh);
-    }
-
-    /// The stored K-major rows, interleaved in registers (what [`pack`] copies).
-    struct Stored<const C: usize> {
-        w: *const u16,
-        w_rs: usize,
-        kk: usize,
-        masks: [u32; C],
-    }
-
-    impl<const C: usize> Pairs for Stored<C> {
-        #[inline(always)]
-        unsafe fn pair(&self, p: usize, j: usize) -> (__m512bh, __m512bh) {
-            let w0 = self.w.add(2 * p * self.w_rs + 32 * j);
-            let a = _mm512_maskz_loadu_epi16(self.masks[j], w0 as *const i16);
-            // An odd K's last input row pairs with a zero row (and the zero pad of x).
-            let b = if 2 * p + 1 < self.kk {
-                _mm512_maskz_loadu_epi16(self.masks[j], w0.add(self.w_rs) as *const i16)
-            } else {
-                _mm512_setzero_si512()
-            };
-            (bh(_mm512_unpacklo_epi16(a, b)), bh(_mm512_unpackhi_epi16(a, b)))
-        }
-    }
-
-    /// A strip packed by [`pack`]: chunk-major, each pair's two registers contiguous.
-    struct Packed {
-        pk: *const u16,
-        pairs: usize,
-    }
-
-    impl Pairs for Packed {
-        #[inline(always)]
-        unsafe fn pair(&self, p: usize, j: usize) -> (__m512bh, __m512bh) {
-            let q = self.pk.add((j * self.pairs + p) * 64);
-            (bh(_mm512_loadu_si512(q as *const _)), bh(_mm512_loadu_si512(q.add(32) as *const _)))
-        }
+    /// The stored rows `2p` and `2p + 1` of the 32 columns at `w` (row stride `w_rs`,
+    /// `mask` bounding the columns read) interleaved by pairs: the two registers of a
+    /// chunk, its columns in the interleave's order. An odd K's last input row pairs with
+    /// a zero row (and with the zero pad of x).
+    #[inline(always)]
+    unsafe fn interleave(w: *const u16, w_rs: usize, (p, kk): (usize, usize), mask: u32) -> [__m512i; 2] {
+        let w0 = w.add(2 * p * w_rs);
+        let a = _mm512_maskz_loadu_epi16(mask, w0 as *const i16);
+        let b = if 2 * p + 1 < kk {
+            _mm512_maskz_loadu_epi16(mask, w0.add(w_rs) as *const i16)
+        } else {
+            _mm512_setzero_si512()
+        };
+        [_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b)]
     }
 
     /// `R` rows from row `r0` by `C` chunks of 32 columns, output columns from `c`, over
-    /// all of K; `masks` bound the columns stored.
+    /// all of K, the weights read from the packed strip at `pk` (chunk `j`, pair `p` at
+    /// `(j·pairs + p)·64`, as [`pack`] lays it out); `masks` bound the columns stored.
     #[inline(always)]
     // The indices name the register tile's row and chunk, which every array shares.
     #[allow(clippy::needless_range_loop)]
     unsafe fn strip<const R: usize, const C: usize>(
         op: &Operands,
-        src: &impl Pairs,
+        (pk, pairs): (*const u16, usize),
         r0: usize,
         c: usize,
         masks: [u32; C],
@@ -222,7 +193,8 @@ mod x86 {
         let mut acc: [[[__m512; 2]; C]; R] = [[[_mm512_setzero_ps(); 2]; C]; R];
         for p in 0..kk.div_ceil(2) {
             for j in 0..C {
-                let (lo, hi) = src.pair(p, j);
+                let q = pk.add((j * pairs + p) * 64);
+                let (lo, hi) = (bh(_mm512_loadu_si512(q as *const _)), bh(_mm512_loadu_si512(q.add(32) as *const _)));
                 for r in 0..R {
                     let xv = bh(_mm512_set1_epi32(*xr[r].add(p)));
                     acc[r][j][0] = _mm512_dpbf16_ps(acc[r][j][0], lo, xv);
@@ -258,24 +230,19 @@ mod x86 {
 
     /// Stored columns `c..c + STRIP` (past `cols`: zero) of every input row of the op's
     /// weights, interleaved by pairs into `pk`: chunk `j`, pair `p` at `(j·pairs + p)·64`,
-    /// its 64 words the two registers [`Stored::pair`] would build.
+    /// its 64 words the two registers of [`interleave`].
     #[inline(always)]
     unsafe fn pack(op: &Operands, c: usize, pk: *mut u16) {
         let Operands { w, w_rs, cols, kk, .. } = *op;
         let pairs = kk.div_ceil(2);
         const CHUNKS: usize = STRIP / 32;
-        let src = Stored::<CHUNKS> {
-            w: w.add(c),
-            w_rs,
-            kk,
-            masks: std::array::from_fn(|j| mask32(cols as isize - (c + 32 * j) as isize)),
-        };
+        let masks: [u32; CHUNKS] = std::array::from_fn(|j| mask32(cols as isize - (c + 32 * j) as isize));
         for p in 0..pairs {
-            for j in 0..CHUNKS {
-                let (lo, hi) = src.pair(p, j);
+            for (j, &mask) in masks.iter().enumerate() {
+                let [lo, hi] = interleave(w.add(c + 32 * j), w_rs, (p, kk), mask);
                 let q = pk.add((j * pairs + p) * 64);
-                _mm512_storeu_si512(q as *mut _, std::mem::transmute::<__m512bh, __m512i>(lo));
-                _mm512_storeu_si512(q.add(32) as *mut _, std::mem::transmute::<__m512bh, __m512i>(hi));
+                _mm512_storeu_si512(q as *mut _, lo);
+                _mm512_storeu_si512(q.add(32) as *mut _, hi);
             }
         }
     }
@@ -306,8 +273,8 @@ mod x86 {
                         while cc < end {
                             let masks: [u32; $c] =
                                 std::array::from_fn(|j| mask32(end as isize - (cc + 32 * j) as isize));
-                            let src = Packed { pk: pk.add((cc - c) / 32 * pairs * 64), pairs };
-                            strip::<$r, $c>(&op, &src, r0, cc, masks);
+                            let chunk = pk.add((cc - c) / 32 * pairs * 64);
+                            strip::<$r, $c>(&op, (chunk, pairs), r0, cc, masks);
                             cc += 32 * $c;
                         }
                     }};

@@ -119,8 +119,7 @@ impl CpuBackend {
     /// products with bf16 weights run with (4 FLOPs per lane per instruction): the compute
     /// floor's denominator for them. `None` where the cpu lacks the instruction.
     pub fn bf16_dot_peak_gflops(&self, seconds: f64) -> Option<f64> {
-        bf16dot::dot_probe(1)?;
-        Some(self.peak_gflops(&|iters| bf16dot::dot_probe(iters).unwrap_or((0.0, 0.0)), seconds))
+        bf16dot::available().then(|| self.peak_gflops(&|iters| bf16dot::dot_probe(iters).unwrap_or_default(), seconds))
     }
 
     /// The rate of `probe` (FLOPs done, a value depending on them) on every worker thread

@@ -286,7 +286,7 @@ unsafe fn step<L: Lanes, E: Elem, const R: usize, const U: usize>(
 
 /// Independent accumulators of the FMA probe: enough to cover the FMA latency times the
 /// units on current cores (4 cycles x 2 units = 8 in flight).
-const PROBE_CHAINS: usize = 12;
+pub(crate) const PROBE_CHAINS: usize = 12;
 
 /// Runs `iters` rounds of [`PROBE_CHAINS`] independent vector FMAs at `level` and returns
 /// the FLOPs done (2 per lane per FMA) and a value that depends on every one of them.
