@@ -47,11 +47,13 @@ def run_json(cmd):
 
 def measure_machine(moe, threads, dtype):
     """(best read bandwidth GB/s, compute peak GFLOP/s) of one `moe bench machine` run: the
-    f32 FMA peak, or for bf16 weights on a cpu with AVX-512 BF16 the pair-dot peak that
-    their products run at."""
+    f32 FMA peak, or for bf16 weights the peak of the instruction their products run on:
+    AMX tiles where the cpu has them, else AVX-512 BF16 pair dots where it has those."""
     r = run_json([moe, "bench", "machine", "--threads", str(threads), "--passes", "5", "--json"])
     peak = r["fma_gflops"]
-    if dtype == "bf16" and r.get("bf16_dot_gflops"):
+    if dtype == "bf16" and r.get("bf16_tile_gflops"):
+        peak = r["bf16_tile_gflops"]
+    elif dtype == "bf16" and r.get("bf16_dot_gflops"):
         peak = r["bf16_dot_gflops"]
     return r["best_gbps"], peak
 

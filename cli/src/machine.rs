@@ -3,8 +3,9 @@
 //! once per pass by every thread, each its own contiguous share, as the expert products
 //! stream weights. The FMA peak: every cpu backend thread running independent f32 FMA
 //! chains with the instructions the kernels use (`CpuBackend::fma_peak_gflops`), and where
-//! the cpu has AVX-512 BF16 the pair-dot peak the bf16 products run at
-//! (`CpuBackend::bf16_dot_peak_gflops`).
+//! the cpu has AVX-512 BF16 the pair-dot peak (`CpuBackend::bf16_dot_peak_gflops`), and
+//! where it has AMX-BF16 the tile peak (`CpuBackend::bf16_tile_peak_gflops`): the bf16
+//! products run on the tiles where there are some, else on the pair dots.
 
 use crate::error::{CliError, CliResult};
 use crate::out;
@@ -86,10 +87,11 @@ pub fn run(a: MachineArgs) -> CliResult<ExitCode> {
     // The best of three short runs: the peak is what the cores can do, noise only lowers it.
     let fma = (0..3).map(|_| cpu.fma_peak_gflops(0.2)).fold(0.0, f64::max);
     let dot = (0..3).filter_map(|_| cpu.bf16_dot_peak_gflops(0.2)).reduce(f64::max);
+    let tile = (0..3).filter_map(|_| cpu.bf16_tile_peak_gflops(0.2)).reduce(f64::max);
     let simd = cpu.simd();
     if a.json {
         let v = serde_json::json!({"threads": threads, "mib": a.mib, "passes": a.passes, "best_gbps": best,
-            "median_gbps": median, "fma_gflops": fma, "bf16_dot_gflops": dot, "simd": simd});
+            "median_gbps": median, "fma_gflops": fma, "bf16_dot_gflops": dot, "bf16_tile_gflops": tile, "simd": simd});
         out!("{v}")?;
     } else {
         out!(
@@ -101,6 +103,10 @@ pub fn run(a: MachineArgs) -> CliResult<ExitCode> {
         match dot {
             Some(d) => out!("bf16 pair-dot peak, {threads} threads (avx512_bf16 vdpbf16ps): {d:.0} GFLOP/s")?,
             None => out!("bf16 pair-dot peak: none (this cpu lacks AVX-512 BF16; bf16 products use f32 FMAs)")?,
+        }
+        match tile {
+            Some(t) => out!("bf16 tile peak, {threads} threads (amx_bf16 tdpbf16ps): {t:.0} GFLOP/s")?,
+            None => out!("bf16 tile peak: none (no AMX-BF16 tiles on this cpu or OS)")?,
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -832,6 +832,10 @@ fn the_floors_and_the_profile_are_measured_and_reported() {
     // The bf16 pair-dot peak: measured where the cpu has AVX-512 BF16, null elsewhere.
     let dot = &v["bf16_dot_gflops"];
     assert!(dot.is_null() || dot.as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "bf16_dot_gflops: {out}");
+    let tile = &v["bf16_tile_gflops"];
+    assert!(tile.is_null() || tile.as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "bf16_tile_gflops: {out}");
+    // Tiles come only with the pair dots (the tile kernels round and pack with them).
+    assert!(tile.is_null() || !dot.is_null(), "tiles without pair dots: {out}");
     let small = ["--hidden", "64", "--ffn", "96", "--experts", "8", "--top-k", "2", "--tokens", "4", "--iters", "3"];
     let (out, _) = moe_ok(&[&["bench", "layer", "--threads", "1", "--profile"][..], &small].concat(), &[], 0);
     for op in ["route", "permute", "grouped_mlp", "combine", "(outside ops)"] {

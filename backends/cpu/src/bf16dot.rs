@@ -41,10 +41,17 @@ pub(crate) fn available() -> bool {
 /// expert, 5.5-6 ms against 8 ms with these kernels from 8 rows and 9 ms from 4).
 pub(crate) const MIN_ROWS: usize = crate::matvec::MATVEC_ROWS + 1;
 
-/// Elements per row of the rounded activations: K rounded up to whole pairs (the pad is
-/// zero).
+/// Rows from which a product runs here, on whichever kernel this cpu has. The tile
+/// kernels pack each strip as these do, and below 17 rows the matrix-vector kernels were
+/// as fast or faster (measured: Mixtral shape, T = 1 and 32, AMX from 1, 4 and 17 rows).
+pub(crate) fn min_rows() -> usize {
+    MIN_ROWS
+}
+
+/// Elements per row of the rounded activations: K rounded up to a multiple of 32 (the pad
+/// is zero), whole pairs for the kernels here and whole tile rows for [`crate::amx`].
 pub(crate) fn pair_stride(kk: usize) -> usize {
-    kk + kk % 2
+    kk.next_multiple_of(32)
 }
 
 /// `rows` rows of `x` (`kk` each, contiguous) rounded to bf16 (to nearest, ties to even),
@@ -93,6 +100,9 @@ pub(crate) struct Operands {
 /// the inputs or another thread's rows and columns.
 pub(crate) unsafe fn product(op: Operands, scratch: &mut Vec<f32>) {
     debug_assert!(available());
+    if crate::amx::available() {
+        return crate::amx::product(op, scratch);
+    }
     #[cfg(target_arch = "x86_64")]
     x86::product(op, scratch);
     #[cfg(not(target_arch = "x86_64"))]
@@ -118,7 +128,7 @@ pub(crate) fn dot_probe(iters: usize) -> Option<(f64, f32)> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::Operands;
     use crate::matvec::PROBE_CHAINS;
     use std::arch::x86_64::*;
@@ -149,7 +159,7 @@ mod x86 {
 
     /// Load mask of the chunk of 32 columns starting `left` columns before the tile's end.
     #[inline(always)]
-    fn mask32(left: isize) -> u32 {
+    pub(crate) fn mask32(left: isize) -> u32 {
         if left >= 32 {
             u32::MAX
         } else if left <= 0 {
@@ -164,7 +174,7 @@ mod x86 {
     /// chunk, its columns in the interleave's order. An odd K's last input row pairs with
     /// a zero row (and with the zero pad of x).
     #[inline(always)]
-    unsafe fn interleave(w: *const u16, w_rs: usize, (p, kk): (usize, usize), mask: u32) -> [__m512i; 2] {
+    pub(crate) unsafe fn interleave(w: *const u16, w_rs: usize, (p, kk): (usize, usize), mask: u32) -> [__m512i; 2] {
         let w0 = w.add(2 * p * w_rs);
         let a = _mm512_maskz_loadu_epi16(mask, w0 as *const i16);
         let b = if 2 * p + 1 < kk {
@@ -341,9 +351,24 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// The kernel against an f64 sum of the same bf16 products, for every row count it
-    /// dispatches on and past one block, column tails inside a chunk and past a strip,
-    /// odd K, with and without a bias already in the tile; nothing outside the tile moves.
+    /// The kernels this cpu runs: `vdpbf16ps`, and AMX tiles where it has them.
+    #[allow(clippy::type_complexity)]
+    fn kernels() -> Vec<(&'static str, unsafe fn(Operands, &mut Vec<f32>))> {
+        let mut v: Vec<(&'static str, unsafe fn(Operands, &mut Vec<f32>))> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        v.push(("vdpbf16ps", x86::product));
+        if crate::amx::available() {
+            v.push(("amx", crate::amx::product));
+        } else {
+            eprintln!("SKIP the AMX kernel: this cpu or OS has no AMX-BF16 tiles (or MOE_CPU_SIMD caps them)");
+        }
+        v
+    }
+
+    /// Each kernel against an f64 sum of the same bf16 products, for every row count it
+    /// dispatches on and past one block (the tile kernel's 16-row tiles and 32-row blocks
+    /// among them), column tails inside a chunk and past a strip, K odd and past a tile,
+    /// with and without a bias already in the tile; nothing outside the tile moves.
     #[test]
     fn matches_f64_sums_of_the_rounded_values() {
         if !available() {
@@ -351,49 +376,52 @@ mod tests {
             return;
         }
         let (n, c0) = (300, 5);
-        for kk in [1, 2, 7, 64, 129] {
-            let w: Vec<u16> =
-                (0..kk * n).map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 500.0 - 1.0).to_bits()).collect();
-            for rows in (1..=13).chain([25, 40]) {
-                let x: Vec<f32> = (0..rows * kk).map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5).collect();
-                let xr = round_rows(&x, rows, kk);
-                for cols in [1, 16, 31, 33, 64, 100, 257, 295] {
-                    for accumulate in [false, true] {
-                        let mut dst = vec![0.25f32; rows * n];
-                        let op = Operands {
-                            dst: dst[c0..].as_mut_ptr(),
-                            dst_rs: n,
-                            x: xr.as_ptr(),
-                            x_rs: pair_stride(kk),
-                            w: w[c0..].as_ptr(),
-                            w_rs: n,
-                            rows,
-                            cols,
-                            kk,
-                            accumulate,
-                        };
-                        // SAFETY: available() was checked; rows x (c0..c0 + cols) of dst,
-                        // the rounded rows and kk x (c0..c0 + cols) of w are in bounds.
-                        unsafe { product(op, &mut Vec::new()) };
-                        for r in 0..rows {
-                            for c in 0..n {
-                                let got = dst[r * n + c];
-                                if !(c0..c0 + cols).contains(&c) {
-                                    assert_eq!(got, 0.25, "outside the tile: row {r} col {c}");
-                                    continue;
+        for (name, kernel) in kernels() {
+            for kk in [1, 2, 7, 64, 129] {
+                let w: Vec<u16> =
+                    (0..kk * n).map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 500.0 - 1.0).to_bits()).collect();
+                for rows in (1..=17).chain([25, 32, 33, 40, 49]) {
+                    let x: Vec<f32> = (0..rows * kk).map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5).collect();
+                    let xr = round_rows(&x, rows, kk);
+                    for cols in [1, 16, 31, 33, 64, 100, 257, 295] {
+                        for accumulate in [false, true] {
+                            let mut dst = vec![0.25f32; rows * n];
+                            let op = Operands {
+                                dst: dst[c0..].as_mut_ptr(),
+                                dst_rs: n,
+                                x: xr.as_ptr(),
+                                x_rs: pair_stride(kk),
+                                w: w[c0..].as_ptr(),
+                                w_rs: n,
+                                rows,
+                                cols,
+                                kk,
+                                accumulate,
+                            };
+                            // SAFETY: the kernel's cpu features were checked; rows x
+                            // (c0..c0 + cols) of dst, the rounded rows and kk x
+                            // (c0..c0 + cols) of w are in bounds.
+                            unsafe { kernel(op, &mut Vec::new()) };
+                            for r in 0..rows {
+                                for c in 0..n {
+                                    let got = dst[r * n + c];
+                                    if !(c0..c0 + cols).contains(&c) {
+                                        assert_eq!(got, 0.25, "{name}: outside the tile: row {r} col {c}");
+                                        continue;
+                                    }
+                                    let mut want = if accumulate { 0.25f64 } else { 0.0 };
+                                    let mut mag = 0f64;
+                                    for k in 0..kk {
+                                        let p = f64::from(bf16::from_bits(xr[r * pair_stride(kk) + k]).to_f32())
+                                            * f64::from(bf16::from_bits(w[k * n + c]).to_f32());
+                                        want += p;
+                                        mag += p.abs();
+                                    }
+                                    assert!(
+                                        (f64::from(got) - want).abs() <= 1e-5 * (1.0 + mag),
+                                        "{name} kk {kk} rows {rows} cols {cols} acc {accumulate} [{r}, {c}]: {got} vs {want}"
+                                    );
                                 }
-                                let mut want = if accumulate { 0.25f64 } else { 0.0 };
-                                let mut mag = 0f64;
-                                for k in 0..kk {
-                                    let p = f64::from(bf16::from_bits(xr[r * pair_stride(kk) + k]).to_f32())
-                                        * f64::from(bf16::from_bits(w[k * n + c]).to_f32());
-                                    want += p;
-                                    mag += p.abs();
-                                }
-                                assert!(
-                                    (f64::from(got) - want).abs() <= 1e-5 * (1.0 + mag),
-                                    "kk {kk} rows {rows} cols {cols} acc {accumulate} [{r}, {c}]: {got} vs {want}"
-                                );
                             }
                         }
                     }

@@ -12,6 +12,7 @@
 //! Operands arrive checked by the trait's front doors (`moe_engine::ops`); this crate does
 //! only the cpu's work.
 
+mod amx;
 mod bf16dot;
 mod buffer;
 mod elementwise;
@@ -120,6 +121,13 @@ impl CpuBackend {
     /// floor's denominator for them. `None` where the cpu lacks the instruction.
     pub fn bf16_dot_peak_gflops(&self, seconds: f64) -> Option<f64> {
         bf16dot::available().then(|| self.peak_gflops(&|iters| bf16dot::dot_probe(iters).unwrap_or_default(), seconds))
+    }
+
+    /// As [`CpuBackend::fma_peak_gflops`] for AMX-BF16's tile products (`tdpbf16ps`,
+    /// 16384 FLOPs each), which the products with bf16 weights run on where the cpu and OS
+    /// have them: then the compute floor's denominator for them. `None` elsewhere.
+    pub fn bf16_tile_peak_gflops(&self, seconds: f64) -> Option<f64> {
+        amx::available().then(|| self.peak_gflops(&|iters| amx::tile_probe(iters).unwrap_or_default(), seconds))
     }
 
     /// The rate of `probe` (FLOPs done, a value depending on them) on every worker thread

@@ -141,7 +141,7 @@ impl Stored<'_> {
         }
         let base = e * n * kk + c0;
         match self {
-            Stored::HalfT(ws, Half::Bf16) if xh.is_some() && rows >= bf16dot::MIN_ROWS => {
+            Stored::HalfT(ws, Half::Bf16) if xh.is_some() && rows >= bf16dot::min_rows() => {
                 let (x, x_rs) = xh.expect("matched Some");
                 let w = ws[base..].as_ptr();
                 bf16dot::product(

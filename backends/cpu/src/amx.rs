@@ -1,0 +1,338 @@
+//! Products of bf16 activations by bf16 K-major weights on AMX tiles (`tdpbf16ps`), where
+//! the cpu has AMX-BF16 and the OS lets this process use the tile state (Linux grants it
+//! on request, once per process).
+//!
+//! `dst [R, C] (+)= x [R, K] · w [K, C]`, the operands as [`crate::bf16dot`] takes them:
+//! `x` rounded to bf16 once per product, rows padded with zeros to
+//! [`crate::bf16dot::pair_stride`] (a multiple of 32, one tile row), and `w` the stored
+//! K-major weights. One `tdpbf16ps` multiplies a 16 x 32 tile of activations by a 32 x 16
+//! tile of weights into a 16 x 16 tile of f32 sums: 16384 FLOPs, about 16 times the
+//! multiply-adds of a `vdpbf16ps`.
+//!
+//! The weight tile must hold K in pairs (row `p` of the tile: the pairs `w[2p][c]`,
+//! `w[2p + 1][c]` of its 16 columns), so each 128-column strip of the stored weights is
+//! first interleaved by row pairs into the thread's scratch, K padded with zeros to whole
+//! tiles, every 16-column tile of it contiguous. Each block of up to 32 rows then runs
+//! over the strip 32 columns at a time: four accumulator tiles (2 x 2), two activation
+//! tiles and two weight tiles, the eight tile registers, over all of K. Accumulators whose
+//! 16 columns lie inside the output tile load the bias from `dst` and store back to it
+//! directly; those at a column tail go through a staging tile.
+//!
+//! The products of bf16 values are exact in f32 and the tile sums in f32, so results differ
+//! from the other kernels on the same rounded inputs only in the order of the f32 sums.
+
+use crate::bf16dot::Operands;
+
+/// Whether this cpu and OS run the kernels here: AMX-TILE and AMX-BF16, the pair-dot
+/// kernels' AVX-512 BF16 (which rounds the activations and packs the strips), the tile
+/// state granted to this process, and no `MOE_CPU_SIMD` cap (`avx512` stops here and keeps
+/// the `vdpbf16ps` kernels, to compare the paths on one machine).
+pub(crate) fn available() -> bool {
+    static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAVE.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            crate::bf16dot::available()
+                && std::env::var("MOE_CPU_SIMD").as_deref() != Ok("avx512")
+                && x86::supported()
+                && x86::request_permission()
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    })
+}
+
+/// Runs the product on tiles; `scratch` is the calling thread's buffer (the packed strip).
+///
+/// # Safety
+/// [`available`] must be true; every element the operands address must be inside its
+/// allocation (`x` rows hold `x_rs >= pair_stride(kk)` elements, the pad zero); `dst` must
+/// not overlap the inputs or another thread's rows and columns.
+pub(crate) unsafe fn product(op: Operands, scratch: &mut Vec<f32>) {
+    debug_assert!(available());
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    x86::product(op, scratch);
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let _ = (op, scratch);
+}
+
+/// Runs `iters` rounds of four independent `tdpbf16ps` on tiles held in registers and
+/// returns the FLOPs done (16384 per instruction) and a value that depends on them: the
+/// denominator of a bf16 product's compute floor where the products run here. `None`
+/// where [`available`] is false.
+pub(crate) fn tile_probe(iters: usize) -> Option<(f64, f32)> {
+    if !available() {
+        return None;
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    // SAFETY: the cpu has AMX-BF16 and the process holds the tile state (checked above).
+    return Some(unsafe { x86::probe(iters) });
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        let _ = iters;
+        None
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod x86 {
+    use super::Operands;
+    use crate::bf16dot::x86::{interleave, mask32};
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (EDX bit 24).
+    pub(super) fn supported() -> bool {
+        // SAFETY: CPUID leaf 7 exists on every x86-64 cpu with AVX-512, checked before.
+        #[allow(unused_unsafe)]
+        let l7 = unsafe { __cpuid_count(7, 0) };
+        l7.edx & (1 << 22) != 0 && l7.edx & (1 << 24) != 0
+    }
+
+    /// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`):
+    /// without it the first tile instruction faults. False where the kernel refuses (too
+    /// old, or the hypervisor does not expose the state).
+    pub(super) fn request_permission() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: this arch_prctl only extends the process's permitted xsave features.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    /// The tile configuration `ldtilecfg` reads (palette 1).
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Tiles 0-3: the accumulators of row tile `i`, column tile `j` at `2i + j`
+    /// (`rows[i]` rows of 16 f32); 4 and 5: the activations of row tiles 0 and 1
+    /// (`rows[i]` rows of 32 bf16); 6 and 7: the weights of column tiles 0 and 1 (16 pairs
+    /// of rows, 16 columns). A row tile of no rows is left unconfigured.
+    fn config(rows: [usize; 2]) -> Config {
+        let mut c = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        for (i, &r) in rows.iter().enumerate() {
+            if r > 0 {
+                for t in [2 * i, 2 * i + 1, 4 + i] {
+                    c.colsb[t] = 64;
+                    c.rows[t] = r as u8;
+                }
+            }
+        }
+        for t in [6, 7] {
+            c.colsb[t] = 64;
+            c.rows[t] = 16;
+        }
+        c
+    }
+
+    unsafe fn load_config(c: &Config) {
+        asm!("ldtilecfg [{}]", in(reg) c as *const Config, options(nostack, readonly));
+    }
+
+    unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// Tile instructions on fixed tile registers (the register is part of the encoding).
+    macro_rules! tile {
+        (load $t:literal, $p:expr, $stride:expr) => {
+            asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $p, s = in(reg) $stride,
+                options(nostack, readonly))
+        };
+        (store $t:literal, $p:expr, $stride:expr) => {
+            asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $p, s = in(reg) $stride,
+                options(nostack))
+        };
+        (zero $t:literal) => {
+            asm!(concat!("tilezero tmm", $t), options(nostack, nomem))
+        };
+        (dot $c:literal, $a:literal, $b:literal) => {
+            asm!(concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b), options(nostack, nomem))
+        };
+    }
+
+    /// Columns of a strip: every block of rows passes over a strip's packed weights (128
+    /// columns of K = 2816 is 704 KiB) while they stay in L2.
+    const STRIP: usize = 128;
+
+    /// Rows per block: two row tiles of 16.
+    const BLOCK_ROWS: usize = 32;
+
+    /// Stored columns `c..c + STRIP` (past `cols`: zero) of every input row of the op's
+    /// weights, K padded with zeros to `pairs` pairs, interleaved by pairs into `pk` as
+    /// weight tiles: 16-column tile `t`, pair `p` at `(t·pairs + p)·32` words.
+    #[inline(always)]
+    unsafe fn pack(op: &Operands, c: usize, pairs: usize, pk: *mut u16) {
+        let Operands { w, w_rs, cols, kk, .. } = *op;
+        const CHUNKS: usize = STRIP / 32;
+        let masks: [u32; CHUNKS] = std::array::from_fn(|j| mask32(cols as isize - (c + 32 * j) as isize));
+        // The interleave leaves columns 8l..8l+4 of a chunk in 128-bit lane l of its low
+        // register and 8l+4..8l+8 in lane l of its high one; these put them in order.
+        let first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+        let second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+        let stored = kk.div_ceil(2);
+        for p in 0..pairs {
+            for (j, &mask) in masks.iter().enumerate() {
+                let (t0, t1) = if p < stored && mask != 0 {
+                    let [lo, hi] = interleave(w.add(c + 32 * j), w_rs, (p, kk), mask);
+                    (_mm512_permutex2var_epi64(lo, first, hi), _mm512_permutex2var_epi64(lo, second, hi))
+                } else {
+                    (_mm512_setzero_si512(), _mm512_setzero_si512())
+                };
+                _mm512_storeu_si512(pk.add((2 * j * pairs + p) * 32) as *mut _, t0);
+                _mm512_storeu_si512(pk.add(((2 * j + 1) * pairs + p) * 32) as *mut _, t1);
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + rows[0] + rows[1]` by the 32 output columns from `cc` (`end` the
+    /// strip's last column, exclusive), over all of K; `wt` is the strip's packed weight
+    /// tile for column `cc` (the next tile follows `pairs · 32` words on). `TWO`: the
+    /// second row tile has rows.
+    #[inline(always)]
+    unsafe fn block<const TWO: bool>(
+        op: &Operands,
+        (wt, pairs): (*const u16, usize),
+        (r0, rows): (usize, [usize; 2]),
+        (cc, end): (usize, usize),
+    ) {
+        let Operands { dst, dst_rs, x, x_rs, accumulate, .. } = *op;
+        let d_stride = dst_rs * 4;
+        let d = |i: usize, j: usize| dst.add((r0 + 16 * i) * dst_rs + cc + 16 * j);
+        // Column tiles wholly inside the output go to and from dst directly.
+        let full = [cc + 16 <= end, cc + 32 <= end];
+        macro_rules! init {
+            ($t:literal, $i:literal, $j:literal) => {
+                if accumulate && full[$j] {
+                    tile!(load $t, d($i, $j), d_stride)
+                } else {
+                    tile!(zero $t)
+                }
+            };
+        }
+        init!(0, 0, 0);
+        init!(1, 0, 1);
+        if TWO {
+            init!(2, 1, 0);
+            init!(3, 1, 1);
+        }
+        let x_stride = x_rs * 2;
+        let (a0, a1) = (x.add(r0 * x_rs), x.add((r0 + 16) * x_rs));
+        let (b0, b1) = (wt, wt.add(pairs * 32));
+        for s in 0..pairs / 16 {
+            tile!(load 4, a0.add(32 * s), x_stride);
+            tile!(load 6, b0.add(512 * s), 64usize);
+            tile!(load 7, b1.add(512 * s), 64usize);
+            tile!(dot 0, 4, 6);
+            tile!(dot 1, 4, 7);
+            if TWO {
+                tile!(load 5, a1.add(32 * s), x_stride);
+                tile!(dot 2, 5, 6);
+                tile!(dot 3, 5, 7);
+            }
+        }
+        let mut stage = Stage([0f32; 256]);
+        macro_rules! finish {
+            ($t:literal, $i:literal, $j:literal) => {
+                let c0 = cc + 16 * $j;
+                if full[$j] {
+                    tile!(store $t, d($i, $j), d_stride);
+                } else if c0 < end {
+                    tile!(store $t, stage.0.as_mut_ptr(), 64usize);
+                    let m = ((1u32 << (end - c0)) - 1) as u16;
+                    for r in 0..rows[$i] {
+                        let p = d($i, $j).add(r * dst_rs);
+                        let mut v = _mm512_loadu_ps(stage.0.as_ptr().add(16 * r));
+                        if accumulate {
+                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p));
+                        }
+                        _mm512_mask_storeu_ps(p, m, v);
+                    }
+                }
+            };
+        }
+        finish!(0, 0, 0);
+        finish!(1, 0, 1);
+        if TWO {
+            finish!(2, 1, 0);
+            finish!(3, 1, 1);
+        }
+    }
+
+    /// One accumulator tile's staging space.
+    #[repr(align(64))]
+    struct Stage([f32; 256]);
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn product(op: Operands, scratch: &mut Vec<f32>) {
+        if op.rows == 0 || op.cols == 0 {
+            return;
+        }
+        debug_assert!(op.x_rs >= op.kk.next_multiple_of(32));
+        let pairs = op.kk.next_multiple_of(32) / 2;
+        // STRIP columns x pairs x 2 words: STRIP x pairs f32 slots.
+        scratch.resize(STRIP * pairs, 0.0);
+        let pk = scratch.as_mut_ptr() as *mut u16;
+        let mut loaded = None;
+        let mut c = 0;
+        while c < op.cols {
+            let end = (c + STRIP).min(op.cols);
+            pack(&op, c, pairs, pk);
+            let mut r0 = 0;
+            while r0 < op.rows {
+                let rb = (op.rows - r0).min(BLOCK_ROWS);
+                let rows = [rb.min(16), rb.saturating_sub(16)];
+                if loaded != Some(rows) {
+                    load_config(&config(rows));
+                    loaded = Some(rows);
+                }
+                let mut cc = c;
+                while cc < end {
+                    let wt = (pk.add((cc - c) / 16 * pairs * 32) as *const u16, pairs);
+                    if rows[1] > 0 {
+                        block::<true>(&op, wt, (r0, rows), (cc, end));
+                    } else {
+                        block::<false>(&op, wt, (r0, rows), (cc, end));
+                    }
+                    cc += 32;
+                }
+                r0 += rb;
+            }
+            c += STRIP;
+        }
+        release();
+    }
+
+    pub(super) unsafe fn probe(iters: usize) -> (f64, f32) {
+        // Pairs of 2^-10 in every tile: small increments that stay finite.
+        let src = [0x3a80u16; 512];
+        load_config(&config([16, 16]));
+        tile!(zero 0);
+        tile!(zero 1);
+        tile!(zero 2);
+        tile!(zero 3);
+        tile!(load 4, src.as_ptr(), 64usize);
+        tile!(load 5, src.as_ptr(), 64usize);
+        tile!(load 6, src.as_ptr(), 64usize);
+        tile!(load 7, src.as_ptr(), 64usize);
+        for _ in 0..iters {
+            tile!(dot 0, 4, 6);
+            tile!(dot 1, 4, 7);
+            tile!(dot 2, 5, 6);
+            tile!(dot 3, 5, 7);
+        }
+        let mut stage = Stage([0f32; 256]);
+        let mut sum = 0f32;
+        tile!(store 0, stage.0.as_mut_ptr(), 64usize);
+        sum += stage.0.iter().sum::<f32>();
+        tile!(store 3, stage.0.as_mut_ptr(), 64usize);
+        sum += stage.0.iter().sum::<f32>();
+        release();
+        ((iters * 4 * 16 * 16 * 32 * 2) as f64, sum)
+    }
+}
