@@ -42,6 +42,100 @@ pub(crate) fn available() -> bool {
     })
 }
 
+/// Where each bf16 weight of a stack of `[n, k]` matrices lies when stored as the tile
+/// kernels read it ([`crate::buffer::CpuBuffer::WeightTiles`]): each matrix as 16-column
+/// weight tiles, each tile's K pairs in order (`(tile·pairs + k/2)·32 + (c % 16)·2 + k % 2`),
+/// K padded with zeros to a multiple of 32 and the columns to an even number of tiles. A
+/// tile is then one contiguous run of memory over all of K, which the products load with
+/// no copy, where the K-major layout must be packed strip by strip (measured: about half
+/// the kernel's time at T = 512 went to packing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Columns (outputs) of each logical matrix.
+    pub(crate) n: usize,
+    /// Rows (inputs) of each logical matrix.
+    pub(crate) k: usize,
+}
+
+impl Layout {
+    /// Weight tiles per matrix (an even number).
+    pub(crate) fn tiles(self) -> usize {
+        self.n.div_ceil(32) * 2
+    }
+
+    /// K pairs per tile, padding included.
+    pub(crate) fn pairs(self) -> usize {
+        self.k.next_multiple_of(32) / 2
+    }
+
+    /// Words per matrix.
+    pub(crate) fn matrix(self) -> usize {
+        self.tiles() * self.pairs() * 32
+    }
+
+    /// The word of weight `(k, c)` (input `k`, output `c`) within its matrix.
+    pub(crate) fn index(self, k: usize, c: usize) -> usize {
+        ((c / 16) * self.pairs() + k / 2) * 32 + (c % 16) * 2 + k % 2
+    }
+
+    /// The stack `kmajor` (`[G, k, n]` bf16 bits) in this layout.
+    pub(crate) fn tiled(self, kmajor: &[u16]) -> Vec<u16> {
+        let mat = self.n * self.k;
+        let g = kmajor.len().checked_div(mat).unwrap_or(0);
+        let mut out = vec![0u16; g * self.matrix()];
+        for (src, dst) in kmajor.chunks_exact(mat.max(1)).take(g).zip(out.chunks_exact_mut(self.matrix().max(1))) {
+            for k in 0..self.k {
+                for c in 0..self.n {
+                    dst[self.index(k, c)] = src[k * self.n + c];
+                }
+            }
+        }
+        out
+    }
+
+    /// The stack `tiles` in this layout back as `[G, k, n]` bf16 bits.
+    pub(crate) fn untiled(self, tiles: &[u16]) -> Vec<u16> {
+        let g = tiles.len().checked_div(self.matrix()).unwrap_or(0);
+        let mut out = vec![0u16; g * self.n * self.k];
+        for (src, dst) in
+            tiles.chunks_exact(self.matrix().max(1)).take(g).zip(out.chunks_exact_mut((self.n * self.k).max(1)))
+        {
+            for k in 0..self.k {
+                for c in 0..self.n {
+                    dst[k * self.n + c] = src[self.index(k, c)];
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows `k0..k0 + kb` of matrix `e` of the stack `tiles`, widened into `scratch` as a
+    /// dense `[kb, n]` f32 block (the K-major rows the f32 kernels take).
+    pub(crate) fn widen_rows(self, tiles: &[u16], e: usize, (k0, kb): (usize, usize), scratch: &mut Vec<f32>) {
+        scratch.resize(kb * self.n, 0.0);
+        let m = &tiles[e * self.matrix()..(e + 1) * self.matrix()];
+        for (r, out) in scratch.chunks_exact_mut(self.n.max(1)).take(kb).enumerate() {
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = half::bf16::from_bits(m[self.index(k0 + r, c)]).to_f32();
+            }
+        }
+    }
+}
+
+/// Runs the product on weights stored in the tile layout: `op.w` is the start of the
+/// matrix (laid out as `layout`), and the output columns are `c0..c0 + op.cols`.
+///
+/// # Safety
+/// As [`product`], with `op.w` the start of a whole matrix in `layout` and
+/// `c0 + op.cols <= layout.n`.
+pub(crate) unsafe fn product_tiles(op: Operands, c0: usize, layout: Layout) {
+    debug_assert!(available() && c0 + op.cols <= layout.n);
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    x86::product_tiles(op, c0, layout.pairs());
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let _ = (op, c0, layout);
+}
+
 /// Runs the product on tiles; `scratch` is the calling thread's buffer (the packed strip).
 ///
 /// # Safety
@@ -190,22 +284,27 @@ mod x86 {
         }
     }
 
-    /// Rows `r0..r0 + rows[0] + rows[1]` by the 32 output columns from `cc` (`end` the
-    /// strip's last column, exclusive), over all of K; `wt` is the strip's packed weight
-    /// tile for column `cc` (the next tile follows `pairs · 32` words on). `TWO`: the
-    /// second row tile has rows.
+    /// Rows `r0..r0 + rows[0] + rows[1]` by the two 16-column weight tiles at `wt` (the
+    /// second `pairs · 32` words on), over all of K. The first tile's column 0 is output
+    /// column `rel` of `dst` (negative where the output starts inside it); only output
+    /// columns `0..end` are written. `TWO`: the second row tile has rows.
     #[inline(always)]
     unsafe fn block<const TWO: bool>(
         op: &Operands,
         (wt, pairs): (*const u16, usize),
         (r0, rows): (usize, [usize; 2]),
-        (cc, end): (usize, usize),
+        (rel, end): (isize, isize),
     ) {
         let Operands { dst, dst_rs, x, x_rs, accumulate, .. } = *op;
         let d_stride = dst_rs * 4;
-        let d = |i: usize, j: usize| dst.add((r0 + 16 * i) * dst_rs + cc + 16 * j);
-        // Column tiles wholly inside the output go to and from dst directly.
-        let full = [cc + 16 <= end, cc + 32 <= end];
+        let d = |i: usize, j: usize| dst.add((r0 + 16 * i) * dst_rs).offset(rel + 16 * j as isize);
+        // Column tiles wholly inside the output go to and from dst directly; the others
+        // write output columns lo..hi of the tile through the staging tile.
+        let span = |j: usize| {
+            let t0 = rel + 16 * j as isize;
+            ((-t0).clamp(0, 16) as usize, (end - t0).clamp(0, 16) as usize)
+        };
+        let full = [span(0) == (0, 16), span(1) == (0, 16)];
         macro_rules! init {
             ($t:literal, $i:literal, $j:literal) => {
                 if accumulate && full[$j] {
@@ -239,13 +338,15 @@ mod x86 {
         let mut stage = Stage([0f32; 256]);
         macro_rules! finish {
             ($t:literal, $i:literal, $j:literal) => {
-                let c0 = cc + 16 * $j;
+                let (lo, hi) = span($j);
                 if full[$j] {
                     tile!(store $t, d($i, $j), d_stride);
-                } else if c0 < end {
+                } else if lo < hi {
                     tile!(store $t, stage.0.as_mut_ptr(), 64usize);
-                    let m = ((1u32 << (end - c0)) - 1) as u16;
+                    let m = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
                     for r in 0..rows[$i] {
+                        // Only the lanes lo..hi are touched: the others may lie before
+                        // the output row or past its columns.
                         let p = d($i, $j).add(r * dst_rs);
                         let mut v = _mm512_loadu_ps(stage.0.as_ptr().add(16 * r));
                         if accumulate {
@@ -261,6 +362,39 @@ mod x86 {
         if TWO {
             finish!(2, 1, 0);
             finish!(3, 1, 1);
+        }
+    }
+
+    /// Every block of rows over the weight tiles `t0..t1` (step 2) at `wt(t)`, the first
+    /// tile's column 0 at output column `rel0`, output columns `0..end`.
+    #[inline(always)]
+    unsafe fn blocks(
+        op: &Operands,
+        wt: impl Fn(usize) -> *const u16,
+        pairs: usize,
+        (t0, t1): (usize, usize),
+        (rel0, end): (isize, isize),
+        loaded: &mut Option<[usize; 2]>,
+    ) {
+        let mut r0 = 0;
+        while r0 < op.rows {
+            let rb = (op.rows - r0).min(BLOCK_ROWS);
+            let rows = [rb.min(16), rb.saturating_sub(16)];
+            if *loaded != Some(rows) {
+                load_config(&config(rows));
+                *loaded = Some(rows);
+            }
+            let mut t = t0;
+            while t < t1 {
+                let rel = rel0 + 16 * (t - t0) as isize;
+                if rows[1] > 0 {
+                    block::<true>(op, (wt(t), pairs), (r0, rows), (rel, end));
+                } else {
+                    block::<false>(op, (wt(t), pairs), (r0, rows), (rel, end));
+                }
+                t += 2;
+            }
+            r0 += rb;
         }
     }
 
@@ -283,27 +417,31 @@ mod x86 {
         while c < op.cols {
             let end = (c + STRIP).min(op.cols);
             pack(&op, c, pairs, pk);
-            let mut r0 = 0;
-            while r0 < op.rows {
-                let rb = (op.rows - r0).min(BLOCK_ROWS);
-                let rows = [rb.min(16), rb.saturating_sub(16)];
-                if loaded != Some(rows) {
-                    load_config(&config(rows));
-                    loaded = Some(rows);
-                }
-                let mut cc = c;
-                while cc < end {
-                    let wt = (pk.add((cc - c) / 16 * pairs * 32) as *const u16, pairs);
-                    if rows[1] > 0 {
-                        block::<true>(&op, wt, (r0, rows), (cc, end));
-                    } else {
-                        block::<false>(&op, wt, (r0, rows), (cc, end));
-                    }
-                    cc += 32;
-                }
-                r0 += rb;
-            }
+            let tiles = (end - c).div_ceil(16);
+            let wt = |t: usize| pk.add(t * pairs * 32) as *const u16;
+            blocks(&op, wt, pairs, (0, tiles), (c as isize, end as isize), &mut loaded);
             c += STRIP;
+        }
+        release();
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn product_tiles(op: Operands, c0: usize, pairs: usize) {
+        if op.rows == 0 || op.cols == 0 {
+            return;
+        }
+        debug_assert!(op.x_rs >= 2 * pairs);
+        // From an even tile, so that every pair of tiles lies inside the matrix (it has an
+        // even number); STRIP columns at a time, which stay in L2 over the row blocks.
+        let (first, last) = (c0 / 32 * 2, (c0 + op.cols).div_ceil(16));
+        let wt = |t: usize| op.w.add(t * pairs * 32);
+        let mut loaded = None;
+        let mut t = first;
+        while t < last {
+            let te = (t + STRIP / 16).min(last);
+            let rel = (16 * t) as isize - c0 as isize;
+            blocks(&op, wt, pairs, (t, te), (rel, op.cols as isize), &mut loaded);
+            t = te;
         }
         release();
     }
@@ -334,5 +472,100 @@ mod x86 {
         sum += stage.0.iter().sum::<f32>();
         release();
         ((iters * 4 * 16 * 16 * 32 * 2) as f64, sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bf16dot::{pair_stride, round_rows};
+    use half::bf16;
+
+    fn bits(len: usize) -> Vec<u16> {
+        (0..len).map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 500.0 - 1.0).to_bits()).collect()
+    }
+
+    /// The tile layout gives every weight back (odd K, columns past a tile and short of
+    /// one, two matrices), and its widened rows are the K-major rows.
+    #[test]
+    fn the_tile_layout_round_trips() {
+        for (n, k) in [(1, 1), (17, 3), (40, 33), (300, 64)] {
+            let l = Layout { n, k };
+            let km = bits(2 * n * k);
+            let tiles = l.tiled(&km);
+            assert_eq!(tiles.len(), 2 * l.matrix());
+            assert_eq!(l.untiled(&tiles), km, "n {n} k {k}");
+            let mut w = Vec::new();
+            let k0 = usize::from(k > 1);
+            l.widen_rows(&tiles, 1, (k0, k - k0), &mut w);
+            assert_eq!(w.len(), (k - k0) * n);
+            for (i, v) in w.iter().enumerate() {
+                let (r, c) = (k0 + i / n, i % n);
+                assert_eq!(*v, bf16::from_bits(km[n * k + r * n + c]).to_f32());
+            }
+        }
+    }
+
+    /// Products on stored tiles against f64 sums of the same bf16 products: output
+    /// columns starting inside a tile, on a tile and on an odd one, ending short of a
+    /// tile and at the matrix's last column, row counts of one tile, two and past a
+    /// block, K odd and past a tile, with and without a bias; nothing outside moves.
+    #[test]
+    fn stored_tile_products_match_f64_sums() {
+        if !available() {
+            eprintln!("SKIP stored-tile products: this cpu or OS has no AMX-BF16 tiles (or MOE_CPU_SIMD caps them)");
+            return;
+        }
+        let n = 300;
+        for kk in [1, 7, 64, 129] {
+            let l = Layout { n, k: kk };
+            let km = bits(2 * n * kk);
+            let tiles = l.tiled(&km);
+            for rows in [1, 3, 16, 17, 32, 45] {
+                let x: Vec<f32> = (0..rows * kk).map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5).collect();
+                let xr = round_rows(&x, rows, kk);
+                for (c0, cols) in [(0, 300), (5, 11), (5, 40), (16, 16), (37, 200), (290, 10), (48, 129)] {
+                    for accumulate in [false, true] {
+                        let mut dst = vec![0.25f32; rows * n];
+                        let op = Operands {
+                            dst: dst[c0..].as_mut_ptr(),
+                            dst_rs: n,
+                            x: xr.as_ptr(),
+                            x_rs: pair_stride(kk),
+                            w: tiles[l.matrix()..].as_ptr(),
+                            w_rs: n,
+                            rows,
+                            cols,
+                            kk,
+                            accumulate,
+                        };
+                        // SAFETY: available() was checked; rows x (c0..c0 + cols) of dst,
+                        // the rounded rows and matrix 1 of the tiles are in bounds.
+                        unsafe { product_tiles(op, c0, l) };
+                        for r in 0..rows {
+                            for c in 0..n {
+                                let got = dst[r * n + c];
+                                if !(c0..c0 + cols).contains(&c) {
+                                    assert_eq!(got, 0.25, "outside the tile: row {r} col {c}");
+                                    continue;
+                                }
+                                let mut want = if accumulate { 0.25f64 } else { 0.0 };
+                                let mut mag = 0f64;
+                                for k in 0..kk {
+                                    let p = f64::from(bf16::from_bits(xr[r * pair_stride(kk) + k]).to_f32())
+                                        * f64::from(bf16::from_bits(km[n * kk + k * n + c]).to_f32());
+                                    want += p;
+                                    mag += p.abs();
+                                }
+                                assert!(
+                                    (f64::from(got) - want).abs() <= 1e-5 * (1.0 + mag),
+                                    "kk {kk} rows {rows} c0 {c0} cols {cols} acc {accumulate} [{r}, {c}]: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -77,6 +77,17 @@ pub enum CpuBuffer {
         /// Columns K of each logical matrix.
         k: usize,
     },
+    /// A bf16 weight stored as the AMX tile kernels read it (`crate::amx::Layout`): each
+    /// matrix as 16-column tiles, contiguous over K in pairs, loaded with no copy. Chosen
+    /// at upload where the cpu runs those kernels.
+    WeightTiles {
+        /// The tiles' bf16 bits.
+        data: Vec<u16>,
+        /// Rows N of each logical matrix.
+        n: usize,
+        /// Columns K of each logical matrix.
+        k: usize,
+    },
 }
 
 impl moe_engine::DeviceBuffer for CpuBuffer {
@@ -84,7 +95,7 @@ impl moe_engine::DeviceBuffer for CpuBuffer {
         match self {
             CpuBuffer::F32(v) | CpuBuffer::WeightT { data: v, .. } => v.len() as u64 * 4,
             CpuBuffer::I32(v) => v.len() as u64 * 4,
-            CpuBuffer::WeightHalf { data, .. } => data.len() as u64 * 2,
+            CpuBuffer::WeightHalf { data, .. } | CpuBuffer::WeightTiles { data, .. } => data.len() as u64 * 2,
         }
     }
 }

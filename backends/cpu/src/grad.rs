@@ -43,6 +43,10 @@ pub(crate) fn linear_dx(op: &LinearDxOp<'_, CpuBackend>, threads: usize) -> Resu
                 widen_block(ws, half, base + t.c0 * n, n, (t.c1 - t.c0, n), scratch);
                 (scratch.as_ptr(), n as isize, 1)
             }
+            Stored::Tiles(ws, layout) => {
+                layout.widen_rows(ws, t.e, (t.c0, t.c1 - t.c0), scratch);
+                (scratch.as_ptr(), n as isize, 1)
+            }
         };
         // SAFETY: tiles are disjoint and inside `out` ([r, kk]); dy rows r0..r1 and the
         // weight block of group e, columns c0..c1, are inside their buffers.

@@ -168,7 +168,7 @@ pub(crate) fn f32s<'a>(t: &'a T, name: &str) -> Result<&'a [f32]> {
     match t.buffer() {
         CpuBuffer::F32(v) => Ok(v),
         CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
-        CpuBuffer::WeightT { .. } | CpuBuffer::WeightHalf { .. } => {
+        CpuBuffer::WeightT { .. } | CpuBuffer::WeightHalf { .. } | CpuBuffer::WeightTiles { .. } => {
             Err(Error::Misuse(format!("tensor `{name}` is an uploaded weight; only matrix products read it")))
         }
     }
@@ -179,6 +179,7 @@ pub(crate) fn i32s<'a>(t: &'a T, name: &str) -> Result<&'a [i32]> {
         CpuBuffer::I32(v) => Ok(v),
         CpuBuffer::F32(_) | CpuBuffer::WeightT { .. } => Err(Error::dtype(name, "i32", "f32")),
         CpuBuffer::WeightHalf { half, .. } => Err(Error::dtype(name, "i32", half.dtype())),
+        CpuBuffer::WeightTiles { .. } => Err(Error::dtype(name, "i32", DType::BF16)),
     }
 }
 
@@ -231,6 +232,12 @@ impl Device for CpuBackend {
             CpuBuffer::WeightHalf { data, half, n, k } => {
                 let mut wide = vec![0f32; data.len()];
                 half.decode_into(data, &mut wide);
+                HostTensor::f32(t.shape(), buffer::transpose_stack(&wide, *k, *n))
+            }
+            CpuBuffer::WeightTiles { data, n, k } => {
+                let bits = amx::Layout { n: *n, k: *k }.untiled(data);
+                let mut wide = vec![0f32; bits.len()];
+                Half::Bf16.decode_into(&bits, &mut wide);
                 HostTensor::f32(t.shape(), buffer::transpose_stack(&wide, *k, *n))
             }
         }
@@ -344,7 +351,7 @@ impl Backend for CpuBackend {
             CpuBuffer::WeightT { data, n: wn, k: wk } => {
                 buffer::transpose_stack(&buffer::transpose_stack(data, *wk, *wn), n, k)
             }
-            CpuBuffer::I32(_) | CpuBuffer::WeightHalf { .. } => {
+            CpuBuffer::I32(_) | CpuBuffer::WeightHalf { .. } | CpuBuffer::WeightTiles { .. } => {
                 return Err(Error::Internal("a checked cast_weight input is not f32".into()))
             }
         };
@@ -373,10 +380,14 @@ impl Backend for CpuBackend {
 }
 
 /// A weight tensor of logical `shape` from its matrices already transposed to `[K, N]`
-/// (`data`, f32), stored in `dtype`: f32 as is, f16 / bf16 rounded to nearest even.
+/// (`data`, f32), stored in `dtype`: f32 as is, f16 / bf16 rounded to nearest even; bf16
+/// in the tile layout where the cpu runs the AMX kernels.
 fn weight_buffer(data: Vec<f32>, dtype: DType, (n, k): (usize, usize), shape: &[usize]) -> Result<T> {
     let buf = match Half::of(dtype) {
         None => CpuBuffer::WeightT { data, n, k },
+        Some(Half::Bf16) if amx::available() => {
+            CpuBuffer::WeightTiles { data: amx::Layout { n, k }.tiled(&dtype.half_bits(&data)?), n, k }
+        }
         Some(half) => CpuBuffer::WeightHalf { data: dtype.half_bits(&data)?, half, n, k },
     };
     T::from_parts(buf, shape.to_vec(), dtype)

@@ -5,6 +5,7 @@
 //! or, for bf16 weights on a cpu with AVX-512 BF16, its pair dot products
 //! ([`crate::bf16dot`]). bf16 weights take the activations as [`Inputs`] rounds them.
 
+use crate::amx;
 use crate::bf16dot;
 use crate::buffer::{CpuBuffer, Half};
 use crate::matmul::gemm_raw;
@@ -22,6 +23,8 @@ pub(crate) enum Stored<'a> {
     F32T(&'a [f32]),
     /// `[G, K, N]` in a 16-bit format.
     HalfT(&'a [u16], Half),
+    /// bf16 in the AMX tile layout.
+    Tiles(&'a [u16], amx::Layout),
 }
 
 /// The stored data of matrix-product weight `t`, which must hold logical matrices `[n, k]`.
@@ -35,9 +38,12 @@ pub(crate) fn weight_data<'a>(t: &'a T, name: &str, n: usize, k: usize) -> Resul
         CpuBuffer::F32(v) => Ok(Stored::Rows(v)),
         CpuBuffer::WeightT { data, n: wn, k: wk } if (*wn, *wk) == (n, k) => Ok(Stored::F32T(data)),
         CpuBuffer::WeightHalf { data, half, n: wn, k: wk } if (*wn, *wk) == (n, k) => Ok(Stored::HalfT(data, *half)),
-        CpuBuffer::WeightT { n: wn, k: wk, .. } | CpuBuffer::WeightHalf { n: wn, k: wk, .. } => {
-            Err(reshaped((*wn, *wk)))
+        CpuBuffer::WeightTiles { data, n: wn, k: wk } if (*wn, *wk) == (n, k) => {
+            Ok(Stored::Tiles(data, amx::Layout { n, k }))
         }
+        CpuBuffer::WeightT { n: wn, k: wk, .. }
+        | CpuBuffer::WeightHalf { n: wn, k: wk, .. }
+        | CpuBuffer::WeightTiles { n: wn, k: wk, .. } => Err(reshaped((*wn, *wk))),
         CpuBuffer::I32(_) => Err(Error::dtype(name, "f32", "i32")),
     }
 }
@@ -83,7 +89,7 @@ impl Stored<'_> {
     /// The activations `xs` (rows of `kk`) as this weight's products take them.
     pub(crate) fn inputs(self, xs: &[f32], kk: usize) -> Inputs<'_> {
         match self {
-            Stored::HalfT(_, Half::Bf16) if kk > 0 => {
+            Stored::HalfT(_, Half::Bf16) | Stored::Tiles(..) if kk > 0 => {
                 if bf16dot::available() {
                     let rows = xs.len() / kk;
                     let bits = bf16dot::round_rows(xs, rows, kk);
@@ -141,6 +147,23 @@ impl Stored<'_> {
         }
         let base = e * n * kk + c0;
         match self {
+            Stored::Tiles(ws, layout) => {
+                // Tiles are stored only where the AMX kernels run, which take every row
+                // count: the activations are rounded to bf16 (`Stored::inputs`).
+                let Some((x, x_rs)) = xh else {
+                    // No inputs (K = 0): the product is zero.
+                    if !accumulate {
+                        (0..rows).for_each(|r| std::ptr::write_bytes(dst.add(r * dst_rs), 0, cols));
+                    }
+                    return;
+                };
+                let w = ws[e * layout.matrix()..].as_ptr();
+                amx::product_tiles(
+                    bf16dot::Operands { dst, dst_rs, x, x_rs, w, w_rs: n, rows, cols, kk, accumulate },
+                    c0,
+                    layout,
+                )
+            }
             Stored::HalfT(ws, Half::Bf16) if xh.is_some() && rows >= bf16dot::min_rows() => {
                 let (x, x_rs) = xh.expect("matched Some");
                 let w = ws[base..].as_ptr();
@@ -264,12 +287,23 @@ mod tests {
                         unsafe { w.tile_product(op, &mut Vec::new()) };
                         dst
                     };
-                    let (h, f) = (run(Stored::HalfT(&bits, half), &x), run(Stored::F32T(&rounded), &xr));
-                    for (i, (a, b)) in h.iter().zip(&f).enumerate() {
-                        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{half:?} rows {rows} [{i}]: {a} vs {b}");
+                    let f = run(Stored::F32T(&rounded), &xr);
+                    let mut stored = vec![("K-major", run(Stored::HalfT(&bits, half), &x))];
+                    // bf16 in the AMX tile layout, where the cpu runs those kernels.
+                    let layout = amx::Layout { n, k: kk };
+                    if half == Half::Bf16 && amx::available() {
+                        stored.push(("tiles", run(Stored::Tiles(&layout.tiled(&bits), layout), &x)));
                     }
-                    // Outside the tile nothing changed.
-                    assert!(h.iter().enumerate().all(|(i, &a)| (c0..c0 + cols).contains(&(i % n)) || a == 0.25));
+                    for (name, h) in stored {
+                        for (i, (a, b)) in h.iter().zip(&f).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                                "{half:?} {name} rows {rows} [{i}]: {a} vs {b}"
+                            );
+                        }
+                        // Outside the tile nothing changed.
+                        assert!(h.iter().enumerate().all(|(i, &a)| (c0..c0 + cols).contains(&(i % n)) || a == 0.25));
+                    }
                 }
             }
         }
