@@ -122,6 +122,23 @@ impl Layout {
     }
 }
 
+/// `rows` rows of `x` (`kk` each, contiguous) rounded to bf16 (to nearest, ties to even)
+/// in K steps of 32, K padded with zeros to whole steps: input `k` of row `r` at
+/// `(k / 32 · rows + r) · 32 + k % 32`. Sixteen rows from any row are then one contiguous
+/// activation tile, for a group starting at any row, with no copy per product.
+pub(crate) fn step_rows(x: &[f32], rows: usize, kk: usize) -> Vec<u16> {
+    let steps = kk.div_ceil(32);
+    let rounded = crate::bf16dot::round_rows(x, rows, kk);
+    let rs = crate::bf16dot::pair_stride(kk);
+    let mut out = vec![0u16; steps * rows * 32];
+    for (r, row) in rounded.chunks_exact(rs.max(1)).take(rows).enumerate() {
+        for (s, piece) in row.chunks_exact(32).enumerate() {
+            out[(s * rows + r) * 32..][..32].copy_from_slice(piece);
+        }
+    }
+    out
+}
+
 /// Runs the product on weights stored in the tile layout: `op.w` is the start of the
 /// matrix (laid out as `layout`), and the output columns are `c0..c0 + op.cols`.
 ///
@@ -291,11 +308,13 @@ mod x86 {
     #[inline(always)]
     unsafe fn block<const TWO: bool>(
         op: &Operands,
+        acts: Acts,
         (wt, pairs): (*const u16, usize),
         (r0, rows): (usize, [usize; 2]),
         (rel, end): (isize, isize),
+        ahead: *const u16,
     ) {
-        let Operands { dst, dst_rs, x, x_rs, accumulate, .. } = *op;
+        let Operands { dst, dst_rs, accumulate, .. } = *op;
         let d_stride = dst_rs * 4;
         let d = |i: usize, j: usize| dst.add((r0 + 16 * i) * dst_rs).offset(rel + 16 * j as isize);
         // Column tiles wholly inside the output go to and from dst directly; the others
@@ -320,17 +339,26 @@ mod x86 {
             init!(2, 1, 0);
             init!(3, 1, 1);
         }
-        let x_stride = x_rs * 2;
-        let (a0, a1) = (x.add(r0 * x_rs), x.add((r0 + 16) * x_rs));
+        let rt = r0 / 16;
         let (b0, b1) = (wt, wt.add(pairs * 32));
         for s in 0..pairs / 16 {
-            tile!(load 4, a0.add(32 * s), x_stride);
+            if !ahead.is_null() {
+                // The next pair of weight tiles, a whole K loop ahead, into L2: the first
+                // block of rows reads each tile from memory, and two streams of 1 KiB
+                // loads alone leave most of the bandwidth unused.
+                let (p0, p1) = (ahead.add(512 * s), ahead.add(pairs * 32 + 512 * s));
+                for l in 0..16 {
+                    _mm_prefetch::<_MM_HINT_T1>(p0.add(32 * l) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(p1.add(32 * l) as *const i8);
+                }
+            }
+            tile!(load 4, acts.at(rt, s), acts.stride);
             tile!(load 6, b0.add(512 * s), 64usize);
             tile!(load 7, b1.add(512 * s), 64usize);
             tile!(dot 0, 4, 6);
             tile!(dot 1, 4, 7);
             if TWO {
-                tile!(load 5, a1.add(32 * s), x_stride);
+                tile!(load 5, acts.at(rt + 1, s), acts.stride);
                 tile!(dot 2, 5, 6);
                 tile!(dot 3, 5, 7);
             }
@@ -366,13 +394,15 @@ mod x86 {
     }
 
     /// Every block of rows over the weight tiles `t0..t1` (step 2) at `wt(t)`, the first
-    /// tile's column 0 at output column `rel0`, output columns `0..end`.
+    /// tile's column 0 at output column `rel0`, output columns `0..end`. The first block
+    /// prefetches each next pair of tiles below `ahead` (0: none).
     #[inline(always)]
     unsafe fn blocks(
         op: &Operands,
+        acts: Acts,
         wt: impl Fn(usize) -> *const u16,
         pairs: usize,
-        (t0, t1): (usize, usize),
+        (t0, t1, ahead): (usize, usize, usize),
         (rel0, end): (isize, isize),
         loaded: &mut Option<[usize; 2]>,
     ) {
@@ -387,14 +417,43 @@ mod x86 {
             let mut t = t0;
             while t < t1 {
                 let rel = rel0 + 16 * (t - t0) as isize;
+                let next = if r0 == 0 && t + 2 < ahead { wt(t + 2) } else { std::ptr::null() };
                 if rows[1] > 0 {
-                    block::<true>(op, (wt(t), pairs), (r0, rows), (rel, end));
+                    block::<true>(op, acts, (wt(t), pairs), (r0, rows), (rel, end), next);
                 } else {
-                    block::<false>(op, (wt(t), pairs), (r0, rows), (rel, end));
+                    block::<false>(op, acts, (wt(t), pairs), (r0, rows), (rel, end), next);
                 }
                 t += 2;
             }
             r0 += rb;
+        }
+    }
+
+    /// Where the activation tiles lie: row tile `i` (rows `16i..16i + 16`), K step `s`
+    /// at `base + i·tile_words + s·step_words`, its rows `stride` bytes apart.
+    #[derive(Clone, Copy)]
+    struct Acts {
+        base: *const u16,
+        tile_words: usize,
+        step_words: usize,
+        stride: usize,
+    }
+
+    impl Acts {
+        /// The op's rounded rows as they are.
+        fn rows(op: &Operands) -> Acts {
+            Acts { base: op.x, tile_words: 16 * op.x_rs, step_words: 32, stride: op.x_rs * 2 }
+        }
+
+        /// The op's rows in K steps ([`super::step_rows`]): `x` at the first row's step 0,
+        /// `x_rs` the words between steps.
+        fn steps(op: &Operands) -> Acts {
+            Acts { base: op.x, tile_words: 512, step_words: op.x_rs, stride: 64 }
+        }
+
+        #[inline(always)]
+        fn at(&self, tile: usize, s: usize) -> *const u16 {
+            self.base.wrapping_add(tile * self.tile_words + s * self.step_words)
         }
     }
 
@@ -419,7 +478,7 @@ mod x86 {
             pack(&op, c, pairs, pk);
             let tiles = (end - c).div_ceil(16);
             let wt = |t: usize| pk.add(t * pairs * 32) as *const u16;
-            blocks(&op, wt, pairs, (0, tiles), (c as isize, end as isize), &mut loaded);
+            blocks(&op, Acts::rows(&op), wt, pairs, (0, tiles, 0), (c as isize, end as isize), &mut loaded);
             c += STRIP;
         }
         release();
@@ -430,7 +489,7 @@ mod x86 {
         if op.rows == 0 || op.cols == 0 {
             return;
         }
-        debug_assert!(op.x_rs >= 2 * pairs);
+        let acts = Acts::steps(&op);
         // From an even tile, so that every pair of tiles lies inside the matrix (it has an
         // even number); STRIP columns at a time, which stay in L2 over the row blocks.
         let (first, last) = (c0 / 32 * 2, (c0 + op.cols).div_ceil(16));
@@ -440,7 +499,7 @@ mod x86 {
         while t < last {
             let te = (t + STRIP / 16).min(last);
             let rel = (16 * t) as isize - c0 as isize;
-            blocks(&op, wt, pairs, (t, te), (rel, op.cols as isize), &mut loaded);
+            blocks(&op, acts, wt, pairs, (t, te, last.next_multiple_of(2)), (rel, op.cols as isize), &mut loaded);
             t = te;
         }
         release();
@@ -524,14 +583,15 @@ mod tests {
             for rows in [1, 3, 16, 17, 32, 45] {
                 let x: Vec<f32> = (0..rows * kk).map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5).collect();
                 let xr = round_rows(&x, rows, kk);
+                let xs = step_rows(&x, rows, kk);
                 for (c0, cols) in [(0, 300), (5, 11), (5, 40), (16, 16), (37, 200), (290, 10), (48, 129)] {
                     for accumulate in [false, true] {
                         let mut dst = vec![0.25f32; rows * n];
                         let op = Operands {
                             dst: dst[c0..].as_mut_ptr(),
                             dst_rs: n,
-                            x: xr.as_ptr(),
-                            x_rs: pair_stride(kk),
+                            x: xs.as_ptr(),
+                            x_rs: rows * 32,
                             w: tiles[l.matrix()..].as_ptr(),
                             w_rs: n,
                             rows,

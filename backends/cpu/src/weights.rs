@@ -62,24 +62,31 @@ pub(crate) enum Inputs<'a> {
     /// Rounded to bf16: held in f32 (for the matrix-vector kernels) and as bf16 bits,
     /// rows padded to [`bf16dot::pair_stride`] (for the pair-dot kernels).
     Bf16 { x: Vec<f32>, bits: Vec<u16> },
+    /// Rounded to bf16 as the AMX tile kernels take them over tile-stored weights
+    /// ([`amx::step_rows`]): 32 inputs of every row per K step, the steps one after the
+    /// other, so that 16 rows from any row are one contiguous activation tile. `x` is the
+    /// f32 input as given, which no kernel of these weights reads.
+    Steps { x: &'a [f32], bits: Vec<u16>, rows: usize },
 }
 
 impl<'a> Inputs<'a> {
     /// The f32 activations the f32-input kernels read.
     pub(crate) fn f32(&self) -> &[f32] {
         match self {
-            Inputs::F32(x) => x,
+            Inputs::F32(x) | Inputs::Steps { x, .. } => x,
             Inputs::Rounded(x) | Inputs::Bf16 { x, .. } => x,
         }
     }
 
-    /// Row `r` of the bf16 bits with its stride, where the pair-dot kernels take them.
+    /// Row `r` of the bf16 bits and the stride the kernels step by: the row stride for
+    /// [`Inputs::Bf16`], the K-step stride for [`Inputs::Steps`].
     pub(crate) fn bf16_row(&self, r: usize, kk: usize) -> Option<(*const u16, usize)> {
         match self {
             Inputs::Bf16 { bits, .. } => {
                 let rs = bf16dot::pair_stride(kk);
                 Some((bits[r * rs..].as_ptr(), rs))
             }
+            Inputs::Steps { bits, rows, .. } => Some((bits[r * 32..].as_ptr(), rows * 32)),
             _ => None,
         }
     }
@@ -89,7 +96,11 @@ impl Stored<'_> {
     /// The activations `xs` (rows of `kk`) as this weight's products take them.
     pub(crate) fn inputs(self, xs: &[f32], kk: usize) -> Inputs<'_> {
         match self {
-            Stored::HalfT(_, Half::Bf16) | Stored::Tiles(..) if kk > 0 => {
+            Stored::Tiles(..) if kk > 0 => {
+                let rows = xs.len() / kk;
+                Inputs::Steps { x: xs, bits: amx::step_rows(xs, rows, kk), rows }
+            }
+            Stored::HalfT(_, Half::Bf16) if kk > 0 => {
                 if bf16dot::available() {
                     let rows = xs.len() / kk;
                     let bits = bf16dot::round_rows(xs, rows, kk);
