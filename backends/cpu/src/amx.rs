@@ -10,13 +10,13 @@
 //! multiply-adds of a `vdpbf16ps`.
 //!
 //! The weight tile must hold K in pairs (row `p` of the tile: the pairs `w[2p][c]`,
-//! `w[2p + 1][c]` of its 16 columns), so each 128-column strip of the stored weights is
-//! first interleaved by row pairs into the thread's scratch, K padded with zeros to whole
-//! tiles, every 16-column tile of it contiguous. Each block of up to 32 rows then runs
-//! over the strip 32 columns at a time: four accumulator tiles (2 x 2), two activation
-//! tiles and two weight tiles, the eight tile registers, over all of K. Accumulators whose
-//! 16 columns lie inside the output tile load the bias from `dst` and store back to it
-//! directly; those at a column tail go through a staging tile.
+//! `w[2p + 1][c]` of its 16 columns), so bf16 weights are stored that way at upload
+//! ([`Layout`]), each 16-column tile contiguous over K, and the activations in K steps
+//! ([`step_rows`]). Each block of up to 32 rows runs over 128 columns at a time, 32 at a
+//! time: four accumulator tiles (2 x 2), two activation tiles and two weight tiles, the
+//! eight tile registers, over all of K. Accumulators whose 16 columns lie inside the
+//! output load the bias from `dst` and store back to it directly; those at a column edge
+//! go through a staging tile.
 //!
 //! The products of bf16 values are exact in f32 and the tile sums in f32, so results differ
 //! from the other kernels on the same rounded inputs only in the order of the f32 sums.
@@ -24,7 +24,7 @@
 use crate::bf16dot::Operands;
 
 /// Whether this cpu and OS run the kernels here: AMX-TILE and AMX-BF16, the pair-dot
-/// kernels' AVX-512 BF16 (which rounds the activations and packs the strips), the tile
+/// kernels' AVX-512 BF16 (which rounds the activations), the tile
 /// state granted to this process, and no `MOE_CPU_SIMD` cap (`avx512` stops here and keeps
 /// the `vdpbf16ps` kernels, to compare the paths on one machine).
 pub(crate) fn available() -> bool {
@@ -153,20 +153,6 @@ pub(crate) unsafe fn product_tiles(op: Operands, c0: usize, layout: Layout) {
     let _ = (op, c0, layout);
 }
 
-/// Runs the product on tiles; `scratch` is the calling thread's buffer (the packed strip).
-///
-/// # Safety
-/// [`available`] must be true; every element the operands address must be inside its
-/// allocation (`x` rows hold `x_rs >= pair_stride(kk)` elements, the pad zero); `dst` must
-/// not overlap the inputs or another thread's rows and columns.
-pub(crate) unsafe fn product(op: Operands, scratch: &mut Vec<f32>) {
-    debug_assert!(available());
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    x86::product(op, scratch);
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    let _ = (op, scratch);
-}
-
 /// Runs `iters` rounds of four independent `tdpbf16ps` on tiles held in registers and
 /// returns the FLOPs done (16384 per instruction) and a value that depends on them: the
 /// denominator of a bf16 product's compute floor where the products run here. `None`
@@ -188,7 +174,6 @@ pub(crate) fn tile_probe(iters: usize) -> Option<(f64, f32)> {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod x86 {
     use super::Operands;
-    use crate::bf16dot::x86::{interleave, mask32};
     use std::arch::asm;
     use std::arch::x86_64::*;
 
@@ -273,33 +258,6 @@ mod x86 {
 
     /// Rows per block: two row tiles of 16.
     const BLOCK_ROWS: usize = 32;
-
-    /// Stored columns `c..c + STRIP` (past `cols`: zero) of every input row of the op's
-    /// weights, K padded with zeros to `pairs` pairs, interleaved by pairs into `pk` as
-    /// weight tiles: 16-column tile `t`, pair `p` at `(t·pairs + p)·32` words.
-    #[inline(always)]
-    unsafe fn pack(op: &Operands, c: usize, pairs: usize, pk: *mut u16) {
-        let Operands { w, w_rs, cols, kk, .. } = *op;
-        const CHUNKS: usize = STRIP / 32;
-        let masks: [u32; CHUNKS] = std::array::from_fn(|j| mask32(cols as isize - (c + 32 * j) as isize));
-        // The interleave leaves columns 8l..8l+4 of a chunk in 128-bit lane l of its low
-        // register and 8l+4..8l+8 in lane l of its high one; these put them in order.
-        let first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-        let second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-        let stored = kk.div_ceil(2);
-        for p in 0..pairs {
-            for (j, &mask) in masks.iter().enumerate() {
-                let (t0, t1) = if p < stored && mask != 0 {
-                    let [lo, hi] = interleave(w.add(c + 32 * j), w_rs, (p, kk), mask);
-                    (_mm512_permutex2var_epi64(lo, first, hi), _mm512_permutex2var_epi64(lo, second, hi))
-                } else {
-                    (_mm512_setzero_si512(), _mm512_setzero_si512())
-                };
-                _mm512_storeu_si512(pk.add((2 * j * pairs + p) * 32) as *mut _, t0);
-                _mm512_storeu_si512(pk.add(((2 * j + 1) * pairs + p) * 32) as *mut _, t1);
-            }
-        }
-    }
 
     /// Rows `r0..r0 + rows[0] + rows[1]` by the two 16-column weight tiles at `wt` (the
     /// second `pairs · 32` words on), over all of K. The first tile's column 0 is output
@@ -440,11 +398,6 @@ mod x86 {
     }
 
     impl Acts {
-        /// The op's rounded rows as they are.
-        fn rows(op: &Operands) -> Acts {
-            Acts { base: op.x, tile_words: 16 * op.x_rs, step_words: 32, stride: op.x_rs * 2 }
-        }
-
         /// The op's rows in K steps ([`super::step_rows`]): `x` at the first row's step 0,
         /// `x_rs` the words between steps.
         fn steps(op: &Operands) -> Acts {
@@ -460,29 +413,6 @@ mod x86 {
     /// One accumulator tile's staging space.
     #[repr(align(64))]
     struct Stage([f32; 256]);
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn product(op: Operands, scratch: &mut Vec<f32>) {
-        if op.rows == 0 || op.cols == 0 {
-            return;
-        }
-        debug_assert!(op.x_rs >= op.kk.next_multiple_of(32));
-        let pairs = op.kk.next_multiple_of(32) / 2;
-        // STRIP columns x pairs x 2 words: STRIP x pairs f32 slots.
-        scratch.resize(STRIP * pairs, 0.0);
-        let pk = scratch.as_mut_ptr() as *mut u16;
-        let mut loaded = None;
-        let mut c = 0;
-        while c < op.cols {
-            let end = (c + STRIP).min(op.cols);
-            pack(&op, c, pairs, pk);
-            let tiles = (end - c).div_ceil(16);
-            let wt = |t: usize| pk.add(t * pairs * 32) as *const u16;
-            blocks(&op, Acts::rows(&op), wt, pairs, (0, tiles, 0), (c as isize, end as isize), &mut loaded);
-            c += STRIP;
-        }
-        release();
-    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn product_tiles(op: Operands, c0: usize, pairs: usize) {

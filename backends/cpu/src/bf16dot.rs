@@ -100,9 +100,6 @@ pub(crate) struct Operands {
 /// the inputs or another thread's rows and columns.
 pub(crate) unsafe fn product(op: Operands, scratch: &mut Vec<f32>) {
     debug_assert!(available());
-    if crate::amx::available() {
-        return crate::amx::product(op, scratch);
-    }
     #[cfg(target_arch = "x86_64")]
     x86::product(op, scratch);
     #[cfg(not(target_arch = "x86_64"))]
@@ -128,7 +125,7 @@ pub(crate) fn dot_probe(iters: usize) -> Option<(f64, f32)> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod x86 {
+mod x86 {
     use super::Operands;
     use crate::matvec::PROBE_CHAINS;
     use std::arch::x86_64::*;
@@ -159,7 +156,7 @@ pub(crate) mod x86 {
 
     /// Load mask of the chunk of 32 columns starting `left` columns before the tile's end.
     #[inline(always)]
-    pub(crate) fn mask32(left: isize) -> u32 {
+    fn mask32(left: isize) -> u32 {
         if left >= 32 {
             u32::MAX
         } else if left <= 0 {
@@ -174,7 +171,7 @@ pub(crate) mod x86 {
     /// chunk, its columns in the interleave's order. An odd K's last input row pairs with
     /// a zero row (and with the zero pad of x).
     #[inline(always)]
-    pub(crate) unsafe fn interleave(w: *const u16, w_rs: usize, (p, kk): (usize, usize), mask: u32) -> [__m512i; 2] {
+    unsafe fn interleave(w: *const u16, w_rs: usize, (p, kk): (usize, usize), mask: u32) -> [__m512i; 2] {
         let w0 = w.add(2 * p * w_rs);
         let a = _mm512_maskz_loadu_epi16(mask, w0 as *const i16);
         let b = if 2 * p + 1 < kk {
@@ -354,15 +351,10 @@ mod tests {
     /// The kernels this cpu runs: `vdpbf16ps`, and AMX tiles where it has them.
     #[allow(clippy::type_complexity)]
     fn kernels() -> Vec<(&'static str, unsafe fn(Operands, &mut Vec<f32>))> {
-        let mut v: Vec<(&'static str, unsafe fn(Operands, &mut Vec<f32>))> = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        v.push(("vdpbf16ps", x86::product));
-        if crate::amx::available() {
-            v.push(("amx", crate::amx::product));
-        } else {
-            eprintln!("SKIP the AMX kernel: this cpu or OS has no AMX-BF16 tiles (or MOE_CPU_SIMD caps them)");
-        }
-        v
+        return vec![("vdpbf16ps", x86::product)];
+        #[cfg(not(target_arch = "x86_64"))]
+        Vec::new()
     }
 
     /// Each kernel against an f64 sum of the same bf16 products, for every row count it
