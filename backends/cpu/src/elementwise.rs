@@ -1,9 +1,9 @@
 //! Activations, GLU, permute / combine, residual and shared-expert mixing on the cpu.
 
+use crate::par::Par;
 use crate::{f32s, i32s, tf32, CpuBackend, T};
 use moe_engine::ops::{CombineOp, ElementwiseKind, ElementwiseOp, PassRowsOp, PermuteOp, PermuteScaledOp};
 use moe_engine::{Activation, Error, GluClamp, Result};
-use rayon::prelude::*;
 
 const PAR_CHUNK: usize = 1 << 14;
 
@@ -83,7 +83,7 @@ pub(crate) fn act(x: f32, a: Activation) -> f32 {
 }
 
 /// An elementwise op on checked operands.
-pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
+pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>, par: Par) -> Result<T> {
     let a = f32s(op.a, "elementwise input")?;
     let second = |name: &str| -> Result<&[f32]> {
         f32s(op.b.ok_or_else(|| Error::Internal(format!("{name} without its second operand")))?, name)
@@ -92,13 +92,13 @@ pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
     let out = match op.kind {
         ElementwiseKind::Activation(act_kind) => {
             let mut out = a.to_vec();
-            out.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|y| *y = act(*y, act_kind)));
+            par.rows_mut(&mut out, PAR_CHUNK, |_, c| c.iter_mut().for_each(|y| *y = act(*y, act_kind)));
             out
         }
         ElementwiseKind::Glu(act_kind) | ElementwiseKind::GluClamped(act_kind, _) => {
             let clamp = if let ElementwiseKind::GluClamped(_, c) = op.kind { Some(c) } else { None };
             let mut out = vec![0f32; op.params.n as usize];
-            out.par_chunks_mut(cols).enumerate().for_each(|(row, o)| {
+            par.rows_mut(&mut out, cols, |row, o| {
                 let (gate, up) = a[row * 2 * cols..(row + 1) * 2 * cols].split_at(cols);
                 glu_row(o, gate, up, act_kind, clamp);
             });
@@ -107,7 +107,7 @@ pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
         ElementwiseKind::AddBias => {
             let bias = second("add_bias")?;
             let mut out = a.to_vec();
-            out.par_chunks_mut(cols).for_each(|o| o.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
+            par.rows_mut(&mut out, cols, |_, o| o.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
             out
         }
         ElementwiseKind::Mul => a.iter().zip(second("mul")?).map(|(p, q)| p * q).collect(),
@@ -116,7 +116,8 @@ pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
             let b = second("add_gated")?;
             let g = op.c.map(|g| f32s(g, "shared_expert_gate logits")).transpose()?;
             let mut out = a.to_vec();
-            out.par_chunks_mut(cols).zip(b.par_chunks(cols)).enumerate().for_each(|(row, (o, y))| {
+            par.rows_mut(&mut out, cols, |row, o| {
+                let y = &b[row * cols..(row + 1) * cols];
                 let s = g.map_or(1.0, |g| 1.0 / (1.0 + (-g[row]).exp()));
                 o.iter_mut().zip(y).for_each(|(o, y)| *o += s * y);
             });
@@ -126,7 +127,7 @@ pub(crate) fn run(op: &ElementwiseOp<'_, CpuBackend>) -> Result<T> {
             let b = second("residual_mix")?;
             let c = f32s(op.c.ok_or_else(|| Error::Internal("residual_mix without coefficients".into()))?, "coef")?;
             let mut out = vec![0f32; a.len()];
-            out.par_chunks_mut(cols).enumerate().for_each(|(row, o)| {
+            par.rows_mut(&mut out, cols, |row, o| {
                 let (l0, l1) = (c[row * 2], c[row * 2 + 1]);
                 let mx = l0.max(l1);
                 let (e0, e1) = ((l0 - mx).exp(), (l1 - mx).exp());
@@ -200,7 +201,7 @@ pub(crate) fn glu_clamped(gate: f32, up: f32, a: Activation, c: GluClamp) -> f32
     act_scaled(clamp_gate(gate, c.limit), a, c.alpha) * (clamp_up(up, c.limit) + c.up_offset)
 }
 
-pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
+pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>, par: Par) -> Result<T> {
     let [rows_out, m] = op.out_shape;
     let k = op.rows.k();
     let rows = i32s(op.rows.tensor(), "route rows")?;
@@ -214,7 +215,8 @@ pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
         }
     }
     let mut out = vec![0f32; rows_out * m];
-    out.par_chunks_mut(m.max(1)).zip(src.par_iter()).for_each(|(o, &t)| {
+    par.rows_mut(&mut out, m, |i, o| {
+        let t = src[i];
         if t != usize::MAX {
             o.copy_from_slice(&v[t * m..(t + 1) * m]);
         }
@@ -223,7 +225,7 @@ pub(crate) fn permute(op: &PermuteOp<'_, CpuBackend>) -> Result<T> {
 }
 
 /// permute with every route's row scaled by its weight.
-pub(crate) fn permute_scaled(op: &PermuteScaledOp<'_, CpuBackend>) -> Result<T> {
+pub(crate) fn permute_scaled(op: &PermuteScaledOp<'_, CpuBackend>, par: Par) -> Result<T> {
     let [rows_out, m] = op.out_shape;
     let rows = i32s(op.rows.tensor(), "route rows")?;
     let w = f32s(op.weights, "route weights")?;
@@ -237,7 +239,8 @@ pub(crate) fn permute_scaled(op: &PermuteScaledOp<'_, CpuBackend>) -> Result<T> 
         }
     }
     let mut out = vec![0f32; rows_out * m];
-    out.par_chunks_mut(m.max(1)).zip(src.par_iter()).for_each(|(o, &route)| {
+    par.rows_mut(&mut out, m, |i, o| {
+        let route = src[i];
         if route != usize::MAX {
             let (t, wr) = (route / k, w[route]);
             o.iter_mut().zip(&v[t * m..(t + 1) * m]).for_each(|(o, &x)| *o = wr * x);
@@ -256,7 +259,7 @@ pub(crate) fn pass_rows(op: &PassRowsOp<'_, CpuBackend>) -> Result<T> {
     tf32(&op.out_shape, out)
 }
 
-pub(crate) fn combine(op: &CombineOp<'_, CpuBackend>) -> Result<T> {
+pub(crate) fn combine(op: &CombineOp<'_, CpuBackend>, par: Par) -> Result<T> {
     let [len, m] = op.out_shape;
     let k = op.rows.k();
     let rows = i32s(op.rows.tensor(), "route rows")?;
@@ -264,7 +267,7 @@ pub(crate) fn combine(op: &CombineOp<'_, CpuBackend>) -> Result<T> {
     let v = f32s(op.yp, "expert output")?;
     let t0 = op.tokens.start;
     let mut out = vec![0f32; len * m];
-    out.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, o)| {
+    par.rows_mut(&mut out, m, |i, o| {
         let t = t0 + i;
         for j in 0..k {
             let r = rows[t * k + j];

@@ -2,10 +2,10 @@
 //! destination slot, and regrouping row blocks. The same passes as
 //! `moe_engine::kernel_abi::bucket` describes for the GPU kernels, written as loops.
 
+use crate::par::Par;
 use crate::{f32s, i32s, tf32, ti32, CpuBackend, T};
 use moe_engine::ops::{BucketOp, BucketParts, RegroupOp};
 use moe_engine::Result;
-use rayon::prelude::*;
 
 /// Routes per physical slot and the send row of every route: each logical expert's
 /// compact rows are walked in order, so within a slot routes keep the plan's order.
@@ -56,7 +56,7 @@ pub(crate) fn bucket(op: &BucketOp<'_, CpuBackend>) -> Result<BucketParts<CpuBac
 }
 
 /// Output block j is input rows `in_start[j]..` of the table.
-pub(crate) fn regroup(op: &RegroupOp<'_, CpuBackend>) -> Result<T> {
+pub(crate) fn regroup(op: &RegroupOp<'_, CpuBackend>, par: Par) -> Result<T> {
     let [rows, m] = op.out_shape;
     let b = op.table.blocks();
     let table = i32s(op.table.tensor(), "block table")?;
@@ -64,7 +64,7 @@ pub(crate) fn regroup(op: &RegroupOp<'_, CpuBackend>) -> Result<T> {
     let x = f32s(op.x, "rows to regroup")?;
     let mut out = vec![0f32; rows * m];
     // Each output row finds its block (the last whose start is at most the row).
-    out.par_chunks_mut(m.max(1)).enumerate().for_each(|(q, o)| {
+    par.rows_mut(&mut out, m, |q, o| {
         let j = out_start[..b].partition_point(|&st| st as usize <= q) - 1;
         let src = in_start[j] as usize + q - out_start[j] as usize;
         o.copy_from_slice(&x[src * m..(src + 1) * m]);

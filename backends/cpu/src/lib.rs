@@ -22,6 +22,7 @@ mod grad;
 mod matmul;
 mod matvec;
 mod optim;
+mod par;
 mod plan;
 mod route;
 mod weights;
@@ -39,6 +40,7 @@ use moe_engine::ops::{
 };
 use moe_engine::tensor::HostData;
 use moe_engine::{DType, Error, HostTensor, Result, Tensor};
+use par::{Par, SMALL_OP};
 
 /// The cpu backend: a rayon thread pool and host memory.
 pub struct CpuBackend {
@@ -151,6 +153,16 @@ impl CpuBackend {
         total / t0.elapsed().as_secs_f64() / 1e9
     }
 
+    /// Runs op `f` on the pool's threads, or where `small` on the calling thread in order
+    /// ([`par`]: the handoff costs more than such an op).
+    fn on_pool<R: Send>(&self, small: bool, f: impl FnOnce(Par) -> R + Send) -> R {
+        if small {
+            f(Par(false))
+        } else {
+            self.pool.install(|| f(Par(true)))
+        }
+    }
+
     /// Worker threads.
     pub fn threads(&self) -> usize {
         self.caps.threads
@@ -250,7 +262,10 @@ impl Device for CpuBackend {
 
 impl Backend for CpuBackend {
     fn run_linear(&self, op: &LinearOp<'_, Self>) -> Result<T> {
-        self.pool.install(|| matmul::linear(op, self.threads()))
+        let d = op.dims;
+        self.on_pool(d.rows * d.n * d.k < matmul::SERIAL_WORK, |par| {
+            matmul::linear(op, if par.0 { self.threads() } else { 1 })
+        })
     }
 
     fn run_grouped_linear(&self, op: &GroupedLinearOp<'_, Self>) -> Result<T> {
@@ -269,11 +284,11 @@ impl Backend for CpuBackend {
     }
 
     fn run_elementwise(&self, op: &ElementwiseOp<'_, Self>) -> Result<T> {
-        self.pool.install(|| elementwise::run(op))
+        self.on_pool(op.a.numel() < SMALL_OP, |par| elementwise::run(op, par))
     }
 
     fn run_route(&self, op: &RouteOp<'_, Self>) -> Result<RoutesParts<Self>> {
-        self.pool.install(|| route::route(op))
+        self.on_pool(op.tokens * op.experts < SMALL_OP, |par| route::route(op, par))
     }
 
     fn run_plan(&self, op: &PlanOp<'_, Self>) -> Result<PlanParts<Self>> {
@@ -281,15 +296,16 @@ impl Backend for CpuBackend {
     }
 
     fn run_permute(&self, op: &PermuteOp<'_, Self>) -> Result<T> {
-        self.pool.install(|| elementwise::permute(op))
+        self.on_pool(op.out_shape[0] * op.out_shape[1] < SMALL_OP, |par| elementwise::permute(op, par))
     }
 
     fn run_combine(&self, op: &CombineOp<'_, Self>) -> Result<T> {
-        self.pool.install(|| elementwise::combine(op))
+        let work = op.out_shape[0] * op.out_shape[1] * op.rows.k();
+        self.on_pool(work < SMALL_OP, |par| elementwise::combine(op, par))
     }
 
     fn run_permute_scaled(&self, op: &PermuteScaledOp<'_, Self>) -> Result<T> {
-        self.pool.install(|| elementwise::permute_scaled(op))
+        self.on_pool(op.out_shape[0] * op.out_shape[1] < SMALL_OP, |par| elementwise::permute_scaled(op, par))
     }
 
     fn run_pass_rows(&self, op: &PassRowsOp<'_, Self>) -> Result<T> {
@@ -301,7 +317,7 @@ impl Backend for CpuBackend {
     }
 
     fn run_regroup(&self, op: &RegroupOp<'_, Self>) -> Result<T> {
-        self.pool.install(|| exchange::regroup(op))
+        self.on_pool(op.out_shape[0] * op.out_shape[1] < SMALL_OP, |par| exchange::regroup(op, par))
     }
 
     fn run_router_stats(&self, op: &RouterStatsOp<'_, Self>) -> Result<T> {

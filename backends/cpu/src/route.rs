@@ -2,6 +2,7 @@
 //! and weights.
 //! This is the reference the GPU route kernels are checked against.
 
+use crate::par::Par;
 use crate::{f32s, tf32, ti32, CpuBackend, T};
 use moe_engine::ops::{
     route_status, status_word, Choice, GroupScore, Normalize, RouteOp, RouterStatsOp, RoutesParts, ScoreFn,
@@ -147,7 +148,7 @@ fn first_bad(v: Option<&[f32]>) -> u32 {
 }
 
 /// The route op: see [`moe_engine::backend::Backend::route`].
-pub(crate) fn route(op: &RouteOp<'_, CpuBackend>) -> Result<RoutesParts<CpuBackend>> {
+pub(crate) fn route(op: &RouteOp<'_, CpuBackend>, par: Par) -> Result<RoutesParts<CpuBackend>> {
     let (s, e, spec) = (op.tokens, op.experts, op.spec);
     let l = f32s(op.logits, "logits")?;
     let k = spec.k;
@@ -160,93 +161,112 @@ pub(crate) fn route(op: &RouteOp<'_, CpuBackend>) -> Result<RoutesParts<CpuBacke
     let mut scores = vec![0f32; s * e];
     let mut experts = vec![0i32; s * k];
     let mut weights = vec![0f32; s * k];
-    scores.par_chunks_mut(e).zip(experts.par_chunks_mut(k)).zip(weights.par_chunks_mut(k)).enumerate().for_each_init(
-        || (vec![0f32; e], Vec::with_capacity(e), vec![false; e]),
-        |(key, chosen, masked_out), (t, ((sc, ex), w))| {
-            masked_out.fill(false);
-            let row = &l[t * e..(t + 1) * e];
-            scores_row(row, spec.score, sc);
-            // The quantity the choice is made on.
-            for i in 0..e {
-                key[i] = sc[i] + bias.map_or(0.0, |b| b[i]);
+    // Each token's scratch: the choice keys, the chosen experts and the masked ones.
+    let init = || (vec![0f32; e], Vec::with_capacity(e), vec![false; e]);
+    type Scratch = (Vec<f32>, Vec<usize>, Vec<bool>);
+    // One token's outputs: its index, score row, chosen experts and their weights.
+    type TokenRows<'a> = (usize, ((&'a mut [f32], &'a mut [i32]), &'a mut [f32]));
+    let body = |(key, chosen, masked_out): &mut Scratch, (t, ((sc, ex), w)): TokenRows<'_>| {
+        masked_out.fill(false);
+        let row = &l[t * e..(t + 1) * e];
+        scores_row(row, spec.score, sc);
+        // The quantity the choice is made on.
+        for i in 0..e {
+            key[i] = sc[i] + bias.map_or(0.0, |b| b[i]);
+        }
+        match spec.choice {
+            Choice::TopK => {
+                if let Some(nz) = noise {
+                    for i in 0..e {
+                        key[i] = row[i] + nz[t * e + i];
+                    }
+                }
+                top_k(key, k, chosen);
             }
-            match spec.choice {
-                Choice::TopK => {
-                    if let Some(nz) = noise {
-                        for i in 0..e {
-                            key[i] = row[i] + nz[t * e + i];
+            Choice::DeepSpeedTop2 => {
+                chosen.clear();
+                let first = argmax(sc.iter().copied(), None);
+                chosen.push(first);
+                if k > 1 {
+                    let second = match noise {
+                        Some(nz) => argmax((0..e).map(|i| row[i] + nz[t * e + i]), Some(first)),
+                        None => argmax(row.iter().copied(), Some(first)),
+                    };
+                    chosen.push(second);
+                }
+            }
+            Choice::GroupLimited { n_group, topk_group, group_score } => {
+                let per = e / n_group;
+                let mut gs = vec![0f32; n_group];
+                for (g, gsv) in gs.iter_mut().enumerate() {
+                    let grp = &key[g * per..(g + 1) * per];
+                    *gsv = match group_score {
+                        GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                        GroupScore::SumTop2 => {
+                            let a = argmax(grp.iter().copied(), None);
+                            let b = argmax(grp.iter().copied(), Some(a));
+                            grp[a] + grp[b]
                         }
-                    }
-                    top_k(key, k, chosen);
+                    };
                 }
-                Choice::DeepSpeedTop2 => {
-                    chosen.clear();
-                    let first = argmax(sc.iter().copied(), None);
-                    chosen.push(first);
-                    if k > 1 {
-                        let second = match noise {
-                            Some(nz) => argmax((0..e).map(|i| row[i] + nz[t * e + i]), Some(first)),
-                            None => argmax(row.iter().copied(), Some(first)),
-                        };
-                        chosen.push(second);
-                    }
+                let mut kept = Vec::with_capacity(topk_group);
+                top_k(&gs, topk_group, &mut kept);
+                // V2 (Max) fills the other groups with 0 like HF's masked_fill(0.0); V3 with -inf.
+                let fill = if group_score == GroupScore::Max { 0.0 } else { f32::NEG_INFINITY };
+                let mut masked = vec![fill; e];
+                masked_out.fill(true);
+                for g in kept {
+                    masked[g * per..(g + 1) * per].copy_from_slice(&key[g * per..(g + 1) * per]);
+                    masked_out[g * per..(g + 1) * per].fill(false);
                 }
-                Choice::GroupLimited { n_group, topk_group, group_score } => {
-                    let per = e / n_group;
-                    let mut gs = vec![0f32; n_group];
-                    for (g, gsv) in gs.iter_mut().enumerate() {
-                        let grp = &key[g * per..(g + 1) * per];
-                        *gsv = match group_score {
-                            GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                            GroupScore::SumTop2 => {
-                                let a = argmax(grp.iter().copied(), None);
-                                let b = argmax(grp.iter().copied(), Some(a));
-                                grp[a] + grp[b]
-                            }
-                        };
-                    }
-                    let mut kept = Vec::with_capacity(topk_group);
-                    top_k(&gs, topk_group, &mut kept);
-                    // V2 (Max) fills the other groups with 0 like HF's masked_fill(0.0); V3 with -inf.
-                    let fill = if group_score == GroupScore::Max { 0.0 } else { f32::NEG_INFINITY };
-                    let mut masked = vec![fill; e];
-                    masked_out.fill(true);
-                    for g in kept {
-                        masked[g * per..(g + 1) * per].copy_from_slice(&key[g * per..(g + 1) * per]);
-                        masked_out[g * per..(g + 1) * per].fill(false);
-                    }
-                    top_k(&masked, k, chosen);
-                }
-                Choice::SparseMixer { .. } => {
-                    chosen.clear();
-                    let first = argmax(row.iter().copied(), None);
-                    chosen.push(first);
-                    chosen.push(argmax(row.iter().copied(), Some(first)));
-                }
+                top_k(&masked, k, chosen);
             }
-            for (j, &c) in chosen.iter().enumerate() {
-                ex[j] = c as i32;
-                w[j] = match spec.choice {
-                    // The masked softmax at its max, expert 1 excluded for the second.
-                    Choice::SparseMixer { jitter_eps } => {
-                        let skip = (j == 1).then_some(chosen[0]);
-                        1.0 / mixer_sum(row, row[c], skip, jitter_eps)
-                    }
-                    // A route that fell on a masked expert (V2 with k beyond the kept
-                    // groups) carries the masked score, 0.
-                    _ if masked_out[c] => 0.0,
-                    _ => sc[c],
-                };
+            Choice::SparseMixer { .. } => {
+                chosen.clear();
+                let first = argmax(row.iter().copied(), None);
+                chosen.push(first);
+                chosen.push(argmax(row.iter().copied(), Some(first)));
             }
-            let denom = normaliser(spec.normalize, w);
-            for wj in w.iter_mut() {
-                if !matches!(spec.normalize, Normalize::None) {
-                    *wj /= denom;
+        }
+        for (j, &c) in chosen.iter().enumerate() {
+            ex[j] = c as i32;
+            w[j] = match spec.choice {
+                // The masked softmax at its max, expert 1 excluded for the second.
+                Choice::SparseMixer { jitter_eps } => {
+                    let skip = (j == 1).then_some(chosen[0]);
+                    1.0 / mixer_sum(row, row[c], skip, jitter_eps)
                 }
-                *wj *= spec.scale;
+                // A route that fell on a masked expert (V2 with k beyond the kept
+                // groups) carries the masked score, 0.
+                _ if masked_out[c] => 0.0,
+                _ => sc[c],
+            };
+        }
+        let denom = normaliser(spec.normalize, w);
+        for wj in w.iter_mut() {
+            if !matches!(spec.normalize, Normalize::None) {
+                *wj /= denom;
             }
-        },
-    );
+            *wj *= spec.scale;
+        }
+    };
+    let (e1, k1) = (e.max(1), k.max(1));
+    if par.0 {
+        scores
+            .par_chunks_mut(e1)
+            .zip(experts.par_chunks_mut(k1))
+            .zip(weights.par_chunks_mut(k1))
+            .enumerate()
+            .for_each_init(init, body);
+    } else {
+        let mut scratch = init();
+        scores
+            .chunks_mut(e1)
+            .zip(experts.chunks_mut(k1))
+            .zip(weights.chunks_mut(k1))
+            .enumerate()
+            .for_each(|item| body(&mut scratch, item));
+    }
     Ok(RoutesParts {
         experts: ti32(&[s, k], experts)?,
         weights: tf32(&[s, k], weights)?,
