@@ -169,11 +169,12 @@ impl Stored<'_> {
                     return;
                 };
                 let w = ws[e * layout.matrix()..].as_ptr();
-                amx::product_tiles(
-                    bf16dot::Operands { dst, dst_rs, x, x_rs, w, w_rs: n, rows, cols, kk, accumulate },
-                    c0,
-                    layout,
-                )
+                let op = bf16dot::Operands { dst, dst_rs, x, x_rs, w, w_rs: n, rows, cols, kk, accumulate };
+                if rows <= amx::VECTOR_ROWS {
+                    amx::vector_tiles(op, c0, layout)
+                } else {
+                    amx::product_tiles(op, c0, layout)
+                }
             }
             Stored::HalfT(ws, Half::Bf16) if xh.is_some() && rows >= bf16dot::min_rows() => {
                 let (x, x_rs) = xh.expect("matched Some");
