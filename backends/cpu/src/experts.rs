@@ -5,11 +5,11 @@
 
 use crate::elementwise::glu_row;
 use crate::matmul::{fill_tile, offsets, tiles, SharedOut, Tile, SERIAL_WORK};
+use crate::par::share;
 use crate::weights::{weight_data, TileOp};
 use crate::{f32s, tf32, CpuBackend, T};
 use moe_engine::ops::{GroupedMlpOp, MatDims};
 use moe_engine::{Activation, GluClamp, Result};
-use rayon::prelude::*;
 
 /// GLU columns per tile: the tile's product covers twice as many weight columns (gate
 /// and up), so this matches the plain products' 256-column tiles.
@@ -99,7 +99,7 @@ pub(crate) fn grouped_glu(
     };
     let work = off[g] as usize * n * kk;
     if threads > 1 && work >= SERIAL_WORK && tiles.len() > 1 {
-        tiles.par_iter().with_max_len(1).for_each_init(Default::default, run);
+        share(&tiles, Default::default, run);
     } else {
         let mut scratch = Default::default();
         tiles.iter().for_each(|t| run(&mut scratch, t));

@@ -3,6 +3,7 @@
 //! rows keeps one order and a backward is bitwise repeatable); the rest are row loops.
 
 use crate::matmul::{gemm_raw, offsets, tiles, SharedOut, COL_BLOCK, SERIAL_WORK};
+use crate::par::share;
 use crate::route::{mixer_kept, mixer_sum, normaliser, sqrt_softplus_grad};
 use crate::weights::{weight_data, widen_block, Stored};
 use crate::{f32s, i32s, tf32, CpuBackend, T};
@@ -61,7 +62,7 @@ pub(crate) fn linear_dx(op: &LinearDxOp<'_, CpuBackend>, threads: usize) -> Resu
         }
     };
     if threads > 1 && off[off.len() - 1] as usize * n * kk >= SERIAL_WORK && tiles.len() > 1 {
-        tiles.par_iter().with_max_len(1).for_each_init(Vec::new, run);
+        share(&tiles, Vec::new, run);
     } else {
         let mut scratch = Vec::new();
         tiles.iter().for_each(|t| run(&mut scratch, t));
@@ -117,7 +118,7 @@ pub(crate) fn weight_grad(op: &WeightGradOp<'_, CpuBackend>, threads: usize) -> 
         }
     };
     if threads > 1 && r * n * kk >= SERIAL_WORK && tasks.len() > 1 {
-        tasks.par_iter().with_max_len(1).for_each(run);
+        share(&tasks, || (), |_, t| run(t));
     } else {
         tasks.iter().for_each(run);
     }

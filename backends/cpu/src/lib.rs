@@ -12,6 +12,7 @@
 //! Operands arrive checked by the trait's front doors (`moe_engine::ops`); this crate does
 //! only the cpu's work.
 
+mod affinity;
 mod amx;
 mod bf16dot;
 mod buffer;
@@ -68,15 +69,23 @@ impl CpuBackend {
         // rows on pays: fine-grained E64/k6/T512 forward 90 -> 70 ms, Mixtral T32 26 ->
         // 22 ms, T512 unchanged (measured A/B on the 2-core dev VM). Process-wide setting.
         gemm::set_lhs_packing_threshold_single_thread(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("moe-cpu-{i}"))
-            .build()
-            .map_err(|e| Error::Backend {
-                backend: "cpu".into(),
-                msg: "thread pool".into(),
-                source: Some(Box::new(e)),
-            })?;
+        let mut builder = rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("moe-cpu-{i}"));
+        // One pinned worker per CPU where the pool covers every CPU the process may use
+        // (affinity.rs says why); a smaller pool, as tests and benches beside other work
+        // make, is left to the scheduler.
+        if let Some(cpus) = affinity::allowed_cpus()
+            .filter(|c| c.len() == threads && std::env::var_os("MOE_CPU_PIN").is_none_or(|v| v != "0"))
+        {
+            // A refused pin leaves that worker to the scheduler, as with no pinning.
+            builder = builder.start_handler(move |i| {
+                affinity::pin_current(cpus[i]);
+            });
+        }
+        let pool = builder.build().map_err(|e| Error::Backend {
+            backend: "cpu".into(),
+            msg: "thread pool".into(),
+            source: Some(Box::new(e)),
+        })?;
         let caps = Capabilities {
             backend: "cpu".into(),
             device: cpu_name(),

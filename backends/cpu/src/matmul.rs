@@ -2,12 +2,12 @@
 //! offsets over compact rows (no padding to capacity).
 
 use crate::matvec::MATVEC_ROWS;
+use crate::par::share;
 use crate::weights::{weight_data, Stored, TileOp};
 use crate::{f32s, i32s, tf32, CpuBackend, T};
 use gemm::Parallelism;
 use moe_engine::ops::{GroupedLinearOp, LinearOp, MatDims, Offsets};
 use moe_engine::{Error, Result};
-use rayon::prelude::*;
 
 /// Work (multiply-adds) below which one product runs on one thread: splitting smaller
 /// products costs more in synchronisation than it saves.
@@ -111,7 +111,7 @@ fn tiled_product(
     };
     let work = off[g] as usize * n * kk;
     if threads > 1 && work >= SERIAL_WORK && tiles.len() > 1 {
-        tiles.par_iter().with_max_len(1).for_each_init(Vec::new, run);
+        share(&tiles, Vec::new, run);
     } else {
         let mut scratch = Vec::new();
         tiles.iter().for_each(|t| run(&mut scratch, t));
