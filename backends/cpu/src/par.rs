@@ -64,16 +64,12 @@ mod tests {
         let seen = Mutex::new(Vec::new());
         let threads = Mutex::new(std::collections::BTreeSet::new());
         pool.install(|| {
-            share(
-                &items,
-                rayon::current_thread_index,
-                |t, &i| {
-                    // Long enough items that both threads take some.
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                    threads.lock().unwrap().insert(*t);
-                    seen.lock().unwrap().push(i);
-                },
-            )
+            share(&items, rayon::current_thread_index, |t, &i| {
+                // Long enough items that both threads take some.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                threads.lock().unwrap().insert(*t);
+                seen.lock().unwrap().push(i);
+            })
         });
         let mut seen = seen.into_inner().unwrap();
         seen.sort();
