@@ -65,9 +65,13 @@ mod tests {
         let threads = Mutex::new(std::collections::BTreeSet::new());
         pool.install(|| {
             share(&items, rayon::current_thread_index, |t, &i| {
-                // Long enough items that both threads take some.
-                std::thread::sleep(std::time::Duration::from_millis(1));
                 threads.lock().unwrap().insert(*t);
+                // The first thread's items wait (up to 10 s, for a loaded test machine)
+                // until the other thread has claimed one: both must take part.
+                let t0 = std::time::Instant::now();
+                while threads.lock().unwrap().len() < 2 && t0.elapsed().as_secs() < 10 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 seen.lock().unwrap().push(i);
             })
         });
