@@ -35,11 +35,12 @@ impl Par {
 /// each thread claims the next unclaimed item until none are left, making its `state`
 /// (scratch buffers) with `init` on its first item. Called inside `ThreadPool::install`.
 ///
-/// Why not `par_iter().for_each_init`: that hands the items to the pool by work stealing,
-/// and rayon often left the second worker asleep through a whole product (measured on the
-/// 2-core dev VM: at T = 1 both experts' tiles ran on one thread, 760 µs each, and a
-/// T = 32 forward split its tiles 37/15). `broadcast` queues a job on every thread, so
-/// each one is woken and shares the items from the start.
+/// Why not `par_iter().for_each_init`: that hands the items out by work stealing, so a
+/// worker takes part only once it wakes and steals (measured on the 2-core dev VM: at
+/// T = 1 both experts' tiles ran on one thread, 760 µs each, and a T = 32 forward split
+/// its tiles 37/15). `broadcast` queues a job on every thread up front. That alone did
+/// not make the second worker run alongside the first: it was queued on the first one's
+/// CPU, which the pinning in affinity.rs answers.
 pub(crate) fn share<T: Sync, S>(items: &[T], init: impl Fn() -> S + Sync, f: impl Fn(&mut S, &T) + Sync) {
     let next = AtomicUsize::new(0);
     rayon::broadcast(|_| {
