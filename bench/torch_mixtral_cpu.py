@@ -161,6 +161,16 @@ def make_grouped_forward(gate_up, down, router, top_k):
     return forward
 
 
+def read_once(tensors):
+    """Reads every element of ``tensors`` once, as the engine's cpu backend reads its weights
+    at load: on a VM that backs guest memory lazily the first read of freshly written memory
+    runs at about half speed, and a decode forward over many experts would otherwise time
+    that first read of each expert instead of decoding."""
+    with torch.inference_mode():
+        for t in tensors:
+            t.sum()
+
+
 def time_forward(fn, xs, warmup, iters):
     """Times ``fn`` on ``xs[i]`` for each forward (one tensor repeated, or a new one each)."""
     with torch.inference_mode():
@@ -266,6 +276,7 @@ def main(argv=None):
     else:
         xs = [x]
     touched = None
+    read_once(list(block.parameters()) + ([gate_up, down, router] if args.grouped else []))
     if args.train:
         times = time_train_step(block, hf_forward, x, args.warmup, args.iters, args.seed)
     else:

@@ -406,7 +406,8 @@ impl Backend for CpuBackend {
 
 /// A weight tensor of logical `shape` from its matrices already transposed to `[K, N]`
 /// (`data`, f32), stored in `dtype`: f32 as is, f16 / bf16 rounded to nearest even; bf16
-/// in the tile layout where the cpu runs the AMX kernels.
+/// in the tile layout where the cpu runs the AMX kernels; read once after it is written
+/// ([`buffer::read_once`]).
 fn weight_buffer(data: Vec<f32>, dtype: DType, (n, k): (usize, usize), shape: &[usize]) -> Result<T> {
     let buf = match Half::of(dtype) {
         None => CpuBuffer::WeightT { data, n, k },
@@ -415,6 +416,11 @@ fn weight_buffer(data: Vec<f32>, dtype: DType, (n, k): (usize, usize), shape: &[
         }
         Some(half) => CpuBuffer::WeightHalf { data: dtype.half_bits(&data)?, half, n, k },
     };
+    match &buf {
+        CpuBuffer::WeightT { data, .. } => buffer::read_once(data),
+        CpuBuffer::WeightHalf { data, .. } | CpuBuffer::WeightTiles { data, .. } => buffer::read_once(data),
+        CpuBuffer::F32(_) | CpuBuffer::I32(_) => {}
+    }
     T::from_parts(buf, shape.to_vec(), dtype)
 }
 
