@@ -60,6 +60,11 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOE_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    // The cpu backend's forwards reuse freed memory instead of faulting in fresh pages
+    // (moe_cpu::retain_freed_memory); MOE_MALLOC=default keeps glibc's defaults, to compare.
+    if std::env::var("MOE_MALLOC").as_deref() != Ok("default") && !moe_cpu::retain_freed_memory() {
+        tracing::debug!("the allocator did not take the keep-freed-memory settings");
+    }
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Check(a) => check::run(a),

@@ -20,6 +20,7 @@ mod elementwise;
 mod exchange;
 mod experts;
 mod grad;
+mod malloc;
 mod matmul;
 mod matvec;
 mod optim;
@@ -29,6 +30,7 @@ mod route;
 mod weights;
 
 pub use buffer::{CpuBuffer, Half};
+pub use malloc::retain_freed_memory;
 
 use moe_engine::backend::Backend;
 use moe_engine::device::{Capabilities, Device, UploadOp, WeightUploadOp};
