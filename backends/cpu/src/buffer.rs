@@ -117,7 +117,7 @@ pub(crate) fn transpose_stack<E: Copy + Default>(v: &[E], n: usize, k: usize) ->
     out
 }
 
-/// Reads one word of every cache line of `data` once, right after it was written.
+/// Reads one byte of every cache line of `data` once, right after it was written.
 ///
 /// Why: on a virtual machine whose host backs guest memory lazily (the Firecracker VMs
 /// this project is measured on), the first read of each line after it was written runs at
