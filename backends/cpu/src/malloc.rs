@@ -7,8 +7,8 @@
 //! back guest memory lazily the first touch of each line at about half speed besides
 //! (`buffer::read_once`). Measured (`moe bench layer --iters 5`, alternated with
 //! `MOE_MALLOC=default`): the Mixtral shape at T = 512 in bf16 took 27.5 / 27.2 ms a
-//! forward against 38.0 / 35.4 ms, DeepSeek-V2-Lite's 137 against 151 ms; the f32 rows
-//! gemm bounds did not move.
+//! forward against 38.0 / 35.4 ms, DeepSeek-V2-Lite's 137 against 151 ms; the gemm-bound
+//! f32 rows did not move.
 
 /// Largest mmap threshold glibc accepts on 64-bit (`HEAP_MAX_SIZE / 2`): chunks up to it
 /// come from the heap, where freed memory can be reused.
